@@ -1,0 +1,227 @@
+"""Export the components of a ModelBundle to ONNX and write an artifact folder with its manifest.
+
+Exporter: torch's TorchScript-based ``torch.onnx.export`` (``dynamo=False``). On the tiny UNet it exports in about
+1 s where the ``dynamo=True`` exporter takes about 30 s, both produce graphs that match PyTorch to ~1e-6, and it
+names symbolic dimensions directly. Its one-file-per-weight external data is rewritten as one data file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import sdtrt
+from sdtrt.runtime.deps import require, version_of
+from sdtrt.runtime.errors import ExportError, ShapeError
+from sdtrt.runtime.files import sha256_file, staging_dir, write_text_atomic
+from sdtrt.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest, TensorEntry
+from sdtrt.runtime.profile import ShapeProfile
+from sdtrt.runtime.specs import COMPONENTS, ComponentSpec, ModelInfo, component_specs, shape_ranges
+
+from .bundle import ModelBundle
+from .fp16 import half_with_fp32_norms
+from .graph import clean_graph, save_model
+from .wrappers import wrap
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+Progress = Callable[[str, int, int, float], None]  # (component, index, total, seconds or -1 at start)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export and how. ``profile`` records the shapes the artifact is meant for."""
+
+    profile: ShapeProfile = field(default_factory=ShapeProfile)
+    precision: str = "fp32"
+    components: tuple[str, ...] = COMPONENTS
+    opset: int = DEFAULT_OPSET
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "fp16"):
+            raise ExportError(
+                f"export precision must be 'fp32' or 'fp16', got {self.precision!r} "
+                "(int8/fp8 artifacts are made from an fp16 artifact by `sdtrt calibrate`)"
+            )
+        unknown = [c for c in self.components if c not in COMPONENTS]
+        if unknown or not self.components:
+            raise ExportError(
+                f"unknown component(s) {unknown or '(none given)'}; choose from {', '.join(COMPONENTS)}"
+            )
+        if not 17 <= self.opset <= 21:
+            raise ExportError(f"opset must be between 17 and 21, got {self.opset}")
+
+
+def sample_inputs(spec: ComponentSpec, model: ModelInfo, profile: ShapeProfile, precision: str
+                  ) -> tuple[torch.Tensor, ...]:
+    """Trace inputs: batch 2 (so nothing specializes on batch 1) at the profile's smallest image size."""
+    sizes = {"batch": 2, "text_batch": 2, "unet_batch": 2, "text_length": 77,
+             "height": profile.min_height, "width": profile.min_width,
+             "latent_height": profile.min_height // model.vae_scale_factor,
+             "latent_width": profile.min_width // model.vae_scale_factor}
+    generator = torch.Generator().manual_seed(0)
+    tensors = []
+    for tensor in spec.inputs:
+        shape = [d if isinstance(d, int) else sizes[d] for d in tensor.shape]
+        dtype = tensor.concrete_dtype(precision)
+        if dtype == "int32":
+            tensors.append(torch.randint(0, 49406, shape, generator=generator, dtype=torch.int32))
+        elif tensor.name == "timestep":
+            tensors.append(torch.full(shape, 500.0))
+        else:
+            torch_dtype = torch.float16 if dtype == "float16" else torch.float32
+            tensors.append(torch.randn(shape, generator=generator).to(torch_dtype))
+    return tuple(tensors)
+
+
+def dynamic_axes(spec: ComponentSpec) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {}
+    for tensor in spec.inputs + spec.outputs:
+        named = {i: d for i, d in enumerate(tensor.shape) if isinstance(d, str)}
+        if named:
+            axes[tensor.name] = named
+    return axes
+
+
+def export_component(bundle: ModelBundle, name: str, folder: Path, options: ExportOptions
+                     ) -> ComponentEntry:
+    """Export one component into ``folder`` and describe it."""
+    spec = component_specs(bundle.model)[name]
+    module = bundle.module(name)
+    if options.precision == "fp16":
+        module = half_with_fp32_norms(module)
+    wrapper = wrap(name, module)
+    onnx = require("onnx", "ONNX export", "export")
+    with tempfile.TemporaryDirectory(prefix=f"sdtrt-{name}-", dir=folder) as tmp:
+        raw = Path(tmp) / spec.file_name
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                torch.onnx.export(
+                    wrapper,
+                    sample_inputs(spec, bundle.model, options.profile, options.precision),
+                    str(raw),
+                    dynamo=False,
+                    input_names=[t.name for t in spec.inputs],
+                    output_names=[t.name for t in spec.outputs],
+                    dynamic_axes=dynamic_axes(spec),
+                    opset_version=options.opset,
+                    do_constant_folding=True,
+                )
+        except Exception as exc:  # the exporter raises many types; name the component and keep the cause
+            raise ExportError(f"exporting {name} to ONNX failed: {exc}") from exc
+        del wrapper, module
+        graph = clean_graph(onnx.load(str(raw), load_external_data=True))
+    onnx_file, data_file = save_model(graph, folder / spec.file_name)
+    shapes = {
+        key: {"min": list(lo), "opt": list(opt), "max": list(hi)}
+        for key, (lo, opt, hi) in shape_ranges(spec, options.profile, bundle.model).items()
+    }
+    return ComponentEntry(
+        file=onnx_file.name,
+        sha256=sha256_file(onnx_file),
+        precision=options.precision,
+        inputs=tuple(TensorEntry(t.name, t.concrete_dtype(options.precision), t.shape) for t in spec.inputs),
+        outputs=tuple(TensorEntry(t.name, t.concrete_dtype(options.precision), t.shape) for t in spec.outputs),
+        shapes=shapes,
+        opset=options.opset,
+        data_file=data_file.name if data_file else None,
+        data_sha256=sha256_file(data_file) if data_file else None,
+    )
+
+
+def tool_versions() -> dict[str, str | None]:
+    return {
+        "sdtrt": sdtrt.__version__,
+        "torch": torch.__version__,
+        "diffusers": version_of("diffusers"),
+        "transformers": version_of("transformers"),
+        "onnx": version_of("onnx"),
+    }
+
+
+def _check_profile(model: ModelInfo, profile: ShapeProfile) -> None:
+    m = model.size_multiple
+    for which in ("min", "opt", "max"):
+        h, w = getattr(profile, f"{which}_height"), getattr(profile, f"{which}_width")
+        if h % m or w % m:
+            raise ShapeError(
+                f"{which} size {w}x{h} does not fit this model: its UNet downsamples the latents "
+                f"{model.unet_downsamples} times, so image sides must be multiples of {m} pixels"
+            )
+
+
+def _check_output(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output path {str(out)!r} is a file; give a folder path for the artifact")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).exists():
+        raise ExportError(
+            f"output folder {str(out)!r} is not empty and is not an sdtrt artifact; refusing to replace it. "
+            "Choose a new or empty folder"
+        )
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(f"cannot create {str(out)!r}: {str(parent)!r} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise ExportError(
+            f"output folder {str(out)!r} is not writable ({exc.strerror}); choose a folder you can write to"
+        ) from exc
+
+
+def export_artifacts(bundle: ModelBundle, out: str | Path, options: ExportOptions,
+                     progress: Progress | None = None) -> Manifest:
+    """Export the chosen components of ``bundle`` into the artifact folder ``out``.
+
+    The folder appears under its final name only when every file and the manifest are written.
+    """
+    out = Path(out)
+    _check_profile(bundle.model, options.profile)
+    _check_output(out)
+    from .tokenizer import save_tokenizer
+
+    components: dict[str, ComponentEntry] = {}
+    total = len(options.components)
+    with staging_dir(out) as stage:
+        for index, name in enumerate(options.components):
+            if progress:
+                progress(name, index, total, -1.0)
+            start = time.perf_counter()
+            components[name] = export_component(bundle, name, stage, options)
+            seconds = time.perf_counter() - start
+            log.debug("exported %s (%s) in %.1f s", name, options.precision, seconds)
+            if progress:
+                progress(name, index, total, seconds)
+        save_tokenizer(bundle.tokenizer, stage / "tokenizer.json")
+        write_text_atomic(stage / "scheduler_config.json", json.dumps(bundle.scheduler_config, indent=2))
+        manifest = Manifest(
+            model=bundle.model,
+            profile=options.profile,
+            components=components,
+            source=bundle.source,
+            versions=tool_versions(),
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        )
+        manifest.write(stage)
+    return manifest
+
+
+def describe(manifest: Manifest) -> list[dict[str, Any]]:
+    """One row per component, for printing."""
+    return [
+        {"component": name, "file": c.file, "precision": c.precision, "data_file": c.data_file}
+        for name, c in manifest.components.items()
+    ]

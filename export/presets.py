@@ -1,0 +1,117 @@
+"""Built-in models with seeded random weights: ``tiny`` for tests and the demo, ``sd15-random`` for benchmarks.
+
+``tiny`` has the SD 1.x layout (CLIP text encoder, cross-attention UNet, 8x VAE) with a few channels per layer,
+so it exports and runs in seconds on a CPU. ``sd15-random`` is the real SD 1.5 architecture (859.5 M UNet
+parameters) from the configs shipped in ``sdtrt/export/configs/sd15``; its weights are random, so its images are
+noise, but its cost is that of SD 1.5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from sdtrt.runtime.deps import require
+from sdtrt.runtime.errors import SourceError
+
+from .bundle import ModelBundle, model_info
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+PRESET_SEED = 0
+
+TINY_UNET: dict[str, Any] = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+}
+TINY_VAE: dict[str, Any] = {
+    "sample_size": 128,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [16, 16, 32, 32],
+    "layers_per_block": 1,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "norm_num_groups": 8,
+    "scaling_factor": 0.18215,
+}
+TINY_TEXT: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 32,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+}
+# The tiny model is meant for images from 64x64 to 256x256.
+TINY_SIZES = (64, 128, 256)
+
+
+def _read(name: str) -> dict[str, Any]:
+    data = json.loads((CONFIG_DIR / name).read_text())
+    return {k: v for k, v in data.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
+
+
+def preset_configs(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(text encoder, unet, vae, scheduler) configs of a preset."""
+    scheduler = json.loads((CONFIG_DIR / "sd15" / "scheduler" / "scheduler_config.json").read_text())
+    if name == "tiny":
+        return TINY_TEXT, TINY_UNET, TINY_VAE, scheduler
+    if name == "sd15-random":
+        return (
+            _read("sd15/text_encoder/config.json"),
+            _read("sd15/unet/config.json"),
+            _read("sd15/vae/config.json"),
+            scheduler,
+        )
+    raise SourceError(f"unknown preset {name!r}; the built-in presets are {', '.join(PRESETS)}")
+
+
+PRESETS = ("tiny", "sd15-random")
+
+
+def load_preset(name: str, seed: int = PRESET_SEED) -> ModelBundle:
+    """Build a preset model with weights drawn from ``seed`` (same seed, same weights, on every machine)."""
+    text_cfg, unet_cfg, vae_cfg, sched_cfg = preset_configs(name)
+    torch = require("torch", "building preset models", "export")
+    diffusers = require("diffusers", "building preset models", "export")
+    transformers = require("transformers", "building preset models", "export")
+    from .tokenizer import clip_tokenizer
+
+    fork = torch.random.fork_rng(devices=[])
+    with fork:
+        torch.manual_seed(seed)
+        text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_cfg))
+        unet = diffusers.UNet2DConditionModel(**unet_cfg)
+        vae = diffusers.AutoencoderKL(**vae_cfg)
+    for module in (text_encoder, unet, vae):
+        module.eval().requires_grad_(False)
+    digest = hashlib.sha256(
+        json.dumps([name, seed, text_cfg, unet_cfg, vae_cfg], sort_keys=True).encode()
+    ).hexdigest()
+    return ModelBundle(
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        tokenizer=clip_tokenizer(),
+        scheduler_config=sched_cfg,
+        model=model_info(text_encoder, unet, vae, sched_cfg),
+        source={"kind": "preset", "name": name, "seed": seed, "sha256": digest,
+                "description": f"preset {name} (seeded random weights, seed {seed})"},
+    )

@@ -1,0 +1,151 @@
+"""Model sources: a preset name, a local diffusers folder, or a single-file checkpoint. All offline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from sdtrt.runtime.deps import require
+from sdtrt.runtime.errors import SourceError
+
+from .bundle import ModelBundle, model_info
+from .presets import CONFIG_DIR, PRESETS, load_preset
+
+log = logging.getLogger(__name__)
+
+DIFFUSERS_PARTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
+
+
+def load_source(source: str, *, allow_pickle: bool = False, config_dir: str | Path | None = None
+                ) -> ModelBundle:
+    """Load ``source`` (preset name, diffusers folder or checkpoint file) as fp32 modules on the CPU."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return load_diffusers_folder(path, allow_pickle=allow_pickle)
+    if path.is_file():
+        return load_checkpoint(path, allow_pickle=allow_pickle, config_dir=config_dir)
+    if source in PRESETS:
+        return load_preset(source)
+    if "/" in source or "\\" in source or path.suffix:
+        raise SourceError(
+            f"model source {source!r} does not exist; give a diffusers model folder, a .safetensors "
+            f"checkpoint, or a preset ({', '.join(PRESETS)})"
+        )
+    raise SourceError(
+        f"unknown preset {source!r}; the presets are {', '.join(PRESETS)}, or give the path of a diffusers "
+        "model folder or a .safetensors checkpoint"
+    )
+
+
+def load_diffusers_folder(folder: Path, *, allow_pickle: bool = False) -> ModelBundle:
+    """A folder as saved by ``StableDiffusionPipeline.save_pretrained``."""
+    missing = [p for p in DIFFUSERS_PARTS if not (folder / p).is_dir()]
+    if not (folder / "model_index.json").is_file():
+        missing.insert(0, "model_index.json")
+    if missing:
+        raise SourceError(
+            f"{str(folder)!r} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}. "
+            "Expected model_index.json and the subfolders " + ", ".join(DIFFUSERS_PARTS)
+        )
+    pickles = [p for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".ckpt", ".pth")]
+    has_safetensors = any(folder.rglob("*.safetensors"))
+    if pickles and not has_safetensors and not allow_pickle:
+        raise SourceError(
+            f"{str(folder)!r} holds its weights as pickle files ({pickles[0].name}), which can run code when "
+            "loaded. Convert them to .safetensors, or pass --allow-pickle if you trust this model"
+        )
+    diffusers = require("diffusers", "loading a diffusers folder", "export")
+    transformers = require("transformers", "loading a diffusers folder", "export")
+    from .tokenizer import tokenizer_from_folder
+
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": not (pickles and allow_pickle
+                                                                                and not has_safetensors)}
+    try:
+        text_encoder = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder", **kwargs)
+        unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs)
+        vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise SourceError(f"could not load the model in {str(folder)!r}: {exc}") from exc
+    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
+    for module in (text_encoder, unet, vae):
+        module.float().eval().requires_grad_(False)
+    return ModelBundle(
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        tokenizer=tokenizer_from_folder(folder / "tokenizer"),
+        scheduler_config=scheduler_config,
+        model=model_info(text_encoder, unet, vae, scheduler_config),
+        source={"kind": "diffusers", "path": str(folder.resolve()), "sha256": folder_hash(folder),
+                "allow_pickle": allow_pickle, "description": f"diffusers folder {folder.resolve()}"},
+    )
+
+
+def load_checkpoint(path: Path, *, allow_pickle: bool = False, config_dir: str | Path | None = None
+                    ) -> ModelBundle:
+    """A single-file checkpoint in the original SD 1.x layout, converted with shipped configs."""
+    from .single_file import load_single_file
+    from .tokenizer import clip_tokenizer
+
+    config = Path(config_dir) if config_dir else CONFIG_DIR / "sd15"
+    text_encoder, unet, vae = load_single_file(path, config_dir=config, allow_pickle=allow_pickle)
+    scheduler_file = config / "scheduler" / "scheduler_config.json"
+    if not scheduler_file.is_file():
+        scheduler_file = CONFIG_DIR / "sd15" / "scheduler" / "scheduler_config.json"
+    scheduler_config = _read_json(scheduler_file)
+    return ModelBundle(
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        tokenizer=clip_tokenizer(),
+        scheduler_config=scheduler_config,
+        model=model_info(text_encoder, unet, vae, scheduler_config),
+        source={"kind": "single_file", "path": str(path.resolve()),
+                "config_dir": str(config.resolve()), "sha256": file_hash(path),
+                "allow_pickle": allow_pickle, "description": f"checkpoint {path.name}"},
+    )
+
+
+def reload_source(source: dict[str, Any]) -> ModelBundle:
+    """Load the PyTorch model an artifact was exported from, as its manifest describes it."""
+    kind = source.get("kind")
+    if kind == "preset":
+        return load_preset(source["name"], seed=int(source.get("seed", 0)))
+    if kind == "diffusers":
+        return load_diffusers_folder(Path(source["path"]), allow_pickle=bool(source.get("allow_pickle")))
+    if kind == "single_file":
+        return load_checkpoint(Path(source["path"]), allow_pickle=bool(source.get("allow_pickle")),
+                               config_dir=source.get("config_dir"))
+    raise SourceError(f"manifest source kind {kind!r} is not one of preset, diffusers, single_file")
+
+
+def file_hash(path: Path) -> str:
+    from sdtrt.runtime.files import sha256_file
+
+    return sha256_file(path)
+
+
+def folder_hash(folder: Path) -> str:
+    """Hash of every weight and config file in the folder (relative names and contents)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if file.suffix in WEIGHT_SUFFIXES or file.suffix == ".json":
+            digest.update(str(file.relative_to(folder)).encode())
+            digest.update(file_hash(file).encode())
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SourceError(f"missing {str(path)!r}") from exc
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{str(path)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SourceError(f"{str(path)!r} must hold a JSON object")
+    return data

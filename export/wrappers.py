@@ -1,0 +1,70 @@
+"""Thin ``nn.Module`` wrappers that give each network the plain tensor interface of its ComponentSpec."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class TextEncoder(nn.Module):
+    """input_ids -> (last_hidden_state, pooled_output)."""
+
+    def __init__(self, text_encoder: Any) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.text_encoder(input_ids.to(torch.int64), return_dict=False)
+        return out[0], out[1]
+
+
+class UNet(nn.Module):
+    """(sample, timestep [B] float32, encoder_hidden_states) -> noise_pred."""
+
+    def __init__(self, unet: Any) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoder(nn.Module):
+    """Unscaled latent -> image in [-1, 1] (the runtime divides by the scaling factor first)."""
+
+    def __init__(self, vae: Any) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+class VaeEncoder(nn.Module):
+    """Image in [-1, 1] -> (mean, std) of the unscaled latent distribution."""
+
+    def __init__(self, vae: Any) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        moments = self.vae.quant_conv(self.vae.encoder(image)) if self.vae.quant_conv is not None else (
+            self.vae.encoder(image)
+        )
+        mean, logvar = torch.chunk(moments, 2, dim=1)
+        logvar = torch.clamp(logvar, -30.0, 20.0)
+        return mean, torch.exp(0.5 * logvar)
+
+
+def wrap(component: str, module: Any) -> nn.Module:
+    wrappers: dict[str, type[nn.Module]] = {
+        "text_encoder": TextEncoder,
+        "unet": UNet,
+        "vae_decoder": VaeDecoder,
+        "vae_encoder": VaeEncoder,
+    }
+    return wrappers[component](module).eval()

@@ -1,0 +1,193 @@
+"""The networks of a Stable Diffusion model, described once, as data.
+
+Exporter, engine builders and runtime all read these descriptions: tensor names, dtypes and symbolic shapes,
+and how a :class:`~sdtrt.runtime.profile.ShapeProfile` maps to concrete min/opt/max shapes.
+
+Symbolic dimensions (resolved by :func:`dim_ranges`):
+    batch          images per call
+    text_batch     text encoder rows: prompts and negative prompts, one row per 77-token window
+    unet_batch     UNet rows: 2 x batch with classifier-free guidance, batch without it
+    height, width  image size in pixels
+    latent_height, latent_width   image size / vae_scale_factor
+    text_length    77 x number of prompt windows
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import ShapeError
+from .profile import ShapeProfile
+
+TEXT_WINDOW = 77
+FLOAT = "float"  # placeholder dtype: float32 or float16, by the component's precision
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The numbers of a model family that export and runtime need."""
+
+    family: str = "sd1"
+    latent_channels: int = 4
+    vae_scale_factor: int = 8
+    scaling_factor: float = 0.18215
+    prediction_type: str = "epsilon"
+    text_width: int = 768
+    pooled_width: int = 768
+    unet_downsamples: int = 3
+    # SDXL only: width of the pooled text embedding and number of micro-conditioning time ids.
+    add_text_embeds_width: int = 0
+    add_time_ids: int = 0
+    upcast_vae: bool = False
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ShapeError(f"model family must be one of {FAMILIES}, got {self.family!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ShapeError(
+                f"prediction type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
+            )
+        for name in ("latent_channels", "vae_scale_factor", "text_width"):
+            if getattr(self, name) < 1:
+                raise ShapeError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this so every UNet downsample divides evenly."""
+        return self.vae_scale_factor * (2**self.unet_downsamples)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "float" (by precision), "float32", "int32", "int64"
+    shape: tuple[str | int, ...]
+
+    def concrete_dtype(self, precision: str) -> str:
+        if self.dtype != FLOAT:
+            return self.dtype
+        return "float16" if precision == "fp16" else "float32"
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    description: str = ""
+    # Inputs that stay float32 even in an fp16 graph (e.g. the timestep, whose sinusoid needs fp32).
+    fp32_inputs: tuple[str, ...] = field(default=())
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.name}.onnx"
+
+    def input(self, name: str) -> TensorSpec:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+def component_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
+    """The four components of ``model``, keyed by name, in pipeline order."""
+    c = model.latent_channels
+    unet_inputs = [
+        TensorSpec("sample", FLOAT, ("unet_batch", c, "latent_height", "latent_width")),
+        TensorSpec("timestep", "float32", ("unet_batch",)),
+        TensorSpec("encoder_hidden_states", FLOAT, ("unet_batch", "text_length", model.text_width)),
+    ]
+    if model.add_text_embeds_width:
+        unet_inputs.append(TensorSpec("text_embeds", FLOAT, ("unet_batch", model.add_text_embeds_width)))
+    if model.add_time_ids:
+        unet_inputs.append(TensorSpec("time_ids", FLOAT, ("unet_batch", model.add_time_ids)))
+    return {
+        "text_encoder": ComponentSpec(
+            "text_encoder",
+            inputs=(TensorSpec("input_ids", "int32", ("text_batch", TEXT_WINDOW)),),
+            outputs=(
+                TensorSpec("last_hidden_state", FLOAT, ("text_batch", TEXT_WINDOW, model.text_width)),
+                TensorSpec("pooled_output", FLOAT, ("text_batch", model.pooled_width)),
+            ),
+            description="CLIP text encoder: token ids -> one vector per token",
+        ),
+        "unet": ComponentSpec(
+            "unet",
+            inputs=tuple(unet_inputs),
+            outputs=(TensorSpec("noise_pred", FLOAT, ("unet_batch", c, "latent_height", "latent_width")),),
+            description="UNet: noisy latents, timestep, text vectors -> model prediction",
+            fp32_inputs=("timestep",),
+        ),
+        "vae_decoder": ComponentSpec(
+            "vae_decoder",
+            inputs=(TensorSpec("latent", FLOAT, ("batch", c, "latent_height", "latent_width")),),
+            outputs=(TensorSpec("image", FLOAT, ("batch", 3, "height", "width")),),
+            description="VAE decoder: unscaled latents -> image in [-1, 1]",
+        ),
+        "vae_encoder": ComponentSpec(
+            "vae_encoder",
+            inputs=(TensorSpec("image", FLOAT, ("batch", 3, "height", "width")),),
+            outputs=(
+                TensorSpec("latent_mean", FLOAT, ("batch", c, "latent_height", "latent_width")),
+                TensorSpec("latent_std", FLOAT, ("batch", c, "latent_height", "latent_width")),
+            ),
+            description="VAE encoder: image in [-1, 1] -> mean and std of the (unscaled) latent",
+        ),
+    }
+
+
+Range = tuple[int, int, int]
+
+
+def dim_ranges(profile: ShapeProfile, model: ModelInfo) -> dict[str, Range]:
+    """min/opt/max of every symbolic dimension under ``profile``."""
+    s = model.vae_scale_factor
+    k = profile.max_prompt_windows
+    return {
+        "batch": (profile.min_batch, profile.opt_batch, profile.max_batch),
+        # prompt + negative prompt, each split into up to k windows
+        "text_batch": (1, 2 * profile.opt_batch, 2 * profile.max_batch * k),
+        # without guidance the uncond half is dropped; with it the batch doubles
+        "unet_batch": (profile.min_batch, 2 * profile.opt_batch, 2 * profile.max_batch),
+        "height": (profile.min_height, profile.opt_height, profile.max_height),
+        "width": (profile.min_width, profile.opt_width, profile.max_width),
+        "latent_height": (profile.min_height // s, profile.opt_height // s, profile.max_height // s),
+        "latent_width": (profile.min_width // s, profile.opt_width // s, profile.max_width // s),
+        "text_length": (TEXT_WINDOW, TEXT_WINDOW, TEXT_WINDOW * k),
+    }
+
+
+def shape_ranges(
+    spec: ComponentSpec, profile: ShapeProfile, model: ModelInfo
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """Concrete (min, opt, max) shape of every input of ``spec`` under ``profile``."""
+    dims = dim_ranges(profile, model)
+    result = {}
+    for tensor in spec.inputs:
+        triple = []
+        for which in range(3):
+            triple.append(tuple(d if isinstance(d, int) else dims[d][which] for d in tensor.shape))
+        result[tensor.name] = (triple[0], triple[1], triple[2])
+    return result
+
+
+def check_size(height: int, width: int, model: ModelInfo) -> None:
+    """Raise ShapeError unless an image of height x width can run through this model's networks."""
+    if height % 8 or width % 8:
+        raise ShapeError(
+            f"image size must be a multiple of 8 pixels, got {width}x{height}; "
+            f"try {round(width / 8) * 8}x{round(height / 8) * 8}"
+        )
+    m = model.size_multiple
+    if height % m or width % m:
+        raise ShapeError(
+            f"this model downsamples its latents {model.unet_downsamples} times, so image sides must be "
+            f"multiples of {m} pixels; got {width}x{height}, try "
+            f"{max(m, round(width / m) * m)}x{max(m, round(height / m) * m)}"
+        )
