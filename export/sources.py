@@ -51,24 +51,27 @@ def load_diffusers_folder(folder: Path, *, allow_pickle: bool = False) -> ModelB
             f"{str(folder)!r} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}. "
             "Expected model_index.json and the subfolders " + ", ".join(DIFFUSERS_PARTS)
         )
-    pickles = [p for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".ckpt", ".pth")]
-    has_safetensors = any(folder.rglob("*.safetensors"))
-    if pickles and not has_safetensors and not allow_pickle:
+    formats = {part: _weights_format(folder / part) for part in ("text_encoder", "unet", "vae")}
+    pickled = [part for part, fmt in formats.items() if fmt == "pickle"]
+    if pickled and not allow_pickle:
         raise SourceError(
-            f"{str(folder)!r} holds its weights as pickle files ({pickles[0].name}), which can run code when "
-            "loaded. Convert them to .safetensors, or pass --allow-pickle if you trust this model"
+            f"{str(folder)!r} holds the weights of {', '.join(pickled)} as pickle files (.bin/.pt/.ckpt), which "
+            "can run code when loaded. Convert them to .safetensors, or pass --allow-pickle if you trust "
+            "this model"
         )
     diffusers = require("diffusers", "loading a diffusers folder", "export")
     transformers = require("transformers", "loading a diffusers folder", "export")
     from .tokenizer import tokenizer_from_folder
 
-    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": not (pickles and allow_pickle
-                                                                                and not has_safetensors)}
+    def options(part: str) -> dict[str, Any]:
+        return {"local_files_only": True, "use_safetensors": formats[part] != "pickle"}
+
     try:
-        text_encoder = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder", **kwargs)
-        unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs)
-        vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+        text_encoder = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder",
+                                                                  **options("text_encoder"))
+        unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **options("unet"))
+        vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae", **options("vae"))
+    except (OSError, ValueError) as exc:
         raise SourceError(f"could not load the model in {str(folder)!r}: {exc}") from exc
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
     for module in (text_encoder, unet, vae):
@@ -121,6 +124,14 @@ def reload_source(source: dict[str, Any]) -> ModelBundle:
         return load_checkpoint(Path(source["path"]), allow_pickle=bool(source.get("allow_pickle")),
                                config_dir=source.get("config_dir"))
     raise SourceError(f"manifest source kind {kind!r} is not one of preset, diffusers, single_file")
+
+
+def _weights_format(folder: Path) -> str | None:
+    if any(folder.glob("*.safetensors")):
+        return "safetensors"
+    if any(p.suffix in (".bin", ".pt", ".ckpt", ".pth") for p in folder.iterdir()):
+        return "pickle"
+    return None
 
 
 def file_hash(path: Path) -> str:

@@ -37,7 +37,7 @@ class ShapeProfile:
                     if value % 8:
                         raise ShapeError(
                             f"{which} {dim} must be a multiple of 8 pixels, got {value}; "
-                            f"use {max(8, round(value / 8) * 8)}"
+                            f"use {max(8, -(-value // 8) * 8)}"
                         )
         if self.max_prompt_windows < 1:
             raise ShapeError(f"max_prompt_windows must be >= 1, got {self.max_prompt_windows}")

@@ -1,0 +1,63 @@
+"""Shared fixtures: the tiny preset and its exported artifacts, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import importlib.util
+
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    has_trt = has_cuda and importlib.util.find_spec("tensorrt") is not None
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "trt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT and a CUDA GPU"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle():
+    from sdtrt.export.presets import load_preset
+
+    return load_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_profile():
+    from sdtrt.runtime.profile import ShapeProfile
+
+    return ShapeProfile.square(64, 128, 256, max_batch=4)
+
+
+def _export(tmp_path_factory, bundle, profile, precision: str) -> Path:
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+
+    out = tmp_path_factory.mktemp(f"tiny-{precision}") / "artifacts"
+    export_artifacts(bundle, out, ExportOptions(profile=profile, precision=precision))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(tmp_path_factory, tiny_bundle, tiny_profile) -> Path:
+    return _export(tmp_path_factory, tiny_bundle, tiny_profile, "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16(tmp_path_factory, tiny_bundle, tiny_profile) -> Path:
+    return _export(tmp_path_factory, tiny_bundle, tiny_profile, "fp16")

@@ -1,0 +1,84 @@
+"""The real `sdtrt` command, run as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+SDTRT = shutil.which("sdtrt", path=os.path.dirname(sys.executable)) or "sdtrt"
+
+
+def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([SDTRT, *args], capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def test_help_lists_commands():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("export", "check"):
+        assert command in result.stdout
+
+
+def test_export_then_check(tmp_path):
+    out = tmp_path / "A"
+    result = run("export", "tiny", "--out", str(out), "--precision", "fp32", "--max-size", "128")
+    assert result.returncode == 0, result.stderr
+    assert "exported preset tiny" in result.stdout and "unet.onnx" in result.stdout
+    assert "[2/4] exporting unet (fp32)" in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["profile_id"] == "b1-1-4_h64-128-128_w64-128-128"
+    report = tmp_path / "check.json"
+    result = run("check", str(out), "--json", str(report))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all 12 checks passed" in result.stdout
+    rows = json.loads(report.read_text())
+    assert len(rows) == 12 and all(r["passed"] and r["rel_l2"] < 1e-4 for r in rows)
+
+
+def test_check_fails_with_exit_code_on_a_wrong_graph(tmp_path):
+    """A graph exported from other weights than its manifest names: check must notice and exit 1."""
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+    from sdtrt.export.presets import load_preset
+    from sdtrt.runtime.profile import ShapeProfile
+
+    out = tmp_path / "B"
+    options = ExportOptions(profile=ShapeProfile.square(64, 64, 128), components=("vae_decoder",))
+    export_artifacts(load_preset("tiny", seed=1), out, options)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["source"]["seed"] = 0  # claims to come from the seed-0 model: its numbers will not match
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = run("check", str(out))
+    assert result.returncode == 1
+    assert "FAIL" in result.stdout and "checks failed" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("export", "sd99", "--out", "X"), "unknown preset 'sd99'"),
+        (("export", "tiny", "--out", "X", "--min-size", "60"), "multiple of 8 pixels, got 60; use 64"),
+        (("export", "tiny", "--out", "X", "--min-size", "big"), "expected N or WIDTHxHEIGHT"),
+        (("check", "no-such-folder"), "does not exist; run `sdtrt export`"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tmp_path, args, message):
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode in (1, 2)
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "X").exists()
+
+
+def test_pickle_checkpoint_is_refused(tmp_path):
+    import torch
+
+    fake = tmp_path / "model.safetensors"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, fake)
+    result = run("export", str(fake), "--out", str(tmp_path / "X"))
+    assert result.returncode == 1
+    assert "pickle" in result.stderr and "--allow-pickle" in result.stderr
