@@ -73,7 +73,7 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--max-prompt-windows", type=int, default=1, show_default=True,
               help="75-token prompt windows engines accept (long prompts).")
 @click.option("--opset", type=int, default=18, show_default=True)
-@click.option("--config", "config_dir", type=click.Path(path_type=Path),
+@click.option("--config-dir", "config_dir", type=click.Path(path_type=Path),
               help="diffusers-layout config folder for a single-file checkpoint (default: SD 1.5).")
 @click.option("--allow-pickle", is_flag=True, help="Load pickle checkpoints (.ckpt/.bin/.pt): they can run code.")
 def export_cmd(source: str, out: Path, precision: str, components: str, min_size: str | None,
@@ -100,7 +100,7 @@ def export_cmd(source: str, out: Path, precision: str, components: str, min_size
         else:
             click.echo(f"[{index + 1}/{total}] {name} done in {seconds:.1f} s", err=True)
 
-    manifest = export_artifacts(bundle, out, options, progress=progress)
+    manifest = export_artifacts(bundle, out, options, progress=progress, consume=True)
     click.echo(f"exported {bundle.source['description']} to {out} in {time.perf_counter() - start:.1f} s")
     click.echo(f"  profile {profile.id}, precision {precision}")
     for name, entry in manifest.components.items():

@@ -41,3 +41,7 @@ class BackendError(SdtrtError):
 
 class MissingDependencyError(SdtrtError):
     """An optional dependency that a feature needs is not installed."""
+
+
+class ConfigError(SdtrtError):
+    """An option has a value outside what is allowed (unknown scheduler or backend name, bad setting)."""

@@ -1,0 +1,436 @@
+"""Single-file SD 1.x checkpoints: one ``.safetensors`` in the original LDM layout, as A1111 and ComfyUI use.
+
+Reading goes through diffusers' own single-file conversion, fully offline: the diffusers-layout configs come
+from a local folder (``configs/sd15`` by default) and the weights are passed in as a state dict, so nothing
+ever asks the Hugging Face hub. Writing is the inverse mapping, derived from the modules' configs, so tiny
+test models round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdtrt.runtime.deps import require
+from sdtrt.runtime.errors import SourceError
+from sdtrt.runtime.files import write_bytes_atomic, write_text_atomic
+
+# transformers.CLIPTextModel, diffusers.UNet2DConditionModel, diffusers.AutoencoderKL: optional extras whose
+# lazy modules type checkers cannot follow, so these names document rather than constrain.
+CLIPTextModel = Any
+UNet2DConditionModel = Any
+AutoencoderKL = Any
+
+logger = logging.getLogger(__name__)
+
+SD15_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+CONFIG_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json")
+_FEATURE = "single-file checkpoints"
+
+# diffusers ResnetBlock2D child -> LDM ResBlock child (UNet).
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_FIXED = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_VAE_RESNET = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "conv_shortcut": "nin_shortcut",
+}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_VAE_FIXED = {"conv_in": "conv_in", "conv_out": "conv_out", "conv_norm_out": "norm_out"}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Detecting and reading files
+
+
+def checkpoint_format(path: str | os.PathLike[str]) -> str:
+    """``"safetensors"`` or ``"pickle"``, judged by the first bytes (a renamed file is still caught)."""
+    file = _existing_file(path)
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        head = handle.read(64)
+    if len(head) >= 9 and head[8:9] == b"{":
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 0 < header_len <= size - 8:
+            return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "pickle"
+    if not head:
+        found = "an empty file"
+    elif head.startswith(b"version https://git-lfs"):
+        found = "a Git LFS pointer, not the weights (fetch them with `git lfs pull`)"
+    else:
+        found = f"a file starting with {head[:16]!r}"
+    raise SourceError(
+        f"{file} is {found}; expected a .safetensors checkpoint (8-byte header length, then a JSON header) "
+        "or a PyTorch pickle checkpoint (.ckpt/.pt, as torch.save writes it)"
+    )
+
+
+def _existing_file(path: str | os.PathLike[str]) -> Path:
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise SourceError(
+            f"{file} is a folder; expected a single checkpoint file (.safetensors). "
+            "A diffusers folder is loaded as a model folder, not as a single file"
+        )
+    if not file.is_file():
+        raise SourceError(f"checkpoint {file} does not exist; expected a .safetensors file")
+    return file
+
+
+def read_state_dict(path: str | os.PathLike[str], allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint file, on the CPU, without running any code from it unless allowed."""
+    file = _existing_file(path)
+    if checkpoint_format(file) == "safetensors":
+        safetensors_torch = require("safetensors.torch", _FEATURE, "export")
+        try:
+            return safetensors_torch.load_file(str(file), device="cpu")
+        except Exception as exc:  # safetensors raises its own error type for every kind of damage
+            raise SourceError(f"{file} is not a valid .safetensors file: {exc}") from exc
+    if not allow_pickle:
+        raise SourceError(
+            f"{file} is a pickle checkpoint, and loading pickle can execute code hidden in the file. "
+            "Convert it to .safetensors, or pass --allow-pickle (allow_pickle=True) if you trust it; "
+            "it is then read with torch.load(weights_only=True)"
+        )
+    try:
+        # A handle, not the path: torch.load would take a ".safetensors" name as safetensors.
+        with open(file, "rb") as handle:
+            obj: Any = torch.load(handle, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError ... all mean the same to the user
+        raise SourceError(
+            f"{file} could not be read with torch.load(weights_only=True): {exc}. "
+            "It may be damaged or hold objects other than tensors; convert it to .safetensors"
+        ) from exc
+    while isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise SourceError(f"{file} holds a {type(obj).__name__}; expected a state dict of tensors")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def _require_sd1_keys(state: Mapping[str, torch.Tensor], file: Path) -> None:
+    missing = [p for p in (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX) if not any(k.startswith(p) for k in state)]
+    if not missing:
+        return
+    hint = ""
+    if any(k.startswith("conditioner.embedders.") for k in state):
+        hint = " It looks like an SDXL checkpoint, which is not supported yet."
+    elif any(k.startswith("cond_stage_model.model.") for k in state):
+        hint = " It looks like an SD 2.x checkpoint (OpenCLIP text encoder), not supported as a single file."
+    sample = ", ".join(sorted(state)[:3]) or "none"
+    raise SourceError(
+        f"{file}: this does not look like an SD 1.x checkpoint: no keys under {', '.join(missing)} "
+        f"(found {len(state)} tensors, e.g. {sample}).{hint}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_single_file(
+    path: str | os.PathLike[str],
+    config_dir: str | os.PathLike[str] | None = None,
+    allow_pickle: bool = False,
+) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
+    """(text encoder, UNet, VAE) of an SD 1.x single-file checkpoint: fp32, eval mode, frozen, on the CPU.
+
+    ``config_dir`` is a diffusers-layout folder with ``unet/``, ``vae/`` and ``text_encoder/`` ``config.json``
+    describing the checkpoint's architecture; SD 1.5's shipped configs by default.
+    """
+    file = _existing_file(path)
+    configs = _config_dir(config_dir)
+    state = read_state_dict(file, allow_pickle=allow_pickle)
+    _require_sd1_keys(state, file)
+    # Fresh fp32 copies: read tensors can sit in one buffer at unaligned offsets (CPU kernels then round
+    # differently) and diffusers adopts them as they are; casting here also avoids its torch_dtype warnings.
+    state = {
+        k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()
+    }
+    diffusers = require("diffusers", _FEATURE, "export")
+    with torch.random.fork_rng(devices=[]):  # building modules draws random init; keep the caller's RNG
+        unet = _load_diffusers_model(diffusers.UNet2DConditionModel, state, configs, "unet", UNET_PREFIX)
+        vae = _load_diffusers_model(diffusers.AutoencoderKL, state, configs, "vae", VAE_PREFIX)
+        text_encoder = _load_text_encoder(state, configs)
+    for module in (text_encoder, unet, vae):
+        module.eval().requires_grad_(False)
+    logger.info("loaded %s with the configs in %s", file, configs)
+    return text_encoder, unet, vae
+
+
+def _config_dir(config_dir: str | os.PathLike[str] | None) -> Path:
+    root = SD15_CONFIG_DIR if config_dir is None else Path(config_dir).expanduser().resolve()
+    lacking = [name for name in CONFIG_FILES if not (root / name).is_file()]
+    if lacking:
+        raise SourceError(
+            f"config folder {root} lacks {', '.join(lacking)}; expected a diffusers-layout folder with "
+            f"{', '.join(CONFIG_FILES)} (write_config_dir writes one for your modules)"
+        )
+    return root
+
+
+def _load_diffusers_model(
+    cls: Any, state: dict[str, torch.Tensor], configs: Path, sub: str, prefix: str
+) -> Any:
+    """A diffusers component through ``from_single_file``, offline, checked for missing or extra weights."""
+    config_file = configs / sub / "config.json"
+    fix = (
+        f"the checkpoint does not match {config_file}. If it is not SD 1.5-shaped, pass config_dir= "
+        "(--config-dir) a diffusers-layout folder describing it"
+    )
+    try:
+        # A state dict (not a path) and a local config folder: diffusers never resolves anything remotely.
+        model = cls.from_single_file(
+            state,
+            config=str(configs),
+            subfolder=sub,
+            local_files_only=True,
+        )
+    except Exception as exc:
+        # diffusers reports a mismatch as ValueError, KeyError, RuntimeError or its own error type.
+        raise SourceError(f"{sub}: {fix}: {_short_reason(exc)}") from exc
+    empty = [name for name, t in model.state_dict().items() if t.is_meta]
+    if empty:
+        raise SourceError(f"{sub}: {fix}: {len(empty)} weights are missing, e.g. {', '.join(empty[:3])}")
+    found = sum(k.startswith(prefix) for k in state)
+    expected = len(model.state_dict())
+    if found != expected:
+        raise SourceError(
+            f"{sub}: {fix}: it has {found} tensors under {prefix} but the config needs {expected}"
+        )
+    return model
+
+
+def _short_reason(exc: BaseException) -> str:
+    size = r"torch\.Size\((\[[^\]]*\])\)"
+    match = re.search(rf"(\S+) expected shape {size}, but got {size}", str(exc))
+    if match:
+        name, want, got = match.groups()
+        return f"{name} has shape {got} in the checkpoint but the config needs {want}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+
+
+def _load_text_encoder(state: dict[str, torch.Tensor], configs: Path) -> CLIPTextModel:
+    transformers = require("transformers", _FEATURE, "export")
+    config = transformers.CLIPTextConfig.from_json_file(str(configs / "text_encoder" / "config.json"))
+    model = transformers.CLIPTextModel(config)
+    own = set(model.state_dict())
+    # transformers 4 nests the weights under text_model., transformers 5 does not.
+    nested = any(k.startswith("text_model.") for k in own)
+    weights = {}
+    for key, value in state.items():
+        if not key.startswith(TEXT_PREFIX) or key.endswith("position_ids"):
+            continue  # position_ids is a constant buffer, and some checkpoints carry a damaged copy of it
+        name = key[len(TEXT_PREFIX) :].removeprefix("text_model.")
+        weights[f"text_model.{name}" if nested else name] = value
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:
+        raise SourceError(
+            f"text_encoder: the checkpoint does not match {configs / 'text_encoder' / 'config.json'}: "
+            f"{_short_reason(exc)}. Pass config_dir= a folder describing the checkpoint"
+        ) from exc
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    unexpected = list(result.unexpected_keys)
+    if missing or unexpected:
+        raise SourceError(
+            f"text_encoder: the weights under {TEXT_PREFIX} do not match the CLIP config in {configs}: "
+            f"missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
+        )
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def save_original_checkpoint(
+    text_encoder: CLIPTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    path: str | os.PathLike[str],
+) -> Path:
+    """Write the three modules as one ``.safetensors`` file in the original SD 1.x (LDM) layout, atomically.
+
+    The whole file is built in memory first (about the model's size) and then renamed into place.
+    """
+    safetensors_torch = require("safetensors.torch", _FEATURE, "export")
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, part in (
+        (UNET_PREFIX, unet_to_ldm(unet)),
+        (VAE_PREFIX, vae_to_ldm(vae)),
+        (TEXT_PREFIX, text_encoder_to_ldm(text_encoder)),
+    ):
+        for key, value in part.items():
+            tensors[prefix + key] = value.detach().to("cpu").contiguous()
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(target, safetensors_torch.save(tensors, metadata={"format": "pt"}))
+    logger.info("wrote %d tensors to %s", len(tensors), target)
+    return target
+
+
+def write_config_dir(
+    text_encoder: CLIPTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    path: str | os.PathLike[str],
+) -> Path:
+    """Write ``{unet,vae,text_encoder}/config.json`` so ``load_single_file`` can rebuild these modules."""
+    root = Path(path).expanduser()
+    for sub, text in (
+        ("unet", unet.to_json_string()),
+        ("vae", vae.to_json_string()),
+        ("text_encoder", text_encoder.config.to_json_string(use_diff=False)),
+    ):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        write_text_atomic(root / sub / "config.json", text)
+    return root
+
+
+def text_encoder_to_ldm(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
+    """HF CLIP keys as SD 1.x stores them (nested under ``text_model.``), without the constant buffers."""
+    return {
+        f"text_model.{key.removeprefix('text_model.')}": value
+        for key, value in text_encoder.state_dict().items()
+        if not key.endswith("position_ids")
+    }
+
+
+def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """A diffusers SD 1.x-shaped UNet's weights under the LDM ``openaimodel`` names."""
+    per_block = _layers_per_block(unet.config.layers_per_block)
+    state = unet.state_dict()
+    attention_ups = {int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions\.", k)}
+    return _rename(state, lambda key: _unet_key(key, per_block, attention_ups), "UNet")
+
+
+def vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
+    """A diffusers ``AutoencoderKL``'s weights under the LDM names; mid-block attention becomes 1x1 convs."""
+    levels = len(vae.config.up_block_types)
+    out = _rename(vae.state_dict(), lambda key: _vae_key(key, levels), "VAE")
+    for key, value in out.items():
+        if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) and value.ndim == 2:
+            out[key] = value[:, :, None, None]
+    return out
+
+
+def _layers_per_block(value: Any) -> int:
+    counts = {int(v) for v in value} if isinstance(value, list | tuple) else {int(value)}
+    if len(counts) != 1:
+        raise SourceError(
+            f"UNet layers_per_block {value} differs per block; the SD 1.x layout needs one count for all"
+        )
+    return counts.pop()
+
+
+def _rename(
+    state: Mapping[str, torch.Tensor], rename: Callable[[str], str | None], what: str
+) -> dict[str, Any]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        new = rename(key)
+        if new is None:
+            raise SourceError(
+                f"{what} weight {key!r} has no place in the SD 1.x checkpoint layout; only SD 1.x-shaped "
+                "models can be written as an original single-file checkpoint"
+            )
+        assert new not in out, f"two {what} weights map to {new}"
+        out[new] = value
+    return out
+
+
+def _child(table: Mapping[str, str], rest: str) -> str | None:
+    for name, ldm in table.items():
+        if rest.startswith(name + "."):
+            return ldm + rest[len(name) :]
+    return None
+
+
+def _unet_key(key: str, per_block: int, attention_ups: set[int]) -> str | None:
+    fixed = _child(_UNET_FIXED, key)
+    if fixed is not None:
+        return fixed
+    stride = per_block + 1  # LDM gives every level its layers plus one slot for the down/upsampler
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        level, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        return _unet_layer(f"input_blocks.{1 + level * stride + layer}", kind, rest)
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{1 + int(m[1]) * stride + per_block}.0.op.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        index = 2 * int(m[2]) + (m[1] == "attentions")
+        return _unet_layer(f"middle_block.{index}", m[1], m[3], slot=False)
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        level, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
+        return _unet_layer(f"output_blocks.{level * stride + layer}", kind, rest)
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        level = int(m[1])
+        slot = 2 if level in attention_ups else 1
+        return f"output_blocks.{level * stride + per_block}.{slot}.conv.{m[2]}"
+    return None
+
+
+def _unet_layer(block: str, kind: str, rest: str, slot: bool = True) -> str | None:
+    # In an LDM block the ResBlock is child 0 and the SpatialTransformer child 1; the middle block is flat.
+    if kind == "attentions":
+        return f"{block}.1.{rest}" if slot else f"{block}.{rest}"
+    child = _child(_UNET_RESNET, rest)
+    if child is None:
+        return None
+    return f"{block}.0.{child}" if slot else f"{block}.{child}"
+
+
+def _vae_key(key: str, levels: int) -> str | None:
+    if key.split(".")[0] in ("quant_conv", "post_quant_conv"):
+        return key
+    m = re.fullmatch(r"(encoder|decoder)\.(.+)", key)
+    if not m:
+        return None
+    side, rest = m[1], m[2]
+    fixed = _child(_VAE_FIXED, rest)
+    if fixed is not None:
+        return f"{side}.{fixed}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", rest):
+        child = _child(_VAE_RESNET, m[2])
+        return None if child is None else f"{side}.mid.block_{int(m[1]) + 1}.{child}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", rest):
+        child = _child(_VAE_ATTENTION, m[1])
+        return None if child is None else f"{side}.mid.attn_1.{child}"
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", rest):
+        # The LDM decoder numbers its levels from the lowest resolution up; diffusers from the top down.
+        level = int(m[2]) if m[1] == "down" else levels - 1 - int(m[2])
+        child = _child(_VAE_RESNET, m[4])
+        return None if child is None else f"{side}.{m[1]}.{level}.block.{m[3]}.{child}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", rest):
+        return f"{side}.down.{m[1]}.downsample.conv.{m[2]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", rest):
+        return f"{side}.up.{levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
+    return None
