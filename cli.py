@@ -26,7 +26,7 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
             return int(h), int(w)
         return int(text), int(text)
     except ValueError:
-        raise click.BadParameter(f"expected N or WIDTHxHEIGHT in pixels (e.g. 512 or 768x512), got {text!r}")
+        raise click.BadParameter(f"expected N or WIDTHxHEIGHT in pixels (e.g. 512 or 768x512), got {text!r}") from None
 
 
 class SdtrtGroup(click.Group):
@@ -64,35 +64,63 @@ def main(verbose: int, quiet: bool) -> None:
 @click.argument("source")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp16", show_default=True)
-@click.option("--components", default="text_encoder,unet,vae_decoder,vae_encoder", show_default=True,
-              help="Comma-separated components to export.")
+@click.option(
+    "--components",
+    default="text_encoder,unet,vae_decoder,vae_encoder",
+    show_default=True,
+    help="Comma-separated components to export.",
+)
 @click.option("--min-size", help="Smallest image size, N or WxH pixels (default: model dependent).")
 @click.option("--opt-size", help="Size engines are tuned for, N or WxH.")
 @click.option("--max-size", help="Largest image size, N or WxH.")
 @click.option("--max-batch", type=int, default=4, show_default=True, help="Most images per call.")
-@click.option("--max-prompt-windows", type=int, default=1, show_default=True,
-              help="75-token prompt windows engines accept (long prompts).")
+@click.option(
+    "--max-prompt-windows",
+    type=int,
+    default=1,
+    show_default=True,
+    help="75-token prompt windows engines accept (long prompts).",
+)
 @click.option("--opset", type=int, default=18, show_default=True)
-@click.option("--config-dir", "config_dir", type=click.Path(path_type=Path),
-              help="diffusers-layout config folder for a single-file checkpoint (default: SD 1.5).")
+@click.option(
+    "--config-dir",
+    "config_dir",
+    type=click.Path(path_type=Path),
+    help="diffusers-layout config folder for a single-file checkpoint (default: SD 1.5).",
+)
 @click.option("--allow-pickle", is_flag=True, help="Load pickle checkpoints (.ckpt/.bin/.pt): they can run code.")
-def export_cmd(source: str, out: Path, precision: str, components: str, min_size: str | None,
-               opt_size: str | None, max_size: str | None, max_batch: int, max_prompt_windows: int,
-               opset: int, config_dir: Path | None, allow_pickle: bool) -> None:
+def export_cmd(
+    source: str,
+    out: Path,
+    precision: str,
+    components: str,
+    min_size: str | None,
+    opt_size: str | None,
+    max_size: str | None,
+    max_batch: int,
+    max_prompt_windows: int,
+    opset: int,
+    config_dir: Path | None,
+    allow_pickle: bool,
+) -> None:
     """Export SOURCE (a preset, a diffusers folder or a .safetensors checkpoint) to an ONNX artifact folder."""
     from sdtrt.export.onnx_export import ExportOptions, export_artifacts
     from sdtrt.export.profiles import default_profile, make_profile
-    from sdtrt.export.sources import load_source
+    from sdtrt.runtime.models.sources import load_source
 
     start = time.perf_counter()
     click.echo(f"loading {source} ...", err=True)
     bundle = load_source(source, allow_pickle=allow_pickle, config_dir=config_dir)
     base = default_profile(bundle)
-    profile = make_profile(base, parse_size(min_size), parse_size(opt_size), parse_size(max_size),
-                           max_batch, max_prompt_windows)
-    options = ExportOptions(profile=profile, precision=precision,
-                            components=tuple(c.strip() for c in components.split(",") if c.strip()),
-                            opset=opset)
+    profile = make_profile(
+        base, parse_size(min_size), parse_size(opt_size), parse_size(max_size), max_batch, max_prompt_windows
+    )
+    options = ExportOptions(
+        profile=profile,
+        precision=precision,
+        components=tuple(c.strip() for c in components.split(",") if c.strip()),
+        opset=opset,
+    )
 
     def progress(name: str, index: int, total: int, seconds: float) -> None:
         if seconds < 0:
@@ -103,8 +131,9 @@ def export_cmd(source: str, out: Path, precision: str, components: str, min_size
     manifest = export_artifacts(bundle, out, options, progress=progress, consume=True)
     click.echo(f"exported {bundle.source['description']} to {out} in {time.perf_counter() - start:.1f} s")
     click.echo(f"  profile {profile.id}, precision {precision}")
-    for name, entry in manifest.components.items():
-        size = (out / entry.file).stat().st_size + ((out / entry.data_file).stat().st_size if entry.data_file else 0)
+    for entry in manifest.components.values():
+        files = [entry.file] + ([entry.data_file] if entry.data_file else [])
+        size = sum((out / f).stat().st_size for f in files)
         click.echo(f"  {entry.file:<20} {size / 2**20:9.1f} MiB")
 
 

@@ -43,11 +43,13 @@ def measure(source: str, precision: str, out: Path) -> dict:
         "wall_s": round(wall, 1),
         "peak_rss_gib": round(peak_kib / 2**20, 2),
         "files_mib": {k: round(v / 2**20, 1) for k, v in files.items()},
-        "components": {k: {"file": v["file"], "data_file": v["data_file"]}
-                       for k, v in manifest["components"].items()},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "processor": platform.processor() or platform.machine(),
-                    "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+        "components": {k: {"file": v["file"], "data_file": v["data_file"]} for k, v in manifest["components"].items()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        },
         "versions": manifest["versions"] | {"torch_runtime": torch.__version__},
         "date": datetime.date.today().isoformat(),
     }

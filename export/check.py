@@ -15,10 +15,9 @@ from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import ArtifactError
 from sdtrt.runtime.files import sha256_file
 from sdtrt.runtime.manifest import Manifest, read_manifest, resolve_file
+from sdtrt.runtime.models.bundle import ModelBundle
+from sdtrt.runtime.models.wrappers import wrap
 from sdtrt.runtime.specs import ComponentSpec, ModelInfo, component_specs
-
-from .bundle import ModelBundle
-from .wrappers import wrap
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +48,21 @@ def check_sizes(manifest: Manifest) -> list[tuple[int, int, int]]:
     return [(min(1, p.max_batch), p.min_height, p.min_width), (min(2, p.max_batch), *second)]
 
 
-def make_inputs(spec: ComponentSpec, model: ModelInfo, batch: int, height: int, width: int, seed: int
-                ) -> dict[str, torch.Tensor]:
+def make_inputs(
+    spec: ComponentSpec, model: ModelInfo, batch: int, height: int, width: int, seed: int
+) -> dict[str, torch.Tensor]:
     """Seeded fp32/int inputs shaped like real ones (token ids with start/end, latents at their scale)."""
     s = model.vae_scale_factor
-    dims = {"batch": batch, "text_batch": batch, "unet_batch": batch, "height": height, "width": width,
-            "latent_height": height // s, "latent_width": width // s, "text_length": 77}
+    dims = {
+        "batch": batch,
+        "text_batch": batch,
+        "unet_batch": batch,
+        "height": height,
+        "width": width,
+        "latent_height": height // s,
+        "latent_width": width // s,
+        "text_length": 77,
+    }
     g = torch.Generator().manual_seed(seed)
     feeds: dict[str, torch.Tensor] = {}
     for tensor in spec.inputs:
@@ -107,7 +115,7 @@ def check_artifacts(folder: str | Path, bundle: ModelBundle | None = None, seed:
     verify_files(folder, manifest)
     ort = require("onnxruntime", "sdtrt check", "ort")
     if bundle is None:
-        from .sources import reload_source
+        from sdtrt.runtime.models.sources import reload_source
 
         bundle = reload_source(manifest.source)
     specs = component_specs(manifest.model)
@@ -130,15 +138,18 @@ def check_artifacts(folder: str | Path, bundle: ModelBundle | None = None, seed:
             outs = session.run([t.name for t in entry.outputs], ort_feeds)
             for tensor, out, r in zip(entry.outputs, outs, refs, strict=True):
                 max_abs, rel = _errors(out, r)
-                rows.append(CheckRow(name, entry.precision, f"{batch}@{width}x{height}", tensor.name,
-                                     max_abs, rel, tolerance))
+                rows.append(
+                    CheckRow(name, entry.precision, f"{batch}@{width}x{height}", tensor.name, max_abs, rel, tolerance)
+                )
         del session
     return rows
 
 
 def format_table(rows: list[CheckRow]) -> str:
-    header = f"{'component':<13} {'precision':<9} {'batch x size':<13} {'output':<18} {'max abs':>10} " \
-             f"{'rel L2':>10} {'tol':>7}  result"
+    header = (
+        f"{'component':<13} {'precision':<9} {'batch x size':<13} {'output':<18} {'max abs':>10} "
+        f"{'rel L2':>10} {'tol':>7}  result"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(

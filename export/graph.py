@@ -14,6 +14,9 @@ log = logging.getLogger(__name__)
 # Protobuf cannot serialize a message over 2 GiB: larger graphs keep their weights in one external file.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 FOLD_SIZE_LIMIT = 64 * 1024**2  # don't materialize folded constants larger than this
+# In-memory shape inference serializes and re-parses the whole model (two transient copies); above this size
+# it runs on the saved file instead.
+IN_MEMORY_INFERENCE_LIMIT = 512 * 1024**2
 
 
 def clean_graph(model: Any) -> Any:
@@ -27,7 +30,7 @@ def clean_graph(model: Any) -> Any:
     del result.opset_import[:]
     result.opset_import.extend(model.opset_import)
     result.ir_version = model.ir_version
-    if result.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+    if result.ByteSize() < IN_MEMORY_INFERENCE_LIMIT:
         result = onnx.shape_inference.infer_shapes(result)
     log.debug("graph cleanup: %d -> %d nodes", before, len(result.graph.node))
     return result
@@ -36,9 +39,11 @@ def clean_graph(model: Any) -> Any:
 def save_model(model: Any, path: Path) -> tuple[Path, Path | None]:
     """Save ``model`` to ``path``; weights go to one ``<name>.data`` file when the graph is too large."""
     onnx = require("onnx", "saving ONNX", "export")
-    big = sum(len(t.raw_data) for t in model.graph.initializer) >= EXTERNAL_DATA_THRESHOLD
-    if not big:
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weights < EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, str(path))
+        if weights >= IN_MEMORY_INFERENCE_LIMIT:
+            onnx.shape_inference.infer_shapes_path(str(path), str(path))
         return path, None
     data = path.with_name(path.name + ".data")
     if data.exists():
@@ -51,4 +56,5 @@ def save_model(model: Any, path: Path) -> tuple[Path, Path | None]:
         location=data.name,
         size_threshold=1024,
     )
+    onnx.shape_inference.infer_shapes_path(str(path), str(path))
     return path, data

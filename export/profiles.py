@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from sdtrt.runtime.models.bundle import ModelBundle
 from sdtrt.runtime.profile import ShapeProfile
-
-from .bundle import ModelBundle
 
 Size = tuple[int, int]  # (height, width)
 
@@ -16,8 +15,14 @@ def default_profile(bundle: ModelBundle) -> ShapeProfile:
     return ShapeProfile.square(256, 512, 1024)
 
 
-def make_profile(base: ShapeProfile, min_size: Size | None, opt_size: Size | None, max_size: Size | None,
-                 max_batch: int, max_prompt_windows: int = 1) -> ShapeProfile:
+def make_profile(
+    base: ShapeProfile,
+    min_size: Size | None,
+    opt_size: Size | None,
+    max_size: Size | None,
+    max_batch: int,
+    max_prompt_windows: int = 1,
+) -> ShapeProfile:
     """Override ``base`` with the sizes given; an omitted opt falls between min and max."""
     lo = min_size or (base.min_height, base.min_width)
     hi = max_size or (base.max_height, base.max_width)
@@ -26,8 +31,14 @@ def make_profile(base: ShapeProfile, min_size: Size | None, opt_size: Size | Non
         fits = lo[0] <= default_opt[0] <= hi[0] and lo[1] <= default_opt[1] <= hi[1]
         opt_size = default_opt if fits else lo
     return ShapeProfile(
-        min_batch=1, opt_batch=1, max_batch=max_batch,
-        min_height=lo[0], opt_height=opt_size[0], max_height=hi[0],
-        min_width=lo[1], opt_width=opt_size[1], max_width=hi[1],
+        min_batch=1,
+        opt_batch=1,
+        max_batch=max_batch,
+        min_height=lo[0],
+        opt_height=opt_size[0],
+        max_height=hi[0],
+        min_width=lo[1],
+        opt_width=opt_size[1],
+        max_width=hi[1],
         max_prompt_windows=max_prompt_windows,
     )

@@ -142,9 +142,7 @@ def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
     try:
         return Manifest.from_dict(data)
     except (KeyError, TypeError) as exc:
-        raise ArtifactError(
-            f"{str(path)!r} is incomplete or malformed ({exc!r}); re-export the artifact"
-        ) from exc
+        raise ArtifactError(f"{str(path)!r} is incomplete or malformed ({exc!r}); re-export the artifact") from exc
 
 
 def resolve_file(folder: str | os.PathLike[str], name: str) -> Path:

@@ -29,9 +29,7 @@ class ShapeProfile:
             if not (isinstance(lo, int) and isinstance(opt, int) and isinstance(hi, int)):
                 raise ShapeError(f"{dim} range must be integers, got min={lo!r} opt={opt!r} max={hi!r}")
             if lo < 1 or not lo <= opt <= hi:
-                raise ShapeError(
-                    f"{dim} range must satisfy 1 <= min <= opt <= max, got min={lo} opt={opt} max={hi}"
-                )
+                raise ShapeError(f"{dim} range must satisfy 1 <= min <= opt <= max, got min={lo} opt={opt} max={hi}")
             if dim != "batch":
                 for which, value in (("min", lo), ("opt", opt), ("max", hi)):
                     if value % 8:

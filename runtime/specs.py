@@ -47,9 +47,7 @@ class ModelInfo:
         if self.family not in FAMILIES:
             raise ShapeError(f"model family must be one of {FAMILIES}, got {self.family!r}")
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ShapeError(
-                f"prediction type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
-            )
+            raise ShapeError(f"prediction type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         for name in ("latent_channels", "vae_scale_factor", "text_width"):
             if getattr(self, name) < 1:
                 raise ShapeError(f"{name} must be >= 1, got {getattr(self, name)}")

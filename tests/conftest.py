@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_bundle():
-    from sdtrt.export.presets import load_preset
+    from sdtrt.runtime.models.presets import load_preset
 
     return load_preset("tiny")
 

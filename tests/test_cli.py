@@ -43,7 +43,7 @@ def test_export_then_check(tmp_path):
 def test_check_fails_with_exit_code_on_a_wrong_graph(tmp_path):
     """A graph exported from other weights than its manifest names: check must notice and exit 1."""
     from sdtrt.export.onnx_export import ExportOptions, export_artifacts
-    from sdtrt.export.presets import load_preset
+    from sdtrt.runtime.models.presets import load_preset
     from sdtrt.runtime.profile import ShapeProfile
 
     out = tmp_path / "B"

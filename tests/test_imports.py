@@ -11,8 +11,20 @@ from pathlib import Path
 import sdtrt
 
 ROOT = Path(sdtrt.__file__).parent
-OPTIONAL = ["diffusers", "transformers", "onnx", "onnxruntime", "onnxscript", "onnx_graphsurgeon",
-            "polygraphy", "tensorrt", "safetensors", "modelopt", "matplotlib", "tqdm"]
+OPTIONAL = [
+    "diffusers",
+    "transformers",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "onnx_graphsurgeon",
+    "polygraphy",
+    "tensorrt",
+    "safetensors",
+    "modelopt",
+    "matplotlib",
+    "tqdm",
+]
 
 
 def all_modules() -> list[str]:

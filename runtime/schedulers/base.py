@@ -102,9 +102,7 @@ def start_index(steps: int, strength: float) -> int:
     return steps - run
 
 
-def check_steps(
-    steps: int, config: SchedulerConfig | None = None, limit: int | None = None, why: str = ""
-) -> None:
+def check_steps(steps: int, config: SchedulerConfig | None = None, limit: int | None = None, why: str = "") -> None:
     """Raise ShapeError unless ``1 <= steps <= limit`` (default limit: the config's training timesteps)."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ShapeError(f"steps must be an integer >= 1, got {steps!r}")
@@ -176,9 +174,7 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
     return (high + ramp * (low - high)) ** rho
 
 
-def denoise_coefficients(
-    prediction_type: str, alpha: np.ndarray, sigma: np.ndarray
-) -> tuple[np.ndarray, ...]:
+def denoise_coefficients(prediction_type: str, alpha: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, ...]:
     """``(a, b)`` with ``x0 = a * x_t + b * model_output`` where ``x_t = alpha * x0 + sigma * eps``."""
     if prediction_type == "epsilon":
         return 1.0 / alpha, -sigma / alpha
@@ -188,9 +184,7 @@ def denoise_coefficients(
     return np.zeros_like(alpha), np.ones_like(alpha)
 
 
-def epsilon_coefficients(
-    prediction_type: str, alpha: np.ndarray, sigma: np.ndarray
-) -> tuple[np.ndarray, ...]:
+def epsilon_coefficients(prediction_type: str, alpha: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, ...]:
     """``(a, b)`` with ``eps = a * x_t + b * model_output`` where ``x_t = alpha * x0 + sigma * eps``."""
     if prediction_type == "epsilon":
         return np.zeros_like(alpha), np.ones_like(alpha)
@@ -237,9 +231,7 @@ def check_noise(name: str, noise: torch.Tensor | None, steps: int, stochastic: b
     """Stochastic samplers need ``[steps, *latent_shape]`` pre-drawn noise; the others take none."""
     if not stochastic:
         if noise is not None:
-            raise ShapeError(
-                f"{name} is deterministic and takes no noise, got a tensor of {tuple(noise.shape)}"
-            )
+            raise ShapeError(f"{name} is deterministic and takes no noise, got a tensor of {tuple(noise.shape)}")
         return
     if noise is None or not isinstance(noise, torch.Tensor) or noise.dim() < 2 or noise.shape[0] != steps:
         found = "None" if noise is None else f"shape {tuple(getattr(noise, 'shape', ()))}"

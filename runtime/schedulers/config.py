@@ -60,9 +60,7 @@ class SchedulerConfig:
         _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         for key in ("set_alpha_to_one", "clip_sample"):
             if not isinstance(getattr(self, key), bool):
-                raise ArtifactError(
-                    f"scheduler config '{key}' must be true or false, got {getattr(self, key)!r}"
-                )
+                raise ArtifactError(f"scheduler config '{key}' must be true or false, got {getattr(self, key)!r}")
         if self.trained_betas is not None:
             _check_trained_betas(self.trained_betas, self.num_train_timesteps)
 
@@ -140,6 +138,4 @@ def _check_trained_betas(betas: tuple[float, ...], count: int) -> None:
         )
     bad = [beta for beta in betas if not _is_real(beta) or not 0.0 < beta < 1.0]
     if bad:
-        raise ArtifactError(
-            f"scheduler config 'trained_betas' must hold numbers in (0, 1), got {bad[0]!r} among them"
-        )
+        raise ArtifactError(f"scheduler config 'trained_betas' must hold numbers in (0, 1), got {bad[0]!r} among them")

@@ -68,9 +68,7 @@ def make_schedule(
         raise ShapeError(f"original_inference_steps must be an integer, got {original_inference_steps!r}")
     if not 1 <= original_inference_steps <= train:
         raise ShapeError(f"original_inference_steps must be in [1, {train}], got {original_inference_steps}")
-    check_steps(
-        steps, limit=original_inference_steps, why=" (LCM picks its steps from original_inference_steps)"
-    )
+    check_steps(steps, limit=original_inference_steps, why=" (LCM picks its steps from original_inference_steps)")
     check_start(start, steps)
     check_noise("lcm", noise, steps, stochastic=True)
     timesteps = lcm_timesteps(config, steps, original_inference_steps)

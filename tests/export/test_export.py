@@ -107,16 +107,17 @@ def test_failed_export_leaves_nothing_behind(tmp_path, tiny_bundle, monkeypatch)
 
     real = mod.export_component
 
-    def fail_on_vae(bundle, name, folder, options):
+    def fail_on_vae(bundle, name, folder, options, consume=False):
         if name == "vae_decoder":
             raise ExportError("simulated failure")
-        return real(bundle, name, folder, options)
+        return real(bundle, name, folder, options, consume)
 
     monkeypatch.setattr(mod, "export_component", fail_on_vae)
     out = tmp_path / "art"
     with pytest.raises(ExportError, match="simulated"):
-        export_artifacts(tiny_bundle, out, ExportOptions(profile=ShapeProfile.square(64, 64, 64),
-                                                         components=("unet", "vae_decoder")))
+        export_artifacts(
+            tiny_bundle, out, ExportOptions(profile=ShapeProfile.square(64, 64, 64), components=("unet", "vae_decoder"))
+        )
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
 

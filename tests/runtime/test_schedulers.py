@@ -31,7 +31,7 @@ from sdtrt.runtime.schedulers import (
 from sdtrt.runtime.schedulers.base import at_step
 
 SD15 = json.loads(
-    (Path(__file__).resolve().parents[2] / "export/configs/sd15/scheduler/scheduler_config.json").read_text()
+    (Path(__file__).resolve().parents[2] / "runtime/models/configs/sd15/scheduler/scheduler_config.json").read_text()
 )
 VARIANTS: dict[str, dict[str, Any]] = {
     "sd15": SD15,
@@ -105,9 +105,7 @@ def run_runtime(name: str, config: dict[str, Any], steps: int, seed: int, start:
     else:
         clean, noise = torch.randn(SHAPE, generator=generator), torch.randn(SHAPE, generator=generator)
     step_noise = scheduler.draw_noise(steps, SHAPE, generator, start=start)
-    schedule = scheduler.make_schedule(
-        SchedulerConfig.from_dict(config), steps, "cpu", noise=step_noise, start=start
-    )
+    schedule = scheduler.make_schedule(SchedulerConfig.from_dict(config), steps, "cpu", noise=step_noise, start=start)
     if start == 0:
         latents = latents * schedule.init_noise_sigma
     else:
@@ -179,9 +177,7 @@ def test_img2img_matches_diffusers(name: str, strength: float) -> None:
     expected = reference.add_noise(clean, noise, reference.timesteps[start : start + 1])
     scheduler = get_scheduler(name)
     step_noise = scheduler.draw_noise(steps, SHAPE, torch.Generator().manual_seed(0), start=start)
-    schedule = scheduler.make_schedule(
-        SchedulerConfig.from_dict(config), steps, "cpu", noise=step_noise, start=start
-    )
+    schedule = scheduler.make_schedule(SchedulerConfig.from_dict(config), steps, "cpu", noise=step_noise, start=start)
     found = add_noise(schedule, start, clean, noise)
     torch.testing.assert_close(found, expected, rtol=1e-6, atol=1e-6)
 
@@ -225,9 +221,7 @@ def test_tensor_index_matches_python_index_without_host_reads(name: str) -> None
         latents, state = start.clone(), initial_state(start)
         for k in range(steps):
             i = index_of(k)
-            output = stand_in_model(
-                latents * at_step(schedule.input_scale, i), at_step(schedule.timesteps, i)
-            )
+            output = stand_in_model(latents * at_step(schedule.input_scale, i), at_step(schedule.timesteps, i))
             latents, state = scheduler.step(schedule, i, output, latents, state)
         return latents
 
@@ -252,9 +246,7 @@ def test_steps_below_one_is_rejected(name: str, steps: int) -> None:
 
 def test_steps_beyond_the_schedule_are_rejected() -> None:
     config = SchedulerConfig.from_dict(SD15)
-    with pytest.raises(
-        ShapeError, match=r"steps must be <= 1000 \(the config's num_train_timesteps\), got 1001"
-    ):
+    with pytest.raises(ShapeError, match=r"steps must be <= 1000 \(the config's num_train_timesteps\), got 1001"):
         get_scheduler("euler").make_schedule(config, 1001, "cpu")
     with pytest.raises(ShapeError, match=r"steps must be <= 50 \(LCM picks"):
         get_scheduler("lcm").make_schedule(config, 51, "cpu", noise=torch.zeros(51, *SHAPE))
@@ -262,9 +254,7 @@ def test_steps_beyond_the_schedule_are_rejected() -> None:
 
 def test_noise_contract() -> None:
     config = SchedulerConfig.from_dict(SD15)
-    with pytest.raises(
-        ShapeError, match=r"euler_ancestral needs pre-drawn noise of shape \[10, \*latent_shape\]"
-    ):
+    with pytest.raises(ShapeError, match=r"euler_ancestral needs pre-drawn noise of shape \[10, \*latent_shape\]"):
         get_scheduler("euler_a").make_schedule(config, 10, "cpu")
     with pytest.raises(ShapeError, match="ddim is deterministic and takes no noise"):
         get_scheduler("ddim").make_schedule(config, 10, "cpu", noise=torch.zeros(10, *SHAPE))
@@ -335,16 +325,12 @@ def test_captured_step_matches_eager(name: str) -> None:
     config = SchedulerConfig.from_dict(SD15)
     step_noise = scheduler.draw_noise(steps, SHAPE, torch.Generator().manual_seed(0))
     schedule = scheduler.make_schedule(config, steps, device, noise=step_noise)
-    start = (
-        torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).to(device) * schedule.init_noise_sigma
-    )
+    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).to(device) * schedule.init_noise_sigma
     sample, state = start.clone(), initial_state(start)
     index = torch.zeros((), dtype=torch.int64, device=device)
 
     def body() -> None:
-        output = stand_in_model(
-            sample * at_step(schedule.input_scale, index), at_step(schedule.timesteps, index)
-        )
+        output = stand_in_model(sample * at_step(schedule.input_scale, index), at_step(schedule.timesteps, index))
         new_sample, new_state = scheduler.step(schedule, index, output, sample, state)
         sample.copy_(new_sample)
         state.copy_(new_state)

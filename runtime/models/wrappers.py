@@ -52,8 +52,10 @@ class VaeEncoder(nn.Module):
         self.vae = vae
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        moments = self.vae.quant_conv(self.vae.encoder(image)) if self.vae.quant_conv is not None else (
-            self.vae.encoder(image)
+        moments = (
+            self.vae.quant_conv(self.vae.encoder(image))
+            if self.vae.quant_conv is not None
+            else (self.vae.encoder(image))
         )
         mean, logvar = torch.chunk(moments, 2, dim=1)
         logvar = torch.clamp(logvar, -30.0, 20.0)

@@ -2,7 +2,7 @@
 
 ``tiny`` has the SD 1.x layout (CLIP text encoder, cross-attention UNet, 8x VAE) with a few channels per layer,
 so it exports and runs in seconds on a CPU. ``sd15-random`` is the real SD 1.5 architecture (859.5 M UNet
-parameters) from the configs shipped in ``sdtrt/export/configs/sd15``; its weights are random, so its images are
+parameters) from the configs shipped in ``sdtrt/runtime/models/configs/sd15``; its weights are random, so its images are
 noise, but its cost is that of SD 1.5.
 """
 
@@ -102,9 +102,7 @@ def load_preset(name: str, seed: int = PRESET_SEED) -> ModelBundle:
         vae = diffusers.AutoencoderKL(**vae_cfg)
     for module in (text_encoder, unet, vae):
         module.eval().requires_grad_(False)
-    digest = hashlib.sha256(
-        json.dumps([name, seed, text_cfg, unet_cfg, vae_cfg], sort_keys=True).encode()
-    ).hexdigest()
+    digest = hashlib.sha256(json.dumps([name, seed, text_cfg, unet_cfg, vae_cfg], sort_keys=True).encode()).hexdigest()
     return ModelBundle(
         text_encoder=text_encoder,
         unet=unet,
@@ -112,6 +110,11 @@ def load_preset(name: str, seed: int = PRESET_SEED) -> ModelBundle:
         tokenizer=clip_tokenizer(),
         scheduler_config=sched_cfg,
         model=model_info(text_encoder, unet, vae, sched_cfg),
-        source={"kind": "preset", "name": name, "seed": seed, "sha256": digest,
-                "description": f"preset {name} (seeded random weights, seed {seed})"},
+        source={
+            "kind": "preset",
+            "name": name,
+            "seed": seed,
+            "sha256": digest,
+            "description": f"preset {name} (seeded random weights, seed {seed})",
+        },
     )

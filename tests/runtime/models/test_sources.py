@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from sdtrt.export.presets import load_preset, preset_configs
-from sdtrt.export.sources import load_source
 from sdtrt.runtime.errors import SourceError
+from sdtrt.runtime.models.presets import load_preset, preset_configs
+from sdtrt.runtime.models.sources import load_source
 
 
 def save_diffusers_folder(bundle, folder, weights: str = "safetensors"):

@@ -9,15 +9,16 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from sdtrt.export.tokenizer import (
+from tokenizers import Tokenizer
+
+from sdtrt.runtime.errors import SourceError
+from sdtrt.runtime.models.tokenizer import (
     build_clip_tokenizer,
     clip_tokenizer,
     clip_vocab_and_merges,
     save_tokenizer,
     tokenizer_from_folder,
 )
-from sdtrt.runtime.errors import SourceError
-from tokenizers import Tokenizer
 
 BOS, EOS = 49406, 49407
 CAT_IDS = [BOS, 320, 1125, 539, 320, 2368, EOS]
@@ -92,7 +93,7 @@ def vocab_folder(tmp_path_factory, vocab_and_merges) -> Path:
 
 
 def test_shipped_vocabulary_is_the_open_clip_file():
-    data = resources.files("sdtrt.export").joinpath("data")
+    data = resources.files("sdtrt.runtime.models").joinpath("data")
     blob = data.joinpath("bpe_simple_vocab_16e6.txt.gz").read_bytes()
     assert hashlib.sha256(blob).hexdigest() == VOCAB_SHA256
     license_text = data.joinpath("LICENSE-open_clip.txt").read_text(encoding="utf-8")
@@ -102,7 +103,7 @@ def test_shipped_vocabulary_is_the_open_clip_file():
 
 def test_vocabulary_matches_clip_construction(vocab_and_merges, tokenizer):
     vocab, merges = vocab_and_merges
-    blob = resources.files("sdtrt.export").joinpath("data", "bpe_simple_vocab_16e6.txt.gz").read_bytes()
+    blob = resources.files("sdtrt.runtime.models").joinpath("data", "bpe_simple_vocab_16e6.txt.gz").read_bytes()
     expected = _reference_vocab(gzip.decompress(blob).decode("utf-8").split("\n"))
     assert len(vocab) == 49408
     assert vocab == expected
@@ -197,9 +198,7 @@ def test_missing_folder_is_a_source_error(tmp_path):
 
 def test_missing_merges_is_a_source_error(vocab_folder, tmp_path):
     (tmp_path / "vocab.json").write_bytes((vocab_folder / "vocab.json").read_bytes())
-    with pytest.raises(
-        SourceError, match="no tokenizer.json and lacks merges.txt.*vocab.json and merges.txt"
-    ):
+    with pytest.raises(SourceError, match="no tokenizer.json and lacks merges.txt.*vocab.json and merges.txt"):
         tokenizer_from_folder(tmp_path)
 
 
@@ -214,9 +213,7 @@ def test_invalid_vocab_is_a_source_error(tmp_path):
 
 
 def test_malformed_merge_line_is_a_source_error(tmp_path):
-    (tmp_path / "vocab.json").write_text(
-        json.dumps({"i": 0, "n": 1, "<|startoftext|>": 2, "<|endoftext|>": 3})
-    )
+    (tmp_path / "vocab.json").write_text(json.dumps({"i": 0, "n": 1, "<|startoftext|>": 2, "<|endoftext|>": 3}))
     (tmp_path / "merges.txt").write_text("#version: 0.2\ni n\ni n x\n")
     with pytest.raises(SourceError, match="line 3 of merges.txt is 'i n x'; expected two tokens"):
         tokenizer_from_folder(tmp_path)

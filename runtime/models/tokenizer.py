@@ -1,7 +1,7 @@
 """The CLIP BPE tokenizer, built offline with the ``tokenizers`` library.
 
 ``clip_tokenizer()`` builds the standard CLIP ViT-L/14 tokenizer (SD 1.x) from the vocabulary shipped in
-``sdtrt/export/data`` (MIT, from open_clip). ``tokenizer_from_folder()`` reads the ``tokenizer/`` folder of
+``sdtrt/runtime/models/data`` (MIT, from open_clip). ``tokenizer_from_folder()`` reads the ``tokenizer/`` folder of
 a diffusers model. Both return a ``tokenizers.Tokenizer`` that pads and truncates to 77 tokens and adds
 ``<|startoftext|>`` / ``<|endoftext|>``; ``save_tokenizer()`` writes it into an artifact as
 ``tokenizer.json``.
@@ -16,10 +16,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sdtrt.runtime.errors import SourceError
-from sdtrt.runtime.files import write_text_atomic
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
+
+from sdtrt.runtime.errors import SourceError
+from sdtrt.runtime.files import write_text_atomic
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -55,22 +56,20 @@ def byte_alphabet() -> list[str]:
 
 def clip_vocab_and_merges() -> tuple[dict[str, int], list[Merge]]:
     """Vocabulary (49408 entries) and merges of CLIP ViT-L/14, read from the shipped open_clip file."""
-    source = resources.files("sdtrt.export").joinpath("data", VOCAB_GZ)
+    source = resources.files("sdtrt.runtime.models").joinpath("data", VOCAB_GZ)
     try:
         lines = gzip.decompress(source.read_bytes()).decode("utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise SourceError(
             f"the CLIP vocabulary {VOCAB_GZ} shipped with sdtrt could not be read ({exc}); "
-            "reinstall sdtrt to restore sdtrt/export/data"
+            "reinstall sdtrt to restore sdtrt/runtime/models/data"
         ) from exc
     # Line 0 is a header; the merges follow, one "left right" pair per line.
-    merges = [
-        _parse_merge(line, VOCAB_GZ, number) for number, line in enumerate(lines[1 : CLIP_MERGES + 1], 2)
-    ]
+    merges = [_parse_merge(line, VOCAB_GZ, number) for number, line in enumerate(lines[1 : CLIP_MERGES + 1], 2)]
     if len(merges) != CLIP_MERGES:
         raise SourceError(
             f"the CLIP vocabulary {VOCAB_GZ} shipped with sdtrt has {len(merges)} merges, expected "
-            f"{CLIP_MERGES}; reinstall sdtrt to restore sdtrt/export/data"
+            f"{CLIP_MERGES}; reinstall sdtrt to restore sdtrt/runtime/models/data"
         )
     alphabet = byte_alphabet()
     tokens = alphabet + [char + END_OF_WORD for char in alphabet] + [left + right for left, right in merges]
@@ -218,9 +217,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(
-            f"{path} is not valid JSON ({exc}); copy the model's tokenizer/ folder again"
-        ) from exc
+        raise SourceError(f"{path} is not valid JSON ({exc}); copy the model's tokenizer/ folder again") from exc
 
 
 def _read_vocab(path: Path) -> dict[str, int]:

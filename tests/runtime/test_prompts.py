@@ -7,12 +7,18 @@ import logging
 from pathlib import Path
 
 import pytest
-import sdtrt.runtime.tokenizer as runtime_tokenizer
 import torch
-from sdtrt.export.tokenizer import build_clip_tokenizer, clip_tokenizer, clip_vocab_and_merges, save_tokenizer
-from sdtrt.runtime.errors import ArtifactError, SdtrtError
-from sdtrt.runtime.tokenizer import PromptTokenizer
 from tokenizers import Tokenizer
+
+import sdtrt.runtime.prompts as runtime_tokenizer
+from sdtrt.runtime.errors import ArtifactError, SdtrtError
+from sdtrt.runtime.models.tokenizer import (
+    build_clip_tokenizer,
+    clip_tokenizer,
+    clip_vocab_and_merges,
+    save_tokenizer,
+)
+from sdtrt.runtime.prompts import PromptTokenizer
 
 BOS, EOS, CAT = 49406, 49407, 2368
 CAT_IDS = [BOS, 320, 1125, 539, 320, 2368, EOS]
@@ -88,7 +94,7 @@ def test_shorter_prompts_get_empty_windows_prompt_major(prompts):
 
 
 def test_windows_past_the_cap_are_dropped_with_a_warning(prompts, caplog):
-    with caplog.at_level(logging.WARNING, logger="sdtrt.runtime.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="sdtrt.runtime.prompts"):
         ids = prompts.encode(["a photo of a cat", _cats(200)], max_windows=2)
     assert ids.shape == (4, 77)
     assert ids[3].tolist() == [BOS] + [CAT] * 75 + [EOS]

@@ -20,8 +20,7 @@ DIFFUSERS_PARTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
 
 
-def load_source(source: str, *, allow_pickle: bool = False, config_dir: str | Path | None = None
-                ) -> ModelBundle:
+def load_source(source: str, *, allow_pickle: bool = False, config_dir: str | Path | None = None) -> ModelBundle:
     """Load ``source`` (preset name, diffusers folder or checkpoint file) as fp32 modules on the CPU."""
     path = Path(source).expanduser()
     if path.is_dir():
@@ -67,8 +66,7 @@ def load_diffusers_folder(folder: Path, *, allow_pickle: bool = False) -> ModelB
         return {"local_files_only": True, "use_safetensors": formats[part] != "pickle"}
 
     try:
-        text_encoder = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder",
-                                                                  **options("text_encoder"))
+        text_encoder = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder", **options("text_encoder"))
         unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **options("unet"))
         vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae", **options("vae"))
     except (OSError, ValueError) as exc:
@@ -83,13 +81,17 @@ def load_diffusers_folder(folder: Path, *, allow_pickle: bool = False) -> ModelB
         tokenizer=tokenizer_from_folder(folder / "tokenizer"),
         scheduler_config=scheduler_config,
         model=model_info(text_encoder, unet, vae, scheduler_config),
-        source={"kind": "diffusers", "path": str(folder.resolve()), "sha256": folder_hash(folder),
-                "allow_pickle": allow_pickle, "description": f"diffusers folder {folder.resolve()}"},
+        source={
+            "kind": "diffusers",
+            "path": str(folder.resolve()),
+            "sha256": folder_hash(folder),
+            "allow_pickle": allow_pickle,
+            "description": f"diffusers folder {folder.resolve()}",
+        },
     )
 
 
-def load_checkpoint(path: Path, *, allow_pickle: bool = False, config_dir: str | Path | None = None
-                    ) -> ModelBundle:
+def load_checkpoint(path: Path, *, allow_pickle: bool = False, config_dir: str | Path | None = None) -> ModelBundle:
     """A single-file checkpoint in the original SD 1.x layout, converted with shipped configs."""
     from .single_file import load_single_file
     from .tokenizer import clip_tokenizer
@@ -107,9 +109,14 @@ def load_checkpoint(path: Path, *, allow_pickle: bool = False, config_dir: str |
         tokenizer=clip_tokenizer(),
         scheduler_config=scheduler_config,
         model=model_info(text_encoder, unet, vae, scheduler_config),
-        source={"kind": "single_file", "path": str(path.resolve()),
-                "config_dir": str(config.resolve()), "sha256": file_hash(path),
-                "allow_pickle": allow_pickle, "description": f"checkpoint {path.name}"},
+        source={
+            "kind": "single_file",
+            "path": str(path.resolve()),
+            "config_dir": str(config.resolve()),
+            "sha256": file_hash(path),
+            "allow_pickle": allow_pickle,
+            "description": f"checkpoint {path.name}",
+        },
     )
 
 
@@ -121,8 +128,9 @@ def reload_source(source: dict[str, Any]) -> ModelBundle:
     if kind == "diffusers":
         return load_diffusers_folder(Path(source["path"]), allow_pickle=bool(source.get("allow_pickle")))
     if kind == "single_file":
-        return load_checkpoint(Path(source["path"]), allow_pickle=bool(source.get("allow_pickle")),
-                               config_dir=source.get("config_dir"))
+        return load_checkpoint(
+            Path(source["path"]), allow_pickle=bool(source.get("allow_pickle")), config_dir=source.get("config_dir")
+        )
     raise SourceError(f"manifest source kind {kind!r} is not one of preset, diffusers, single_file")
 
 

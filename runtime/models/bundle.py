@@ -32,6 +32,16 @@ class ModelBundle:
             return self.vae
         raise KeyError(component)
 
+    def release(self, still_needed: tuple[str, ...] | list[str]) -> None:
+        """Drop the modules no component in ``still_needed`` uses, so their memory can be freed."""
+        import gc
+
+        keep = {"vae" if c.startswith("vae") else c for c in still_needed}
+        for attr in ("text_encoder", "unet", "vae"):
+            if attr not in keep:
+                setattr(self, attr, None)
+        gc.collect()
+
 
 def model_info(text_encoder: Any, unet: Any, vae: Any, scheduler_config: dict[str, Any]) -> ModelInfo:
     """Derive the family numbers from the modules' configs; refuse families export cannot handle yet."""

@@ -12,9 +12,10 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-import sdtrt.export  # noqa: E402
-from sdtrt.export.presets import TINY_TEXT, TINY_UNET, TINY_VAE  # noqa: E402
-from sdtrt.export.single_file import (  # noqa: E402
+import sdtrt.runtime.models  # noqa: E402
+from sdtrt.runtime.errors import SourceError  # noqa: E402
+from sdtrt.runtime.models.presets import TINY_TEXT, TINY_UNET, TINY_VAE  # noqa: E402
+from sdtrt.runtime.models.single_file import (  # noqa: E402
     SD15_CONFIG_DIR,
     VAE_PREFIX,
     _load_diffusers_model,
@@ -25,7 +26,6 @@ from sdtrt.export.single_file import (  # noqa: E402
     vae_to_ldm,
     write_config_dir,
 )
-from sdtrt.runtime.errors import SourceError  # noqa: E402
 
 
 @pytest.fixture
@@ -67,8 +67,7 @@ def test_round_trip_is_exact(tiny: tuple, saved: tuple[Path, Path], no_network: 
         _same_state(original, back)
         assert not back.training
         assert all(
-            not p.requires_grad and p.dtype == torch.float32 and p.device.type == "cpu"
-            for p in back.parameters()
+            not p.requires_grad and p.dtype == torch.float32 and p.device.type == "cpu" for p in back.parameters()
         )
     (te, unet, vae), (te2, unet2, vae2) = tiny, loaded
     gen = torch.Generator().manual_seed(1)
@@ -94,8 +93,7 @@ def test_file_uses_original_names(saved: tuple[Path, Path]) -> None:
     assert tensors["first_stage_model.encoder.mid.attn_1.proj_out.weight"].shape[2:] == (1, 1)
     assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in tensors
     assert not any(
-        k.startswith(("model.diffusion_model.down_blocks", "first_stage_model.decoder.up_blocks"))
-        for k in tensors
+        k.startswith(("model.diffusion_model.down_blocks", "first_stage_model.decoder.up_blocks")) for k in tensors
     )
 
 
@@ -107,9 +105,7 @@ def test_sd15_shaped_names_match_the_original_layout() -> None:
         unet = diffusers.UNet2DConditionModel.from_config(
             json.loads((SD15_CONFIG_DIR / "unet/config.json").read_text())
         )
-        vae = diffusers.AutoencoderKL.from_config(
-            json.loads((SD15_CONFIG_DIR / "vae/config.json").read_text())
-        )
+        vae = diffusers.AutoencoderKL.from_config(json.loads((SD15_CONFIG_DIR / "vae/config.json").read_text()))
     unet_keys, vae_keys = unet_to_ldm(unet), vae_to_ldm(vae)
     assert (len(unet_keys), len(vae_keys)) == (686, 248)  # the tensor counts of SD 1.5's original checkpoint
     for key in (
@@ -121,17 +117,11 @@ def test_sd15_shaped_names_match_the_original_layout() -> None:
     ):
         assert key in unet_keys
     assert vae_keys["decoder.up.1.block.0.nin_shortcut.weight"].shape == (256, 512, 1, 1)
-    assert (
-        "decoder.up.3.upsample.conv.weight" in vae_keys
-        and "decoder.up.0.upsample.conv.weight" not in vae_keys
-    )
+    assert "decoder.up.3.upsample.conv.weight" in vae_keys and "decoder.up.0.upsample.conv.weight" not in vae_keys
 
 
 def test_half_precision_checkpoint_loads_as_fp32(saved: tuple[Path, Path], tmp_path: Path) -> None:
-    half = {
-        k: v.half() if v.is_floating_point() else v
-        for k, v in safetensors_torch.load_file(str(saved[0])).items()
-    }
+    half = {k: v.half() if v.is_floating_point() else v for k, v in safetensors_torch.load_file(str(saved[0])).items()}
     path = tmp_path / "half.safetensors"
     safetensors_torch.save_file(half, str(path))
     for module in load_single_file(path, config_dir=saved[1]):
@@ -157,9 +147,7 @@ def test_legacy_pickle_is_detected(tmp_path: Path) -> None:
 def test_allow_pickle_loads_nested_state_dict(tiny: tuple, saved: tuple[Path, Path], tmp_path: Path) -> None:
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": safetensors_torch.load_file(str(saved[0])), "global_step": 7}, path)
-    for original, back in zip(
-        tiny, load_single_file(path, config_dir=saved[1], allow_pickle=True), strict=True
-    ):
+    for original, back in zip(tiny, load_single_file(path, config_dir=saved[1], allow_pickle=True), strict=True):
         _same_state(original, back)
 
 
@@ -190,7 +178,7 @@ def test_unrelated_safetensors_is_refused(tmp_path: Path) -> None:
 
 
 def test_tiny_checkpoint_with_default_config_asks_for_a_config_folder(saved: tuple[Path, Path]) -> None:
-    assert SD15_CONFIG_DIR == Path(sdtrt.export.__file__).parent / "configs" / "sd15"
+    assert SD15_CONFIG_DIR == Path(sdtrt.runtime.models.__file__).parent / "configs" / "sd15"
     with pytest.raises(
         SourceError,
         match=r"sd15/unet/config\.json.*pass config_dir=.*has shape \[[0-9, ]+\] in the checkpoint",

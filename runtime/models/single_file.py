@@ -171,9 +171,7 @@ def load_single_file(
     _require_sd1_keys(state, file)
     # Fresh fp32 copies: read tensors can sit in one buffer at unaligned offsets (CPU kernels then round
     # differently) and diffusers adopts them as they are; casting here also avoids its torch_dtype warnings.
-    state = {
-        k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()
-    }
+    state = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
     diffusers = require("diffusers", _FEATURE, "export")
     with torch.random.fork_rng(devices=[]):  # building modules draws random init; keep the caller's RNG
         unet = _load_diffusers_model(diffusers.UNet2DConditionModel, state, configs, "unet", UNET_PREFIX)
@@ -196,9 +194,7 @@ def _config_dir(config_dir: str | os.PathLike[str] | None) -> Path:
     return root
 
 
-def _load_diffusers_model(
-    cls: Any, state: dict[str, torch.Tensor], configs: Path, sub: str, prefix: str
-) -> Any:
+def _load_diffusers_model(cls: Any, state: dict[str, torch.Tensor], configs: Path, sub: str, prefix: str) -> Any:
     """A diffusers component through ``from_single_file``, offline, checked for missing or extra weights."""
     config_file = configs / sub / "config.json"
     fix = (
@@ -222,9 +218,7 @@ def _load_diffusers_model(
     found = sum(k.startswith(prefix) for k in state)
     expected = len(model.state_dict())
     if found != expected:
-        raise SourceError(
-            f"{sub}: {fix}: it has {found} tensors under {prefix} but the config needs {expected}"
-        )
+        raise SourceError(f"{sub}: {fix}: it has {found} tensors under {prefix} but the config needs {expected}")
     return model
 
 
@@ -346,15 +340,11 @@ def vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
 def _layers_per_block(value: Any) -> int:
     counts = {int(v) for v in value} if isinstance(value, list | tuple) else {int(value)}
     if len(counts) != 1:
-        raise SourceError(
-            f"UNet layers_per_block {value} differs per block; the SD 1.x layout needs one count for all"
-        )
+        raise SourceError(f"UNet layers_per_block {value} differs per block; the SD 1.x layout needs one count for all")
     return counts.pop()
 
 
-def _rename(
-    state: Mapping[str, torch.Tensor], rename: Callable[[str], str | None], what: str
-) -> dict[str, Any]:
+def _rename(state: Mapping[str, torch.Tensor], rename: Callable[[str], str | None], what: str) -> dict[str, Any]:
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         new = rename(key)

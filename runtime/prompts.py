@@ -55,9 +55,7 @@ class PromptTokenizer:
         """Load an artifact's ``tokenizer.json``."""
         file = Path(path)
         if not file.is_file():
-            raise ArtifactError(
-                f"expected the tokenizer at {file}, found no file there; re-export the artifact"
-            )
+            raise ArtifactError(f"expected the tokenizer at {file}, found no file there; re-export the artifact")
         try:
             tokenizer = Tokenizer.from_file(str(file))
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON or unknown fields
@@ -83,8 +81,7 @@ class PromptTokenizer:
         """
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise SdtrtError(
-                f"expected a non-empty list of prompt strings, found {prompts!r}; "
-                "pass e.g. ['a photo of a cat']"
+                f"expected a non-empty list of prompt strings, found {prompts!r}; pass e.g. ['a photo of a cat']"
             )
         if max_windows < 1:
             raise SdtrtError(f"max_windows must be at least 1, found {max_windows}")
