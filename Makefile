@@ -22,7 +22,10 @@ install: $(PY)
 demo: install
 	$(SDTRT) export tiny --out $(DEMO_DIR)/artifacts --precision fp16
 	$(SDTRT) check $(DEMO_DIR)/artifacts
+	$(SDTRT) generate $(DEMO_DIR)/artifacts "a photo of a cat" --negative "blurry" --steps 12 --seed 1 \
+		--size 128x128 --out $(DEMO_DIR)/demo.png
 	@echo "artifacts: $(DEMO_DIR)/artifacts (ONNX files, tokenizer.json, scheduler_config.json, manifest.json)"
+	@echo "image:     $(DEMO_DIR)/demo.png (random weights: expect noise)"
 
 test: install
 	$(PY) -m pytest -q

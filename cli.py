@@ -158,5 +158,113 @@ def check_cmd(artifacts: Path, json_path: Path | None, seed: int) -> None:
     click.echo(f"all {len(rows)} checks passed")
 
 
+@main.command("generate")
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--negative", default="", help="Negative prompt (what to steer away from).")
+@click.option("--steps", type=int, default=30, show_default=True)
+@click.option(
+    "--cfg", "guidance", type=float, default=7.5, show_default=True, help="Guidance scale; <= 1 turns CFG off."
+)
+@click.option("--seed", type=int, help="Seed of the first image (image k uses seed + k); random when omitted.")
+@click.option("--size", help="WIDTHxHEIGHT in pixels (default: the artifact's tuned size).")
+@click.option(
+    "--scheduler", default="euler_a", show_default=True, help="euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras or lcm."
+)
+@click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime, torch or tensorrt.")
+@click.option("--device", help="cpu or cuda (default: cuda when the backend can use it).")
+@click.option("--num-images", type=int, default=1, show_default=True)
+@click.option("--init-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="img2img source.")
+@click.option("--strength", type=float, default=0.8, show_default=True, help="img2img: how much to change.")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path),
+    default=Path("sdtrt.png"),
+    show_default=True,
+    help="PNG to write; with several images, NAME-0.png, NAME-1.png, ...",
+)
+@click.option("--preview-dir", type=click.Path(path_type=Path), help="Write a cheap latent preview per step here.")
+def generate_cmd(
+    artifacts: Path,
+    prompt: str,
+    negative: str,
+    steps: int,
+    guidance: float,
+    seed: int | None,
+    size: str | None,
+    scheduler: str,
+    backend: str,
+    device: str | None,
+    num_images: int,
+    init_image: Path | None,
+    strength: float,
+    out: Path,
+    preview_dir: Path | None,
+) -> None:
+    """Generate images for PROMPT with the engines in ARTIFACTS."""
+    from PIL import Image
+
+    from sdtrt.runtime.images import a1111_parameters, latents_to_rgb, save_png
+    from sdtrt.runtime.pipeline import Pipeline
+    from sdtrt.runtime.schedulers import A1111_LABELS
+
+    hw = parse_size(size)
+    height, width = hw if hw else (None, None)
+    image = Image.open(init_image) if init_image else None
+    if preview_dir:
+        preview_dir.mkdir(parents=True, exist_ok=True)
+    with Pipeline.from_artifacts(artifacts, backend=backend, device=device) as pipe:
+        runs = min(int(steps * strength), steps) if init_image else steps
+        with click.progressbar(length=runs, label="denoising", file=sys.stderr) as bar:
+
+            def on_step(i: int, total: int, latents: Any) -> None:
+                bar.update(1)
+                if preview_dir:
+                    for k, preview in enumerate(latents_to_rgb(latents)):
+                        preview.save(preview_dir / f"step-{i + 1:03d}-{k}.png")
+
+            result = pipe(
+                prompt,
+                negative_prompt=negative,
+                steps=steps,
+                guidance_scale=guidance,
+                seed=seed,
+                height=height,
+                width=width,
+                scheduler=scheduler,
+                num_images=num_images,
+                image=image,
+                strength=strength,
+                callback=on_step,
+            )
+        model_hash = str(pipe.manifest.source.get("sha256", ""))
+    w, h = result.settings["width"], result.settings["height"]
+    for k, (img, img_seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+        target = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}")
+        extra = [("Denoising strength", f"{strength:g}")] if init_image else []
+        text = a1111_parameters(
+            prompt,
+            negative,
+            steps,
+            A1111_LABELS[scheduler],
+            guidance,
+            img_seed,
+            w,
+            h,
+            model_hash=model_hash,
+            model_name=artifacts.name,
+            extra=extra,
+        )
+        save_png(img, target, text)
+        click.echo(f"wrote {target} (seed {img_seed})")
+    t = result.times
+    click.echo(
+        f"{w}x{h}, {steps} steps, {backend}: text {t.text_encode * 1000:.0f} ms, denoise "
+        f"{t.denoise * 1000:.0f} ms ({t.step_median * 1000:.1f} ms/step), VAE decode "
+        f"{t.vae_decode * 1000:.0f} ms, total {t.total:.2f} s"
+    )
+
+
 if __name__ == "__main__":
     main()

@@ -19,6 +19,11 @@ FOLD_SIZE_LIMIT = 64 * 1024**2  # don't materialize folded constants larger than
 IN_MEMORY_INFERENCE_LIMIT = 512 * 1024**2
 
 
+def weight_bytes(model: Any) -> int:
+    """Bytes of the initializers (``ByteSize()`` itself fails on protos over 2 GiB)."""
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
 def clean_graph(model: Any) -> Any:
     """Fold constants, drop dead nodes and sort topologically with onnx-graphsurgeon; infer shapes."""
     gs = require("onnx_graphsurgeon", "ONNX graph cleanup", "export")
@@ -30,7 +35,7 @@ def clean_graph(model: Any) -> Any:
     del result.opset_import[:]
     result.opset_import.extend(model.opset_import)
     result.ir_version = model.ir_version
-    if result.ByteSize() < IN_MEMORY_INFERENCE_LIMIT:
+    if weight_bytes(result) < IN_MEMORY_INFERENCE_LIMIT:
         result = onnx.shape_inference.infer_shapes(result)
     log.debug("graph cleanup: %d -> %d nodes", before, len(result.graph.node))
     return result
@@ -39,7 +44,7 @@ def clean_graph(model: Any) -> Any:
 def save_model(model: Any, path: Path) -> tuple[Path, Path | None]:
     """Save ``model`` to ``path``; weights go to one ``<name>.data`` file when the graph is too large."""
     onnx = require("onnx", "saving ONNX", "export")
-    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    weights = weight_bytes(model)
     if weights < EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, str(path))
         if weights >= IN_MEMORY_INFERENCE_LIMIT:

@@ -45,3 +45,7 @@ class MissingDependencyError(SdtrtError):
 
 class ConfigError(SdtrtError):
     """An option has a value outside what is allowed (unknown scheduler or backend name, bad setting)."""
+
+
+class NumericsError(SdtrtError):
+    """A network produced NaN or Inf values (typically fp16 overflow)."""

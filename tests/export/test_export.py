@@ -130,3 +130,25 @@ def test_partial_components_and_reexport_replaces(tmp_path, tiny_bundle):
     export_artifacts(tiny_bundle, out, ExportOptions(profile=options.profile, components=("vae_encoder",)))
     assert set(read_manifest(out).components) == {"vae_encoder"}
     assert not (out / "vae_decoder.onnx").exists()
+
+
+def test_large_graph_path_writes_one_external_data_file(tmp_path, tiny_bundle, monkeypatch):
+    """Graphs over 2 GB keep weights in one NAME.onnx.data file; forced here by lowering the thresholds."""
+    import sdtrt.export.graph as graph
+
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 1024)
+    monkeypatch.setattr(graph, "IN_MEMORY_INFERENCE_LIMIT", 1024)
+    out = tmp_path / "art"
+    export_artifacts(tiny_bundle, out, ExportOptions(profile=ShapeProfile.square(64, 64, 128), components=("unet",)))
+    entry = read_manifest(out).components["unet"]
+    assert entry.data_file == "unet.onnx.data" and entry.data_sha256
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "scheduler_config.json",
+        "tokenizer.json",
+        "unet.onnx",
+        "unet.onnx.data",
+    ]
+    assert (out / "unet.onnx").stat().st_size < 1_000_000 < (out / "unet.onnx.data").stat().st_size
+    rows = check_artifacts(out, tiny_bundle)
+    assert rows and all(r.passed for r in rows)

@@ -1,0 +1,95 @@
+"""Pixels in and out: tensors <-> PIL images, a cheap latent preview, and A1111-style PNG metadata."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from .files import write_bytes_atomic
+
+# Fixed linear map from the 4 SD 1.x/2.x latent channels to RGB (a least-squares fit that image apps use for
+# progress previews): good enough to show composition and colour without running the VAE.
+LATENT_RGB = torch.tensor(
+    [
+        [0.298, 0.207, 0.208],
+        [0.187, 0.286, 0.173],
+        [-0.158, 0.189, 0.264],
+        [-0.184, -0.271, -0.473],
+    ]
+)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] (any device or float dtype) -> PIL RGB images."""
+    pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    array = pixels.permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a, mode="RGB") for a in array]
+
+
+def from_pil(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """A PIL image resized to width x height -> [1, 3, H, W] float32 in [-1, 1]."""
+    rgb = image.convert("RGB")
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), Image.Resampling.LANCZOS)
+    array = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def latents_to_rgb(latents: torch.Tensor) -> list[Image.Image]:
+    """Preview of [B, 4, h, w] latents as small RGB images (h x w), from a fixed 4x3 linear map."""
+    if latents.shape[1] != LATENT_RGB.shape[0]:
+        raise ValueError(f"the preview map expects {LATENT_RGB.shape[0]} latent channels, got {latents.shape[1]}")
+    rgb = torch.einsum("bchw,cr->brhw", latents.float().cpu(), LATENT_RGB)
+    return to_pil(rgb.clamp(-1, 1))
+
+
+def a1111_parameters(
+    prompt: str,
+    negative_prompt: str,
+    steps: int,
+    sampler: str,
+    cfg_scale: float,
+    seed: int,
+    width: int,
+    height: int,
+    model_hash: str = "",
+    model_name: str = "",
+    extra: Sequence[tuple[str, str]] = (),
+) -> str:
+    """The ``parameters`` text that AUTOMATIC1111 writes into PNGs (read by image browsers)."""
+    fields = [
+        ("Steps", str(steps)),
+        ("Sampler", sampler),
+        ("CFG scale", f"{cfg_scale:g}"),
+        ("Seed", str(seed)),
+        ("Size", f"{width}x{height}"),
+    ]
+    if model_hash:
+        fields.append(("Model hash", model_hash[:10]))
+    if model_name:
+        fields.append(("Model", model_name))
+    fields.extend(extra)
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields))
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike[str], parameters: str | None = None) -> Path:
+    """Write ``image`` as a PNG with an optional ``parameters`` text chunk, atomically."""
+    import io
+
+    info = PngImagePlugin.PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    target = Path(path)
+    write_bytes_atomic(target, buffer.getvalue())
+    return target

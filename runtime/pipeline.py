@@ -1,0 +1,359 @@
+"""The Stable Diffusion pipeline over an artifact folder: prompt -> text vectors -> denoising loop -> pixels.
+
+pipe = Pipeline.from_artifacts("out/sd15", backend="onnxruntime")
+result = pipe("a photo of a cat", steps=30, guidance_scale=7.5, seed=1)
+result.images[0].save("cat.png")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .denoise import Denoiser, StepBuffers
+from .engine import BackendOptions, Engine, get_backend
+from .errors import ArtifactError, BackendError, ConfigError, NumericsError, ShapeError
+from .images import from_pil, latents_to_rgb, to_pil
+from .manifest import Manifest, read_manifest, resolve_file
+from .prompts import PromptTokenizer
+from .schedulers import SCHEDULER_NAMES, SchedulerConfig, add_noise, get_scheduler, start_index
+from .specs import check_size
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[int, int, torch.Tensor], Any]  # (step, total steps, latents) between steps
+DEFAULT_SCHEDULER = "euler_a"
+
+
+@dataclass
+class StageTimes:
+    """Seconds per stage of one call; ``steps`` has one entry per denoising step."""
+
+    text_encode: float = 0.0
+    denoise: float = 0.0
+    steps: list[float] = field(default_factory=list)
+    vae_encode: float = 0.0
+    vae_decode: float = 0.0
+    total: float = 0.0
+
+    @property
+    def step_median(self) -> float:
+        ordered = sorted(self.steps)
+        return ordered[len(ordered) // 2] if ordered else 0.0
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    prompts: list[str]
+    negative_prompts: list[str]
+    times: StageTimes
+    settings: dict[str, Any]
+
+
+class _Clock:
+    """Stage timer: CUDA events on a GPU (no sync until read), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> int:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+        return len(self.marks) - 1
+
+    def seconds(self, start: int, stop: int) -> float:
+        a, b = self.marks[start], self.marks[stop]
+        if self.cuda:
+            b.synchronize()
+            return float(a.elapsed_time(b)) / 1000.0
+        return float(b - a)
+
+
+def _default_device(backend: str) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and backend != "onnxruntime" else "cpu")
+
+
+class Pipeline:
+    """Text-to-image and image-to-image over the engines of one artifact folder."""
+
+    def __init__(
+        self,
+        folder: Path,
+        manifest: Manifest,
+        engines: dict[str, Engine],
+        tokenizer: PromptTokenizer,
+        scheduler_config: SchedulerConfig,
+        device: torch.device,
+        backend: str,
+        cuda_graph: bool,
+    ) -> None:
+        self.folder, self.manifest, self.engines = folder, manifest, engines
+        self.tokenizer, self.scheduler_config = tokenizer, scheduler_config
+        self.device, self.backend = device, backend
+        self.cuda_graph = cuda_graph and device.type == "cuda" and engines["unet"].graph_capturable
+        self._denoisers: dict[tuple[Any, ...], tuple[Denoiser, Any]] = {}
+
+    @classmethod
+    def from_artifacts(
+        cls,
+        path: str | os.PathLike[str],
+        backend: str = "onnxruntime",
+        device: str | torch.device | None = None,
+        options: BackendOptions | None = None,
+        cuda_graph: bool = True,
+        components: Sequence[str] = ("text_encoder", "unet", "vae_decoder", "vae_encoder"),
+    ) -> Pipeline:
+        """Open the engines of the artifact (or engine) folder ``path`` on ``device`` with ``backend``.
+
+        ``components`` missing from the artifact are skipped unless required (text encoder, UNet, VAE decoder);
+        without a VAE encoder, img2img is unavailable.
+        """
+        folder = Path(path)
+        manifest = read_manifest(folder)
+        module = get_backend(backend)
+        usable, reason = module.available()
+        if not usable:
+            raise BackendError(f"backend {backend!r} cannot run here: {reason}")
+        for required in ("text_encoder", "unet", "vae_decoder"):
+            manifest.component(required)
+        present = [c for c in components if c in manifest.components]
+        dev = torch.device(device) if device is not None else _default_device(backend)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise BackendError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
+        tokenizer = PromptTokenizer.from_file(resolve_file(folder, manifest.tokenizer))
+        try:
+            scheduler_data = json.loads(resolve_file(folder, manifest.scheduler).read_text())
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{manifest.scheduler} in {folder} is not valid JSON ({exc}); re-export") from exc
+        engines = module.open_engines(folder, manifest, present, dev, options or BackendOptions())
+        return cls(
+            folder, manifest, engines, tokenizer, SchedulerConfig.from_dict(scheduler_data), dev, backend, cuda_graph
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._denoisers.clear()
+        for engine in self.engines.values():
+            engine.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- stages --------------------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """[len(prompts), 77 * windows, D] text vectors; long prompts are split into 75-token windows."""
+        ids = self.tokenizer.encode(prompts, max_windows=self.manifest.profile.max_prompt_windows)
+        windows = ids.shape[0] // len(prompts)
+        engine = self.engines["text_encoder"]
+        hidden = engine.infer({"input_ids": ids.to(self.device)})["last_hidden_state"]
+        return hidden.reshape(len(prompts), windows * hidden.shape[1], hidden.shape[2]).clone()
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (scaled, as the UNet sees them) -> images [B, 3, H, W] in [-1, 1]."""
+        engine = self.engines["vae_decoder"]
+        dtype = _dtype(engine, "latent")
+        image = engine.infer({"latent": (latents / self.manifest.model.scaling_factor).to(dtype)})["image"]
+        return image.clone()
+
+    def _validate(self, steps: int, guidance_scale: float, height: int, width: int, batch: int, scheduler: str) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ShapeError(f"steps must be an integer >= 1, got {steps!r}")
+        if not guidance_scale >= 0:
+            raise ConfigError(f"guidance_scale must be >= 0 (1 or less turns guidance off), got {guidance_scale}")
+        if scheduler not in SCHEDULER_NAMES:
+            raise ConfigError(f"unknown scheduler {scheduler!r}; expected one of: {', '.join(SCHEDULER_NAMES)}")
+        check_size(height, width, self.manifest.model)
+        self.manifest.profile.check(height, width, batch)
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        steps: int = 30,
+        guidance_scale: float = 7.5,
+        seed: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        scheduler: str | None = None,
+        num_images: int = 1,
+        image: Image.Image | None = None,
+        strength: float = 0.8,
+        callback: Callback | None = None,
+    ) -> GenerationResult:
+        """Generate ``num_images`` images per prompt.
+
+        ``height``/``width`` default to the size the artifact is tuned for (its profile's opt size). Image ``k``
+        of the batch uses seed ``seed + k``; its starting noise is drawn on the CPU, so a seed gives the same
+        image on every backend and device. ``image`` + ``strength`` run img2img. ``callback(step, total,
+        latents)`` runs between steps (clone ``latents`` to keep them; see ``latents_to_rgb`` for previews).
+        """
+        start_time = time.perf_counter()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ConfigError("prompt list is empty; give at least one prompt")
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise ConfigError(f"num_images must be an integer >= 1, got {num_images!r}")
+        negatives = _negatives(negative_prompt, len(prompts))
+        prompts = [p for p in prompts for _ in range(num_images)]
+        negatives = [n for n in negatives for _ in range(num_images)]
+        profile = self.manifest.profile
+        height = height or profile.opt_height
+        width = width or profile.opt_width
+        scheduler_name = scheduler or DEFAULT_SCHEDULER
+        batch = len(prompts)
+        self._validate(steps, guidance_scale, height, width, batch, scheduler_name)
+        first = start_index(steps, strength) if image is not None else 0
+        if image is not None and "vae_encoder" not in self.engines:
+            raise ArtifactError("img2img needs the vae_encoder component; export it with --components ...,vae_encoder")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+        seeds = [seed + k for k in range(batch)]
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        guided = guidance_scale > 1.0
+        sampler = get_scheduler(scheduler_name)
+        model = self.manifest.model
+        shape = (batch, model.latent_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
+        times = StageTimes()
+        clock = _Clock(self.device)
+
+        # text: uncond rows first, encoded once before the loop
+        t0 = clock.mark()
+        text = self.encode_prompts(negatives + prompts if guided else prompts)
+        t1 = clock.mark()
+        times.text_encode = clock.seconds(t0, t1)
+
+        # draw order per image generator matches diffusers: starting noise (or VAE sample + noise), then the
+        # sampler's per-step noise
+        if image is None:
+            init: Any = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])
+        else:
+            init, times.vae_encode = self._encode_image(image, height, width, generators, clock)
+        schedule_noise = sampler.draw_noise(steps, shape, generators, start=first)
+        denoiser, schedule = self._denoiser(sampler, steps, first, shape, text, guided, schedule_noise)
+        buffers = denoiser.buffers
+        buffers.text.copy_(text.to(buffers.text.dtype))
+        buffers.guidance.fill_(float(guidance_scale))
+        if image is None:
+            buffers.latents.copy_(init.to(self.device) * schedule.init_noise_sigma)
+        else:
+            clean, noise = init
+            buffers.latents.copy_(add_noise(schedule, first, clean.to(self.device), noise.to(self.device)))
+        buffers.state.zero_()
+
+        marks = [clock.mark()]
+        for i in range(first, steps):
+            denoiser.step(i)
+            marks.append(clock.mark())
+            if callback is not None:
+                callback(i, steps, buffers.latents)
+        times.steps = [clock.seconds(a, b) for a, b in zip(marks, marks[1:], strict=False)]
+        times.denoise = clock.seconds(marks[0], marks[-1])
+
+        d0 = clock.mark()
+        pixels = self.decode_latents(buffers.latents)
+        d1 = clock.mark()
+        times.vae_decode = clock.seconds(d0, d1)
+        if not bool(torch.isfinite(pixels).all()):
+            raise NumericsError(
+                "the VAE decoder produced NaN/Inf pixels (fp16 overflow is the usual cause); re-export the "
+                "vae_decoder with --precision fp32, or check the latents for NaN"
+            )
+        images = to_pil(pixels)
+        times.total = time.perf_counter() - start_time
+        settings = {
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "height": height,
+            "width": width,
+            "scheduler": scheduler_name,
+            "strength": strength if image is not None else None,
+            "backend": self.backend,
+        }
+        return GenerationResult(images, seeds, prompts, negatives, times, settings)
+
+    def _encode_image(
+        self, image: Image.Image, height: int, width: int, generators: list[torch.Generator], clock: _Clock
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+        """Init image -> (clean scaled latents, noise), drawing from each image's generator as diffusers does."""
+        engine = self.engines["vae_encoder"]
+        pixels = from_pil(image, height, width).repeat(len(generators), 1, 1, 1)
+        e0 = clock.mark()
+        out = engine.infer({"image": pixels.to(self.device, _dtype(engine, "image"))})
+        mean, std = out["latent_mean"].float().cpu(), out["latent_std"].float().cpu()
+        e1 = clock.mark()
+        sample = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in generators])
+        clean = (mean + std * sample) * self.manifest.model.scaling_factor
+        noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in generators])
+        return (clean, noise), clock.seconds(e0, e1)
+
+    def _denoiser(
+        self,
+        sampler: Any,
+        steps: int,
+        first: int,
+        shape: tuple[int, ...],
+        text: torch.Tensor,
+        guided: bool,
+        noise: torch.Tensor | None,
+    ) -> tuple[Denoiser, Any]:
+        """The denoiser for this shape, reused between calls so a captured CUDA graph is replayed."""
+        key = (sampler.name, steps, first, shape, tuple(text.shape), guided)
+        cached = self._denoisers.get(key)
+        if cached is not None:
+            denoiser, schedule = cached
+            if noise is not None and schedule.noise is not None:
+                schedule.noise.copy_(noise.to(schedule.noise.device))
+            return denoiser, schedule
+        schedule = sampler.make_schedule(self.scheduler_config, steps, self.device, noise=noise, start=first)
+        unet_dtype = _dtype(self.engines["unet"], "encoder_hidden_states")
+        buffers = StepBuffers(
+            latents=torch.zeros(shape, device=self.device),
+            state=torch.zeros(shape, device=self.device),
+            index=torch.zeros((), dtype=torch.int64, device=self.device),
+            text=torch.zeros(text.shape, dtype=unet_dtype, device=self.device),
+            guidance=torch.zeros((), device=self.device),
+        )
+        denoiser = Denoiser(self.engines["unet"], sampler, schedule, buffers, guided, self.cuda_graph)
+        if len(self._denoisers) >= 8:
+            self._denoisers.pop(next(iter(self._denoisers)))
+        self._denoisers[key] = (denoiser, schedule)
+        return denoiser, schedule
+
+
+def _dtype(engine: Engine, name: str) -> torch.dtype:
+    for tensor in engine.inputs:
+        if tensor.name == name:
+            return torch.float16 if tensor.dtype == "float16" else torch.float32
+    raise KeyError(name)
+
+
+def _negatives(negative: str | list[str] | None, count: int) -> list[str]:
+    if negative is None:
+        return [""] * count
+    if isinstance(negative, str):
+        return [negative] * count
+    if len(negative) != count:
+        raise ConfigError(f"got {len(negative)} negative prompts for {count} prompts; give one per prompt or one")
+    return list(negative)
+
+
+__all__ = ["GenerationResult", "Pipeline", "StageTimes", "latents_to_rgb"]
