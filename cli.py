@@ -266,5 +266,133 @@ def generate_cmd(
     )
 
 
+@main.command("build")
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Engine folder to write.")
+@click.option("--static", "static_size", help="One image size, N or WxH: the fastest engines, for that size only.")
+@click.option("--dynamic", is_flag=True, help="A range of sizes from --min-size/--opt-size/--max-size.")
+@click.option("--min-size", help="Smallest image size, N or WxH (default: the artifact's).")
+@click.option("--opt-size", help="Size the engines are tuned for, N or WxH.")
+@click.option("--max-size", help="Largest image size, N or WxH.")
+@click.option("--batch", type=int, help="Images per call, one value (min = opt = max).")
+@click.option("--min-batch", type=int, help="Fewest images per call (default: the artifact's).")
+@click.option("--opt-batch", type=int, help="Images per call the engines are tuned for.")
+@click.option("--max-batch", type=int, help="Most images per call.")
+@click.option(
+    "--timing-cache",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Kernel timing file, read if present and updated: speeds up later builds on this GPU.",
+)
+@click.option("--opt-level", type=int, default=3, show_default=True, help="Builder optimization level, 0-5.")
+@click.option("--refittable", is_flag=True, help="Build engines whose weights can be replaced later.")
+@click.option("--workspace-gib", type=float, help="Cap on TensorRT's scratch memory, GiB (default: TensorRT's).")
+@click.option(
+    "--components",
+    default="text_encoder,unet,vae_decoder,vae_encoder",
+    show_default=True,
+    help="Comma-separated components to build (those the artifact has).",
+)
+def build_cmd(
+    artifacts: Path,
+    out: Path,
+    static_size: str | None,
+    dynamic: bool,
+    min_size: str | None,
+    opt_size: str | None,
+    max_size: str | None,
+    batch: int | None,
+    min_batch: int | None,
+    opt_batch: int | None,
+    max_batch: int | None,
+    timing_cache: Path | None,
+    opt_level: int,
+    refittable: bool,
+    workspace_gib: float | None,
+    components: str,
+) -> None:
+    """Build TensorRT engines from the ONNX artifact folder ARTIFACTS into the engine folder OUT."""
+    from sdtrt.export.build import ProfileRequest, TensorRTBuildOptions, build_engines, resolve_profile
+    from sdtrt.runtime.manifest import read_manifest
+
+    request = ProfileRequest(
+        static_size=parse_size(static_size),
+        dynamic=dynamic,
+        min_size=parse_size(min_size),
+        opt_size=parse_size(opt_size),
+        max_size=parse_size(max_size),
+        batch=batch,
+        min_batch=min_batch,
+        opt_batch=opt_batch,
+        max_batch=max_batch,
+    )
+    options = TensorRTBuildOptions(
+        opt_level=opt_level,
+        timing_cache=timing_cache,
+        refittable=refittable,
+        workspace_gib=workspace_gib,
+        components=tuple(c.strip() for c in components.split(",") if c.strip()),
+    )
+    start = time.perf_counter()
+    manifest = build_engines(artifacts, out, resolve_profile(request, read_manifest(artifacts).profile), options)
+    click.echo(f"TensorRT {manifest.versions.get('tensorrt')} engines in {out} ({time.perf_counter() - start:.1f} s)")
+    click.echo(f"  profile {manifest.profile.id}")
+    for entry in manifest.components.values():
+        extra = entry.extra
+        peak = extra.get("peak_device_memory")
+        click.echo(
+            f"  {entry.file:<18} {(out / entry.file).stat().st_size / 2**20:9.1f} MiB  "
+            f"built in {extra.get('build_seconds', 0):.1f} s, peak build memory "
+            + ("n/a" if peak is None else f"{peak / 2**20:.0f} MiB")
+            + f", activations {extra.get('device_memory_size', 0) / 2**20:.1f} MiB"
+        )
+
+
+@main.command("doctor")
+def doctor_cmd() -> None:
+    """Show versions, the GPU, and which backends can run here."""
+    import importlib
+    import platform
+
+    import torch
+
+    from sdtrt.runtime.deps import version_of
+    from sdtrt.runtime.engine import BACKENDS, get_backend
+
+    rows = [
+        ("python", platform.python_version()),
+        ("sdtrt", version_of("sdtrt") or "?"),
+        ("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none: CPU-only build'})"),
+    ]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            rows.append(
+                (
+                    f"GPU {index}",
+                    f"{props.name}, compute capability {props.major}.{props.minor}, "
+                    f"{props.total_memory / 2**30:.1f} GiB",
+                )
+            )
+    else:
+        rows.append(("GPU", "none visible to torch"))
+    for module in ("tensorrt", "onnxruntime", "onnx", "diffusers", "transformers"):
+        try:
+            version = str(getattr(importlib.import_module(module), "__version__", "?"))
+        except Exception as exc:  # not installed, or installed but broken: say which
+            version = "not installed" if isinstance(exc, ModuleNotFoundError) else f"fails to import ({exc})"
+        if module == "onnxruntime" and not version.startswith(("not", "fails")):
+            version += f" ({', '.join(importlib.import_module(module).get_available_providers())})"
+        rows.append((module, version))
+    for name, value in rows:
+        click.echo(f"{name:<13} {value}")
+    click.echo("backends:")
+    for name in BACKENDS:
+        try:
+            usable, reason = get_backend(name).available()
+        except Exception as exc:
+            usable, reason = False, f"{type(exc).__name__}: {exc}"
+        click.echo(f"  {name:<12} " + ("usable" if usable else f"not usable: {reason}"))
+
+
 if __name__ == "__main__":
     main()

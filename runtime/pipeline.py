@@ -59,6 +59,7 @@ class GenerationResult:
     negative_prompts: list[str]
     times: StageTimes
     settings: dict[str, Any]
+    pixels: torch.Tensor  # [B, 3, H, W] float32 in [0, 1] on the CPU, before 8-bit rounding
 
 
 class _Clock:
@@ -278,6 +279,7 @@ class Pipeline:
                 "vae_decoder with --precision fp32, or check the latents for NaN"
             )
         images = to_pil(pixels)
+        unit = (pixels.float() / 2 + 0.5).clamp(0, 1).cpu()
         times.total = time.perf_counter() - start_time
         settings = {
             "steps": steps,
@@ -288,7 +290,7 @@ class Pipeline:
             "strength": strength if image is not None else None,
             "backend": self.backend,
         }
-        return GenerationResult(images, seeds, prompts, negatives, times, settings)
+        return GenerationResult(images, seeds, prompts, negatives, times, settings, unit)
 
     def _encode_image(
         self, image: Image.Image, height: int, width: int, generators: list[torch.Generator], clock: _Clock

@@ -82,3 +82,71 @@ def test_pickle_checkpoint_is_refused(tmp_path):
     result = run("export", str(fake), "--out", str(tmp_path / "X"))
     assert result.returncode == 1
     assert "pickle" in result.stderr and "--allow-pickle" in result.stderr
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_generate_writes_png_with_a1111_parameters(tmp_path, tiny_fp32, backend):
+    from PIL import Image
+
+    out = tmp_path / "img.png"
+    previews = tmp_path / "previews"
+    result = run(
+        "generate",
+        str(tiny_fp32),
+        "a photo of a cat",
+        "--negative",
+        "blurry",
+        "--steps",
+        "3",
+        "--seed",
+        "42",
+        "--size",
+        "96x64",
+        "--scheduler",
+        "dpmpp_2m",
+        "--backend",
+        backend,
+        "--out",
+        str(out),
+        "--preview-dir",
+        str(previews),
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out} (seed 42)" in result.stdout
+    image = Image.open(out)
+    assert image.size == (96, 64)
+    text = image.text["parameters"]
+    assert text.startswith("a photo of a cat\nNegative prompt: blurry\n")
+    assert "Steps: 3, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 42, Size: 96x64, Model hash: " in text
+    assert len(list(previews.glob("step-*.png"))) == 3
+
+
+def test_generate_img2img_and_batch(tmp_path, tiny_fp32):
+    from PIL import Image
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(init)
+    result = run(
+        "generate",
+        str(tiny_fp32),
+        "a red square",
+        "--steps",
+        "4",
+        "--seed",
+        "1",
+        "--size",
+        "64x64",
+        "--init-image",
+        str(init),
+        "--strength",
+        "0.5",
+        "--num-images",
+        "2",
+        "--out",
+        str(tmp_path / "x.png"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "x-0.png").exists() and (tmp_path / "x-1.png").exists()
+    assert "Denoising strength: 0.5" in Image.open(tmp_path / "x-1.png").text["parameters"]
+    bad = run("generate", str(tiny_fp32), "x", "--size", "100x64", "--out", str(tmp_path / "y.png"))
+    assert bad.returncode == 1 and "multiple of 8 pixels" in bad.stderr and not (tmp_path / "y.png").exists()

@@ -1,0 +1,166 @@
+"""PyTorch backend: runs the source modules an artifact was exported from, as the baseline the others are held to.
+
+The modules come from ``manifest.source`` (a preset, a diffusers folder or a checkpoint), loaded once per
+``open_engines`` call; the VAE serves both VAE components. Precision "auto" is fp16 on CUDA and fp32 on the CPU;
+fp16 is the half-precision module with fp32 norms that the fp16 ONNX files are exported from. Attention runs on
+``scaled_dot_product_attention`` (diffusers' ``AttnProcessor2_0``).
+
+``infer`` only enqueues work on the current stream (no host syncs, no grad state), so on CUDA it can be captured
+in a CUDA graph. It runs under ``torch.no_grad()`` rather than ``inference_mode()``: inference tensors cannot be
+used by a graph capture outside inference mode. Outputs are fresh tensors from the module.
+
+Only this backend imports diffusers/transformers model code, and only inside ``open_engines``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from sdtrt.runtime.deps import require
+from sdtrt.runtime.engine import BackendOptions
+from sdtrt.runtime.errors import ArtifactError, ConfigError
+from sdtrt.runtime.manifest import Manifest, TensorEntry
+from sdtrt.runtime.specs import ComponentSpec, component_specs
+
+from .common import EngineBase, bind_dims, close_all, engine_device, resolve_shape, torch_dtype
+
+log = logging.getLogger(__name__)
+
+NAME = "torch"
+INSTALL_HINT = 'pip install "sdtrt[export]"'
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when diffusers and transformers are installed (the source models need them); never raises."""
+    missing = [name for name in ("diffusers", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        return False, f"the torch backend needs {' and '.join(missing)} to load the source model: {INSTALL_HINT}"
+    return True, ""
+
+
+def run_precision(requested: str, device: torch.device) -> str:
+    """The precision the modules run in: "auto" is fp16 on CUDA, fp32 elsewhere."""
+    if requested == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return requested
+
+
+class TorchEngine(EngineBase):
+    """One component run by its PyTorch module; outputs are fresh tensors in the declared dtypes."""
+
+    def __init__(
+        self,
+        name: str,
+        inputs: Sequence[TensorEntry],
+        outputs: Sequence[TensorEntry],
+        device: torch.device,
+        module: torch.nn.Module,
+        scale_factor: int,
+    ) -> None:
+        super().__init__(name, inputs, outputs, device)
+        self.graph_capturable = device.type == "cuda"
+        self._module: torch.nn.Module | None = module
+        self._scale_factor = scale_factor
+        self._output_dtypes = [torch_dtype(entry.dtype) for entry in self.outputs]
+
+    @property
+    def module(self) -> torch.nn.Module:
+        self.check_open()
+        assert self._module is not None
+        return self._module
+
+    def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run once. Feeds must have the declared dtypes (the module's precision; the timestep stays fp32)."""
+        module = self.module
+        dims = bind_dims(self.name, self.inputs, feeds, self.device)
+        for entry in self.outputs:
+            # Same checks as the other backends (e.g. image sides a multiple of the VAE factor).
+            resolve_shape(entry.shape, dims, self._scale_factor)
+        with torch.no_grad():
+            result = module(*(feeds[entry.name] for entry in self.inputs))
+        results = (result,) if isinstance(result, torch.Tensor) else tuple(result)
+        return {
+            entry.name: tensor.to(dtype)
+            for entry, tensor, dtype in zip(self.outputs, results, self._output_dtypes, strict=True)
+        }
+
+    def _release(self) -> None:
+        self._module = None
+
+
+def open_engines(
+    folder: str | os.PathLike[str],
+    manifest: Manifest,
+    components: Sequence[str],
+    device: torch.device | str,
+    options: BackendOptions | None = None,
+) -> dict[str, TorchEngine]:
+    """One engine per component, running the PyTorch modules of ``manifest.source`` on ``device``.
+
+    ``folder`` is not read: this backend needs only the manifest (the source model and its description).
+    """
+    options = options or BackendOptions()
+    device = engine_device(device)
+    precision = run_precision(options.precision, device)
+    specs = component_specs(manifest.model)
+    names = list(dict.fromkeys(components))
+    unknown = [name for name in names if name not in specs]
+    if unknown:
+        raise ConfigError(f"unknown component(s) {unknown}; expected some of: {', '.join(specs)}")
+    require("diffusers", "the torch backend", "export")
+    require("transformers", "the torch backend", "export")
+    from sdtrt.runtime.models.fp16 import half_with_fp32_norms
+    from sdtrt.runtime.models.sources import reload_source
+    from sdtrt.runtime.models.wrappers import wrap
+
+    bundle = reload_source(manifest.source)
+    _check_same_source(manifest.source, bundle.source)
+    bundle.release(names)
+    engines: dict[str, TorchEngine] = {}
+    try:
+        for name in names:
+            module = bundle.module(name)
+            use_sdpa(module)
+            wrapped = wrap(name, module)
+            if precision == "fp16":
+                # In place: the VAE is shared by both VAE wrappers, and converting it twice is harmless.
+                wrapped = half_with_fp32_norms(wrapped, inplace=True)
+            wrapped.to(device).requires_grad_(False)
+            inputs, outputs = declared_tensors(specs[name], precision)
+            engines[name] = TorchEngine(name, inputs, outputs, device, wrapped, manifest.model.vae_scale_factor)
+    except BaseException:
+        close_all(engines)
+        raise
+    return engines
+
+
+def declared_tensors(spec: ComponentSpec, precision: str) -> tuple[tuple[TensorEntry, ...], tuple[TensorEntry, ...]]:
+    """Inputs and outputs with the dtypes of the precision the module runs in (the timestep stays fp32)."""
+
+    def entries(tensors: Sequence[Any]) -> tuple[TensorEntry, ...]:
+        return tuple(TensorEntry(t.name, t.concrete_dtype(precision), tuple(t.shape)) for t in tensors)
+
+    return entries(spec.inputs), entries(spec.outputs)
+
+
+def use_sdpa(module: Any) -> None:
+    """Make a diffusers model attend with ``scaled_dot_product_attention`` (text encoders are left as loaded)."""
+    if hasattr(module, "set_attn_processor") and getattr(module, "attn_processors", None):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        module.set_attn_processor(AttnProcessor2_0())
+
+
+def _check_same_source(expected: Mapping[str, Any], found: Mapping[str, Any]) -> None:
+    want, got = expected.get("sha256"), found.get("sha256")
+    if want and got and want != got:
+        raise ArtifactError(
+            f"the model source ({found.get('description', expected.get('kind'))}) changed since this artifact was "
+            f"exported (sha256 {got[:12]}..., manifest says {want[:12]}...); re-export the artifact from it"
+        )
