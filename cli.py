@@ -266,6 +266,91 @@ def generate_cmd(
     )
 
 
+@main.command("bench")
+@click.argument("source")
+@click.option(
+    "--backends",
+    default="diffusers,torch,onnxruntime",
+    show_default=True,
+    help="Comma-separated: diffusers, diffusers-compile, torch, torch-graph, onnxruntime, tensorrt.",
+)
+@click.option("--size", default="512x512", show_default=True, help="WIDTHxHEIGHT in pixels.")
+@click.option("--steps", type=int, default=30, show_default=True)
+@click.option("--cfg", "guidance", type=float, default=7.5, show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp16",
+    show_default=True,
+    help="fp16 applies on CUDA; PyTorch backends run fp32 on a CPU.",
+)
+@click.option("--scheduler", default="euler_a", show_default=True)
+@click.option("--runs", type=int, default=10, show_default=True)
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", help="cpu or cuda (default: cuda when available).")
+@click.option(
+    "--artifacts",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Existing artifact or engine folder for the sdtrt backends (default: export one now, untimed).",
+)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the JSON rows here.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG chart here.")
+def bench_cmd(
+    source: str,
+    backends: str,
+    size: str,
+    steps: int,
+    guidance: float,
+    batch: int,
+    precision: str,
+    scheduler: str,
+    runs: int,
+    warmup: int,
+    seed: int,
+    device: str | None,
+    artifacts: Path | None,
+    json_path: Path | None,
+    plot_path: Path | None,
+) -> None:
+    """Time SOURCE on several backends side by side: same weights, seed and sampler, one process."""
+    from sdtrt.benchmarks.harness import BenchConfig, run_benchmark
+    from sdtrt.benchmarks.report import format_table, plot, summarize
+    from sdtrt.runtime.files import write_text_atomic
+
+    hw = parse_size(size)
+    assert hw is not None
+    config = BenchConfig(
+        source=source,
+        backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
+        height=hw[0],
+        width=hw[1],
+        steps=steps,
+        guidance=guidance,
+        batch=batch,
+        precision=precision,
+        runs=runs,
+        warmup=warmup,
+        seed=seed,
+        scheduler=scheduler,
+        device=device,
+        artifacts=str(artifacts) if artifacts else None,
+    )
+    rows = run_benchmark(config, progress=lambda message: click.echo(message, err=True))
+    summaries = summarize(rows)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json_path, json.dumps({"rows": rows, "summary": summaries}, indent=2) + "\n")
+    if plot_path:
+        title = f"{source} {hw[1]}x{hw[0]}, {steps} steps, CFG {guidance:g}, batch {batch}"
+        plot(summaries, plot_path, title)
+    env = rows[0]["env"]
+    machine = env.get("gpu") or f"{env['cpu']} ({env['cpus']} cpus)"
+    click.echo(f"{source} {hw[1]}x{hw[0]}, {steps} steps, CFG {guidance:g}, batch {batch}, {scheduler}, {machine}")
+    click.echo(format_table(summaries))
+
+
 @main.command("build")
 @click.argument("artifacts", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Engine folder to write.")

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -244,9 +243,42 @@ def export_artifacts(
     return manifest
 
 
-def describe(manifest: Manifest) -> list[dict[str, Any]]:
-    """One row per component, for printing."""
-    return [
-        {"component": name, "file": c.file, "precision": c.precision, "data_file": c.data_file}
-        for name, c in manifest.components.items()
-    ]
+def write_source_artifact(bundle: ModelBundle, out: str | Path, profile: ShapeProfile) -> Manifest:
+    """A folder for the ``torch`` backend only: manifest, tokenizer and scheduler config, no ONNX files.
+
+    The torch backend runs the source model the manifest names, so benchmarks and quick experiments need no
+    export. Its manifest kind is "torch"; other backends refuse it with a message saying so.
+    """
+    out = Path(out)
+    _check_profile(bundle.model, profile)
+    _check_output(out)
+    from sdtrt.runtime.models.tokenizer import save_tokenizer
+
+    components = {}
+    for name, spec in component_specs(bundle.model).items():
+        shapes = {
+            key: {"min": list(lo), "opt": list(opt), "max": list(hi)}
+            for key, (lo, opt, hi) in shape_ranges(spec, profile, bundle.model).items()
+        }
+        components[name] = ComponentEntry(
+            file="",
+            sha256="",
+            precision="fp32",
+            inputs=tuple(TensorEntry(t.name, t.concrete_dtype("fp32"), t.shape) for t in spec.inputs),
+            outputs=tuple(TensorEntry(t.name, t.concrete_dtype("fp32"), t.shape) for t in spec.outputs),
+            shapes=shapes,
+        )
+    with staging_dir(out) as stage:
+        save_tokenizer(bundle.tokenizer, stage / "tokenizer.json")
+        write_text_atomic(stage / "scheduler_config.json", json.dumps(bundle.scheduler_config, indent=2))
+        manifest = Manifest(
+            model=bundle.model,
+            profile=profile,
+            components=components,
+            source=bundle.source,
+            versions=tool_versions(),
+            kind="torch",
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        )
+        manifest.write(stage)
+    return manifest

@@ -231,3 +231,22 @@ def test_bad_artifacts(tmp_path, tiny_fp32):
         Pipeline.from_artifacts(tmp_path / "nothing")
     with pytest.raises(ArtifactError, match="has no manifest.json"):
         Pipeline.from_artifacts(tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m"])
+def test_cuda_graph_step_matches_eager(tiny_fp32, scheduler):
+    """The captured step replays the very same function: its images equal the eager ones."""
+    results = {}
+    for graph in (False, True):
+        with Pipeline.from_artifacts(tiny_fp32, backend="torch", device="cuda", cuda_graph=graph) as pipe:
+            assert pipe.cuda_graph is graph
+            first = pipe(PROMPT, steps=STEPS, seed=9, height=HEIGHT, width=WIDTH, scheduler=scheduler)
+            again = pipe(PROMPT, steps=STEPS, seed=10, height=HEIGHT, width=WIDTH, scheduler=scheduler)
+            if graph:
+                assert len(pipe._denoisers) == 1  # the second call replayed the captured graph
+                denoiser, _ = next(iter(pipe._denoisers.values()))
+                assert denoiser.graph is not None
+            results[graph] = (first.pixels, again.pixels)
+    for eager, captured in zip(results[False], results[True], strict=True):
+        assert psnr(eager, captured) >= 60

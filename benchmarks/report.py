@@ -1,0 +1,123 @@
+"""Summaries, the printed table and the PNG chart, all made from the JSON rows of a benchmark run."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STAGES = (
+    ("text_encode_s", "text"),
+    ("denoise_s", "denoise"),
+    ("vae_decode_s", "VAE decode"),
+    ("loop_overhead_s", "loop overhead"),
+)
+# SD 1.5 UNet: 803 GFLOP per image at a 64x64 latent (torch FLOP counter); VAE decode at 512x512: 2.51 TFLOP.
+SD15_UNET_FLOP_64 = 803e9
+SD15_VAE_FLOP_512 = 2.51e12
+SD15_CLIP_FLOP = 0.03e12
+DENSE_FP16_FLOPS = 800e12  # what an H100/H200 reaches on dense fp16/bf16 matrix work
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def compute_floor_s(row: dict[str, Any]) -> float | None:
+    """Seconds the SD 1.5 work would take at 800 TFLOP/s (latent-area scaling; CFG doubles the UNet batch)."""
+    c = row["config"]
+    if c["source"] != "sd15-random":
+        return None
+    area = (c["height"] // 8) * (c["width"] // 8) / 64**2
+    unet_batch = c["batch"] * (2 if c["guidance"] > 1 else 1)
+    flop = SD15_UNET_FLOP_64 * area * unet_batch * c["steps"]
+    flop += SD15_VAE_FLOP_512 * area * c["batch"] + SD15_CLIP_FLOP * 2
+    return flop / DENSE_FP16_FLOPS
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per backend, in the order they ran; speed-up is against the first backend's median."""
+    order = list(dict.fromkeys(r["backend"] for r in rows))
+    summaries = []
+    for backend in order:
+        mine = [r for r in rows if r["backend"] == backend]
+        e2e = [r["end_to_end_s"] for r in mine]
+        summary = {
+            "backend": backend,
+            "precision": mine[0]["precision"],
+            "runs": len(mine),
+            "median_s": percentile(e2e, 0.5),
+            "p90_s": percentile(e2e, 0.9),
+            "peak_memory_gib": max(r["peak_memory_bytes"] for r in mine) / 2**30,
+            "it_per_s": percentile([r["it_per_s"] for r in mine], 0.5),
+            "images_per_s": percentile([r["images_per_s"] for r in mine], 0.5),
+            "step_median_s": percentile([r["step_median_s"] for r in mine], 0.5),
+        }
+        for key, _ in STAGES:
+            summary[key] = percentile([r[key] for r in mine], 0.5)
+        summary["overhead_pct"] = 100 * summary["loop_overhead_s"] / summary["median_s"]
+        floor = compute_floor_s(mine[0]) if mine[0]["env"].get("gpu") else None
+        summary["floor_fraction"] = floor / summary["median_s"] if floor else None
+        summaries.append(summary)
+    base = summaries[0]["median_s"]
+    for s in summaries:
+        s["speedup"] = base / s["median_s"]
+    return summaries
+
+
+def format_table(summaries: list[dict[str, Any]]) -> str:
+    head = (
+        f"{'backend':<18} {'prec':<5} {'median':>9} {'p90':>9} {'speed-up':>8} {'text':>8} {'step':>8} "
+        f"{'VAE':>8} {'it/s':>7} {'overhead':>8} {'peak mem':>9} {'of floor':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for s in summaries:
+        floor = f"{100 * s['floor_fraction']:.1f}%" if s["floor_fraction"] else "-"
+        lines.append(
+            f"{s['backend']:<18} {s['precision']:<5} {s['median_s'] * 1e3:>7.0f}ms {s['p90_s'] * 1e3:>7.0f}ms "
+            f"{s['speedup']:>7.2f}x {s['text_encode_s'] * 1e3:>6.1f}ms {s['step_median_s'] * 1e3:>6.1f}ms "
+            f"{s['vae_decode_s'] * 1e3:>6.0f}ms {s['it_per_s']:>7.2f} {s['overhead_pct']:>7.2f}% "
+            f"{s['peak_memory_gib']:>6.2f}GiB {floor:>8}"
+        )
+    return "\n".join(lines)
+
+
+def plot(summaries: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
+    """Stacked bars of median stage times, one per backend. Returns None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; skipping the chart (pip install matplotlib)")
+        return None
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(summaries) + 2), 4))
+    names = [s["backend"] for s in summaries]
+    bottom = [0.0] * len(summaries)
+    for key, label in STAGES:
+        values = [s[key] * 1e3 for s in summaries]
+        ax.bar(names, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    for x, s in enumerate(summaries):
+        ax.text(
+            x, bottom[x], f"{s['median_s'] * 1e3:.0f} ms\n{s['speedup']:.2f}x", ha="center", va="bottom", fontsize=8
+        )
+    ax.set_ylabel("median end-to-end time (ms)")
+    ax.set_ylim(0, max(bottom) * 1.25)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+    return target

@@ -1,0 +1,229 @@
+"""Benchmark runners: one per backend, each a context manager with ``run(seed) -> stage times``."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdtrt.runtime.errors import ConfigError
+from sdtrt.runtime.profile import ShapeProfile
+
+from .harness import DIFFUSERS_SCHEDULERS, BenchConfig
+
+_BUNDLES: dict[str, Any] = {}
+
+
+def load_bundle(source: str) -> Any:
+    """The source model, loaded once per process (every backend measures the same weights)."""
+    if source not in _BUNDLES:
+        from sdtrt.runtime.models.sources import load_source
+
+        _BUNDLES[source] = load_source(source)
+    return _BUNDLES[source]
+
+
+def prepare_folder(backend: str, config: BenchConfig, scratch: Path) -> Path:
+    """The artifact folder an sdtrt backend runs: the given one, or one made now (not timed)."""
+    if config.artifacts:
+        return Path(config.artifacts)
+    if backend == "tensorrt":
+        raise ConfigError("the tensorrt backend needs an engine folder: build one with `sdtrt build`, pass --artifacts")
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts, write_source_artifact
+
+    bundle = load_bundle(config.source)
+    profile = ShapeProfile.static(config.height, config.width, config.batch)
+    if backend.startswith("torch"):
+        folder = scratch / "source"
+        if not folder.exists():
+            write_source_artifact(bundle, folder, profile)
+        return folder
+    folder = scratch / f"onnx-{config.precision}"
+    if not folder.exists():
+        options = ExportOptions(
+            profile=profile, precision=config.precision, components=("text_encoder", "unet", "vae_decoder")
+        )
+        export_artifacts(bundle, folder, options)
+    return folder
+
+
+class _Clock:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, a: Any, b: Any) -> float:
+        if self.cuda:
+            b.synchronize()
+            return float(a.elapsed_time(b)) / 1000.0
+        return float(b - a)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+class SdtrtRunner:
+    def __init__(self, backend: str, config: BenchConfig, device: torch.device, folder: Path) -> None:
+        from sdtrt.runtime.engine import BackendOptions
+        from sdtrt.runtime.pipeline import Pipeline
+
+        self.config = config
+        name = "torch" if backend.startswith("torch") else backend
+        precision = config.precision if device.type == "cuda" or name == "onnxruntime" else "fp32"
+        self.precision = precision
+        options = BackendOptions(precision=precision if name == "torch" else "auto")
+        self.pipe = Pipeline.from_artifacts(
+            folder,
+            backend=name,
+            device=device,
+            options=options,
+            cuda_graph=backend == "torch-graph",
+            components=("text_encoder", "unet", "vae_decoder"),
+        )
+        if backend == "torch-graph" and not self.pipe.cuda_graph:
+            raise ConfigError("torch-graph needs CUDA graph capture, which this device/backend does not allow")
+
+    def run(self, seed: int) -> dict[str, Any]:
+        c = self.config
+        result = self.pipe(
+            c.prompt,
+            steps=c.steps,
+            guidance_scale=c.guidance,
+            seed=seed,
+            height=c.height,
+            width=c.width,
+            scheduler=c.scheduler,
+            num_images=c.batch,
+        )
+        t = result.times
+        return {
+            "text_encode": t.text_encode,
+            "denoise": t.denoise,
+            "steps": list(t.steps),
+            "vae_decode": t.vae_decode,
+            "total": t.total,
+        }
+
+    def close(self) -> None:
+        self.pipe.close()
+
+
+class DiffusersRunner:
+    """diffusers' StableDiffusionPipeline on the same modules; stage times from hooks that only record events."""
+
+    def __init__(self, config: BenchConfig, device: torch.device, compile_unet: bool) -> None:
+        import diffusers
+        import transformers
+
+        from sdtrt.runtime.models.tokenizer import clip_vocab_and_merges
+
+        self.config, self.device = config, device
+        bundle = load_bundle(config.source)
+        dtype = torch.float16 if device.type == "cuda" and config.precision == "fp16" else torch.float32
+        self.precision = "fp16" if dtype == torch.float16 else "fp32"
+        vocab, merges = clip_vocab_and_merges()
+        tokenizer = transformers.CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+        cls_name, kwargs = DIFFUSERS_SCHEDULERS[config.scheduler]
+        scheduler = getattr(diffusers, cls_name).from_config(bundle.scheduler_config, **kwargs)
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=bundle.vae,
+            text_encoder=bundle.text_encoder,
+            tokenizer=tokenizer,
+            unet=bundle.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe = pipe.to(device, dtype)
+        pipe.unet.set_attn_processor(diffusers.models.attention_processor.AttnProcessor2_0())
+        pipe.set_progress_bar_config(disable=True)
+        if compile_unet:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
+        self.pipe = pipe
+        self.clock = _Clock(device)
+        self.marks: dict[str, Any] = {}
+        encode, decode = pipe.encode_prompt, pipe.vae.decode
+
+        def timed_encode(*args: Any, **kw: Any) -> Any:
+            self.marks["text0"] = self.clock.mark()
+            out = encode(*args, **kw)
+            self.marks["text1"] = self.clock.mark()
+            return out
+
+        def timed_decode(*args: Any, **kw: Any) -> Any:
+            self.marks["vae0"] = self.clock.mark()
+            out = decode(*args, **kw)
+            self.marks["vae1"] = self.clock.mark()
+            return out
+
+        pipe.encode_prompt = timed_encode
+        pipe.vae.decode = timed_decode
+
+    def run(self, seed: int) -> dict[str, Any]:
+        c = self.config
+        self.marks = {"steps": []}
+
+        def on_step(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            self.marks["steps"].append(self.clock.mark())
+            return {}
+
+        generator = [torch.Generator().manual_seed(seed + k) for k in range(c.batch)]
+        self.clock.sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            self.pipe(
+                c.prompt,
+                negative_prompt="",
+                num_inference_steps=c.steps,
+                guidance_scale=c.guidance,
+                height=c.height,
+                width=c.width,
+                generator=generator,
+                num_images_per_prompt=c.batch,
+                callback_on_step_end=on_step,
+                output_type="pil",
+            )
+        self.clock.sync()
+        total = time.perf_counter() - start
+        m = self.marks
+        step_marks = [m["text1"], *m["steps"]]
+        steps = [self.clock.seconds(a, b) for a, b in zip(step_marks, step_marks[1:], strict=False)]
+        return {
+            "text_encode": self.clock.seconds(m["text0"], m["text1"]),
+            "denoise": sum(steps),
+            "steps": steps,
+            "vae_decode": self.clock.seconds(m["vae0"], m["vae1"]),
+            "total": total,
+        }
+
+    def close(self) -> None:
+        del self.pipe
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def make_runner(backend: str, config: BenchConfig, device: torch.device, folder: Path | None) -> Iterator[Any]:
+    runner: Any
+    if backend in ("diffusers", "diffusers-compile"):
+        runner = DiffusersRunner(config, device, compile_unet=backend == "diffusers-compile")
+    else:
+        assert folder is not None
+        runner = SdtrtRunner(backend, config, device, folder)
+    try:
+        yield runner
+    finally:
+        runner.close()
