@@ -27,8 +27,11 @@ demo: install
 	@echo "artifacts: $(DEMO_DIR)/artifacts (ONNX files, tokenizer.json, scheduler_config.json, manifest.json)"
 	@echo "image:     $(DEMO_DIR)/demo.png (random weights: expect noise)"
 
-test: install
+test: install typecheck
 	$(PY) -m pytest -q
+
+typecheck: install
+	PY=$(PY) bash tests/typecheck.sh
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,336 @@
+"""Build TensorRT engines from an ONNX artifact folder into an engine folder the runtime opens like an artifact.
+
+engines = build_engines("out/sd15", "out/sd15-trt", ShapeProfile.static(512, 512), TensorRTBuildOptions())
+pipe = Pipeline.from_artifacts("out/sd15-trt", backend="tensorrt")
+
+The engine folder holds one ``NAME.plan`` per component, the artifact's tokenizer and scheduler config, and a
+manifest of kind "tensorrt" whose entries record, under ``extra``, the plan's build key (ONNX sha256, profile id,
+TensorRT version, GPU name and compute capability, builder options, precision), the build time, the peak device
+memory of the build and the activation memory the engine needs. Building again into the same folder reuses every
+engine whose key still matches and rebuilds the others.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sdtrt
+from sdtrt.runtime.backends import trt_compat
+from sdtrt.runtime.backends.onnxruntime import verified_model_file
+from sdtrt.runtime.backends.tensorrt import check_interface
+from sdtrt.runtime.errors import ArtifactError, BuildError, ShapeError
+from sdtrt.runtime.files import sha256_file, write_bytes_atomic
+from sdtrt.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest, read_manifest, resolve_file
+from sdtrt.runtime.profile import ShapeProfile
+from sdtrt.runtime.specs import COMPONENTS, ModelInfo, component_specs, shape_ranges
+
+from .trt_builder import PeakDeviceMemory, TensorRTBuildOptions, build
+
+log = logging.getLogger(__name__)
+
+Size = tuple[int, int]  # (height, width)
+
+__all__ = ["ProfileRequest", "TensorRTBuildOptions", "build", "build_engines", "engine_key", "resolve_profile"]
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    """The shapes asked for on the command line; what is not given comes from the artifact's profile.
+
+    static_size: one image size (min = opt = max). dynamic: a size range, from min/opt/max_size where given.
+    batch: one batch size; otherwise min/opt/max_batch where given.
+    """
+
+    static_size: Size | None = None
+    dynamic: bool = False
+    min_size: Size | None = None
+    opt_size: Size | None = None
+    max_size: Size | None = None
+    batch: int | None = None
+    min_batch: int | None = None
+    opt_batch: int | None = None
+    max_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        ranged = (self.min_size, self.opt_size, self.max_size)
+        if self.static_size is not None and (self.dynamic or any(s is not None for s in ranged)):
+            raise ShapeError(
+                "choose either a static size (--static WxH) or a size range (--dynamic with --min-size/--opt-size/"
+                "--max-size), not both"
+            )
+        if self.batch is not None and any(b is not None for b in (self.min_batch, self.opt_batch, self.max_batch)):
+            raise ShapeError("choose either --batch N or --min-batch/--opt-batch/--max-batch, not both")
+
+    @property
+    def empty(self) -> bool:
+        return self == ProfileRequest()
+
+
+def resolve_profile(request: ProfileRequest, base: ShapeProfile) -> ShapeProfile | None:
+    """The engine profile ``request`` asks for, on top of the artifact's profile ``base``; None if nothing asked."""
+    if request.empty:
+        return None
+    if request.static_size is not None:
+        low = opt = high = request.static_size
+    else:
+        low = request.min_size or (base.min_height, base.min_width)
+        high = request.max_size or (base.max_height, base.max_width)
+        opt = request.opt_size or _between((base.opt_height, base.opt_width), low, high)
+    if request.batch is not None:
+        batches = (request.batch,) * 3
+    else:
+        lo_b = request.min_batch or base.min_batch
+        hi_b = request.max_batch or base.max_batch
+        batches = (lo_b, request.opt_batch or min(max(base.opt_batch, lo_b), hi_b), hi_b)
+    return ShapeProfile(
+        *batches, low[0], opt[0], high[0], low[1], opt[1], high[1], max_prompt_windows=base.max_prompt_windows
+    )
+
+
+def _between(value: Size, low: Size, high: Size) -> Size:
+    return (min(max(value[0], low[0]), high[0]), min(max(value[1], low[1]), high[1]))
+
+
+def check_profile_inside(profile: ShapeProfile, artifact: ShapeProfile, model: ModelInfo) -> None:
+    """ShapeError unless every size and batch of ``profile`` lies inside the artifact's profile and fits the model."""
+    outside = []
+    for dim in ("batch", "height", "width"):
+        lo, hi = getattr(profile, f"min_{dim}"), getattr(profile, f"max_{dim}")
+        a_lo, a_hi = getattr(artifact, f"min_{dim}"), getattr(artifact, f"max_{dim}")
+        if lo < a_lo or hi > a_hi:
+            outside.append(f"{dim} {lo}..{hi} (the artifact has {a_lo}..{a_hi})")
+    if profile.max_prompt_windows > artifact.max_prompt_windows:
+        outside.append(f"{profile.max_prompt_windows} prompt windows (the artifact has {artifact.max_prompt_windows})")
+    if outside:
+        raise ShapeError(
+            f"the engine profile {profile.id} asks for shapes outside the artifact's profile {artifact.id}: "
+            f"{'; '.join(outside)}. Choose sizes and batches inside the range the ONNX files were exported for, "
+            "or re-export the artifact with a wider --min-size/--max-size/--max-batch"
+        )
+    m = model.size_multiple
+    for which in ("min", "opt", "max"):
+        h, w = getattr(profile, f"{which}_height"), getattr(profile, f"{which}_width")
+        if h % m or w % m:
+            raise ShapeError(
+                f"{which} size {w}x{h} does not fit this model: its UNet downsamples the latents "
+                f"{model.unet_downsamples} times, so image sides must be multiples of {m} pixels"
+            )
+
+
+def engine_key(
+    entry: ComponentEntry, profile: ShapeProfile, environment: dict[str, str], options: TensorRTBuildOptions
+) -> dict[str, Any]:
+    """Everything an engine depends on: equal keys mean the existing plan can be reused."""
+    return {
+        "onnx_sha256": entry.sha256,
+        "onnx_data_sha256": entry.data_sha256,
+        "precision": entry.precision,
+        "profile": profile.id,
+        "tensorrt": environment["tensorrt"],
+        "gpu": environment["gpu"],
+        "compute_capability": environment["compute_capability"],
+        "builder": options.key(),
+    }
+
+
+def stale_reason(folder: Path, old: ComponentEntry | None, key: dict[str, Any]) -> str | None:
+    """Why the engine recorded as ``old`` cannot be reused for ``key``, or None when it can."""
+    if old is None:
+        return "no engine built yet"
+    old_key = old.extra.get("key")
+    if not isinstance(old_key, dict):
+        return "the existing engine has no build key"
+    changed = [f"{k} {old_key.get(k)!r} -> {key.get(k)!r}" for k in key if old_key.get(k) != key.get(k)]
+    if changed:
+        return "the build key changed: " + ", ".join(changed)
+    try:
+        path = resolve_file(folder, old.file)
+    except ArtifactError:
+        return f"{old.file} is missing"
+    if sha256_file(path) != old.sha256:
+        return f"{old.file} does not match the manifest's sha256"
+    return None
+
+
+def _previous_engines(out: Path, artifacts: Path) -> Manifest | None:
+    """The engine folder already at ``out``, if any; BuildError for anything else that must not be replaced."""
+    if out.exists() and out.resolve() == artifacts.resolve():
+        raise BuildError(f"--out {str(out)!r} is the artifact folder itself; give a separate folder for the engines")
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"output path {str(out)!r} is a file; give a folder path for the engines")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    if not (out / MANIFEST_NAME).is_file():
+        raise BuildError(
+            f"output folder {str(out)!r} is not empty and is not an sdtrt engine folder; refusing to write into it. "
+            "Choose a new or empty folder"
+        )
+    try:
+        previous = read_manifest(out)
+    except ArtifactError as exc:
+        raise BuildError(
+            f"output folder {str(out)!r} has an unreadable manifest ({exc}); remove it or choose another"
+        ) from exc
+    if previous.kind != "tensorrt":
+        raise BuildError(f"output folder {str(out)!r} is an ONNX artifact folder; give another folder for the engines")
+    return previous
+
+
+def build_engines(
+    artifacts: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    profile: ShapeProfile | None = None,
+    options: TensorRTBuildOptions | None = None,
+) -> Manifest:
+    """Build (or reuse) one TensorRT engine per component of the ONNX artifact ``artifacts`` into ``out``.
+
+    ``profile`` defaults to the artifact's own profile and must lie inside it. Engines whose build key matches the
+    one already in ``out`` are reused; the others are built (and the reason logged). The manifest is rewritten after
+    every engine, so an interrupted build keeps the engines it finished. Needs tensorrt and an NVIDIA GPU.
+    """
+    options = options or TensorRTBuildOptions()
+    source_dir, out_dir = Path(artifacts), Path(out)
+    trt_compat.require_tensorrt("building TensorRT engines")
+    device = trt_compat.engine_device(None, BuildError)
+    source = read_manifest(source_dir)
+    if source.kind != "onnx":
+        raise BuildError(f"{str(source_dir)!r} already holds {source.kind} engines; build from the ONNX artifact")
+    profile = profile or source.profile
+    check_profile_inside(profile, source.profile, source.model)
+    names = _components_to_build(source, options)
+    environment = trt_compat.environment(device)
+    previous = _previous_engines(out_dir, source_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer", "scheduler"):
+        file = getattr(source, name)
+        write_bytes_atomic(out_dir / file, resolve_file(source_dir, file).read_bytes())
+    components = _kept_entries(out_dir, previous, names, profile, environment)
+    todo = []
+    for name in names:
+        key = engine_key(source.components[name], profile, environment, options)
+        reused = _reusable(out_dir, previous, name, key)
+        if reused is not None:
+            components[name] = reused
+        else:
+            todo.append((name, key))
+    manifest = _engine_manifest(source, profile, components, environment)
+    manifest.write(out_dir)
+    for name, key in todo:
+        components[name] = _build_entry(source, source_dir, out_dir, name, profile, key, options)
+        manifest = _engine_manifest(source, profile, components, environment)
+        manifest.write(out_dir)
+    return manifest
+
+
+def _components_to_build(source: Manifest, options: TensorRTBuildOptions) -> list[str]:
+    names = [c for c in options.components if c in source.components]
+    if not names:
+        raise BuildError(
+            f"the artifact has none of the components {list(options.components)} (it has {sorted(source.components)})"
+        )
+    skipped = [c for c in options.components if c not in source.components]
+    if skipped:
+        log.info("the artifact has no %s; not building it", ", ".join(skipped))
+    return names
+
+
+def _reusable(out: Path, previous: Manifest | None, name: str, key: dict[str, Any]) -> ComponentEntry | None:
+    """The engine of ``name`` already in ``out`` if its build key is ``key`` and its plan is intact (logged)."""
+    old = previous.components.get(name) if previous else None
+    reason = stale_reason(out, old, key)
+    if reason is None and old is not None:
+        log.info("reusing %s: its build key matches", old.file)
+        return old
+    log.info("building the %s engine: %s", name, reason)
+    return None
+
+
+def _kept_entries(
+    out: Path, previous: Manifest | None, names: list[str], profile: ShapeProfile, environment: dict[str, str]
+) -> dict[str, ComponentEntry]:
+    """Engines of other components already in ``out`` that still fit this profile and machine (the rest go)."""
+    kept: dict[str, ComponentEntry] = {}
+    if previous is None:
+        return kept
+    for name, entry in previous.components.items():
+        if name in names:
+            continue
+        key = entry.extra.get("key", {})
+        same = {"profile": profile.id, **{k: environment[k] for k in ("tensorrt", "compute_capability")}}
+        if isinstance(key, dict) and all(key.get(k) == v for k, v in same.items()):
+            kept[name] = entry
+        else:
+            log.info("removing the %s engine: it was built for another profile, TensorRT or GPU", name)
+            (out / entry.file).unlink(missing_ok=True)
+    return kept
+
+
+def _build_entry(
+    source: Manifest,
+    source_dir: Path,
+    out: Path,
+    name: str,
+    profile: ShapeProfile,
+    key: dict[str, Any],
+    options: TensorRTBuildOptions,
+) -> ComponentEntry:
+    """Build the engine of component ``name`` and describe it for the engine manifest."""
+    entry = source.components[name]
+    ranges = shape_ranges(component_specs(source.model)[name], profile, source.model)
+    onnx_path = verified_model_file(source_dir, entry)
+    start = time.perf_counter()
+    with PeakDeviceMemory(trt_compat.engine_device(None, BuildError)) as peak:
+        plan = build(onnx_path, ranges, options, out=out / f"{name}.plan")
+    seconds = time.perf_counter() - start
+    activation = _activation_memory(plan, entry)
+    log.info("built %s in %.1f s", plan.name, seconds)
+    return ComponentEntry(
+        file=plan.name,
+        sha256=sha256_file(plan),
+        precision=entry.precision,
+        inputs=entry.inputs,
+        outputs=entry.outputs,
+        shapes={k: {"min": list(lo), "opt": list(op), "max": list(hi)} for k, (lo, op, hi) in ranges.items()},
+        opset=entry.opset,
+        extra={
+            "key": key,
+            "build_seconds": round(seconds, 3),
+            "peak_device_memory": peak.peak,
+            "device_memory_size": activation,
+            "artifacts": str(source_dir.resolve()),
+        },
+    )
+
+
+def _activation_memory(plan: Path, entry: ComponentEntry) -> int:
+    """Load the plan just written (it must deserialize) and return the activation memory one context needs."""
+    import tensorrt as trt
+
+    engine = trt.Runtime(trt_compat.logger()).deserialize_cuda_engine(plan.read_bytes())
+    if engine is None:
+        errors = "; ".join(trt_compat.take_errors()) or "no message from TensorRT"
+        raise BuildError(f"the engine just built ({plan.name}) does not deserialize: {errors}")
+    check_interface(entry, engine)
+    return trt_compat.device_memory_size(engine)
+
+
+def _engine_manifest(
+    source: Manifest, profile: ShapeProfile, components: dict[str, ComponentEntry], environment: dict[str, str]
+) -> Manifest:
+    return Manifest(
+        model=source.model,
+        profile=profile,
+        components={name: components[name] for name in COMPONENTS if name in components},
+        source=source.source,
+        versions={**source.versions, "sdtrt": sdtrt.__version__, "tensorrt": environment["tensorrt"]},
+        tokenizer=source.tokenizer,
+        scheduler=source.scheduler,
+        kind="tensorrt",
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )

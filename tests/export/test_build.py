@@ -1,0 +1,349 @@
+"""Engine builds: options, profiles, and the build orchestration.
+
+Most tests run ``build_engines`` against tests/trt_double.py, a RECORDING DOUBLE of the tensorrt module: they check
+what sdtrt asks TensorRT for (strongly typed network, no precision flag, one profile with the right min/opt/max
+per input, optimization level, timing cache round trip, engine keys, reuse and rebuild). They say nothing about
+what TensorRT builds. Tests marked ``trt`` build real engines and compare them with ONNX Runtime; they run only
+where TensorRT and a GPU are installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdtrt.export.build import (
+    ProfileRequest,
+    TensorRTBuildOptions,
+    build_engines,
+    check_profile_inside,
+    resolve_profile,
+)
+from sdtrt.runtime.backends import trt_compat
+from sdtrt.runtime.errors import BuildError, MissingDependencyError, ShapeError
+from sdtrt.runtime.manifest import read_manifest
+from sdtrt.runtime.profile import ShapeProfile
+from sdtrt.runtime.specs import ModelInfo, component_specs, shape_ranges
+
+SDTRT = shutil.which("sdtrt", path=os.path.dirname(sys.executable)) or "sdtrt"
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+DOUBLE_GPU = ("Double GPU", "8.9")
+
+
+def load_double_module():
+    path = Path(__file__).resolve().parents[1] / "trt_double.py"
+    spec = importlib.util.spec_from_file_location("sdtrt_tests_trt_double", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+trt_double = load_double_module()
+
+
+@pytest.fixture
+def use_double(monkeypatch):
+    """Install a TensorRT double (default 10.13) as ``tensorrt`` and let the CPU stand in for its GPU."""
+
+    def install(gpu=DOUBLE_GPU, **kwargs):
+        double = trt_double.TensorRTDouble(**kwargs)
+        monkeypatch.setitem(sys.modules, "tensorrt", double.module)
+        monkeypatch.setattr(trt_compat, "_test_device", gpu)
+        return double
+
+    return install
+
+
+# -- options and profiles (no TensorRT involved) -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"opt_level": 6}, "from 0 to 5, found 6"),
+        ({"opt_level": True}, "from 0 to 5, found True"),
+        ({"workspace_gib": 0}, "must be > 0 GiB"),
+        ({"components": ("unet", "clip")}, r"components must be distinct names from .* found \['unet', 'clip'\]"),
+        ({"components": ()}, "components must be distinct"),
+    ],
+)
+def test_build_options_are_validated(kwargs, message):
+    with pytest.raises(BuildError, match=message):
+        TensorRTBuildOptions(**kwargs)
+
+
+def test_timing_cache_must_be_a_file(tmp_path):
+    with pytest.raises(BuildError, match="must be a file path, found a folder"):
+        TensorRTBuildOptions(timing_cache=tmp_path)
+    assert TensorRTBuildOptions(timing_cache=str(tmp_path / "c.cache")).timing_cache == tmp_path / "c.cache"
+
+
+ARTIFACT = ShapeProfile.square(256, 512, 1024, max_batch=4)
+
+
+def test_profile_requests_map_onto_shape_profiles():
+    assert resolve_profile(ProfileRequest(), ARTIFACT) is None
+    static = resolve_profile(ProfileRequest(static_size=(512, 768), batch=2), ARTIFACT)
+    assert static == ShapeProfile(2, 2, 2, 512, 512, 512, 768, 768, 768)
+    dynamic = resolve_profile(ProfileRequest(dynamic=True, min_size=(512, 512), max_size=(768, 768)), ARTIFACT)
+    assert dynamic is not None and dynamic.id == "b1-1-4_h512-512-768_w512-512-768"
+    batches = resolve_profile(ProfileRequest(min_batch=2, max_batch=3), ARTIFACT)
+    assert batches is not None and (batches.min_batch, batches.opt_batch, batches.max_batch) == (2, 2, 3)
+    assert batches.min_height == 256 and batches.max_height == 1024  # sizes stay the artifact's
+
+
+def test_conflicting_profile_requests_are_refused():
+    with pytest.raises(ShapeError, match="either a static size"):
+        ProfileRequest(static_size=(512, 512), min_size=(256, 256))
+    with pytest.raises(ShapeError, match="either --batch N or"):
+        ProfileRequest(batch=1, max_batch=4)
+
+
+def test_profile_must_lie_inside_the_artifact_profile():
+    model = ModelInfo()
+    check_profile_inside(ShapeProfile.static(512, 512, 4), ARTIFACT, model)
+    with pytest.raises(ShapeError, match=r"height 1280..1280 \(the artifact has 256..1024\).*re-export"):
+        check_profile_inside(ShapeProfile.static(1280, 512), ARTIFACT, model)
+    with pytest.raises(ShapeError, match=r"batch 1..8 \(the artifact has 1..4\)"):
+        check_profile_inside(ShapeProfile.square(256, 512, 512, max_batch=8), ARTIFACT, model)
+    with pytest.raises(ShapeError, match="multiples of 64 pixels"):
+        check_profile_inside(ShapeProfile.static(520, 520), ARTIFACT, model)
+
+
+# -- orchestration on the recording double -----------------------------------------------------------------------
+def test_build_asks_for_strongly_typed_networks_without_precision_flags(use_double, tiny_fp16, tmp_path):
+    double = use_double()
+    profile = ShapeProfile(1, 1, 2, 64, 128, 256, 64, 128, 256)
+    manifest = build_engines(tiny_fp16, tmp_path / "E", profile, TensorRTBuildOptions(opt_level=2))
+    records = double.records
+    strongly_typed = 1 << int(double.module.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    assert records.networks == [strongly_typed] * 4
+    assert [b["network"] for b in records.builds] == list(COMPONENTS)
+    assert all(b["flags"] == [] and b["opt_level"] == 2 and b["pool_limits"] == {} for b in records.builds)
+    source = read_manifest(tiny_fp16)
+    for build in records.builds:
+        name = build["network"]
+        assert len(build["profiles"]) == 1
+        expected = shape_ranges(component_specs(source.model)[name], profile, source.model)
+        assert build["profiles"][0] == {k: [list(s) for s in v] for k, v in expected.items()}
+    unet = records.builds[1]["profiles"][0]
+    assert unet["sample"] == [[1, 4, 8, 8], [2, 4, 16, 16], [4, 4, 32, 32]]  # CFG doubles the UNet batch
+    assert unet["encoder_hidden_states"][2] == [4, 77, 32]
+    assert manifest.kind == "tensorrt" and manifest.profile == profile
+    assert list(manifest.components) == list(COMPONENTS)
+
+
+def test_refit_and_workspace_are_the_only_flags_set(use_double, tiny_fp16, tmp_path):
+    double = use_double()
+    options = TensorRTBuildOptions(refittable=True, workspace_gib=1.5, components=("unet",))
+    build_engines(tiny_fp16, tmp_path / "E", None, options)
+    (build,) = double.records.builds
+    assert build["flags"] == ["REFIT"]
+    assert build["pool_limits"] == {"WORKSPACE": int(1.5 * 2**30)}
+    assert not set(build["flags"]) & set(trt_double.PRECISION_FLAG_NAMES)
+
+
+def test_tensorrt_11_networks_are_strongly_typed_without_the_flag(use_double, tiny_fp16, tmp_path):
+    double = use_double(version="11.4.0.106")
+    assert not hasattr(double.module.BuilderFlag, "FP16")  # as in TensorRT 11
+    manifest = build_engines(tiny_fp16, tmp_path / "E", None, TensorRTBuildOptions(components=("unet",)))
+    assert double.records.networks == [0]
+    assert manifest.components["unet"].extra["key"]["tensorrt"] == "11.4.0.106"
+
+
+def test_engine_folder_is_complete_and_keyed(use_double, tiny_fp16, tmp_path):
+    use_double(memory={"unet": 4096})
+    out = tmp_path / "E"
+    build_engines(tiny_fp16, out, None, TensorRTBuildOptions(opt_level=4))
+    manifest = read_manifest(out)
+    source = read_manifest(tiny_fp16)
+    assert manifest.kind == "tensorrt" and manifest.profile == source.profile
+    assert manifest.versions["tensorrt"] == "10.13.0.35"
+    assert (out / "tokenizer.json").read_bytes() == (tiny_fp16 / "tokenizer.json").read_bytes()
+    assert (out / "scheduler_config.json").is_file()
+    unet = manifest.components["unet"]
+    assert unet.file == "unet.plan" and (out / "unet.plan").is_file() and unet.precision == "fp16"
+    assert unet.inputs == source.components["unet"].inputs
+    assert unet.extra["key"] == {
+        "onnx_sha256": source.components["unet"].sha256,
+        "onnx_data_sha256": None,
+        "precision": "fp16",
+        "profile": source.profile.id,
+        "tensorrt": "10.13.0.35",
+        "gpu": "Double GPU",
+        "compute_capability": "8.9",
+        "builder": {"opt_level": 4, "refittable": False, "workspace_gib": None},
+    }
+    assert unet.extra["device_memory_size"] == 4096  # device_memory_size_v2, not the older figure
+    assert unet.extra["build_seconds"] >= 0 and unet.extra["peak_device_memory"] is None  # None: no CUDA here
+    assert unet.extra["artifacts"] == str(tiny_fp16.resolve())
+
+
+def test_timing_cache_is_loaded_then_saved(use_double, tiny_fp16, tmp_path):
+    double = use_double()
+    cache = tmp_path / "timing.cache"
+    options = TensorRTBuildOptions(timing_cache=cache, components=("unet", "vae_decoder"))
+    build_engines(tiny_fp16, tmp_path / "E", None, options)
+    assert double.records.timing_cache_loads == [b"", b"1"]  # fresh, then what the first build saved
+    assert cache.read_bytes() == b"2"
+    build_engines(tiny_fp16, tmp_path / "F", None, options)
+    assert double.records.timing_cache_loads[2] == b"2"
+
+
+def test_matching_key_is_reused_and_mismatching_key_rebuilt(use_double, tiny_fp16, tmp_path, caplog):
+    double = use_double()
+    out = tmp_path / "E"
+    first = build_engines(tiny_fp16, out, None, TensorRTBuildOptions())
+    assert len(double.records.builds) == 4
+    with caplog.at_level(logging.INFO, logger="sdtrt.export.build"):
+        again = build_engines(tiny_fp16, out, None, TensorRTBuildOptions())
+    assert len(double.records.builds) == 4  # nothing rebuilt
+    assert again.components == first.components
+    assert "reusing unet.plan: its build key matches" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sdtrt.export.build"):
+        build_engines(tiny_fp16, out, None, TensorRTBuildOptions(opt_level=5, components=("unet",)))
+    assert [b["network"] for b in double.records.builds[4:]] == ["unet"]
+    assert "building the unet engine: the build key changed: builder" in caplog.text
+    assert set(read_manifest(out).components) == set(COMPONENTS)  # the other engines stay
+
+
+def test_damaged_plan_and_other_tensorrt_are_rebuilt(use_double, tiny_fp16, tmp_path, caplog):
+    use_double()
+    out = tmp_path / "E"
+    build_engines(tiny_fp16, out, None, TensorRTBuildOptions(components=("unet", "vae_decoder")))
+    with open(out / "vae_decoder.plan", "ab") as handle:
+        handle.write(b" ")
+    double = use_double()
+    with caplog.at_level(logging.INFO, logger="sdtrt.export.build"):
+        build_engines(tiny_fp16, out, None, TensorRTBuildOptions(components=("unet", "vae_decoder")))
+    assert [b["network"] for b in double.records.builds] == ["vae_decoder"]
+    assert "vae_decoder.plan does not match the manifest's sha256" in caplog.text
+    double = use_double(version="10.14.1.48")
+    build_engines(tiny_fp16, out, None, TensorRTBuildOptions(components=("unet", "vae_decoder")))
+    assert [b["network"] for b in double.records.builds] == ["unet", "vae_decoder"]
+
+
+def test_new_profile_drops_engines_built_for_the_old_one(use_double, tiny_fp16, tmp_path):
+    use_double()
+    out = tmp_path / "E"
+    build_engines(tiny_fp16, out, None, TensorRTBuildOptions())
+    build_engines(tiny_fp16, out, ShapeProfile.static(128, 128), TensorRTBuildOptions(components=("unet",)))
+    manifest = read_manifest(out)
+    assert list(manifest.components) == ["unet"] and manifest.profile.id == "b1_h128_w128"
+    assert not (out / "vae_decoder.plan").exists()
+
+
+def test_parser_errors_are_listed(use_double, tiny_fp16, tmp_path):
+    use_double(fail_parse="In node 3 (Attention): unsupported operator")
+    with pytest.raises(BuildError, match=r"ONNX parser could not read text_encoder.onnx .*unsupported operator"):
+        build_engines(tiny_fp16, tmp_path / "E", None, TensorRTBuildOptions())
+
+
+def test_failed_build_names_the_call_and_the_tensorrt_error(use_double, tiny_fp16, tmp_path):
+    use_double(fail_build=True)
+    with pytest.raises(BuildError, match=r"build_serialized_network\): double: out of memory"):
+        build_engines(tiny_fp16, tmp_path / "E", None, TensorRTBuildOptions(components=("unet",)))
+    assert not (tmp_path / "E" / "unet.plan").exists()
+
+
+def test_output_folder_that_is_not_an_engine_folder_is_refused(use_double, tiny_fp16, tmp_path):
+    use_double()
+    (tmp_path / "E").mkdir()
+    (tmp_path / "E" / "notes.txt").write_text("mine")
+    with pytest.raises(BuildError, match="not an sdtrt engine folder; refusing"):
+        build_engines(tiny_fp16, tmp_path / "E", None, TensorRTBuildOptions())
+    shutil.copytree(tiny_fp16, tmp_path / "A")
+    with pytest.raises(BuildError, match="is an ONNX artifact folder"):
+        build_engines(tiny_fp16, tmp_path / "A", None, TensorRTBuildOptions())
+    with pytest.raises(BuildError, match="is the artifact folder itself"):
+        build_engines(tiny_fp16, tiny_fp16, None, TensorRTBuildOptions())
+
+
+def test_requested_profile_outside_the_artifact_is_refused(use_double, tiny_fp16, tmp_path):
+    use_double()
+    with pytest.raises(ShapeError, match="outside the artifact's profile"):
+        build_engines(tiny_fp16, tmp_path / "E", ShapeProfile.static(512, 512), TensorRTBuildOptions())
+
+
+def test_missing_tensorrt_names_the_install_command(monkeypatch, tiny_fp16, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` fail
+    with pytest.raises(MissingDependencyError, match=r'pip install "sdtrt\[trt\]".*NVIDIA\'s package index'):
+        build_engines(tiny_fp16, tmp_path / "E")
+
+
+def test_no_gpu_is_one_clear_error(use_double, monkeypatch, tiny_fp16, tmp_path):
+    use_double()
+    monkeypatch.setattr(trt_compat, "_test_device", None)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(BuildError, match="TensorRT needs an NVIDIA GPU, and torch sees none"):
+        build_engines(tiny_fp16, tmp_path / "E")
+
+
+# -- the command line --------------------------------------------------------------------------------------------
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_sdtrt_build_without_tensorrt_explains_itself(tiny_fp16, tmp_path):
+    result = subprocess.run(
+        [SDTRT, "build", str(tiny_fp16), "--out", str(tmp_path / "E"), "--static", "128", "--batch", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "building TensorRT engines needs the Python module 'tensorrt'" in result.stderr
+    assert 'pip install "sdtrt[trt]"' in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "E").exists()
+
+
+def test_sdtrt_build_refuses_a_bad_profile_before_anything_else(tiny_fp16, tmp_path):
+    result = subprocess.run(
+        [SDTRT, "build", str(tiny_fp16), "--out", str(tmp_path / "E"), "--static", "128", "--max-size", "256"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1 and "either a static size" in result.stderr
+
+
+def test_sdtrt_doctor_runs_with_what_is_installed():
+    result = subprocess.run([SDTRT, "doctor"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for word in ("torch", "tensorrt", "onnxruntime", "backends:", "  onnxruntime", "  torch", "  tensorrt"):
+        assert word in result.stdout
+
+
+# -- real TensorRT (run by users who have it) ---------------------------------------------------------------------
+@pytest.mark.trt
+def test_tiny_engines_match_onnxruntime(tiny_fp16, tmp_path):
+    import torch
+
+    from sdtrt.export.onnx_export import sample_inputs
+    from sdtrt.runtime.backends import onnxruntime as ort_backend
+    from sdtrt.runtime.backends import tensorrt as trt_backend
+
+    profile = ShapeProfile(1, 1, 2, 64, 64, 128, 64, 64, 128)
+    out = tmp_path / "engines"
+    manifest = build_engines(tiny_fp16, out, profile, TensorRTBuildOptions(opt_level=1))
+    source = read_manifest(tiny_fp16)
+    specs = component_specs(source.model)
+    trt_engines = trt_backend.open_engines(out, manifest, list(COMPONENTS), "cuda")
+    ort_engines = ort_backend.open_engines(tiny_fp16, source, list(COMPONENTS), "cpu")
+    for name in COMPONENTS:
+        tensors = sample_inputs(specs[name], source.model, profile, "fp16")
+        feeds = dict(zip([t.name for t in specs[name].inputs], tensors, strict=True))
+        expected = ort_engines[name].infer(feeds)
+        found = trt_engines[name].infer({k: v.cuda() for k, v in feeds.items()})
+        torch.cuda.synchronize()
+        for key, want in expected.items():
+            got = found[key].float().cpu()
+            rel = float((got - want.float()).norm() / want.float().norm().clamp_min(1e-12))
+            assert rel <= 1e-2, (name, key, rel)
+        assert json.loads((out / "manifest.json").read_text())["components"][name]["extra"]["peak_device_memory"] > 0
