@@ -119,33 +119,41 @@ class SdtrtRunner:
         self.pipe.close()
 
 
+def diffusers_pipeline(bundle: Any, scheduler: str) -> Any:
+    """diffusers' StableDiffusionPipeline over the bundle's modules, with the same sampler and CLIP tokenizer."""
+    import diffusers
+    import transformers
+
+    from sdtrt.runtime.models.tokenizer import clip_vocab_and_merges
+
+    vocab, merges = clip_vocab_and_merges()
+    tokenizer = transformers.CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+    cls_name, kwargs = DIFFUSERS_SCHEDULERS[scheduler]
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=bundle.vae,
+        text_encoder=bundle.text_encoder,
+        tokenizer=tokenizer,
+        unet=bundle.unet,
+        scheduler=getattr(diffusers, cls_name).from_config(bundle.scheduler_config, **kwargs),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 class DiffusersRunner:
     """diffusers' StableDiffusionPipeline on the same modules; stage times from hooks that only record events."""
 
     def __init__(self, config: BenchConfig, device: torch.device, compile_unet: bool) -> None:
         import diffusers
-        import transformers
-
-        from sdtrt.runtime.models.tokenizer import clip_vocab_and_merges
 
         self.config, self.device = config, device
         bundle = load_bundle(config.source)
         dtype = torch.float16 if device.type == "cuda" and config.precision == "fp16" else torch.float32
         self.precision = "fp16" if dtype == torch.float16 else "fp32"
-        vocab, merges = clip_vocab_and_merges()
-        tokenizer = transformers.CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
-        cls_name, kwargs = DIFFUSERS_SCHEDULERS[config.scheduler]
-        scheduler = getattr(diffusers, cls_name).from_config(bundle.scheduler_config, **kwargs)
-        pipe = diffusers.StableDiffusionPipeline(
-            vae=bundle.vae,
-            text_encoder=bundle.text_encoder,
-            tokenizer=tokenizer,
-            unet=bundle.unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipe = diffusers_pipeline(bundle, config.scheduler)
         pipe = pipe.to(device, dtype)
         pipe.unet.set_attn_processor(diffusers.models.attention_processor.AttnProcessor2_0())
         pipe.set_progress_bar_config(disable=True)

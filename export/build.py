@@ -28,7 +28,7 @@ from sdtrt.runtime.errors import ArtifactError, BuildError, ShapeError
 from sdtrt.runtime.files import sha256_file, write_bytes_atomic
 from sdtrt.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest, read_manifest, resolve_file
 from sdtrt.runtime.profile import ShapeProfile
-from sdtrt.runtime.specs import COMPONENTS, ModelInfo, component_specs, shape_ranges
+from sdtrt.runtime.specs import COMPONENTS, ModelInfo, check_profile_fits, component_specs, shape_ranges
 
 from .trt_builder import PeakDeviceMemory, TensorRTBuildOptions, build
 
@@ -113,14 +113,7 @@ def check_profile_inside(profile: ShapeProfile, artifact: ShapeProfile, model: M
             f"{'; '.join(outside)}. Choose sizes and batches inside the range the ONNX files were exported for, "
             "or re-export the artifact with a wider --min-size/--max-size/--max-batch"
         )
-    m = model.size_multiple
-    for which in ("min", "opt", "max"):
-        h, w = getattr(profile, f"{which}_height"), getattr(profile, f"{which}_width")
-        if h % m or w % m:
-            raise ShapeError(
-                f"{which} size {w}x{h} does not fit this model: its UNet downsamples the latents "
-                f"{model.unet_downsamples} times, so image sides must be multiples of {m} pixels"
-            )
+    check_profile_fits(model, profile)
 
 
 def engine_key(

@@ -20,14 +20,14 @@ import torch
 
 import sdtrt
 from sdtrt.runtime.deps import require, version_of
-from sdtrt.runtime.errors import ExportError, ShapeError
+from sdtrt.runtime.errors import ExportError
 from sdtrt.runtime.files import sha256_file, staging_dir, write_text_atomic
 from sdtrt.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest, TensorEntry
 from sdtrt.runtime.models.bundle import ModelBundle
 from sdtrt.runtime.models.fp16 import half_with_fp32_norms
 from sdtrt.runtime.models.wrappers import wrap
 from sdtrt.runtime.profile import ShapeProfile
-from sdtrt.runtime.specs import COMPONENTS, ComponentSpec, ModelInfo, component_specs, shape_ranges
+from sdtrt.runtime.specs import COMPONENTS, ComponentSpec, ModelInfo, check_profile_fits, component_specs, shape_ranges
 
 from .graph import clean_graph, save_model
 
@@ -165,17 +165,6 @@ def tool_versions() -> dict[str, str | None]:
     }
 
 
-def _check_profile(model: ModelInfo, profile: ShapeProfile) -> None:
-    m = model.size_multiple
-    for which in ("min", "opt", "max"):
-        h, w = getattr(profile, f"{which}_height"), getattr(profile, f"{which}_width")
-        if h % m or w % m:
-            raise ShapeError(
-                f"{which} size {w}x{h} does not fit this model: its UNet downsamples the latents "
-                f"{model.unet_downsamples} times, so image sides must be multiples of {m} pixels"
-            )
-
-
 def _check_output(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"output path {str(out)!r} is a file; give a folder path for the artifact")
@@ -213,7 +202,7 @@ def export_artifacts(
     The folder appears under its final name only when every file and the manifest are written.
     """
     out = Path(out)
-    _check_profile(bundle.model, options.profile)
+    check_profile_fits(bundle.model, options.profile)
     _check_output(out)
     from sdtrt.runtime.models.tokenizer import save_tokenizer
 
@@ -250,7 +239,7 @@ def write_source_artifact(bundle: ModelBundle, out: str | Path, profile: ShapePr
     export. Its manifest kind is "torch"; other backends refuse it with a message saying so.
     """
     out = Path(out)
-    _check_profile(bundle.model, profile)
+    check_profile_fits(bundle.model, profile)
     _check_output(out)
     from sdtrt.runtime.models.tokenizer import save_tokenizer
 

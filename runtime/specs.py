@@ -189,3 +189,15 @@ def check_size(height: int, width: int, model: ModelInfo) -> None:
             f"multiples of {m} pixels; got {width}x{height}, try "
             f"{max(m, round(width / m) * m)}x{max(m, round(height / m) * m)}"
         )
+
+
+def check_profile_fits(model: ModelInfo, profile: ShapeProfile) -> None:
+    """Raise ShapeError unless every min/opt/max size of ``profile`` can run through this model's networks."""
+    m = model.size_multiple
+    for which in ("min", "opt", "max"):
+        h, w = getattr(profile, f"{which}_height"), getattr(profile, f"{which}_width")
+        if h % m or w % m:
+            raise ShapeError(
+                f"{which} size {w}x{h} does not fit this model: its UNet downsamples the latents "
+                f"{model.unet_downsamples} times, so image sides must be multiples of {m} pixels"
+            )

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from sdtrt.benchmarks.harness import DIFFUSERS_SCHEDULERS
+from sdtrt.benchmarks.runners import diffusers_pipeline
 from sdtrt.runtime.errors import ArtifactError, ConfigError, ShapeError
 from sdtrt.runtime.pipeline import Pipeline
 
@@ -15,18 +17,6 @@ PROMPT = "a photo of a cat on a red sofa, detailed"
 NEGATIVE = "blurry, low quality"
 HEIGHT, WIDTH = 64, 128
 STEPS = 8
-
-DIFFUSERS_SCHEDULERS = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "lcm": ("LCMScheduler", {}),
-}
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -37,24 +27,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def reference(tiny_bundle):
     """diffusers' StableDiffusionPipeline on the tiny weights, with a transformers CLIPTokenizer."""
-    diffusers = pytest.importorskip("diffusers")
-    transformers = pytest.importorskip("transformers")
-    from sdtrt.runtime.models.tokenizer import clip_vocab_and_merges
-
-    vocab, merges = clip_vocab_and_merges()
-    tokenizer = transformers.CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
-    scheduler = diffusers.EulerDiscreteScheduler.from_config(tiny_bundle.scheduler_config)
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=tiny_bundle.vae,
-        text_encoder=tiny_bundle.text_encoder,
-        tokenizer=tokenizer,
-        unet=tiny_bundle.unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    pipe = diffusers_pipeline(tiny_bundle, "euler")
     pipe.base_scheduler_config = dict(tiny_bundle.scheduler_config)  # every sampler starts from this config
     return pipe
 
