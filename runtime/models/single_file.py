@@ -228,6 +228,15 @@ def _short_reason(exc: BaseException) -> str:
     if match:
         name, want, got = match.groups()
         return f"{name} has shape {got} in the checkpoint but the config needs {want}"
+    # without accelerate, diffusers loads with load_state_dict, whose message words it differently
+    match = re.search(
+        rf"size mismatch for (\S+): copying a param with shape {size} from checkpoint, "
+        rf"the shape in current model is {size}",
+        str(exc),
+    )
+    if match:
+        name, got, want = match.groups()
+        return f"{name} has shape {got} in the checkpoint but the config needs {want}"
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
 
