@@ -51,6 +51,26 @@ class StageTimes:
         return ordered[len(ordered) // 2] if ordered else 0.0
 
 
+@dataclass(frozen=True)
+class _Request:
+    """One call's arguments, validated and expanded to one entry per image."""
+
+    prompts: list[str]
+    negatives: list[str]
+    height: int
+    width: int
+    scheduler: str
+    steps: int
+    first: int  # first step run (img2img starts later)
+    seeds: list[int]
+    guidance_scale: float
+    shape: tuple[int, int, int, int]  # latents
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
 @dataclass
 class GenerationResult:
     images: list[Image.Image]
@@ -208,6 +228,63 @@ class Pipeline:
         latents)`` runs between steps (clone ``latents`` to keep them; see ``latents_to_rgb`` for previews).
         """
         start_time = time.perf_counter()
+        req = self._request(
+            prompt, negative_prompt, steps, guidance_scale, seed, height, width, scheduler, num_images, image, strength
+        )
+        times = StageTimes()
+        clock = _Clock(self.device)
+
+        t0 = clock.mark()  # text: uncond rows first, encoded once before the loop
+        text = self.encode_prompts(req.negatives + req.prompts if req.guided else req.prompts)
+        times.text_encode = clock.seconds(t0, clock.mark())
+
+        denoiser = self._start(req, text, image, times, clock)
+        marks = [clock.mark()]
+        for i in range(req.first, steps):
+            denoiser.step(i)
+            marks.append(clock.mark())
+            if callback is not None:
+                callback(i, steps, denoiser.buffers.latents)
+        times.steps = [clock.seconds(a, b) for a, b in zip(marks, marks[1:], strict=False)]
+        times.denoise = clock.seconds(marks[0], marks[-1])
+
+        d0 = clock.mark()
+        pixels = self.decode_latents(denoiser.buffers.latents)
+        times.vae_decode = clock.seconds(d0, clock.mark())
+        if not bool(torch.isfinite(pixels).all()):
+            raise NumericsError(
+                "the VAE decoder produced NaN/Inf pixels (fp16 overflow is the usual cause); re-export the "
+                "vae_decoder with --precision fp32, or check the latents for NaN"
+            )
+        unit = (pixels.float() / 2 + 0.5).clamp(0, 1).cpu()
+        images = to_pil(unit * 2 - 1)
+        times.total = time.perf_counter() - start_time
+        settings = {
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "height": req.height,
+            "width": req.width,
+            "scheduler": req.scheduler,
+            "strength": strength if image is not None else None,
+            "backend": self.backend,
+        }
+        return GenerationResult(images, req.seeds, req.prompts, req.negatives, times, settings, unit)
+
+    def _request(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None,
+        steps: int,
+        guidance_scale: float,
+        seed: int | None,
+        height: int | None,
+        width: int | None,
+        scheduler: str | None,
+        num_images: int,
+        image: Image.Image | None,
+        strength: float,
+    ) -> _Request:
+        """Validate a call's arguments and expand them to one entry per image."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ConfigError("prompt list is empty; give at least one prompt")
@@ -219,78 +296,45 @@ class Pipeline:
         profile = self.manifest.profile
         height = height or profile.opt_height
         width = width or profile.opt_width
-        scheduler_name = scheduler or DEFAULT_SCHEDULER
-        batch = len(prompts)
-        self._validate(steps, guidance_scale, height, width, batch, scheduler_name)
+        name = scheduler or DEFAULT_SCHEDULER
+        self._validate(steps, guidance_scale, height, width, len(prompts), name)
         first = start_index(steps, strength) if image is not None else 0
         if image is not None and "vae_encoder" not in self.engines:
             raise ArtifactError("img2img needs the vae_encoder component; export it with --components ...,vae_encoder")
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-        seeds = [seed + k for k in range(batch)]
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-        guided = guidance_scale > 1.0
-        sampler = get_scheduler(scheduler_name)
         model = self.manifest.model
-        shape = (batch, model.latent_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
-        times = StageTimes()
-        clock = _Clock(self.device)
+        shape = (len(prompts), model.latent_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
+        seeds = [seed + k for k in range(len(prompts))]
+        return _Request(prompts, negatives, height, width, name, steps, first, seeds, guidance_scale, shape)
 
-        # text: uncond rows first, encoded once before the loop
-        t0 = clock.mark()
-        text = self.encode_prompts(negatives + prompts if guided else prompts)
-        t1 = clock.mark()
-        times.text_encode = clock.seconds(t0, t1)
+    def _start(
+        self, req: _Request, text: torch.Tensor, image: Image.Image | None, times: StageTimes, clock: _Clock
+    ) -> Denoiser:
+        """Fill the denoiser's static buffers with this call's text, guidance and starting latents.
 
-        # draw order per image generator matches diffusers: starting noise (or VAE sample + noise), then the
-        # sampler's per-step noise
+        Draw order per image generator matches diffusers: starting noise (or VAE sample, then noise), then the
+        sampler's per-step noise.
+        """
+        generators = [torch.Generator().manual_seed(s) for s in req.seeds]
+        sampler = get_scheduler(req.scheduler)
+        shape = req.shape
         if image is None:
             init: Any = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])
         else:
-            init, times.vae_encode = self._encode_image(image, height, width, generators, clock)
-        schedule_noise = sampler.draw_noise(steps, shape, generators, start=first)
-        denoiser, schedule = self._denoiser(sampler, steps, first, shape, text, guided, schedule_noise)
+            init, times.vae_encode = self._encode_image(image, req.height, req.width, generators, clock)
+        noise = sampler.draw_noise(req.steps, shape, generators, start=req.first)
+        denoiser, schedule = self._denoiser(sampler, req.steps, req.first, shape, text, req.guided, noise)
         buffers = denoiser.buffers
         buffers.text.copy_(text.to(buffers.text.dtype))
-        buffers.guidance.fill_(float(guidance_scale))
+        buffers.guidance.fill_(float(req.guidance_scale))
         if image is None:
             buffers.latents.copy_(init.to(self.device) * schedule.init_noise_sigma)
         else:
-            clean, noise = init
-            buffers.latents.copy_(add_noise(schedule, first, clean.to(self.device), noise.to(self.device)))
+            clean, noised = init
+            buffers.latents.copy_(add_noise(schedule, req.first, clean.to(self.device), noised.to(self.device)))
         buffers.state.zero_()
-
-        marks = [clock.mark()]
-        for i in range(first, steps):
-            denoiser.step(i)
-            marks.append(clock.mark())
-            if callback is not None:
-                callback(i, steps, buffers.latents)
-        times.steps = [clock.seconds(a, b) for a, b in zip(marks, marks[1:], strict=False)]
-        times.denoise = clock.seconds(marks[0], marks[-1])
-
-        d0 = clock.mark()
-        pixels = self.decode_latents(buffers.latents)
-        d1 = clock.mark()
-        times.vae_decode = clock.seconds(d0, d1)
-        if not bool(torch.isfinite(pixels).all()):
-            raise NumericsError(
-                "the VAE decoder produced NaN/Inf pixels (fp16 overflow is the usual cause); re-export the "
-                "vae_decoder with --precision fp32, or check the latents for NaN"
-            )
-        images = to_pil(pixels)
-        unit = (pixels.float() / 2 + 0.5).clamp(0, 1).cpu()
-        times.total = time.perf_counter() - start_time
-        settings = {
-            "steps": steps,
-            "guidance_scale": guidance_scale,
-            "height": height,
-            "width": width,
-            "scheduler": scheduler_name,
-            "strength": strength if image is not None else None,
-            "backend": self.backend,
-        }
-        return GenerationResult(images, seeds, prompts, negatives, times, settings, unit)
+        return denoiser
 
     def _encode_image(
         self, image: Image.Image, height: int, width: int, generators: list[torch.Generator], clock: _Clock
