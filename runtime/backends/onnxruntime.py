@@ -164,7 +164,7 @@ def open_engines(
     try:
         for name, entry in entries.items():
             path = verified_model_file(root, entry)
-            session = create_session(ort, path, providers, options)
+            session = create_session(ort, path, providers, options, quantized=entry.precision in ("int8", "fp8"))
             check_interface(name, entry, session, device)
             engines[name] = OnnxRuntimeEngine(name, entry, session, device, manifest.model.vae_scale_factor)
     except BaseException:
@@ -280,9 +280,15 @@ def _node_tensors(nodes: Any) -> Iterator[Any]:
                 yield from _graph_tensors(graph)
 
 
-def create_session(ort: ModuleType, path: Path, providers: list[Any], options: BackendOptions) -> Any:
+def create_session(
+    ort: ModuleType, path: Path, providers: list[Any], options: BackendOptions, quantized: bool = False
+) -> Any:
     session_options = ort.SessionOptions()
     session_options.log_severity_level = LOG_SEVERITY_ERROR
+    if quantized:
+        # Keep Q/DQ pairs as written: ORT's fused int8 CPU kernels overflow on CPUs without VNNI, and the unfused
+        # graph computes what TensorRT computes from the same Q/DQ nodes.
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if options.threads > 0:
         session_options.intra_op_num_threads = options.threads
     try:
