@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,18 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
         return int(text), int(text)
     except ValueError:
         raise click.BadParameter(f"expected N or WIDTHxHEIGHT in pixels (e.g. 512 or 768x512), got {text!r}") from None
+
+
+def writable_folder(folder: Path, what: str) -> None:
+    """Create ``folder`` if needed and make sure it can be written, before any long work starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise click.UsageError(
+            f"cannot write {what} to {str(folder)!r} ({exc.strerror}); choose a folder you can write to"
+        ) from None
 
 
 class SdtrtGroup(click.Group):
@@ -311,9 +324,19 @@ def generate_cmd(
 
     hw = parse_size(size)
     height, width = hw if hw else (None, None)
-    image = Image.open(init_image) if init_image else None
+    image = None
+    if init_image:
+        try:
+            image = Image.open(init_image)
+            image.load()
+        except OSError as exc:
+            raise click.BadParameter(
+                f"{str(init_image)!r} is not an image Pillow can read ({exc}); give a PNG, JPEG or WebP file",
+                param_hint="--init-image",
+            ) from None
+    writable_folder(out.parent, "the image")
     if preview_dir:
-        preview_dir.mkdir(parents=True, exist_ok=True)
+        writable_folder(preview_dir, "previews")
     with Pipeline.from_artifacts(artifacts, backend=backend, device=device) as pipe:
         runs = min(int(steps * strength), steps) if init_image else steps
         with click.progressbar(length=runs, label="denoising", file=sys.stderr) as bar:
@@ -437,6 +460,9 @@ def bench_cmd(
         device=device,
         artifacts=str(artifacts) if artifacts else None,
     )
+    for path, what in ((json_path, "the JSON rows"), (plot_path, "the chart")):
+        if path:
+            writable_folder(path.parent, what)
     rows = run_benchmark(config, progress=lambda message: click.echo(message, err=True))
     summaries = summarize(rows)
     if json_path:

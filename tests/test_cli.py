@@ -150,3 +150,28 @@ def test_generate_img2img_and_batch(tmp_path, tiny_fp32):
     assert "Denoising strength: 0.5" in Image.open(tmp_path / "x-1.png").text["parameters"]
     bad = run("generate", str(tiny_fp32), "x", "--size", "100x64", "--out", str(tmp_path / "y.png"))
     assert bad.returncode == 1 and "multiple of 8 pixels" in bad.stderr and not (tmp_path / "y.png").exists()
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, tiny_fp32):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run("generate", str(tiny_fp32), "x", "--steps", "1", "--out", str(blocker / "img.png"))
+    assert result.returncode == 2 and "cannot write the image" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run(
+        "generate",
+        str(tiny_fp32),
+        "x",
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "ok.png"),
+        "--preview-dir",
+        str(blocker / "p"),
+    )
+    assert result.returncode == 2 and "cannot write previews" in result.stderr
+    assert not (tmp_path / "ok.png").exists()
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    result = run("generate", str(tiny_fp32), "x", "--init-image", str(bad), "--out", str(tmp_path / "ok.png"))
+    assert result.returncode == 2 and "is not an image Pillow can read" in result.stderr
