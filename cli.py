@@ -163,22 +163,40 @@ def export_cmd(
     "(default: the artifact it was calibrated from).",
 )
 @click.option(
-    "--report-json", type=click.Path(path_type=Path), help="int8/fp8 artifacts: write the quality report here."
+    "--report-json",
+    type=click.Path(path_type=Path),
+    help="int8/fp8 or shapes artifacts: write the quality or prompt-adherence report here.",
+)
+@click.option(
+    "--prompts",
+    type=int,
+    default=20,
+    show_default=True,
+    help="shapes artifacts: held-out prompts generated for the prompt-adherence check (0 skips it).",
 )
 def check_cmd(
-    artifacts: Path, json_path: Path | None, seed: int, references: tuple[Path, ...], report_json: Path | None
+    artifacts: Path,
+    json_path: Path | None,
+    seed: int,
+    references: tuple[Path, ...],
+    report_json: Path | None,
+    prompts: int,
 ) -> None:
     """Run each ONNX component with ONNX Runtime and compare it with the PyTorch model it came from.
 
     An int8/fp8 UNet is judged by the quality report instead (per-step error against the float artifacts on
     held-out prompts, and image PSNR): on random inputs outside its calibrated ranges the comparison says little.
+    A float artifact of the trained ``shapes`` model also generates held-out prompts and is scored on what its
+    images show, next to PyTorch on the same prompts and seeds.
     """
     from dataclasses import asdict
 
     from sdtrt.export.check import check_artifacts, format_table
     from sdtrt.runtime.manifest import read_manifest
+    from sdtrt.shapes.report import adherence_report, format_adherence, is_shapes
 
-    quantized = [n for n, e in read_manifest(artifacts).components.items() if e.precision in ("int8", "fp8")]
+    manifest = read_manifest(artifacts)
+    quantized = [n for n, e in manifest.components.items() if e.precision in ("int8", "fp8")]
     rows = [r for r in check_artifacts(artifacts, seed=seed) if r.component not in quantized]
     click.echo(format_table(rows))
     if json_path:
@@ -186,19 +204,28 @@ def check_cmd(
     failed = [r for r in rows if not r.passed]
     report_failed = False
     if quantized:
-        from sdtrt.calibrate.report import format_report, quality_report
+        from sdtrt.calibrate.report import ReportConfig, format_report, quality_report
 
         click.echo(f"{', '.join(quantized)}: quantized, measured by the quality report", err=True)
-        report = quality_report(artifacts, references)
+        config = ReportConfig.for_shapes(prompts) if is_shapes(manifest.source) and prompts else ReportConfig()
+        report = quality_report(artifacts, references, config)
         click.echo(format_report(report))
         if report_json:
             report.save(report_json)
         report_failed = not report.passed
+    elif is_shapes(manifest.source) and prompts > 0:
+        adherence = adherence_report(artifacts, prompts=prompts)
+        click.echo(format_adherence(adherence))
+        if report_json:
+            report_json.write_text(json.dumps(adherence.to_dict(), indent=2) + "\n")
+        report_failed = not adherence.passed
     if failed or report_failed:
         what = f"{len(failed)} of {len(rows)} checks failed" if failed else "all checks passed"
         click.echo(what + (", quality report failed" if report_failed else ""), err=True)
         sys.exit(1)
-    click.echo(f"all {len(rows)} checks passed" + (", quality report passed" if quantized else ""))
+    adhered = is_shapes(manifest.source) and prompts > 0
+    extra = ", quality report passed" if quantized else ", prompt adherence passed" if adhered else ""
+    click.echo(f"all {len(rows)} checks passed" + extra)
 
 
 @main.command("calibrate")
@@ -282,7 +309,8 @@ def calibrate_cmd(
 @click.option("--seed", type=int, help="Seed of the first image (image k uses seed + k); random when omitted.")
 @click.option("--size", help="WIDTHxHEIGHT in pixels (default: the artifact's tuned size).")
 @click.option(
-    "--scheduler", default="euler_a", show_default=True, help="euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras or lcm."
+    "--scheduler",
+    help="euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras or lcm (default: the sampler of the model's scheduler).",
 )
 @click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime, torch or tensorrt.")
 @click.option("--device", help="cpu or cuda (default: cuda when the backend can use it).")
@@ -306,7 +334,7 @@ def generate_cmd(
     guidance: float,
     seed: int | None,
     size: str | None,
-    scheduler: str,
+    scheduler: str | None,
     backend: str,
     device: str | None,
     num_images: int,
@@ -363,6 +391,7 @@ def generate_cmd(
             )
         model_hash = str(pipe.manifest.source.get("sha256", ""))
     w, h = result.settings["width"], result.settings["height"]
+    scheduler = str(result.settings["scheduler"])
     for k, (img, img_seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         target = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}")
         extra = [("Denoising strength", f"{strength:g}")] if init_image else []
@@ -383,7 +412,7 @@ def generate_cmd(
         click.echo(f"wrote {target} (seed {img_seed})")
     t = result.times
     click.echo(
-        f"{w}x{h}, {steps} steps, {backend}: text {t.text_encode * 1000:.0f} ms, denoise "
+        f"{w}x{h}, {steps} steps, {scheduler}, {backend}: text {t.text_encode * 1000:.0f} ms, denoise "
         f"{t.denoise * 1000:.0f} ms ({t.step_median * 1000:.1f} ms/step), VAE decode "
         f"{t.vae_decode * 1000:.0f} ms, total {t.total:.2f} s"
     )
@@ -397,7 +426,7 @@ def generate_cmd(
     show_default=True,
     help="Comma-separated: diffusers, diffusers-compile, torch, torch-graph, onnxruntime, tensorrt.",
 )
-@click.option("--size", default="512x512", show_default=True, help="WIDTHxHEIGHT in pixels.")
+@click.option("--size", help="WIDTHxHEIGHT in pixels (default: 128x128 for tiny and shapes, else 512x512).")
 @click.option("--steps", type=int, default=30, show_default=True)
 @click.option("--cfg", "guidance", type=float, default=7.5, show_default=True)
 @click.option("--batch", type=int, default=1, show_default=True)
@@ -423,7 +452,7 @@ def generate_cmd(
 def bench_cmd(
     source: str,
     backends: str,
-    size: str,
+    size: str | None,
     steps: int,
     guidance: float,
     batch: int,
@@ -442,7 +471,7 @@ def bench_cmd(
     from sdtrt.benchmarks.report import format_table, plot, summarize
     from sdtrt.runtime.files import write_text_atomic
 
-    hw = parse_size(size)
+    hw = parse_size(size or ("128x128" if source in ("tiny", "shapes") else "512x512"))
     assert hw is not None
     config = BenchConfig(
         source=source,

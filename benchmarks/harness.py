@@ -30,22 +30,12 @@ import torch
 
 from sdtrt.runtime.deps import version_of
 from sdtrt.runtime.errors import ConfigError
+from sdtrt.runtime.models.reference import DIFFUSERS_SCHEDULERS
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("diffusers", "diffusers-compile", "torch", "torch-graph", "onnxruntime", "tensorrt")
 CUDA_ONLY = ("diffusers-compile", "torch-graph", "tensorrt")
-DIFFUSERS_SCHEDULERS = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "lcm": ("LCMScheduler", {}),
-}
 
 
 @dataclass(frozen=True)

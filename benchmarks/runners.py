@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from sdtrt.runtime.errors import ConfigError
+from sdtrt.runtime.models.reference import diffusers_pipeline
 from sdtrt.runtime.profile import ShapeProfile
 
-from .harness import DIFFUSERS_SCHEDULERS, BenchConfig
+from .harness import BenchConfig
 
 _BUNDLES: dict[str, Any] = {}
 
@@ -117,30 +118,6 @@ class SdtrtRunner:
 
     def close(self) -> None:
         self.pipe.close()
-
-
-def diffusers_pipeline(bundle: Any, scheduler: str) -> Any:
-    """diffusers' StableDiffusionPipeline over the bundle's modules, with the same sampler and CLIP tokenizer."""
-    import diffusers
-    import transformers
-
-    from sdtrt.runtime.models.tokenizer import clip_vocab_and_merges
-
-    vocab, merges = clip_vocab_and_merges()
-    tokenizer = transformers.CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
-    cls_name, kwargs = DIFFUSERS_SCHEDULERS[scheduler]
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=bundle.vae,
-        text_encoder=bundle.text_encoder,
-        tokenizer=tokenizer,
-        unet=bundle.unet,
-        scheduler=getattr(diffusers, cls_name).from_config(bundle.scheduler_config, **kwargs),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 class DiffusersRunner:

@@ -16,6 +16,7 @@ from sdtrt.runtime.files import sha256_file, staging_dir
 from sdtrt.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest, read_manifest, resolve_file
 
 from .capture import (
+    SHAPES_PROMPTS,
     CalibrationData,
     CaptureConfig,
     capture_calibration_data,
@@ -40,6 +41,20 @@ class CalibrateRequest:
     save_data: str | None = None  # also write the captured calibration data (.npz) here
 
 
+def _for_model(request: CalibrateRequest, manifest: Manifest) -> CalibrateRequest:
+    """The trained shapes model calibrates on its own training captions, with its own sampler and CFG."""
+    from sdtrt.shapes.report import is_shapes
+
+    if not is_shapes(manifest.source) or request.prompts_file is not None:
+        return request
+    from sdtrt.shapes.evaluate import DEFAULT_GUIDANCE
+
+    capture = request.capture
+    if (capture.guidance_scale, capture.scheduler) == (CaptureConfig.guidance_scale, CaptureConfig.scheduler):
+        capture = replace(capture, guidance_scale=DEFAULT_GUIDANCE, scheduler="euler")
+    return replace(request, capture=capture, prompts_file=str(SHAPES_PROMPTS))
+
+
 def calibrate_artifacts(
     folder: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -61,6 +76,7 @@ def calibrate_artifacts(
     from sdtrt.runtime.backends.onnxruntime import verified_model_file
 
     verify_files(source_dir, manifest)
+    request = _for_model(request, manifest)
     prompts = load_prompts(request.prompts_file)
     if data is None:
         data = capture_calibration_data(

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 DEFAULT_PROMPTS = Path(__file__).parent / "data" / "prompts.txt"
+SHAPES_PROMPTS = Path(__file__).parent / "data" / "shapes_prompts.txt"  # the trained shapes model's captions
 DEFAULT_SCHEDULER = "euler_a"
 Progress = Callable[[int, int], None]  # (trajectories done, trajectories in all)
 
@@ -297,4 +298,5 @@ def capture_calibration_data(
 def prompt_source(path: str | os.PathLike[str] | None) -> dict[str, str]:
     """Where the prompts came from: the file and its sha256 (the built-in set when ``path`` is None)."""
     source = Path(path) if path is not None else DEFAULT_PROMPTS
-    return {"file": "sdtrt:calibrate/data/prompts.txt" if path is None else str(source), "sha256": sha256_file(source)}
+    shipped = source.resolve().parent == DEFAULT_PROMPTS.resolve().parent
+    return {"file": f"sdtrt:calibrate/data/{source.name}" if shipped else str(source), "sha256": sha256_file(source)}

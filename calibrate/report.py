@@ -69,6 +69,24 @@ class ReportConfig:
     seed: int = 1000
     max_rel_l2: float = 0.15
     min_psnr_db: float = 15.0
+    shapes: bool = False  # held-out shapes captions, and prompt accuracy read from the images
+
+    @classmethod
+    def for_shapes(cls, prompts: int = 20) -> ReportConfig:
+        """The report for the trained ``shapes`` model: its own held-out captions, size, sampler and CFG."""
+        from sdtrt.shapes.data import IMAGE_SIZE
+        from sdtrt.shapes.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMAGE_SEED
+
+        return cls(
+            prompts=prompts,
+            steps=DEFAULT_STEPS,
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            guidance_scale=DEFAULT_GUIDANCE,
+            scheduler="euler",
+            seed=IMAGE_SEED,
+            shapes=True,
+        )
 
     def __post_init__(self) -> None:
         for name in ("prompts", "steps"):
@@ -109,6 +127,18 @@ class QualityReport:
     max_rel_l2: float
     min_psnr_db: float
     notes: list[str] = field(default_factory=list)
+    # shapes only: precision ("int8", "fp32", "fp16") -> accuracy per aspect on the held-out prompts
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def accuracy_ok(self) -> bool:
+        """The quantized images' 'all three right' is at most MAX_ACCURACY_DROP behind the image reference's."""
+        if not self.accuracy:
+            return True
+        from sdtrt.shapes.report import MAX_ACCURACY_DROP
+
+        ref = self.accuracy.get("fp16") or self.accuracy[self.reference]
+        return self.accuracy[self.precision]["all"] >= ref["all"] - MAX_ACCURACY_DROP
 
     @property
     def mean_rel_l2(self) -> float:
@@ -126,6 +156,7 @@ class QualityReport:
             math.isfinite(self.mean_rel_l2)
             and self.mean_rel_l2 <= self.max_rel_l2
             and self.image_psnr >= self.min_psnr_db
+            and self.accuracy_ok
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -247,8 +278,15 @@ def _references(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Path]:
     return refs
 
 
-def held_out_prompts(manifest: Manifest, count: int) -> list[str]:
-    """``count`` built-in held-out prompts, skipping any that were used for calibration."""
+def held_out_prompts(manifest: Manifest, count: int, shapes: bool = False) -> list[str]:
+    """``count`` built-in held-out prompts, skipping any that were used for calibration.
+
+    With ``shapes``, captions of the shapes model's held-out combinations (never in training or calibration).
+    """
+    if shapes:
+        from sdtrt.shapes.evaluate import prompts as shapes_prompts
+
+        return shapes_prompts(count)
     used = set(manifest.components["unet"].extra.get("calibration", {}).get("prompts", []))
     free = [p for p in HELD_OUT_PROMPTS if p not in used]
     if count > len(free):
@@ -301,7 +339,7 @@ def quality_report(
             )
         references = [found]
     refs = _references(references)
-    prompts = held_out_prompts(manifest, config.prompts)
+    prompts = held_out_prompts(manifest, config.prompts, config.shapes)
     height, width = _size(manifest, config)
     run = {
         "steps": config.steps,
@@ -313,6 +351,7 @@ def quality_report(
     primary = "fp32" if "fp32" in refs else "fp16"
     per_step: dict[int, list[StepValues]] = {}
     images: list[ImageRow] = []
+    pixels: dict[str, list[torch.Tensor]] = {}
     pipes: dict[str, Pipeline] = {}
     qdq = QdqEngine(root, manifest)
     try:
@@ -323,7 +362,10 @@ def quality_report(
         recorder = _Recorder(pipes[primary].engines["unet"])
         pipes[primary].engines["unet"] = recorder
         for k, prompt in enumerate(prompts):
-            images.append(_measure(pipes, primary, qdq, kernels, recorder, prompt, config.seed + k, run, per_step))
+            row, made = _measure(pipes, primary, qdq, kernels, recorder, prompt, config.seed + k, run, per_step)
+            images.append(row)
+            for key, value in made.items():
+                pixels.setdefault(entry.precision if key == "quant" else key, []).append(value)
             if progress:
                 progress("report", k + 1, len(prompts))
         kernels.close()
@@ -333,6 +375,7 @@ def quality_report(
         qdq.close()
     rows = [_step_row(i, values) for i, values in sorted(per_step.items())]
     dtype = entry.extra.get("quantization", {}).get("unquantized_dtype", "unknown")
+    accuracy = _accuracy(pixels, prompts) if config.shapes else {}
     return QualityReport(
         artifact=str(root),
         precision=entry.precision,
@@ -352,7 +395,18 @@ def quality_report(
             "speed is not measured here: TensorRT speed can only be measured where TensorRT and an NVIDIA GPU "
             "exist (sdtrt build, then sdtrt bench --backends tensorrt)",
         ],
+        accuracy=accuracy,
     )
+
+
+def _accuracy(pixels: dict[str, list[torch.Tensor]], prompts: list[str]) -> dict[str, dict[str, float]]:
+    """Prompt accuracy of each precision's images (shapes model), read back from the pixels."""
+    from sdtrt.shapes.score import accuracy
+
+    def to_uint8(unit: torch.Tensor) -> np.ndarray:
+        return (unit[0].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+
+    return {key: accuracy([to_uint8(p) for p in values], prompts) for key, values in pixels.items()}
 
 
 def _measure(
@@ -365,8 +419,11 @@ def _measure(
     seed: int,
     run: dict[str, Any],
     per_step: dict[int, list[StepValues]],
-) -> ImageRow:
-    """One held-out prompt: per-step UNet errors on the reference trajectory, then the images from ``seed``."""
+) -> tuple[ImageRow, dict[str, torch.Tensor]]:
+    """One held-out prompt: per-step UNet errors on the reference trajectory, then the images from ``seed``.
+
+    Returns the row and the images ([1, 3, H, W] in [0, 1]) by pipeline: "quant", the primary reference, "fp16".
+    """
     recorder.calls.clear()
     reference = pipes[primary](prompt, seed=seed, **run).pixels
     second = pipes.get("fp16") if primary == "fp32" else None
@@ -381,7 +438,9 @@ def _measure(
         per_step.setdefault(i, []).append((rel_l2(quant, ref), rel_l2(ort_out, ref), half, timestep))
     image = pipes["quant"](prompt, seed=seed, **run).pixels
     image16 = second(prompt, seed=seed, **run).pixels if second is not None else None
-    return ImageRow(prompt, seed, psnr(image, reference), psnr(image, image16) if image16 is not None else None)
+    row = ImageRow(prompt, seed, psnr(image, reference), psnr(image, image16) if image16 is not None else None)
+    made = {"quant": image, primary: reference} | ({"fp16": image16} if image16 is not None else {})
+    return row, made
 
 
 def _step_row(step: int, values: list[StepValues]) -> StepRow:
@@ -412,6 +471,11 @@ def format_report(report: QualityReport) -> str:
     for image in report.images:
         half = "-" if image.psnr_fp16_db is None else f"{image.psnr_fp16_db:.1f}"
         lines.append(f"{image.prompt[:48]:<48} {image.psnr_db:>8.1f} {half:>8}")
+    if report.accuracy:
+        aspects = ("background", "colour", "shape", "size", "all")
+        lines.append(f"{'prompt accuracy':<16}" + "".join(f"{a:>11}" for a in aspects))
+        for key, acc in report.accuracy.items():
+            lines.append(f"{key:<16}" + "".join(f"{acc[a]:>11.0%}" for a in aspects))
     verdict = "pass" if report.passed else "FAIL"
     lines.append(
         f"mean UNet rel L2 vs {report.reference} {report.mean_rel_l2:.4f} (bound {report.max_rel_l2:g}); "

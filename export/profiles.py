@@ -9,8 +9,8 @@ Size = tuple[int, int]  # (height, width)
 
 
 def default_profile(bundle: ModelBundle) -> ShapeProfile:
-    """tiny: 64..256 px (opt 128); real models: 256..1024 px (opt 512); batch 1..4."""
-    if bundle.source.get("name") == "tiny":
+    """tiny and shapes: 64..256 px (opt 128); real models: 256..1024 px (opt 512); batch 1..4."""
+    if bundle.source.get("kind") == "preset" and bundle.source.get("name") in ("tiny", "shapes"):
         return ShapeProfile.square(64, 128, 256)
     return ShapeProfile.square(256, 512, 1024)
 

@@ -25,13 +25,12 @@ from .errors import ArtifactError, BackendError, ConfigError, NumericsError, Sha
 from .images import from_pil, latents_to_rgb, to_pil
 from .manifest import Manifest, read_manifest, resolve_file
 from .prompts import PromptTokenizer
-from .schedulers import SCHEDULER_NAMES, SchedulerConfig, add_noise, get_scheduler, start_index
+from .schedulers import SCHEDULER_NAMES, SchedulerConfig, add_noise, default_sampler, get_scheduler, start_index
 from .specs import check_size
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[int, int, torch.Tensor], Any]  # (step, total steps, latents) between steps
-DEFAULT_SCHEDULER = "euler_a"
 
 
 @dataclass
@@ -123,8 +122,10 @@ class Pipeline:
         device: torch.device,
         backend: str,
         cuda_graph: bool,
+        default_scheduler: str = "euler_a",
     ) -> None:
         self.folder, self.manifest, self.engines = folder, manifest, engines
+        self.default_scheduler = default_scheduler  # the sampler of the model's own scheduler config
         self.tokenizer, self.scheduler_config = tokenizer, scheduler_config
         self.device, self.backend = device, backend
         self.cuda_graph = cuda_graph and device.type == "cuda" and engines["unet"].graph_capturable
@@ -164,7 +165,15 @@ class Pipeline:
             raise ArtifactError(f"{manifest.scheduler} in {folder} is not valid JSON ({exc}); re-export") from exc
         engines = module.open_engines(folder, manifest, present, dev, options or BackendOptions())
         return cls(
-            folder, manifest, engines, tokenizer, SchedulerConfig.from_dict(scheduler_data), dev, backend, cuda_graph
+            folder,
+            manifest,
+            engines,
+            tokenizer,
+            SchedulerConfig.from_dict(scheduler_data),
+            dev,
+            backend,
+            cuda_graph,
+            default_scheduler=default_sampler(scheduler_data),
         )
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -296,7 +305,7 @@ class Pipeline:
         profile = self.manifest.profile
         height = height or profile.opt_height
         width = width or profile.opt_width
-        name = scheduler or DEFAULT_SCHEDULER
+        name = scheduler or self.default_scheduler
         self._validate(steps, guidance_scale, height, width, len(prompts), name)
         first = start_index(steps, strength) if image is not None else 0
         if image is not None and "vae_encoder" not in self.engines:

@@ -1,4 +1,4 @@
-"""Every module imports without the optional extras, and runtime/ never imports export/ or calibrate/."""
+"""Every module imports without the optional extras, and runtime/ never imports export/, calibrate/ or shapes/."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ OPTIONAL = [
 
 def all_modules() -> list[str]:
     names = ["sdtrt", "sdtrt.cli"]
-    for sub in ("runtime", "export", "calibrate", "benchmarks"):
+    for sub in ("runtime", "export", "calibrate", "benchmarks", "shapes"):
         names.append(f"sdtrt.{sub}")
         for info in pkgutil.walk_packages([str(ROOT / sub)], prefix=f"sdtrt.{sub}."):
             names.append(info.name)
@@ -39,6 +39,7 @@ def all_modules() -> list[str]:
 def test_every_module_imports_without_optional_extras():
     modules = all_modules()
     assert "sdtrt.export.onnx_export" in modules and "sdtrt.runtime.manifest" in modules
+    assert "sdtrt.shapes.score" in modules
     script = f"""
 import importlib, sys
 class Block:
@@ -69,7 +70,7 @@ def test_missing_extra_names_the_install_command():
         require("sdtrt_no_such_module", "building engines", "trt")
 
 
-def test_runtime_never_imports_export_or_calibrate():
+def test_runtime_never_imports_export_calibrate_or_shapes():
     offenders = []
     for path in (ROOT / "runtime").rglob("*.py"):
         tree = ast.parse(path.read_text())
@@ -82,6 +83,8 @@ def test_runtime_never_imports_export_or_calibrate():
                 if node.level >= 2:
                     names = [f"..{node.module or ''}"]
             for name in names:
-                if name.startswith(("sdtrt.export", "sdtrt.calibrate", "..export", "..calibrate")):
+                if name.startswith(
+                    ("sdtrt.export", "sdtrt.calibrate", "sdtrt.shapes", "..export", "..calibrate", "..shapes")
+                ):
                     offenders.append(f"{path.name}: {name}")
     assert offenders == []

@@ -1,4 +1,8 @@
-"""Built-in models with seeded random weights: ``tiny`` for tests and the demo, ``sd15-random`` for benchmarks.
+"""Built-in models: ``shapes`` (trained, for the demo and quality figures), and two with seeded random weights,
+``tiny`` for tests and ``sd15-random`` for benchmarks.
+
+``shapes`` is a small SD 1.x model trained by sdtrt on drawn images of coloured shapes (see ``shapes.py``): it
+draws what its prompt asks for ("a red circle on a blue background"), so quality can be measured on images.
 
 ``tiny`` has the SD 1.x layout (CLIP text encoder, cross-attention UNet, 8x VAE) with a few channels per layer,
 so it exports and runs in seconds on a CPU. ``sd15-random`` is the real SD 1.5 architecture (859.5 M UNet
@@ -73,6 +77,11 @@ def preset_configs(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str,
     scheduler = json.loads((CONFIG_DIR / "sd15" / "scheduler" / "scheduler_config.json").read_text())
     if name == "tiny":
         return TINY_TEXT, TINY_UNET, TINY_VAE, scheduler
+    if name == "shapes":
+        from .shapes import read_record
+
+        record = read_record()
+        return record["text_encoder"], record["unet"], record["vae"], record["scheduler"]
     if name == "sd15-random":
         return (
             _read("sd15/text_encoder/config.json"),
@@ -83,11 +92,19 @@ def preset_configs(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str,
     raise SourceError(f"unknown preset {name!r}; the built-in presets are {', '.join(PRESETS)}")
 
 
-PRESETS = ("tiny", "sd15-random")
+PRESETS = ("tiny", "shapes", "sd15-random")
+TRAINED_PRESETS = ("shapes",)
 
 
 def load_preset(name: str, seed: int = PRESET_SEED) -> ModelBundle:
-    """Build a preset model with weights drawn from ``seed`` (same seed, same weights, on every machine)."""
+    """Build a preset model with weights drawn from ``seed`` (same seed, same weights, on every machine).
+
+    A trained preset (``shapes``) has one set of weights; ``seed`` does not apply to it.
+    """
+    if name == "shapes":
+        from .shapes import load_shapes
+
+        return load_shapes()
     text_cfg, unet_cfg, vae_cfg, sched_cfg = preset_configs(name)
     torch = require("torch", "building preset models", "export")
     diffusers = require("diffusers", "building preset models", "export")

@@ -23,6 +23,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
 def load_source(source: str, *, allow_pickle: bool = False, config_dir: str | Path | None = None) -> ModelBundle:
     """Load ``source`` (preset name, diffusers folder or checkpoint file) as fp32 modules on the CPU."""
     path = Path(source).expanduser()
+    if source in PRESETS and not (path / "model_index.json").is_file():
+        return load_preset(source)  # a preset name wins over a same-named folder that holds no model
     if path.is_dir():
         return load_diffusers_folder(path, allow_pickle=allow_pickle)
     if path.is_file():

@@ -89,6 +89,28 @@ class Scheduler:
         return self.module.step(schedule, i, model_output, sample, state)
 
 
+# The diffusers scheduler class a model ships with -> the sampler that reproduces it. Classes with no sampler
+# here (PNDM, the SD 1.x default; LMS; Heun; UniPC) map to euler_a, the sampler those models are usually run with.
+DIFFUSERS_CLASSES: Mapping[str, str] = MappingProxyType(
+    {
+        "EulerDiscreteScheduler": "euler",
+        "EulerAncestralDiscreteScheduler": "euler_a",
+        "DDIMScheduler": "ddim",
+        "DPMSolverMultistepScheduler": "dpmpp_2m",
+        "LCMScheduler": "lcm",
+    }
+)
+FALLBACK_SAMPLER = "euler_a"
+
+
+def default_sampler(config: Mapping[str, Any]) -> str:
+    """The sampler a model's ``scheduler_config.json`` asks for (by its ``_class_name``); see DIFFUSERS_CLASSES."""
+    name = DIFFUSERS_CLASSES.get(str(config.get("_class_name", "")), FALLBACK_SAMPLER)
+    if name == "dpmpp_2m" and config.get("use_karras_sigmas"):
+        return "dpmpp_2m_karras"
+    return name
+
+
 def get_scheduler(name: str) -> Scheduler:
     """The sampler registered as ``name``; raises ConfigError listing the valid names on an unknown one."""
     if name not in _REGISTRY:
@@ -104,7 +126,9 @@ __all__ = [
     "Schedule",
     "Scheduler",
     "SchedulerConfig",
+    "DIFFUSERS_CLASSES",
     "add_noise",
+    "default_sampler",
     "at_step",
     "get_scheduler",
     "initial_state",

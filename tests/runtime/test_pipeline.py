@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdtrt.benchmarks.harness import DIFFUSERS_SCHEDULERS
-from sdtrt.benchmarks.runners import diffusers_pipeline
 from sdtrt.runtime.errors import ArtifactError, ConfigError, ShapeError
+from sdtrt.runtime.models.reference import DIFFUSERS_SCHEDULERS, diffusers_pipeline
 from sdtrt.runtime.pipeline import Pipeline
 
 PROMPT = "a photo of a cat on a red sofa, detailed"

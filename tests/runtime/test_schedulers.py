@@ -354,3 +354,22 @@ def test_captured_step_matches_eager(name: str) -> None:
         output = stand_in_model(eager * schedule.input_scale[k], schedule.timesteps[k])
         eager, eager_state = scheduler.step(schedule, k, output, eager, eager_state)
     torch.testing.assert_close(sample, eager, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"_class_name": "EulerDiscreteScheduler"}, "euler"),
+        ({"_class_name": "EulerAncestralDiscreteScheduler"}, "euler_a"),
+        ({"_class_name": "DDIMScheduler"}, "ddim"),
+        ({"_class_name": "DPMSolverMultistepScheduler"}, "dpmpp_2m"),
+        ({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}, "dpmpp_2m_karras"),
+        ({"_class_name": "LCMScheduler"}, "lcm"),
+        ({"_class_name": "PNDMScheduler"}, "euler_a"),
+        ({}, "euler_a"),
+    ],
+)
+def test_default_sampler_follows_the_model_scheduler_class(config, expected):
+    from sdtrt.runtime.schedulers import default_sampler
+
+    assert default_sampler(config) == expected

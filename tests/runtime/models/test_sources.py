@@ -79,5 +79,16 @@ def test_diffusers_folder_errors(tmp_path, tiny_bundle):
 def test_source_errors(tmp_path):
     with pytest.raises(SourceError, match="does not exist; give a diffusers model folder"):
         load_source(str(tmp_path / "nothing.safetensors"))
-    with pytest.raises(SourceError, match="unknown preset 'sd99'; the presets are tiny, sd15-random"):
+    with pytest.raises(SourceError, match="unknown preset 'sd99'; the presets are tiny, shapes, sd15-random"):
         load_source("sd99")
+
+
+def test_a_preset_name_wins_over_a_same_named_folder_without_a_model(tmp_path, monkeypatch):
+    from sdtrt.runtime.models.sources import load_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()  # e.g. the repository's own shapes/ package folder next to a `sdtrt export shapes`
+    assert load_source("tiny").source["kind"] == "preset"
+    (tmp_path / "tiny" / "model_index.json").write_text("{}")
+    with pytest.raises(SourceError, match="not a diffusers Stable Diffusion folder"):
+        load_source("tiny")

@@ -1,0 +1,1 @@
+"""The trained ``shapes`` model: drawn data, trainer, scorer and evaluation. Its weights ship in runtime/models/data."""

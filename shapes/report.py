@@ -1,0 +1,86 @@
+"""Prompt adherence of a ``shapes`` artifact against its PyTorch source, for ``sdtrt check``.
+
+The artifact (any precision, ONNX Runtime) and diffusers' own pipeline over the fp32 PyTorch modules generate
+the same held-out prompts from the same seeds. The report gives each one's accuracy per aspect and the PSNR of
+the artifact's images against the PyTorch ones: an artifact can keep a high PSNR and still lose shapes (or the
+reverse), so both are shown, and the check fails when the artifact's accuracy falls behind PyTorch's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS, EvalSettings, diffusers_generator, evaluate, pipeline_generator
+from .evaluate import psnr as image_psnr
+
+MAX_ACCURACY_DROP = 0.10  # the artifact may be this much behind PyTorch on "all three right", no more
+
+
+@dataclass(frozen=True)
+class AdherenceReport:
+    artifact: str
+    precision: str
+    prompts: int
+    steps: int
+    guidance: float
+    accuracy: dict[str, float]  # the artifact's, per aspect
+    reference_accuracy: dict[str, float]  # PyTorch fp32 (diffusers), same prompts and seeds
+    psnr_db: float  # artifact images against the PyTorch ones
+
+    @property
+    def passed(self) -> bool:
+        return self.accuracy["all"] >= self.reference_accuracy["all"] - MAX_ACCURACY_DROP
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"passed": self.passed, "max_accuracy_drop": MAX_ACCURACY_DROP}
+
+
+def is_shapes(source: dict[str, Any]) -> bool:
+    """Whether a manifest's ``source`` is the trained shapes preset."""
+    return source.get("kind") == "preset" and source.get("name") == "shapes"
+
+
+def adherence_report(
+    folder: str | Path,
+    prompts: int = 20,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    bundle: Any = None,
+) -> AdherenceReport:
+    """Generate ``prompts`` held-out prompts with the artifact in ``folder`` and with PyTorch; compare."""
+    from sdtrt.runtime.manifest import read_manifest
+    from sdtrt.runtime.models.shapes import load_shapes
+    from sdtrt.runtime.pipeline import Pipeline
+
+    manifest = read_manifest(Path(folder))
+    settings = EvalSettings(count=prompts, steps=steps, guidance=guidance)
+    with Pipeline.from_artifacts(folder, backend="onnxruntime", device="cpu", cuda_graph=False) as pipe:
+        ours, our_images = evaluate(pipeline_generator(pipe, settings), settings)
+    theirs, their_images = evaluate(diffusers_generator(bundle or load_shapes(), settings), settings)
+    precisions = sorted({e.precision for e in manifest.components.values()})
+    return AdherenceReport(
+        artifact=str(folder),
+        precision="/".join(precisions),
+        prompts=prompts,
+        steps=steps,
+        guidance=guidance,
+        accuracy=ours["accuracy"],
+        reference_accuracy=theirs["accuracy"],
+        psnr_db=round(image_psnr(our_images, their_images), 2),
+    )
+
+
+def format_adherence(report: AdherenceReport) -> str:
+    """The report as a few lines for a terminal."""
+    aspects = ("background", "colour", "shape", "size", "all")
+    head = f"{'prompt adherence':<22}" + "".join(f"{a:>11}" for a in aspects)
+    ours = f"{'artifact ' + report.precision:<22}" + "".join(f"{report.accuracy[a]:>11.0%}" for a in aspects)
+    ref = f"{'pytorch fp32':<22}" + "".join(f"{report.reference_accuracy[a]:>11.0%}" for a in aspects)
+    verdict = "pass" if report.passed else "FAIL"
+    tail = (
+        f"{report.prompts} held-out prompts, {report.steps} steps, CFG {report.guidance:g}; image PSNR vs pytorch "
+        f"{report.psnr_db:.1f} dB; 'all' may trail pytorch by at most {MAX_ACCURACY_DROP:.0%}: {verdict}"
+    )
+    return "\n".join([head, ours, ref, tail])

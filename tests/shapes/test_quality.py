@@ -1,0 +1,163 @@
+"""The shipped shapes model end to end on ONNX Runtime: it draws what held-out prompts ask for, as recorded;
+diffusers' own pipeline agrees image for image; breaking the pipeline on purpose makes the accuracy fall."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from sdtrt.runtime.models.shapes import read_record
+from sdtrt.runtime.pipeline import Pipeline
+from sdtrt.shapes import score
+from sdtrt.shapes.evaluate import EvalSettings, diffusers_generator, evaluate, pipeline_generator, prompts, psnr
+
+COUNT = 24  # the first 24 of the 200 recorded held-out prompts, with the same seeds
+MARGIN = 0.15  # sampling error of 24 prompts against the 200-prompt figure (about 2 standard errors)
+ASPECTS = ("background", "colour", "shape")
+
+
+@pytest.fixture(scope="module")
+def shapes_bundle():
+    from sdtrt.runtime.models.presets import load_preset
+
+    return load_preset("shapes")
+
+
+def _export(tmp_path_factory, bundle, precision):
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+    from sdtrt.export.profiles import default_profile
+
+    out = tmp_path_factory.mktemp(f"shapes-{precision}") / "artifacts"
+    export_artifacts(bundle, out, ExportOptions(profile=default_profile(bundle), precision=precision))
+    return out
+
+
+@pytest.fixture(scope="module")
+def shapes_fp32(tmp_path_factory, shapes_bundle):
+    return _export(tmp_path_factory, shapes_bundle, "fp32")
+
+
+@pytest.fixture(scope="module")
+def fp32_pipe(shapes_fp32):
+    with Pipeline.from_artifacts(shapes_fp32, backend="onnxruntime", device="cpu") as pipe:
+        yield pipe
+
+
+@pytest.fixture(scope="module")
+def fp32_run(fp32_pipe):
+    settings = EvalSettings(count=COUNT)
+    return evaluate(pipeline_generator(fp32_pipe, settings), settings)
+
+
+def _content(image):
+    r = score.read_image(image)
+    return (r.background, r.colour, r.shape)
+
+
+def test_the_preset_defaults_to_its_size_and_sampler(fp32_pipe):
+    assert fp32_pipe.default_scheduler == "euler"
+    assert (fp32_pipe.manifest.profile.opt_height, fp32_pipe.manifest.profile.opt_width) == (128, 128)
+    result = fp32_pipe("a red circle on a blue background", steps=2, seed=0)
+    assert result.settings["scheduler"] == "euler" and result.images[0].size == (128, 128)
+
+
+def test_held_out_prompts_reach_the_recorded_accuracy(fp32_run):
+    report, _ = fp32_run
+    recorded = read_record()["quality"]["onnxruntime_fp32"]["accuracy"]
+    for aspect in ASPECTS:
+        assert report["accuracy"][aspect] >= recorded[aspect] - MARGIN, (aspect, report["accuracy"], recorded)
+
+
+def test_diffusers_pipeline_draws_the_same_images(fp32_run, shapes_bundle):
+    _, ours = fp32_run
+    settings = EvalSettings(count=6)
+    _, theirs = evaluate(diffusers_generator(shapes_bundle, settings), settings)
+    assert psnr(ours[:6], theirs) >= 40.0
+    for a, b in zip(ours[:6], theirs, strict=True):
+        assert _content(a) == _content(b)
+
+
+def test_swapped_guidance_halves_lose_the_prompt(fp32_pipe, fp32_run):
+    """Guiding towards the empty prompt and away from the caption (cond and uncond rows swapped)."""
+    report, _ = fp32_run
+    settings = EvalSettings(count=COUNT)
+    captions = prompts(COUNT)
+
+    def swapped(caps, seeds):
+        return [
+            fp32_pipe(
+                "", negative_prompt=c, steps=settings.steps, guidance_scale=settings.guidance, seed=s, scheduler="euler"
+            ).images[0]
+            for c, s in zip(caps, seeds, strict=True)
+        ]
+
+    broken, _ = evaluate(swapped, settings)
+    assert broken["accuracy"]["colour"] <= report["accuracy"]["colour"] - 0.4
+    assert broken["accuracy"]["all"] <= report["accuracy"]["all"] - 0.4
+    assert len(captions) == COUNT
+
+
+def test_skipping_the_latent_scaling_factor_loses_the_prompt(fp32_pipe, fp32_run):
+    report, _ = fp32_run
+    settings = EvalSettings(count=COUNT)
+    engine = fp32_pipe.engines["vae_decoder"]
+
+    def decode_unscaled(self, latents):
+        return engine.infer({"latent": latents})["image"].clone()
+
+    original = fp32_pipe.decode_latents
+    fp32_pipe.decode_latents = types.MethodType(decode_unscaled, fp32_pipe)
+    try:
+        broken, _ = evaluate(pipeline_generator(fp32_pipe, settings), settings)
+    finally:
+        fp32_pipe.decode_latents = original
+    assert broken["accuracy"]["all"] <= report["accuracy"]["all"] - 0.3
+
+
+def test_fp16_artifact_keeps_the_accuracy(tmp_path_factory, shapes_bundle, fp32_run):
+    report, ours = fp32_run
+    folder = _export(tmp_path_factory, shapes_bundle, "fp16")
+    settings = EvalSettings(count=12)
+    with Pipeline.from_artifacts(folder, backend="onnxruntime", device="cpu") as pipe:
+        half, images = evaluate(pipeline_generator(pipe, settings), settings)
+    assert psnr(images, ours[:12]) >= 25.0
+    agree = np.mean([_content(a) == _content(b) for a, b in zip(images, ours, strict=False)])
+    assert agree >= 0.8
+
+
+def test_int8_calibrates_on_training_captions_and_reports_prompt_accuracy(shapes_fp32, tmp_path):
+    from sdtrt.calibrate.artifacts import CalibrateRequest, calibrate_artifacts
+    from sdtrt.calibrate.capture import CaptureConfig
+    from sdtrt.calibrate.quantize import QuantizeConfig
+    from sdtrt.calibrate.report import ReportConfig, format_report, quality_report
+    from sdtrt.shapes.data import HELD_OUT
+    from sdtrt.shapes.evaluate import DEFAULT_GUIDANCE
+
+    out = tmp_path / "shapes-int8"
+    request = CalibrateRequest(capture=CaptureConfig(samples=4, steps=2), quantize=QuantizeConfig("int8"))
+    manifest = calibrate_artifacts(shapes_fp32, out, request)
+    calibration = manifest.components["unet"].extra["calibration"]
+    assert calibration["prompts_source"]["file"] == "sdtrt:calibrate/data/shapes_prompts.txt"
+    assert calibration["guidance_scale"] == DEFAULT_GUIDANCE
+    for caption in calibration["prompts"]:
+        want = score.parse_caption(caption)
+        assert (want.shape, want.colour, want.background) not in HELD_OUT
+    report = quality_report(out, [shapes_fp32], ReportConfig.for_shapes(prompts=4))
+    assert set(report.accuracy) == {"int8", "fp32"}
+    assert report.images[0].prompt == prompts(1)[0]
+    assert "prompt accuracy" in format_report(report)
+    # int8 and fp32 read back the same content on most images; a lost shape would show here
+    assert report.accuracy["int8"]["background"] >= report.accuracy["fp32"]["background"] - 0.25
+
+
+def test_check_cli_scores_prompt_adherence(shapes_fp32):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "sdtrt.cli", "check", str(shapes_fp32), "--prompts", "3"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "prompt adherence" in result.stdout and "pytorch fp32" in result.stdout
+    assert "prompt adherence passed" in result.stdout
