@@ -212,8 +212,8 @@ def caption_token_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-def save(folder: Path, modules: dict[str, Any], keep_ids: set[int], record: dict[str, Any]) -> Path:
-    """Write the fp16 weights and the record, each to a temporary name first."""
+def save(folder: Path, modules: dict[str, Any], keep_ids: set[int], record: dict[str, Any]) -> dict[str, Any]:
+    """Write the fp16 weights and the record, each to a temporary name first; returns the record as written."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -236,7 +236,7 @@ def save(folder: Path, modules: dict[str, Any], keep_ids: set[int], record: dict
     os.chmod(tmp, 0o644)
     os.replace(tmp, weights)
     os.replace(record_tmp, folder / RECORD_NAME)
-    return weights
+    return record
 
 
 def train(folder: Path, settings: TrainSettings) -> dict[str, Any]:
@@ -293,8 +293,7 @@ def train(folder: Path, settings: TrainSettings) -> dict[str, Any]:
             "command": "python -m sdtrt.shapes.train --out runtime/models/data",
         },
     }
-    save(folder, {"text_encoder": ema_text, "unet": ema_unet, "vae": vae}, caption_token_ids(tokenizer), record)
-    return record
+    return save(folder, {"text_encoder": ema_text, "unet": ema_unet, "vae": vae}, caption_token_ids(tokenizer), record)
 
 
 def main(argv: list[str] | None = None) -> int:
