@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
         "date": time.strftime("%Y-%m-%d"),
-        "command": "python -m sdtrt.benchmarks.shapes_quality " + " ".join(argv or []),
+        "command": "python -m sdtrt.benchmarks.shapes_quality " + " ".join(sys.argv[1:] if argv is None else argv),
         "seconds": round(time.perf_counter() - start, 1),
     }
     result = {"meta": meta, "reports": reports}
