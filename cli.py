@@ -169,7 +169,7 @@ def export_cmd(
 )
 @click.option(
     "--prompts",
-    type=int,
+    type=click.IntRange(min=0),
     default=20,
     show_default=True,
     help="shapes artifacts: held-out prompts generated for the prompt-adherence check (0 skips it).",

@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", action="store_true", help="store them in the shipped shapes.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.count < 1:
+        parser.error(f"--count must be >= 1, got {args.count}")
     start = time.perf_counter()
     reports = run(args.out, args.count)
     meta = {

@@ -164,6 +164,17 @@ def contact_sheet(
     return sheet
 
 
+def _run(source: str, backend: str, settings: EvalSettings) -> tuple[dict[str, Any], list[Image.Image]]:
+    if source.startswith("torch:"):
+        from sdtrt.runtime.models.shapes import load_shapes
+
+        return evaluate(diffusers_generator(load_shapes(Path(source[6:])), settings), settings)
+    from sdtrt.runtime.pipeline import Pipeline
+
+    with Pipeline.from_artifacts(source, backend=backend) as pipe:
+        return evaluate(pipeline_generator(pipe, settings), settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdtrt.shapes.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("source", help="an artifact folder (run with sdtrt's pipeline) or 'torch:FOLDER' of weights")
@@ -177,22 +188,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", metavar="NAME", help="store the report as quality[NAME] in the shipped shapes.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    settings = EvalSettings(count=args.count, steps=args.steps, guidance=args.guidance, held_out=not args.train_prompts)
-    if args.source.startswith("torch:"):
-        from sdtrt.runtime.models.shapes import load_shapes
+    from sdtrt.runtime.errors import SdtrtError
 
-        generate = diffusers_generator(load_shapes(Path(args.source[6:])), settings)
-        report, images = evaluate(generate, settings)
-    else:
-        from sdtrt.runtime.pipeline import Pipeline
-
-        with Pipeline.from_artifacts(args.source, backend=args.backend) as pipe:
-            report, images = evaluate(pipeline_generator(pipe, settings), settings)
+    try:
+        settings = EvalSettings(
+            count=args.count, steps=args.steps, guidance=args.guidance, held_out=not args.train_prompts
+        )
+        report, images = _run(args.source, args.backend, settings)
+    except (ValueError, SdtrtError) as exc:
+        parser.error(str(exc))
     if args.sheet:
         contact_sheet(images[:40]).save(args.sheet)
     text = json.dumps(report, indent=2)
     if args.json:
-        args.json.write_text(text + "\n")
+        from sdtrt.runtime.files import write_text_atomic
+
+        write_text_atomic(args.json, text + "\n")
     if args.record:
         record_quality(args.record, report | {"source": args.source})
     print(text)

@@ -127,6 +127,8 @@ def encode_dataset(vae: Any, settings: TrainSettings, seed: int) -> tuple[torch.
 
 
 def _alphas_cumprod() -> torch.Tensor:
+    # float32 betas, as diffusers' training schedulers compute them; the shipped weights were trained with exactly
+    # these values, so keep this rather than the runtime's float64 SchedulerConfig.betas (differs in the last bits).
     cfg = SCHEDULER_CONFIG
     betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, cfg["num_train_timesteps"]) ** 2
     return torch.cumprod(1.0 - betas.double(), 0).float()
@@ -308,7 +310,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument(flag, type=type(value), default=value)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    settings = TrainSettings(**{k: getattr(args, k) for k in asdict(defaults)})
+    try:
+        settings = TrainSettings(**{k: getattr(args, k) for k in asdict(defaults)})
+    except ValueError as exc:
+        parser.error(str(exc))
     record = train(args.out, settings)
     print(json.dumps(record["training"]["stats"], indent=2))
     return 0

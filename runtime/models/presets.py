@@ -93,7 +93,6 @@ def preset_configs(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str,
 
 
 PRESETS = ("tiny", "shapes", "sd15-random")
-TRAINED_PRESETS = ("shapes",)
 
 
 def load_preset(name: str, seed: int = PRESET_SEED) -> ModelBundle:
