@@ -126,7 +126,7 @@ def check_artifacts(folder: str | Path, bundle: ModelBundle | None = None, seed:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(folder / entry.file), options, providers=["CPUExecutionProvider"])
-        reference = wrap(name, bundle.module(name))
+        reference = wrap(name, bundle.module(name), manifest.model.family)
         for batch, height, width in check_sizes(manifest):
             feeds = make_inputs(spec, manifest.model, batch, height, width, seed)
             with torch.no_grad():

@@ -27,7 +27,15 @@ from sdtrt.runtime.models.bundle import ModelBundle
 from sdtrt.runtime.models.fp16 import half_with_fp32_norms
 from sdtrt.runtime.models.wrappers import wrap
 from sdtrt.runtime.profile import ShapeProfile
-from sdtrt.runtime.specs import COMPONENTS, ComponentSpec, ModelInfo, check_profile_fits, component_specs, shape_ranges
+from sdtrt.runtime.specs import (
+    COMPONENTS,
+    ComponentSpec,
+    ModelInfo,
+    check_profile_fits,
+    component_specs,
+    model_components,
+    shape_ranges,
+)
 
 from .graph import clean_graph, save_model
 
@@ -37,14 +45,24 @@ DEFAULT_OPSET = 18
 Progress = Callable[[str, int, int, float], None]  # (component, index, total, seconds or -1 at start)
 
 
+VAE_PRECISIONS = ("auto", "fp32", "fp16")
+
+
 @dataclass(frozen=True)
 class ExportOptions:
-    """What to export and how. ``profile`` records the shapes the artifact is meant for."""
+    """What to export and how. ``profile`` records the shapes the artifact is meant for.
+
+    ``components`` defaults to every component the model has. ``vae_precision`` "auto" follows ``precision``,
+    except that an fp16 SDXL artifact keeps its VAE in fp32 when the VAE's config says it must be upcast
+    (``force_upcast``: SDXL's VAE overflows in fp16 and gives black or NaN images; an fp16-safe VAE such as
+    the "fp16-fix" one sets it false). "fp16" forces a half-precision VAE.
+    """
 
     profile: ShapeProfile = field(default_factory=ShapeProfile)
     precision: str = "fp32"
     components: tuple[str, ...] = COMPONENTS
     opset: int = DEFAULT_OPSET
+    vae_precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "fp16"):
@@ -52,6 +70,8 @@ class ExportOptions:
                 f"export precision must be 'fp32' or 'fp16', got {self.precision!r} "
                 "(int8/fp8 artifacts are made from an fp16 artifact by `sdtrt calibrate`)"
             )
+        if self.vae_precision not in VAE_PRECISIONS:
+            raise ExportError(f"VAE precision must be one of {', '.join(VAE_PRECISIONS)}, got {self.vae_precision!r}")
         unknown = [c for c in self.components if c not in COMPONENTS]
         if unknown or not self.components:
             raise ExportError(f"unknown component(s) {unknown or '(none given)'}; choose from {', '.join(COMPONENTS)}")
@@ -102,19 +122,35 @@ def dynamic_axes(spec: ComponentSpec) -> dict[str, dict[int, str]]:
     return axes
 
 
+def component_precision(name: str, model: ModelInfo, options: ExportOptions) -> str:
+    """The precision ``name`` is exported in (see ``ExportOptions.vae_precision``)."""
+    if not name.startswith("vae") or options.precision == "fp32":
+        return options.precision
+    if options.vae_precision != "auto":
+        return options.vae_precision
+    return "fp32" if model.family == "sdxl" and model.upcast_vae else options.precision
+
+
 def export_component(
-    bundle: ModelBundle, name: str, folder: Path, options: ExportOptions, consume: bool = False
+    bundle: ModelBundle,
+    name: str,
+    folder: Path,
+    options: ExportOptions,
+    consume: bool = False,
+    still_needed: tuple[str, ...] = (),
 ) -> ComponentEntry:
     """Export one component into ``folder`` and describe it.
 
     With ``consume`` an fp16 export converts the bundle's module in place instead of copying it, and modules
-    no later component needs are dropped from the bundle once exported: this saves several GB on SD 1.5.
+    no component in ``still_needed`` uses are dropped from the bundle once exported: this saves several GB.
     """
     spec = component_specs(bundle.model)[name]
     module = bundle.module(name)
-    if options.precision == "fp16":
+    precision = component_precision(name, bundle.model, options)
+    if precision == "fp16":
+        # A VAE that stays fp32 must not be halved in place by an earlier VAE component.
         module = half_with_fp32_norms(module, inplace=consume)
-    wrapper = wrap(name, module)
+    wrapper = wrap(name, module, bundle.model.family)
     onnx = require("onnx", "ONNX export", "export")
     with tempfile.TemporaryDirectory(prefix=f"sdtrt-{name}-", dir=folder) as tmp:
         raw = Path(tmp) / spec.file_name
@@ -122,7 +158,7 @@ def export_component(
             with torch.inference_mode(False), torch.no_grad():
                 torch.onnx.export(
                     wrapper,
-                    sample_inputs(spec, bundle.model, options.profile, options.precision),
+                    sample_inputs(spec, bundle.model, options.profile, precision),
                     str(raw),
                     dynamo=False,
                     input_names=[t.name for t in spec.inputs],
@@ -135,7 +171,7 @@ def export_component(
             raise ExportError(f"exporting {name} to ONNX failed: {exc}") from exc
         del wrapper, module
         if consume:  # free the module before the graph is loaded back: the peak memory of an export
-            bundle.release(options.components[options.components.index(name) + 1 :])
+            bundle.release(still_needed)
         graph = clean_graph(onnx.load(str(raw), load_external_data=True))
     onnx_file, data_file = save_model(graph, folder / spec.file_name)
     shapes = {
@@ -145,9 +181,9 @@ def export_component(
     return ComponentEntry(
         file=onnx_file.name,
         sha256=sha256_file(onnx_file),
-        precision=options.precision,
-        inputs=tuple(TensorEntry(t.name, t.concrete_dtype(options.precision), t.shape) for t in spec.inputs),
-        outputs=tuple(TensorEntry(t.name, t.concrete_dtype(options.precision), t.shape) for t in spec.outputs),
+        precision=precision,
+        inputs=tuple(TensorEntry(t.name, t.concrete_dtype(precision), t.shape) for t in spec.inputs),
+        outputs=tuple(TensorEntry(t.name, t.concrete_dtype(precision), t.shape) for t in spec.outputs),
         shapes=shapes,
         opset=options.opset,
         data_file=data_file.name if data_file else None,
@@ -203,22 +239,25 @@ def export_artifacts(
     """
     out = Path(out)
     check_profile_fits(bundle.model, options.profile)
+    names = export_names(bundle.model, options.components)
     _check_output(out)
     from sdtrt.runtime.models.tokenizer import save_tokenizer
 
     components: dict[str, ComponentEntry] = {}
-    total = len(options.components)
+    total = len(names)
     with staging_dir(out) as stage:
-        for index, name in enumerate(options.components):
+        for index, name in enumerate(names):
             if progress:
                 progress(name, index, total, -1.0)
             start = time.perf_counter()
-            components[name] = export_component(bundle, name, stage, options, consume=consume)
+            components[name] = export_component(
+                bundle, name, stage, options, consume=consume, still_needed=names[index + 1 :]
+            )
             seconds = time.perf_counter() - start
             log.debug("exported %s (%s) in %.1f s", name, options.precision, seconds)
             if progress:
                 progress(name, index, total, seconds)
-        save_tokenizer(bundle.tokenizer, stage / "tokenizer.json")
+        tokenizer_2 = save_tokenizers(bundle, stage)
         write_text_atomic(stage / "scheduler_config.json", json.dumps(bundle.scheduler_config, indent=2))
         manifest = Manifest(
             model=bundle.model,
@@ -227,9 +266,36 @@ def export_artifacts(
             source=bundle.source,
             versions=tool_versions(),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            tokenizer_2=tokenizer_2,
         )
         manifest.write(stage)
     return manifest
+
+
+def export_names(model: ModelInfo, requested: tuple[str, ...]) -> tuple[str, ...]:
+    """The components to export, in pipeline order: all the model has by default, else those asked for."""
+    own = model_components(model)
+    if tuple(requested) == COMPONENTS:
+        return own
+    foreign = [c for c in requested if c not in own]
+    if foreign:
+        raise ExportError(
+            f"this {model.family} model has no component {', '.join(foreign)}; it has {', '.join(own)}"
+        )
+    return tuple(c for c in own if c in requested)
+
+
+def save_tokenizers(bundle: ModelBundle, folder: Path) -> str | None:
+    """Write ``tokenizer.json`` (and SDXL's ``tokenizer_2.json``); returns the second one's name, if any."""
+    from sdtrt.runtime.models.tokenizer import save_tokenizer
+
+    save_tokenizer(bundle.tokenizer, folder / "tokenizer.json")
+    if bundle.model.family != "sdxl":
+        return None
+    if bundle.tokenizer_2 is None:
+        raise ExportError("this SDXL model has no second tokenizer (tokenizer_2); load it from a complete model")
+    save_tokenizer(bundle.tokenizer_2, folder / "tokenizer_2.json")
+    return "tokenizer_2.json"
 
 
 def write_source_artifact(bundle: ModelBundle, out: str | Path, profile: ShapeProfile) -> Manifest:
@@ -241,7 +307,6 @@ def write_source_artifact(bundle: ModelBundle, out: str | Path, profile: ShapePr
     out = Path(out)
     check_profile_fits(bundle.model, profile)
     _check_output(out)
-    from sdtrt.runtime.models.tokenizer import save_tokenizer
 
     components = {}
     for name, spec in component_specs(bundle.model).items():
@@ -258,7 +323,7 @@ def write_source_artifact(bundle: ModelBundle, out: str | Path, profile: ShapePr
             shapes=shapes,
         )
     with staging_dir(out) as stage:
-        save_tokenizer(bundle.tokenizer, stage / "tokenizer.json")
+        tokenizer_2 = save_tokenizers(bundle, stage)
         write_text_atomic(stage / "scheduler_config.json", json.dumps(bundle.scheduler_config, indent=2))
         manifest = Manifest(
             model=bundle.model,
@@ -266,6 +331,7 @@ def write_source_artifact(bundle: ModelBundle, out: str | Path, profile: ShapePr
             components=components,
             source=bundle.source,
             versions=tool_versions(),
+            tokenizer_2=tokenizer_2,
             kind="torch",
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )

@@ -8,11 +8,36 @@ from sdtrt.runtime.profile import ShapeProfile
 Size = tuple[int, int]  # (height, width)
 
 
+# A model whose native size is unknown gets SD 1.5's; the largest default side keeps activations sane.
+FALLBACK_NATIVE = 512
+MAX_DEFAULT_SIDE = 2048
+DEFAULT_PROMPT_WINDOWS = 3  # A1111 users type long prompts: 225 tokens before anything is dropped
+
+
 def default_profile(bundle: ModelBundle) -> ShapeProfile:
-    """tiny and shapes: 64..256 px (opt 128); real models: 256..1024 px (opt 512); batch 1..4."""
-    if bundle.source.get("kind") == "preset" and bundle.source.get("name") in ("tiny", "shapes"):
-        return ShapeProfile.square(64, 128, 256)
-    return ShapeProfile.square(256, 512, 1024)
+    """From the model's native size N (UNet sample size x VAE factor): min N/2, opt N, max 2N (at most 2048).
+
+    512 for SD 1.5 (256..1024), 768 for SD 2.x-v, 1024 for SDXL (512..2048), 512 for SDXL-Turbo, 128 for tiny,
+    tiny-xl and shapes. Batch 1..4; prompts up to 3 windows of 75 tokens. Sides are rounded to the model's size
+    multiple.
+    """
+    model = bundle.model
+    native = model.native_size or FALLBACK_NATIVE
+    step = model.size_multiple
+
+    def fit(side: int) -> int:
+        return max(step, round(side / step) * step)
+
+    return ShapeProfile(
+        max_batch=4,
+        min_height=fit(native // 2),
+        opt_height=fit(native),
+        max_height=fit(min(2 * native, MAX_DEFAULT_SIDE)),
+        min_width=fit(native // 2),
+        opt_width=fit(native),
+        max_width=fit(min(2 * native, MAX_DEFAULT_SIDE)),
+        max_prompt_windows=DEFAULT_PROMPT_WINDOWS,
+    )
 
 
 def make_profile(

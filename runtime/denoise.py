@@ -9,7 +9,7 @@ capture it whole. The eager path runs the very same function.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,8 @@ class StepBuffers:
     index: torch.Tensor  # 0-dim int64: the step being run
     text: torch.Tensor  # [2B or B, L, D] in the UNet's dtype: uncond rows first
     guidance: torch.Tensor  # 0-dim float32
+    # Further UNet inputs, one row per text row (SDXL: text_embeds [rows, P] and time_ids [rows, 6])
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def denoise_step(
@@ -40,9 +42,8 @@ def denoise_step(
         model_in = torch.cat([model_in, model_in])
     sample_dtype = buffers.text.dtype
     timestep = at_step(schedule.timesteps, i).expand(model_in.shape[0]).to(torch.float32)
-    out = unet.infer(
-        {"sample": model_in.to(sample_dtype), "timestep": timestep, "encoder_hidden_states": buffers.text}
-    )["noise_pred"].float()
+    feeds = {"sample": model_in.to(sample_dtype), "timestep": timestep, "encoder_hidden_states": buffers.text}
+    out = unet.infer({**feeds, **buffers.extra})["noise_pred"].float()
     if guided:
         uncond, cond = out.chunk(2)
         out = uncond + buffers.guidance * (cond - uncond)

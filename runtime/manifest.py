@@ -75,6 +75,7 @@ class Manifest:
     kind: str = "onnx"  # "onnx" for export artifacts, "tensorrt" for engine folders
     created: str = ""
     schema_version: int = SCHEMA_VERSION
+    tokenizer_2: str | None = None  # SDXL's second tokenizer (pads with "!")
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -100,6 +101,12 @@ class Manifest:
         path = Path(folder) / MANIFEST_NAME
         write_text_atomic(path, self.to_json())
         return path
+
+    @property
+    def precision(self) -> str:
+        """The artifact's precision: its UNet's (SDXL fp16 artifacts may keep the VAE in fp32)."""
+        entry = self.components.get("unet") or next(iter(self.components.values()))
+        return entry.precision
 
     def component(self, name: str) -> ComponentEntry:
         if name not in self.components:

@@ -3,10 +3,16 @@
 pipe = Pipeline.from_artifacts("out/sd15", backend="onnxruntime")
 result = pipe("a photo of a cat", steps=30, guidance_scale=7.5, seed=1)
 result.images[0].save("cat.png")
+
+SDXL artifacts are conditioned as diffusers' ``StableDiffusionXLPipeline`` conditions them: both text encoders'
+penultimate hidden states side by side, the second encoder's pooled embedding, and six time ids (original size,
+crop top-left, target size; by default the image size, (0, 0) and the image size). When no negative prompt is
+given and the model asks for it (``force_zeros_for_empty_prompt``), the negative conditioning is zeros.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,7 +32,7 @@ from .images import from_pil, latents_to_rgb, to_pil
 from .manifest import Manifest, read_manifest, resolve_file
 from .prompts import PromptTokenizer
 from .schedulers import SCHEDULER_NAMES, SchedulerConfig, add_noise, default_sampler, get_scheduler, start_index
-from .specs import check_size
+from .specs import COMPONENTS, check_size, required_components
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,8 @@ class _Request:
     seeds: list[int]
     guidance_scale: float
     shape: tuple[int, int, int, int]  # latents
+    zero_negatives: bool = False  # SDXL: the negative conditioning is zeros, not an encoded prompt
+    time_ids: tuple[int, ...] = ()  # SDXL: original size, crop top-left, target size (each height, width)
 
     @property
     def guided(self) -> bool:
@@ -123,10 +131,12 @@ class Pipeline:
         backend: str,
         cuda_graph: bool,
         default_scheduler: str = "euler_a",
+        tokenizer_2: PromptTokenizer | None = None,
     ) -> None:
         self.folder, self.manifest, self.engines = folder, manifest, engines
         self.default_scheduler = default_scheduler  # the sampler of the model's own scheduler config
         self.tokenizer, self.scheduler_config = tokenizer, scheduler_config
+        self.tokenizer_2 = tokenizer_2  # SDXL's second tokenizer (pads with "!")
         self.device, self.backend = device, backend
         self.cuda_graph = cuda_graph and device.type == "cuda" and engines["unet"].graph_capturable
         self._denoisers: dict[tuple[Any, ...], tuple[Denoiser, Any]] = {}
@@ -139,12 +149,12 @@ class Pipeline:
         device: str | torch.device | None = None,
         options: BackendOptions | None = None,
         cuda_graph: bool = True,
-        components: Sequence[str] = ("text_encoder", "unet", "vae_decoder", "vae_encoder"),
+        components: Sequence[str] = COMPONENTS,
     ) -> Pipeline:
         """Open the engines of the artifact (or engine) folder ``path`` on ``device`` with ``backend``.
 
-        ``components`` missing from the artifact are skipped unless required (text encoder, UNet, VAE decoder);
-        without a VAE encoder, img2img is unavailable.
+        ``components`` missing from the artifact are skipped unless required (the text encoders, UNet, VAE
+        decoder); without a VAE encoder, img2img is unavailable.
         """
         folder = Path(path)
         manifest = read_manifest(folder)
@@ -152,13 +162,19 @@ class Pipeline:
         usable, reason = module.available()
         if not usable:
             raise BackendError(f"backend {backend!r} cannot run here: {reason}")
-        for required in ("text_encoder", "unet", "vae_decoder"):
-            manifest.component(required)
-        present = [c for c in components if c in manifest.components]
+        required = required_components(manifest.model)
+        for name in required:
+            manifest.component(name)
+        present = [c for c in COMPONENTS if c in manifest.components and (c in components or c in required)]
         dev = torch.device(device) if device is not None else _default_device(backend)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise BackendError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
         tokenizer = PromptTokenizer.from_file(resolve_file(folder, manifest.tokenizer))
+        tokenizer_2 = None
+        if manifest.model.family == "sdxl":
+            if not manifest.tokenizer_2:
+                raise ArtifactError(f"the SDXL artifact {folder} names no second tokenizer; re-export it")
+            tokenizer_2 = PromptTokenizer.from_file(resolve_file(folder, manifest.tokenizer_2))
         try:
             scheduler_data = json.loads(resolve_file(folder, manifest.scheduler).read_text())
         except json.JSONDecodeError as exc:
@@ -174,6 +190,7 @@ class Pipeline:
             backend,
             cuda_graph,
             default_scheduler=default_sampler(scheduler_data),
+            tokenizer_2=tokenizer_2,
         )
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -189,13 +206,34 @@ class Pipeline:
         self.close()
 
     # -- stages --------------------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """[len(prompts), 77 * windows, D] text vectors; long prompts are split into 75-token windows."""
-        ids = self.tokenizer.encode(prompts, max_windows=self.manifest.profile.max_prompt_windows)
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text vectors [len(prompts), 77 * windows, D], and SDXL's pooled embeddings [len(prompts), P] (else None).
+
+        Long prompts are split into 75-token windows, each encoded on its own and concatenated along the sequence
+        (A1111's convention); SDXL's pooled embedding is that of a prompt's first window, as A1111 does.
+        """
+        model = self.manifest.model
+        windows_allowed = self.manifest.profile.max_prompt_windows
+        ids = self.tokenizer.encode(prompts, max_windows=windows_allowed)
         windows = ids.shape[0] // len(prompts)
-        engine = self.engines["text_encoder"]
-        hidden = engine.infer({"input_ids": ids.to(self.device)})["last_hidden_state"]
-        return hidden.reshape(len(prompts), windows * hidden.shape[1], hidden.shape[2]).clone()
+        hidden = self.engines["text_encoder"].infer({"input_ids": ids.to(self.device)})[model.text_output]
+        pooled = None
+        if self.tokenizer_2 is not None:
+            ids_2 = self.tokenizer_2.encode(prompts, max_windows=windows_allowed, warn=False)
+            out = self.engines["text_encoder_2"].infer({"input_ids": ids_2.to(self.device)})
+            hidden = torch.cat([hidden, out[model.text_output].to(hidden.dtype)], dim=-1)
+            pooled = out["text_embeds"].reshape(len(prompts), windows, -1)[:, 0].clone()
+        return hidden.reshape(len(prompts), windows * hidden.shape[1], hidden.shape[2]).clone(), pooled
+
+    def _encode_text(self, req: _Request) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The UNet's text rows for ``req``: uncond rows first when guided."""
+        if not req.guided:
+            return self.encode_prompts(req.prompts)
+        if not req.zero_negatives:
+            return self.encode_prompts(req.negatives + req.prompts)
+        text, pooled = self.encode_prompts(req.prompts)
+        assert pooled is not None
+        return torch.cat([torch.zeros_like(text), text]), torch.cat([torch.zeros_like(pooled), pooled])
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (scaled, as the UNet sees them) -> images [B, 3, H, W] in [-1, 1]."""
@@ -209,6 +247,8 @@ class Pipeline:
             raise ShapeError(f"steps must be an integer >= 1, got {steps!r}")
         if not guidance_scale >= 0:
             raise ConfigError(f"guidance_scale must be >= 0 (1 or less turns guidance off), got {guidance_scale}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (height, width)):
+            raise ShapeError(f"image height and width must be integers, got {height!r} x {width!r}")
         if scheduler not in SCHEDULER_NAMES:
             raise ConfigError(f"unknown scheduler {scheduler!r}; expected one of: {', '.join(SCHEDULER_NAMES)}")
         check_size(height, width, self.manifest.model)
@@ -228,6 +268,9 @@ class Pipeline:
         image: Image.Image | None = None,
         strength: float = 0.8,
         callback: Callback | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
     ) -> GenerationResult:
         """Generate ``num_images`` images per prompt.
 
@@ -235,19 +278,25 @@ class Pipeline:
         of the batch uses seed ``seed + k``; its starting noise is drawn on the CPU, so a seed gives the same
         image on every backend and device. ``image`` + ``strength`` run img2img. ``callback(step, total,
         latents)`` runs between steps (clone ``latents`` to keep them; see ``latents_to_rgb`` for previews).
+
+        SDXL only: ``original_size``, ``crops_coords_top_left`` and ``target_size`` ((height, width) pairs, as in
+        diffusers) are the micro-conditioning; the sizes default to the image size. ``negative_prompt=None``
+        gives zero negative conditioning when the model says so (``force_zeros_for_empty_prompt``), as diffusers
+        does; an explicit ``""`` is encoded like any prompt.
         """
         start_time = time.perf_counter()
         req = self._request(
             prompt, negative_prompt, steps, guidance_scale, seed, height, width, scheduler, num_images, image, strength
         )
+        req = self._conditioning(req, negative_prompt is None, original_size, crops_coords_top_left, target_size)
         times = StageTimes()
         clock = _Clock(self.device)
 
         t0 = clock.mark()  # text: uncond rows first, encoded once before the loop
-        text = self.encode_prompts(req.negatives + req.prompts if req.guided else req.prompts)
+        text, pooled = self._encode_text(req)
         times.text_encode = clock.seconds(t0, clock.mark())
 
-        denoiser = self._start(req, text, image, times, clock)
+        denoiser = self._start(req, text, pooled, image, times, clock)
         marks = [clock.mark()]
         for i in range(req.first, steps):
             denoiser.step(i)
@@ -277,6 +326,9 @@ class Pipeline:
             "strength": strength if image is not None else None,
             "backend": self.backend,
         }
+        if req.time_ids:
+            settings["time_ids"] = list(req.time_ids)
+            settings["zero_negative"] = req.zero_negatives
         return GenerationResult(images, req.seeds, req.prompts, req.negatives, times, settings, unit)
 
     def _request(
@@ -303,8 +355,8 @@ class Pipeline:
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [n for n in negatives for _ in range(num_images)]
         profile = self.manifest.profile
-        height = height or profile.opt_height
-        width = width or profile.opt_width
+        height = profile.opt_height if height is None else height
+        width = profile.opt_width if width is None else width
         name = scheduler or self.default_scheduler
         self._validate(steps, guidance_scale, height, width, len(prompts), name)
         first = start_index(steps, strength) if image is not None else 0
@@ -317,8 +369,43 @@ class Pipeline:
         seeds = [seed + k for k in range(len(prompts))]
         return _Request(prompts, negatives, height, width, name, steps, first, seeds, guidance_scale, shape)
 
+    def _conditioning(
+        self,
+        req: _Request,
+        no_negative: bool,
+        original_size: tuple[int, int] | None,
+        crop: tuple[int, int],
+        target_size: tuple[int, int] | None,
+    ) -> _Request:
+        """Add SDXL's micro-conditioning and negative-prompt rule to ``req``; other families take none of it."""
+        model = self.manifest.model
+        given = original_size is not None or target_size is not None or tuple(crop) != (0, 0)
+        if model.family != "sdxl":
+            if given:
+                raise ConfigError(
+                    f"original_size, crops_coords_top_left and target_size are SDXL conditioning; this is a "
+                    f"{model.family} model. Leave them out"
+                )
+            return req
+        pairs = {"original_size": original_size, "crops_coords_top_left": crop, "target_size": target_size}
+        for key, pair in pairs.items():
+            if pair is None:
+                continue
+            if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair):
+                raise ConfigError(f"{key} must be two integers >= 0 (height, width), got {pair!r}")
+        size = (req.height, req.width)
+        time_ids = (*(original_size or size), *crop, *(target_size or size))
+        zero = no_negative and model.force_zeros_for_empty_prompt
+        return dataclasses.replace(req, zero_negatives=zero, time_ids=tuple(int(v) for v in time_ids))
+
     def _start(
-        self, req: _Request, text: torch.Tensor, image: Image.Image | None, times: StageTimes, clock: _Clock
+        self,
+        req: _Request,
+        text: torch.Tensor,
+        pooled: torch.Tensor | None,
+        image: Image.Image | None,
+        times: StageTimes,
+        clock: _Clock,
     ) -> Denoiser:
         """Fill the denoiser's static buffers with this call's text, guidance and starting latents.
 
@@ -336,6 +423,10 @@ class Pipeline:
         denoiser, schedule = self._denoiser(sampler, req.steps, req.first, shape, text, req.guided, noise)
         buffers = denoiser.buffers
         buffers.text.copy_(text.to(buffers.text.dtype))
+        if pooled is not None:
+            buffers.extra["text_embeds"].copy_(pooled.to(buffers.text.dtype))
+            time_ids = torch.tensor(req.time_ids, dtype=torch.float32).expand(pooled.shape[0], -1)
+            buffers.extra["time_ids"].copy_(time_ids.to(buffers.text.dtype))
         buffers.guidance.fill_(float(req.guidance_scale))
         if image is None:
             buffers.latents.copy_(init.to(self.device) * schedule.init_noise_sigma)
@@ -380,12 +471,21 @@ class Pipeline:
             return denoiser, schedule
         schedule = sampler.make_schedule(self.scheduler_config, steps, self.device, noise=noise, start=first)
         unet_dtype = _dtype(self.engines["unet"], "encoder_hidden_states")
+        model = self.manifest.model
+        extra = {}
+        if model.family == "sdxl":  # static too, so a captured graph reads this call's values
+            rows = text.shape[0]
+            extra = {
+                "text_embeds": torch.zeros((rows, model.add_text_embeds_width), dtype=unet_dtype, device=self.device),
+                "time_ids": torch.zeros((rows, model.add_time_ids), dtype=unet_dtype, device=self.device),
+            }
         buffers = StepBuffers(
             latents=torch.zeros(shape, device=self.device),
             state=torch.zeros(shape, device=self.device),
             index=torch.zeros((), dtype=torch.int64, device=self.device),
             text=torch.zeros(text.shape, dtype=unet_dtype, device=self.device),
             guidance=torch.zeros((), device=self.device),
+            extra=extra,
         )
         denoiser = Denoiser(self.engines["unet"], sampler, schedule, buffers, guided, self.cuda_graph)
         if len(self._denoisers) >= 8:

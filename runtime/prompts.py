@@ -72,12 +72,12 @@ class PromptTokenizer:
         """How many 75-token windows ``prompt`` fills (at least one)."""
         return max(1, math.ceil(self.count_tokens(prompt) / WINDOW))
 
-    def encode(self, prompts: list[str], max_windows: int = 1) -> torch.Tensor:
+    def encode(self, prompts: list[str], max_windows: int = 1, warn: bool = True) -> torch.Tensor:
         """Token ids, int32 of shape ``[len(prompts) * w, 77]``, prompt-major (prompt 0's windows first).
 
         ``w`` is the largest number of windows any prompt needs, capped at ``max_windows``; shorter prompts
         get empty windows (``<|startoftext|>``, ``<|endoftext|>``, padding). Ids past ``max_windows`` windows
-        are dropped with a warning.
+        are dropped with a warning (unless ``warn`` is false: SDXL's second tokenizer cuts the same ids).
         """
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise SdtrtError(
@@ -90,16 +90,16 @@ class PromptTokenizer:
         rows = np.full((len(prompts), windows, ROW_LENGTH), self.pad_id, dtype=np.int32)
         for index, row in enumerate(ids):
             kept = row[: windows * WINDOW]
-            if len(kept) < len(row):
+            if len(kept) < len(row) and warn:
                 logger.warning(
-                    "prompt %d has %d tokens but %d window(s) of %d hold only %d: dropped the last %d tokens "
-                    "(raise max_windows to keep them)",
+                    "prompt %d has %d tokens but this artifact takes %d window(s) of %d tokens: dropped the last "
+                    "%d tokens. To keep them, re-export with --max-prompt-windows %d (and rebuild engines)",
                     index,
                     len(row),
                     windows,
                     WINDOW,
-                    len(kept),
                     len(row) - len(kept),
+                    math.ceil(len(row) / WINDOW),
                 )
             for window in range(windows):
                 chunk = kept[window * WINDOW : (window + 1) * WINDOW]

@@ -10,6 +10,11 @@ Symbolic dimensions (resolved by :func:`dim_ranges`):
     height, width  image size in pixels
     latent_height, latent_width   image size / vae_scale_factor
     text_length    77 x number of prompt windows
+
+SDXL has two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG): both give their penultimate hidden states, which
+the runtime concatenates along the channel axis into the UNet's context; the second also gives its projected
+pooled output (``text_embeds``), which the UNet takes with six micro-conditioning ``time_ids`` (original size,
+crop top-left, target size).
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ class ModelInfo:
     add_text_embeds_width: int = 0
     add_time_ids: int = 0
     upcast_vae: bool = False
+    # SDXL only: width of the second text encoder (the UNet context is text_width + text_width_2 wide), and
+    # whether the negative conditioning is zeros when no negative prompt is given (the model's own setting).
+    text_width_2: int = 0
+    force_zeros_for_empty_prompt: bool = False
+    # The image side the model was trained at (UNet sample size x VAE factor); 0 when unknown.
+    native_size: int = 0
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -51,6 +62,20 @@ class ModelInfo:
         for name in ("latent_channels", "vae_scale_factor", "text_width"):
             if getattr(self, name) < 1:
                 raise ShapeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.family == "sdxl":
+            for name in ("text_width_2", "add_text_embeds_width", "add_time_ids"):
+                if getattr(self, name) < 1:
+                    raise ShapeError(f"an SDXL model needs {name} >= 1, got {getattr(self, name)}")
+
+    @property
+    def context_width(self) -> int:
+        """Width of the UNet's ``encoder_hidden_states``: the text encoders' widths together."""
+        return self.text_width + self.text_width_2
+
+    @property
+    def text_output(self) -> str:
+        """The text encoders' per-token output: SDXL conditions on the penultimate layer, SD 1.x/2.x on the last."""
+        return "penultimate_hidden_state" if self.family == "sdxl" else "last_hidden_state"
 
     @property
     def size_multiple(self) -> int:
@@ -90,30 +115,50 @@ class ComponentSpec:
         raise KeyError(name)
 
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+
+
+def model_components(model: ModelInfo) -> tuple[str, ...]:
+    """The components this model has, in pipeline order (``text_encoder_2`` is SDXL's only)."""
+    return tuple(c for c in COMPONENTS if c != "text_encoder_2" or model.family == "sdxl")
+
+
+def required_components(model: ModelInfo) -> tuple[str, ...]:
+    """What text-to-image needs: every text encoder, the UNet and the VAE decoder."""
+    return tuple(c for c in model_components(model) if c != "vae_encoder")
 
 
 def component_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
-    """The four components of ``model``, keyed by name, in pipeline order."""
+    """The components of ``model``, keyed by name, in pipeline order."""
     c = model.latent_channels
     unet_inputs = [
         TensorSpec("sample", FLOAT, ("unet_batch", c, "latent_height", "latent_width")),
         TensorSpec("timestep", "float32", ("unet_batch",)),
-        TensorSpec("encoder_hidden_states", FLOAT, ("unet_batch", "text_length", model.text_width)),
+        TensorSpec("encoder_hidden_states", FLOAT, ("unet_batch", "text_length", model.context_width)),
     ]
     if model.add_text_embeds_width:
         unet_inputs.append(TensorSpec("text_embeds", FLOAT, ("unet_batch", model.add_text_embeds_width)))
     if model.add_time_ids:
         unet_inputs.append(TensorSpec("time_ids", FLOAT, ("unet_batch", model.add_time_ids)))
-    return {
+    ids = (TensorSpec("input_ids", "int32", ("text_batch", TEXT_WINDOW)),)
+    specs = {
         "text_encoder": ComponentSpec(
             "text_encoder",
-            inputs=(TensorSpec("input_ids", "int32", ("text_batch", TEXT_WINDOW)),),
+            inputs=ids,
             outputs=(
-                TensorSpec("last_hidden_state", FLOAT, ("text_batch", TEXT_WINDOW, model.text_width)),
+                TensorSpec(model.text_output, FLOAT, ("text_batch", TEXT_WINDOW, model.text_width)),
                 TensorSpec("pooled_output", FLOAT, ("text_batch", model.pooled_width)),
             ),
             description="CLIP text encoder: token ids -> one vector per token",
+        ),
+        "text_encoder_2": ComponentSpec(
+            "text_encoder_2",
+            inputs=ids,
+            outputs=(
+                TensorSpec(model.text_output, FLOAT, ("text_batch", TEXT_WINDOW, model.text_width_2)),
+                TensorSpec("text_embeds", FLOAT, ("text_batch", model.add_text_embeds_width)),
+            ),
+            description="SDXL's second text encoder: token ids -> one vector per token, and the projected pooled one",
         ),
         "unet": ComponentSpec(
             "unet",
@@ -138,6 +183,7 @@ def component_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
             description="VAE encoder: image in [-1, 1] -> mean and std of the (unscaled) latent",
         ),
     }
+    return {name: specs[name] for name in model_components(model)}
 
 
 Range = tuple[int, int, int]
@@ -177,6 +223,11 @@ def shape_ranges(
 
 def check_size(height: int, width: int, model: ModelInfo) -> None:
     """Raise ShapeError unless an image of height x width can run through this model's networks."""
+    if height <= 0 or width <= 0:
+        raise ShapeError(
+            f"image size must be positive, got {width}x{height}; give a size such as "
+            f"{model.native_size or 512}x{model.native_size or 512}, or leave it out for the artifact's own"
+        )
     if height % 8 or width % 8:
         raise ShapeError(
             f"image size must be a multiple of 8 pixels, got {width}x{height}; "

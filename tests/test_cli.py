@@ -31,7 +31,7 @@ def test_export_then_check(tmp_path):
     assert "exported preset tiny" in result.stdout and "unet.onnx" in result.stdout
     assert "[2/4] exporting unet (fp32)" in result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["profile_id"] == "b1-1-4_h64-128-128_w64-128-128"
+    assert manifest["profile_id"] == "b1-1-4_h64-128-128_w64-128-128_t3"  # 3 prompt windows by default
     report = tmp_path / "check.json"
     result = run("check", str(out), "--json", str(report))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -127,17 +127,26 @@ def open_engines(
         for name in names:
             module = bundle.module(name)
             use_sdpa(module)
-            wrapped = wrap(name, module)
-            if precision == "fp16":
+            wrapped = wrap(name, module, manifest.model.family)
+            own = component_precision(name, manifest, precision)
+            if own == "fp16":
                 # In place: the VAE is shared by both VAE wrappers, and converting it twice is harmless.
                 wrapped = half_with_fp32_norms(wrapped, inplace=True)
             wrapped.to(device).requires_grad_(False)
-            inputs, outputs = declared_tensors(specs[name], precision)
+            inputs, outputs = declared_tensors(specs[name], own)
             engines[name] = TorchEngine(name, inputs, outputs, device, wrapped, manifest.model.vae_scale_factor)
     except BaseException:
         close_all(engines)
         raise
     return engines
+
+
+def component_precision(name: str, manifest: Manifest, precision: str) -> str:
+    """fp16 runs keep SDXL's VAE in fp32 when its config says it must be upcast, as diffusers does."""
+    model = manifest.model
+    if name.startswith("vae") and model.family == "sdxl" and model.upcast_vae:
+        return "fp32"
+    return precision
 
 
 def declared_tensors(spec: ComponentSpec, precision: str) -> tuple[tuple[TensorEntry, ...], tuple[TensorEntry, ...]]:

@@ -8,12 +8,16 @@ from typing import Any
 from sdtrt.runtime.errors import SourceError
 from sdtrt.runtime.specs import ModelInfo
 
-SUPPORTED_FAMILIES = ("sd1", "sd2")
+SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
+MODULES = ("text_encoder", "text_encoder_2", "unet", "vae")
 
 
 @dataclass
 class ModelBundle:
-    """PyTorch modules (fp32, eval mode, on the CPU) and the facts export needs about them."""
+    """PyTorch modules (fp32, eval mode, on the CPU) and the facts export needs about them.
+
+    SDXL models also have ``text_encoder_2`` (a ``CLIPTextModelWithProjection``) and ``tokenizer_2``.
+    """
 
     text_encoder: Any  # transformers.CLIPTextModel
     unet: Any  # diffusers.UNet2DConditionModel
@@ -22,51 +26,106 @@ class ModelBundle:
     scheduler_config: dict[str, Any]
     model: ModelInfo
     source: dict[str, Any] = field(default_factory=dict)
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
 
     def module(self, component: str) -> Any:
-        if component == "text_encoder":
-            return self.text_encoder
-        if component == "unet":
-            return self.unet
+        if component in ("text_encoder", "text_encoder_2", "unet"):
+            module = getattr(self, component)
+            if module is None:
+                raise KeyError(component)
+            return module
         if component in ("vae_decoder", "vae_encoder"):
             return self.vae
         raise KeyError(component)
+
+    def modules(self) -> list[Any]:
+        return [m for m in (getattr(self, name) for name in MODULES) if m is not None]
 
     def release(self, still_needed: tuple[str, ...] | list[str]) -> None:
         """Drop the modules no component in ``still_needed`` uses, so their memory can be freed."""
         import gc
 
         keep = {"vae" if c.startswith("vae") else c for c in still_needed}
-        for attr in ("text_encoder", "unet", "vae"):
+        for attr in MODULES:
             if attr not in keep:
                 setattr(self, attr, None)
         gc.collect()
 
 
-def model_info(text_encoder: Any, unet: Any, vae: Any, scheduler_config: dict[str, Any]) -> ModelInfo:
-    """Derive the family numbers from the modules' configs; refuse families export cannot handle yet."""
+def model_info(
+    text_encoder: Any,
+    unet: Any,
+    vae: Any,
+    scheduler_config: dict[str, Any],
+    text_encoder_2: Any = None,
+    pipeline_config: dict[str, Any] | None = None,
+) -> ModelInfo:
+    """Derive the family numbers from the modules' configs; refuse combinations that cannot work together.
+
+    ``pipeline_config`` is the model's ``model_index.json`` (SDXL keeps ``force_zeros_for_empty_prompt`` there).
+    """
     ucfg, vcfg, tcfg = unet.config, vae.config, text_encoder.config
-    if getattr(ucfg, "addition_embed_type", None) == "text_time":
-        raise SourceError(
-            "this looks like an SDXL model (UNet with text_time conditioning); sdtrt exports SD 1.x and 2.x "
-            "for now. Use an SD 1.x/2.x checkpoint"
-        )
     cross = ucfg.cross_attention_dim
     cross = cross[0] if isinstance(cross, list | tuple) else cross
+    vae_factor = 2 ** (len(vcfg.block_out_channels) - 1)
+    sample = ucfg.sample_size
+    sample = sample[0] if isinstance(sample, list | tuple) else sample
+    common: dict[str, Any] = {
+        "latent_channels": int(ucfg.in_channels),
+        "vae_scale_factor": vae_factor,
+        "scaling_factor": float(vcfg.scaling_factor),
+        "prediction_type": scheduler_config.get("prediction_type", "epsilon"),
+        "text_width": int(tcfg.hidden_size),
+        "pooled_width": int(tcfg.hidden_size),
+        "unet_downsamples": len(ucfg.block_out_channels) - 1,
+        "native_size": int(sample or 0) * vae_factor,
+    }
+    if getattr(ucfg, "addition_embed_type", None) == "text_time":
+        return _sdxl_info(ucfg, vcfg, tcfg, text_encoder_2, int(cross), common, pipeline_config or {})
+    if text_encoder_2 is not None:
+        raise SourceError(
+            "the model has a second text encoder but its UNet takes no pooled text embeddings "
+            "(addition_embed_type is not 'text_time'); the components come from different models"
+        )
     if cross != tcfg.hidden_size:
         raise SourceError(
             f"UNet cross-attention width {cross} does not match the text encoder width {tcfg.hidden_size}; "
             "the components come from different models"
         )
-    family = "sd2" if tcfg.hidden_size == 1024 else "sd1"
-    prediction = scheduler_config.get("prediction_type", "epsilon")
+    return ModelInfo(family="sd2" if tcfg.hidden_size == 1024 else "sd1", **common)
+
+
+def _sdxl_info(
+    ucfg: Any, vcfg: Any, tcfg: Any, text_encoder_2: Any, cross: int, common: dict[str, Any], index: dict[str, Any]
+) -> ModelInfo:
+    if text_encoder_2 is None:
+        raise SourceError(
+            "this is an SDXL UNet (text_time conditioning) but the model has no second text encoder "
+            "(text_encoder_2); SDXL refiner-style models with one encoder are not supported. Give an SDXL base "
+            "or Turbo model"
+        )
+    t2 = text_encoder_2.config
+    if cross != tcfg.hidden_size + t2.hidden_size:
+        raise SourceError(
+            f"UNet cross-attention width {cross} is not the two text encoders' widths together "
+            f"({tcfg.hidden_size} + {t2.hidden_size}); the components come from different models"
+        )
+    pooled = int(t2.projection_dim)
+    time_dim = int(ucfg.addition_time_embed_dim)
+    expected = pooled + 6 * time_dim
+    if int(ucfg.projection_class_embeddings_input_dim) != expected:
+        raise SourceError(
+            f"the UNet's added-conditioning width is {ucfg.projection_class_embeddings_input_dim}, but the "
+            f"pooled text embedding ({pooled}) and 6 time ids x {time_dim} make {expected}; the components come "
+            "from different models"
+        )
     return ModelInfo(
-        family=family,
-        latent_channels=int(ucfg.in_channels),
-        vae_scale_factor=2 ** (len(vcfg.block_out_channels) - 1),
-        scaling_factor=float(vcfg.scaling_factor),
-        prediction_type=prediction,
-        text_width=int(tcfg.hidden_size),
-        pooled_width=int(tcfg.hidden_size),
-        unet_downsamples=len(ucfg.block_out_channels) - 1,
+        family="sdxl",
+        text_width_2=int(t2.hidden_size),
+        add_text_embeds_width=pooled,
+        add_time_ids=6,
+        upcast_vae=bool(getattr(vcfg, "force_upcast", True)),
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+        **common,
     )

@@ -24,23 +24,45 @@ DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def diffusers_pipeline(bundle: Any, scheduler: str) -> Any:
-    """diffusers' StableDiffusionPipeline over the bundle's modules, with the same sampler and CLIP tokenizer."""
+    """diffusers' own pipeline over the bundle's modules, with the same sampler and CLIP tokenizers.
+
+    ``StableDiffusionXLPipeline`` for SDXL (with the model's ``force_zeros_for_empty_prompt``), else
+    ``StableDiffusionPipeline``.
+    """
     diffusers = require("diffusers", "the diffusers reference pipeline", "export")
+    cls_name, kwargs = DIFFUSERS_SCHEDULERS[scheduler]
+    sampler = getattr(diffusers, cls_name).from_config(bundle.scheduler_config, **kwargs)
+    if bundle.model.family == "sdxl":
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=bundle.vae,
+            text_encoder=bundle.text_encoder,
+            text_encoder_2=bundle.text_encoder_2,
+            tokenizer=clip_tokenizer_hf(),
+            tokenizer_2=clip_tokenizer_hf(pad_token="!"),
+            unet=bundle.unet,
+            scheduler=sampler,
+            force_zeros_for_empty_prompt=bundle.model.force_zeros_for_empty_prompt,
+            add_watermarker=False,
+        )
+    else:
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=bundle.vae,
+            text_encoder=bundle.text_encoder,
+            tokenizer=clip_tokenizer_hf(),
+            unet=bundle.unet,
+            scheduler=sampler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def clip_tokenizer_hf(pad_token: str = "<|endoftext|>") -> Any:
+    """transformers' CLIPTokenizer on sdtrt's shipped vocabulary (the reference the runtime's ids must equal)."""
     transformers = require("transformers", "the diffusers reference pipeline", "export")
     from .tokenizer import clip_vocab_and_merges
 
     vocab, merges = clip_vocab_and_merges()
-    tokenizer = transformers.CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
-    cls_name, kwargs = DIFFUSERS_SCHEDULERS[scheduler]
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=bundle.vae,
-        text_encoder=bundle.text_encoder,
-        tokenizer=tokenizer,
-        unet=bundle.unet,
-        scheduler=getattr(diffusers, cls_name).from_config(bundle.scheduler_config, **kwargs),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return transformers.CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77, pad_token=pad_token)

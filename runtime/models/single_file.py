@@ -141,7 +141,7 @@ def _require_sd1_keys(state: Mapping[str, torch.Tensor], file: Path) -> None:
         return
     hint = ""
     if any(k.startswith("conditioner.embedders.") for k in state):
-        hint = " It looks like an SDXL checkpoint, which is not supported yet."
+        hint = " It looks like an SDXL checkpoint; load it with single_file_xl.load_sdxl_single_file."
     elif any(k.startswith("cond_stage_model.model.") for k in state):
         hint = " It looks like an SD 2.x checkpoint (OpenCLIP text encoder), not supported as a single file."
     sample = ", ".join(sorted(state)[:3]) or "none"
@@ -198,8 +198,8 @@ def _load_diffusers_model(cls: Any, state: dict[str, torch.Tensor], configs: Pat
     """A diffusers component through ``from_single_file``, offline, checked for missing or extra weights."""
     config_file = configs / sub / "config.json"
     fix = (
-        f"the checkpoint does not match {config_file}. If it is not SD 1.5-shaped, pass config_dir= "
-        "(--config-dir) a diffusers-layout folder describing it"
+        f"the checkpoint does not match {config_file}. If its architecture differs from that config, pass "
+        "config_dir= (--config-dir) a diffusers-layout folder describing it"
     )
     try:
         # A state dict (not a path) and a local config folder: diffusers never resolves anything remotely.
@@ -346,20 +346,24 @@ def vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
     return out
 
 
-def _layers_per_block(value: Any) -> int:
+def _layers_per_block(value: Any, layout: str = "SD 1.x") -> int:
     counts = {int(v) for v in value} if isinstance(value, list | tuple) else {int(value)}
     if len(counts) != 1:
-        raise SourceError(f"UNet layers_per_block {value} differs per block; the SD 1.x layout needs one count for all")
+        raise SourceError(
+            f"UNet layers_per_block {value} differs per block; the {layout} layout needs one count for all"
+        )
     return counts.pop()
 
 
-def _rename(state: Mapping[str, torch.Tensor], rename: Callable[[str], str | None], what: str) -> dict[str, Any]:
+def _rename(
+    state: Mapping[str, torch.Tensor], rename: Callable[[str], str | None], what: str, layout: str = "SD 1.x"
+) -> dict[str, Any]:
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         new = rename(key)
         if new is None:
             raise SourceError(
-                f"{what} weight {key!r} has no place in the SD 1.x checkpoint layout; only SD 1.x-shaped "
+                f"{what} weight {key!r} has no place in the {layout} checkpoint layout; only {layout}-shaped "
                 "models can be written as an original single-file checkpoint"
             )
         assert new not in out, f"two {what} weights map to {new}"

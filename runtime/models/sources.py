@@ -17,6 +17,7 @@ from .presets import CONFIG_DIR, PRESETS, load_preset
 log = logging.getLogger(__name__)
 
 DIFFUSERS_PARTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+XL_PARTS = ("text_encoder_2", "tokenizer_2")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
 
 
@@ -43,7 +44,7 @@ def load_source(source: str, *, allow_pickle: bool = False, config_dir: str | Pa
 
 
 def load_diffusers_folder(folder: Path, *, allow_pickle: bool = False) -> ModelBundle:
-    """A folder as saved by ``StableDiffusionPipeline.save_pretrained``."""
+    """A folder as saved by ``StableDiffusionPipeline.save_pretrained`` (or the SDXL pipeline's)."""
     missing = [p for p in DIFFUSERS_PARTS if not (folder / p).is_dir()]
     if not (folder / "model_index.json").is_file():
         missing.insert(0, "model_index.json")
@@ -52,7 +53,17 @@ def load_diffusers_folder(folder: Path, *, allow_pickle: bool = False) -> ModelB
             f"{str(folder)!r} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}. "
             "Expected model_index.json and the subfolders " + ", ".join(DIFFUSERS_PARTS)
         )
-    formats = {part: _weights_format(folder / part) for part in ("text_encoder", "unet", "vae")}
+    index = _read_json(folder / "model_index.json")
+    xl = "text_encoder_2" in index or (folder / "text_encoder_2").is_dir()
+    if xl:
+        lacking = [p for p in XL_PARTS if not (folder / p).is_dir()]
+        if lacking:
+            raise SourceError(
+                f"{str(folder)!r} is an SDXL folder (model_index.json names text_encoder_2) but lacks "
+                f"{', '.join(lacking)}; copy the model's complete folder"
+            )
+    parts = ("text_encoder", "text_encoder_2", "unet", "vae") if xl else ("text_encoder", "unet", "vae")
+    formats = {part: _weights_format(folder / part) for part in parts}
     pickled = [part for part, fmt in formats.items() if fmt == "pickle"]
     if pickled and not allow_pickle:
         raise SourceError(
@@ -67,22 +78,32 @@ def load_diffusers_folder(folder: Path, *, allow_pickle: bool = False) -> ModelB
     def options(part: str) -> dict[str, Any]:
         return {"local_files_only": True, "use_safetensors": formats[part] != "pickle"}
 
+    text_encoder_2 = None
     try:
         text_encoder = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder", **options("text_encoder"))
+        if xl:
+            text_encoder_2 = transformers.CLIPTextModelWithProjection.from_pretrained(
+                folder / "text_encoder_2", **options("text_encoder_2")
+            )
         unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **options("unet"))
         vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae", **options("vae"))
     except (OSError, ValueError) as exc:
         raise SourceError(f"could not load the model in {str(folder)!r}: {exc}") from exc
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
-    for module in (text_encoder, unet, vae):
-        module.float().eval().requires_grad_(False)
+    for module in (text_encoder, text_encoder_2, unet, vae):
+        if module is not None:
+            module.float().eval().requires_grad_(False)
     return ModelBundle(
         text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
         unet=unet,
         vae=vae,
         tokenizer=tokenizer_from_folder(folder / "tokenizer"),
+        tokenizer_2=tokenizer_from_folder(folder / "tokenizer_2") if xl else None,
         scheduler_config=scheduler_config,
-        model=model_info(text_encoder, unet, vae, scheduler_config),
+        model=model_info(
+            text_encoder, unet, vae, scheduler_config, text_encoder_2=text_encoder_2, pipeline_config=index
+        ),
         source={
             "kind": "diffusers",
             "path": str(folder.resolve()),
@@ -93,24 +114,48 @@ def load_diffusers_folder(folder: Path, *, allow_pickle: bool = False) -> ModelB
     )
 
 
+SHIPPED_CONFIG_NAMES = ("sd15", "sdxl", "sdxl-turbo")
+
+
 def load_checkpoint(path: Path, *, allow_pickle: bool = False, config_dir: str | Path | None = None) -> ModelBundle:
-    """A single-file checkpoint in the original SD 1.x layout, converted with shipped configs."""
-    from .single_file import load_single_file
+    """A single-file checkpoint in the original layout (SD 1.x, or SDXL's), converted with shipped configs.
+
+    ``config_dir`` is a shipped config name (``sd15``, ``sdxl``, ``sdxl-turbo``: Turbo checkpoints hold the same
+    tensors as SDXL base, only the config says 512 px and one-step sampling) or a diffusers-layout folder.
+    """
     from .tokenizer import clip_tokenizer
 
-    config = Path(config_dir) if config_dir else CONFIG_DIR / "sd15"
-    text_encoder, unet, vae = load_single_file(path, config_dir=config, allow_pickle=allow_pickle)
+    xl = _is_sdxl_checkpoint(path, allow_pickle)
+    config = _config_folder(config_dir, "sdxl" if xl else "sd15")
+    text_encoder_2 = None
+    if xl:
+        from .single_file_xl import load_sdxl_single_file
+
+        text_encoder, text_encoder_2, unet, vae = load_sdxl_single_file(
+            path, config_dir=config, allow_pickle=allow_pickle
+        )
+    else:
+        from .single_file import load_single_file
+
+        text_encoder, unet, vae = load_single_file(path, config_dir=config, allow_pickle=allow_pickle)
+    fallback = CONFIG_DIR / ("sdxl" if xl else "sd15")
     scheduler_file = config / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():
-        scheduler_file = CONFIG_DIR / "sd15" / "scheduler" / "scheduler_config.json"
+        scheduler_file = fallback / "scheduler" / "scheduler_config.json"
     scheduler_config = _read_json(scheduler_file)
+    index_file = config / "model_index.json"
+    index = _read_json(index_file if index_file.is_file() else fallback / "model_index.json")
     return ModelBundle(
         text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
         unet=unet,
         vae=vae,
         tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(pad_token="!") if xl else None,
         scheduler_config=scheduler_config,
-        model=model_info(text_encoder, unet, vae, scheduler_config),
+        model=model_info(
+            text_encoder, unet, vae, scheduler_config, text_encoder_2=text_encoder_2, pipeline_config=index
+        ),
         source={
             "kind": "single_file",
             "path": str(path.resolve()),
@@ -120,6 +165,38 @@ def load_checkpoint(path: Path, *, allow_pickle: bool = False, config_dir: str |
             "description": f"checkpoint {path.name}",
         },
     )
+
+
+def _config_folder(config_dir: str | Path | None, default: str) -> Path:
+    """A shipped config name or a folder; the shipped ``default`` when none is given."""
+    if config_dir is None:
+        return CONFIG_DIR / default
+    name = str(config_dir)
+    if name in SHIPPED_CONFIG_NAMES and not Path(name).is_dir():
+        return CONFIG_DIR / name
+    folder = Path(config_dir).expanduser()
+    if not folder.is_dir():
+        raise SourceError(
+            f"config {name!r} is neither a shipped config ({', '.join(SHIPPED_CONFIG_NAMES)}) nor a folder; give "
+            "one of those names or a diffusers-layout folder with unet/, vae/ and text_encoder/ configs"
+        )
+    return folder
+
+
+def _is_sdxl_checkpoint(path: Path, allow_pickle: bool) -> bool:
+    """Whether a checkpoint holds SDXL's two text encoders (keys under ``conditioner.embedders.``)."""
+    from .single_file import checkpoint_format, read_state_dict
+
+    if checkpoint_format(path) == "safetensors":
+        safetensors = require("safetensors", "single-file checkpoints", "export")
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as handle:
+                keys = list(handle.keys())
+        except Exception as exc:  # safetensors raises its own error type for every kind of damage
+            raise SourceError(f"{path} is not a valid .safetensors file: {exc}") from exc
+    else:
+        keys = list(read_state_dict(path, allow_pickle=allow_pickle))
+    return any(key.startswith("conditioner.embedders.") for key in keys)
 
 
 def reload_source(source: dict[str, Any]) -> ModelBundle:

@@ -79,10 +79,13 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[Merge]]:
     return vocab, merges
 
 
-def clip_tokenizer() -> Tokenizer:
-    """The standard CLIP ViT-L/14 tokenizer (SD 1.x), padded and truncated to 77 with ``<|endoftext|>``."""
+def clip_tokenizer(pad_token: str = EOS_TOKEN) -> Tokenizer:
+    """The standard CLIP ViT-L/14 tokenizer, padded and truncated to 77 with ``pad_token``.
+
+    SD 1.x and SDXL's first tokenizer pad with ``<|endoftext|>``; SD 2.x and SDXL's second (OpenCLIP) with ``!``.
+    """
     vocab, merges = clip_vocab_and_merges()
-    return build_clip_tokenizer(vocab, merges)
+    return build_clip_tokenizer(vocab, merges, pad_token)
 
 
 def build_clip_tokenizer(vocab: dict[str, int], merges: list[Merge], pad_token: str = EOS_TOKEN) -> Tokenizer:

@@ -9,7 +9,7 @@ from torch import nn
 
 
 class TextEncoder(nn.Module):
-    """input_ids -> (last_hidden_state, pooled_output)."""
+    """input_ids -> (last_hidden_state, pooled_output): SD 1.x/2.x."""
 
     def __init__(self, text_encoder: Any) -> None:
         super().__init__()
@@ -18,6 +18,26 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.text_encoder(input_ids.to(torch.int64), return_dict=False)
         return out[0], out[1]
+
+
+class PenultimateTextEncoder(nn.Module):
+    """input_ids -> (penultimate hidden state, pooled): SDXL's encoders, as ``StableDiffusionXLPipeline`` uses them.
+
+    The hidden state is the input of the last transformer layer (no final layer norm). The pooled output is the
+    ``CLIPTextModel`` pooled output, or the projected ``text_embeds`` of a ``CLIPTextModelWithProjection``.
+    """
+
+    def __init__(self, text_encoder: Any) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        # The exported graph of a half-precision encoder computes parts of its middle layers in fp32 (scalar
+        # promotion in the activation); the outputs keep the module's precision, as in eager PyTorch.
+        dtype = self.text_encoder.get_input_embeddings().weight.dtype
+        return out.hidden_states[-2].to(dtype), pooled.to(dtype)
 
 
 class UNet(nn.Module):
@@ -31,6 +51,25 @@ class UNet(nn.Module):
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class UNetXL(nn.Module):
+    """(sample, timestep, encoder_hidden_states, text_embeds [B, P], time_ids [B, 6]) -> noise_pred: SDXL."""
+
+    def __init__(self, unet: Any) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
 class VaeDecoder(nn.Module):
@@ -62,10 +101,13 @@ class VaeEncoder(nn.Module):
         return mean, torch.exp(0.5 * logvar)
 
 
-def wrap(component: str, module: Any) -> nn.Module:
+def wrap(component: str, module: Any, family: str = "sd1") -> nn.Module:
+    """``module`` behind the plain tensor interface of ``component``'s spec for a model of ``family``."""
+    xl = family == "sdxl"
     wrappers: dict[str, type[nn.Module]] = {
-        "text_encoder": TextEncoder,
-        "unet": UNet,
+        "text_encoder": PenultimateTextEncoder if xl else TextEncoder,
+        "text_encoder_2": PenultimateTextEncoder,
+        "unet": UNetXL if xl else UNet,
         "vae_decoder": VaeDecoder,
         "vae_encoder": VaeEncoder,
     }

@@ -107,10 +107,10 @@ def test_failed_export_leaves_nothing_behind(tmp_path, tiny_bundle, monkeypatch)
 
     real = mod.export_component
 
-    def fail_on_vae(bundle, name, folder, options, consume=False):
+    def fail_on_vae(bundle, name, folder, options, consume=False, **kwargs):
         if name == "vae_decoder":
             raise ExportError("simulated failure")
-        return real(bundle, name, folder, options, consume)
+        return real(bundle, name, folder, options, consume, **kwargs)
 
     monkeypatch.setattr(mod, "export_component", fail_on_vae)
     out = tmp_path / "art"

@@ -17,7 +17,7 @@ from sdtrt.runtime.errors import ArtifactError, BackendError, ConfigError, Missi
 from sdtrt.runtime.files import sha256_file
 from sdtrt.runtime.manifest import read_manifest
 from sdtrt.runtime.models.wrappers import wrap
-from sdtrt.runtime.specs import COMPONENTS
+from sdtrt.runtime.specs import ModelInfo, model_components
 
 CPU = torch.device("cpu")
 SIZES = [(1, 64, 64), (2, 128, 96)]  # (batch, height, width); a non-square size catches swapped sides
@@ -53,6 +53,9 @@ def reference(bundle, component: str, feeds: dict[str, torch.Tensor]) -> tuple[t
     with torch.no_grad():
         result = wrap(component, bundle.module(component))(*feeds.values())
     return (result,) if isinstance(result, torch.Tensor) else tuple(result)
+
+
+COMPONENTS = model_components(ModelInfo())  # the SD 1.x components of the tiny model
 
 
 def rel_l2(found: torch.Tensor, expected: torch.Tensor) -> float:

@@ -56,9 +56,17 @@ def test_unet_batch_doubles_for_guidance_and_latents_scale():
 
 
 def test_sdxl_extra_unet_inputs_fit_the_description():
-    model = ModelInfo(family="sdxl", text_width=2048, add_text_embeds_width=1280, add_time_ids=6)
-    names = [t.name for t in component_specs(model)["unet"].inputs]
-    assert names == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    model = ModelInfo(family="sdxl", text_width=768, text_width_2=1280, add_text_embeds_width=1280, add_time_ids=6)
+    specs = component_specs(model)
+    assert list(specs) == ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
+    unet = specs["unet"]
+    assert [t.name for t in unet.inputs] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    assert unet.input("encoder_hidden_states").shape[-1] == 2048
+    assert unet.input("text_embeds").shape == ("unet_batch", 1280)
+    assert [t.name for t in specs["text_encoder_2"].outputs] == ["penultimate_hidden_state", "text_embeds"]
+    assert "text_encoder_2" not in component_specs(ModelInfo())
+    with pytest.raises(ShapeError, match="needs text_width_2"):
+        ModelInfo(family="sdxl", text_width=768, add_text_embeds_width=1280, add_time_ids=6)
 
 
 def test_check_size_messages():
