@@ -123,7 +123,7 @@ def _check_output(source: Path, out: Path) -> None:
 
 
 def _files_to_copy(manifest: Manifest) -> list[str]:
-    names = [manifest.tokenizer, manifest.scheduler]
+    names = [manifest.tokenizer, manifest.scheduler] + ([manifest.tokenizer_2] if manifest.tokenizer_2 else [])
     for name, entry in manifest.components.items():
         if name != "unet":
             names += [entry.file] + ([entry.data_file] if entry.data_file else [])

@@ -34,7 +34,8 @@ from sdtrt.runtime.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
-UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")  # every UNet's; SDXL adds text_embeds, time_ids
+SDXL_INPUTS = ("text_embeds", "time_ids")
 DEFAULT_PROMPTS = Path(__file__).parent / "data" / "prompts.txt"
 SHAPES_PROMPTS = Path(__file__).parent / "data" / "shapes_prompts.txt"  # the trained shapes model's captions
 DEFAULT_SCHEDULER = "euler_a"
@@ -146,7 +147,8 @@ class CalibrationData:
         try:
             with np.load(source, allow_pickle=False) as npz:
                 index = json.loads(str(npz["index"]))
-                arrays = {name: npz[name] for name in UNET_INPUTS}
+                names = UNET_INPUTS + tuple(n for n in SDXL_INPUTS if n in npz.files)
+                arrays = {name: npz[name] for name in names}
         except (OSError, KeyError, ValueError) as exc:
             raise ArtifactError(
                 f"{str(source)!r} is not sdtrt calibration data ({exc}); capture it again with capture_calibration_data"
@@ -207,7 +209,7 @@ class RecordingEngine:
     def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.calls in self.record:
             # clone: the caller reuses its buffers on the next step
-            self.kept.append({n: feeds[n].detach().float().cpu().clone().numpy() for n in UNET_INPUTS})
+            self.kept.append({n: feeds[n].detach().float().cpu().clone().numpy() for n in feeds})
         self.calls += 1
         return self.inner.infer(feeds)
 
@@ -288,7 +290,7 @@ def capture_calibration_data(
                 progress(k + 1, config.samples)
     kept = recorder.kept
     assert len(kept) == config.samples * len(record), "one record per recorded step per trajectory"
-    arrays = {name: np.concatenate([r[name] for r in kept]) for name in UNET_INPUTS}
+    arrays = {name: np.concatenate([r[name] for r in kept]) for name in kept[0]}
     settings = asdict(config) | {"height": height, "width": width, "backend": backend, "artifact": str(root)}
     data = CalibrationData(arrays, chosen, seeds, list(record), rows=len(kept[0]["sample"]), settings=settings)
     log.info("captured %d UNet calls (%d rows), data sha256 %s", data.records, len(arrays["sample"]), data.sha256)

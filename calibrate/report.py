@@ -34,8 +34,6 @@ from sdtrt.runtime.errors import ArtifactError, ConfigError
 from sdtrt.runtime.files import write_text_atomic
 from sdtrt.runtime.manifest import Manifest, read_manifest
 
-from .capture import UNET_INPUTS
-
 log = logging.getLogger(__name__)
 
 QUANTIZED = ("int8", "fp8")
@@ -182,7 +180,7 @@ class _Recorder:
 
     def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = self.inner.infer(feeds)
-        kept = {n: feeds[n].detach().float().cpu().numpy().copy() for n in UNET_INPUTS}
+        kept = {n: feeds[n].detach().float().cpu().numpy().copy() for n in feeds}
         self.calls.append((kept, out["noise_pred"].detach().float().cpu().numpy().copy()))
         return out
 
@@ -220,7 +218,7 @@ class QdqEngine:
         return np.asarray(self.session.run(["noise_pred"], cast)[0], dtype=np.float32)
 
     def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = self.run({n: feeds[n].detach().cpu().float().numpy() for n in UNET_INPUTS})
+        out = self.run({n: feeds[n].detach().cpu().float().numpy() for n in feeds})
         dtype = torch.float16 if self.dtypes["sample"] == np.float16 else torch.float32
         return {"noise_pred": torch.from_numpy(out).to(dtype)}
 
@@ -306,7 +304,7 @@ def _size(manifest: Manifest, config: ReportConfig) -> tuple[int, int]:
 
 def _torch_feeds(engine: Engine, feeds: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     dtypes = {t.name: torch.float16 if t.dtype == "float16" else torch.float32 for t in engine.inputs}
-    return {n: torch.from_numpy(feeds[n]).to(dtypes[n]) for n in UNET_INPUTS}
+    return {n: torch.from_numpy(feeds[n]).to(dtypes[n]) for n in feeds}
 
 
 def quality_report(

@@ -200,9 +200,10 @@ def build_engines(
     environment = trt_compat.environment(device)
     previous = _previous_engines(out_dir, source_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer", "scheduler"):
+    for name in ("tokenizer", "tokenizer_2", "scheduler"):
         file = getattr(source, name)
-        write_bytes_atomic(out_dir / file, resolve_file(source_dir, file).read_bytes())
+        if file:
+            write_bytes_atomic(out_dir / file, resolve_file(source_dir, file).read_bytes())
     components = _kept_entries(out_dir, previous, names, profile, environment)
     todo = []
     for name in names:
@@ -323,6 +324,7 @@ def _engine_manifest(
         source=source.source,
         versions={**source.versions, "sdtrt": sdtrt.__version__, "tensorrt": environment["tensorrt"]},
         tokenizer=source.tokenizer,
+        tokenizer_2=source.tokenizer_2,
         scheduler=source.scheduler,
         kind="tensorrt",
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -80,6 +80,10 @@ def make_inputs(
             feeds[tensor.name] = torch.rand(shape, generator=g) * 2 - 1
         elif tensor.name == "latent":
             feeds[tensor.name] = torch.randn(shape, generator=g) / model.scaling_factor
+        elif tensor.name == "time_ids":  # SDXL: original size, crop top-left, target size
+            feeds[tensor.name] = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32).repeat(
+                shape[0], 1
+            )
         else:
             feeds[tensor.name] = torch.randn(shape, generator=g)
     return feeds

@@ -188,7 +188,12 @@ def load_preset(name: str, seed: int = PRESET_SEED) -> ModelBundle:
         tokenizer_2=clip_tokenizer(pad_token="!") if xl else None,
         scheduler_config=sched_cfg,
         model=model_info(
-            text_encoder, unet, vae, sched_cfg, text_encoder_2=text_encoder_2, pipeline_config=SDXL_INDEX if xl else None
+            text_encoder,
+            unet,
+            vae,
+            sched_cfg,
+            text_encoder_2=text_encoder_2,
+            pipeline_config=SDXL_INDEX if xl else None,
         ),
         source={
             "kind": "preset",

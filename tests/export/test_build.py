@@ -347,3 +347,36 @@ def test_tiny_engines_match_onnxruntime(tiny_fp16, tmp_path):
             rel = float((got - want.float()).norm() / want.float().norm().clamp_min(1e-12))
             assert rel <= 1e-2, (name, key, rel)
         assert json.loads((out / "manifest.json").read_text())["components"][name]["extra"]["peak_device_memory"] > 0
+
+
+# -- SDXL on the recording double ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_xl_fp16(tmp_path_factory):
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+    from sdtrt.runtime.models.presets import load_preset
+
+    out = tmp_path_factory.mktemp("xl") / "fp16"
+    profile = ShapeProfile(1, 1, 2, 64, 128, 256, 64, 128, 256, max_prompt_windows=3)
+    export_artifacts(load_preset("tiny-xl"), out, ExportOptions(profile=profile, precision="fp16"))
+    return out
+
+
+def test_sdxl_builds_both_encoders_and_profiles_the_extra_unet_inputs(use_double, tiny_xl_fp16, tmp_path):
+    double = use_double(version="11.4.0.106")
+    out = tmp_path / "E"
+    manifest = build_engines(tiny_xl_fp16, out, None, TensorRTBuildOptions())
+    builds = {b["network"]: b["profiles"][0] for b in double.records.builds}
+    assert list(builds) == ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
+    # prompt + negative, each up to 3 windows, up to 2 images: 1 .. 2 x 2 x 3 rows of 77 ids
+    assert builds["text_encoder_2"]["input_ids"] == [[1, 77], [2, 77], [12, 77]]
+    unet = builds["unet"]
+    assert unet["text_embeds"] == [[1, 24], [2, 24], [4, 24]]  # CFG doubles the UNet batch
+    assert unet["time_ids"] == [[1, 6], [2, 6], [4, 6]]
+    assert unet["encoder_hidden_states"] == [[1, 77, 64], [2, 77, 64], [4, 231, 64]]
+    source = read_manifest(tiny_xl_fp16)
+    assert manifest.tokenizer_2 == "tokenizer_2.json"
+    assert (out / "tokenizer_2.json").read_bytes() == (tiny_xl_fp16 / "tokenizer_2.json").read_bytes()
+    keys = {name: entry.extra["key"] for name, entry in manifest.components.items()}
+    assert keys["text_encoder_2"]["onnx_sha256"] == source.components["text_encoder_2"].sha256
+    assert keys["unet"]["precision"] == "fp16" and keys["vae_decoder"]["precision"] == "fp32"  # VAE kept fp32
+    assert read_manifest(out).model.family == "sdxl"

@@ -79,7 +79,8 @@ def test_diffusers_folder_errors(tmp_path, tiny_bundle):
 def test_source_errors(tmp_path):
     with pytest.raises(SourceError, match="does not exist; give a diffusers model folder"):
         load_source(str(tmp_path / "nothing.safetensors"))
-    with pytest.raises(SourceError, match="unknown preset 'sd99'; the presets are tiny, tiny-xl, shapes, sd15-random, sdxl-random"):
+    presets = "tiny, tiny-xl, shapes, sd15-random, sdxl-random"
+    with pytest.raises(SourceError, match=f"unknown preset 'sd99'; the presets are {presets}"):
         load_source("sd99")
 
 
