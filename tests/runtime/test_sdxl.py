@@ -335,3 +335,18 @@ def test_cli_int8_calibration_of_an_sdxl_unet(xl_fp16, tmp_path):
     checked = sdtrt("check", int8, "--reference", xl_fp16)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "quality report passed" in checked.stdout
+
+
+def test_torch_backend_fp16_keeps_the_vae_fp32(xl_fp32):
+    from sdtrt.runtime.engine import BackendOptions
+
+    options = BackendOptions(precision="fp16")
+    with (
+        Pipeline.from_artifacts(xl_fp32, backend="torch", device="cpu", options=options) as half,
+        Pipeline.from_artifacts(xl_fp32, backend="torch", device="cpu") as full,
+    ):
+        assert [t.dtype for t in half.engines["unet"].inputs][2:] == ["float16"] * 3
+        assert [t.dtype for t in half.engines["vae_decoder"].inputs] == ["float32"]
+        a = half(PROMPT, steps=2, guidance_scale=5.0, seed=8)
+        b = full(PROMPT, steps=2, guidance_scale=5.0, seed=8)
+    assert psnr(a.pixels, b.pixels) >= 40
