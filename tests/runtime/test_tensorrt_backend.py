@@ -255,6 +255,30 @@ def test_pipeline_opens_an_engine_folder(use_double, engines_dir):
     assert result.images[0].size == (64, 64) and result.settings["backend"] == "tensorrt"
 
 
+def test_pipeline_feeds_sdxl_engines_both_encoders_and_the_extra_unet_inputs(use_double, tmp_path):
+    """SDXL wiring on the double: both text encoders run, and the UNet is fed text_embeds and time_ids each step."""
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+    from sdtrt.runtime.models.presets import load_preset
+    from sdtrt.runtime.pipeline import Pipeline
+
+    profile = ShapeProfile(1, 1, 2, 64, 64, 128, 64, 64, 128)  # opt 64: the default size
+    export_artifacts(load_preset("tiny-xl"), tmp_path / "xl", ExportOptions(profile=profile, precision="fp16"))
+    double = use_double()  # after the export: torch's exporter looks up the real tensorrt module's spec
+    build_engines(tmp_path / "xl", tmp_path / "engines", None, TensorRTBuildOptions())
+    with Pipeline.from_artifacts(tmp_path / "engines", backend="tensorrt", device="cpu") as pipe:
+        assert set(pipe.engines) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+        result = pipe("a cat", steps=2, seed=1, guidance_scale=5.0)
+    assert result.images[0].size == (64, 64)
+    by_inputs = {tuple(c.engine.input_names): c for c in double.records.contexts}
+    unet = by_inputs[("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")]
+    assert unet.runs == 2  # one call per step, guidance batched
+    assert unet.shapes["text_embeds"] == (2, 24) and unet.shapes["time_ids"] == (2, 6)
+    assert unet.shapes["encoder_hidden_states"] == (2, 77, 64)  # both encoders' states side by side
+    assert {"text_embeds", "time_ids"} <= set(unet.addresses)  # bound to device memory, not just shaped
+    encoders = [c for c in double.records.contexts if c.engine.input_names == ["input_ids"]]
+    assert [c.runs for c in encoders] == [1, 1]  # text_encoder and text_encoder_2, once per call
+
+
 # -- real TensorRT (run by users who have it) ---------------------------------------------------------------------
 @pytest.mark.trt
 def test_generate_with_real_engines(tiny_fp16, tmp_path):
