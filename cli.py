@@ -24,10 +24,31 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     try:
         if "x" in text.lower():
             w, h = text.lower().split("x")
-            return int(h), int(w)
-        return int(text), int(text)
+            size = int(h), int(w)
+        else:
+            size = int(text), int(text)
     except ValueError:
         raise click.BadParameter(f"expected N or WIDTHxHEIGHT in pixels (e.g. 512 or 768x512), got {text!r}") from None
+    if min(size) <= 0:
+        raise click.BadParameter(
+            f"sizes must be positive pixel counts, got {text!r}; e.g. 1024x1024, or leave the option out for the "
+            "model's own size"
+        )
+    return size
+
+
+def parse_pair(text: str | None, what: str) -> tuple[int, int] | None:
+    """'1024x768' (width x height) -> (768, 1024) as (height, width), the order diffusers takes; '0x0' allowed."""
+    if text is None:
+        return None
+    try:
+        w, h = text.lower().split("x")
+        pair = int(h), int(w)
+    except ValueError:
+        raise click.BadParameter(f"expected WIDTHxHEIGHT ({what}), e.g. 1024x1024, got {text!r}") from None
+    if min(pair) < 0:
+        raise click.BadParameter(f"{what} must be >= 0, got {text!r}")
+    return pair
 
 
 def writable_folder(folder: Path, what: str) -> None:
@@ -79,9 +100,16 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp16", show_default=True)
 @click.option(
     "--components",
-    default="text_encoder,unet,vae_decoder,vae_encoder",
+    help="Comma-separated components to export (default: all the model has: text_encoder[,text_encoder_2],"
+    "unet,vae_decoder,vae_encoder).",
+)
+@click.option(
+    "--vae-precision",
+    type=click.Choice(["auto", "fp32", "fp16"]),
+    default="auto",
     show_default=True,
-    help="Comma-separated components to export.",
+    help="auto: as --precision, except SDXL's VAE (it overflows in fp16) stays fp32 unless its config marks it "
+    "fp16-safe (force_upcast false, as the fp16-fix VAE does).",
 )
 @click.option("--min-size", help="Smallest image size, N or WxH pixels (default: model dependent).")
 @click.option("--opt-size", help="Size engines are tuned for, N or WxH.")
@@ -89,24 +117,26 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--max-batch", type=int, default=4, show_default=True, help="Most images per call.")
 @click.option(
     "--max-prompt-windows",
-    type=int,
-    default=1,
+    type=click.IntRange(min=1),
+    default=3,
     show_default=True,
-    help="75-token prompt windows engines accept (long prompts).",
+    help="75-token prompt windows engines accept (long prompts); tokens beyond are dropped with a warning.",
 )
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option(
     "--config-dir",
     "config_dir",
     type=click.Path(path_type=Path),
-    help="diffusers-layout config folder for a single-file checkpoint (default: SD 1.5).",
+    help="Single-file checkpoints: a shipped config (sd15, sdxl, sdxl-turbo) or a diffusers-layout config "
+    "folder (default: sd15, or sdxl for SDXL checkpoints).",
 )
 @click.option("--allow-pickle", is_flag=True, help="Load pickle checkpoints (.ckpt/.bin/.pt): they can run code.")
 def export_cmd(
     source: str,
     out: Path,
     precision: str,
-    components: str,
+    components: str | None,
+    vae_precision: str,
     min_size: str | None,
     opt_size: str | None,
     max_size: str | None,
@@ -120,6 +150,7 @@ def export_cmd(
     from sdtrt.export.onnx_export import ExportOptions, export_artifacts
     from sdtrt.export.profiles import default_profile, make_profile
     from sdtrt.runtime.models.sources import load_source
+    from sdtrt.runtime.specs import COMPONENTS
 
     start = time.perf_counter()
     click.echo(f"loading {source} ...", err=True)
@@ -131,8 +162,9 @@ def export_cmd(
     options = ExportOptions(
         profile=profile,
         precision=precision,
-        components=tuple(c.strip() for c in components.split(",") if c.strip()),
+        components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else COMPONENTS,
         opset=opset,
+        vae_precision=vae_precision,
     )
 
     def progress(name: str, index: int, total: int, seconds: float) -> None:
@@ -147,7 +179,7 @@ def export_cmd(
     for entry in manifest.components.values():
         files = [entry.file] + ([entry.data_file] if entry.data_file else [])
         size = sum((out / f).stat().st_size for f in files)
-        click.echo(f"  {entry.file:<20} {size / 2**20:9.1f} MiB")
+        click.echo(f"  {entry.file:<20} {size / 2**20:9.1f} MiB  {entry.precision}")
 
 
 @main.command("check")
@@ -301,7 +333,11 @@ def calibrate_cmd(
 @main.command("generate")
 @click.argument("artifacts", type=click.Path(path_type=Path))
 @click.argument("prompt")
-@click.option("--negative", default="", help="Negative prompt (what to steer away from).")
+@click.option(
+    "--negative",
+    help="Negative prompt (what to steer away from). SDXL models that say so get zero negative conditioning "
+    "when it is left out, as diffusers does.",
+)
 @click.option("--steps", type=int, default=30, show_default=True)
 @click.option(
     "--cfg", "guidance", type=float, default=7.5, show_default=True, help="Guidance scale; <= 1 turns CFG off."
@@ -326,6 +362,9 @@ def calibrate_cmd(
     help="PNG to write; with several images, NAME-0.png, NAME-1.png, ...",
 )
 @click.option("--preview-dir", type=click.Path(path_type=Path), help="Write a cheap latent preview per step here.")
+@click.option("--original-size", help="SDXL: original size WIDTHxHEIGHT to condition on (default: the image size).")
+@click.option("--crop", help="SDXL: crop top-left LEFTxTOP to condition on (default: 0x0).")
+@click.option("--target-size", help="SDXL: target size WIDTHxHEIGHT to condition on (default: the image size).")
 def generate_cmd(
     artifacts: Path,
     prompt: str,
@@ -342,8 +381,14 @@ def generate_cmd(
     strength: float,
     out: Path,
     preview_dir: Path | None,
+    original_size: str | None,
+    crop: str | None,
+    target_size: str | None,
 ) -> None:
-    """Generate images for PROMPT with the engines in ARTIFACTS."""
+    """Generate images for PROMPT with the engines in ARTIFACTS.
+
+    SDXL-Turbo: --steps 1 --cfg 0 (its scheduler, Euler ancestral with trailing spacing, is the default).
+    """
     from PIL import Image
 
     from sdtrt.runtime.images import a1111_parameters, latents_to_rgb, save_png
@@ -388,6 +433,9 @@ def generate_cmd(
                 image=image,
                 strength=strength,
                 callback=on_step,
+                original_size=parse_pair(original_size, "--original-size"),
+                crops_coords_top_left=parse_pair(crop, "--crop") or (0, 0),
+                target_size=parse_pair(target_size, "--target-size"),
             )
         model_hash = str(pipe.manifest.source.get("sha256", ""))
     w, h = result.settings["width"], result.settings["height"]
@@ -397,7 +445,7 @@ def generate_cmd(
         extra = [("Denoising strength", f"{strength:g}")] if init_image else []
         text = a1111_parameters(
             prompt,
-            negative,
+            negative or "",
             steps,
             A1111_LABELS[scheduler],
             guidance,
@@ -426,7 +474,9 @@ def generate_cmd(
     show_default=True,
     help="Comma-separated: diffusers, diffusers-compile, torch, torch-graph, onnxruntime, tensorrt.",
 )
-@click.option("--size", help="WIDTHxHEIGHT in pixels (default: 128x128 for tiny and shapes, else 512x512).")
+@click.option(
+    "--size", help="WIDTHxHEIGHT in pixels (default: the model's native size: 512 for SD 1.5, 1024 for SDXL)."
+)
 @click.option("--steps", type=int, default=30, show_default=True)
 @click.option("--cfg", "guidance", type=float, default=7.5, show_default=True)
 @click.option("--batch", type=int, default=1, show_default=True)
@@ -447,6 +497,12 @@ def generate_cmd(
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Existing artifact or engine folder for the sdtrt backends (default: export one now, untimed).",
 )
+@click.option(
+    "--sequential",
+    is_flag=True,
+    help="Run each backend's runs in one block, one backend open at a time (for models too big to hold twice); "
+    "the default opens every backend and interleaves the runs, rotating the order each round.",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the JSON rows here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG chart here.")
 def bench_cmd(
@@ -463,15 +519,18 @@ def bench_cmd(
     seed: int,
     device: str | None,
     artifacts: Path | None,
+    sequential: bool,
     json_path: Path | None,
     plot_path: Path | None,
 ) -> None:
-    """Time SOURCE on several backends side by side: same weights, seed and sampler, one process."""
+    """Time SOURCE on several backends side by side: same weights, seed and sampler, one process, runs interleaved."""
     from sdtrt.benchmarks.harness import BenchConfig, run_benchmark
     from sdtrt.benchmarks.report import format_table, plot, summarize
     from sdtrt.runtime.files import write_text_atomic
+    from sdtrt.runtime.models.sources import native_size
 
-    hw = parse_size(size or ("128x128" if source in ("tiny", "shapes") else "512x512"))
+    native = native_size(source)
+    hw = parse_size(size or f"{native}x{native}")
     assert hw is not None
     config = BenchConfig(
         source=source,
@@ -488,6 +547,7 @@ def bench_cmd(
         scheduler=scheduler,
         device=device,
         artifacts=str(artifacts) if artifacts else None,
+        sequential=sequential,
     )
     for path, what in ((json_path, "the JSON rows"), (plot_path, "the chart")):
         if path:
@@ -502,7 +562,10 @@ def bench_cmd(
         plot(summaries, plot_path, title)
     env = rows[0]["env"]
     machine = env.get("gpu") or f"{env['cpu']} ({env['cpus']} cpus)"
-    click.echo(f"{source} {hw[1]}x{hw[0]}, {steps} steps, CFG {guidance:g}, batch {batch}, {scheduler}, {machine}")
+    order = "sequential blocks" if sequential else "interleaved"
+    click.echo(
+        f"{source} {hw[1]}x{hw[0]}, {steps} steps, CFG {guidance:g}, batch {batch}, {scheduler}, {machine}, {order}"
+    )
     click.echo(format_table(summaries))
 
 

@@ -1,12 +1,29 @@
 #!/usr/bin/env bash
-# The one GPU check a session with a lent H100/H200 runs (see shared/DEVICE.md), in under ~7 minutes:
-#   1. GPU, driver, torch and CUDA versions;  2. the `gpu`-marked tests;
-#   3. sd15-random 512x512, 30 steps, CFG 7.5, batch 1, fp16: diffusers vs sdtrt torch (eager) vs torch-graph,
-#      in one process; JSON and a chart under $OUT; the table is printed last.
-# Set COMPILE=1 to add diffusers + torch.compile(max-autotune) (compiling takes minutes).
-# Prepare once on the CPU machine (pure-Python packages the GPU machine lacks; .whl/ is git-ignored):
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers importlib_metadata polygraphy onnx-graphsurgeon
-# then run it through the device tool with carry [".whl"]:  bash benchmarks/gpu_check.sh
+# GPU check: sdtrt's `gpu` tests and its side-by-side benchmarks on one CUDA GPU, in under ~9 minutes on an
+# H100/H200 (each step has its own timeout; a step that fails or times out is reported and the rest still run).
+#
+# Needs: a CUDA machine whose python3 has torch (CUDA build), transformers, tokenizers, safetensors, numpy and
+# pillow. The pure-Python packages such a machine often lacks travel as wheels in .whl/ (git-ignored); download
+# them once on a machine with network access, pinned to the versions sdtrt is tested with:
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl \
+#       diffusers==0.42.1 importlib_metadata==10.2.0 polygraphy==0.53.6 onnx-graphsurgeon==0.6.1
+# When .whl/ is there, they and sdtrt itself are installed into .site/ (no network, no dependencies resolved).
+#   usage: bash benchmarks/gpu_check.sh          (results under $OUT, default out/gpu_check)
+#   COMPILE=1 adds diffusers + torch.compile(max-autotune) to the SD 1.5 row (compiling takes minutes: that row's
+#   limit goes from 110 s to 420 s, and the whole script past 9 minutes).
+#
+# Every benchmark runs its backends interleaved (A B C, B C A, ...) in one process, all open at once; SDXL's fp16
+# weights are ~7 GB per copy (diffusers, torch and torch-graph each hold one), well inside an 80 GB card.
+# Rows, all seed 0, euler_a, batch 1, fp16, diffusers vs sdtrt torch (eager) vs torch-graph (whole step as one
+# CUDA graph):
+#   1. sd15-random 512x512, 30 steps, CFG 7.5        (SD 1.5 architecture, seeded random weights)
+#   2. sdxl-random 1024x1024, 30 steps, CFG 5        (SDXL base architecture, seeded random weights)
+#   3. sdxl-random 512x512, 1 step, CFG 0            (the SDXL-Turbo setting; Turbo has SDXL's architecture)
+#   4. host overhead: the denoising loop with a null UNet, CPU / CUDA eager / CUDA graph, every sampler
+# Prints: GPU, driver, torch and CUDA versions; the gpu tests' summary; each benchmark's table (median and p90
+# end-to-end, speed-up against diffusers, per-stage times, it/s, loop overhead, memory); the host-overhead
+# table (microseconds per step). Writes under $OUT: gpu_tests.txt, tables.txt (everything printed after the
+# versions), bench_log.txt (progress and warnings), and one JSON per row (charts: benchmarks.report.plot).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_check}
@@ -17,20 +34,58 @@ if [ -d .whl ]; then
     export PYTHONPATH=$PWD/.site || exit 1
 fi
 PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+failed=0
+tables="$OUT/tables.txt"
+: > "$tables"
+: > "$OUT/bench_log.txt"
+
 echo "== versions"
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
 $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
-echo "== gpu tests"
-timeout 180 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
-backends=diffusers,torch,torch-graph
-if [ "${COMPILE:-0}" = 1 ]; then backends=$backends,diffusers-compile; fi
-echo "== benchmark ($backends)"
-timeout 300 $PY -m sdtrt.cli bench sd15-random --backends "$backends" --size 512x512 --steps 30 --cfg 7.5 \
-    --batch 1 --precision fp16 --runs 5 --warmup 2 \
-    --json "$OUT/gpu_sd15-random_512_30steps.json" --plot "$OUT/gpu_sd15-random_512_30steps.png" \
-    > "$OUT/bench_table.txt" 2> "$OUT/bench_log.txt"
+
+# step TITLE: a heading, printed now as progress and kept in tables.txt for the summary at the end
+step() { echo "== $1"; echo "== $1" >> "$tables"; }
+
+step "gpu tests (limit 90s)"
+timeout 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/gpu_tests.txt" 2>&1
 status=$?
-tail -5 "$OUT/bench_log.txt"
-echo "== results (exit $status)"
-cat "$OUT/bench_table.txt"
-exit $status
+tail -15 "$OUT/gpu_tests.txt" >> "$tables"
+[ $status = 0 ] || { echo "gpu tests failed (exit $status; 124 = timed out)" >> "$tables"; failed=1; }
+
+# bench SECONDS NAME SOURCE ARGS...: one side-by-side benchmark, its table appended to tables.txt
+bench() {
+    local limit=$1 name=$2 source=$3
+    shift 3
+    step "$name (limit ${limit}s)"
+    timeout "$limit" $PY -m sdtrt.cli bench "$source" --batch 1 --precision fp16 --scheduler euler_a \
+        --json "$OUT/$name.json" "$@" > "$OUT/table.tmp" 2>> "$OUT/bench_log.txt"
+    local code=$?
+    cat "$OUT/table.tmp" >> "$tables"
+    rm -f "$OUT/table.tmp"
+    if [ $code != 0 ]; then
+        echo "$name failed (exit $code; 124 = timed out); last log lines:" >> "$tables"
+        tail -5 "$OUT/bench_log.txt" >> "$tables"
+        failed=1
+    fi
+}
+
+backends=diffusers,torch,torch-graph
+sd15_backends=$backends sd15_limit=110
+if [ "${COMPILE:-0}" = 1 ]; then sd15_backends=$backends,diffusers-compile sd15_limit=420; fi
+bench "$sd15_limit" gpu_sd15-random_512_30steps sd15-random --backends "$sd15_backends" --size 512x512 --steps 30 --cfg 7.5 \
+    --runs 5 --warmup 2
+bench 200 gpu_sdxl-random_1024_30steps sdxl-random --backends "$backends" --size 1024x1024 --steps 30 --cfg 5 \
+    --runs 3 --warmup 1
+bench 100 gpu_sdxl-random_512_1step_turbo sdxl-random --backends "$backends" --size 512x512 --steps 1 --cfg 0 \
+    --runs 5 --warmup 2
+
+step "host overhead (null UNet, limit 40s)"
+timeout 40 $PY -m sdtrt.benchmarks.host_overhead --paths cpu,cuda,cuda-graph --steps 600 \
+    --json "$OUT/host_overhead_cuda.json" >> "$tables" 2>> "$OUT/bench_log.txt" ||
+    { echo "host overhead failed" >> "$tables"; failed=1; }
+
+echo
+echo "==== results (failed=$failed)"
+cat "$tables"
+exit $failed

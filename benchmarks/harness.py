@@ -8,23 +8,36 @@ Backends measured:
     onnxruntime        sdtrt's runtime on ONNX Runtime
     tensorrt           sdtrt's runtime on TensorRT engines (needs an engine folder: --artifacts)
 
-Each backend: ``warmup`` untimed runs, then ``runs`` timed runs, each a JSON row with per-stage times, peak
-memory and the loop overhead: end-to-end wall time minus the time of the stages' device work (text encoder,
-denoising steps, VAE decode), i.e. what the host loop adds.
+Every backend is opened first, then the runs interleave: ``warmup`` untimed rounds, then ``runs`` timed rounds,
+each round one run of every backend, round ``r`` starting at backend ``r mod n`` (A B C, B C A, C A B, ...), so
+a slow start, a neighbour's load or thermal drift falls on every backend alike instead of on whichever ran
+first. ``sequential=True`` keeps the old block order (all of A's runs, then B's, one backend open at a time) for
+models too big to hold twice.
+
+Each timed run is a JSON row with its round and position, per-stage times, memory and the loop overhead:
+end-to-end wall time minus the time of the stages' device work (text encoder, denoising steps, VAE decode), i.e.
+what the host loop adds. Memory per run: the peak during that run (CUDA allocator peak, or sampled process RSS on
+a CPU), what was held when it started, and their difference; per backend, what opening it added. With several
+backends open the peak is the whole process's (``peak_memory_scope`` says which): on a CPU the RSS includes
+every open backend's weights, so the per-run delta and the opening cost are the per-backend figures. Both are
+lower bounds on a CPU, where memory the process freed earlier (the export's, another backend's run) is reused
+without growing the RSS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import platform
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -55,6 +68,7 @@ class BenchConfig:
     prompt: str = "a photo of an astronaut riding a horse on mars, detailed, sharp focus"
     device: str | None = None
     artifacts: str | None = None  # an existing artifact / engine folder for the sdtrt backends
+    sequential: bool = False  # one backend open at a time, its runs in one block (models too big to hold twice)
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in BACKENDS]
@@ -75,10 +89,15 @@ class BenchConfig:
 
 
 class PeakMemory:
-    """Peak memory while a backend runs: CUDA allocator peak on a GPU, sampled process RSS on the CPU."""
+    """Peak memory while a block of work runs: CUDA allocator peak on a GPU, sampled process RSS on the CPU.
+
+    ``start`` is what was held on entry; ``peak - start`` is what the block added at its peak. Both are
+    process-wide: memory other open backends hold is in them (and in ``peak``), so it cancels in the difference.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.start = 0
         self.peak = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -88,12 +107,21 @@ class PeakMemory:
         with open("/proc/self/statm") as handle:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+    @staticmethod
+    def held(device: torch.device) -> int:
+        """Memory held now: bytes allocated on the CUDA device, or this process's RSS."""
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            return int(torch.cuda.memory_allocated(device))
+        return PeakMemory.rss()
+
     def __enter__(self) -> PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            self.start = self.peak = int(torch.cuda.memory_allocated())
         else:
-            self.peak = self.rss()
+            self.start = self.peak = self.rss()
 
             def sample() -> None:
                 while not self._stop.wait(0.01):
@@ -148,13 +176,55 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
-Runner = Callable[[int], dict[str, Any]]  # seed -> stage times of one run
+class BenchRunner(Protocol):
+    """What the harness drives: ``run(seed)`` returns one run's stage times (the keys ``make_row`` reads)."""
+
+    precision: str
+
+    def run(self, seed: int) -> dict[str, Any]: ...
 
 
-def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Measure every backend of ``config``; one JSON-ready row per timed run."""
-    from .runners import make_runner, prepare_folder
+# (backend, config, device, artifact folder or None) -> a context manager holding that backend's runner
+OpenRunner = Callable[[str, BenchConfig, torch.device, "Path | None"], AbstractContextManager[BenchRunner]]
 
+
+@dataclass(frozen=True)
+class RunPlace:
+    """Where a timed run sat: its round, its position within the round, and the order mode."""
+
+    round: int
+    position: int
+    order: str  # "interleaved" or "sequential"
+
+
+@dataclass(frozen=True)
+class RunMemory:
+    """One run's memory figures (bytes); ``scope`` is "process" when other backends were open during it."""
+
+    peak: int
+    start: int
+    loaded: int  # what opening this backend added (allocator bytes on CUDA, RSS on a CPU)
+    scope: str
+
+
+def round_order(backends: Sequence[str], r: int) -> list[str]:
+    """The order of round ``r``: the backends rotated to start at backend ``r mod n``."""
+    k = r % len(backends)
+    return [*backends[k:], *backends[:k]]
+
+
+def run_benchmark(
+    config: BenchConfig,
+    progress: Callable[[str], None] | None = None,
+    open_runner: OpenRunner | None = None,
+) -> list[dict[str, Any]]:
+    """Measure every backend of ``config``; one JSON-ready row per timed run, in the order the runs ran.
+
+    ``open_runner(backend, config, device, folder)`` opens one backend's runner: a context manager whose value
+    has ``precision`` and ``run(seed)``. The default is ``runners.make_runner``, after every sdtrt backend's
+    artifact folder is exported (untimed). An injected one is given ``folder=None`` and nothing is exported:
+    tests use it to record the order of the runs.
+    """
     device = config.torch_device
     say = progress or (lambda message: log.info(message))
     for backend in config.backends:
@@ -168,32 +238,96 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
         check_size(config.height, config.width, manifest.model)
         manifest.profile.check(config.height, config.width, config.batch)
     env = environment(device)
-    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="sdtrt-bench-") as scratch:
-        # artifacts first: the diffusers baseline converts the shared modules in place (dtype, device)
-        folders = {}
-        for backend in config.backends:
-            if not backend.startswith("diffusers"):
-                say(f"{backend}: preparing artifacts")
-                folders[backend] = prepare_folder(backend, config, Path(scratch))
+        folders: dict[str, Path] = {}
+        if open_runner is None:
+            from .runners import make_runner, prepare_folder
+
+            open_runner = make_runner
+            # artifacts first: the diffusers baseline converts the shared modules in place (dtype, device)
+            for backend in config.backends:
+                if not backend.startswith("diffusers"):
+                    say(f"{backend}: preparing artifacts")
+                    folders[backend] = prepare_folder(backend, config, Path(scratch))
+        opener = open_runner
+
+        def open_one(backend: str) -> AbstractContextManager[BenchRunner]:
+            return opener(backend, config, device, folders.get(backend))
+
+        if config.sequential:
+            return _run_in_blocks(config, device, open_one, env, say)
+        return _run_interleaved(config, device, open_one, env, say)
+
+
+def _run_interleaved(
+    config: BenchConfig,
+    device: torch.device,
+    open_one: Callable[[str], AbstractContextManager[BenchRunner]],
+    env: dict[str, Any],
+    say: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Open every backend, then warm-up rounds and timed rounds, each round in ``round_order``."""
+    rows: list[dict[str, Any]] = []
+    scope = "process" if len(config.backends) > 1 else "backend"
+    with contextlib.ExitStack() as stack:
+        runners: dict[str, BenchRunner] = {}
+        loaded: dict[str, int] = {}
         for backend in config.backends:
             say(f"{backend}: loading")
-            with make_runner(backend, config, device, folders.get(backend)) as runner:
-                for k in range(config.warmup):
-                    say(f"{backend}: warm-up {k + 1}/{config.warmup}")
-                    runner.run(config.seed)
+            before = PeakMemory.held(device)
+            runners[backend] = stack.enter_context(open_one(backend))
+            loaded[backend] = max(0, PeakMemory.held(device) - before)
+        for k in range(config.warmup):
+            for backend in round_order(config.backends, k):
+                say(f"warm-up {k + 1}/{config.warmup}: {backend}")
+                runners[backend].run(config.seed)
+        for r in range(config.runs):
+            for position, backend in enumerate(round_order(config.backends, r)):
+                say(f"round {r + 1}/{config.runs}: {backend}")
+                runner = runners[backend]
                 with PeakMemory(device) as memory:
-                    timed = []
-                    for k in range(config.runs):
-                        say(f"{backend}: run {k + 1}/{config.runs}")
-                        timed.append(runner.run(config.seed))
-                for k, stages in enumerate(timed):
-                    rows.append(make_row(config, backend, runner.precision, k, stages, memory.peak, env))
+                    stages = runner.run(config.seed)
+                place = RunPlace(r, position, "interleaved")
+                usage = RunMemory(memory.peak, memory.start, loaded[backend], scope)
+                rows.append(make_row(config, backend, runner.precision, place, stages, usage, env))
+    return rows
+
+
+def _run_in_blocks(
+    config: BenchConfig,
+    device: torch.device,
+    open_one: Callable[[str], AbstractContextManager[BenchRunner]],
+    env: dict[str, Any],
+    say: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """One backend open at a time: its warm-up, then its timed runs, then the next backend (biased by order)."""
+    rows: list[dict[str, Any]] = []
+    for position, backend in enumerate(config.backends):
+        say(f"{backend}: loading")
+        before = PeakMemory.held(device)
+        with open_one(backend) as runner:
+            loaded = max(0, PeakMemory.held(device) - before)
+            for k in range(config.warmup):
+                say(f"{backend}: warm-up {k + 1}/{config.warmup}")
+                runner.run(config.seed)
+            for k in range(config.runs):
+                say(f"{backend}: run {k + 1}/{config.runs}")
+                with PeakMemory(device) as memory:
+                    stages = runner.run(config.seed)
+                place = RunPlace(k, position, "sequential")
+                usage = RunMemory(memory.peak, memory.start, loaded, "backend")
+                rows.append(make_row(config, backend, runner.precision, place, stages, usage, env))
     return rows
 
 
 def make_row(
-    config: BenchConfig, backend: str, precision: str, run: int, stages: dict[str, Any], peak: int, env: dict[str, Any]
+    config: BenchConfig,
+    backend: str,
+    precision: str,
+    place: RunPlace,
+    stages: dict[str, Any],
+    memory: RunMemory,
+    env: dict[str, Any],
 ) -> dict[str, Any]:
     steps = stages["steps"]
     ordered = sorted(steps)
@@ -202,7 +336,10 @@ def make_row(
     total = stages["total"]
     return {
         "backend": backend,
-        "run": run,
+        "run": place.round,
+        "round": place.round,
+        "position": place.position,
+        "order": place.order,
         "precision": precision,
         "text_encode_s": stages["text_encode"],
         "denoise_s": stages["denoise"],
@@ -212,8 +349,13 @@ def make_row(
         "images_per_s": config.batch / total,
         "it_per_s": len(steps) / stages["denoise"] if stages["denoise"] > 0 else 0.0,
         "loop_overhead_s": max(0.0, total - device_work),
-        "peak_memory_bytes": peak,
+        # process-wide peak during this run; with scope "process" it includes every open backend
+        "peak_memory_bytes": memory.peak,
+        "memory_at_start_bytes": memory.start,
+        "peak_added_bytes": max(0, memory.peak - memory.start),  # what this run added at its peak
+        "loaded_bytes": memory.loaded,
         "peak_memory_kind": "cuda_max_allocated" if env.get("gpu") else "process_rss",
+        "peak_memory_scope": memory.scope,
         "config": asdict(config),
         "env": env,
     }

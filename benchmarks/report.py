@@ -57,6 +57,10 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "median_s": percentile(e2e, 0.5),
             "p90_s": percentile(e2e, 0.9),
             "peak_memory_gib": max(r["peak_memory_bytes"] for r in mine) / 2**30,
+            "peak_added_gib": max(r.get("peak_added_bytes", 0) for r in mine) / 2**30,
+            "loaded_gib": mine[0].get("loaded_bytes", 0) / 2**30,
+            "memory_scope": mine[0].get("peak_memory_scope", "backend"),
+            "order": mine[0].get("order", "sequential"),
             "it_per_s": percentile([r["it_per_s"] for r in mine], 0.5),
             "images_per_s": percentile([r["images_per_s"] for r in mine], 0.5),
             "step_median_s": percentile([r["step_median_s"] for r in mine], 0.5),
@@ -74,9 +78,10 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_table(summaries: list[dict[str, Any]]) -> str:
+    """The table of ``summarize``'s rows; a note under it says when peak memory is the whole process's."""
     head = (
         f"{'backend':<18} {'prec':<5} {'median':>9} {'p90':>9} {'speed-up':>8} {'text':>8} {'step':>8} "
-        f"{'VAE':>8} {'it/s':>7} {'overhead':>8} {'peak mem':>9} {'of floor':>8}"
+        f"{'VAE':>8} {'it/s':>7} {'overhead':>8} {'peak mem':>9} {'run +mem':>9} {'loaded':>9} {'of floor':>8}"
     )
     lines = [head, "-" * len(head)]
     for s in summaries:
@@ -85,7 +90,13 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
             f"{s['backend']:<18} {s['precision']:<5} {s['median_s'] * 1e3:>7.0f}ms {s['p90_s'] * 1e3:>7.0f}ms "
             f"{s['speedup']:>7.2f}x {s['text_encode_s'] * 1e3:>6.1f}ms {s['step_median_s'] * 1e3:>6.1f}ms "
             f"{s['vae_decode_s'] * 1e3:>6.0f}ms {s['it_per_s']:>7.2f} {s['overhead_pct']:>7.2f}% "
-            f"{s['peak_memory_gib']:>6.2f}GiB {floor:>8}"
+            f"{s['peak_memory_gib']:>6.2f}GiB {s['peak_added_gib']:>6.2f}GiB {s['loaded_gib']:>6.2f}GiB {floor:>8}"
+        )
+    if any(s.get("memory_scope") == "process" for s in summaries):
+        lines.append(
+            "runs interleaved, every backend open: 'peak mem' is the whole process's peak during a backend's runs "
+            "(all open backends included); 'run +mem' is what one run added at its peak, 'loaded' what opening "
+            "the backend added"
         )
     return "\n".join(lines)
 

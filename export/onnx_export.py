@@ -291,9 +291,7 @@ def export_names(model: ModelInfo, requested: tuple[str, ...]) -> tuple[str, ...
         return own
     foreign = [c for c in requested if c not in own]
     if foreign:
-        raise ExportError(
-            f"this {model.family} model has no component {', '.join(foreign)}; it has {', '.join(own)}"
-        )
+        raise ExportError(f"this {model.family} model has no component {', '.join(foreign)}; it has {', '.join(own)}")
     return tuple(c for c in own if c in requested)
 
 

@@ -247,3 +247,32 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SourceError(f"{str(path)!r} must hold a JSON object")
     return data
+
+
+def native_size(source: str, config_dir: str | Path | None = None) -> int:
+    """The image side ``source`` was trained at (UNet sample size x VAE factor), read from configs alone.
+
+    Nothing is built or loaded, so commands can choose their default size before loading a model. 512 when the
+    configs do not say.
+    """
+    path = Path(source).expanduser()
+    if source in PRESETS and not (path / "model_index.json").is_file():
+        from .presets import preset_configs
+
+        _, unet, vae, _ = preset_configs(source)
+    elif path.is_dir():
+        unet = _read_json(path / "unet" / "config.json")
+        vae = _read_json(path / "vae" / "config.json")
+    elif path.is_file():
+        from .single_file import checkpoint_format
+
+        # Only a safetensors header is read here; a pickle file is not opened before the user allows it.
+        xl = checkpoint_format(path) == "safetensors" and _is_sdxl_checkpoint(path, allow_pickle=False)
+        folder = _config_folder(config_dir, "sdxl" if xl else "sd15")
+        unet = _read_json(folder / "unet" / "config.json")
+        vae = _read_json(folder / "vae" / "config.json")
+    else:
+        return 512
+    sample = unet.get("sample_size") or 64
+    sample = sample[0] if isinstance(sample, list) else sample
+    return int(sample) * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)

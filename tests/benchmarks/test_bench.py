@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
 from sdtrt.benchmarks.harness import BenchConfig, run_benchmark
@@ -28,6 +31,13 @@ ROW_KEYS = {
     "it_per_s",
     "loop_overhead_s",
     "peak_memory_bytes",
+    "round",
+    "position",
+    "order",
+    "memory_at_start_bytes",
+    "peak_added_bytes",
+    "loaded_bytes",
+    "peak_memory_scope",
     "config",
     "env",
 }
@@ -64,7 +74,12 @@ def test_bench_cli_rows_table_and_plot(tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     rows, summary = data["rows"], data["summary"]
-    assert [r["backend"] for r in rows] == ["onnxruntime"] * 2 + ["torch"] * 2 + ["diffusers"] * 2
+    # interleaved, the second round rotated to start at the second backend
+    assert [r["backend"] for r in rows] == ["onnxruntime", "torch", "diffusers", "torch", "diffusers", "onnxruntime"]
+    assert [(r["round"], r["position"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert {(r["order"], r["peak_memory_scope"], r["peak_memory_kind"]) for r in rows} == {
+        ("interleaved", "process", "process_rss")
+    }
     for row in rows:
         assert ROW_KEYS <= set(row)
         assert row["end_to_end_s"] > 0 and row["peak_memory_bytes"] > 0
@@ -81,6 +96,7 @@ def test_bench_cli_rows_table_and_plot(tmp_path):
     table = result.stdout.splitlines()
     assert any(line.startswith("onnxruntime") and "1.00x" in line for line in table)
     assert any(line.startswith("diffusers") for line in table)
+    assert any("whole process" in line for line in table)
 
 
 def test_summary_and_table_from_synthetic_rows():
@@ -122,3 +138,90 @@ def test_bad_configs_are_rejected_up_front(tiny_fp32):
                 source="tiny", backends=("onnxruntime",), height=512, width=512, artifacts=str(tiny_fp32), device="cpu"
             )
         )
+
+
+STAGES = {"text_encode": 0.001, "denoise": 0.002, "steps": [0.001, 0.001], "vae_decode": 0.001, "total": 0.005}
+
+
+class FakeRunner:
+    """Records each call in a shared log; holds ``hold`` bytes while open and touches ``touch`` bytes per run."""
+
+    precision = "fp32"
+
+    def __init__(self, backend, log, hold=0, touch=0):
+        self.backend, self.log, self.touch = backend, log, touch
+        self.held = np.ones(hold, dtype=np.uint8) if hold else None
+
+    def run(self, seed):
+        self.log.append(("run", self.backend))
+        if self.touch:
+            scratch = np.ones(self.touch, dtype=np.uint8)  # every page written: counted in the RSS
+            time.sleep(0.08)  # several samples of the 10 ms RSS sampler
+            del scratch
+        return dict(STAGES)
+
+
+def fake_opener(log, hold=None, touch=None):
+    @contextlib.contextmanager
+    def open_runner(backend, config, device, folder):
+        assert folder is None and device.type == "cpu"
+        log.append(("open", backend))
+        runner = FakeRunner(backend, log, (hold or {}).get(backend, 0), (touch or {}).get(backend, 0))
+        try:
+            yield runner
+        finally:
+            runner.held = None
+            log.append(("close", backend))
+
+    return open_runner
+
+
+def test_runs_interleave_with_the_order_rotated_each_round():
+    log = []
+    config = BenchConfig(source="tiny", backends=("diffusers", "torch", "onnxruntime"), runs=4, warmup=2, device="cpu")
+    rows = run_benchmark(config, open_runner=fake_opener(log))
+    a, b, c = config.backends
+    assert log[:3] == [("open", a), ("open", b), ("open", c)]  # everything open before the first run
+    assert log[-3:] == [("close", c), ("close", b), ("close", a)]
+    warm = [a, b, c, b, c, a]
+    timed = [a, b, c, b, c, a, c, a, b, a, b, c]
+    assert [name for event, name in log if event == "run"] == warm + timed
+    assert [r["backend"] for r in rows] == timed
+    assert [(r["round"], r["position"]) for r in rows] == [(k // 3, k % 3) for k in range(12)]
+    assert all(r["run"] == r["round"] and r["order"] == "interleaved" for r in rows)
+    assert [s["backend"] for s in summarize(rows)] == [a, b, c]  # speed-ups stay against the first backend
+
+
+def test_sequential_keeps_one_backend_open_at_a_time():
+    log = []
+    backends = ("torch", "diffusers")
+    config = BenchConfig(source="tiny", backends=backends, runs=2, warmup=1, sequential=True, device="cpu")
+    rows = run_benchmark(config, open_runner=fake_opener(log))
+    blocks = [[("open", b), *[("run", b)] * 3, ("close", b)] for b in backends]
+    assert log == blocks[0] + blocks[1]
+    assert [(r["backend"], r["round"], r["position"]) for r in rows] == [
+        ("torch", 0, 0),
+        ("torch", 1, 0),
+        ("diffusers", 0, 1),
+        ("diffusers", 1, 1),
+    ]
+    assert {(r["order"], r["peak_memory_scope"]) for r in rows} == {("sequential", "backend")}
+
+
+def test_memory_figures_stay_per_backend_when_every_backend_is_open():
+    mib = 2**20
+    log = []
+    config = BenchConfig(source="tiny", backends=("torch", "diffusers"), runs=2, warmup=0, device="cpu")
+    opener = fake_opener(log, hold={"torch": 96 * mib}, touch={"diffusers": 128 * mib})
+    rows = run_benchmark(config, open_runner=opener)
+    torch_rows = [r for r in rows if r["backend"] == "torch"]
+    diffusers_rows = [r for r in rows if r["backend"] == "diffusers"]
+    assert all(r["loaded_bytes"] >= 80 * mib for r in torch_rows)  # opening torch held 96 MiB
+    assert all(r["loaded_bytes"] < 32 * mib for r in diffusers_rows)
+    assert all(r["peak_added_bytes"] >= 100 * mib for r in diffusers_rows)  # each diffusers run touched 128 MiB
+    assert all(r["peak_added_bytes"] < 32 * mib for r in torch_rows)
+    for r in rows:  # the process-wide peak includes the 96 MiB torch holds, whichever backend is running
+        assert r["peak_memory_scope"] == "process"
+        assert r["peak_memory_bytes"] >= r["memory_at_start_bytes"] + r["peak_added_bytes"] - mib
+    summary = {s["backend"]: s for s in summarize(rows)}
+    assert summary["diffusers"]["peak_added_gib"] >= 100 / 1024 and summary["torch"]["loaded_gib"] >= 80 / 1024

@@ -93,3 +93,77 @@ def test_a_preset_name_wins_over_a_same_named_folder_without_a_model(tmp_path, m
     (tmp_path / "tiny" / "model_index.json").write_text("{}")
     with pytest.raises(SourceError, match="not a diffusers Stable Diffusion folder"):
         load_source("tiny")
+
+
+def test_sdxl_preset_configs_are_the_real_architecture():
+    import diffusers
+    import transformers
+
+    from sdtrt.runtime.models.presets import preset_text_encoder_2
+
+    text, unet, vae, scheduler = preset_configs("sdxl-random")
+    assert unet["cross_attention_dim"] == 2048 and unet["transformer_layers_per_block"] == [1, 2, 10]
+    assert vae["scaling_factor"] == 0.13025 and scheduler["_class_name"] == "EulerDiscreteScheduler"
+    with torch.device("meta"):
+        model = diffusers.UNet2DConditionModel(**unet)
+        encoder_2 = transformers.CLIPTextModelWithProjection(
+            transformers.CLIPTextConfig(**preset_text_encoder_2("sdxl-random"))
+        )
+    assert sum(p.numel() for p in model.parameters()) == 2_567_463_684  # SDXL base 1.0's UNet
+    assert sum(p.numel() for p in encoder_2.parameters()) == 694_659_840  # OpenCLIP ViT-bigG text tower
+
+
+@pytest.mark.parametrize(
+    ("native", "multiple", "expected"),
+    [
+        (512, 64, (256, 512, 1024)),  # SD 1.5
+        (768, 64, (384, 768, 1536)),  # SD 2.x-v
+        (1024, 32, (512, 1024, 2048)),  # SDXL
+        (512, 32, (256, 512, 1024)),  # SDXL-Turbo
+        (0, 64, (256, 512, 1024)),  # unknown: SD 1.5's
+        (128, 16, (64, 128, 256)),  # tiny, tiny-xl, shapes
+    ],
+)
+def test_default_profile_follows_the_native_size(native, multiple, expected):
+    from types import SimpleNamespace
+
+    from sdtrt.export.profiles import default_profile
+    from sdtrt.runtime.specs import ModelInfo
+
+    downsamples = {64: 3, 32: 2, 16: 1}[multiple]
+    profile = default_profile(SimpleNamespace(model=ModelInfo(native_size=native, unet_downsamples=downsamples)))
+    assert (profile.min_height, profile.opt_height, profile.max_height) == expected
+    assert (profile.min_width, profile.opt_width, profile.max_width) == expected
+    assert profile.max_prompt_windows == 3 and profile.max_batch == 4
+
+
+def test_diffusers_folder_defaults_follow_its_scheduler_and_size(tmp_path, tiny_bundle):
+    """A folder whose scheduler is EulerDiscrete generates with euler at the UNet's native size, as diffusers does."""
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+    from sdtrt.export.profiles import default_profile
+    from sdtrt.runtime.models.reference import diffusers_pipeline
+    from sdtrt.runtime.pipeline import Pipeline
+
+    folder = tmp_path / "model"
+    diffusers_pipeline(tiny_bundle, "euler").save_pretrained(folder, safe_serialization=True)
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "EulerDiscreteScheduler"
+    bundle = load_source(str(folder))
+    assert bundle.model.native_size == 128  # sample_size 16 x VAE factor 8
+    out = tmp_path / "art"
+    export_artifacts(
+        bundle, out, ExportOptions(profile=default_profile(bundle), components=("text_encoder", "unet", "vae_decoder"))
+    )
+    with Pipeline.from_artifacts(out, device="cpu") as pipe:
+        result = pipe("a cat", steps=3, guidance_scale=7.5, seed=2)
+    assert result.settings["scheduler"] == "euler" and result.images[0].size == (128, 128)
+    import diffusers
+
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    reference.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        expected = reference(
+            "a cat", num_inference_steps=3, generator=torch.Generator().manual_seed(2), output_type="pt"
+        ).images
+    mse = float(((result.pixels - expected) ** 2).mean())
+    assert mse < 1e-8  # same image: PSNR above 80 dB
