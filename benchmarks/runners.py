@@ -13,6 +13,7 @@ import torch
 from sdtrt.runtime.errors import ConfigError
 from sdtrt.runtime.models.reference import diffusers_pipeline
 from sdtrt.runtime.profile import ShapeProfile
+from sdtrt.runtime.specs import required_components
 
 from .harness import BenchConfig
 
@@ -46,7 +47,7 @@ def prepare_folder(backend: str, config: BenchConfig, scratch: Path) -> Path:
     folder = scratch / f"onnx-{config.precision}"
     if not folder.exists():
         options = ExportOptions(
-            profile=profile, precision=config.precision, components=("text_encoder", "unet", "vae_decoder")
+            profile=profile, precision=config.precision, components=required_components(bundle.model)
         )
         export_artifacts(bundle, folder, options)
     return folder
@@ -90,7 +91,7 @@ class SdtrtRunner:
             device=device,
             options=options,
             cuda_graph=backend == "torch-graph",
-            components=("text_encoder", "unet", "vae_decoder"),
+            components=(),  # what text-to-image needs (both text encoders for SDXL); no VAE encoder
         )
         if backend == "torch-graph" and not self.pipe.cuda_graph:
             raise ConfigError("torch-graph needs CUDA graph capture, which this device/backend does not allow")
@@ -99,6 +100,7 @@ class SdtrtRunner:
         c = self.config
         result = self.pipe(
             c.prompt,
+            negative_prompt="",  # as the diffusers runner: an encoded empty prompt (SDXL would otherwise zero it)
             steps=c.steps,
             guidance_scale=c.guidance,
             seed=seed,

@@ -225,3 +225,18 @@ def test_memory_figures_stay_per_backend_when_every_backend_is_open():
         assert r["peak_memory_bytes"] >= r["memory_at_start_bytes"] + r["peak_added_bytes"] - mib
     summary = {s["backend"]: s for s in summarize(rows)}
     assert summary["diffusers"]["peak_added_gib"] >= 100 / 1024 and summary["torch"]["loaded_gib"] >= 80 / 1024
+
+
+def test_sdxl_bench_runs_every_backend_at_the_model_size(tmp_path):
+    """tiny-xl through the same harness: both text encoders exported and run; the default size is its native 128."""
+    out = tmp_path / "xl.json"
+    result = subprocess.run(
+        [SDTRT, "bench", "tiny-xl", "--backends", "onnxruntime,torch,diffusers", "--steps", "2", "--runs", "1",
+         "--warmup", "0", "--precision", "fp32", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted(r["backend"] for r in rows) == ["diffusers", "onnxruntime", "torch"]
+    assert {(r["config"]["height"], r["config"]["width"]) for r in rows} == {(128, 128)}
+    assert all(r["text_encode_s"] > 0 and r["end_to_end_s"] > 0 for r in rows)
