@@ -140,8 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         record = {
             "benchmark": "sdxl_cpu",
-            "settings": {"source": args.source, "size": args.size, "steps": args.steps, "cfg": args.cfg,
-                         "seed": args.seed, "sampler": "euler", "precision": "fp32", "prompt": PROMPT},  # fmt: skip
+            "settings": {
+                "source": args.source,
+                "size": args.size,
+                "steps": args.steps,
+                "cfg": args.cfg,
+                "seed": args.seed,
+                "sampler": "euler",
+                "precision": "fp32",
+                "prompt": PROMPT,
+            },  # fmt: skip
             "rows": rows,
             "summary": summary,
             "ratio": ratio,
