@@ -54,11 +54,11 @@ def _generator(side: str, source: str, size: int, steps: int, guidance: float, s
         return run_diffusers
 
     from sdtrt.export.onnx_export import write_source_artifact
-    from sdtrt.export.profiles import default_profile
     from sdtrt.runtime.pipeline import Pipeline
+    from sdtrt.runtime.profile import ShapeProfile
 
     folder = Path(tempfile.mkdtemp(prefix="sdtrt-sdxl-cpu-")) / "torch"
-    write_source_artifact(bundle, folder, default_profile(bundle))
+    write_source_artifact(bundle, folder, ShapeProfile.static(size, size))
     del bundle  # the torch backend loads its own copy from the manifest's source: never two at once
     gc.collect()
     sdtrt = Pipeline.from_artifacts(folder, backend="torch", device="cpu")
