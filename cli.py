@@ -220,6 +220,10 @@ def check_cmd(
     held-out prompts, and image PSNR): on random inputs outside its calibrated ranges the comparison says little.
     A float artifact of the trained ``shapes`` model also generates held-out prompts and is scored on what its
     images show, next to PyTorch on the same prompts and seeds.
+
+    An engine folder (from ``sdtrt build``) is checked engine by engine instead: TensorRT against ONNX Runtime on
+    the ONNX file each engine was built from, at the engine profile's min, opt and max shapes (needs TensorRT and
+    an NVIDIA GPU).
     """
     from dataclasses import asdict
 
@@ -228,6 +232,19 @@ def check_cmd(
     from sdtrt.shapes.report import adherence_report, format_adherence, is_shapes
 
     manifest = read_manifest(artifacts)
+    if manifest.kind == "tensorrt":
+        from sdtrt.export.engine_check import check_engines
+
+        engine_rows = check_engines(artifacts, seed=seed)
+        click.echo(format_table(engine_rows))
+        if json_path:
+            json_path.write_text(json.dumps([asdict(r) | {"passed": r.passed} for r in engine_rows], indent=2))
+        engine_failed = [r for r in engine_rows if not r.passed]
+        if engine_failed:
+            click.echo(f"{len(engine_failed)} of {len(engine_rows)} checks failed", err=True)
+            sys.exit(1)
+        click.echo(f"all {len(engine_rows)} checks passed (TensorRT vs ONNX Runtime)")
+        return
     quantized = [n for n, e in manifest.components.items() if e.precision in ("int8", "fp8")]
     rows = [r for r in check_artifacts(artifacts, seed=seed) if r.component not in quantized]
     click.echo(format_table(rows))
@@ -365,6 +382,13 @@ def calibrate_cmd(
 @click.option("--original-size", help="SDXL: original size WIDTHxHEIGHT to condition on (default: the image size).")
 @click.option("--crop", help="SDXL: crop top-left LEFTxTOP to condition on (default: 0x0).")
 @click.option("--target-size", help="SDXL: target size WIDTHxHEIGHT to condition on (default: the image size).")
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    help="FILE[:SCALE]: a LoRA (.safetensors, kohya/A1111 or diffusers format) applied without re-export; "
+    "repeatable, scale 1 when omitted.",
+)
 def generate_cmd(
     artifacts: Path,
     prompt: str,
@@ -384,6 +408,7 @@ def generate_cmd(
     original_size: str | None,
     crop: str | None,
     target_size: str | None,
+    loras: tuple[str, ...],
 ) -> None:
     """Generate images for PROMPT with the engines in ARTIFACTS.
 
@@ -410,7 +435,12 @@ def generate_cmd(
     writable_folder(out.parent, "the image")
     if preview_dir:
         writable_folder(preview_dir, "previews")
+    from sdtrt.runtime.lora import parse_lora_option
+
+    lora_specs = [parse_lora_option(text) for text in loras]
     with Pipeline.from_artifacts(artifacts, backend=backend, device=device) as pipe:
+        if lora_specs:
+            pipe.set_loras(lora_specs)
         runs = min(int(steps * strength), steps) if init_image else steps
         with click.progressbar(length=runs, label="denoising", file=sys.stderr) as bar:
 
@@ -438,13 +468,17 @@ def generate_cmd(
                 target_size=parse_pair(target_size, "--target-size"),
             )
         model_hash = str(pipe.manifest.source.get("sha256", ""))
+        active = pipe.loras
     w, h = result.settings["width"], result.settings["height"]
     scheduler = str(result.settings["scheduler"])
     for k, (img, img_seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         target = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}")
         extra = [("Denoising strength", f"{strength:g}")] if init_image else []
+        if active:  # as A1111: the LoRAs in the prompt text, and their hashes
+            extra.append(("Lora hashes", '"' + ", ".join(f"{f.name}: {f.short_hash}" for f, _ in active) + '"'))
+        tags = "".join(f" <lora:{f.name}:{s:g}>" for f, s in active)
         text = a1111_parameters(
-            prompt,
+            prompt + tags,
             negative or "",
             steps,
             A1111_LABELS[scheduler],
@@ -658,6 +692,7 @@ def doctor_cmd() -> None:
 
     import torch
 
+    from sdtrt.runtime.backends.trt_compat import extra_advice
     from sdtrt.runtime.deps import version_of
     from sdtrt.runtime.engine import BACKENDS, get_backend
 
@@ -665,6 +700,7 @@ def doctor_cmd() -> None:
         ("python", platform.python_version()),
         ("sdtrt", version_of("sdtrt") or "?"),
         ("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none: CPU-only build'})"),
+        ("trt extra", extra_advice()),
     ]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

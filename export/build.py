@@ -6,12 +6,14 @@ pipe = Pipeline.from_artifacts("out/sd15-trt", backend="tensorrt")
 The engine folder holds one ``NAME.plan`` per component, the artifact's tokenizer and scheduler config, and a
 manifest of kind "tensorrt" whose entries record, under ``extra``, the plan's build key (ONNX sha256, profile id,
 TensorRT version, GPU name and compute capability, builder options, precision), the build time, the peak device
-memory of the build and the activation memory the engine needs. Building again into the same folder reuses every
-engine whose key still matches and rebuilds the others.
+memory of the build and the activation memory the engine needs, and it carries over what the runtime reads from
+the ONNX entry to apply LoRAs (``lora_map``, ``module_config``; a LoRA refits an engine built ``--refittable``).
+Building again into the same folder reuses every engine whose key still matches and rebuilds the others.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -35,6 +37,8 @@ from .trt_builder import PeakDeviceMemory, TensorRTBuildOptions, build
 log = logging.getLogger(__name__)
 
 Size = tuple[int, int]  # (height, width)
+# What the runtime reads from an ONNX entry to apply LoRAs, kept with the engine built from it.
+CARRIED_EXTRAS = ("lora_map", "module_config")
 
 __all__ = ["ProfileRequest", "TensorRTBuildOptions", "build", "build_engines", "engine_key", "resolve_profile"]
 
@@ -210,7 +214,7 @@ def build_engines(
         key = engine_key(source.components[name], profile, environment, options)
         reused = _reusable(out_dir, previous, name, key)
         if reused is not None:
-            components[name] = reused
+            components[name] = dataclasses.replace(reused, extra={**reused.extra, **_carried(source.components[name])})
         else:
             todo.append((name, key))
     manifest = _engine_manifest(source, profile, components, environment)
@@ -298,18 +302,20 @@ def _build_entry(
             "peak_device_memory": peak.peak,
             "device_memory_size": activation,
             "artifacts": str(source_dir.resolve()),
+            **_carried(entry),
         },
     )
 
 
+def _carried(entry: ComponentEntry) -> dict[str, Any]:
+    return {k: entry.extra[k] for k in CARRIED_EXTRAS if k in entry.extra}
+
+
 def _activation_memory(plan: Path, entry: ComponentEntry) -> int:
     """Load the plan just written (it must deserialize) and return the activation memory one context needs."""
-    import tensorrt as trt
-
-    engine = trt.Runtime(trt_compat.logger()).deserialize_cuda_engine(plan.read_bytes())
+    engine = trt_compat.create_runtime(BuildError).deserialize_cuda_engine(plan.read_bytes())
     if engine is None:
-        errors = "; ".join(trt_compat.take_errors()) or "no message from TensorRT"
-        raise BuildError(f"the engine just built ({plan.name}) does not deserialize: {errors}")
+        raise BuildError(f"the engine just built ({plan.name}) does not deserialize: {trt_compat.error_text()}")
     check_interface(entry, engine)
     return trt_compat.device_memory_size(engine)
 

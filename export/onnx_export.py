@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,6 +39,7 @@ from sdtrt.runtime.specs import (
 )
 
 from .graph import clean_graph, save_model
+from .weights import LORA_COMPONENTS, lora_map, module_config, target_digests
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +171,17 @@ def export_component(
                 )
         except Exception as exc:  # the exporter raises many types; name the component and keep the cause
             raise ExportError(f"exporting {name} to ONNX failed: {exc}") from exc
+        lora = name in LORA_COMPONENTS
+        digests = target_digests(module) if lora else {}
+        config = module_config(module) if lora else None
         del wrapper, module
         if consume:  # free the module before the graph is loaded back: the peak memory of an export
             bundle.release(still_needed)
         graph = clean_graph(onnx.load(str(raw), load_external_data=True))
+    extra: dict[str, Any] = {}
+    if lora:  # before saving: saving with external data moves the weights out of the in-memory graph
+        extra = {"lora_map": lora_map(digests, graph), "module_config": config}
+    del digests
     onnx_file, data_file = save_model(graph, folder / spec.file_name)
     shapes = {
         key: {"min": list(lo), "opt": list(opt), "max": list(hi)}
@@ -188,6 +197,7 @@ def export_component(
         opset=options.opset,
         data_file=data_file.name if data_file else None,
         data_sha256=sha256_file(data_file) if data_file else None,
+        extra=extra,
     )
 
 

@@ -3,7 +3,13 @@
 The network is strongly typed: every tensor keeps the type the ONNX graph gives it (an fp16 graph makes an fp16
 engine, its fp32 norms and timestep stay fp32), and no precision flag is ever set. That is the only mode TensorRT
 11 has, and the same code path on 10.x (see ``sdtrt.runtime.backends.trt_compat``). One optimization profile
-covers the (min, opt, max) shape of every input; TensorRT tunes its kernels for ``opt``.
+covers the (min, opt, max) shape of every input; TensorRT tunes its kernels for ``opt``. ``refittable`` sets
+``BuilderFlag.REFIT`` (weights replaceable later, with any values; not ``REFIT_IDENTICAL`` or ``STRIP_PLAN``).
+
+Timing cache: ``--timing-cache FILE`` is read if present and written after each build. TensorRT rejects a cache
+made by another TensorRT version or GPU (by its header); sdtrt then never overwrites that file: it builds with the
+cache kept for this TensorRT and GPU beside it, ``FILE`` with ``.trt<version>-cc<capability>`` before its suffix
+(fresh the first time), and saves to that one. Pass either path next time.
 
 ``tensorrt`` is imported inside ``build``, so this module imports without it.
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +41,7 @@ Shape = tuple[int, ...]
 Profiles = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max) shape
 # Options that change the engine itself; the timing cache only changes how long a build takes.
 KEY_FIELDS = ("opt_level", "refittable", "workspace_gib")
+MAX_DIMS = 8  # TensorRT's Dims holds at most this many dimensions
 
 
 @dataclass(frozen=True)
@@ -95,14 +103,14 @@ def build(
     path with ``.plan``) atomically and return that path. Needs tensorrt and an NVIDIA GPU.
     """
     trt_compat.require_tensorrt("building TensorRT engines")
-    trt_compat.engine_device(None, BuildError)
+    device = trt_compat.engine_device(None, BuildError)
     import tensorrt as trt
 
     source = Path(onnx_path)
     target = Path(out) if out is not None else source.with_suffix(".plan")
     trt_logger = trt_compat.logger()
     trt_compat.take_errors()
-    builder = trt.Builder(trt_logger)
+    builder = trt_compat.create_builder(BuildError)
     network = builder.create_network(trt_compat.network_flags())
     parse_onnx(trt.OnnxParser(network, trt_logger), source)
     config = builder.create_builder_config()
@@ -112,14 +120,17 @@ def build(
     if options.refittable:
         config.set_flag(trt.BuilderFlag.REFIT)
     add_profile(builder, network, config, profiles, source.name)
-    cache = load_timing_cache(config, options.timing_cache)
+    cache, cache_target = attach_timing_cache(config, options.timing_cache, trt_compat.environment(device))
+    trt_compat.take_errors()  # a rejected cache was reported above; only the build's errors from here on
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        errors = "; ".join(trt_compat.take_errors()) or "no message from TensorRT (run with -vv for its log)"
-        raise BuildError(f"TensorRT could not build an engine from {source.name} (build_serialized_network): {errors}")
-    if options.timing_cache is not None:
-        options.timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(options.timing_cache, bytes(config.get_timing_cache().serialize()))
+        raise BuildError(
+            f"TensorRT could not build an engine from {source.name} (build_serialized_network): "
+            + trt_compat.error_text()
+        )
+    if cache is not None and cache_target is not None:
+        cache_target.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(cache_target, bytes(cache.serialize()))
     del cache
     write_bytes_atomic(target, bytes(serialized))
     return target
@@ -152,6 +163,12 @@ def add_profile(
             f"{what} has inputs {names}, but shape ranges were given for {sorted(profiles)}; "
             "the artifact and its manifest disagree: re-export the artifact"
         )
+    deep = {name: len(shapes[0]) for name, shapes in profiles.items() if len(shapes[0]) > MAX_DIMS}
+    if deep:
+        raise BuildError(
+            f"{what}: TensorRT tensors have at most {MAX_DIMS} dimensions, but inputs {deep} (name: rank) have more; "
+            "the artifact's manifest is wrong: re-export the artifact"
+        )
     profile = builder.create_optimization_profile()
     for name in names:
         low, opt, high = profiles[name]
@@ -160,19 +177,65 @@ def add_profile(
         raise BuildError(f"TensorRT rejected the shape ranges {profiles} of {what} (add_optimization_profile)")
 
 
-def load_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> trt.ITimingCache:
-    """Attach the timing cache at ``path`` (a fresh one when absent, unusable or made elsewhere) to ``config``."""
-    data = b""
-    if path is not None and path.is_file():
-        data = path.read_bytes()
-    cache = config.create_timing_cache(data)
-    if config.set_timing_cache(cache, False):
-        if data:
-            log.info("using timing cache %s (%.1f KiB)", path, len(data) / 1024)
-        return cache
-    log.warning("timing cache %s was made by another TensorRT version or GPU; starting a new one", path)
+def sibling_cache(path: Path, environment: Mapping[str, str]) -> Path:
+    """The timing cache for this TensorRT and GPU kept beside ``path`` when ``path`` holds one made elsewhere."""
+    tag = f"trt{environment['tensorrt']}-cc{environment['compute_capability']}"
+    return path.with_name(f"{path.stem}.{tag}{path.suffix}")
+
+
+def attach_timing_cache(
+    config: trt.IBuilderConfig, path: Path | None, environment: Mapping[str, str]
+) -> tuple[trt.ITimingCache | None, Path | None]:
+    """Attach the timing cache the build should use to ``config``: (that cache or None, the file to save it to).
+
+    ``path`` if TensorRT accepts it; else the sibling cache for this TensorRT and GPU if that exists and is
+    accepted; else a fresh cache, saved to ``path`` only when there was no file there (never over a user's cache
+    made elsewhere). Without ``path`` a fresh cache is used and nothing is saved.
+    """
+    if path is None:
+        return fresh_timing_cache(config), None
+    sibling = sibling_cache(path, environment)
+    for candidate in (path, sibling):
+        if not candidate.is_file():
+            continue
+        data = candidate.read_bytes()
+        cache = config.create_timing_cache(data)
+        if cache is not None and config.set_timing_cache(cache, False):
+            log.info("using timing cache %s (%.1f KiB)", candidate, len(data) / 1024)
+            return cache, candidate
+        why = "could not read it" if cache is None else "rejected its header"
+        log.warning(
+            "timing cache %s was made by another TensorRT version or GPU (TensorRT %s %s: %s); not using it",
+            candidate,
+            environment["tensorrt"],
+            why,
+            "; ".join(trt_compat.take_errors()) or "no message",
+        )
+    target = sibling if path.is_file() else path
+    if path.is_file():
+        log.warning(
+            "building with a fresh timing cache for TensorRT %s on compute capability %s, saved to %s; %s is left "
+            "as it is (pass --timing-cache %s next time, or delete %s to reuse its name)",
+            environment["tensorrt"],
+            environment["compute_capability"],
+            target,
+            path,
+            target,
+            path,
+        )
+    return fresh_timing_cache(config), target
+
+
+def fresh_timing_cache(config: trt.IBuilderConfig) -> trt.ITimingCache | None:
+    """A new, empty timing cache attached to ``config``; None (logged) when TensorRT cannot make one."""
     cache = config.create_timing_cache(b"")
-    config.set_timing_cache(cache, False)
+    if cache is None or not config.set_timing_cache(cache, False):
+        log.warning(
+            "TensorRT could not create a timing cache (create_timing_cache returned %s: %s); building without one",
+            "None" if cache is None else "a cache set_timing_cache refused",
+            "; ".join(trt_compat.take_errors()) or "no message",
+        )
+        return None
     return cache
 
 

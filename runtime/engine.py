@@ -3,6 +3,9 @@
 An engine runs one component (text encoder, UNet, VAE decoder/encoder) of an artifact folder. Feeds and outputs
 are torch tensors on the engine's device, in the dtypes the manifest declares. Output tensors may be buffers the
 engine reuses on the next call: a caller that keeps an output past the next ``infer`` must clone it.
+
+Optional capabilities are asked for, not assumed: ``supports_refit(engine)`` says whether ``engine.refit(weights)``
+can replace its weights in place (TensorRT engines built with ``sdtrt build --refittable``).
 """
 
 from __future__ import annotations
@@ -84,6 +87,11 @@ class Backend(Protocol):
         device: torch.device,
         options: BackendOptions,
     ) -> dict[str, Engine]: ...
+
+
+def supports_refit(engine: Engine) -> bool:
+    """True when ``engine.refit(weights)`` can replace the engine's weights (ONNX initializer name -> array)."""
+    return bool(getattr(engine, "supports_refit", False))
 
 
 def get_backend(name: str) -> ModuleType:

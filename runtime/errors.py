@@ -15,6 +15,10 @@ class SourceError(SdtrtError):
     """A model source (folder, checkpoint, preset) cannot be used."""
 
 
+class LoraError(SourceError):
+    """A LoRA file cannot be read, or does not fit the model it is applied to."""
+
+
 class ExportError(SdtrtError):
     """Exporting a component to ONNX failed."""
 

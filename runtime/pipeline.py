@@ -140,6 +140,7 @@ class Pipeline:
         self.device, self.backend = device, backend
         self.cuda_graph = cuda_graph and device.type == "cuda" and engines["unet"].graph_capturable
         self._denoisers: dict[tuple[Any, ...], tuple[Denoiser, Any]] = {}
+        self._lora: Any = None  # runtime.lora.LoraState once set_loras is called
 
     @classmethod
     def from_artifacts(
@@ -204,6 +205,28 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- LoRA ----------------------------------------------------------------------------------------------
+    def set_loras(self, loras: Sequence[tuple[str | os.PathLike[str], float]] = ()) -> None:
+        """Run with these LoRAs ((file, scale) pairs, applied together) from the next call on; () for none.
+
+        No re-export or engine rebuild: the torch backend merges them into its modules, ONNX Runtime opens new
+        sessions with the changed weights overridden, TensorRT refits engines built with ``--refittable``. Going
+        back to none (or scale 0) restores the base model bit for bit. A LoRA that does not fit this model is
+        refused before anything changes.
+        """
+        from .lora import LoraState, apply, read_loras
+
+        if self._lora is None:
+            self._lora = LoraState()
+        files = read_loras(self._lora, loras)
+        apply(self._lora, files, self.manifest, self.folder, self.engines, self.backend)
+        self._denoisers.clear()  # new sessions or refitted engines: capture the step again
+
+    @property
+    def loras(self) -> list[tuple[Any, float]]:
+        """The LoRAs in use: (runtime.models.lora.LoraFile, scale) pairs."""
+        return list(self._lora.active) if self._lora is not None else []
 
     # -- stages --------------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -326,6 +349,8 @@ class Pipeline:
             "strength": strength if image is not None else None,
             "backend": self.backend,
         }
+        if self.loras:
+            settings["loras"] = [{"name": f.name, "scale": scale, "hash": f.short_hash} for f, scale in self.loras]
         if req.time_ids:
             settings["time_ids"] = list(req.time_ids)
             settings["zero_negative"] = req.zero_negatives

@@ -3,15 +3,25 @@
 Tests put ``TensorRTDouble(...).module`` into ``sys.modules["tensorrt"]`` so that sdtrt's build and runtime
 orchestration can run on a machine without TensorRT or a GPU. What the double does:
 
-* exposes the names sdtrt calls, spelled as in the TensorRT 10.x Python API, or (``version="11..."``) without the
-  names TensorRT 11 removed (precision builder flags, ``device_memory_size``, ``create_execution_context_without_
-  device_memory``), or (``legacy=True``) without the 10.1+ names (``device_memory_size_v2``, ``set_device_memory``,
-  ``ExecutionContextAllocationStrategy``);
-* "parses" an ONNX file by reading its graph inputs/outputs with the ``onnx`` package (output shapes from the
-  artifact's manifest), and "builds" a plan that is JSON: the interface, the optimization profile and a made-up
-  activation memory size;
+* exposes the names sdtrt calls, spelled as in the TensorRT 10.x Python API (10.1+ by default), or
+  (``version="11..."``) as 11.x has them: no precision builder flags, no ``device_memory_size``, no
+  ``create_execution_context_without_device_memory``, and ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` = 0
+  (deprecated and always on; it is 1 in 10.x), or (``version="10.0..."``) as 10.0 has them: the allocation
+  strategy and ``create_execution_context(strategy)``, but the ``device_memory`` setter instead of
+  ``set_device_memory`` and ``device_memory_size`` instead of ``device_memory_size_v2``;
+* is as strict as the real API where sdtrt can get it wrong: ``Dims`` holds at most 8 dimensions, a tensor address
+  must be 256-byte aligned (``set_tensor_address`` returns False otherwise), a timing cache from another TensorRT
+  version or GPU is rejected by ``set_timing_cache`` (its header), ``Builder``/``Runtime``/``Refitter`` raise
+  pybind11's "factory function returned nullptr" TypeError when TensorRT cannot initialise (``fail_init``) or the
+  engine is not refittable, and ``create_timing_cache`` (``fail_timing_cache``), ``build_serialized_network``
+  (``fail_build``), ``execute_async_v3`` (``fail_execute``) and the refit (``fail_refit``) can fail;
+* "parses" an ONNX file by reading its graph inputs/outputs and initializers with the ``onnx`` package (output
+  shapes from the artifact's manifest), and "builds" a plan that is JSON: the interface, the optimization
+  profile, a made-up activation memory size and, with ``BuilderFlag.REFIT``, the refittable weights (named after
+  the initializers, as TensorRT's ONNX parser names them);
 * records every call a test wants to check (network flags, builder flags, optimization level, profiles, timing
-  cache loads, contexts, device memory, ``set_input_shape`` calls, tensor addresses);
+  cache loads, contexts, device memory, ``set_input_shape`` calls, tensor addresses, the input bytes of each run,
+  refitted weights);
 * "executes" by writing the run count into every output buffer (CPU tensors only), through the raw addresses it
   was given, so tests can see that outputs land in the buffers the engine preallocated.
 
@@ -24,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import json
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +45,21 @@ import numpy as np
 MAGIC = "sdtrt-tensorrt-double"
 SCALE = 8  # image side / latent side, as in the tiny model (the double derives VAE output sides with it)
 PRECISION_FLAG_NAMES = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS")
-NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "BF16": np.uint16}
-ONNX_TYPES = {1: "FLOAT", 10: "HALF", 6: "INT32", 7: "INT64", 16: "BF16"}
+NUMPY = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "BF16": np.uint16,
+    "INT8": np.int8,
+    "UINT8": np.uint8,
+    "BOOL": np.bool_,
+}
+ONNX_TYPES = {1: "FLOAT", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOOL", 10: "HALF", 16: "BF16"}
+MAX_DIMS = 8
+ALIGNMENT = 256
+NULLPTR = "pybind11::init(): factory function returned nullptr"
+CACHE_MAGIC = "sdtrt-double-timing-cache"
 
 
 @dataclass
@@ -45,6 +69,7 @@ class Records:
     timing_cache_loads: list[bytes] = field(default_factory=list)
     deserialized: list[str] = field(default_factory=list)  # network names
     contexts: list[Any] = field(default_factory=list)
+    refits: list[dict[str, np.ndarray]] = field(default_factory=list)  # the weights of each successful refit
 
 
 class TensorRTDouble:
@@ -54,17 +79,25 @@ class TensorRTDouble:
         self,
         version: str = "10.13.0.35",
         memory: dict[str, int] | None = None,
-        legacy: bool = False,
+        compute_capability: str = "8.9",
         fail_parse: str | None = None,
         fail_build: bool = False,
         fail_execute: bool = False,
+        fail_init: bool = False,
+        fail_timing_cache: bool = False,
+        fail_refit: bool = False,
+        fused: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.version = version
         self.memory = memory or {}
-        self.legacy = legacy
+        self.compute_capability = compute_capability  # what the timing cache header records
         self.fail_parse = fail_parse
         self.fail_build = fail_build
         self.fail_execute = fail_execute
+        self.fail_init = fail_init
+        self.fail_timing_cache = fail_timing_cache
+        self.fail_refit = fail_refit
+        self.fused = fused  # weight pairs TensorRT refits together (e.g. a kernel and the bias fused into it)
         self.records = Records()
         self.module = self._make_module()
 
@@ -72,33 +105,44 @@ class TensorRTDouble:
     def major(self) -> int:
         return int(self.version.split(".")[0])
 
+    @property
+    def api_10_0(self) -> bool:
+        """TensorRT 10.0: no ``device_memory_size_v2`` and no ``set_device_memory`` yet (both came in 10.1)."""
+        return self.version.split(".")[:2] == ["10", "0"]
+
     def _make_module(self) -> types.ModuleType:
         module = types.ModuleType("tensorrt")
         module.__dict__["__version__"] = self.version
         module.__dict__["__sdtrt_double__"] = True
-        flags = ["REFIT", "TF32", "DEBUG"]
+        flags = ["REFIT", "TF32", "DEBUG", "REFIT_IDENTICAL", "STRIP_PLAN"]
         if self.major < 11:
             flags += list(PRECISION_FLAG_NAMES)
+        creation = {"STRONGLY_TYPED": 0} if self.major >= 11 else {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1}
         names = {
             "ILogger": _ILogger,
             "Logger": _Logger,
             "Dims": Dims,
             "DataType": DataType,
             "TensorIOMode": TensorIOMode,
+            "TensorLocation": TensorLocation,
+            "Weights": Weights,
             "MemoryPoolType": enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0}),
             "BuilderFlag": enum.IntEnum("BuilderFlag", {name: i for i, name in enumerate(flags)}),
-            "NetworkDefinitionCreationFlag": enum.IntEnum(
-                "NetworkDefinitionCreationFlag",
-                {"STRONGLY_TYPED": 1} if self.major >= 11 else {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1},
-            ),
+            "NetworkDefinitionCreationFlag": enum.IntEnum("NetworkDefinitionCreationFlag", creation),
+            "ExecutionContextAllocationStrategy": AllocationStrategy,
             "Builder": lambda logger: _Builder(self, logger),
             "OnnxParser": lambda network, logger: _OnnxParser(self, network, logger),
             "Runtime": lambda logger: _Runtime(self, logger),
+            "Refitter": lambda engine, logger: _Refitter(self, engine, logger),
         }
-        if not self.legacy:
-            names["ExecutionContextAllocationStrategy"] = AllocationStrategy
         module.__dict__.update(names)
         return module
+
+    def init_check(self, logger: Any) -> None:
+        """What TensorRT does when it cannot initialise CUDA: a warning, then a nullptr from the factory."""
+        if self.fail_init:
+            logger.log(_ILogger.Severity.WARNING, "double: CUDA initialization failure with error: 35")
+            raise TypeError(NULLPTR)
 
 
 class _ILogger:
@@ -145,8 +189,36 @@ class AllocationStrategy(enum.IntEnum):
     USER_MANAGED = 2
 
 
+class TensorLocation(enum.IntEnum):
+    DEVICE = 0
+    HOST = 1
+
+
+class Weights:
+    """``trt.Weights(dtype, ptr, count)`` or ``trt.Weights(ndarray)``; the double reads the bytes when it is set."""
+
+    def __init__(self, *args: Any) -> None:
+        if len(args) == 1 and isinstance(args[0], np.ndarray):
+            array = args[0]
+            names = {np.dtype(v): k for k, v in NUMPY.items() if k != "BF16"}
+            self.array: np.ndarray | None = array
+            self.dtype, self.ptr, self.size = DataType[names[array.dtype]], array.ctypes.data, array.size
+        else:
+            self.array = None
+            self.dtype, self.ptr, self.size = args[0], int(args[1]), int(args[2])
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(NUMPY[self.dtype.name]).itemsize
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class Dims:
     def __init__(self, shape: list[int] | tuple[int, ...] = ()) -> None:
+        if len(shape) > MAX_DIMS:
+            raise ValueError(f"double: Dims holds at most {MAX_DIMS} dimensions, got {len(shape)}")
         self.shape = tuple(int(d) for d in shape)
 
     def __len__(self) -> int:
@@ -172,6 +244,7 @@ class _Network:
         self.name = ""
         self.inputs: list[_Tensor] = []
         self.outputs: list[_Tensor] = []
+        self.weights: dict[str, dict[str, Any]] = {}  # initializer name -> {"dtype", "count"}
 
     @property
     def num_inputs(self) -> int:
@@ -220,6 +293,10 @@ class _OnnxParser:
         self.network.name = Path(path).stem
         self.network.inputs = [tensor(i) for i in model.graph.input]
         self.network.outputs = [tensor(o) for o in model.graph.output]
+        self.network.weights = {
+            init.name: {"dtype": ONNX_TYPES[init.data_type], "count": math.prod(init.dims)}
+            for init in model.graph.initializer
+        }
         # Output dimensions the exporter left unnamed: take the symbolic shapes the manifest beside the file
         # declares (TensorRT itself would infer them through the graph).
         manifest = json.loads((Path(path).parent / "manifest.json").read_text())
@@ -238,16 +315,27 @@ class _Profile:
 
 
 class _TimingCache:
-    def __init__(self, data: bytes) -> None:
-        self.entries = int(data.decode() or 0)
+    """Serialized as ``magic|TensorRT version|compute capability|entries``: the header real caches also carry."""
+
+    def __init__(self, version: str, capability: str, entries: int) -> None:
+        self.version, self.capability, self.entries = version, capability, entries
+
+    @classmethod
+    def parse(cls, data: bytes) -> _TimingCache | None:
+        try:
+            magic, version, capability, entries = data.decode().split("|")
+            assert magic == CACHE_MAGIC
+            return cls(version, capability, int(entries))
+        except Exception:
+            return None
 
     def serialize(self) -> bytes:
-        return str(self.entries).encode()
+        return f"{CACHE_MAGIC}|{self.version}|{self.capability}|{self.entries}".encode()
 
 
 class _Config:
-    def __init__(self, double: TensorRTDouble) -> None:
-        self.double = double
+    def __init__(self, double: TensorRTDouble, logger: Any) -> None:
+        self.double, self.logger = double, logger
         self.builder_optimization_level = 3
         self.flags: list[str] = []
         self.pool_limits: dict[str, int] = {}
@@ -264,11 +352,27 @@ class _Config:
         self.profiles.append(profile)
         return len(self.profiles) - 1
 
-    def create_timing_cache(self, data: bytes) -> _TimingCache:
-        self.double.records.timing_cache_loads.append(bytes(data))
-        return _TimingCache(bytes(data))
+    def create_timing_cache(self, data: bytes) -> _TimingCache | None:
+        double = self.double
+        double.records.timing_cache_loads.append(bytes(data))
+        if double.fail_timing_cache:
+            self.logger.log(_ILogger.Severity.ERROR, "double: could not create the timing cache")
+            return None
+        if not data:
+            return _TimingCache(double.version, double.compute_capability, 0)
+        cache = _TimingCache.parse(bytes(data))
+        if cache is None:
+            self.logger.log(_ILogger.Severity.ERROR, "double: the data is not a timing cache")
+        return cache
 
     def set_timing_cache(self, cache: _TimingCache, ignore_mismatch: bool) -> bool:
+        here = (self.double.version, self.double.compute_capability)
+        if (cache.version, cache.capability) != here and not ignore_mismatch:
+            self.logger.log(
+                _ILogger.Severity.ERROR,
+                f"double: timing cache header mismatch: made by TensorRT {cache.version} on {cache.capability}",
+            )
+            return False
         self.cache = cache
         return True
 
@@ -279,6 +383,7 @@ class _Config:
 
 class _Builder:
     def __init__(self, double: TensorRTDouble, logger: Any) -> None:
+        double.init_check(logger)
         self.double, self.logger = double, logger
 
     def create_network(self, flags: int = 0) -> _Network:
@@ -286,7 +391,7 @@ class _Builder:
         return _Network(flags)
 
     def create_builder_config(self) -> _Config:
-        return _Config(self.double)
+        return _Config(self.double, self.logger)
 
     def create_optimization_profile(self) -> _Profile:
         return _Profile()
@@ -314,12 +419,15 @@ class _Builder:
             "memory": self.double.memory.get(network.name, 1024),
             "inputs": [dict(vars(t), profile=profile[t.name]) for t in network.inputs],
             "outputs": [vars(t) for t in network.outputs],
+            "refittable": "REFIT" in config.flags,
+            "weights": network.weights if "REFIT" in config.flags else {},
         }
         return json.dumps(plan).encode()
 
 
 class _Runtime:
     def __init__(self, double: TensorRTDouble, logger: Any) -> None:
+        double.init_check(logger)
         self.double, self.logger = double, logger
 
     def deserialize_cuda_engine(self, data: bytes) -> _Engine | None:
@@ -333,7 +441,7 @@ class _Runtime:
             self.logger.log(_ILogger.Severity.ERROR, f"double: plan from TensorRT {plan['version']}")
             return None
         self.double.records.deserialized.append(plan["name"])
-        engine_class = _Engine11 if self.double.major >= 11 else _LegacyEngine if self.double.legacy else _Engine10
+        engine_class = _Engine11 if self.double.major >= 11 else _Engine10_0 if self.double.api_10_0 else _Engine10
         return engine_class(self.double, plan)
 
 
@@ -342,6 +450,12 @@ class _Engine:
         self.double, self.plan = double, plan
         self.tensors = {t["name"]: t for t in plan["inputs"] + plan["outputs"]}
         self.input_names = [t["name"] for t in plan["inputs"]]
+        self.weights: dict[str, dict[str, Any]] = plan.get("weights", {})
+        self.values: dict[str, np.ndarray] = {}  # weights refitted so far
+
+    @property
+    def refittable(self) -> bool:
+        return bool(self.plan.get("refittable"))
 
     @property
     def num_io_tensors(self) -> int:
@@ -390,15 +504,15 @@ class _Engine11(_Engine):
         return self._context(strategy)
 
 
-class _LegacyEngine(_Engine):
+class _Engine10_0(_Engine):
     @property
     def device_memory_size(self) -> int:
         return int(self.plan["memory"])
 
-    def create_execution_context(self) -> _Context:
-        return self._context(AllocationStrategy.STATIC)
+    def create_execution_context(self, strategy: Any = AllocationStrategy.STATIC) -> _Context:
+        return self._context(strategy)
 
-    def create_execution_context_without_device_memory(self) -> _Context:
+    def create_execution_context_without_device_memory(self) -> _Context:  # deprecated in 10.0
         return self._context("without_device_memory")
 
 
@@ -409,8 +523,9 @@ class _Context:
         self.shape_calls: list[tuple[str, tuple[int, ...]]] = []
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
+        self.inputs_seen: list[dict[str, bytes]] = []  # the bytes at each input's address, per run
         self.runs = 0
-        if not engine.double.legacy:
+        if not engine.double.api_10_0:
             self.set_device_memory = self._set_device_memory
 
     def _set_device_memory(self, address: int, size: int) -> None:
@@ -451,6 +566,8 @@ class _Context:
         return Dims(shape)
 
     def set_tensor_address(self, name: str, address: int) -> bool:
+        if address % ALIGNMENT:
+            return False  # TensorRT: "the address must be aligned to 256 bytes"
         self.addresses[name] = address
         return True
 
@@ -458,6 +575,11 @@ class _Context:
         if self.engine.double.fail_execute:
             return False
         self.runs += 1
+        seen = {}
+        for inp in self.engine.plan["inputs"]:
+            nbytes = math.prod(self.shapes[inp["name"]]) * np.dtype(NUMPY[inp["dtype"]]).itemsize
+            seen[inp["name"]] = ctypes.string_at(self.addresses[inp["name"]], nbytes)
+        self.inputs_seen.append(seen)
         for out in self.engine.plan["outputs"]:
             shape = self.get_tensor_shape(out["name"]).shape
             dtype = np.dtype(NUMPY[out["dtype"]])
@@ -465,3 +587,55 @@ class _Context:
             raw = (ctypes.c_char * (count * dtype.itemsize)).from_address(self.addresses[out["name"]])
             np.frombuffer(raw, dtype=dtype, count=count)[:] = self.runs
         return True
+
+
+class _Refitter:
+    """Stages named weights (copying their bytes, host or "device" alike: the double runs on the CPU) and applies
+    them on refit; fails like TensorRT on unknown names, a wrong dtype or count, missing fused partners."""
+
+    def __init__(self, double: TensorRTDouble, engine: _Engine, logger: Any) -> None:
+        if not engine.refittable:
+            logger.log(_ILogger.Severity.ERROR, "double: the engine was not built refittable")
+            raise TypeError(NULLPTR)
+        self.double, self.engine, self.logger = double, engine, logger
+        self.staged: dict[str, np.ndarray] = {}
+
+    def get_all_weights(self) -> list[str]:
+        return list(self.engine.weights)
+
+    def get_weights_prototype(self, name: str) -> Weights:
+        info = self.engine.weights.get(name)
+        if info is None:
+            return Weights(DataType.FLOAT, 0, -1)
+        return Weights(DataType[info["dtype"]], 0, info["count"])
+
+    def set_named_weights(self, name: str, weights: Weights, location: Any = TensorLocation.HOST) -> bool:
+        info = self.engine.weights.get(name)
+        if info is None or weights.dtype.name != info["dtype"] or weights.size != info["count"]:
+            self.logger.log(_ILogger.Severity.ERROR, f"double: set_named_weights rejected {name!r}")
+            return False
+        data = ctypes.string_at(weights.ptr, weights.nbytes)
+        self.staged[name] = np.frombuffer(data, dtype=NUMPY[info["dtype"]]).copy()
+        return True
+
+    def get_missing_weights(self) -> list[str]:
+        missing = []
+        for pair in self.double.fused:
+            given = [w in self.staged for w in pair]
+            if any(given) and not all(given):
+                missing += [w for w, g in zip(pair, given, strict=True) if not g]
+        return missing
+
+    def refit_cuda_engine(self) -> bool:
+        if self.get_missing_weights():
+            self.logger.log(_ILogger.Severity.ERROR, "double: refit with missing weights")
+            return False
+        if self.double.fail_refit:
+            self.logger.log(_ILogger.Severity.ERROR, "double: refit failed while updating weights")
+            return False
+        self.engine.values.update(self.staged)
+        self.double.records.refits.append(dict(self.staged))
+        return True
+
+    def refit_cuda_engine_async(self, stream_handle: int) -> bool:
+        return self.refit_cuda_engine()

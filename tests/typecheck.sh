@@ -14,9 +14,11 @@ STUBS_VERSION="10.13.0.35.1"
 STUBS=".stubs"
 MODULES=(
     sdtrt.runtime.backends.trt_compat
+    sdtrt.runtime.backends.trt_refit
     sdtrt.runtime.backends.tensorrt
     sdtrt.export.trt_builder
     sdtrt.export.build
+    sdtrt.export.engine_check
 )
 
 if [ ! -f "$STUBS/tensorrt-stubs-$STUBS_VERSION" ]; then

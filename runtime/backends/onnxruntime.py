@@ -84,9 +84,19 @@ class OnnxRuntimeEngine(EngineBase):
 
     graph_capturable = False
 
-    def __init__(self, name: str, entry: ComponentEntry, session: Any, device: torch.device, scale_factor: int):
+    def __init__(
+        self,
+        name: str,
+        entry: ComponentEntry,
+        session: Any,
+        device: torch.device,
+        scale_factor: int,
+        reopen: Any = None,
+    ):
         super().__init__(name, entry.inputs, entry.outputs, device)
         self._session = session
+        self._reopen = reopen  # initializer overrides -> a new session of the same file, or None
+        self._overrides: dict[str, Any] = {}
         self._binding = session.io_binding()
         self._scale_factor = scale_factor
         self._device_type = device.type
@@ -114,6 +124,22 @@ class OnnxRuntimeEngine(EngineBase):
         finally:
             binding.clear_binding_inputs()
         return dict(outputs)
+
+    def set_initializers(self, values: Mapping[str, np.ndarray] | None) -> None:
+        """Run with these initializer values instead of the file's (LoRA): a new session, the file unchanged.
+
+        ``values`` maps ONNX initializer names to arrays in the initializer's layout and dtype; None or empty
+        runs the file's own weights again. The arrays are kept alive as long as the session uses them.
+        """
+        self.check_open()
+        if self._reopen is None:
+            raise BackendError(f"{self.name}: this engine cannot change its weights (it was not opened from a file)")
+        values = dict(values or {})
+        if not values and not self._overrides:
+            return
+        session = self._reopen(values)
+        self._session, self._binding = session, session.io_binding()
+        self._overrides = values
 
     def _bind(self, bind: Any, name: str, dtype: str, tensor: torch.Tensor) -> None:
         bind(name, self._device_type, self._device_id, ELEMENT_TYPES[dtype], tuple(tensor.shape), tensor.data_ptr())
@@ -164,9 +190,14 @@ def open_engines(
     try:
         for name, entry in entries.items():
             path = verified_model_file(root, entry)
-            session = create_session(ort, path, providers, options, quantized=entry.precision in ("int8", "fp8"))
+            quantized = entry.precision in ("int8", "fp8")
+            session = create_session(ort, path, providers, options, quantized=quantized)
             check_interface(name, entry, session, device)
-            engines[name] = OnnxRuntimeEngine(name, entry, session, device, manifest.model.vae_scale_factor)
+
+            def reopen(values: Mapping[str, np.ndarray], path: Path = path, quantized: bool = quantized) -> Any:
+                return create_session(ort, path, providers, options, quantized=quantized, initializers=values)
+
+            engines[name] = OnnxRuntimeEngine(name, entry, session, device, manifest.model.vae_scale_factor, reopen)
     except BaseException:
         close_all(engines)
         raise
@@ -281,20 +312,36 @@ def _node_tensors(nodes: Any) -> Iterator[Any]:
 
 
 def create_session(
-    ort: ModuleType, path: Path, providers: list[Any], options: BackendOptions, quantized: bool = False
+    ort: ModuleType,
+    path: Path,
+    providers: list[Any],
+    options: BackendOptions,
+    quantized: bool = False,
+    initializers: Mapping[str, np.ndarray] | None = None,
 ) -> Any:
+    """An InferenceSession of ``path``; ``initializers`` replace the file's values of those names."""
     session_options = ort.SessionOptions()
     session_options.log_severity_level = LOG_SEVERITY_ERROR
+    # add_initializer does not copy: the OrtValues (and their numpy arrays) must outlive the session.
+    kept = {key: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for key, v in (initializers or {}).items()}
+    for key, value in kept.items():
+        session_options.add_initializer(key, value)
     if quantized:
         # Keep Q/DQ pairs as written: ORT's fused int8 CPU kernels overflow on CPUs without VNNI, and the unfused
         # graph computes what TensorRT computes from the same Q/DQ nodes.
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    elif kept:
+        # ONNX Runtime's layout optimizations (NCHWc convolutions on the CPU, level ORT_ENABLE_ALL) read the file's
+        # weights, not the overrides: measured on onnxruntime 1.32, a replaced conv weight had no effect at all.
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if options.threads > 0:
         session_options.intra_op_num_threads = options.threads
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
     except Exception as exc:
         raise BackendError(f"onnxruntime could not load {path.name} (InferenceSession): {exc}") from exc
+    session.sdtrt_initializers = kept
+    return session
 
 
 def check_interface(name: str, entry: ComponentEntry, session: Any, device: torch.device) -> None:

@@ -11,10 +11,15 @@ Memory: every context is created without activation memory of its own (user-mana
 together share ONE buffer, sized to the largest engine's need. The pipeline runs its stages one after another on
 one stream, so they never use it at the same time; do not run two of these engines concurrently.
 
-``infer`` validates names, dtypes and shapes, calls ``set_input_shape`` only when an input's shape changed,
-writes into preallocated output tensors and enqueues the engine on torch's current CUDA stream, with no host
-sync: it can be captured in a CUDA graph. (On the legacy default stream, where TensorRT would synchronize on
-every call, it runs on a side stream ordered after the caller's work, and the caller's stream waits for it.)
+``infer`` makes the engine's GPU the current device (only when it is not), validates names, dtypes and shapes,
+calls ``set_input_shape`` only when an input's shape changed, copies an input whose address is not 256-byte aligned
+(TensorRT's requirement, e.g. a view at an odd offset) into an aligned buffer kept for the next call, writes into
+preallocated output tensors and enqueues the engine on torch's current CUDA stream, with no host sync: it can be
+captured in a CUDA graph. (On the legacy default stream, where TensorRT would synchronize on every call, it runs on
+a side stream ordered after the caller's work, and the caller's stream waits for it.)
+
+``refit`` replaces the weights of an engine built with ``sdtrt build --refittable`` (``supports_refit``), by ONNX
+initializer name; see ``sdtrt.runtime.backends.trt_refit``.
 
 Output buffers are reused: each engine keeps one set per input shape (the last ``MAX_CACHED_SHAPES``) and writes
 into it on every call with that shape. Clone an output to keep it past the next ``infer``.
@@ -31,13 +36,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from sdtrt.runtime.engine import BackendOptions
 from sdtrt.runtime.errors import ArtifactError, BackendError, ShapeError
 from sdtrt.runtime.manifest import ComponentEntry, Manifest, resolve_file
 
-from . import trt_compat
+from . import trt_compat, trt_refit
 from .common import EngineBase, bind_dims, close_all, torch_dtype
 
 if TYPE_CHECKING:
@@ -71,8 +77,7 @@ class SharedDeviceMemory:
 
     def __init__(self, size: int, device: torch.device) -> None:
         self.size = size
-        # a torch allocation: the caching allocator aligns it to 512 bytes, more than TensorRT asks for
-        self.tensor = torch.empty(max(size, 256), dtype=torch.uint8, device=device)
+        self.tensor = trt_compat.aligned_empty((max(size, trt_compat.ALIGNMENT),), torch.uint8, device)
 
     @property
     def address(self) -> int:
@@ -106,11 +111,32 @@ class TensorRTEngine(EngineBase):
         }
         self._context_shapes: dict[str, tuple[int, ...]] = {}
         self._buffers: OrderedDict[Shapes, dict[str, torch.Tensor]] = OrderedDict()
+        self._staging: dict[str, torch.Tensor] = {}  # aligned copies of misaligned inputs, reused
         self._side_stream: torch.cuda.Stream | None = None
+
+    @property
+    def supports_refit(self) -> bool:
+        """True when the engine was built refittable (``sdtrt build --refittable``), so ``refit`` can run."""
+        return self._engine is not None and bool(getattr(self._engine, "refittable", False))
+
+    def refit(self, weights: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+        """Replace weights of the engine in place: ONNX initializer name -> new value in its layout and dtype.
+
+        Enqueued on torch's current stream after the engine's earlier calls; later calls use the new weights.
+        Raises BackendError (the engine unchanged) for a non-refittable engine, unknown names (all listed), a dtype
+        or size that differs from the engine's, or weights TensorRT needs together with these that are missing.
+        """
+        self.check_open()
+        with trt_compat.device_guard(self.device):
+            trt_refit.refit_engine(self.name, self._engine, weights, self.device)
 
     def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run once; the returned tensors are buffers reused by the next call with the same input shapes."""
         self.check_open()
+        with trt_compat.device_guard(self.device):
+            return self._infer(feeds)
+
+    def _infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         bind_dims(self.name, self.inputs, feeds, self.device)
         shapes = tuple(tuple(int(d) for d in feeds[t.name].shape) for t in self.inputs)
         self._set_shapes(shapes)
@@ -118,15 +144,28 @@ class TensorRTEngine(EngineBase):
         context = self._context
         # Keep the (possibly copied) contiguous inputs alive until the engine is enqueued; later reuse of their
         # memory is ordered after it on the same stream.
-        bound = [feeds[t.name].contiguous() for t in self.inputs]
+        bound = [self._bindable(t.name, feeds[t.name]) for t in self.inputs]
         for entry, tensor in zip(self.inputs, bound, strict=True):
             self._address(context, entry.name, tensor)
         for name, tensor in outputs.items():
             self._address(context, name, tensor)
         if not self._enqueue(context):
-            errors = "; ".join(trt_compat.take_errors()) or "no message from TensorRT"
-            raise BackendError(f"TensorRT failed to run {self.name} (execute_async_v3 returned False): {errors}")
+            raise BackendError(
+                f"TensorRT failed to run {self.name} (execute_async_v3 returned False): {trt_compat.error_text()}"
+            )
         return dict(outputs)
+
+    def _bindable(self, name: str, feed: torch.Tensor) -> torch.Tensor:
+        """``feed`` as a contiguous tensor at a 256-byte aligned address (copied into a kept buffer if not)."""
+        tensor = feed.contiguous()
+        if trt_compat.is_aligned(tensor):
+            return tensor
+        staging = self._staging.get(name)
+        if staging is None or staging.shape != tensor.shape or staging.dtype != tensor.dtype:
+            staging = trt_compat.aligned_empty(tuple(tensor.shape), tensor.dtype, self.device)
+            self._staging[name] = staging
+        staging.copy_(tensor)
+        return staging
 
     def _enqueue(self, context: Any) -> bool:
         """Enqueue on torch's current stream; off the legacy default stream, which TensorRT would sync each call."""
@@ -153,9 +192,9 @@ class TensorRTEngine(EngineBase):
             self.check_profile(name, shape)
         for name, shape in changed:
             if not self._context.set_input_shape(name, shape):
-                errors = "; ".join(trt_compat.take_errors()) or "no message from TensorRT"
                 raise BackendError(
-                    f"TensorRT refused shape {list(shape)} for {self.name} input {name!r} (set_input_shape): {errors}"
+                    f"TensorRT refused shape {list(shape)} for {self.name} input {name!r} (set_input_shape): "
+                    + trt_compat.error_text()
                 )
             self._context_shapes[name] = shape
 
@@ -180,7 +219,7 @@ class TensorRTEngine(EngineBase):
             shape = trt_compat.dims(self._context.get_tensor_shape(entry.name))
             if any(d < 0 for d in shape):
                 raise BackendError(f"TensorRT left output {entry.name!r} of {self.name} unresolved: {list(shape)}")
-            buffers[entry.name] = torch.empty(shape, dtype=torch_dtype(entry.dtype), device=self.device)
+            buffers[entry.name] = trt_compat.aligned_empty(shape, torch_dtype(entry.dtype), self.device)
         self._buffers[shapes] = buffers
         while len(self._buffers) > MAX_CACHED_SHAPES:
             self._buffers.popitem(last=False)
@@ -188,6 +227,7 @@ class TensorRTEngine(EngineBase):
 
     def _release(self) -> None:
         self._buffers.clear()
+        self._staging.clear()
         self._context = None  # before its engine
         self._engine = None
         self._memory = None
@@ -202,7 +242,6 @@ def open_engines(
 ) -> dict[str, TensorRTEngine]:
     """One engine per component of the engine folder ``folder``, on a CUDA ``device``, sharing one activation buffer."""
     trt_compat.require_tensorrt("the tensorrt backend")
-    import tensorrt as trt
 
     root = Path(folder)
     if manifest.kind != "tensorrt":
@@ -219,7 +258,7 @@ def open_engines(
     for entry in entries.values():
         check_environment(root, entry, running)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        runtime = trt.Runtime(trt_compat.logger())
+        runtime = trt_compat.create_runtime(BackendError)
         loaded = {name: load_engine(runtime, root, entry, running) for name, entry in entries.items()}
         size = max((trt_compat.device_memory_size(e) for e in loaded.values()), default=0)
         engines = create_engines(entries, loaded, SharedDeviceMemory(size, dev), dev)
@@ -240,7 +279,7 @@ def create_engines(
             if context is None:
                 raise BackendError(
                     f"TensorRT could not create an execution context for {name} (create_execution_context): "
-                    + ("; ".join(trt_compat.take_errors()) or "no message from TensorRT")
+                    + trt_compat.error_text()
                 )
             trt_compat.set_context_memory(context, memory.address, memory.size)
             engines[name] = TensorRTEngine(name, entries[name], engine, context, memory, device)
@@ -308,9 +347,9 @@ def load_engine(runtime: trt.Runtime, folder: Path, entry: ComponentEntry, runni
     if engine is None:
         key = entry.extra.get("key", {})
         built = {k: str(key.get(k)) for k in ("tensorrt", "compute_capability", "gpu")}
-        errors = "; ".join(trt_compat.take_errors()) or "no message from TensorRT"
         raise BackendError(
-            f"TensorRT could not deserialize {entry.file} (deserialize_cuda_engine returned None: {errors}). "
+            f"TensorRT could not deserialize {entry.file} (deserialize_cuda_engine returned None: "
+            f"{trt_compat.error_text()}). "
             f"{mismatch_text(entry, built, running)}; {rebuild_hint(entry, folder)}"
         )
     check_interface(entry, engine)

@@ -68,6 +68,7 @@ class TorchEngine(EngineBase):
         self._module: torch.nn.Module | None = module
         self._scale_factor = scale_factor
         self._output_dtypes = [torch_dtype(entry.dtype) for entry in self.outputs]
+        self._base_weights: dict[str, torch.Tensor] = {}  # parameters a LoRA changed, as they were
 
     @property
     def module(self) -> torch.nn.Module:
@@ -90,8 +91,33 @@ class TorchEngine(EngineBase):
             for entry, tensor, dtype in zip(self.outputs, results, self._output_dtypes, strict=True)
         }
 
+    def set_weight_deltas(self, deltas: Mapping[str, torch.Tensor] | None) -> None:
+        """Run with ``base + delta`` for each named parameter of the wrapped model (LoRA); None: the base model.
+
+        Names are those of the wrapped diffusers/transformers module's state dict. The base values of every
+        parameter ever changed are kept, so going back to the base model restores it bit for bit; parameters keep
+        their storage, so a captured CUDA graph reads the new weights.
+        """
+        inner = next(iter(self.module.children()))
+        params = dict(inner.named_parameters())
+        deltas = deltas or {}
+        unknown = [name for name in deltas if name not in params]
+        if unknown:
+            raise ConfigError(f"{self.name} has no parameter(s) {unknown[:3]} ({len(unknown)} in all)")
+        with torch.no_grad():
+            for name, base in self._base_weights.items():
+                if name not in deltas:
+                    params[name].copy_(base)
+            for name, delta in deltas.items():
+                param = params[name]
+                base = self._base_weights.setdefault(name, param.detach().clone())
+                param.copy_((base.float() + delta.to(base.device, torch.float32)).to(param.dtype))
+        for name in [n for n in self._base_weights if n not in deltas]:
+            del self._base_weights[name]
+
     def _release(self) -> None:
         self._module = None
+        self._base_weights.clear()
 
 
 def open_engines(

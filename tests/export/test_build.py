@@ -2,7 +2,8 @@
 
 Most tests run ``build_engines`` against tests/trt_double.py, a RECORDING DOUBLE of the tensorrt module: they check
 what sdtrt asks TensorRT for (strongly typed network, no precision flag, one profile with the right min/opt/max
-per input, optimization level, timing cache round trip, engine keys, reuse and rebuild). They say nothing about
+per input, optimization level, timing cache round trip and caches made elsewhere, a TensorRT that cannot
+initialise, engine keys, reuse and rebuild, the extras per CUDA version). They say nothing about
 what TensorRT builds. Tests marked ``trt`` build real engines and compare them with ONNX Runtime; they run only
 where TensorRT and a GPU are installed.
 """
@@ -56,7 +57,7 @@ def use_double(monkeypatch):
     """Install a TensorRT double (default 10.13) as ``tensorrt`` and let the CPU stand in for its GPU."""
 
     def install(gpu=DOUBLE_GPU, **kwargs):
-        double = trt_double.TensorRTDouble(**kwargs)
+        double = trt_double.TensorRTDouble(compute_capability=gpu[1] if gpu else "8.9", **kwargs)
         monkeypatch.setitem(sys.modules, "tensorrt", double.module)
         monkeypatch.setattr(trt_compat, "_test_device", gpu)
         return double
@@ -146,7 +147,7 @@ def test_refit_and_workspace_are_the_only_flags_set(use_double, tiny_fp16, tmp_p
     options = TensorRTBuildOptions(refittable=True, workspace_gib=1.5, components=("unet",))
     build_engines(tiny_fp16, tmp_path / "E", None, options)
     (build,) = double.records.builds
-    assert build["flags"] == ["REFIT"]
+    assert build["flags"] == ["REFIT"]  # any new weights later: neither REFIT_IDENTICAL nor STRIP_PLAN
     assert build["pool_limits"] == {"WORKSPACE": int(1.5 * 2**30)}
     assert not set(build["flags"]) & set(trt_double.PRECISION_FLAG_NAMES)
 
@@ -156,6 +157,7 @@ def test_tensorrt_11_networks_are_strongly_typed_without_the_flag(use_double, ti
     assert not hasattr(double.module.BuilderFlag, "FP16")  # as in TensorRT 11
     manifest = build_engines(tiny_fp16, tmp_path / "E", None, TensorRTBuildOptions(components=("unet",)))
     assert double.records.networks == [0]
+    assert int(double.module.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 0  # deprecated, always on in 11
     assert manifest.components["unet"].extra["key"]["tensorrt"] == "11.4.0.106"
 
 
@@ -187,15 +189,87 @@ def test_engine_folder_is_complete_and_keyed(use_double, tiny_fp16, tmp_path):
     assert unet.extra["artifacts"] == str(tiny_fp16.resolve())
 
 
+def cache_bytes(entries, version="10.13.0.35", capability="8.9"):
+    """A timing cache as the double serializes it (header: TensorRT version and compute capability)."""
+    return f"{trt_double.CACHE_MAGIC}|{version}|{capability}|{entries}".encode()
+
+
 def test_timing_cache_is_loaded_then_saved(use_double, tiny_fp16, tmp_path):
     double = use_double()
     cache = tmp_path / "timing.cache"
     options = TensorRTBuildOptions(timing_cache=cache, components=("unet", "vae_decoder"))
     build_engines(tiny_fp16, tmp_path / "E", None, options)
-    assert double.records.timing_cache_loads == [b"", b"1"]  # fresh, then what the first build saved
-    assert cache.read_bytes() == b"2"
+    assert double.records.timing_cache_loads == [b"", cache_bytes(1)]  # fresh, then what the first build saved
+    assert cache.read_bytes() == cache_bytes(2)
     build_engines(tiny_fp16, tmp_path / "F", None, options)
-    assert double.records.timing_cache_loads[2] == b"2"
+    assert double.records.timing_cache_loads[2] == cache_bytes(2)
+
+
+@pytest.mark.parametrize("theirs", [cache_bytes(7, capability="9.0"), cache_bytes(7, version="10.9.0.34"), b"junk"])
+def test_timing_cache_made_elsewhere_is_left_alone(use_double, tiny_fp16, tmp_path, caplog, theirs):
+    """Another GPU or TensorRT (rejected by the header), or not a cache at all: never overwritten; a sibling is."""
+    double = use_double()
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(theirs)
+    options = TensorRTBuildOptions(timing_cache=cache, components=("unet",))
+    with caplog.at_level(logging.WARNING, logger="sdtrt.export.trt_builder"):
+        build_engines(tiny_fp16, tmp_path / "E", None, options)
+    assert cache.read_bytes() == theirs
+    sibling = tmp_path / "timing.trt10.13.0.35-cc8.9.cache"
+    assert sibling.read_bytes() == cache_bytes(1)
+    assert "was made by another TensorRT version or GPU" in caplog.text
+    assert f"saved to {sibling}; {cache} is left as it is" in caplog.text
+    build_engines(tiny_fp16, tmp_path / "F", None, options)  # the next build finds and extends the sibling
+    assert double.records.timing_cache_loads[-1] == cache_bytes(1) and sibling.read_bytes() == cache_bytes(2)
+    assert cache.read_bytes() == theirs
+
+
+def test_timing_cache_tensorrt_cannot_create_is_logged_and_skipped(use_double, tiny_fp16, tmp_path, caplog):
+    use_double(fail_timing_cache=True)
+    cache = tmp_path / "timing.cache"
+    with caplog.at_level(logging.WARNING, logger="sdtrt.export.trt_builder"):
+        build_engines(tiny_fp16, tmp_path / "E", None, TensorRTBuildOptions(timing_cache=cache, components=("unet",)))
+    assert (tmp_path / "E" / "unet.plan").is_file() and not cache.exists()
+    assert "could not create a timing cache (create_timing_cache returned None" in caplog.text
+    assert "building without one" in caplog.text
+
+
+def test_tensorrt_that_cannot_initialise_names_the_likely_cause(use_double, tiny_fp16, tmp_path):
+    use_double(fail_init=True)
+    with pytest.raises(BuildError) as caught:
+        build_engines(tiny_fp16, tmp_path / "E", None, TensorRTBuildOptions(components=("unet",)))
+    message = str(caught.value)
+    assert "TensorRT could not initialise: trt.Builder(logger) failed (pybind11::init(): factory function" in message
+    assert "double: CUDA initialization failure with error: 35" in message  # the logger's warning
+    assert "driver is too old for the CUDA version" in message and 'pip install "sdtrt[trt-cu' in message
+
+
+def test_logger_keeps_the_first_errors_and_the_last(use_double):
+    use_double()
+    logger = trt_compat.logger()
+    trt_compat.take_errors()
+    logger.log(logger.Severity.ERROR, "the cause")
+    for i in range(50):
+        logger.log(logger.Severity.ERROR, f"consequence {i}")
+    errors = trt_compat.take_errors()
+    first, last = trt_compat.FIRST_ERRORS, trt_compat.LAST_ERRORS
+    assert errors[0] == "the cause" and errors[first - 1] == f"consequence {first - 2}"
+    assert errors[first] == f"({51 - first - last} more)"
+    assert errors[-1] == "consequence 49" and len(errors) == first + 1 + last
+    assert trt_compat.take_errors() == []
+
+
+def test_more_than_eight_dimensions_is_a_build_error(use_double):
+    """Dims holds at most 8 dimensions (the double raises ValueError past that, as a wrong shape would)."""
+    from sdtrt.export.trt_builder import add_profile
+
+    double = use_double()
+    builder = double.module.Builder(trt_compat.logger())
+    network = builder.create_network(0)
+    network.inputs = [trt_double._Tensor("x", "FLOAT", ["a"] * 9)]
+    shape = (1,) * 9
+    with pytest.raises(BuildError, match=r"at most 8 dimensions, but inputs \{'x': 9\}"):
+        add_profile(builder, network, builder.create_builder_config(), {"x": (shape, shape, shape)}, "x.onnx")
 
 
 def test_matching_key_is_reused_and_mismatching_key_rebuilt(use_double, tiny_fp16, tmp_path, caplog):
@@ -276,8 +350,37 @@ def test_requested_profile_outside_the_artifact_is_refused(use_double, tiny_fp16
 
 def test_missing_tensorrt_names_the_install_command(monkeypatch, tiny_fp16, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` fail
-    with pytest.raises(MissingDependencyError, match=r'pip install "sdtrt\[trt\]".*NVIDIA\'s package index'):
+    monkeypatch.setattr("torch.version.cuda", "12.8")
+    with pytest.raises(MissingDependencyError, match=r'pip install "sdtrt\[trt-cu12\]".*NVIDIA\'s package index'):
         build_engines(tiny_fp16, tmp_path / "E")
+
+
+@pytest.mark.parametrize(
+    "cuda, extra, hint",
+    [
+        ("12.8", "trt-cu12", 'pip install "sdtrt[trt-cu12]" (TensorRT for CUDA 12'),
+        ("13.0", "trt-cu13", 'pip install "sdtrt[trt-cu13]" (TensorRT for CUDA 13'),
+        ("11.8", None, '"sdtrt[trt-cu12]" or "sdtrt[trt-cu13]", the one matching'),
+        (None, None, "this torch is a CPU-only build, which TensorRT cannot use"),
+    ],
+)
+def test_the_tensorrt_extra_follows_torchs_cuda(monkeypatch, cuda, extra, hint):
+    monkeypatch.setattr("torch.version.cuda", cuda)
+    assert trt_compat.matching_extra(cuda) == extra
+    assert hint in trt_compat.install_hint()
+    advice = trt_compat.extra_advice()
+    assert (f'pip install "sdtrt[{extra}]"' in advice) if extra else advice.startswith("none ")
+
+
+def test_extras_offer_a_tensorrt_wheel_per_cuda_version():
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    assert extras["trt-cu12"][0] == "tensorrt-cu12>=10.0" and extras["trt-cu13"][0] == "tensorrt-cu13>=10.0"
+    assert extras["trt"][0] == "tensorrt>=10.0"  # the metapackage: the CUDA 13 build
+    assert not any(r.startswith("polygraphy") for r in extras["export"])  # nothing in export uses it
+    assert all(any(r.startswith("polygraphy") for r in extras[e]) for e in ("trt", "trt-cu12", "trt-cu13"))
 
 
 def test_no_gpu_is_one_clear_error(use_double, monkeypatch, tiny_fp16, tmp_path):
@@ -299,7 +402,7 @@ def test_sdtrt_build_without_tensorrt_explains_itself(tiny_fp16, tmp_path):
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "building TensorRT engines needs the Python module 'tensorrt'" in result.stderr
-    assert 'pip install "sdtrt[trt]"' in result.stderr and "Traceback" not in result.stderr
+    assert 'pip install "sdtrt[trt-cu' in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "E").exists()
 
 
@@ -314,10 +417,17 @@ def test_sdtrt_build_refuses_a_bad_profile_before_anything_else(tiny_fp16, tmp_p
 
 
 def test_sdtrt_doctor_runs_with_what_is_installed():
+    import torch
+
     result = subprocess.run([SDTRT, "doctor"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     for word in ("torch", "tensorrt", "onnxruntime", "backends:", "  onnxruntime", "  torch", "  tensorrt"):
         assert word in result.stdout
+    extra_line = next(line for line in result.stdout.splitlines() if line.startswith("trt extra"))
+    if torch.version.cuda is None:
+        assert "none can run here: this torch is a CPU-only build" in extra_line
+    else:
+        assert "trt-cu" in extra_line or "none fits" in extra_line
 
 
 # -- real TensorRT (run by users who have it) ---------------------------------------------------------------------

@@ -4,17 +4,21 @@ The double stands in for TensorRT and the CPU for the GPU (through ``trt_compat.
 exercise sdtrt's own logic: refusing an ONNX folder, a damaged plan, or a plan built for another TensorRT version
 or GPU before anything is deserialized; user-managed contexts sharing one activation buffer sized to the largest
 engine; shape bookkeeping (``set_input_shape`` only on change, profile checks); preallocated, reused output buffers;
-errors that name the failed call. The double computes nothing: outputs hold its run counter. CUDA streams, CUDA
-graph capture and real engines are exercised only by the tests marked ``trt``, run where TensorRT and a GPU exist.
+256-byte aligned addresses (a misaligned feed is copied); the engine's device made current; refits (names, dtypes,
+sizes and missing partners checked before anything is set); errors that name the failed call and the likely cause.
+The double computes nothing: outputs hold its run counter. CUDA streams, CUDA graph capture and real engines are
+exercised only by the tests marked ``trt``, run where TensorRT and a GPU exist.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,7 +51,7 @@ trt_double = load_double_module()
 @pytest.fixture
 def use_double(monkeypatch):
     def install(gpu=("Double GPU", "8.9"), **kwargs):
-        double = trt_double.TensorRTDouble(memory=MEMORY, **kwargs)
+        double = trt_double.TensorRTDouble(memory=MEMORY, compute_capability=gpu[1] if gpu else "8.9", **kwargs)
         monkeypatch.setitem(sys.modules, "tensorrt", double.module)
         monkeypatch.setattr(trt_compat, "_test_device", gpu)
         return double
@@ -90,16 +94,17 @@ def test_contexts_share_one_buffer_sized_to_the_largest_engine(use_double, engin
     assert all(e.graph_capturable is False for e in engines.values())  # CPU stand-in; True on CUDA
 
 
-def test_tensorrt_11_and_pre_10_1_apis_are_both_served(use_double, tiny_fp16, tmp_path):
-    for kwargs in ({"version": "11.4.0.106"}, {"version": "10.0.1.6", "legacy": True}):
-        double = use_double(**kwargs)
-        out = tmp_path / kwargs["version"]
+def test_tensorrt_11_and_10_0_apis_are_both_served(use_double, tiny_fp16, tmp_path):
+    for version in ("11.4.0.106", "10.0.1.6"):
+        double = use_double(version=version)
+        out = tmp_path / version
         build_engines(tiny_fp16, out, PROFILE, TensorRTBuildOptions(components=("unet", "vae_decoder")))
         engines = open_all(out, components=["unet", "vae_decoder"])
         (unet, vae) = double.records.contexts[-2:]
-        expected = "without_device_memory" if kwargs.get("legacy") else 2  # USER_MANAGED
-        assert unet.strategy == expected and vae.strategy == expected
-        assert unet.memory[0] == vae.memory[0] and (unet.memory[1] in (7000, None))
+        user_managed = double.module.ExecutionContextAllocationStrategy.USER_MANAGED  # 10.0 has it too
+        assert unet.strategy == user_managed and vae.strategy == user_managed
+        # 10.0: the device_memory setter (no size), sized by device_memory_size; 11: set_device_memory(ptr, size)
+        assert unet.memory == vae.memory == (unet.memory[0], None if version.startswith("10.0") else 7000)
         engines["unet"].infer(unet_feeds())
 
 
@@ -148,6 +153,68 @@ def test_feeds_are_validated(use_double, engines_dir):
         unet.infer(feeds)
     with pytest.raises(ShapeError, match="missing"):
         unet.infer({"sample": feeds["sample"]})
+
+
+def test_misaligned_input_is_copied_into_an_aligned_buffer(use_double, engines_dir):
+    """TensorRT wants 256-byte aligned addresses; a feed that is a view at an odd offset is copied, and runs."""
+    double = use_double()
+    unet = open_all(engines_dir, components=["unet"])["unet"]
+    feeds = unet_feeds()
+    sample = feeds["sample"]
+    backing = torch.empty(sample.numel() + 1, dtype=sample.dtype)
+    view = backing[1:].view(sample.shape)  # contiguous, 2 bytes past an aligned start
+    view.copy_(sample)
+    assert view.data_ptr() % 256 != 0
+    unet.infer({**feeds, "sample": view})
+    context = double.records.contexts[0]
+    assert context.addresses["sample"] % 256 == 0 and context.addresses["sample"] != view.data_ptr()
+    assert context.inputs_seen[-1]["sample"] == view.numpy().tobytes()  # the engine read the feed's values
+    staged = context.addresses["sample"]
+    view.mul_(2)
+    unet.infer({**feeds, "sample": view})
+    assert context.addresses["sample"] == staged  # the aligned buffer is kept for the next call
+    assert context.inputs_seen[-1]["sample"] == view.numpy().tobytes()
+    assert all(address % 256 == 0 for address in context.addresses.values())
+    assert context.memory[0] % 256 == 0  # the shared activation buffer too
+
+
+def test_infer_makes_the_engine_device_current(use_double, engines_dir, monkeypatch):
+    use_double()
+    unet = open_all(engines_dir, components=["unet"])["unet"]
+    made_current = []
+
+    def guard(device):
+        made_current.append(device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(trt_compat, "device_guard", guard)
+    unet.infer(unet_feeds())
+    assert made_current == [unet.device]
+
+
+def test_device_guard_switches_only_when_another_device_is_current(monkeypatch):
+    switched = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: switched.append(device) or contextlib.nullcontext())
+    with trt_compat.device_guard(torch.device("cuda", 0)):
+        pass
+    assert switched == []  # already current: nothing to do on the hot path
+    with trt_compat.device_guard(torch.device("cuda", 1)):
+        pass
+    assert switched == [torch.device("cuda", 1)]
+    with trt_compat.device_guard(torch.device("cpu")):
+        pass
+    assert len(switched) == 1
+
+
+def test_runtime_that_cannot_initialise_names_the_likely_cause(use_double, engines_dir):
+    use_double(fail_init=True)
+    with pytest.raises(BackendError) as caught:
+        open_all(engines_dir)
+    message = str(caught.value)
+    assert "TensorRT could not initialise: trt.Runtime(logger) failed (pybind11::init(): factory function" in message
+    assert "CUDA initialization failure" in message and "driver is too old" in message
+    assert "another CUDA version than torch" in message
 
 
 def test_failed_execution_names_the_call(use_double, engines_dir):
@@ -225,8 +292,9 @@ def test_precision_other_than_the_engines_is_refused(use_double, engines_dir):
 
 def test_available_says_what_is_missing(monkeypatch, use_double, tiny_fp16):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setattr("torch.version.cuda", "13.0")
     usable, reason = trt_backend.available()
-    assert not usable and 'pip install "sdtrt[trt]"' in reason
+    assert not usable and 'pip install "sdtrt[trt-cu13]"' in reason
     with pytest.raises(MissingDependencyError, match=r"tensorrt backend needs the Python module 'tensorrt'"):
         open_all(tiny_fp16)
     use_double()
@@ -293,3 +361,152 @@ def test_generate_with_real_engines(tiny_fp16, tmp_path):
     assert first.images[0].size == (128, 128)
     assert torch.isfinite(first.pixels).all()
     assert torch.equal(first.pixels, again.pixels)  # graph replay is deterministic
+
+
+# -- refit (LoRA without a rebuild) ------------------------------------------------------------------------------
+@pytest.fixture
+def refittable_dir(use_double, tiny_fp16, tmp_path):
+    use_double()
+    out = tmp_path / "refittable"
+    build_engines(tiny_fp16, out, PROFILE, TensorRTBuildOptions(refittable=True, components=("unet",)))
+    return out
+
+
+def unet_initializers(tiny_fp16):
+    """The UNet's initializers (name -> array), from the ONNX file the engine was built from."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(tiny_fp16 / "unet.onnx"))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_refit_sets_the_named_weights(use_double, refittable_dir, tiny_fp16):
+    from sdtrt.runtime.engine import supports_refit
+
+    double = use_double()
+    unet = open_all(refittable_dir, components=["unet"])["unet"]
+    assert unet.supports_refit and supports_refit(unet)
+    weights = unet_initializers(tiny_fp16)
+    floats = [n for n, a in weights.items() if a.dtype == np.float16 and a.size > 1][:2]
+    new = {floats[0]: weights[floats[0]] + np.float16(1), floats[1]: torch.from_numpy(weights[floats[1]] * 2)}
+    unet.refit(new)
+    (applied,) = double.records.refits
+    assert set(applied) == set(floats)
+    assert np.array_equal(applied[floats[0]], new[floats[0]].ravel())
+    assert np.array_equal(applied[floats[1]], new[floats[1]].numpy().ravel())
+    unet.infer(unet_feeds())  # still runs after the refit
+
+
+def test_engine_built_without_refit_says_how_to_rebuild(use_double, engines_dir, tiny_fp16):
+    from sdtrt.runtime.engine import supports_refit
+
+    double = use_double()
+    unet = open_all(engines_dir, components=["unet"])["unet"]
+    assert not unet.supports_refit and not supports_refit(unet)
+    with pytest.raises(BackendError, match=r"built without refitting enabled.*sdtrt build .*--refittable"):
+        unet.refit({"anything": np.zeros(1, np.float16)})
+    assert double.records.refits == []
+
+
+def test_unknown_names_are_all_reported_before_anything_is_set(use_double, refittable_dir, tiny_fp16):
+    double = use_double()
+    unet = open_all(refittable_dir, components=["unet"])["unet"]
+    weights = unet_initializers(tiny_fp16)
+    known = next(iter(weights))
+    new = {known: weights[known], **{f"lora.{i}": np.zeros(1, np.float16) for i in range(7)}}
+    with pytest.raises(BackendError) as caught:
+        unet.refit(new)
+    message = str(caught.value)
+    assert "7 of the 8 weights given are not refittable weights of this engine" in message
+    assert "'lora.0', 'lora.1', 'lora.2', 'lora.3', 'lora.4' and 2 more" in message
+    assert "ONNX initializer names of unet.onnx" in message and "the engine is unchanged" in message
+    assert double.records.refits == [] and unet._engine.values == {}
+
+
+def test_wrong_dtype_or_size_is_refused_before_anything_is_set(use_double, refittable_dir, tiny_fp16):
+    double = use_double()
+    unet = open_all(refittable_dir, components=["unet"])["unet"]
+    weights = unet_initializers(tiny_fp16)
+    a, b = [n for n, v in weights.items() if v.dtype == np.float16 and v.size > 1][:2]
+    with pytest.raises(BackendError) as caught:
+        unet.refit({a: weights[a].astype(np.float32), b: weights[b].ravel()[:-1]})
+    message = str(caught.value)
+    assert f"2 weights do not match the engine's: {a!r} is float32 x {weights[a].size}, the engine's" in message
+    assert f"the engine's is float16 x {weights[a].size}" in message
+    assert f"{b!r} is float16 x {weights[b].size - 1}" in message
+    assert double.records.refits == []
+
+
+def test_missing_partner_weights_are_reported_and_nothing_changes(use_double, tiny_fp16, tmp_path):
+    names = [n for n, v in unet_initializers(tiny_fp16).items() if v.size > 1][:2]
+    double = use_double(fused=(tuple(names),))
+    build_engines(tiny_fp16, tmp_path / "E", PROFILE, TensorRTBuildOptions(refittable=True, components=("unet",)))
+    unet = open_all(tmp_path / "E", components=["unet"])["unet"]
+    weights = unet_initializers(tiny_fp16)
+    with pytest.raises(BackendError, match=rf"1 that go with the ones given are missing: {names[1]!r}.*unchanged"):
+        unet.refit({names[0]: weights[names[0]]})
+    assert double.records.refits == []
+    unet.refit({n: weights[n] for n in names})
+    assert len(double.records.refits) == 1
+
+
+def test_failed_refit_says_the_engine_may_be_partly_refitted(use_double, tiny_fp16, tmp_path):
+    use_double(fail_refit=True)
+    build_engines(tiny_fp16, tmp_path / "E", PROFILE, TensorRTBuildOptions(refittable=True, components=("unet",)))
+    unet = open_all(tmp_path / "E", components=["unet"])["unet"]
+    name, value = next(iter(unet_initializers(tiny_fp16).items()))
+    with pytest.raises(
+        BackendError, match=r"failed to refit unet \(refit_cuda_engine\): double: refit failed.*part of the new weights"
+    ):
+        unet.refit({name: value})
+
+
+def test_engine_folder_keeps_the_lora_weight_map_of_its_artifact(refittable_dir, tiny_fp16):
+    source = read_manifest(tiny_fp16).components["unet"].extra
+    engine = read_manifest(refittable_dir).components["unet"].extra
+    for key in ("lora_map", "module_config"):
+        if key in source:
+            assert engine[key] == source[key]
+
+
+def test_loras_refit_refittable_engines_through_the_weight_map(use_double, tiny_fp16, tmp_path):
+    """set_loras on TensorRT: base + delta, in the ONNX initializer's layout, refitted by initializer name; none puts
+    the base weights back; a non-refittable engine says to rebuild with --refittable."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from sdtrt.runtime.errors import BackendError
+    from sdtrt.runtime.models.lora import LoraLayer, read_lora, save_lora
+    from sdtrt.runtime.models.presets import load_preset
+    from sdtrt.runtime.pipeline import Pipeline
+
+    bundle = load_preset("tiny")
+    to_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    weight = bundle.unet.get_submodule(to_q).weight
+    layer = LoraLayer(torch.randn(2, weight.shape[1]), torch.randn(weight.shape[0], 2), alpha=2.0)
+    lora = save_lora({("unet", to_q): layer}, tmp_path / "q.safetensors", "diffusers")
+
+    double = use_double()
+    out = tmp_path / "refittable"
+    build_engines(tiny_fp16, out, PROFILE, TensorRTBuildOptions(refittable=True))
+    place = read_manifest(out).components["unet"].extra["lora_map"][f"{to_q}.weight"]
+    model = onnx.load(str(tiny_fp16 / "unet.onnx"))
+    base = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}[place["initializer"]]
+    with Pipeline.from_artifacts(out, backend="tensorrt", device="cpu") as pipe:
+        pipe.set_loras([(lora, 0.5)])
+        refit = double.records.refits[-1]
+        assert list(refit) == [place["initializer"]]  # only the changed weight, by its ONNX name
+        delta = read_lora(lora).layers[("unet", to_q)].delta(0.5, weight.shape)
+        expected = (base.astype(np.float32) + (delta.t() if place["transposed"] else delta).numpy()).astype(base.dtype)
+        assert refit[place["initializer"]].reshape(base.shape).tobytes() == expected.tobytes()
+        pipe("a cat", steps=1, seed=1, height=64, width=64)
+        pipe.set_loras([])
+        restored = double.records.refits[-1]
+        assert restored[place["initializer"]].reshape(base.shape).tobytes() == base.tobytes()  # bit for bit
+    fixed = tmp_path / "fixed"
+    build_engines(tiny_fp16, fixed, PROFILE, TensorRTBuildOptions())
+    with Pipeline.from_artifacts(fixed, backend="tensorrt", device="cpu") as pipe:
+        with pytest.raises(BackendError, match="--refittable"):
+            pipe.set_loras([(lora, 1.0)])
