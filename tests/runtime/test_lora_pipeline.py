@@ -189,3 +189,45 @@ def test_cli_lora_option_and_png_parameters(tiny_fp32, loras, tmp_path):
         [*command, "--lora", "nothing.safetensors:0.5", "--out", str(out)], capture_output=True, text=True
     )
     assert bad.returncode == 1 and "does not exist" in bad.stderr
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_sdxl_lora_on_both_text_encoders_matches_diffusers(backend, tmp_path):
+    """tiny-xl: a kohya LoRA on the UNet and both text encoders (lora_te1_ / lora_te2_) against diffusers' SDXL."""
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+    from sdtrt.export.profiles import default_profile
+
+    xl = load_preset("tiny-xl")
+    layers = make_layers(xl, True, 7)
+    generator = torch.Generator().manual_seed(8)
+    for path, child in xl.text_encoder_2.named_modules():
+        if isinstance(child, torch.nn.Linear) and path.endswith(("q_proj", "k_proj", "v_proj", "out_proj")):
+            w = child.weight
+            layers[("text_encoder_2", path)] = LoraLayer(
+                torch.randn((4, w.shape[1]), generator=generator) * 0.3,
+                torch.randn((w.shape[0], 4), generator=generator) * 0.3,
+                2.0,
+            )
+    lora = save_lora(layers, tmp_path / "xl.safetensors", "kohya", unet=xl.unet)
+    out = tmp_path / "xl"
+    export_artifacts(
+        xl,
+        out,
+        ExportOptions(
+            profile=default_profile(xl), components=("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+        ),
+    )
+    reference = diffusers_pipeline(load_preset("tiny-xl"), "euler")
+    reference.load_lora_weights(str(tmp_path), weight_name="xl.safetensors")
+    reference.fuse_lora(lora_scale=0.8)
+    with torch.no_grad():
+        expected = reference(
+            PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, height=128, width=128,
+            generator=torch.Generator().manual_seed(SEED), guidance_scale=5.0, output_type="pt",
+        ).images  # fmt: skip
+    with Pipeline.from_artifacts(out, backend=backend, device="cpu") as pipe:
+        pipe.set_loras([(lora, 0.8)])
+        ours = pipe(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, seed=SEED, guidance_scale=5.0, scheduler="euler")
+    value = psnr(ours.pixels, expected)
+    print(f"{backend} SDXL LoRA (unet, te1, te2) vs diffusers: {value:.1f} dB")
+    assert value >= PARITY_DB
