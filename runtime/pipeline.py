@@ -283,7 +283,7 @@ class Pipeline:
         negative_prompt: str | list[str] | None = None,
         steps: int = 30,
         guidance_scale: float = 7.5,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         height: int | None = None,
         width: int | None = None,
         scheduler: str | None = None,
@@ -298,7 +298,8 @@ class Pipeline:
         """Generate ``num_images`` images per prompt.
 
         ``height``/``width`` default to the size the artifact is tuned for (its profile's opt size). Image ``k``
-        of the batch uses seed ``seed + k``; its starting noise is drawn on the CPU, so a seed gives the same
+        of the batch uses seed ``seed + k`` (or ``seed[k]`` when a list of one seed per image is given: requests
+        batched together keep their own seeds); its starting noise is drawn on the CPU, so a seed gives the same
         image on every backend and device. ``image`` + ``strength`` run img2img. ``callback(step, total,
         latents)`` runs between steps (clone ``latents`` to keep them; see ``latents_to_rgb`` for previews).
 
@@ -362,7 +363,7 @@ class Pipeline:
         negative_prompt: str | list[str] | None,
         steps: int,
         guidance_scale: float,
-        seed: int | None,
+        seed: int | Sequence[int] | None,
         height: int | None,
         width: int | None,
         scheduler: str | None,
@@ -391,7 +392,7 @@ class Pipeline:
             seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
         model = self.manifest.model
         shape = (len(prompts), model.latent_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
-        seeds = [seed + k for k in range(len(prompts))]
+        seeds = _seeds(seed, len(prompts))
         return _Request(prompts, negatives, height, width, name, steps, first, seeds, guidance_scale, shape)
 
     def _conditioning(
@@ -524,6 +525,17 @@ def _dtype(engine: Engine, name: str) -> torch.dtype:
         if tensor.name == name:
             return torch.float16 if tensor.dtype == "float16" else torch.float32
     raise KeyError(name)
+
+
+def _seeds(seed: int | Sequence[int], count: int) -> list[int]:
+    """One seed per image: ``seed + k``, or the list given (one per image)."""
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return [seed + k for k in range(count)]
+    if isinstance(seed, Sequence) and all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
+        if len(seed) != count:
+            raise ConfigError(f"got {len(seed)} seeds for {count} images; give one seed, or one per image")
+        return list(seed)
+    raise ConfigError(f"seed must be an integer or a list of integers, got {seed!r}")
 
 
 def _negatives(negative: str | list[str] | None, count: int) -> list[str]:

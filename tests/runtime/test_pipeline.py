@@ -224,3 +224,15 @@ def test_cuda_graph_step_matches_eager(tiny_fp32, scheduler):
             results[graph] = (first.pixels, again.pixels)
     for eager, captured in zip(results[False], results[True], strict=True):
         assert psnr(eager, captured) >= 60
+
+
+def test_one_seed_per_image_keeps_each_images_own_seed(ort_fp32):
+    """Requests batched into one call (a server's batching) keep their seeds: same images as separate calls."""
+    batched = ort_fp32([PROMPT, "a dog"], steps=2, seed=[5, 9], height=HEIGHT, width=WIDTH, scheduler="euler_a")
+    alone = ort_fp32("a dog", steps=2, seed=9, height=HEIGHT, width=WIDTH, scheduler="euler_a")
+    assert batched.seeds == [5, 9]
+    assert psnr(batched.pixels[1:], alone.pixels) >= 60
+    with pytest.raises(ConfigError, match="got 1 seeds for 2 images"):
+        ort_fp32([PROMPT, "a dog"], steps=1, seed=[5], height=HEIGHT, width=WIDTH)
+    with pytest.raises(ConfigError, match="seed must be an integer or a list of integers"):
+        ort_fp32(PROMPT, steps=1, seed="7", height=HEIGHT, width=WIDTH)
