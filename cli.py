@@ -500,6 +500,27 @@ def generate_cmd(
     )
 
 
+@main.command("serve")
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=7860, show_default=True, help="Port to listen on (0: any free port).")
+@click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime, torch or tensorrt.")
+@click.option("--device", help="cpu or cuda (default: cuda when the backend can use it).")
+@click.option("--queue", "queue_size", type=int, default=16, show_default=True, help="Requests that may wait.")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds a request may wait before a 503.")
+def serve_cmd(
+    artifacts: Path, host: str, port: int, backend: str, device: str | None, queue_size: int, timeout: float
+) -> None:
+    """Serve the AUTOMATIC1111 HTTP API (/sdapi/v1/txt2img, img2img, ...) over the engines in ARTIFACTS.
+
+    SIGTERM stops accepting connections, answers every request already accepted, then exits 0.
+    """
+    from sdtrt.serve.server import ServeConfig, serve
+
+    config = ServeConfig(artifacts, host, port, backend, device, queue_size, timeout)
+    serve(config, on_ready=lambda url: click.echo(f"serving {artifacts} on {url} (A1111 API at {url}/sdapi/v1)"))
+
+
 @main.command("bench")
 @click.argument("source")
 @click.option(

@@ -82,6 +82,10 @@ def lora_map(digests: dict[bytes, list[tuple[str, bool]]], graph: Any) -> dict[s
 
 def module_config(module: Any) -> dict[str, Any]:
     """The module's config as plain JSON data (diffusers' ``config`` or transformers' ``config.to_dict()``)."""
+    import json
+
     config = module.config
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items() if k != "torch_dtype"}
+    # Through JSON: tuples become lists, and anything else (a path in ``_name_or_path``) its text.
+    plain = json.loads(json.dumps(data, default=str))
+    return {k: v for k, v in plain.items() if k not in ("torch_dtype", "_name_or_path")}

@@ -229,7 +229,9 @@ def save(folder: Path, modules: dict[str, Any], keep_ids: set[int], record: dict
     tensors[table][~mask] = 0
     folder.mkdir(parents=True, exist_ok=True)
     weights, tmp = folder / WEIGHTS_NAME, folder / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "model": "sdtrt shapes"})
+    # One metadata entry: safetensors writes its metadata map in no fixed order, so two keys would make the bytes
+    # (and the sha256 a reproducible run must repeat) differ from run to run.
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
     from sdtrt.runtime.models.sources import file_hash
 
     record = {**record, "sha256": file_hash(tmp), "bytes": tmp.stat().st_size}

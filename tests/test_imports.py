@@ -23,13 +23,18 @@ OPTIONAL = [
     "safetensors",
     "modelopt",
     "matplotlib",
+    "fastapi",
+    "uvicorn",
+    "starlette",
+    "ray",
+    "peft",
     "tqdm",
 ]
 
 
 def all_modules() -> list[str]:
     names = ["sdtrt", "sdtrt.cli"]
-    for sub in ("runtime", "export", "calibrate", "benchmarks", "shapes"):
+    for sub in ("runtime", "export", "calibrate", "benchmarks", "shapes", "serve"):
         names.append(f"sdtrt.{sub}")
         for info in pkgutil.walk_packages([str(ROOT / sub)], prefix=f"sdtrt.{sub}."):
             names.append(info.name)

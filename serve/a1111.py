@@ -1,0 +1,218 @@
+"""The AUTOMATIC1111 web UI API schema: payload -> ``GenerateRequest``, ``Generation`` -> response body.
+
+Field names, defaults and the response shape follow A1111's ``/sdapi/v1/txt2img`` and ``/sdapi/v1/img2img``;
+unknown fields are ignored, as A1111 does. Sizes default to the artifact's tuned size rather than A1111's 512.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from PIL import Image
+
+from sdtrt.runtime.schedulers import A1111_LABELS
+
+from .errors import RequestError
+
+SAMPLER_BY_LABEL = {label: name for name, label in A1111_LABELS.items()}
+SAMPLER_ALIASES: dict[str, list[str]] = {
+    "euler": ["k_euler"],
+    "euler_a": ["k_euler_a", "k_euler_ancestral"],
+    "ddim": [],
+    "dpmpp_2m": ["k_dpmpp_2m"],
+    "dpmpp_2m_karras": ["k_dpmpp_2m_ka"],
+    "lcm": ["k_lcm"],
+}
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One validated txt2img/img2img request. ``seed`` None means random; ``sampler`` None the model's own."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    sampler: str | None = None  # an sdtrt scheduler name
+    batch_size: int = 1
+    n_iter: int = 1
+    init_image: bytes | None = None  # the decoded bytes of init_images[0] (img2img)
+    denoising_strength: float = 0.75
+    echo: dict[str, Any] = field(default_factory=dict, compare=False)  # the request as A1111 echoes it
+
+    @property
+    def img2img(self) -> bool:
+        return self.init_image is not None
+
+    @property
+    def total_images(self) -> int:
+        return self.batch_size * self.n_iter
+
+    def with_seed(self, seed: int) -> GenerateRequest:
+        return replace(self, seed=seed)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What a ``Service`` returns: PNG bytes (with the ``parameters`` text) and the settings that ran."""
+
+    images: list[bytes]
+    seeds: list[int]
+    prompts: list[str]
+    negative_prompts: list[str]
+    infotexts: list[str]
+    sampler: str  # sdtrt name
+    steps: int
+    cfg_scale: float
+    width: int
+    height: int
+    model_name: str = ""
+    model_hash: str = ""
+    seconds: float = 0.0
+
+
+def _typed(payload: dict[str, Any], name: str, types: tuple[type, ...], default: Any, what: str) -> Any:
+    value = payload.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise RequestError(f"{name} must be {what}, got {json.dumps(value)[:60]} ({type(value).__name__})")
+    return value
+
+
+def resolve_sampler(name: str | None) -> str | None:
+    """An A1111 label ("Euler a"), alias ("k_euler_a") or sdtrt name ("euler_a") -> sdtrt name."""
+    if name is None or name == "":
+        return None
+    if name in SAMPLER_BY_LABEL:
+        return SAMPLER_BY_LABEL[name]
+    if name in A1111_LABELS:
+        return name
+    for sdtrt_name, aliases in SAMPLER_ALIASES.items():
+        if name in aliases:
+            return sdtrt_name
+    labels = ", ".join(repr(label) for label in A1111_LABELS.values())
+    raise RequestError(
+        f"unknown sampler {name!r}; expected one of: {labels} (or the sdtrt names {', '.join(A1111_LABELS)})"
+    )
+
+
+def decode_image(text: Any, where: str) -> bytes:
+    """Base64 (optionally a ``data:image/...;base64,`` URL) -> image bytes, checked to open with Pillow."""
+    if not isinstance(text, str):
+        raise RequestError(f"{where} must be a base64 string, got {type(text).__name__}")
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RequestError(f"{where} is not valid base64 ({exc}); send a base64-encoded PNG, JPEG or WebP") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except OSError:
+        raise RequestError(
+            f"{where} is not an image Pillow can read; give a base64-encoded PNG, JPEG or WebP file"
+        ) from None
+    return data
+
+
+def parse_request(payload: Any, img2img: bool = False) -> GenerateRequest:
+    """Validate an A1111 txt2img (or img2img) JSON payload; raise ``RequestError`` with the reason."""
+    if not isinstance(payload, dict):
+        raise RequestError(f"the request body must be a JSON object, got {type(payload).__name__}")
+    prompt = _typed(payload, "prompt", (str,), "", "a string")
+    negative = _typed(payload, "negative_prompt", (str,), "", "a string")
+    steps = _typed(payload, "steps", (int,), 50, "an integer")
+    if steps < 1:
+        raise RequestError(f"steps must be an integer >= 1, got {steps!r}")
+    cfg = float(_typed(payload, "cfg_scale", (int, float), 7.0, "a number"))
+    if not cfg >= 0:
+        raise RequestError(f"cfg_scale must be >= 0 (1 or less turns guidance off), got {cfg}")
+    width = _typed(payload, "width", (int,), None, "an integer")
+    height = _typed(payload, "height", (int,), None, "an integer")
+    seed = _typed(payload, "seed", (int,), -1, "an integer")
+    if seed < -1 or seed >= 2**32:
+        raise RequestError(f"seed must be -1 (random) or 0..{2**32 - 1}, got {seed}")
+    sampler = resolve_sampler(_typed(payload, "sampler_name", (str,), None, "a string"))
+    if sampler is None:
+        sampler = resolve_sampler(_typed(payload, "sampler_index", (str,), None, "a string"))
+    batch = _typed(payload, "batch_size", (int,), 1, "an integer")
+    n_iter = _typed(payload, "n_iter", (int,), 1, "an integer")
+    for name, value in (("batch_size", batch), ("n_iter", n_iter)):
+        if value < 1:
+            raise RequestError(f"{name} must be an integer >= 1, got {value}")
+    strength = float(_typed(payload, "denoising_strength", (int, float), 0.75, "a number"))
+    init = None
+    if img2img:
+        images = payload.get("init_images")
+        if not isinstance(images, list) or not images:
+            raise RequestError("img2img needs init_images: a list with one base64-encoded image")
+        init = decode_image(images[0], "init_images[0]")
+        if not 0 < strength <= 1:
+            raise RequestError(f"denoising_strength must be in (0, 1], got {strength}")
+    echo = dict(payload)
+    echo.update(prompt=prompt, negative_prompt=negative, steps=steps, cfg_scale=cfg, seed=seed, batch_size=batch)
+    echo.update(n_iter=n_iter, width=width, height=height, sampler_name=A1111_LABELS.get(sampler or "", None))
+    if img2img:
+        echo.update(init_images=None, denoising_strength=strength)
+    return GenerateRequest(
+        prompt,
+        negative,
+        steps,
+        cfg,
+        width,
+        height,
+        None if seed == -1 else seed,
+        sampler,
+        batch,
+        n_iter,
+        init,
+        strength,
+        echo,
+    )
+
+
+def random_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+def response_body(request: GenerateRequest, gen: Generation) -> dict[str, Any]:
+    """A1111's response: base64 PNGs, the request echoed back, and ``info`` as a JSON string."""
+    info = {
+        "prompt": request.prompt,
+        "all_prompts": gen.prompts,
+        "negative_prompt": request.negative_prompt,
+        "all_negative_prompts": gen.negative_prompts,
+        "seed": gen.seeds[0],
+        "all_seeds": gen.seeds,
+        "sampler_name": A1111_LABELS[gen.sampler],
+        "steps": gen.steps,
+        "cfg_scale": gen.cfg_scale,
+        "width": gen.width,
+        "height": gen.height,
+        "batch_size": request.batch_size,
+        "n_iter": request.n_iter,
+        "denoising_strength": request.denoising_strength if request.img2img else None,
+        "sd_model_name": gen.model_name,
+        "sd_model_hash": gen.model_hash[:10],
+        "infotexts": gen.infotexts,
+    }
+    parameters = dict(request.echo)
+    parameters["width"] = parameters.get("width") or gen.width
+    parameters["height"] = parameters.get("height") or gen.height
+    parameters["sampler_name"] = parameters.get("sampler_name") or A1111_LABELS[gen.sampler]
+    return {
+        "images": [base64.b64encode(png).decode("ascii") for png in gen.images],
+        "parameters": parameters,
+        "info": json.dumps(info),
+    }

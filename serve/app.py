@@ -1,0 +1,121 @@
+"""The thin HTTP layer: ``create_app(service)`` -> a FastAPI app speaking A1111's ``/sdapi/v1`` API.
+
+No annotations future-import here: FastAPI reads the handlers' annotations at runtime, and fastapi is imported
+inside ``create_app`` so that this module imports without the ``serve`` extra.
+"""
+
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sdtrt.runtime.deps import require
+from sdtrt.runtime.schedulers import A1111_LABELS
+
+from .a1111 import SAMPLER_ALIASES, parse_request, response_body
+from .errors import RequestError, ServeError
+from .metrics import Metrics
+from .service import Service
+
+log = logging.getLogger(__name__)
+
+
+def error_body(kind: str, message: str) -> dict[str, str]:
+    return {"error": kind, "detail": message}
+
+
+def samplers() -> list[dict[str, Any]]:
+    """``/sdapi/v1/samplers``: A1111's list of {name, aliases, options}."""
+    return [
+        {"name": label, "aliases": [name, *SAMPLER_ALIASES[name]], "options": {}}
+        for name, label in A1111_LABELS.items()
+    ]
+
+
+def create_app(service: Service, metrics: Metrics | None = None) -> Any:
+    """A FastAPI app over ``service`` (see ``service.Service``); its lifespan starts and stops the service."""
+    require("fastapi", "the HTTP server (sdtrt serve)", "serve")
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse
+
+    counters = metrics or Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="sdtrt", lifespan=lifespan)
+    app.state.service, app.state.metrics = service, counters
+
+    async def generate(request: Request, endpoint: str, img2img: bool) -> Any:
+        begin = time.perf_counter()
+        try:
+            try:
+                payload = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise RequestError(f"the request body is not valid JSON ({exc})") from None
+            req = parse_request(payload, img2img=img2img)
+            gen = await service.generate(req)
+        except ServeError as exc:
+            counters.observe(endpoint, exc.status, time.perf_counter() - begin, error=exc.kind)
+            headers = {"Retry-After": str(exc.retry_after)} if hasattr(exc, "retry_after") else None
+            return JSONResponse(error_body(exc.kind, str(exc)), status_code=exc.status, headers=headers)
+        counters.observe(endpoint, 200, time.perf_counter() - begin, images=len(gen.images))
+        return JSONResponse(response_body(req, gen))
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(request: Request) -> Any:
+        return await generate(request, "txt2img", img2img=False)
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(request: Request) -> Any:
+        return await generate(request, "img2img", img2img=True)
+
+    @app.get("/sdapi/v1/samplers")
+    async def list_samplers() -> Any:
+        return samplers()
+
+    @app.get("/sdapi/v1/sd-models")
+    async def sd_models() -> Any:
+        card = await service.model()
+        short = card.sha256[:10]
+        title = f"{card.name} [{short}]" if short else card.name
+        return [
+            {
+                "title": title,
+                "model_name": card.name,
+                "hash": short or None,
+                "sha256": card.sha256 or None,
+                "filename": card.filename,
+                "config": None,
+            }
+        ]
+
+    @app.get("/health")
+    async def health() -> Any:
+        stats = await service.stats()
+        card = await service.model()
+        return {
+            "status": "ok",
+            "model": card.name,
+            "backend": card.backend,
+            "device": card.device,
+            "queued": stats.queued,
+            "running": stats.running,
+            "capacity": stats.capacity,
+        }
+
+    @app.get("/metrics")
+    async def prometheus() -> Any:
+        stats = await service.stats()
+        return PlainTextResponse(
+            counters.render(stats.queued, stats.running, stats.capacity),
+            media_type="text/plain; version=0.0.4; charset=utf-8",
+        )
+
+    return app
