@@ -78,6 +78,7 @@ class Generation:
     model_name: str = ""
     model_hash: str = ""
     seconds: float = 0.0
+    served_by: str = ""  # the Ray replica that ran it ("" on the plain server)
 
 
 def _typed(payload: dict[str, Any], name: str, types: tuple[type, ...], default: Any, what: str) -> Any:
@@ -207,6 +208,8 @@ def response_body(request: GenerateRequest, gen: Generation) -> dict[str, Any]:
         "sd_model_hash": gen.model_hash[:10],
         "infotexts": gen.infotexts,
     }
+    if gen.served_by:
+        info["served_by"] = gen.served_by
     parameters = dict(request.echo)
     parameters["width"] = parameters.get("width") or gen.width
     parameters["height"] = parameters.get("height") or gen.height

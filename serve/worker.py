@@ -60,8 +60,7 @@ def run_request(pipe: Any, request: GenerateRequest, model_name: str) -> Generat
     assert request.seed is not None
     image = Image.open(io.BytesIO(request.init_image)).convert("RGB") if request.init_image else None
     start = time.perf_counter()
-    model_hash = str(pipe.manifest.source.get("sha256", ""))
-    gen: dict[str, list[Any]] = {"images": [], "seeds": [], "prompts": [], "negatives": [], "infotexts": []}
+    rows: list[tuple[Any, int, str, str]] = []
     settings: dict[str, Any] = {}
     for i in range(request.n_iter):
         result = pipe(
@@ -78,28 +77,41 @@ def run_request(pipe: Any, request: GenerateRequest, model_name: str) -> Generat
             strength=request.denoising_strength,
         )
         settings = result.settings
-        extra = [("Denoising strength", f"{request.denoising_strength:g}")] if image is not None else []
-        for img, seed, prompt, negative in zip(
-            result.images, result.seeds, result.prompts, result.negative_prompts, strict=True
-        ):
-            text = a1111_parameters(
-                prompt,
-                request.negative_prompt,
-                request.steps,
-                A1111_LABELS[str(settings["scheduler"])],
-                request.cfg_scale,
-                seed,
-                int(settings["width"]),
-                int(settings["height"]),
-                model_hash=model_hash,
-                model_name=model_name,
-                extra=extra,
-            )
-            gen["images"].append(_png(img, text))
-            gen["seeds"].append(seed)
-            gen["prompts"].append(prompt)
-            gen["negatives"].append(negative)
-            gen["infotexts"].append(text)
+        rows += zip(result.images, result.seeds, result.prompts, result.negative_prompts, strict=True)
+    return make_generation(pipe, request, rows, settings, model_name, time.perf_counter() - start)
+
+
+def make_generation(
+    pipe: Any,
+    request: GenerateRequest,
+    rows: list[tuple[Any, int, str, str]],
+    settings: dict[str, Any],
+    model_name: str,
+    seconds: float,
+) -> Generation:
+    """A ``Generation`` of (image, seed, prompt, negative) rows: PNGs with A1111's ``parameters`` text."""
+    model_hash = str(pipe.manifest.source.get("sha256", ""))
+    extra = [("Denoising strength", f"{request.denoising_strength:g}")] if request.img2img else []
+    gen: dict[str, list[Any]] = {"images": [], "seeds": [], "prompts": [], "negatives": [], "infotexts": []}
+    for img, seed, prompt, negative in rows:
+        text = a1111_parameters(
+            prompt,
+            request.negative_prompt,
+            request.steps,
+            A1111_LABELS[str(settings["scheduler"])],
+            request.cfg_scale,
+            seed,
+            int(settings["width"]),
+            int(settings["height"]),
+            model_hash=model_hash,
+            model_name=model_name,
+            extra=extra,
+        )
+        gen["images"].append(_png(img, text))
+        gen["seeds"].append(seed)
+        gen["prompts"].append(prompt)
+        gen["negatives"].append(negative)
+        gen["infotexts"].append(text)
     return Generation(
         gen["images"],
         gen["seeds"],
@@ -113,8 +125,40 @@ def run_request(pipe: Any, request: GenerateRequest, model_name: str) -> Generat
         int(settings["height"]),
         model_name,
         model_hash,
-        time.perf_counter() - start,
+        seconds,
     )
+
+
+def merge_key(request: GenerateRequest) -> tuple[Any, ...] | None:
+    """Requests with equal keys can run as one pipeline call (their own prompts and seeds); None: never merged."""
+    if request.img2img or request.n_iter != 1:
+        return None
+    return (request.negative_prompt, request.steps, request.cfg_scale, request.width, request.height, request.sampler)
+
+
+def run_merged(pipe: Any, requests: list[GenerateRequest], model_name: str) -> list[Generation]:
+    """Run txt2img requests with one ``merge_key`` as one pipeline call: each keeps its prompt and seeds."""
+    first = requests[0]
+    prompts = [r.prompt for r in requests for _ in range(r.batch_size)]
+    seeds = [int(r.seed or 0) + k for r in requests for k in range(r.batch_size)]
+    start = time.perf_counter()
+    result = pipe(
+        prompts,
+        negative_prompt=first.negative_prompt or None,
+        steps=first.steps,
+        guidance_scale=first.cfg_scale,
+        seed=seeds,
+        height=first.height,
+        width=first.width,
+        scheduler=first.sampler,
+    )
+    seconds = time.perf_counter() - start
+    rows = list(zip(result.images, result.seeds, result.prompts, result.negative_prompts, strict=True))
+    out, offset = [], 0
+    for r in requests:
+        out.append(make_generation(pipe, r, rows[offset : offset + r.batch_size], result.settings, model_name, seconds))
+        offset += r.batch_size
+    return out
 
 
 def _png(image: Any, parameters: str) -> bytes:

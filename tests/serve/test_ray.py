@@ -1,0 +1,92 @@
+"""The Ray Serve deployment: a local Ray on loopback, two replicas, the plain server's API and images.
+
+Also the replica's batching without Ray: requests merged into one pipeline call give the images they give alone.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from sdtrt.runtime.pipeline import Pipeline
+from sdtrt.serve.a1111 import parse_request
+from sdtrt.serve.ray_app import RayConfig, ReplicaCore
+
+from .test_server import FAST, get, pixels, post
+
+
+def reference_pixels(artifacts, seed: int, prompt: str) -> np.ndarray:
+    with Pipeline.from_artifacts(artifacts, device="cpu") as pipe:
+        result = pipe(prompt, steps=FAST["steps"], guidance_scale=FAST["cfg_scale"], seed=seed, height=64, width=64,
+                      scheduler="euler")  # fmt: skip
+    return np.asarray(result.images[0].convert("RGB"))
+
+
+def test_replica_merges_compatible_requests_without_changing_their_images(tiny_fp32):
+    core = ReplicaCore(RayConfig(str(tiny_fp32)), name="r0")
+    requests = [
+        parse_request({**FAST, "prompt": "a red square", "seed": 11}),
+        parse_request({**FAST, "prompt": "a blue circle", "seed": 12, "batch_size": 2}),
+        parse_request({**FAST, "seed": 13, "steps": 2}),  # other steps: not merged
+        parse_request({**FAST, "seed": 14, "width": 72}),  # refused on its own, the others still run
+    ]
+    out = core.run(requests)
+    assert [type(o).__name__ for o in out] == ["Generation", "Generation", "Generation", "RequestError"]
+    assert out[1].seeds == [12, 13] and out[1].prompts == ["a blue circle"] * 2 and out[0].served_by == "r0"
+    import io
+
+    from PIL import Image
+
+    alone = np.asarray(Image.open(io.BytesIO(out[0].images[0])).convert("RGB"))
+    assert np.array_equal(alone, reference_pixels(tiny_fp32, 11, "a red square"))
+    core.pipe.close()
+
+
+@pytest.fixture(scope="module")
+def ray_server(tiny_fp32):
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    from sdtrt.serve.ray_app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = RayConfig(str(tiny_fp32), min_replicas=2, max_replicas=2, cpus_per_replica=0.5)
+        serve.run(build_app(config), route_prefix="/", name="sdtrt")
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while get(url + "/health")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_two_replicas_serve_the_same_api_and_images(ray_server, tiny_fp32):
+    seeds = list(range(100, 112))
+
+    def one(seed: int):
+        return post(ray_server + "/sdapi/v1/txt2img", {**FAST, "seed": seed})
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(one, seeds))
+    assert [status for status, _, _ in answers] == [200] * len(seeds)
+    infos = [json.loads(body["info"]) for _, body, _ in answers]
+    assert [info["seed"] for info in infos] == seeds  # each answer is its own request's
+    served_by = {info["served_by"] for info in infos}
+    print(f"served by {len(served_by)} replicas: {sorted(served_by)}")
+    assert len(served_by) == 2
+    assert np.array_equal(pixels(answers[3][1]["images"][0]), reference_pixels(tiny_fp32, seeds[3], FAST["prompt"]))
+    status, body, _ = post(ray_server + "/sdapi/v1/txt2img", {**FAST, "sampler_name": "Heun"})
+    assert status == 422 and "Heun" in body["detail"]
+    status, samplers = get(ray_server + "/sdapi/v1/samplers")
+    assert status == 200 and any(s["name"] == "Euler a" for s in json.loads(samplers))
