@@ -237,3 +237,56 @@ def test_full_queue_is_429_and_sigterm_drains(tiny_fp32):
         code = srv.stop()
     assert results["a"][0] == 200 and results["b"][0] == 200
     assert code == 0, srv.proc.stderr.read()
+
+
+def test_a_request_that_waited_past_the_timeout_is_503(tiny_fp32):
+    srv = Server(tiny_fp32, "--queue", "4", "--timeout", "0.2")
+    results: dict[str, tuple[int, Any, Any]] = {}
+    try:
+        first = threading.Thread(target=lambda: results.update(a=srv.post("/sdapi/v1/txt2img", SLOW)))
+        first.start()
+        wait_for(srv, "running", 1)
+        status, body, _ = srv.post("/sdapi/v1/txt2img", FAST)  # waits behind SLOW for longer than 0.2 s
+        first.join(timeout=120)
+    finally:
+        srv.stop()
+    assert status == 503 and body["error"] == "timeout" and "raise --timeout" in body["detail"]
+    assert results["a"][0] == 200  # the running request still completed
+
+
+def test_a_failure_inside_the_pipeline_is_500_and_the_worker_keeps_serving(tiny_fp32):
+    """The worker with a real pipeline whose UNet engine fails once (the failure is injected: no valid request
+    makes a healthy engine fail)."""
+    import asyncio
+
+    from sdtrt.runtime.pipeline import Pipeline
+    from sdtrt.serve.a1111 import parse_request
+    from sdtrt.serve.errors import GenerationFailed
+    from sdtrt.serve.worker import LocalWorker
+
+    pipe = Pipeline.from_artifacts(tiny_fp32, device="cpu")
+    unet = pipe.engines["unet"]
+    real = unet.infer
+    calls = {"n": 0}
+
+    def failing_once(feeds):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("device lost")
+        return real(feeds)
+
+    unet.infer = failing_once
+
+    async def scenario():
+        worker = LocalWorker(pipe, "tiny", queue_size=2, timeout=60)
+        await worker.start()
+        try:
+            with pytest.raises(GenerationFailed, match="device lost") as failed:
+                await worker.generate(parse_request({**FAST, "seed": 1}))
+            ok = await worker.generate(parse_request({**FAST, "seed": 2}))
+        finally:
+            await worker.stop()
+        return failed.value, ok
+
+    error, ok = asyncio.run(scenario())
+    assert error.status == 500 and ok.seeds == [2]
