@@ -130,7 +130,7 @@ def component_precision(name: str, model: ModelInfo, options: ExportOptions) -> 
         return options.precision
     if options.vae_precision != "auto":
         return options.vae_precision
-    return "fp32" if model.family == "sdxl" and model.upcast_vae else options.precision
+    return "fp32" if model.vae_needs_fp32 else options.precision
 
 
 def export_component(

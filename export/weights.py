@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdtrt.runtime.lora import LORA_COMPONENTS
+
 log = logging.getLogger(__name__)
 
-LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
+__all__ = ["LORA_COMPONENTS", "lora_map", "module_config", "target_digests"]
 
 
 def _digest(tensor: torch.Tensor) -> bytes:

@@ -68,6 +68,11 @@ class ModelInfo:
                     raise ShapeError(f"an SDXL model needs {name} >= 1, got {getattr(self, name)}")
 
     @property
+    def vae_needs_fp32(self) -> bool:
+        """SDXL's VAE overflows in fp16 unless its config says otherwise (``force_upcast``), as diffusers treats it."""
+        return self.family == "sdxl" and self.upcast_vae
+
+    @property
     def context_width(self) -> int:
         """Width of the UNet's ``encoder_hidden_states``: the text encoders' widths together."""
         return self.text_width + self.text_width_2

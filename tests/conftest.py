@@ -11,6 +11,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def _load_trt_double() -> None:
+    """Register tests/trt_double.py as ``sdtrt_tests_trt_double``, so test modules can import the double."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("sdtrt_tests_trt_double", Path(__file__).parent / "trt_double.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+_load_trt_double()
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", help="run tests marked slow")
 

@@ -169,8 +169,7 @@ def open_engines(
 
 def component_precision(name: str, manifest: Manifest, precision: str) -> str:
     """fp16 runs keep SDXL's VAE in fp32 when its config says it must be upcast, as diffusers does."""
-    model = manifest.model
-    if name.startswith("vae") and model.family == "sdxl" and model.upcast_vae:
+    if name.startswith("vae") and manifest.model.vae_needs_fp32:
         return "fp32"
     return precision
 

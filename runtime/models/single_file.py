@@ -285,13 +285,19 @@ def save_original_checkpoint(
 
     The whole file is built in memory first (about the model's size) and then renamed into place.
     """
+    parts = {
+        UNET_PREFIX: unet_to_ldm(unet),
+        VAE_PREFIX: vae_to_ldm(vae),
+        TEXT_PREFIX: text_encoder_to_ldm(text_encoder),
+    }
+    return write_checkpoint(parts, path)
+
+
+def write_checkpoint(parts: Mapping[str, Mapping[str, torch.Tensor]], path: str | os.PathLike[str]) -> Path:
+    """Write ``{prefix: {key: tensor}}`` as one ``.safetensors`` file of ``prefix + key`` names, atomically."""
     safetensors_torch = require("safetensors.torch", _FEATURE, "export")
     tensors: dict[str, torch.Tensor] = {}
-    for prefix, part in (
-        (UNET_PREFIX, unet_to_ldm(unet)),
-        (VAE_PREFIX, vae_to_ldm(vae)),
-        (TEXT_PREFIX, text_encoder_to_ldm(text_encoder)),
-    ):
+    for prefix, part in parts.items():
         for key, value in part.items():
             tensors[prefix + key] = value.detach().to("cpu").contiguous()
     target = Path(path).expanduser()

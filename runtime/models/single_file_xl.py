@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import SourceError
-from sdtrt.runtime.files import write_bytes_atomic, write_text_atomic
+from sdtrt.runtime.files import write_text_atomic
 
 from .single_file import (
     CONFIG_FILES,
@@ -39,6 +39,7 @@ from .single_file import (
     read_state_dict,
     text_encoder_to_ldm,
     vae_to_ldm,
+    write_checkpoint,
     write_config_dir,
 )
 from .tokenizer import build_clip_tokenizer, clip_vocab_and_merges
@@ -291,7 +292,6 @@ def save_sdxl_checkpoint(
 
     The whole file is built in memory first (about the model's size) and then renamed into place.
     """
-    safetensors_torch = require("safetensors.torch", _FEATURE, "export")
     parts = {
         UNET_PREFIX: unet_to_sgm(unet),
         VAE_PREFIX: vae_to_ldm(vae),
@@ -299,15 +299,7 @@ def save_sdxl_checkpoint(
         OPENCLIP_PREFIX: open_clip_to_sgm(text_encoder_2),
     }
     _check_fits(text_encoder, text_encoder_2, unet)
-    tensors: dict[str, torch.Tensor] = {}
-    for prefix, part in parts.items():
-        for key, value in part.items():
-            tensors[prefix + key] = value.detach().to("cpu").contiguous()
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(target, safetensors_torch.save(tensors, metadata={"format": "pt"}))
-    logger.info("wrote %d tensors to %s", len(tensors), target)
-    return target
+    return write_checkpoint(parts, path)
 
 
 def write_sdxl_config_dir(

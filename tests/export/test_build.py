@@ -39,17 +39,7 @@ COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 DOUBLE_GPU = ("Double GPU", "8.9")
 
 
-def load_double_module():
-    path = Path(__file__).resolve().parents[1] / "trt_double.py"
-    spec = importlib.util.spec_from_file_location("sdtrt_tests_trt_double", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-trt_double = load_double_module()
+import sdtrt_tests_trt_double as trt_double  # noqa: E402  (registered by conftest.py)
 
 
 @pytest.fixture

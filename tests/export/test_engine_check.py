@@ -36,17 +36,8 @@ PROFILE = ShapeProfile(1, 1, 2, 64, 128, 256, 64, 128, 256)
 OUTPUTS = {"text_encoder": 2, "unet": 1, "vae_decoder": 1, "vae_encoder": 2}
 
 
-def load_double_module():
-    path = Path(__file__).resolve().parents[1] / "trt_double.py"
-    spec = importlib.util.spec_from_file_location("sdtrt_tests_trt_double", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+import sdtrt_tests_trt_double as trt_double  # noqa: E402  (registered by conftest.py)
 
-
-trt_double = load_double_module()
 pytest.importorskip("polygraphy")
 pytest.importorskip("onnxruntime")
 from polygraphy.backend.base import BaseRunner  # noqa: E402

@@ -13,10 +13,8 @@ exercised only by the tests marked ``trt``, run where TensorRT and a GPU exist.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,17 +33,7 @@ MEMORY = {"text_encoder": 1000, "unet": 7000, "vae_decoder": 5000, "vae_encoder"
 PROFILE = ShapeProfile(1, 1, 2, 64, 128, 256, 64, 128, 256)
 
 
-def load_double_module():
-    path = Path(__file__).resolve().parents[1] / "trt_double.py"
-    spec = importlib.util.spec_from_file_location("sdtrt_tests_trt_double", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-trt_double = load_double_module()
+import sdtrt_tests_trt_double as trt_double  # noqa: E402  (registered by conftest.py)
 
 
 @pytest.fixture
