@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from sdtrt.runtime.denoise import Denoiser, StepBuffers
-from sdtrt.runtime.errors import ConfigError, SdtrtError
+from sdtrt.runtime.engine import WeightUpdate
+from sdtrt.runtime.errors import BackendError, ConfigError, SdtrtError
 from sdtrt.runtime.manifest import TensorEntry
 from sdtrt.runtime.schedulers import SCHEDULER_NAMES, SchedulerConfig, get_scheduler, initial_state
 
@@ -71,6 +72,10 @@ class NullUNet:
     def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The ``sample`` feed itself (the caller's tensor, not a copy)."""
         return {"noise_pred": feeds["sample"]}
+
+    def update_weights(self, update: WeightUpdate) -> None:
+        """There are no weights to change."""
+        raise BackendError("the null UNet has no weights to change")
 
     def close(self) -> None:
         pass

@@ -30,7 +30,7 @@ PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 def attention_lora(unet: Any, seed: int, rank: int = RANK) -> dict[tuple[str, str], Any]:
     """A rank-``rank`` LoRA on every attention projection of ``unet`` (seeded)."""
-    from sdtrt.runtime.models.lora import LoraLayer
+    from sdtrt.runtime.lora.files import LoraLayer
 
     generator = torch.Generator().manual_seed(seed)
     layers = {}
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sdtrt.export.onnx_export import ExportOptions, export_artifacts, write_source_artifact
     from sdtrt.export.profiles import default_profile
-    from sdtrt.runtime.models.lora import save_lora
+    from sdtrt.runtime.lora.write import save_lora
     from sdtrt.runtime.models.sources import load_source
     from sdtrt.runtime.pipeline import Pipeline
 

@@ -23,6 +23,7 @@ import sdtrt
 from sdtrt.runtime.deps import require, version_of
 from sdtrt.runtime.errors import ExportError
 from sdtrt.runtime.files import sha256_file, staging_dir, write_text_atomic
+from sdtrt.runtime.lora.files import LORA_COMPONENTS
 from sdtrt.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest, TensorEntry
 from sdtrt.runtime.models.bundle import ModelBundle
 from sdtrt.runtime.models.fp16 import half_with_fp32_norms
@@ -39,7 +40,7 @@ from sdtrt.runtime.specs import (
 )
 
 from .graph import clean_graph, save_model
-from .weights import LORA_COMPONENTS, lora_map, module_config, target_digests
+from .weights import lora_map, module_config, target_digests
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdtrt.runtime.lora import LORA_COMPONENTS
-
 log = logging.getLogger(__name__)
 
-__all__ = ["LORA_COMPONENTS", "lora_map", "module_config", "target_digests"]
+__all__ = ["lora_map", "module_config", "target_digests"]
 
 
 def _digest(tensor: torch.Tensor) -> bytes:

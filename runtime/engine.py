@@ -4,6 +4,11 @@ An engine runs one component (text encoder, UNet, VAE decoder/encoder) of an art
 are torch tensors on the engine's device, in the dtypes the manifest declares. Output tensors may be buffers the
 engine reuses on the next call: a caller that keeps an output past the next ``infer`` must clone it.
 
+Weights change through one method, ``update_weights(WeightUpdate)`` (LoRA uses it): the update is given as fp32
+deltas on the component's PyTorch parameters, and, for engines that run an ONNX file's weights, as new ONNX
+initializer values computed on demand. The PyTorch backend adds the deltas to its live modules, ONNX Runtime opens a
+new session with the initializers overridden, TensorRT refits. An engine that cannot change its weights raises.
+
 Optional capabilities are asked for, not assumed: ``supports_refit(engine)`` says whether ``engine.refit(weights)``
 can replace its weights in place (TensorRT engines built with ``sdtrt build --refittable``).
 """
@@ -12,21 +17,67 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
-from .errors import ConfigError
-from .manifest import Manifest, TensorEntry
+from sdtrt.runtime.errors import BackendError, ConfigError
+from sdtrt.runtime.manifest import Manifest, TensorEntry
 
 BACKENDS: dict[str, str] = {
     "onnxruntime": "sdtrt.runtime.backends.onnxruntime",
     "torch": "sdtrt.runtime.backends.torch",
     "tensorrt": "sdtrt.runtime.backends.tensorrt",
 }
+
+
+class InitializerValues(Protocol):
+    """A weight change in ONNX terms, for engines that run the weights of an ONNX file (read when asked for)."""
+
+    def changed(self) -> Mapping[str, np.ndarray]:
+        """Initializer name -> its new value (base plus delta), in the initializer's layout and dtype."""
+        ...
+
+    def base(self, names: Sequence[str]) -> Mapping[str, np.ndarray]:
+        """The ONNX file's own values of the named initializers."""
+        ...
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """The weights an engine runs with from now on, as a change to the weights it was opened with.
+
+    ``deltas`` maps parameter names of the component's PyTorch module (its diffusers/transformers state-dict
+    names) to fp32 tensors added to the base values; empty means the base weights. ``initializers`` gives the same
+    change as ONNX initializer values, for engines that know initializers rather than parameters. An update
+    replaces the previous one (it does not add to it), so the empty update restores the base weights exactly.
+    """
+
+    deltas: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    initializers: InitializerValues | None = None
+
+    def initializer_values(self) -> Mapping[str, np.ndarray]:
+        """The change as initializer name -> new value; {} for the base weights."""
+        if self.initializers is None:
+            if self.deltas:
+                raise BackendError(
+                    "this weight update names PyTorch parameters only; an engine that runs ONNX weights needs them "
+                    "as initializer values too"
+                )
+            return {}
+        return self.initializers.changed()
+
+    def base_initializers(self, names: Sequence[str]) -> Mapping[str, np.ndarray]:
+        """The ONNX file's own values of ``names`` (to put back what an earlier update changed)."""
+        if not names:
+            return {}
+        if self.initializers is None:
+            raise BackendError(f"this weight update cannot give the base values of {len(names)} initializer(s)")
+        return self.initializers.base(names)
 
 
 @runtime_checkable
@@ -42,6 +93,10 @@ class Engine(Protocol):
 
     def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run once. Outputs may be reused buffers: clone what you keep past the next call."""
+        ...
+
+    def update_weights(self, update: WeightUpdate) -> None:
+        """Run with ``update``'s weights from the next call on; BackendError when this engine cannot."""
         ...
 
     def close(self) -> None: ...

@@ -1,4 +1,5 @@
-"""Atomic writes: a killed process never leaves a file that loads as valid."""
+"""Files on disk: atomic writes (a killed process never leaves a file that loads as valid), sha256, and whether a
+weights file is safetensors or pickle, judged by its first bytes."""
 
 from __future__ import annotations
 
@@ -6,12 +7,17 @@ import contextlib
 import hashlib
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
+
+from sdtrt.runtime.errors import SourceError
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """The hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
@@ -37,6 +43,7 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """``write_bytes_atomic`` of ``text`` in UTF-8."""
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
@@ -67,3 +74,40 @@ def staging_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def existing_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path once it is an existing file; SourceError for a folder or a missing file."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise SourceError(
+            f"{file} is a folder; expected a single checkpoint file (.safetensors). "
+            "A diffusers folder is loaded as a model folder, not as a single file"
+        )
+    if not file.is_file():
+        raise SourceError(f"checkpoint {file} does not exist; expected a .safetensors file")
+    return file
+
+
+def checkpoint_format(path: str | os.PathLike[str]) -> Literal["safetensors", "pickle"]:
+    """``"safetensors"`` or ``"pickle"``, judged by the first bytes (a renamed file is still caught)."""
+    file = existing_checkpoint(path)
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        head = handle.read(64)
+    if len(head) >= 9 and head[8:9] == b"{":
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 0 < header_len <= size - 8:
+            return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "pickle"
+    if not head:
+        found = "an empty file"
+    elif head.startswith(b"version https://git-lfs"):
+        found = "a Git LFS pointer, not the weights (fetch them with `git lfs pull`)"
+    else:
+        found = f"a file starting with {head[:16]!r}"
+    raise SourceError(
+        f"{file} is {found}; expected a .safetensors checkpoint (8-byte header length, then a JSON header) "
+        "or a PyTorch pickle checkpoint (.ckpt/.pt, as torch.save writes it)"
+    )

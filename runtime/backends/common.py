@@ -7,6 +7,7 @@ from types import TracebackType
 
 import torch
 
+from sdtrt.runtime.engine import WeightUpdate
 from sdtrt.runtime.errors import ArtifactError, BackendError, ShapeError
 from sdtrt.runtime.manifest import TensorEntry
 
@@ -155,6 +156,10 @@ class EngineBase:
 
     def _release(self) -> None:
         """Free backend resources (called once, by ``close``)."""
+
+    def update_weights(self, update: WeightUpdate) -> None:
+        """Backends that can change an engine's weights override this."""
+        raise BackendError(f"the {self.name} engine cannot change its weights")
 
     def check_open(self) -> None:
         if self._closed:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from sdtrt.runtime.deps import require
-from sdtrt.runtime.engine import BackendOptions
+from sdtrt.runtime.engine import BackendOptions, WeightUpdate
 from sdtrt.runtime.errors import ArtifactError, BackendError
 from sdtrt.runtime.files import sha256_file
 from sdtrt.runtime.manifest import ComponentEntry, Manifest, check_relative_name, resolve_file
@@ -125,16 +125,16 @@ class OnnxRuntimeEngine(EngineBase):
             binding.clear_binding_inputs()
         return dict(outputs)
 
-    def set_initializers(self, values: Mapping[str, np.ndarray] | None) -> None:
-        """Run with these initializer values instead of the file's (LoRA): a new session, the file unchanged.
+    def update_weights(self, update: WeightUpdate) -> None:
+        """Run with ``update``'s initializer values instead of the file's (LoRA): a new session, the file unchanged.
 
-        ``values`` maps ONNX initializer names to arrays in the initializer's layout and dtype; None or empty
-        runs the file's own weights again. The arrays are kept alive as long as the session uses them.
+        An update without changes runs the file's own weights again. The arrays are kept alive as long as the
+        session uses them.
         """
         self.check_open()
         if self._reopen is None:
             raise BackendError(f"{self.name}: this engine cannot change its weights (it was not opened from a file)")
-        values = dict(values or {})
+        values = dict(update.initializer_values())
         if not values and not self._overrides:
             return
         session = self._reopen(values)

@@ -19,7 +19,8 @@ captured in a CUDA graph. (On the legacy default stream, where TensorRT would sy
 a side stream ordered after the caller's work, and the caller's stream waits for it.)
 
 ``refit`` replaces the weights of an engine built with ``sdtrt build --refittable`` (``supports_refit``), by ONNX
-initializer name; see ``sdtrt.runtime.backends.trt_refit``.
+initializer name; see ``sdtrt.runtime.backends.trt_refit``. ``update_weights`` (the engine protocol's weight
+update, e.g. a LoRA) refits through it.
 
 Output buffers are reused: each engine keeps one set per input shape (the last ``MAX_CACHED_SHAPES``) and writes
 into it on every call with that shape. Clone an output to keep it past the next ``infer``.
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from sdtrt.runtime.engine import BackendOptions
+from sdtrt.runtime.engine import BackendOptions, WeightUpdate
 from sdtrt.runtime.errors import ArtifactError, BackendError, ShapeError
 from sdtrt.runtime.manifest import ComponentEntry, Manifest, resolve_file
 
@@ -113,6 +114,7 @@ class TensorRTEngine(EngineBase):
         self._buffers: OrderedDict[Shapes, dict[str, torch.Tensor]] = OrderedDict()
         self._staging: dict[str, torch.Tensor] = {}  # aligned copies of misaligned inputs, reused
         self._side_stream: torch.cuda.Stream | None = None
+        self._changed_weights: set[str] = set()  # initializers an update set to other values than the file's
 
     @property
     def supports_refit(self) -> bool:
@@ -129,6 +131,16 @@ class TensorRTEngine(EngineBase):
         self.check_open()
         with trt_compat.device_guard(self.device):
             trt_refit.refit_engine(self.name, self._engine, weights, self.device)
+
+    def update_weights(self, update: WeightUpdate) -> None:
+        """Refit to ``update``'s initializer values (LoRA), putting back the file's values of the weights an earlier
+        update changed and this one leaves alone; only engines built with ``--refittable`` (else BackendError)."""
+        changed = dict(update.initializer_values())
+        restore = sorted(self._changed_weights - changed.keys())
+        values = {**changed, **update.base_initializers(restore)}
+        if values:
+            self.refit(values)
+        self._changed_weights = set(changed)
 
     def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run once; the returned tensors are buffers reused by the next call with the same input shapes."""

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from sdtrt.runtime.deps import require
-from sdtrt.runtime.engine import BackendOptions
+from sdtrt.runtime.engine import BackendOptions, WeightUpdate
 from sdtrt.runtime.errors import ArtifactError, ConfigError
 from sdtrt.runtime.manifest import Manifest, TensorEntry
 from sdtrt.runtime.specs import ComponentSpec, component_specs
@@ -91,16 +91,16 @@ class TorchEngine(EngineBase):
             for entry, tensor, dtype in zip(self.outputs, results, self._output_dtypes, strict=True)
         }
 
-    def set_weight_deltas(self, deltas: Mapping[str, torch.Tensor] | None) -> None:
-        """Run with ``base + delta`` for each named parameter of the wrapped model (LoRA); None: the base model.
+    def update_weights(self, update: WeightUpdate) -> None:
+        """Run with ``base + delta`` for each parameter ``update.deltas`` names (LoRA); no deltas: the base model.
 
         Names are those of the wrapped diffusers/transformers module's state dict. The base values of every
         parameter ever changed are kept, so going back to the base model restores it bit for bit; parameters keep
         their storage, so a captured CUDA graph reads the new weights.
         """
+        deltas = update.deltas
         inner = next(iter(self.module.children()))
         params = dict(inner.named_parameters())
-        deltas = deltas or {}
         unknown = [name for name in deltas if name not in params]
         if unknown:
             raise ConfigError(f"{self.name} has no parameter(s) {unknown[:3]} ({len(unknown)} in all)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ import torch
 
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import SourceError
-from sdtrt.runtime.files import write_bytes_atomic, write_text_atomic
+from sdtrt.runtime.files import checkpoint_format, write_bytes_atomic, write_text_atomic
+from sdtrt.runtime.ldm_names import attention_up_levels, layers_per_block, unet_key, vae_key
 
 # transformers.CLIPTextModel, diffusers.UNet2DConditionModel, diffusers.AutoencoderKL: optional extras whose
 # lazy modules type checkers cannot follow, so these names document rather than constrain.
@@ -37,59 +37,9 @@ TEXT_PREFIX = "cond_stage_model.transformer."
 CONFIG_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json")
 _FEATURE = "single-file checkpoints"
 
-# diffusers ResnetBlock2D child -> LDM ResBlock child (UNet).
-_UNET_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-_UNET_FIXED = {
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "conv_in": "input_blocks.0.0",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-_VAE_RESNET = {
-    "norm1": "norm1",
-    "conv1": "conv1",
-    "norm2": "norm2",
-    "conv2": "conv2",
-    "conv_shortcut": "nin_shortcut",
-}
-_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-_VAE_FIXED = {"conv_in": "conv_in", "conv_out": "conv_out", "conv_norm_out": "norm_out"}
-
 
 # ------------------------------------------------------------------------------------------------------------
 # Detecting and reading files
-
-
-def checkpoint_format(path: str | os.PathLike[str]) -> str:
-    """``"safetensors"`` or ``"pickle"``, judged by the first bytes (a renamed file is still caught)."""
-    file = _existing_file(path)
-    size = file.stat().st_size
-    with open(file, "rb") as handle:
-        head = handle.read(64)
-    if len(head) >= 9 and head[8:9] == b"{":
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if 0 < header_len <= size - 8:
-            return "safetensors"
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return "pickle"
-    if not head:
-        found = "an empty file"
-    elif head.startswith(b"version https://git-lfs"):
-        found = "a Git LFS pointer, not the weights (fetch them with `git lfs pull`)"
-    else:
-        found = f"a file starting with {head[:16]!r}"
-    raise SourceError(
-        f"{file} is {found}; expected a .safetensors checkpoint (8-byte header length, then a JSON header) "
-        "or a PyTorch pickle checkpoint (.ckpt/.pt, as torch.save writes it)"
-    )
 
 
 def _existing_file(path: str | os.PathLike[str]) -> Path:
@@ -336,29 +286,20 @@ def text_encoder_to_ldm(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
 
 def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     """A diffusers SD 1.x-shaped UNet's weights under the LDM ``openaimodel`` names."""
-    per_block = _layers_per_block(unet.config.layers_per_block)
+    per_block = layers_per_block(unet.config.layers_per_block)
     state = unet.state_dict()
-    attention_ups = {int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions\.", k)}
-    return _rename(state, lambda key: _unet_key(key, per_block, attention_ups), "UNet")
+    attention_ups = attention_up_levels(state)
+    return _rename(state, lambda key: unet_key(key, per_block, attention_ups), "UNet")
 
 
 def vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
     """A diffusers ``AutoencoderKL``'s weights under the LDM names; mid-block attention becomes 1x1 convs."""
     levels = len(vae.config.up_block_types)
-    out = _rename(vae.state_dict(), lambda key: _vae_key(key, levels), "VAE")
+    out = _rename(vae.state_dict(), lambda key: vae_key(key, levels), "VAE")
     for key, value in out.items():
         if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) and value.ndim == 2:
             out[key] = value[:, :, None, None]
     return out
-
-
-def _layers_per_block(value: Any, layout: str = "SD 1.x") -> int:
-    counts = {int(v) for v in value} if isinstance(value, list | tuple) else {int(value)}
-    if len(counts) != 1:
-        raise SourceError(
-            f"UNet layers_per_block {value} differs per block; the {layout} layout needs one count for all"
-        )
-    return counts.pop()
 
 
 def _rename(
@@ -375,71 +316,3 @@ def _rename(
         assert new not in out, f"two {what} weights map to {new}"
         out[new] = value
     return out
-
-
-def _child(table: Mapping[str, str], rest: str) -> str | None:
-    for name, ldm in table.items():
-        if rest.startswith(name + "."):
-            return ldm + rest[len(name) :]
-    return None
-
-
-def _unet_key(key: str, per_block: int, attention_ups: set[int]) -> str | None:
-    fixed = _child(_UNET_FIXED, key)
-    if fixed is not None:
-        return fixed
-    stride = per_block + 1  # LDM gives every level its layers plus one slot for the down/upsampler
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        level, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
-        return _unet_layer(f"input_blocks.{1 + level * stride + layer}", kind, rest)
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"input_blocks.{1 + int(m[1]) * stride + per_block}.0.op.{m[2]}"
-    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        index = 2 * int(m[2]) + (m[1] == "attentions")
-        return _unet_layer(f"middle_block.{index}", m[1], m[3], slot=False)
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        level, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
-        return _unet_layer(f"output_blocks.{level * stride + layer}", kind, rest)
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-        level = int(m[1])
-        slot = 2 if level in attention_ups else 1
-        return f"output_blocks.{level * stride + per_block}.{slot}.conv.{m[2]}"
-    return None
-
-
-def _unet_layer(block: str, kind: str, rest: str, slot: bool = True) -> str | None:
-    # In an LDM block the ResBlock is child 0 and the SpatialTransformer child 1; the middle block is flat.
-    if kind == "attentions":
-        return f"{block}.1.{rest}" if slot else f"{block}.{rest}"
-    child = _child(_UNET_RESNET, rest)
-    if child is None:
-        return None
-    return f"{block}.0.{child}" if slot else f"{block}.{child}"
-
-
-def _vae_key(key: str, levels: int) -> str | None:
-    if key.split(".")[0] in ("quant_conv", "post_quant_conv"):
-        return key
-    m = re.fullmatch(r"(encoder|decoder)\.(.+)", key)
-    if not m:
-        return None
-    side, rest = m[1], m[2]
-    fixed = _child(_VAE_FIXED, rest)
-    if fixed is not None:
-        return f"{side}.{fixed}"
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", rest):
-        child = _child(_VAE_RESNET, m[2])
-        return None if child is None else f"{side}.mid.block_{int(m[1]) + 1}.{child}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", rest):
-        child = _child(_VAE_ATTENTION, m[1])
-        return None if child is None else f"{side}.mid.attn_1.{child}"
-    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", rest):
-        # The LDM decoder numbers its levels from the lowest resolution up; diffusers from the top down.
-        level = int(m[2]) if m[1] == "down" else levels - 1 - int(m[2])
-        child = _child(_VAE_RESNET, m[4])
-        return None if child is None else f"{side}.{m[1]}.{level}.block.{m[3]}.{child}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", rest):
-        return f"{side}.down.{m[1]}.downsample.conv.{m[2]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", rest):
-        return f"{side}.up.{levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
-    return None

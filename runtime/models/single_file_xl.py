@@ -24,18 +24,16 @@ from tokenizers import Tokenizer
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import SourceError
 from sdtrt.runtime.files import write_text_atomic
+from sdtrt.runtime.ldm_names import attention_up_levels, child_name, layers_per_block, sgm_unet_key
 
 from .single_file import (
     CONFIG_FILES,
     SD15_CONFIG_DIR,
     UNET_PREFIX,
     VAE_PREFIX,
-    _child,
     _existing_file,
-    _layers_per_block,
     _load_diffusers_model,
     _rename,
-    _unet_key,
     read_state_dict,
     text_encoder_to_ldm,
     vae_to_ldm,
@@ -73,7 +71,6 @@ _KNOWN_PREFIXES = (
 PAD_TOKEN_2 = "!"
 _FEATURE = "SDXL single-file checkpoints"
 
-_UNET_ADDITION = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 # OpenCLIP name -> Hugging Face CLIP name (without the text_model. nesting).
 _OPENCLIP_FIXED = {
     "token_embedding.weight": "embeddings.token_embedding.weight",
@@ -236,7 +233,7 @@ def open_clip_weights(state: Mapping[str, torch.Tensor], prefix: str = OPENCLIP_
             for name, part in zip(("q", "k", "v"), value.chunk(3, dim=0), strict=True):
                 weights[f"encoder.layers.{m[1]}.self_attn.{name}_proj.{m[2]}"] = (key, part)
         elif (m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", rest)) and (
-            child := _child(_OPENCLIP_LAYER, m[2])
+            child := child_name(_OPENCLIP_LAYER, m[2])
         ):
             weights[f"encoder.layers.{m[1]}.{child}"] = (key, value)
         else:
@@ -323,14 +320,10 @@ def unet_to_sgm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
             f"the UNet has addition_embed_type={unet.config.addition_embed_type!r}; an SDXL checkpoint needs "
             "'text_time' (the size/crop conditioning). Write SD 1.x UNets with save_original_checkpoint"
         )
-    per_block = _layers_per_block(unet.config.layers_per_block, layout="SDXL")
+    per_block = layers_per_block(unet.config.layers_per_block, layout="SDXL")
     state = unet.state_dict()
-    attention_ups = {int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions\.", k)}
-
-    def rename(key: str) -> str | None:
-        return _child(_UNET_ADDITION, key) or _unet_key(key, per_block, attention_ups)
-
-    return _rename(state, rename, "UNet", layout="SDXL")
+    attention_ups = attention_up_levels(state)
+    return _rename(state, lambda key: sgm_unet_key(key, per_block, attention_ups), "UNet", layout="SDXL")
 
 
 def open_clip_to_sgm(text_encoder_2: CLIPTextModelWithProjection) -> dict[str, torch.Tensor]:
@@ -352,7 +345,7 @@ def open_clip_to_sgm(text_encoder_2: CLIPTextModelWithProjection) -> dict[str, t
             out[fixed[key]] = value
         elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
             fused.setdefault(f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", {})[m[2]] = value
-        elif (m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key)) and (child := _child(layer, m[2])):
+        elif (m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key)) and (child := child_name(layer, m[2])):
             out[f"transformer.resblocks.{m[1]}.{child}"] = value
         else:
             raise SourceError(

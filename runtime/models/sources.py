@@ -10,6 +10,7 @@ from typing import Any
 
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import SourceError
+from sdtrt.runtime.files import checkpoint_format
 
 from .bundle import ModelBundle, model_info
 from .presets import CONFIG_DIR, PRESETS, load_preset
@@ -185,7 +186,7 @@ def _config_folder(config_dir: str | Path | None, default: str) -> Path:
 
 def _is_sdxl_checkpoint(path: Path, allow_pickle: bool) -> bool:
     """Whether a checkpoint holds SDXL's two text encoders (keys under ``conditioner.embedders.``)."""
-    from .single_file import checkpoint_format, read_state_dict
+    from .single_file import read_state_dict
 
     if checkpoint_format(path) == "safetensors":
         safetensors = require("safetensors", "single-file checkpoints", "export")
@@ -264,8 +265,6 @@ def native_size(source: str, config_dir: str | Path | None = None) -> int:
         unet = _read_json(path / "unet" / "config.json")
         vae = _read_json(path / "vae" / "config.json")
     elif path.is_file():
-        from .single_file import checkpoint_format
-
         # Only a safetensors header is read here; a pickle file is not opened before the user allows it.
         xl = checkpoint_format(path) == "safetensors" and _is_sdxl_checkpoint(path, allow_pickle=False)
         folder = _config_folder(config_dir, "sdxl" if xl else "sd15")

@@ -466,7 +466,8 @@ def test_loras_refit_refittable_engines_through_the_weight_map(use_double, tiny_
     from onnx import numpy_helper
 
     from sdtrt.runtime.errors import BackendError
-    from sdtrt.runtime.models.lora import LoraLayer, read_lora, save_lora
+    from sdtrt.runtime.lora.files import LoraLayer, read_lora
+    from sdtrt.runtime.lora.write import save_lora
     from sdtrt.runtime.models.presets import load_preset
     from sdtrt.runtime.pipeline import Pipeline
 

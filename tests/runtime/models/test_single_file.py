@@ -14,12 +14,12 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import sdtrt.runtime.models  # noqa: E402
 from sdtrt.runtime.errors import SourceError  # noqa: E402
+from sdtrt.runtime.files import checkpoint_format  # noqa: E402
 from sdtrt.runtime.models.presets import TINY_TEXT, TINY_UNET, TINY_VAE  # noqa: E402
 from sdtrt.runtime.models.single_file import (  # noqa: E402
     SD15_CONFIG_DIR,
     VAE_PREFIX,
     _load_diffusers_model,
-    checkpoint_format,
     load_single_file,
     save_original_checkpoint,
     unet_to_ldm,

@@ -1,18 +1,15 @@
 """LoRAs applied to the engines of an open pipeline, on every backend, without re-export or engine rebuild.
 
-A LoRA file (``runtime/models/lora.py`` reads it) becomes one fp32 delta per changed PyTorch weight. How a delta
-reaches an engine depends on the backend:
-
-- torch: added to the module's weights in place (the base values are kept and put back bit for bit);
-- onnxruntime: a new session of the same ONNX file with the changed initializers overridden
-  (``SessionOptions.add_initializer``); the file is not rewritten;
-- tensorrt: engines built with ``--refittable`` are refitted (``trt.Refitter``) with the changed weights.
+A LoRA file (``files.read_lora``) becomes one fp32 delta per changed PyTorch weight (``match.lora_deltas``). Each
+engine gets them as one ``WeightUpdate`` through the engine protocol's ``update_weights``; how the engine applies
+it is the backend's business (the PyTorch modules change in place, ONNX Runtime opens a new session with the
+changed initializers overridden, TensorRT refits engines built with ``--refittable``).
 
 ONNX Runtime and TensorRT need to know which initializer holds each PyTorch weight, and in which layout: export
 records that map in the manifest (``extra["lora_map"]``, see ``export/weights.py``), with the module configs
 (``extra["module_config"]``) from which the LoRA's layer names are resolved against the model's structure
 (modules built on the ``meta`` device: no weights are loaded). The new initializer value is the base value, read
-from the artifact's ONNX file, plus the delta.
+from the artifact's ONNX file when an engine first asks for it, plus the delta.
 """
 
 from __future__ import annotations
@@ -27,14 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .deps import require
-from .errors import ArtifactError, ConfigError
-from .manifest import Manifest, resolve_file
-from .models.lora import LoraError, LoraFile, lora_deltas, read_lora
+from sdtrt.runtime.deps import require
+from sdtrt.runtime.engine import WeightUpdate
+from sdtrt.runtime.errors import ArtifactError, ConfigError, LoraError
+from sdtrt.runtime.lora.files import LORA_COMPONENTS, LoraFile, read_lora
+from sdtrt.runtime.lora.match import lora_deltas
+from sdtrt.runtime.manifest import Manifest, read_manifest, resolve_file
 
 log = logging.getLogger(__name__)
 
-LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
 LoraSpec = tuple[str | os.PathLike[str], float]
 
 
@@ -51,16 +49,16 @@ def parse_lora_option(text: str) -> tuple[Path, float]:
 
 @dataclass
 class LoraState:
-    """What a pipeline's engines run with now: the LoRAs, and the weights they changed."""
+    """What a pipeline's engines run with now: the LoRAs, and what is kept to switch them quickly."""
 
     active: list[tuple[LoraFile, float]] = field(default_factory=list)
-    touched: dict[str, set[str]] = field(default_factory=dict)  # component -> initializer/parameter names changed
     files: dict[tuple[str, float], LoraFile] = field(default_factory=dict)  # read once per (path, mtime)
     base: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # component -> initializer -> base value
     skeletons: dict[str, torch.nn.Module] | None = None
 
 
 def read_loras(state: LoraState, loras: Sequence[LoraSpec]) -> list[tuple[LoraFile, float]]:
+    """Read (file, scale) pairs into (LoraFile, scale), each file once per modification time."""
     result = []
     for path, scale in loras:
         file = Path(path).expanduser()
@@ -165,10 +163,58 @@ def onnx_source(manifest: Manifest, folder: Path, component: str) -> Path:
             f"the {component} engine does not name the ONNX artifact it was built from (or it moved: "
             f"{artifacts!r}); LoRAs need its weights. Rebuild the engines from the artifact"
         )
-    from .manifest import read_manifest
-
     source = read_manifest(artifacts)
     return resolve_file(Path(artifacts), source.component(component).file)
+
+
+@dataclass
+class ArtifactInitializers:
+    """One component's LoRA deltas as ONNX initializer values of the artifact (``InitializerValues``).
+
+    Nothing is read until an engine asks: the torch backend never does. The new values are computed once.
+    """
+
+    manifest: Manifest
+    folder: Path
+    component: str
+    deltas: Mapping[str, torch.Tensor]
+    state: LoraState
+    _changed: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False)
+
+    def changed(self) -> Mapping[str, np.ndarray]:
+        """Initializer name -> base + delta, for every initializer the deltas change."""
+        if self._changed is None:
+            self._changed = initializer_values(self.manifest, self.folder, self.component, self.deltas, self.state)
+        return self._changed
+
+    def base(self, names: Sequence[str]) -> Mapping[str, np.ndarray]:
+        """The artifact's own values of ``names``."""
+        return base_initializers(self.manifest, self.folder, self.component, names, self.state)
+
+
+def weight_updates(
+    state: LoraState,
+    loras: Sequence[tuple[LoraFile, float]],
+    manifest: Manifest,
+    folder: Path,
+    engines: Mapping[str, Any],
+    backend: str,
+) -> dict[str, WeightUpdate]:
+    """The update of every LoRA component in ``engines`` that makes it run the base model plus ``loras``.
+
+    Raises (LoraError) before anything is returned when a LoRA does not fit the model.
+    """
+    live = [(file, scale) for file, scale in loras if scale != 0.0]
+    deltas: dict[str, dict[str, torch.Tensor]] = {}
+    if live:
+        if state.skeletons is None:
+            state.skeletons = structure(manifest, engines, backend)
+        deltas = lora_deltas(live, state.skeletons)
+    updates = {}
+    for name in (c for c in LORA_COMPONENTS if c in engines):
+        own = deltas.get(name, {})
+        updates[name] = WeightUpdate(own, ArtifactInitializers(manifest, folder, name, own, state))
+    return updates
 
 
 def apply(
@@ -179,29 +225,30 @@ def apply(
     engines: Mapping[str, Any],
     backend: str,
 ) -> None:
-    """Make ``engines`` run the base model plus ``loras`` (an empty list: the base model, bit for bit)."""
-    live = [(file, scale) for file, scale in loras if scale != 0.0]
-    deltas: dict[str, dict[str, torch.Tensor]] = {}
-    if live:
-        if state.skeletons is None:
-            state.skeletons = structure(manifest, engines, backend)
-        deltas = lora_deltas(live, state.skeletons)  # raises before any engine is touched
-    components = [c for c in LORA_COMPONENTS if c in engines]
-    if backend == "torch":
-        for name in components:
-            engines[name].set_weight_deltas(deltas.get(name))
-    else:
-        staged = {name: initializer_values(manifest, folder, name, deltas.get(name, {}), state) for name in components}
-        for name in components:
-            values = staged[name]
-            if backend == "onnxruntime":
-                engines[name].set_initializers(values)
-            else:  # tensorrt: refit what changes now and put back what the previous LoRAs changed
-                restore = state.touched.get(name, set()) - set(values)
-                if restore:
-                    values = {**values, **base_initializers(manifest, folder, name, sorted(restore), state)}
-                if values:
-                    engines[name].refit(values)
-            state.touched[name] = set(staged[name])
+    """Make ``engines`` run the base model plus ``loras`` (an empty list: the base model, bit for bit).
+
+    A LoRA that does not fit the model is refused before any engine changes. When an engine refuses its update
+    (e.g. the artifact cannot change a weight by name, or a TensorRT engine is not refittable), the engines
+    already updated go back to the LoRAs they ran before, and the error is raised.
+    """
+    updates = weight_updates(state, loras, manifest, folder, engines, backend)
+    done: list[str] = []
+    try:
+        for name, update in updates.items():
+            engines[name].update_weights(update)
+            done.append(name)
+    except Exception:
+        if done:
+            _restore(state, manifest, folder, {n: engines[n] for n in done}, backend)
+        raise
     state.active = list(loras)
     log.info("LoRAs now: %s", ", ".join(f"{f.name}:{s:g}" for f, s in loras) or "none")
+
+
+def _restore(state: LoraState, manifest: Manifest, folder: Path, engines: Mapping[str, Any], backend: str) -> None:
+    """Put ``engines`` back on ``state.active``; a failure here is logged, the caller raises the first error."""
+    try:
+        for name, update in weight_updates(state, state.active, manifest, folder, engines, backend).items():
+            engines[name].update_weights(update)
+    except Exception:
+        log.exception("could not put %s back on the LoRAs before this change", ", ".join(engines))

@@ -1,4 +1,4 @@
-"""LoRA files as weight deltas for sdtrt's PyTorch modules (text encoders and UNet).
+"""LoRA files read into layers: the two key spellings, PEFT alphas, hashes, and the components a LoRA can change.
 
 Two ``.safetensors`` spellings are read:
 
@@ -10,9 +10,7 @@ Two ``.safetensors`` spellings are read:
   ``text_encoder.`` / ``text_encoder_2.``), alphas in the ``lora_adapter_metadata`` JSON of the file's metadata;
   and the older ``.lora.down.weight``, ``.lora_linear_layer.down.weight`` and ``processor.to_q_lora.down.weight``.
 
-Underscore-joined names are ambiguous (``to_q``, ``attn1``, ``ff_net_0_proj``), so they are resolved against the
-model: every Linear/Conv2d path of the given module, joined with ``_``, plus the LDM name of every UNet path
-(from the config, with ``single_file``'s diffusers -> LDM mapping). The delta of a layer is
+A layer keeps the path as the file names it; ``match`` resolves it against a model. The delta of a layer is
 ``scale * alpha / rank * up @ down``, exactly what diffusers' ``load_lora_weights`` + ``fuse_lora`` adds.
 """
 
@@ -25,8 +23,7 @@ import math
 import os
 import re
 import struct
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,18 +32,16 @@ import torch
 
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import ConfigError, LoraError, SourceError
-from sdtrt.runtime.files import write_bytes_atomic
-
-from .single_file import _child, _layers_per_block, _unet_key, checkpoint_format
-from .single_file_xl import _UNET_ADDITION
+from sdtrt.runtime.files import checkpoint_format
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# The components a LoRA can change, in the order they are updated.
+LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
 LoraFormat = Literal["kohya", "diffusers"]
 PEFT_METADATA_KEY = "lora_adapter_metadata"
 PEFT_DEFAULT_ALPHA = 8.0  # peft.LoraConfig's lora_alpha when a config leaves it out
-_FEATURE = "LoRA files"
+LORA_FEATURE = "LoRA files"  # what a missing extra is needed for
 _KOHYA_PREFIXES = (
     ("lora_unet_", "unet"),
     ("lora_te1_", "text_encoder"),
@@ -79,10 +74,6 @@ _UNSUPPORTED = (
     (r"\.diff(_b)?$", "LyCORIS full weight difference"),
     (r"\.[wb]_norm$", "LyCORIS norm layers"),
 )
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Data
 
 
 @dataclass(frozen=True)
@@ -160,9 +151,9 @@ class LoraFile:
     def __post_init__(self) -> None:
         if self.format not in ("kohya", "diffusers"):
             raise ConfigError(f"LoRA format {self.format!r}; expected 'kohya' or 'diffusers'")
-        strange = sorted({c for c, _ in self.layers if c not in COMPONENTS})
+        strange = sorted({c for c, _ in self.layers if c not in LORA_COMPONENTS})
         if strange:
-            raise ConfigError(f"LoRA components {strange}; expected some of {', '.join(COMPONENTS)}")
+            raise ConfigError(f"LoRA components {strange}; expected some of {', '.join(LORA_COMPONENTS)}")
 
     @property
     def short_hash(self) -> str:
@@ -171,10 +162,6 @@ class LoraFile:
         if re.fullmatch(r"[0-9a-fA-F]{12,64}", recorded):
             return recorded[:12].lower()
         return self.addnet_hash[:12]
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Reading
 
 
 def read_lora(path: str | os.PathLike[str]) -> LoraFile:
@@ -202,7 +189,7 @@ def read_lora(path: str | os.PathLike[str]) -> LoraFile:
 
 
 def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    safetensors = require("safetensors", _FEATURE, "export")
+    safetensors = require("safetensors", LORA_FEATURE, "export")
     try:
         with safetensors.safe_open(str(file), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
@@ -287,7 +274,7 @@ def _diffusers_key(key: str) -> tuple[LoraFormat, str, str, str, str] | None:
     suffix, role = hit
     stem = key[: -len(suffix)]
     component, _, path = stem.partition(".")
-    if component not in COMPONENTS:
+    if component not in LORA_COMPONENTS:
         if component not in _UNET_ROOTS:
             return None
         component, path = "unet", stem  # unet.save_attn_procs wrote UNet paths without a prefix
@@ -374,280 +361,3 @@ def _peft_alpha(config: Mapping[str, Any], path: str, rank: int, file: Path) -> 
             break
     alpha = float(alpha)
     return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha  # rsLoRA scales by alpha / sqrt(r)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Matching layers to a model
-
-
-@dataclass(frozen=True)
-class _Targets:
-    """The Linear/Conv2d modules of one component, findable by dotted path and by underscore-joined name."""
-
-    layers: dict[str, torch.nn.Module]
-    dotted: dict[str, str]  # diffusers/transformers path (or UNet LDM path) -> module path
-    joined: dict[str, str | None]  # the same, dots as "_" -> module path; None where two paths join alike
-
-    def find(self, component: str, path: str, fmt: LoraFormat) -> str | None:
-        if component != "unet":  # transformers 5 nests CLIPTextModel's modules under text_model. no more
-            path = path.removeprefix("text_model.").removeprefix("text_model_")
-        return self.joined.get(path) if fmt == "kohya" else self.dotted.get(path)
-
-
-def _targets(component: str, module: torch.nn.Module) -> _Targets:
-    layers: dict[str, torch.nn.Module] = {
-        name: m for name, m in module.named_modules() if name and isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
-    }
-    ldm = _ldm_paths(module, layers) if component == "unet" else {}
-    dotted: dict[str, str] = {}
-    for path in layers:
-        dotted[path if component == "unet" else path.removeprefix("text_model.")] = path
-        if path in ldm:
-            dotted.setdefault(ldm[path], path)
-    joined: dict[str, str | None] = {}
-    for alias, path in dotted.items():
-        name = alias.replace(".", "_")
-        joined[name] = path if joined.get(name, path) == path else None
-    return _Targets(layers, dotted, joined)
-
-
-def _ldm_paths(unet: Any, paths: Iterable[str]) -> dict[str, str]:
-    """diffusers UNet module path -> its LDM/SGM path (``input_blocks.1.1...``), from the UNet's config."""
-    config = getattr(unet, "config", None)
-    per_block = getattr(config, "layers_per_block", None)
-    if per_block is None:
-        return {}
-    try:
-        per_block = _layers_per_block(per_block)
-    except SourceError:
-        return {}  # per-level layer counts: LDM block numbers are undefined, only diffusers names resolve
-    paths = list(paths)
-    ups = {int(p.split(".")[1]) for p in paths if re.match(r"up_blocks\.\d+\.attentions\.", p)}
-    out = {}
-    for path in paths:
-        key = f"{path}.weight"
-        ldm = _child(_UNET_ADDITION, key) or _unet_key(key, per_block, ups)
-        if ldm is not None:
-            out[path] = ldm.removesuffix(".weight")
-    return out
-
-
-def lora_deltas(
-    loras: Sequence[tuple[LoraFile, float]], modules: Mapping[str, torch.nn.Module]
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Weight deltas of LoRAs at their scales: component -> {state_dict weight name: summed fp32 delta}.
-
-    ``modules`` maps each component the model has (``unet``, ``text_encoder``, ``text_encoder_2``) to its module.
-    Every layer of every LoRA must find its Linear/Conv2d module and fit its shape, or the call raises
-    ``LoraError`` and returns nothing. The deltas are on the CPU, one fp32 tensor per touched weight.
-    """
-    targets: dict[str, _Targets] = {}
-    plan: list[tuple[str, str, LoraLayer, float]] = []
-    problems = []
-    for lora, scale in loras:
-        if not math.isfinite(float(scale)):
-            raise LoraError(f"LoRA {lora.name}: scale {scale}; expected a finite number")
-        unmatched: list[str] = []
-        seen: dict[tuple[str, str], str] = {}
-        for (component, path), layer in lora.layers.items():
-            target = None
-            if component in modules:
-                if component not in targets:
-                    targets[component] = _targets(component, modules[component])
-                target = targets[component].find(component, path, lora.format)
-            if target is None:
-                unmatched.append(layer.key or f"{component}.{path}")
-                continue
-            if (component, target) in seen:
-                raise LoraError(
-                    f"LoRA {lora.path}: {seen[component, target]} and {layer.key} both target {component} {target}"
-                )
-            seen[component, target] = layer.key
-            plan.append((component, target, layer, float(scale)))
-        if unmatched:
-            problems.append(_unmatched_message(lora, unmatched, modules))
-    if problems:
-        raise LoraError(" ".join(problems))
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for component, target, layer, scale in plan:
-        weight: torch.Tensor = targets[component].layers[target].weight  # type: ignore[assignment]
-        try:
-            delta = layer.delta(scale, weight.shape)
-        except LoraError as exc:
-            raise LoraError(f"{component} {target}: {exc}") from exc
-        bucket = out.setdefault(component, {})
-        name = f"{target}.weight"
-        if name in bucket:
-            bucket[name].add_(delta)
-        else:
-            bucket[name] = delta
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Which model family a LoRA is for
-
-
-def _unmatched_message(lora: LoraFile, unmatched: list[str], modules: Mapping[str, torch.nn.Module]) -> str:
-    shown = ", ".join(sorted(unmatched)[:3])
-    file_family, file_why = lora_family(lora)
-    model_family, model_why = model_family_of(modules)
-    fix = (
-        "Use a LoRA made for this model's family"
-        if file_family != model_family
-        else "Its key names may use a spelling sdtrt does not know, or target layers this model lacks"
-    )
-    return (
-        f"LoRA {lora.path}: {len(unmatched)} of {len(lora.layers)} layers have no matching Linear/Conv2d module in "
-        f"the model given (e.g. {shown}). The file seems to be for {file_family} ({file_why}); the model given is "
-        f"{model_family} ({model_why}). {fix}."
-    )
-
-
-def lora_family(lora: LoraFile) -> tuple[str, str]:
-    """(family, evidence): ``SD 1.x``, ``SD 2.x``, ``SDXL``, ``SD 1.x/2.x`` or ``an unknown family``."""
-    evidence = []
-    te2 = any(c == "text_encoder_2" for c, _ in lora.layers)
-    if te2:
-        evidence.append("second text encoder layers (lora_te2_ / text_encoder_2.)")
-    unet = [p.replace(".", "_") for c, p in lora.layers if c == "unet"]
-    layout = None
-    if any(re.search(r"(add_embedding|label_emb)_|transformer_blocks_[1-9]", n) for n in unet):
-        layout = True
-        evidence.append("SDXL UNet layout (deep transformers or added embeddings)")
-    elif any(re.match(r"down_blocks_0_attentions|input_blocks_[12]_1_", n) for n in unet):
-        layout = False
-        evidence.append("attention at the UNet's top level")
-    cross = _width(lora, "unet", r"attn2_to_k$")
-    if cross is not None:
-        evidence.append(f"cross-attention to_k input width {cross}")
-    text = _width(lora, "text_encoder", r"q_proj$")
-    if text is not None:
-        evidence.append(f"text encoder width {text}")
-    family = _family(te2 or bool(layout), layout, cross, text)
-    base = lora.metadata.get("ss_base_model_version", "")
-    if family in ("SD 1.x/2.x", "an unknown family") and base:
-        family = "SDXL" if base.startswith("sdxl") else "SD 2.x" if base.startswith("sd_v2") else family
-        evidence.append(f"ss_base_model_version {base}")
-    return family, ", ".join(evidence) or "no telling keys"
-
-
-def model_family_of(modules: Mapping[str, torch.nn.Module]) -> tuple[str, str]:
-    """(family, evidence) of a model given as component -> module, judged as ``lora_family`` judges files."""
-    config = getattr(modules.get("unet"), "config", None)
-    cross = getattr(config, "cross_attention_dim", None)
-    cross = cross[0] if isinstance(cross, list | tuple) else cross
-    xl = getattr(config, "addition_embed_type", None) == "text_time" or "text_encoder_2" in modules
-    text = getattr(getattr(modules.get("text_encoder"), "config", None), "hidden_size", None)
-    evidence = ["two text encoders" if "text_encoder_2" in modules else "one text encoder"]
-    if cross is not None:
-        evidence.append(f"cross-attention width {cross}")
-    if text is not None:
-        evidence.append(f"text encoder width {text}")
-    layout = xl if config is not None else None
-    return _family(xl, layout, cross, text), ", ".join(evidence)
-
-
-def _family(xl: bool, layout: bool | None, cross: int | None, text: int | None) -> str:
-    if xl or cross == 2048:
-        return "SDXL"
-    if cross == 1024 or (cross is None and text == 1024):
-        return "SD 2.x"
-    if cross == 768 or (cross is None and text == 768):
-        return "SD 1.x"
-    return "SD 1.x/2.x" if layout is False else "an unknown family"
-
-
-def _width(lora: LoraFile, component: str, pattern: str) -> int | None:
-    for (c, path), layer in lora.layers.items():
-        if c == component and re.search(pattern, path.replace(".", "_")):
-            return int(layer.down.shape[1])
-    return None
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Writing
-
-
-def save_lora(
-    layers: Mapping[tuple[str, str], LoraLayer],
-    path: str | os.PathLike[str],
-    format: LoraFormat = "kohya",
-    unet: Any = None,
-    sgm_names: bool = False,
-    metadata: Mapping[str, str] | None = None,
-) -> Path:
-    """Write LoRA layers, keyed by (component, diffusers/transformers module path), as a ``.safetensors`` file.
-
-    ``kohya`` writes ``lora_unet_`` / ``lora_te_`` (``lora_te1_`` / ``lora_te2_`` for SDXL) names, the UNet ones
-    in SGM block names when ``sgm_names`` (which needs ``unet``); ``diffusers`` writes what diffusers'
-    ``save_lora_weights`` writes, alphas in its ``lora_adapter_metadata``.
-    """
-    safetensors_torch = require("safetensors.torch", _FEATURE, "export")
-    extra: dict[str, str] = {}
-    if format == "kohya":
-        tensors = _kohya_tensors(layers, unet, sgm_names)
-    elif format == "diffusers":
-        tensors, extra = _diffusers_tensors(layers)
-    else:
-        raise ConfigError(f"LoRA format {format!r}; expected 'kohya' or 'diffusers'")
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(target, safetensors_torch.save(tensors, metadata={"format": "pt", **extra, **(metadata or {})}))
-    return target
-
-
-def _kohya_tensors(layers: Mapping[tuple[str, str], LoraLayer], unet: Any, sgm_names: bool) -> dict[str, Any]:
-    xl = any(c == "text_encoder_2" for c, _ in layers)
-    xl = xl or getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if xl else "lora_te_", "text_encoder_2": "lora_te2_"}
-    ldm: dict[str, str] = {}
-    if sgm_names:
-        if unet is None:
-            raise ConfigError("writing SGM block names needs the UNet (unet=) to number its blocks")
-        ldm = _ldm_paths(unet, (p for p, m in unet.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)))
-    tensors: dict[str, Any] = {}
-    for (component, path), layer in layers.items():
-        if component == "unet":
-            name = ldm.get(path, "") if sgm_names else path
-            if not name:
-                raise LoraError(f"UNet module {path} has no SGM block name")
-        else:  # kohya names text encoder modules as transformers 4 did, under text_model.
-            name = path if path.split(".")[0] in ("text_model", "text_projection") else f"text_model.{path}"
-        stem = prefixes[component] + name.replace(".", "_")
-        tensors[f"{stem}.lora_down.weight"] = layer.down.detach().contiguous()
-        tensors[f"{stem}.lora_up.weight"] = layer.up.detach().contiguous()
-        if layer.alpha is not None:
-            tensors[f"{stem}.alpha"] = torch.tensor(float(layer.alpha))
-    return tensors
-
-
-def _diffusers_tensors(layers: Mapping[tuple[str, str], LoraLayer]) -> tuple[dict[str, Any], dict[str, str]]:
-    tensors: dict[str, Any] = {}
-    for (component, path), layer in layers.items():
-        tensors[f"{component}.{path}.lora_A.weight"] = layer.down.detach().contiguous()
-        tensors[f"{component}.{path}.lora_B.weight"] = layer.up.detach().contiguous()
-    if all(layer.alpha is None for layer in layers.values()):
-        return tensors, {}  # no metadata: diffusers takes alpha = rank
-    config: dict[str, Any] = {}
-    for component in COMPONENTS:
-        own = {p: layer for (c, p), layer in layers.items() if c == component}
-        if own:
-            for key, value in _peft_config(own).items():
-                config[f"{component}.{key}"] = value
-    return tensors, {PEFT_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
-
-
-def _peft_config(layers: Mapping[str, LoraLayer]) -> dict[str, Any]:
-    """PEFT ``LoraConfig`` fields for one component: the commonest rank and alpha, and patterns for the rest."""
-    ranks = {p: layer.rank for p, layer in layers.items()}
-    alphas = {p: float(layer.rank if layer.alpha is None else layer.alpha) for p, layer in layers.items()}
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    return {
-        "r": r,
-        "lora_alpha": alpha,
-        "rank_pattern": {f"^{re.escape(p)}": v for p, v in ranks.items() if v != r},
-        "alpha_pattern": {f"^{re.escape(p)}": v for p, v in alphas.items() if v != alpha},
-        "target_modules": sorted(layers),
-    }

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtrt.runtime.models.lora import LoraError, LoraLayer, save_lora
+from sdtrt.runtime.errors import LoraError
+from sdtrt.runtime.lora.files import LoraLayer
+from sdtrt.runtime.lora.write import save_lora
 from sdtrt.runtime.models.presets import load_preset
 from sdtrt.runtime.models.reference import diffusers_pipeline
 from sdtrt.runtime.pipeline import Pipeline

@@ -16,18 +16,12 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from sdtrt.runtime.models.lora import (  # noqa: E402
-    LoraError,
-    LoraFile,
-    LoraLayer,
-    lora_deltas,
-    lora_family,
-    read_lora,
-    save_lora,
-)
+from sdtrt.runtime.errors import LoraError  # noqa: E402
+from sdtrt.runtime.lora.files import LORA_COMPONENTS, LoraFile, LoraLayer, read_lora  # noqa: E402
+from sdtrt.runtime.lora.match import lora_deltas, lora_family  # noqa: E402
+from sdtrt.runtime.lora.write import save_lora  # noqa: E402
 from sdtrt.runtime.models.presets import load_preset  # noqa: E402
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 SCALE = 0.7
 # UNet layers a LoRA touches: attention projections in every kind of block, 1x1 and 3x3 convs, the embedding MLPs
 # and the down/upsamplers (whose SGM numbers depend on whether the level has attention).
@@ -71,7 +65,7 @@ def bundles() -> dict:
 
 
 def _modules(bundle) -> dict[str, torch.nn.Module]:
-    return {c: getattr(bundle, c) for c in COMPONENTS if getattr(bundle, c) is not None}
+    return {c: getattr(bundle, c) for c in LORA_COMPONENTS if getattr(bundle, c) is not None}
 
 
 def _paths(bundle, name: str) -> list[tuple[str, str]]:
