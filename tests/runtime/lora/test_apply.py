@@ -233,3 +233,27 @@ def test_sdxl_lora_on_both_text_encoders_matches_diffusers(backend, tmp_path):
     value = psnr(ours.pixels, expected)
     print(f"{backend} SDXL LoRA (unet, te1, te2) vs diffusers: {value:.1f} dB")
     assert value >= PARITY_DB
+
+
+def test_an_engine_refusing_its_update_puts_the_engines_before_it_back(tiny_bundle, loras):
+    """apply gives each engine one WeightUpdate; when one refuses it, the engines already updated get the LoRAs they
+    ran before (none here) again, and the LoRAs in use stay as they were."""
+    from sdtrt.runtime.errors import BackendError
+    from sdtrt.runtime.lora.apply import LoraState, apply, read_loras
+
+    class Recording:
+        def __init__(self, refuse: bool = False) -> None:
+            self.refuse, self.deltas = refuse, []
+
+        def update_weights(self, update) -> None:
+            if self.refuse:
+                raise BackendError("refused")
+            self.deltas.append(dict(update.deltas))
+
+    engines = {"text_encoder": Recording(), "unet": Recording(refuse=True)}
+    state = LoraState(skeletons={"text_encoder": tiny_bundle.text_encoder, "unet": tiny_bundle.unet})
+    files = read_loras(state, [(loras["text-kohya"], 1.0)])
+    with pytest.raises(BackendError, match="refused"):
+        apply(state, files, None, Path(), engines, "onnxruntime")
+    assert [len(d) > 0 for d in engines["text_encoder"].deltas] == [True, False]
+    assert state.active == []
