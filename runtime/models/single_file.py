@@ -201,11 +201,7 @@ def _config_dir(config_dir: str | os.PathLike[str] | None) -> Path:
 
 
 def load_diffusers_model(cls: Any, state: dict[str, torch.Tensor], configs: Path, sub: str, prefix: str) -> Any:
-    """A diffusers component through ``from_single_file``, offline, checked for missing or extra weights.
-
-    ``state`` holds the checkpoint's tensors (at least those under ``prefix``); ``configs / sub`` holds the
-    component's diffusers ``config.json``.
-    """
+    """A diffusers component through ``from_single_file``, offline, checked for missing or extra weights."""
     config_file = configs / sub / "config.json"
     fix = (
         f"the checkpoint does not match {config_file}. If its architecture differs from that config, pass "
@@ -291,8 +287,7 @@ def save_original_checkpoint(
     vae: AutoencoderKL,
     path: str | os.PathLike[str],
 ) -> Path:
-    """Write the three modules as one ``.safetensors`` file in the original SD 1.x (LDM) layout (see
-    ``write_checkpoint``)."""
+    """Write the three modules as one ``.safetensors`` file in the original SD 1.x (LDM) layout, atomically."""
     parts = {
         UNET_PREFIX: unet_to_ldm(unet),
         VAE_PREFIX: vae_to_ldm(vae),
@@ -375,8 +370,7 @@ def _layers_per_block(value: Any, layout: str = "SD 1.x") -> int:
 def rename_weights(
     state: Mapping[str, torch.Tensor], rename: Callable[[str], str | None], what: str, layout: str = "SD 1.x"
 ) -> dict[str, Any]:
-    """``state`` under the names ``rename`` gives; a weight it has no name for (None) means the model does not
-    fit ``layout``, which is refused naming that weight and ``what`` it belongs to."""
+    """``state`` under the names ``rename`` gives; a weight it names None does not fit ``layout`` and is refused."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         new = rename(key)

@@ -275,8 +275,7 @@ def save_sdxl_checkpoint(
     vae: AutoencoderKL,
     path: str | os.PathLike[str],
 ) -> Path:
-    """Write the four modules as one ``.safetensors`` file in the original SDXL (SGM) layout (see
-    ``write_checkpoint``)."""
+    """Write the four modules as one ``.safetensors`` file in the original SDXL (SGM) layout, atomically."""
     parts = {
         UNET_PREFIX: unet_to_sgm(unet),
         VAE_PREFIX: vae_to_ldm(vae),
