@@ -279,6 +279,8 @@ def test_shipped_config_names(tmp_path):
     assert config_folder(None, "sdxl") == shipped_config("sdxl")
     with pytest.raises(SourceError, match="neither a shipped config .*sd15, sdxl, sdxl-turbo"):
         config_folder("sdxl-lightning", "sd15")
+    with pytest.raises(SourceError, match="no shipped config 'sdxl-lightning'; the shipped configs are sd15, sdxl"):
+        shipped_config("sdxl-lightning")
 
 
 # -- long prompts ----------------------------------------------------------------------------------------------
