@@ -297,10 +297,8 @@ def save_original_checkpoint(
 
 
 def write_checkpoint(parts: Mapping[str, Mapping[str, torch.Tensor]], path: str | os.PathLike[str]) -> Path:
-    """Write ``{prefix: {key: tensor}}`` as one ``.safetensors`` file of ``prefix + key`` names, atomically.
-
-    The whole file is built in memory first (about the model's size) and then renamed into place.
-    """
+    """Write ``{prefix: {key: tensor}}`` as one ``.safetensors`` file of ``prefix + key`` names, atomically: the
+    whole file is built in memory first (about the model's size), then renamed into place."""
     safetensors_torch = require("safetensors.torch", _FEATURE, "export")
     tensors: dict[str, torch.Tensor] = {}
     for prefix, part in parts.items():
