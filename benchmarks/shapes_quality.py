@@ -53,7 +53,7 @@ def _artifacts(out: Path) -> dict[str, Path]:
 
 def run(out: Path, count: int) -> dict[str, Any]:
     """Every precision's report, keyed ``onnxruntime_<precision>`` plus ``pytorch_fp32``."""
-    from sdtrt.runtime.models.shapes import load_shapes
+    from sdtrt.runtime.models.presets import load_shapes
     from sdtrt.runtime.pipeline import Pipeline
     from sdtrt.shapes.evaluate import EvalSettings, diffusers_generator, evaluate, pipeline_generator, psnr
 

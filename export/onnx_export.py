@@ -33,6 +33,7 @@ from sdtrt.runtime.specs import (
     COMPONENTS,
     ComponentSpec,
     ModelInfo,
+    TensorSpec,
     check_profile_fits,
     component_specs,
     model_components,
@@ -153,29 +154,14 @@ def export_component(
     if precision == "fp16":
         # A VAE that stays fp32 must not be halved in place by an earlier VAE component.
         module = half_with_fp32_norms(module, inplace=consume)
-    wrapper = wrap(name, module, bundle.model.family)
     onnx = require("onnx", "ONNX export", "export")
+    lora = name in LORA_COMPONENTS
     with tempfile.TemporaryDirectory(prefix=f"sdtrt-{name}-", dir=folder) as tmp:
         raw = Path(tmp) / spec.file_name
-        try:
-            with torch.inference_mode(False), torch.no_grad():
-                torch.onnx.export(
-                    wrapper,
-                    sample_inputs(spec, bundle.model, options.profile, precision),
-                    str(raw),
-                    dynamo=False,
-                    input_names=[t.name for t in spec.inputs],
-                    output_names=[t.name for t in spec.outputs],
-                    dynamic_axes=dynamic_axes(spec),
-                    opset_version=options.opset,
-                    do_constant_folding=True,
-                )
-        except Exception as exc:  # the exporter raises many types; name the component and keep the cause
-            raise ExportError(f"exporting {name} to ONNX failed: {exc}") from exc
-        lora = name in LORA_COMPONENTS
+        _trace_to_onnx(wrap(name, module, bundle.model.family), spec, raw, bundle.model, options, precision)
         digests = target_digests(module) if lora else {}
         config = module_config(module) if lora else None
-        del wrapper, module
+        del module
         if consume:  # free the module before the graph is loaded back: the peak memory of an export
             bundle.release(still_needed)
         graph = clean_graph(onnx.load(str(raw), load_external_data=True))
@@ -184,22 +170,51 @@ def export_component(
         extra = {"lora_map": lora_map(digests, graph), "module_config": config}
     del digests
     onnx_file, data_file = save_model(graph, folder / spec.file_name)
-    shapes = {
-        key: {"min": list(lo), "opt": list(opt), "max": list(hi)}
-        for key, (lo, opt, hi) in shape_ranges(spec, options.profile, bundle.model).items()
-    }
     return ComponentEntry(
         file=onnx_file.name,
         sha256=sha256_file(onnx_file),
         precision=precision,
-        inputs=tuple(TensorEntry(t.name, t.concrete_dtype(precision), t.shape) for t in spec.inputs),
-        outputs=tuple(TensorEntry(t.name, t.concrete_dtype(precision), t.shape) for t in spec.outputs),
-        shapes=shapes,
+        inputs=_tensor_entries(spec.inputs, precision),
+        outputs=_tensor_entries(spec.outputs, precision),
+        shapes=_profile_shapes(spec, options.profile, bundle.model),
         opset=options.opset,
         data_file=data_file.name if data_file else None,
         data_sha256=sha256_file(data_file) if data_file else None,
         extra=extra,
     )
+
+
+def _trace_to_onnx(
+    wrapper: torch.nn.Module, spec: ComponentSpec, raw: Path, model: ModelInfo, options: ExportOptions, precision: str
+) -> None:
+    """Write the traced graph of ``wrapper`` to ``raw``, with the symbolic dimensions ``spec`` names."""
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            torch.onnx.export(
+                wrapper,
+                sample_inputs(spec, model, options.profile, precision),
+                str(raw),
+                dynamo=False,
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_axes=dynamic_axes(spec),
+                opset_version=options.opset,
+                do_constant_folding=True,
+            )
+    except Exception as exc:  # the exporter raises many types; name the component and keep the cause
+        raise ExportError(f"exporting {spec.name} to ONNX failed: {exc}") from exc
+
+
+def _tensor_entries(tensors: tuple[TensorSpec, ...], precision: str) -> tuple[TensorEntry, ...]:
+    return tuple(TensorEntry(t.name, t.concrete_dtype(precision), t.shape) for t in tensors)
+
+
+def _profile_shapes(spec: ComponentSpec, profile: ShapeProfile, model: ModelInfo) -> dict[str, dict[str, list[int]]]:
+    """The min/opt/max shape of each input of ``spec`` under ``profile``, as the manifest records them."""
+    return {
+        key: {"min": list(lo), "opt": list(opt), "max": list(hi)}
+        for key, (lo, opt, hi) in shape_ranges(spec, profile, model).items()
+    }
 
 
 def tool_versions() -> dict[str, str | None]:
@@ -331,17 +346,13 @@ def write_source_artifact(bundle: ModelBundle, out: str | Path, profile: ShapePr
 
     components = {}
     for name, spec in component_specs(bundle.model).items():
-        shapes = {
-            key: {"min": list(lo), "opt": list(opt), "max": list(hi)}
-            for key, (lo, opt, hi) in shape_ranges(spec, profile, bundle.model).items()
-        }
         components[name] = ComponentEntry(
             file="",
             sha256="",
             precision="fp32",
-            inputs=tuple(TensorEntry(t.name, t.concrete_dtype("fp32"), t.shape) for t in spec.inputs),
-            outputs=tuple(TensorEntry(t.name, t.concrete_dtype("fp32"), t.shape) for t in spec.outputs),
-            shapes=shapes,
+            inputs=_tensor_entries(spec.inputs, "fp32"),
+            outputs=_tensor_entries(spec.outputs, "fp32"),
+            shapes=_profile_shapes(spec, profile, bundle.model),
         )
     with staging_dir(out) as stage:
         tokenizer_2 = save_tokenizers(bundle, stage)

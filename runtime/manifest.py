@@ -20,6 +20,9 @@ from .specs import ModelInfo
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+# What a folder holds: ONNX files (`sdtrt export`, `sdtrt calibrate`), TensorRT engines (`sdtrt build`), or no
+# networks at all, only what the torch backend needs to rerun the source model (`write_source_artifact`).
+KINDS = ("onnx", "tensorrt", "torch")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class ComponentEntry:
 
 @dataclass(frozen=True)
 class Manifest:
+    """An artifact folder's description; ``kind`` is one of ``KINDS`` and says which backends can run it."""
+
     model: ModelInfo
     profile: ShapeProfile
     components: dict[str, ComponentEntry]
@@ -72,10 +77,16 @@ class Manifest:
     versions: dict[str, str | None]
     tokenizer: str = "tokenizer.json"
     scheduler: str = "scheduler_config.json"
-    kind: str = "onnx"  # "onnx" for export artifacts, "tensorrt" for engine folders
+    kind: str = "onnx"  # "onnx" for export artifacts, "tensorrt" for engine folders, "torch" for source folders
     created: str = ""
     schema_version: int = SCHEMA_VERSION
     tokenizer_2: str | None = None  # SDXL's second tokenizer (pads with "!")
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ArtifactError(
+                f"manifest kind must be one of {', '.join(KINDS)}, got {self.kind!r}; re-export the artifact"
+            )
 
     def to_json(self) -> str:
         data = asdict(self)

@@ -134,12 +134,12 @@ def diffusers_generator(bundle: Any, settings: EvalSettings, batch: int = 25) ->
 def record_quality(name: str, report: dict[str, Any], folder: Path | None = None) -> None:
     """Store ``report`` as ``quality[name]`` in shapes.json (the weights and their sha256 are untouched)."""
     from sdtrt.runtime.files import write_text_atomic
-    from sdtrt.runtime.models.shapes import DATA_DIR, RECORD_NAME, read_record
+    from sdtrt.runtime.models.presets import DATA_DIR, SHAPES_RECORD_NAME, read_shapes_record
 
     folder = folder or DATA_DIR
-    record = read_record(folder)
+    record = read_shapes_record(folder)
     record.setdefault("quality", {})[name] = report
-    write_text_atomic(folder / RECORD_NAME, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(folder / SHAPES_RECORD_NAME, json.dumps(record, indent=2) + "\n")
 
 
 def contact_sheet(
@@ -166,7 +166,7 @@ def contact_sheet(
 
 def _run(source: str, backend: str, settings: EvalSettings) -> tuple[dict[str, Any], list[Image.Image]]:
     if source.startswith("torch:"):
-        from sdtrt.runtime.models.shapes import load_shapes
+        from sdtrt.runtime.models.presets import load_shapes
 
         return evaluate(diffusers_generator(load_shapes(Path(source[6:])), settings), settings)
     from sdtrt.runtime.pipeline import Pipeline

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sdtrt.runtime.models.presets import TINY_VAE
+
 TEXT_CONFIG: dict[str, Any] = {
     "vocab_size": 49408,
     "hidden_size": 64,
@@ -35,17 +37,11 @@ UNET_CONFIG: dict[str, Any] = {
     "attention_head_dim": 16,
     "norm_num_groups": 16,
 }
-# Fully convolutional (no mid-block attention), so training on 64x64 crops carries over to 128x128 images.
+# The tiny presets' 8x VAE layout, wider, and fully convolutional (no mid-block attention), so training on 64x64
+# crops carries over to 128x128 images.
 VAE_CONFIG: dict[str, Any] = {
-    "sample_size": 128,
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
+    **TINY_VAE,
     "block_out_channels": [16, 32, 64, 64],
-    "layers_per_block": 1,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "norm_num_groups": 8,
     "mid_block_add_attention": False,
     "scaling_factor": 1.0,  # replaced by 1 / std of the training latents once the VAE is trained
 }

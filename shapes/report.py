@@ -51,7 +51,7 @@ def adherence_report(
 ) -> AdherenceReport:
     """Generate ``prompts`` held-out prompts with the artifact in ``folder`` and with PyTorch; compare."""
     from sdtrt.runtime.manifest import read_manifest
-    from sdtrt.runtime.models.shapes import load_shapes
+    from sdtrt.runtime.models.presets import load_shapes
     from sdtrt.runtime.pipeline import Pipeline
 
     manifest = read_manifest(Path(folder))

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdtrt.runtime.files import sha256_file
+from sdtrt.runtime.models.presets import SHAPES_RECORD_NAME, SHAPES_WEIGHTS_NAME
+
 from . import data
 from .model import SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, build_modules
 
 log = logging.getLogger(__name__)
-
-WEIGHTS_NAME = "shapes.safetensors"
-RECORD_NAME = "shapes.json"
 
 
 @dataclass(frozen=True)
@@ -228,18 +228,16 @@ def save(folder: Path, modules: dict[str, Any], keep_ids: set[int], record: dict
     mask[sorted(keep_ids)] = True
     tensors[table][~mask] = 0
     folder.mkdir(parents=True, exist_ok=True)
-    weights, tmp = folder / WEIGHTS_NAME, folder / (WEIGHTS_NAME + ".tmp")
+    weights, tmp = folder / SHAPES_WEIGHTS_NAME, folder / (SHAPES_WEIGHTS_NAME + ".tmp")
     # One metadata entry: safetensors writes its metadata map in no fixed order, so two keys would make the bytes
     # (and the sha256 a reproducible run must repeat) differ from run to run.
     save_file(tensors, str(tmp), metadata={"format": "pt"})
-    from sdtrt.runtime.models.sources import file_hash
-
-    record = {**record, "sha256": file_hash(tmp), "bytes": tmp.stat().st_size}
-    record_tmp = folder / (RECORD_NAME + ".tmp")
+    record = {**record, "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
+    record_tmp = folder / (SHAPES_RECORD_NAME + ".tmp")
     record_tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.chmod(tmp, 0o644)
     os.replace(tmp, weights)
-    os.replace(record_tmp, folder / RECORD_NAME)
+    os.replace(record_tmp, folder / SHAPES_RECORD_NAME)
     return record
 
 

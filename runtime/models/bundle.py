@@ -53,6 +53,42 @@ class ModelBundle:
         gc.collect()
 
 
+def bundle_from_modules(
+    text_encoder: Any,
+    unet: Any,
+    vae: Any,
+    scheduler_config: dict[str, Any],
+    source: dict[str, Any],
+    *,
+    text_encoder_2: Any = None,
+    pipeline_config: dict[str, Any] | None = None,
+    tokenizers: tuple[Any, Any] | None = None,
+) -> ModelBundle:
+    """A bundle over loaded modules, with the facts ``model_info`` derives from their configs.
+
+    ``tokenizers`` is (tokenizer, tokenizer_2) as the model ships them; by default sdtrt's CLIP tokenizer, and
+    for SDXL a second one that pads with ``!`` as OpenCLIP does.
+    """
+    if tokenizers is None:
+        from sdtrt.runtime.models.tokenizer import clip_tokenizer
+
+        xl = text_encoder_2 is not None
+        tokenizers = (clip_tokenizer(), clip_tokenizer(pad_token="!") if xl else None)
+    return ModelBundle(
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        unet=unet,
+        vae=vae,
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        scheduler_config=scheduler_config,
+        model=model_info(
+            text_encoder, unet, vae, scheduler_config, text_encoder_2=text_encoder_2, pipeline_config=pipeline_config
+        ),
+        source=source,
+    )
+
+
 def model_info(
     text_encoder: Any,
     unet: Any,

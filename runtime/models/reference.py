@@ -8,19 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from sdtrt.runtime.deps import require
-
-# sdtrt sampler name -> (diffusers scheduler class, options on top of the model's scheduler config)
-DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "lcm": ("LCMScheduler", {}),
-}
+from sdtrt.runtime.schedulers import DIFFUSERS_SCHEDULERS
 
 
 def diffusers_pipeline(bundle: Any, scheduler: str) -> Any:
@@ -62,7 +50,7 @@ def diffusers_pipeline(bundle: Any, scheduler: str) -> Any:
 def clip_tokenizer_hf(pad_token: str = "<|endoftext|>") -> Any:
     """transformers' CLIPTokenizer on sdtrt's shipped vocabulary (the reference the runtime's ids must equal)."""
     transformers = require("transformers", "the diffusers reference pipeline", "export")
-    from .tokenizer import clip_vocab_and_merges
+    from sdtrt.runtime.models.tokenizer import clip_vocab_and_merges
 
     vocab, merges = clip_vocab_and_merges()
     return transformers.CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77, pad_token=pad_token)

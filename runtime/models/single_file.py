@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,9 @@ import torch
 
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import SourceError
-from sdtrt.runtime.files import checkpoint_format, write_bytes_atomic, write_text_atomic
+from sdtrt.runtime.files import checkpoint_format, existing_checkpoint, write_bytes_atomic, write_text_atomic
 from sdtrt.runtime.ldm_names import attention_up_levels, layers_per_block, unet_key, vae_key
+from sdtrt.runtime.models.presets import shipped_config
 
 # transformers.CLIPTextModel, diffusers.UNet2DConditionModel, diffusers.AutoencoderKL: optional extras whose
 # lazy modules type checkers cannot follow, so these names document rather than constrain.
@@ -30,7 +31,6 @@ AutoencoderKL = Any
 
 logger = logging.getLogger(__name__)
 
-SD15_CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
@@ -42,21 +42,9 @@ _FEATURE = "single-file checkpoints"
 # Detecting and reading files
 
 
-def _existing_file(path: str | os.PathLike[str]) -> Path:
-    file = Path(path).expanduser()
-    if file.is_dir():
-        raise SourceError(
-            f"{file} is a folder; expected a single checkpoint file (.safetensors). "
-            "A diffusers folder is loaded as a model folder, not as a single file"
-        )
-    if not file.is_file():
-        raise SourceError(f"checkpoint {file} does not exist; expected a .safetensors file")
-    return file
-
-
 def read_state_dict(path: str | os.PathLike[str], allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint file, on the CPU, without running any code from it unless allowed."""
-    file = _existing_file(path)
+    file = existing_checkpoint(path)
     if checkpoint_format(file) == "safetensors":
         safetensors_torch = require("safetensors.torch", _FEATURE, "export")
         try:
@@ -85,12 +73,17 @@ def read_state_dict(path: str | os.PathLike[str], allow_pickle: bool = False) ->
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
+def is_sdxl_state(keys: Iterable[str]) -> bool:
+    """Whether checkpoint keys (or a state dict) are in the SGM (SDXL) layout: keys under ``conditioner.embedders.``."""
+    return any(key.startswith("conditioner.embedders.") for key in keys)
+
+
 def _require_sd1_keys(state: Mapping[str, torch.Tensor], file: Path) -> None:
     missing = [p for p in (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX) if not any(k.startswith(p) for k in state)]
     if not missing:
         return
     hint = ""
-    if any(k.startswith("conditioner.embedders.") for k in state):
+    if is_sdxl_state(state):
         hint = " It looks like an SDXL checkpoint; load it with single_file_xl.load_sdxl_single_file."
     elif any(k.startswith("cond_stage_model.model.") for k in state):
         hint = " It looks like an SD 2.x checkpoint (OpenCLIP text encoder), not supported as a single file."
@@ -115,7 +108,7 @@ def load_single_file(
     ``config_dir`` is a diffusers-layout folder with ``unet/``, ``vae/`` and ``text_encoder/`` ``config.json``
     describing the checkpoint's architecture; SD 1.5's shipped configs by default.
     """
-    file = _existing_file(path)
+    file = existing_checkpoint(path)
     configs = _config_dir(config_dir)
     state = read_state_dict(file, allow_pickle=allow_pickle)
     _require_sd1_keys(state, file)
@@ -124,8 +117,8 @@ def load_single_file(
     state = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
     diffusers = require("diffusers", _FEATURE, "export")
     with torch.random.fork_rng(devices=[]):  # building modules draws random init; keep the caller's RNG
-        unet = _load_diffusers_model(diffusers.UNet2DConditionModel, state, configs, "unet", UNET_PREFIX)
-        vae = _load_diffusers_model(diffusers.AutoencoderKL, state, configs, "vae", VAE_PREFIX)
+        unet = load_diffusers_model(diffusers.UNet2DConditionModel, state, configs, "unet", UNET_PREFIX)
+        vae = load_diffusers_model(diffusers.AutoencoderKL, state, configs, "vae", VAE_PREFIX)
         text_encoder = _load_text_encoder(state, configs)
     for module in (text_encoder, unet, vae):
         module.eval().requires_grad_(False)
@@ -134,7 +127,7 @@ def load_single_file(
 
 
 def _config_dir(config_dir: str | os.PathLike[str] | None) -> Path:
-    root = SD15_CONFIG_DIR if config_dir is None else Path(config_dir).expanduser().resolve()
+    root = shipped_config("sd15") if config_dir is None else Path(config_dir).expanduser().resolve()
     lacking = [name for name in CONFIG_FILES if not (root / name).is_file()]
     if lacking:
         raise SourceError(
@@ -144,7 +137,7 @@ def _config_dir(config_dir: str | os.PathLike[str] | None) -> Path:
     return root
 
 
-def _load_diffusers_model(cls: Any, state: dict[str, torch.Tensor], configs: Path, sub: str, prefix: str) -> Any:
+def load_diffusers_model(cls: Any, state: dict[str, torch.Tensor], configs: Path, sub: str, prefix: str) -> Any:
     """A diffusers component through ``from_single_file``, offline, checked for missing or extra weights."""
     config_file = configs / sub / "config.json"
     fix = (
@@ -231,10 +224,7 @@ def save_original_checkpoint(
     vae: AutoencoderKL,
     path: str | os.PathLike[str],
 ) -> Path:
-    """Write the three modules as one ``.safetensors`` file in the original SD 1.x (LDM) layout, atomically.
-
-    The whole file is built in memory first (about the model's size) and then renamed into place.
-    """
+    """Write the three modules as one ``.safetensors`` file in the original SD 1.x (LDM) layout, atomically."""
     parts = {
         UNET_PREFIX: unet_to_ldm(unet),
         VAE_PREFIX: vae_to_ldm(vae),
@@ -244,7 +234,8 @@ def save_original_checkpoint(
 
 
 def write_checkpoint(parts: Mapping[str, Mapping[str, torch.Tensor]], path: str | os.PathLike[str]) -> Path:
-    """Write ``{prefix: {key: tensor}}`` as one ``.safetensors`` file of ``prefix + key`` names, atomically."""
+    """Write ``{prefix: {key: tensor}}`` as one ``.safetensors`` file of ``prefix + key`` names, atomically: the
+    whole file is built in memory first (about the model's size), then renamed into place."""
     safetensors_torch = require("safetensors.torch", _FEATURE, "export")
     tensors: dict[str, torch.Tensor] = {}
     for prefix, part in parts.items():
@@ -289,22 +280,23 @@ def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     per_block = layers_per_block(unet.config.layers_per_block)
     state = unet.state_dict()
     attention_ups = attention_up_levels(state)
-    return _rename(state, lambda key: unet_key(key, per_block, attention_ups), "UNet")
+    return rename_weights(state, lambda key: unet_key(key, per_block, attention_ups), "UNet")
 
 
 def vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
     """A diffusers ``AutoencoderKL``'s weights under the LDM names; mid-block attention becomes 1x1 convs."""
     levels = len(vae.config.up_block_types)
-    out = _rename(vae.state_dict(), lambda key: vae_key(key, levels), "VAE")
+    out = rename_weights(vae.state_dict(), lambda key: vae_key(key, levels), "VAE")
     for key, value in out.items():
         if re.search(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) and value.ndim == 2:
             out[key] = value[:, :, None, None]
     return out
 
 
-def _rename(
+def rename_weights(
     state: Mapping[str, torch.Tensor], rename: Callable[[str], str | None], what: str, layout: str = "SD 1.x"
 ) -> dict[str, Any]:
+    """``state`` under the names ``rename`` gives; a weight it names None does not fit ``layout`` and is refused."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         new = rename(key)

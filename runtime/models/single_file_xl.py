@@ -23,24 +23,22 @@ from tokenizers import Tokenizer
 
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import SourceError
-from sdtrt.runtime.files import write_text_atomic
+from sdtrt.runtime.files import existing_checkpoint, write_text_atomic
 from sdtrt.runtime.ldm_names import attention_up_levels, child_name, layers_per_block, sgm_unet_key
-
-from .single_file import (
+from sdtrt.runtime.models.presets import shipped_config
+from sdtrt.runtime.models.single_file import (
     CONFIG_FILES,
-    SD15_CONFIG_DIR,
     UNET_PREFIX,
     VAE_PREFIX,
-    _existing_file,
-    _load_diffusers_model,
-    _rename,
+    load_diffusers_model,
     read_state_dict,
+    rename_weights,
     text_encoder_to_ldm,
     vae_to_ldm,
     write_checkpoint,
     write_config_dir,
 )
-from .tokenizer import build_clip_tokenizer, clip_vocab_and_merges
+from sdtrt.runtime.models.tokenizer import build_clip_tokenizer, clip_vocab_and_merges
 
 # transformers.CLIPTextModel / CLIPTextModelWithProjection, diffusers models: optional extras (see single_file).
 CLIPTextModel = Any
@@ -50,13 +48,6 @@ AutoencoderKL = Any
 
 logger = logging.getLogger(__name__)
 
-SDXL_CONFIG_DIR = Path(__file__).parent / "configs" / "sdxl"
-SDXL_TURBO_CONFIG_DIR = Path(__file__).parent / "configs" / "sdxl-turbo"
-SHIPPED_CONFIGS: dict[str, Path] = {
-    "sd15": SD15_CONFIG_DIR,
-    "sdxl": SDXL_CONFIG_DIR,
-    "sdxl-turbo": SDXL_TURBO_CONFIG_DIR,
-}
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 SDXL_CONFIG_FILES = (*CONFIG_FILES, "text_encoder_2/config.json")
@@ -89,11 +80,6 @@ _OPENCLIP_LAYER = {
 _OPENCLIP_UNUSED = ("logit_scale",)
 
 
-def is_sdxl_state(state: Mapping[str, torch.Tensor]) -> bool:
-    """Whether a checkpoint's tensors are in the SGM (SDXL) layout: keys under ``conditioner.embedders.``."""
-    return any(key.startswith("conditioner.embedders.") for key in state)
-
-
 def sdxl_tokenizers() -> tuple[Tokenizer, Tokenizer]:
     """SDXL's two tokenizers: the same CLIP BPE, the first padding with ``<|endoftext|>``, the second with ``!``.
 
@@ -119,7 +105,7 @@ def load_sdxl_single_file(
     ``config_dir`` is a diffusers-layout folder with ``unet/``, ``vae/``, ``text_encoder/`` and
     ``text_encoder_2/`` ``config.json``; SDXL base 1.0's shipped configs by default.
     """
-    file = _existing_file(path)
+    file = existing_checkpoint(path)
     configs = _config_dir(config_dir)
     state = read_state_dict(file, allow_pickle=allow_pickle)
     _require_sdxl_keys(state, file)
@@ -127,10 +113,10 @@ def load_sdxl_single_file(
     transformers = require("transformers", _FEATURE, "export")
     with torch.random.fork_rng(devices=[]):  # building modules draws random init; keep the caller's RNG
         # One component at a time, dropping its tensors from `state`, so a 7 GB file is not held twice in fp32.
-        unet = _load_diffusers_model(
+        unet = load_diffusers_model(
             diffusers.UNet2DConditionModel, _take_fp32(state, UNET_PREFIX), configs, "unet", UNET_PREFIX
         )
-        vae = _load_diffusers_model(diffusers.AutoencoderKL, _take_fp32(state, VAE_PREFIX), configs, "vae", VAE_PREFIX)
+        vae = load_diffusers_model(diffusers.AutoencoderKL, _take_fp32(state, VAE_PREFIX), configs, "vae", VAE_PREFIX)
         text_encoder = _load_clip(
             transformers.CLIPTextModel, *_clip_l_weights(state), configs, "text_encoder", CLIP_L_PREFIX
         )
@@ -149,7 +135,7 @@ def load_sdxl_single_file(
 
 
 def _config_dir(config_dir: str | os.PathLike[str] | None) -> Path:
-    root = SDXL_CONFIG_DIR if config_dir is None else Path(config_dir).expanduser().resolve()
+    root = shipped_config("sdxl") if config_dir is None else Path(config_dir).expanduser().resolve()
     lacking = [name for name in SDXL_CONFIG_FILES if not (root / name).is_file()]
     if lacking:
         raise SourceError(
@@ -285,10 +271,7 @@ def save_sdxl_checkpoint(
     vae: AutoencoderKL,
     path: str | os.PathLike[str],
 ) -> Path:
-    """Write the four modules as one ``.safetensors`` file in the original SDXL (SGM) layout, atomically.
-
-    The whole file is built in memory first (about the model's size) and then renamed into place.
-    """
+    """Write the four modules as one ``.safetensors`` file in the original SDXL (SGM) layout, atomically."""
     parts = {
         UNET_PREFIX: unet_to_sgm(unet),
         VAE_PREFIX: vae_to_ldm(vae),
@@ -323,7 +306,7 @@ def unet_to_sgm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     per_block = layers_per_block(unet.config.layers_per_block, layout="SDXL")
     state = unet.state_dict()
     attention_ups = attention_up_levels(state)
-    return _rename(state, lambda key: sgm_unet_key(key, per_block, attention_ups), "UNet", layout="SDXL")
+    return rename_weights(state, lambda key: sgm_unet_key(key, per_block, attention_ups), "UNet", layout="SDXL")
 
 
 def open_clip_to_sgm(text_encoder_2: CLIPTextModelWithProjection) -> dict[str, torch.Tensor]:

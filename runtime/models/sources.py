@@ -10,10 +10,9 @@ from typing import Any
 
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import SourceError
-from sdtrt.runtime.files import checkpoint_format
-
-from .bundle import ModelBundle, model_info
-from .presets import CONFIG_DIR, PRESETS, load_preset
+from sdtrt.runtime.files import checkpoint_format, sha256_file
+from sdtrt.runtime.models.bundle import ModelBundle, bundle_from_modules
+from sdtrt.runtime.models.presets import PRESETS, config_folder, load_preset, preset_configs, shipped_config
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +45,44 @@ def load_source(source: str, *, allow_pickle: bool = False, config_dir: str | Pa
 
 def load_diffusers_folder(folder: Path, *, allow_pickle: bool = False) -> ModelBundle:
     """A folder as saved by ``StableDiffusionPipeline.save_pretrained`` (or the SDXL pipeline's)."""
+    index, xl = _check_diffusers_folder(folder)
+    parts = ("text_encoder", "text_encoder_2", "unet", "vae") if xl else ("text_encoder", "unet", "vae")
+    formats = {part: _weights_format(folder / part) for part in parts}
+    pickled = [part for part, fmt in formats.items() if fmt == "pickle"]
+    if pickled and not allow_pickle:
+        raise SourceError(
+            f"{str(folder)!r} holds the weights of {', '.join(pickled)} as pickle files (.bin/.pt/.ckpt), which "
+            "can run code when loaded. Convert them to .safetensors, or pass --allow-pickle if you trust "
+            "this model"
+        )
+    from sdtrt.runtime.models.tokenizer import tokenizer_from_folder
+
+    text_encoder, text_encoder_2, unet, vae = _load_folder_modules(folder, formats, xl)
+    tokenizers = (
+        tokenizer_from_folder(folder / "tokenizer"),
+        tokenizer_from_folder(folder / "tokenizer_2") if xl else None,
+    )
+    source = {
+        "kind": "diffusers",
+        "path": str(folder.resolve()),
+        "sha256": folder_hash(folder),
+        "allow_pickle": allow_pickle,
+        "description": f"diffusers folder {folder.resolve()}",
+    }
+    return bundle_from_modules(
+        text_encoder,
+        unet,
+        vae,
+        _read_json(folder / "scheduler" / "scheduler_config.json"),
+        source,
+        text_encoder_2=text_encoder_2,
+        pipeline_config=index,
+        tokenizers=tokenizers,
+    )
+
+
+def _check_diffusers_folder(folder: Path) -> tuple[dict[str, Any], bool]:
+    """(model_index.json, whether it is SDXL) of a complete diffusers folder; names what a partial one lacks."""
     missing = [p for p in DIFFUSERS_PARTS if not (folder / p).is_dir()]
     if not (folder / "model_index.json").is_file():
         missing.insert(0, "model_index.json")
@@ -63,18 +100,13 @@ def load_diffusers_folder(folder: Path, *, allow_pickle: bool = False) -> ModelB
                 f"{str(folder)!r} is an SDXL folder (model_index.json names text_encoder_2) but lacks "
                 f"{', '.join(lacking)}; copy the model's complete folder"
             )
-    parts = ("text_encoder", "text_encoder_2", "unet", "vae") if xl else ("text_encoder", "unet", "vae")
-    formats = {part: _weights_format(folder / part) for part in parts}
-    pickled = [part for part, fmt in formats.items() if fmt == "pickle"]
-    if pickled and not allow_pickle:
-        raise SourceError(
-            f"{str(folder)!r} holds the weights of {', '.join(pickled)} as pickle files (.bin/.pt/.ckpt), which "
-            "can run code when loaded. Convert them to .safetensors, or pass --allow-pickle if you trust "
-            "this model"
-        )
+    return index, xl
+
+
+def _load_folder_modules(folder: Path, formats: dict[str, str | None], xl: bool) -> tuple[Any, Any, Any, Any]:
+    """(text encoder, text encoder 2 or None, UNet, VAE) of a diffusers folder: fp32, eval mode, frozen."""
     diffusers = require("diffusers", "loading a diffusers folder", "export")
     transformers = require("transformers", "loading a diffusers folder", "export")
-    from .tokenizer import tokenizer_from_folder
 
     def options(part: str) -> dict[str, Any]:
         return {"local_files_only": True, "use_safetensors": formats[part] != "pickle"}
@@ -90,32 +122,10 @@ def load_diffusers_folder(folder: Path, *, allow_pickle: bool = False) -> ModelB
         vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae", **options("vae"))
     except (OSError, ValueError) as exc:
         raise SourceError(f"could not load the model in {str(folder)!r}: {exc}") from exc
-    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
     for module in (text_encoder, text_encoder_2, unet, vae):
         if module is not None:
             module.float().eval().requires_grad_(False)
-    return ModelBundle(
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        unet=unet,
-        vae=vae,
-        tokenizer=tokenizer_from_folder(folder / "tokenizer"),
-        tokenizer_2=tokenizer_from_folder(folder / "tokenizer_2") if xl else None,
-        scheduler_config=scheduler_config,
-        model=model_info(
-            text_encoder, unet, vae, scheduler_config, text_encoder_2=text_encoder_2, pipeline_config=index
-        ),
-        source={
-            "kind": "diffusers",
-            "path": str(folder.resolve()),
-            "sha256": folder_hash(folder),
-            "allow_pickle": allow_pickle,
-            "description": f"diffusers folder {folder.resolve()}",
-        },
-    )
-
-
-SHIPPED_CONFIG_NAMES = ("sd15", "sdxl", "sdxl-turbo")
+    return text_encoder, text_encoder_2, unet, vae
 
 
 def load_checkpoint(path: Path, *, allow_pickle: bool = False, config_dir: str | Path | None = None) -> ModelBundle:
@@ -124,69 +134,44 @@ def load_checkpoint(path: Path, *, allow_pickle: bool = False, config_dir: str |
     ``config_dir`` is a shipped config name (``sd15``, ``sdxl``, ``sdxl-turbo``: Turbo checkpoints hold the same
     tensors as SDXL base, only the config says 512 px and one-step sampling) or a diffusers-layout folder.
     """
-    from .tokenizer import clip_tokenizer
-
     xl = _is_sdxl_checkpoint(path, allow_pickle)
-    config = _config_folder(config_dir, "sdxl" if xl else "sd15")
+    shipped = "sdxl" if xl else "sd15"
+    config = config_folder(config_dir, shipped)
     text_encoder_2 = None
     if xl:
-        from .single_file_xl import load_sdxl_single_file
+        from sdtrt.runtime.models.single_file_xl import load_sdxl_single_file
 
         text_encoder, text_encoder_2, unet, vae = load_sdxl_single_file(
             path, config_dir=config, allow_pickle=allow_pickle
         )
     else:
-        from .single_file import load_single_file
+        from sdtrt.runtime.models.single_file import load_single_file
 
         text_encoder, unet, vae = load_single_file(path, config_dir=config, allow_pickle=allow_pickle)
-    fallback = CONFIG_DIR / ("sdxl" if xl else "sd15")
-    scheduler_file = config / "scheduler" / "scheduler_config.json"
-    if not scheduler_file.is_file():
-        scheduler_file = fallback / "scheduler" / "scheduler_config.json"
-    scheduler_config = _read_json(scheduler_file)
-    index_file = config / "model_index.json"
-    index = _read_json(index_file if index_file.is_file() else fallback / "model_index.json")
-    return ModelBundle(
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        unet=unet,
-        vae=vae,
-        tokenizer=clip_tokenizer(),
-        tokenizer_2=clip_tokenizer(pad_token="!") if xl else None,
-        scheduler_config=scheduler_config,
-        model=model_info(
-            text_encoder, unet, vae, scheduler_config, text_encoder_2=text_encoder_2, pipeline_config=index
-        ),
-        source={
-            "kind": "single_file",
-            "path": str(path.resolve()),
-            "config_dir": str(config.resolve()),
-            "sha256": file_hash(path),
-            "allow_pickle": allow_pickle,
-            "description": f"checkpoint {path.name}",
-        },
+    # A config folder may describe only the networks; the scheduler and model index then come from the shipped one.
+    scheduler_file, index_file = "scheduler/scheduler_config.json", "model_index.json"
+    scheduler = _read_json(_own_or_shipped(config, scheduler_file, shipped))
+    index = _read_json(_own_or_shipped(config, index_file, shipped))
+    source = {
+        "kind": "single_file",
+        "path": str(path.resolve()),
+        "config_dir": str(config.resolve()),
+        "sha256": sha256_file(path),
+        "allow_pickle": allow_pickle,
+        "description": f"checkpoint {path.name}",
+    }
+    return bundle_from_modules(
+        text_encoder, unet, vae, scheduler, source, text_encoder_2=text_encoder_2, pipeline_config=index
     )
 
 
-def _config_folder(config_dir: str | Path | None, default: str) -> Path:
-    """A shipped config name or a folder; the shipped ``default`` when none is given."""
-    if config_dir is None:
-        return CONFIG_DIR / default
-    name = str(config_dir)
-    if name in SHIPPED_CONFIG_NAMES and not Path(name).is_dir():
-        return CONFIG_DIR / name
-    folder = Path(config_dir).expanduser()
-    if not folder.is_dir():
-        raise SourceError(
-            f"config {name!r} is neither a shipped config ({', '.join(SHIPPED_CONFIG_NAMES)}) nor a folder; give "
-            "one of those names or a diffusers-layout folder with unet/, vae/ and text_encoder/ configs"
-        )
-    return folder
+def _own_or_shipped(config: Path, file: str, shipped: str) -> Path:
+    return config / file if (config / file).is_file() else shipped_config(shipped) / file
 
 
 def _is_sdxl_checkpoint(path: Path, allow_pickle: bool) -> bool:
-    """Whether a checkpoint holds SDXL's two text encoders (keys under ``conditioner.embedders.``)."""
-    from .single_file import read_state_dict
+    """Whether a checkpoint holds SDXL's two text encoders; a safetensors file is judged by its header alone."""
+    from sdtrt.runtime.models.single_file import is_sdxl_state, read_state_dict
 
     if checkpoint_format(path) == "safetensors":
         safetensors = require("safetensors", "single-file checkpoints", "export")
@@ -197,7 +182,7 @@ def _is_sdxl_checkpoint(path: Path, allow_pickle: bool) -> bool:
             raise SourceError(f"{path} is not a valid .safetensors file: {exc}") from exc
     else:
         keys = list(read_state_dict(path, allow_pickle=allow_pickle))
-    return any(key.startswith("conditioner.embedders.") for key in keys)
+    return is_sdxl_state(keys)
 
 
 def reload_source(source: dict[str, Any]) -> ModelBundle:
@@ -222,19 +207,13 @@ def _weights_format(folder: Path) -> str | None:
     return None
 
 
-def file_hash(path: Path) -> str:
-    from sdtrt.runtime.files import sha256_file
-
-    return sha256_file(path)
-
-
 def folder_hash(folder: Path) -> str:
     """Hash of every weight and config file in the folder (relative names and contents)."""
     digest = hashlib.sha256()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         if file.suffix in WEIGHT_SUFFIXES or file.suffix == ".json":
             digest.update(str(file.relative_to(folder)).encode())
-            digest.update(file_hash(file).encode())
+            digest.update(sha256_file(file).encode())
     return digest.hexdigest()
 
 
@@ -258,8 +237,6 @@ def native_size(source: str, config_dir: str | Path | None = None) -> int:
     """
     path = Path(source).expanduser()
     if source in PRESETS and not (path / "model_index.json").is_file():
-        from .presets import preset_configs
-
         _, unet, vae, _ = preset_configs(source)
     elif path.is_dir():
         unet = _read_json(path / "unet" / "config.json")
@@ -267,7 +244,7 @@ def native_size(source: str, config_dir: str | Path | None = None) -> int:
     elif path.is_file():
         # Only a safetensors header is read here; a pickle file is not opened before the user allows it.
         xl = checkpoint_format(path) == "safetensors" and _is_sdxl_checkpoint(path, allow_pickle=False)
-        folder = _config_folder(config_dir, "sdxl" if xl else "sd15")
+        folder = config_folder(config_dir, "sdxl" if xl else "sd15")
         unet = _read_json(folder / "unet" / "config.json")
         vae = _read_json(folder / "vae" / "config.json")
     else:

@@ -1,6 +1,7 @@
 """Samplers for the lean runtime: one file each, a precomputed ``Schedule`` and a pure, capturable ``step``.
 
-Use ``get_scheduler(name)`` to pick one; each module is imported only when asked for.
+Use ``get_scheduler(name)`` to pick one; each module is imported only when asked for. ``SAMPLERS`` is the one
+table of what each sampler is called by AUTOMATIC1111 and by diffusers.
 """
 
 from __future__ import annotations
@@ -13,32 +14,47 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from .base import Generator, Schedule, StepIndex, add_noise, at_step, initial_state, start_index
-from .config import SchedulerConfig
+from sdtrt.runtime.errors import ConfigError
+from sdtrt.runtime.schedulers.base import Generator, Schedule, StepIndex, add_noise, at_step, initial_state, start_index
+from sdtrt.runtime.schedulers.config import SchedulerConfig
 
-# name -> (module in this package, options passed to its make_schedule)
-_REGISTRY: dict[str, tuple[str, Mapping[str, Any]]] = {
-    "euler": ("euler", {}),
-    "euler_a": ("euler_ancestral", {}),
-    "ddim": ("ddim", {}),
-    "dpmpp_2m": ("dpmpp_2m", {}),
-    "dpmpp_2m_karras": ("dpmpp_2m", {"karras": True}),
-    "lcm": ("lcm", {}),
-}
 
-SCHEDULER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+@dataclass(frozen=True)
+class SamplerEntry:
+    """One row of the sampler table: where a sampler's algorithm lives and what other tools call it."""
 
-# Sampler names as AUTOMATIC1111 writes them in PNG "parameters" metadata.
-A1111_LABELS: Mapping[str, str] = MappingProxyType(
+    module: str  # the module in this package
+    a1111: str  # the label AUTOMATIC1111 writes in PNG "parameters" metadata
+    diffusers: str  # the diffusers scheduler class that computes the same steps
+    options: Mapping[str, Any] = field(default_factory=dict)  # passed to the module's make_schedule
+    diffusers_options: Mapping[str, Any] = field(default_factory=dict)  # on top of the model's scheduler config
+
+
+_DPMPP_2M = MappingProxyType({"algorithm_type": "dpmsolver++", "solver_order": 2})
+
+# The one table of samplers; the names below are views of it.
+SAMPLERS: Mapping[str, SamplerEntry] = MappingProxyType(
     {
-        "euler": "Euler",
-        "euler_a": "Euler a",
-        "ddim": "DDIM",
-        "dpmpp_2m": "DPM++ 2M",
-        "dpmpp_2m_karras": "DPM++ 2M Karras",
-        "lcm": "LCM",
+        "euler": SamplerEntry("euler", "Euler", "EulerDiscreteScheduler"),
+        "euler_a": SamplerEntry("euler_ancestral", "Euler a", "EulerAncestralDiscreteScheduler"),
+        "ddim": SamplerEntry("ddim", "DDIM", "DDIMScheduler"),
+        "dpmpp_2m": SamplerEntry("dpmpp_2m", "DPM++ 2M", "DPMSolverMultistepScheduler", {}, _DPMPP_2M),
+        "dpmpp_2m_karras": SamplerEntry(
+            "dpmpp_2m",
+            "DPM++ 2M Karras",
+            "DPMSolverMultistepScheduler",
+            {"karras": True},
+            {**_DPMPP_2M, "use_karras_sigmas": True},
+        ),
+        "lcm": SamplerEntry("lcm", "LCM", "LCMScheduler"),
     }
+)
+
+SCHEDULER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
+A1111_LABELS: Mapping[str, str] = MappingProxyType({name: entry.a1111 for name, entry in SAMPLERS.items()})
+# sdtrt sampler name -> (diffusers scheduler class, options on top of the model's scheduler config)
+DIFFUSERS_SCHEDULERS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType(
+    {name: (entry.diffusers, entry.diffusers_options) for name, entry in SAMPLERS.items()}
 )
 
 
@@ -89,16 +105,10 @@ class Scheduler:
         return self.module.step(schedule, i, model_output, sample, state)
 
 
-# The diffusers scheduler class a model ships with -> the sampler that reproduces it. Classes with no sampler
+# The diffusers scheduler class a model ships with -> the first sampler that reproduces it. Classes with no sampler
 # here (PNDM, the SD 1.x default; LMS; Heun; UniPC) map to euler_a, the sampler those models are usually run with.
 DIFFUSERS_CLASSES: Mapping[str, str] = MappingProxyType(
-    {
-        "EulerDiscreteScheduler": "euler",
-        "EulerAncestralDiscreteScheduler": "euler_a",
-        "DDIMScheduler": "ddim",
-        "DPMSolverMultistepScheduler": "dpmpp_2m",
-        "LCMScheduler": "lcm",
-    }
+    {entry.diffusers: name for name, entry in reversed(SAMPLERS.items())}  # reversed: the first one wins
 )
 FALLBACK_SAMPLER = "euler_a"
 
@@ -113,16 +123,19 @@ def default_sampler(config: Mapping[str, Any]) -> str:
 
 def get_scheduler(name: str) -> Scheduler:
     """The sampler registered as ``name``; raises ConfigError listing the valid names on an unknown one."""
-    if name not in _REGISTRY:
+    if name not in SAMPLERS:
         raise ConfigError(f"unknown scheduler {name!r}; expected one of: {', '.join(SCHEDULER_NAMES)}")
-    module_name, options = _REGISTRY[name]
-    module = importlib.import_module(f"{__name__}.{module_name}")
-    return Scheduler(name=name, module=module, options=MappingProxyType(dict(options)))
+    entry = SAMPLERS[name]
+    module = importlib.import_module(f"{__name__}.{entry.module}")
+    return Scheduler(name=name, module=module, options=MappingProxyType(dict(entry.options)))
 
 
 __all__ = [
     "A1111_LABELS",
+    "DIFFUSERS_SCHEDULERS",
+    "SAMPLERS",
     "SCHEDULER_NAMES",
+    "SamplerEntry",
     "Schedule",
     "Scheduler",
     "SchedulerConfig",

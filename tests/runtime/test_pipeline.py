@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from sdtrt.runtime.errors import ArtifactError, ConfigError, ShapeError
-from sdtrt.runtime.models.reference import DIFFUSERS_SCHEDULERS, diffusers_pipeline
+from sdtrt.runtime.models.reference import diffusers_pipeline
 from sdtrt.runtime.pipeline import Pipeline
+from sdtrt.runtime.schedulers import DIFFUSERS_SCHEDULERS
 
 PROMPT = "a photo of a cat on a red sofa, detailed"
 NEGATIVE = "blurry, low quality"

@@ -112,6 +112,9 @@ def test_manifest_errors(tmp_path, tiny_fp32):
     evil["components"]["unet"]["data_file"] = "../../etc/passwd"
     with pytest.raises(ArtifactError, match="not a plain relative name"):
         read_manifest(_write(tmp_path / "evil", evil))
+    assert read_manifest(_write(tmp_path / "torch", data | {"kind": "torch"})).kind == "torch"
+    with pytest.raises(ArtifactError, match="manifest kind must be one of onnx, tensorrt, torch, got 'openvino'"):
+        read_manifest(_write(tmp_path / "openvino", data | {"kind": "openvino"}))
 
 
 def test_resolve_file_refuses_symlinks(tmp_path):

@@ -25,7 +25,7 @@ from sdtrt.export.onnx_export import ExportOptions, export_artifacts
 from sdtrt.export.profiles import default_profile
 from sdtrt.runtime.errors import ConfigError, ExportError, ShapeError, SourceError
 from sdtrt.runtime.manifest import read_manifest
-from sdtrt.runtime.models.presets import CONFIG_DIR, load_preset
+from sdtrt.runtime.models.presets import config_folder, load_preset, shipped_config
 from sdtrt.runtime.models.reference import diffusers_pipeline
 from sdtrt.runtime.pipeline import Pipeline
 from sdtrt.runtime.prompts import PromptTokenizer
@@ -204,7 +204,7 @@ def turbo_folder(tmp_path_factory) -> Path:
     """tiny-xl with SDXL-Turbo's scheduler, saved by StableDiffusionXLPipeline.save_pretrained."""
     bundle = load_preset("tiny-xl")
     bundle.scheduler_config = json.loads(
-        (CONFIG_DIR / "sdxl-turbo" / "scheduler" / "scheduler_config.json").read_text()
+        (shipped_config("sdxl-turbo") / "scheduler" / "scheduler_config.json").read_text()
     )
     folder = tmp_path_factory.mktemp("turbo") / "tiny-xl-turbo"
     diffusers_pipeline(bundle, "euler_a").save_pretrained(folder, safe_serialization=True)
@@ -275,12 +275,12 @@ def test_single_file_checkpoint_exports_the_same_model(tmp_path, xl_bundle, xl_f
 
 
 def test_shipped_config_names(tmp_path):
-    from sdtrt.runtime.models.sources import _config_folder
-
-    assert _config_folder("sdxl-turbo", "sd15") == CONFIG_DIR / "sdxl-turbo"
-    assert _config_folder(None, "sdxl") == CONFIG_DIR / "sdxl"
+    assert config_folder("sdxl-turbo", "sd15") == shipped_config("sdxl-turbo")
+    assert config_folder(None, "sdxl") == shipped_config("sdxl")
     with pytest.raises(SourceError, match="neither a shipped config .*sd15, sdxl, sdxl-turbo"):
-        _config_folder("sdxl-lightning", "sd15")
+        config_folder("sdxl-lightning", "sd15")
+    with pytest.raises(SourceError, match="no shipped config 'sdxl-lightning'; the shipped configs are sd15, sdxl"):
+        shipped_config("sdxl-lightning")
 
 
 # -- long prompts ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 
-from sdtrt.runtime.models.shapes import read_record
+from sdtrt.runtime.models.presets import read_shapes_record
 from sdtrt.runtime.pipeline import Pipeline
 from sdtrt.shapes import score
 from sdtrt.shapes.evaluate import EvalSettings, diffusers_generator, evaluate, pipeline_generator, prompts, psnr
@@ -65,7 +65,7 @@ def test_the_preset_defaults_to_its_size_and_sampler(fp32_pipe):
 
 def test_held_out_prompts_reach_the_recorded_accuracy(fp32_run):
     report, _ = fp32_run
-    recorded = read_record()["quality"]["onnxruntime_fp32"]["accuracy"]
+    recorded = read_shapes_record()["quality"]["onnxruntime_fp32"]["accuracy"]
     for aspect in ASPECTS:
         assert report["accuracy"][aspect] >= recorded[aspect] - MARGIN, (aspect, report["accuracy"], recorded)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdtrt.runtime.errors import SourceError
-from sdtrt.runtime.models import shapes as shapes_preset
+from sdtrt.runtime.models.presets import load_shapes, verified_shapes_weights
 from sdtrt.shapes.train import TrainSettings, train
 
 TINY_RUN = TrainSettings(vae_steps=2, vae_batch=2, latents=8, unet_steps=2, unet_batch=2, warmup=1)
@@ -26,7 +26,7 @@ def test_a_training_run_writes_loadable_checked_weights(trained):
     folder, record = trained
     assert set(p.name for p in folder.iterdir()) == {"shapes.safetensors", "shapes.json"}
     assert json.loads((folder / "shapes.json").read_text())["sha256"] == record["sha256"]
-    bundle = shapes_preset.load_shapes(folder)
+    bundle = load_shapes(folder)
     assert bundle.model.scaling_factor == pytest.approx(record["vae"]["scaling_factor"])
     assert bundle.model.vae_scale_factor == 8 and bundle.model.latent_channels == 4
     assert all(p.dtype == torch.float32 for p in bundle.unet.parameters())
@@ -51,23 +51,23 @@ def test_a_damaged_weights_file_is_refused(trained, tmp_path):
     raw[len(raw) // 2] ^= 0xFF
     weights.write_bytes(bytes(raw))
     with pytest.raises(SourceError, match="damaged or were replaced: expected sha256"):
-        shapes_preset.load_shapes(copy)
+        load_shapes(copy)
 
 
 def test_missing_or_broken_files_say_how_to_fix_them(trained, tmp_path):
     folder, _ = trained
     (tmp_path / "shapes.json").write_text("{not json")
     with pytest.raises(SourceError, match="not valid JSON.*retrain with"):
-        shapes_preset.load_shapes(tmp_path)
+        load_shapes(tmp_path)
     shutil.copy(folder / "shapes.json", tmp_path / "shapes.json")
     with pytest.raises(SourceError, match="weights .* are missing"):
-        shapes_preset.load_shapes(tmp_path)
+        load_shapes(tmp_path)
     with pytest.raises(SourceError, match="record .* is missing"):
-        shapes_preset.load_shapes(tmp_path / "nowhere")
+        load_shapes(tmp_path / "nowhere")
 
 
 def test_the_shipped_weights_match_their_record():
-    weights, record = shapes_preset.verified_weights()
+    weights, record = verified_shapes_weights()
     assert weights.stat().st_size == record["bytes"]
     assert record["training"]["command"].startswith("python -m sdtrt.shapes.train")
 

@@ -15,11 +15,10 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 import sdtrt.runtime.models  # noqa: E402
 from sdtrt.runtime.errors import SourceError  # noqa: E402
 from sdtrt.runtime.files import checkpoint_format  # noqa: E402
-from sdtrt.runtime.models.presets import TINY_TEXT, TINY_UNET, TINY_VAE  # noqa: E402
+from sdtrt.runtime.models.presets import TINY_TEXT, TINY_UNET, TINY_VAE, shipped_config  # noqa: E402
 from sdtrt.runtime.models.single_file import (  # noqa: E402
-    SD15_CONFIG_DIR,
     VAE_PREFIX,
-    _load_diffusers_model,
+    load_diffusers_model,
     load_single_file,
     save_original_checkpoint,
     unet_to_ldm,
@@ -103,9 +102,9 @@ def test_sd15_shaped_names_match_the_original_layout() -> None:
 
     with accelerate.init_empty_weights():
         unet = diffusers.UNet2DConditionModel.from_config(
-            json.loads((SD15_CONFIG_DIR / "unet/config.json").read_text())
+            json.loads((shipped_config("sd15") / "unet/config.json").read_text())
         )
-        vae = diffusers.AutoencoderKL.from_config(json.loads((SD15_CONFIG_DIR / "vae/config.json").read_text()))
+        vae = diffusers.AutoencoderKL.from_config(json.loads((shipped_config("sd15") / "vae/config.json").read_text()))
     unet_keys, vae_keys = unet_to_ldm(unet), vae_to_ldm(vae)
     assert (len(unet_keys), len(vae_keys)) == (686, 248)  # the tensor counts of SD 1.5's original checkpoint
     for key in (
@@ -178,7 +177,7 @@ def test_unrelated_safetensors_is_refused(tmp_path: Path) -> None:
 
 
 def test_tiny_checkpoint_with_default_config_asks_for_a_config_folder(saved: tuple[Path, Path]) -> None:
-    assert SD15_CONFIG_DIR == Path(sdtrt.runtime.models.__file__).parent / "configs" / "sd15"
+    assert shipped_config("sd15") == Path(sdtrt.runtime.models.__file__).parent / "configs" / "sd15"
     with pytest.raises(
         SourceError,
         match=r"sd15/unet/config\.json.*pass config_dir=.*has shape \[[0-9, ]+\] in the checkpoint",
@@ -203,10 +202,10 @@ def test_shipped_sd15_vae_config_loads_offline(no_network: None) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         vae = diffusers.AutoencoderKL.from_config(
-            diffusers.AutoencoderKL.load_config(str(SD15_CONFIG_DIR), subfolder="vae", local_files_only=True)
+            diffusers.AutoencoderKL.load_config(str(shipped_config("sd15")), subfolder="vae", local_files_only=True)
         )
     state = {VAE_PREFIX + k: v for k, v in vae_to_ldm(vae).items()}
-    loaded = _load_diffusers_model(diffusers.AutoencoderKL, state, SD15_CONFIG_DIR, "vae", VAE_PREFIX)
+    loaded = load_diffusers_model(diffusers.AutoencoderKL, state, shipped_config("sd15"), "vae", VAE_PREFIX)
     _same_state(vae, loaded)
 
 

@@ -13,17 +13,14 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+import sdtrt.runtime.models  # noqa: E402
 from sdtrt.runtime.errors import SourceError  # noqa: E402
-from sdtrt.runtime.models.presets import TINY_TEXT  # noqa: E402
-from sdtrt.runtime.models.single_file import SD15_CONFIG_DIR, save_original_checkpoint  # noqa: E402
+from sdtrt.runtime.models.presets import SHIPPED_CONFIG_NAMES, TINY_TEXT, shipped_config  # noqa: E402
+from sdtrt.runtime.models.single_file import is_sdxl_state, save_original_checkpoint  # noqa: E402
 from sdtrt.runtime.models.single_file_xl import (  # noqa: E402
     CLIP_L_PREFIX,
     OPENCLIP_PREFIX,
-    SDXL_CONFIG_DIR,
-    SDXL_TURBO_CONFIG_DIR,
-    SHIPPED_CONFIGS,
     UNET_PREFIX,
-    is_sdxl_state,
     load_sdxl_single_file,
     open_clip_to_sgm,
     save_sdxl_checkpoint,
@@ -233,7 +230,7 @@ def test_refiner_layout_is_named(tensors: dict, tmp_path: Path) -> None:
 
 def test_sd15_config_folder_lacks_second_encoder(saved: tuple[Path, Path]) -> None:
     with pytest.raises(SourceError, match=r"lacks text_encoder_2/config\.json.*write_sdxl_config_dir"):
-        load_sdxl_single_file(saved[0], config_dir=SD15_CONFIG_DIR)
+        load_sdxl_single_file(saved[0], config_dir=shipped_config("sd15"))
 
 
 def test_config_mismatch_names_the_tensor(tiny: tuple, saved: tuple[Path, Path], tmp_path: Path) -> None:
@@ -279,7 +276,7 @@ def _config(folder: Path, sub: str) -> dict:
 
 @pytest.mark.parametrize("name", ["sdxl", "sdxl-turbo"])
 def test_shipped_configs_describe_sdxl(name: str, no_network: None) -> None:
-    folder = SHIPPED_CONFIGS[name]
+    folder = shipped_config(name)
     unet = diffusers.UNet2DConditionModel.load_config(str(folder), subfolder="unet", local_files_only=True)
     assert unet["cross_attention_dim"] == 2048
     assert unet["transformer_layers_per_block"] == [1, 2, 10]
@@ -307,17 +304,18 @@ def test_shipped_configs_describe_sdxl(name: str, no_network: None) -> None:
 
 
 def test_shipped_configs_are_the_known_paths() -> None:
-    assert SHIPPED_CONFIGS["sdxl"] == SDXL_CONFIG_DIR and SHIPPED_CONFIGS["sdxl-turbo"] == SDXL_TURBO_CONFIG_DIR
-    assert SHIPPED_CONFIGS["sd15"] == SD15_CONFIG_DIR
-    assert all((folder / "model_index.json").is_file() for folder in SHIPPED_CONFIGS.values())
+    root = Path(sdtrt.runtime.models.__file__).parent / "configs"
+    assert shipped_config("sdxl") == root / "sdxl" and shipped_config("sdxl-turbo") == root / "sdxl-turbo"
+    assert shipped_config("sd15") == root / "sd15"
+    assert all((shipped_config(name) / "model_index.json").is_file() for name in SHIPPED_CONFIG_NAMES)
 
 
 def test_sdxl_sized_names_match_the_original_layout() -> None:
     # Built on the meta device: the real 2.6B UNet and 700M encoder, without allocating them.
     with torch.device("meta"):
-        unet = diffusers.UNet2DConditionModel.from_config(_config(SDXL_CONFIG_DIR, "unet"))
+        unet = diffusers.UNet2DConditionModel.from_config(_config(shipped_config("sdxl"), "unet"))
         big_g = transformers.CLIPTextModelWithProjection(
-            transformers.CLIPTextConfig.from_json_file(str(SDXL_CONFIG_DIR / "text_encoder_2/config.json"))
+            transformers.CLIPTextConfig.from_json_file(str(shipped_config("sdxl") / "text_encoder_2/config.json"))
         )
     unet_keys, big_g_keys = unet_to_sgm(unet), open_clip_to_sgm(big_g)
     # sd_xl_base_1.0.safetensors holds 1680 UNet tensors and 390 OpenCLIP ones (logit_scale is not written).
