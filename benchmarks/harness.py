@@ -30,7 +30,6 @@ import contextlib
 import datetime
 import logging
 import os
-import platform
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -41,51 +40,11 @@ from typing import Any, Protocol
 
 import torch
 
-from sdtrt.runtime.deps import version_of
+from sdtrt.benchmarks.config import CUDA_ONLY, BenchConfig
+from sdtrt.runtime.environment import driver_version, gather_environment
 from sdtrt.runtime.errors import ConfigError
-from sdtrt.runtime.models.reference import DIFFUSERS_SCHEDULERS
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("diffusers", "diffusers-compile", "torch", "torch-graph", "onnxruntime", "tensorrt")
-CUDA_ONLY = ("diffusers-compile", "torch-graph", "tensorrt")
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    source: str
-    backends: tuple[str, ...] = ("diffusers", "torch", "onnxruntime")
-    height: int = 512
-    width: int = 512
-    steps: int = 30
-    guidance: float = 7.5
-    batch: int = 1
-    precision: str = "fp16"
-    runs: int = 10
-    warmup: int = 3
-    seed: int = 0
-    scheduler: str = "euler_a"
-    prompt: str = "a photo of an astronaut riding a horse on mars, detailed, sharp focus"
-    device: str | None = None
-    artifacts: str | None = None  # an existing artifact / engine folder for the sdtrt backends
-    sequential: bool = False  # one backend open at a time, its runs in one block (models too big to hold twice)
-
-    def __post_init__(self) -> None:
-        unknown = [b for b in self.backends if b not in BACKENDS]
-        if unknown or not self.backends:
-            raise ConfigError(f"unknown backend(s) {unknown or '(none)'}; choose from {', '.join(BACKENDS)}")
-        if self.runs < 1 or self.warmup < 0:
-            raise ConfigError(f"runs must be >= 1 and warmup >= 0, got runs={self.runs} warmup={self.warmup}")
-        if self.precision not in ("fp32", "fp16"):
-            raise ConfigError(f"precision must be fp32 or fp16, got {self.precision!r}")
-        if self.scheduler not in DIFFUSERS_SCHEDULERS:
-            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose from {', '.join(DIFFUSERS_SCHEDULERS)}")
-        if self.batch < 1 or self.steps < 1:
-            raise ConfigError(f"batch and steps must be >= 1, got batch={self.batch} steps={self.steps}")
-
-    @property
-    def torch_device(self) -> torch.device:
-        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 class PeakMemory:
@@ -143,36 +102,28 @@ class PeakMemory:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
+    """The machine of a benchmark row: date, platform, CPU, library versions, and on CUDA the GPU and driver."""
+    env = gather_environment(("diffusers", "onnxruntime", "tensorrt"))
     info: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "diffusers": version_of("diffusers"),
-        "onnxruntime": version_of("onnxruntime") or version_of("onnxruntime-gpu"),
-        "tensorrt": version_of("tensorrt"),
-        "sdtrt": version_of("sdtrt"),
+        "platform": env.platform,
+        "cpu": env.cpu,
+        "cpus": env.cpus,
+        "torch": env.torch,
+        "diffusers": env.version("diffusers"),
+        "onnxruntime": env.version("onnxruntime"),
+        "tensorrt": env.version("tensorrt"),
+        "sdtrt": env.sdtrt,
     }
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
+        gpu = env.gpus[device.index if device.index is not None else torch.cuda.current_device()]
         info.update(
-            gpu=props.name,
-            compute_capability=f"{props.major}.{props.minor}",
-            cuda=torch.version.cuda,
-            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpu=gpu.name,
+            compute_capability=gpu.compute_capability,
+            cuda=env.torch_cuda,
+            gpu_memory_gib=round(gpu.memory_gib, 1),
+            driver=driver_version(),
         )
-        try:
-            import subprocess
-
-            info["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-            ).stdout.strip()
-        except OSError:
-            info["driver"] = None
     return info
 
 
@@ -241,7 +192,7 @@ def run_benchmark(
     with tempfile.TemporaryDirectory(prefix="sdtrt-bench-") as scratch:
         folders: dict[str, Path] = {}
         if open_runner is None:
-            from .runners import make_runner, prepare_folder
+            from sdtrt.benchmarks.runners import make_runner, prepare_folder
 
             open_runner = make_runner
             # artifacts first: the diffusers baseline converts the shared modules in place (dtype, device)
@@ -254,69 +205,67 @@ def run_benchmark(
         def open_one(backend: str) -> AbstractContextManager[BenchRunner]:
             return opener(backend, config, device, folders.get(backend))
 
-        if config.sequential:
-            return _run_in_blocks(config, device, open_one, env, say)
-        return _run_interleaved(config, device, open_one, env, say)
+        session = RunSession(config, device, open_one, env, say)
+        return _run_in_blocks(session) if config.sequential else _run_interleaved(session)
 
 
-def _run_interleaved(
-    config: BenchConfig,
-    device: torch.device,
-    open_one: Callable[[str], AbstractContextManager[BenchRunner]],
-    env: dict[str, Any],
-    say: Callable[[str], None],
-) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class RunSession:
+    """What both run orders share: the config, the device, how to open a backend, the environment, the log."""
+
+    config: BenchConfig
+    device: torch.device
+    open_one: Callable[[str], AbstractContextManager[BenchRunner]]
+    env: dict[str, Any]
+    say: Callable[[str], None]
+
+    def open(self, stack: contextlib.ExitStack, backend: str) -> tuple[BenchRunner, int]:
+        """Open ``backend`` on ``stack``; its runner and the memory opening it added."""
+        self.say(f"{backend}: loading")
+        before = PeakMemory.held(self.device)
+        runner = stack.enter_context(self.open_one(backend))
+        return runner, max(0, PeakMemory.held(self.device) - before)
+
+    def timed_row(self, backend: str, runner: BenchRunner, place: RunPlace, loaded: int, scope: str) -> dict[str, Any]:
+        """One timed run of ``runner`` with its peak memory, as a row."""
+        with PeakMemory(self.device) as memory:
+            stages = runner.run(self.config.seed)
+        usage = RunMemory(memory.peak, memory.start, loaded, scope)
+        return make_row(self.config, backend, runner.precision, place, stages, usage, self.env)
+
+
+def _run_interleaved(session: RunSession) -> list[dict[str, Any]]:
     """Open every backend, then warm-up rounds and timed rounds, each round in ``round_order``."""
+    config, say = session.config, session.say
     rows: list[dict[str, Any]] = []
     scope = "process" if len(config.backends) > 1 else "backend"
     with contextlib.ExitStack() as stack:
-        runners: dict[str, BenchRunner] = {}
-        loaded: dict[str, int] = {}
-        for backend in config.backends:
-            say(f"{backend}: loading")
-            before = PeakMemory.held(device)
-            runners[backend] = stack.enter_context(open_one(backend))
-            loaded[backend] = max(0, PeakMemory.held(device) - before)
+        opened = {backend: session.open(stack, backend) for backend in config.backends}
         for k in range(config.warmup):
             for backend in round_order(config.backends, k):
                 say(f"warm-up {k + 1}/{config.warmup}: {backend}")
-                runners[backend].run(config.seed)
+                opened[backend][0].run(config.seed)
         for r in range(config.runs):
             for position, backend in enumerate(round_order(config.backends, r)):
                 say(f"round {r + 1}/{config.runs}: {backend}")
-                runner = runners[backend]
-                with PeakMemory(device) as memory:
-                    stages = runner.run(config.seed)
-                place = RunPlace(r, position, "interleaved")
-                usage = RunMemory(memory.peak, memory.start, loaded[backend], scope)
-                rows.append(make_row(config, backend, runner.precision, place, stages, usage, env))
+                runner, loaded = opened[backend]
+                rows.append(session.timed_row(backend, runner, RunPlace(r, position, "interleaved"), loaded, scope))
     return rows
 
 
-def _run_in_blocks(
-    config: BenchConfig,
-    device: torch.device,
-    open_one: Callable[[str], AbstractContextManager[BenchRunner]],
-    env: dict[str, Any],
-    say: Callable[[str], None],
-) -> list[dict[str, Any]]:
+def _run_in_blocks(session: RunSession) -> list[dict[str, Any]]:
     """One backend open at a time: its warm-up, then its timed runs, then the next backend (biased by order)."""
+    config, say = session.config, session.say
     rows: list[dict[str, Any]] = []
     for position, backend in enumerate(config.backends):
-        say(f"{backend}: loading")
-        before = PeakMemory.held(device)
-        with open_one(backend) as runner:
-            loaded = max(0, PeakMemory.held(device) - before)
+        with contextlib.ExitStack() as stack:
+            runner, loaded = session.open(stack, backend)
             for k in range(config.warmup):
                 say(f"{backend}: warm-up {k + 1}/{config.warmup}")
                 runner.run(config.seed)
             for k in range(config.runs):
                 say(f"{backend}: run {k + 1}/{config.runs}")
-                with PeakMemory(device) as memory:
-                    stages = runner.run(config.seed)
-                place = RunPlace(k, position, "sequential")
-                usage = RunMemory(memory.peak, memory.start, loaded, "backend")
-                rows.append(make_row(config, backend, runner.precision, place, stages, usage, env))
+                rows.append(session.timed_row(backend, runner, RunPlace(k, position, "sequential"), loaded, "backend"))
     return rows
 
 

@@ -13,16 +13,16 @@ switch is followed by one generation, untimed, that checks the LoRA changed the 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sdtrt.benchmarks.records import write_record
 
 RANK = 16
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -44,7 +44,18 @@ def attention_lora(unet: Any, seed: int, rank: int = RANK) -> dict[tuple[str, st
     return layers
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class Setup:
+    """The exported artifact, the two LoRA files, how many layers they change, and the check image's side."""
+
+    folder: Path
+    lora_a: Path
+    lora_b: Path
+    layers: int
+    size: int
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="tiny")
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch"))
@@ -54,81 +65,90 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    return args
 
+
+def prepare(source: str, backend: str, size: int, root: Path) -> Setup:
+    """Write the two LoRAs (kohya and diffusers format) and export ``source`` for ``backend`` under ``root``."""
     from sdtrt.export.onnx_export import ExportOptions, export_artifacts, write_source_artifact
     from sdtrt.export.profiles import default_profile
     from sdtrt.runtime.lora.write import save_lora
     from sdtrt.runtime.models.sources import load_source
+
+    bundle = load_source(source)
+    profile = default_profile(bundle)
+    a = save_lora(attention_lora(bundle.unet, 1), root / "a.safetensors", "kohya", unet=bundle.unet)
+    b = save_lora(attention_lora(bundle.unet, 2), root / "b.safetensors", "diffusers")
+    layers = len(attention_lora(bundle.unet, 1))
+    start = time.perf_counter()
+    if backend == "torch":
+        write_source_artifact(bundle, root / "art", profile)
+    else:
+        export_artifacts(
+            bundle,
+            root / "art",
+            ExportOptions(profile=profile, components=("text_encoder", "unet", "vae_decoder")),
+            consume=True,
+        )
+    print(f"{source}: exported in {time.perf_counter() - start:.1f} s; LoRAs of {layers} layers, rank {RANK}")
+    return Setup(root / "art", a, b, layers, size or profile.min_height)
+
+
+def switch_rounds(setup: Setup, backend: str, rounds: int) -> list[dict[str, Any]]:
+    """Switch A -> B -> none ``rounds`` times on one open pipeline, timing each switch and checking the image."""
     from sdtrt.runtime.pipeline import Pipeline
 
-    with tempfile.TemporaryDirectory(prefix="sdtrt-lora-switch-") as tmp:
-        root = Path(tmp)
-        bundle = load_source(args.source)
-        profile = default_profile(bundle)
-        size = args.size or profile.min_height
-        a = save_lora(attention_lora(bundle.unet, 1), root / "a.safetensors", "kohya", unet=bundle.unet)
-        b = save_lora(attention_lora(bundle.unet, 2), root / "b.safetensors", "diffusers")
-        layers = len(attention_lora(bundle.unet, 1))
-        start = time.perf_counter()
-        if args.backend == "torch":
-            write_source_artifact(bundle, root / "art", profile)
-        else:
-            export_artifacts(
-                bundle,
-                root / "art",
-                ExportOptions(profile=profile, components=("text_encoder", "unet", "vae_decoder")),
-                consume=True,
-            )
-        print(f"{args.source}: exported in {time.perf_counter() - start:.1f} s; LoRAs of {layers} layers, rank {RANK}")
-        del bundle
-        rows: list[dict[str, Any]] = []
-        with Pipeline.from_artifacts(root / "art", backend=args.backend, device="cpu") as pipe:
+    rows: list[dict[str, Any]] = []
+    with Pipeline.from_artifacts(setup.folder, backend=backend, device="cpu") as pipe:
 
-            def image() -> torch.Tensor:
-                return pipe("a photo of a cat", steps=1, seed=0, height=size, width=size, scheduler="euler").pixels
+        def image() -> torch.Tensor:
+            size = setup.size
+            return pipe("a photo of a cat", steps=1, seed=0, height=size, width=size, scheduler="euler").pixels
 
-            base = image()
-            plan = [("a", [(a, 1.0)]), ("b", [(b, 0.8)]), ("none", [])] * args.rounds
-            for index, (name, loras) in enumerate(plan):
-                start = time.perf_counter()
-                pipe.set_loras(loras)
-                seconds = time.perf_counter() - start
-                changed = not torch.equal(image(), base)
-                rows.append({"switch": index, "to": name, "seconds": round(seconds, 4), "changed": changed})
-                print(
-                    f"switch {index:2d} -> {name:<4} {seconds * 1000:9.1f} ms  image {'changed' if changed else 'base'}"
-                )
-                if changed == (name == "none"):
-                    raise SystemExit(f"switch to {name}: the image {'changed' if changed else 'did not change'}")
+        base = image()
+        plan = [("a", [(setup.lora_a, 1.0)]), ("b", [(setup.lora_b, 0.8)]), ("none", [])] * rounds
+        for index, (name, loras) in enumerate(plan):
+            start = time.perf_counter()
+            pipe.set_loras(loras)
+            seconds = time.perf_counter() - start
+            changed = not torch.equal(image(), base)
+            rows.append({"switch": index, "to": name, "seconds": round(seconds, 4), "changed": changed})
+            print(f"switch {index:2d} -> {name:<4} {seconds * 1000:9.1f} ms  image {'changed' if changed else 'base'}")
+            if changed == (name == "none"):
+                raise SystemExit(f"switch to {name}: the image {'changed' if changed else 'did not change'}")
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cold first switch, the median of later switches to a LoRA, and the median switch back to none."""
     warm = [r["seconds"] for r in rows[1:] if r["to"] != "none"]
-    summary = {
+    return {
         "cold_first_switch_s": rows[0]["seconds"],
         "warm_switch_median_s": statistics.median(warm) if warm else None,
         "to_none_median_s": statistics.median(r["seconds"] for r in rows if r["to"] == "none"),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="sdtrt-lora-switch-") as tmp:
+        setup = prepare(args.source, args.backend, args.size, Path(tmp))
+        rows = switch_rounds(setup, args.backend, args.rounds)
+    summary = summarize(rows)
     print(
         f"first switch (reads the base weights) {summary['cold_first_switch_s']:.3f} s; later switches median "
         f"{summary['warm_switch_median_s']:.3f} s; back to none {summary['to_none_median_s']:.3f} s"
     )
     if args.json:
-        record = {
-            "benchmark": "lora_switch",
-            "settings": {
-                "source": args.source,
-                "backend": args.backend,
-                "rank": RANK,
-                "layers": layers,
-                "rounds": args.rounds,
-                "precision": "fp32",
-            },  # fmt: skip
-            "rows": rows,
-            "summary": summary,
-            "machine": {"platform": platform.platform(), "processor": platform.machine()},
-            "versions": {"torch": torch.__version__},
-            "date": datetime.date.today().isoformat(),
+        settings = {
+            "source": args.source,
+            "backend": args.backend,
+            "rank": RANK,
+            "layers": setup.layers,
+            "rounds": args.rounds,
+            "precision": "fp32",
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        write_record(args.json, "lora_switch", settings, rows, summary, versions={"torch": torch.__version__})
     return 0
 
 

@@ -10,12 +10,11 @@ from typing import Any
 
 import torch
 
+from sdtrt.benchmarks.config import BenchConfig
 from sdtrt.runtime.errors import ConfigError
 from sdtrt.runtime.models.reference import diffusers_pipeline
 from sdtrt.runtime.profile import ShapeProfile
 from sdtrt.runtime.specs import required_components
-
-from .harness import BenchConfig
 
 _BUNDLES: dict[str, Any] = {}
 

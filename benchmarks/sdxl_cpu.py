@@ -14,11 +14,9 @@ the real architecture.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import math
-import platform
 import resource
 import subprocess
 import sys
@@ -27,6 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from sdtrt.benchmarks.records import write_record
 
 SIDES = ("diffusers", "sdtrt-torch")
 PROMPT = "a photo of an astronaut riding a horse on mars, detailed, sharp focus"
@@ -92,7 +92,7 @@ def psnr(a: Any, b: Any) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="sdxl-random")
     parser.add_argument("--size", type=int, default=256)
@@ -106,11 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.size <= 0 or args.steps < 1 or args.rounds < 1:
         parser.error(f"--size, --steps and --rounds must be positive, got {args.size}, {args.steps}, {args.rounds}")
-    if args.side:
-        row = run_side(args.side, args.source, args.size, args.steps, args.cfg, args.seed, args.pixels)
-        print(json.dumps(row))
-        return 0
+    return args
 
+
+def run_child(side: str, args: argparse.Namespace, pixels: Path) -> dict[str, Any]:
+    """Run one side in its own process (``--side``); its row."""
+    command = [sys.executable, "-m", "sdtrt.benchmarks.sdxl_cpu", "--side", side, "--pixels", str(pixels)]
+    command += ["--source", args.source, "--size", str(args.size), "--steps", str(args.steps)]
+    command += ["--cfg", str(args.cfg), "--seed", str(args.seed)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{side} run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_rounds(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every round: both sides in alternating order, then the PSNR between their images."""
     import numpy as np
 
     rows: list[dict[str, Any]] = []
@@ -118,46 +129,40 @@ def main(argv: list[str] | None = None) -> int:
         for round_index in range(args.rounds):
             order = SIDES if round_index % 2 == 0 else SIDES[::-1]
             for side in order:
-                pixels = Path(tmp) / f"{side}-{round_index}.npy"
-                command = [sys.executable, "-m", "sdtrt.benchmarks.sdxl_cpu", "--side", side, "--pixels", str(pixels)]
-                command += ["--source", args.source, "--size", str(args.size), "--steps", str(args.steps)]
-                command += ["--cfg", str(args.cfg), "--seed", str(args.seed)]
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise SystemExit(f"{side} run failed ({done.returncode}):\n{done.stderr[-3000:]}")
-                row = json.loads(done.stdout.strip().splitlines()[-1]) | {"round": round_index}
+                row = run_child(side, args, Path(tmp) / f"{side}-{round_index}.npy") | {"round": round_index}
                 rows.append(row)
                 print(f"round {round_index} {side:<12} load {row['load_s']:7.1f} s  generate {row['generate_s']:7.2f} s"
                       f"  peak RSS {row['peak_rss_gib']:.2f} GiB", flush=True)  # fmt: skip
             a, b = (np.load(Path(tmp) / f"{side}-{round_index}.npy") for side in SIDES)
             rows.append({"round": round_index, "psnr_db": psnr(a, b)})
             print(f"round {round_index} sdtrt-torch vs diffusers image PSNR {psnr(a, b):.1f} dB", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.side:
+        row = run_side(args.side, args.source, args.size, args.steps, args.cfg, args.seed, args.pixels)
+        print(json.dumps(row))
+        return 0
+    rows = run_rounds(args)
     times = {s: sorted(r["generate_s"] for r in rows if r.get("side") == s) for s in SIDES}
     summary = {s: {"median_s": t[len(t) // 2], "min_s": t[0]} for s, t in times.items()}
     ratio = summary["sdtrt-torch"]["median_s"] / summary["diffusers"]["median_s"]
     print(f"median generate: diffusers {summary['diffusers']['median_s']:.2f} s, sdtrt torch "
           f"{summary['sdtrt-torch']['median_s']:.2f} s ({ratio:.2f}x the time)")  # fmt: skip
     if args.json:
-        record = {
-            "benchmark": "sdxl_cpu",
-            "settings": {
-                "source": args.source,
-                "size": args.size,
-                "steps": args.steps,
-                "cfg": args.cfg,
-                "seed": args.seed,
-                "sampler": "euler",
-                "precision": "fp32",
-                "prompt": PROMPT,
-            },  # fmt: skip
-            "rows": rows,
-            "summary": summary,
-            "ratio": ratio,
-            "machine": {"platform": platform.platform(), "processor": platform.machine()},
-            "date": datetime.date.today().isoformat(),
+        settings = {
+            "source": args.source,
+            "size": args.size,
+            "steps": args.steps,
+            "cfg": args.cfg,
+            "seed": args.seed,
+            "sampler": "euler",
+            "precision": "fp32",
+            "prompt": PROMPT,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        write_record(args.json, "sdxl_cpu", settings, rows, summary, ratio=ratio)
     return 0
 
 

@@ -33,8 +33,8 @@ OPTIONAL = [
 
 
 def all_modules() -> list[str]:
-    names = ["sdtrt", "sdtrt.cli"]
-    for sub in ("runtime", "export", "calibrate", "benchmarks", "shapes", "serve"):
+    names = ["sdtrt"]
+    for sub in ("cli", "runtime", "export", "calibrate", "benchmarks", "shapes", "serve"):
         names.append(f"sdtrt.{sub}")
         for info in pkgutil.walk_packages([str(ROOT / sub)], prefix=f"sdtrt.{sub}."):
             names.append(info.name)

@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from sdtrt.benchmarks.harness import BenchConfig, run_benchmark
+from sdtrt.benchmarks.config import BenchConfig
+from sdtrt.benchmarks.harness import run_benchmark
 from sdtrt.benchmarks.report import format_table, percentile, summarize
 from sdtrt.runtime.errors import ConfigError, ShapeError
 

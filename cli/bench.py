@@ -1,0 +1,127 @@
+"""``sdtrt bench``: time a model on several backends side by side and print (and save) the table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from sdtrt.cli.options import parse_size, split_list, writable_folder
+
+if TYPE_CHECKING:
+    from sdtrt.benchmarks.config import BenchConfig
+
+
+@click.command("bench")
+@click.argument("source")
+@click.option(
+    "--backends",
+    default="diffusers,torch,onnxruntime",
+    show_default=True,
+    help="Comma-separated: diffusers, diffusers-compile, torch, torch-graph, onnxruntime, tensorrt.",
+)
+@click.option(
+    "--size", help="WIDTHxHEIGHT in pixels (default: the model's native size: 512 for SD 1.5, 1024 for SDXL)."
+)
+@click.option("--steps", type=int, default=30, show_default=True)
+@click.option("--cfg", "guidance", type=float, default=7.5, show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp16",
+    show_default=True,
+    help="fp16 applies on CUDA; PyTorch backends run fp32 on a CPU.",
+)
+@click.option("--scheduler", default="euler_a", show_default=True)
+@click.option("--runs", type=int, default=10, show_default=True)
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", help="cpu or cuda (default: cuda when available).")
+@click.option(
+    "--artifacts",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Existing artifact or engine folder for the sdtrt backends (default: export one now, untimed).",
+)
+@click.option(
+    "--sequential",
+    is_flag=True,
+    help="Run each backend's runs in one block, one backend open at a time (for models too big to hold twice); "
+    "the default opens every backend and interleaves the runs, rotating the order each round.",
+)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the JSON rows here.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG chart here.")
+def bench_cmd(
+    source: str,
+    backends: str,
+    size: str | None,
+    steps: int,
+    guidance: float,
+    batch: int,
+    precision: str,
+    scheduler: str,
+    runs: int,
+    warmup: int,
+    seed: int,
+    device: str | None,
+    artifacts: Path | None,
+    sequential: bool,
+    json_path: Path | None,
+    plot_path: Path | None,
+) -> None:
+    """Time SOURCE on several backends side by side: same weights, seed and sampler, one process, runs interleaved."""
+    from sdtrt.benchmarks.config import BenchConfig
+    from sdtrt.benchmarks.harness import run_benchmark
+    from sdtrt.runtime.models.sources import native_size
+
+    native = native_size(source)
+    hw = parse_size(size or f"{native}x{native}")
+    assert hw is not None
+    config = BenchConfig(
+        source=source,
+        backends=split_list(backends),
+        height=hw[0],
+        width=hw[1],
+        steps=steps,
+        guidance=guidance,
+        batch=batch,
+        precision=precision,
+        runs=runs,
+        warmup=warmup,
+        seed=seed,
+        scheduler=scheduler,
+        device=device,
+        artifacts=str(artifacts) if artifacts else None,
+        sequential=sequential,
+    )
+    for path, what in ((json_path, "the JSON rows"), (plot_path, "the chart")):
+        if path:
+            writable_folder(path.parent, what)
+    rows = run_benchmark(config, progress=lambda message: click.echo(message, err=True))
+    show_results(config, rows, json_path, plot_path)
+
+
+def show_results(
+    config: BenchConfig, rows: list[dict[str, Any]], json_path: Path | None, plot_path: Path | None
+) -> None:
+    """Write the JSON rows and the chart where asked, then print the settings line and the summary table."""
+    from sdtrt.benchmarks.report import format_table, plot, summarize
+    from sdtrt.runtime.files import write_text_atomic
+
+    summaries = summarize(rows)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json_path, json.dumps({"rows": rows, "summary": summaries}, indent=2) + "\n")
+    setting = (
+        f"{config.source} {config.width}x{config.height}, {config.steps} steps, CFG {config.guidance:g}, "
+        f"batch {config.batch}"
+    )
+    if plot_path:
+        plot(summaries, plot_path, setting)
+    env = rows[0]["env"]
+    machine = env.get("gpu") or f"{env['cpu']} ({env['cpus']} cpus)"
+    order = "sequential blocks" if config.sequential else "interleaved"
+    click.echo(f"{setting}, {config.scheduler}, {machine}, {order}")
+    click.echo(format_table(summaries))

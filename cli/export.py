@@ -1,0 +1,179 @@
+"""``sdtrt export`` and ``sdtrt build``: a model source to an ONNX artifact folder, and that to TensorRT engines."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from sdtrt.cli.options import parse_size, split_list
+
+
+@click.command("export")
+@click.argument("source")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp16", show_default=True)
+@click.option(
+    "--components",
+    help="Comma-separated components to export (default: all the model has: text_encoder[,text_encoder_2],"
+    "unet,vae_decoder,vae_encoder).",
+)
+@click.option(
+    "--vae-precision",
+    type=click.Choice(["auto", "fp32", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="auto: as --precision, except SDXL's VAE (it overflows in fp16) stays fp32 unless its config marks it "
+    "fp16-safe (force_upcast false, as the fp16-fix VAE does).",
+)
+@click.option("--min-size", help="Smallest image size, N or WxH pixels (default: model dependent).")
+@click.option("--opt-size", help="Size engines are tuned for, N or WxH.")
+@click.option("--max-size", help="Largest image size, N or WxH.")
+@click.option("--max-batch", type=int, default=4, show_default=True, help="Most images per call.")
+@click.option(
+    "--max-prompt-windows",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="75-token prompt windows engines accept (long prompts); tokens beyond are dropped with a warning.",
+)
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option(
+    "--config-dir",
+    "config_dir",
+    type=click.Path(path_type=Path),
+    help="Single-file checkpoints: a shipped config (sd15, sdxl, sdxl-turbo) or a diffusers-layout config "
+    "folder (default: sd15, or sdxl for SDXL checkpoints).",
+)
+@click.option("--allow-pickle", is_flag=True, help="Load pickle checkpoints (.ckpt/.bin/.pt): they can run code.")
+def export_cmd(
+    source: str,
+    out: Path,
+    precision: str,
+    components: str | None,
+    vae_precision: str,
+    min_size: str | None,
+    opt_size: str | None,
+    max_size: str | None,
+    max_batch: int,
+    max_prompt_windows: int,
+    opset: int,
+    config_dir: Path | None,
+    allow_pickle: bool,
+) -> None:
+    """Export SOURCE (a preset, a diffusers folder or a .safetensors checkpoint) to an ONNX artifact folder."""
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+    from sdtrt.export.profiles import default_profile, make_profile
+    from sdtrt.runtime.models.sources import load_source
+    from sdtrt.runtime.specs import COMPONENTS
+
+    start = time.perf_counter()
+    click.echo(f"loading {source} ...", err=True)
+    bundle = load_source(source, allow_pickle=allow_pickle, config_dir=config_dir)
+    base = default_profile(bundle)
+    profile = make_profile(
+        base, parse_size(min_size), parse_size(opt_size), parse_size(max_size), max_batch, max_prompt_windows
+    )
+    options = ExportOptions(
+        profile=profile,
+        precision=precision,
+        components=split_list(components) if components else COMPONENTS,
+        opset=opset,
+        vae_precision=vae_precision,
+    )
+
+    def progress(name: str, index: int, total: int, seconds: float) -> None:
+        if seconds < 0:
+            click.echo(f"[{index + 1}/{total}] exporting {name} ({precision}) ...", err=True)
+        else:
+            click.echo(f"[{index + 1}/{total}] {name} done in {seconds:.1f} s", err=True)
+
+    manifest = export_artifacts(bundle, out, options, progress=progress, consume=True)
+    click.echo(f"exported {bundle.source['description']} to {out} in {time.perf_counter() - start:.1f} s")
+    click.echo(f"  profile {profile.id}, precision {precision}")
+    for entry in manifest.components.values():
+        files = [entry.file] + ([entry.data_file] if entry.data_file else [])
+        size = sum((out / f).stat().st_size for f in files)
+        click.echo(f"  {entry.file:<20} {size / 2**20:9.1f} MiB  {entry.precision}")
+
+
+@click.command("build")
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Engine folder to write.")
+@click.option("--static", "static_size", help="One image size, N or WxH: the fastest engines, for that size only.")
+@click.option("--dynamic", is_flag=True, help="A range of sizes from --min-size/--opt-size/--max-size.")
+@click.option("--min-size", help="Smallest image size, N or WxH (default: the artifact's).")
+@click.option("--opt-size", help="Size the engines are tuned for, N or WxH.")
+@click.option("--max-size", help="Largest image size, N or WxH.")
+@click.option("--batch", type=int, help="Images per call, one value (min = opt = max).")
+@click.option("--min-batch", type=int, help="Fewest images per call (default: the artifact's).")
+@click.option("--opt-batch", type=int, help="Images per call the engines are tuned for.")
+@click.option("--max-batch", type=int, help="Most images per call.")
+@click.option(
+    "--timing-cache",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Kernel timing file, read if present and updated: speeds up later builds on this GPU.",
+)
+@click.option("--opt-level", type=int, default=3, show_default=True, help="Builder optimization level, 0-5.")
+@click.option("--refittable", is_flag=True, help="Build engines whose weights can be replaced later.")
+@click.option("--workspace-gib", type=float, help="Cap on TensorRT's scratch memory, GiB (default: TensorRT's).")
+@click.option(
+    "--components",
+    default="text_encoder,unet,vae_decoder,vae_encoder",
+    show_default=True,
+    help="Comma-separated components to build (those the artifact has).",
+)
+def build_cmd(
+    artifacts: Path,
+    out: Path,
+    static_size: str | None,
+    dynamic: bool,
+    min_size: str | None,
+    opt_size: str | None,
+    max_size: str | None,
+    batch: int | None,
+    min_batch: int | None,
+    opt_batch: int | None,
+    max_batch: int | None,
+    timing_cache: Path | None,
+    opt_level: int,
+    refittable: bool,
+    workspace_gib: float | None,
+    components: str,
+) -> None:
+    """Build TensorRT engines from the ONNX artifact folder ARTIFACTS into the engine folder OUT."""
+    from sdtrt.export.build import ProfileRequest, TensorRTBuildOptions, build_engines, resolve_profile
+    from sdtrt.runtime.manifest import read_manifest
+
+    request = ProfileRequest(
+        static_size=parse_size(static_size),
+        dynamic=dynamic,
+        min_size=parse_size(min_size),
+        opt_size=parse_size(opt_size),
+        max_size=parse_size(max_size),
+        batch=batch,
+        min_batch=min_batch,
+        opt_batch=opt_batch,
+        max_batch=max_batch,
+    )
+    options = TensorRTBuildOptions(
+        opt_level=opt_level,
+        timing_cache=timing_cache,
+        refittable=refittable,
+        workspace_gib=workspace_gib,
+        components=split_list(components),
+    )
+    start = time.perf_counter()
+    manifest = build_engines(artifacts, out, resolve_profile(request, read_manifest(artifacts).profile), options)
+    click.echo(f"TensorRT {manifest.versions.get('tensorrt')} engines in {out} ({time.perf_counter() - start:.1f} s)")
+    click.echo(f"  profile {manifest.profile.id}")
+    for entry in manifest.components.values():
+        extra = entry.extra
+        peak = extra.get("peak_device_memory")
+        click.echo(
+            f"  {entry.file:<18} {(out / entry.file).stat().st_size / 2**20:9.1f} MiB  "
+            f"built in {extra.get('build_seconds', 0):.1f} s, peak build memory "
+            + ("n/a" if peak is None else f"{peak / 2**20:.0f} MiB")
+            + f", activations {extra.get('device_memory_size', 0) / 2**20:.1f} MiB"
+        )

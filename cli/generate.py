@@ -1,0 +1,222 @@
+"""``sdtrt generate``: images for a prompt from an artifact folder, saved as PNGs with A1111 parameters."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from sdtrt.cli.options import backend_options, parse_pair, parse_size, writable_folder
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from sdtrt.runtime.pipeline import GenerationResult, Pipeline
+
+
+@click.command("generate")
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option(
+    "--negative",
+    help="Negative prompt (what to steer away from). SDXL models that say so get zero negative conditioning "
+    "when it is left out, as diffusers does.",
+)
+@click.option("--steps", type=int, default=30, show_default=True)
+@click.option(
+    "--cfg", "guidance", type=float, default=7.5, show_default=True, help="Guidance scale; <= 1 turns CFG off."
+)
+@click.option("--seed", type=int, help="Seed of the first image (image k uses seed + k); random when omitted.")
+@click.option("--size", help="WIDTHxHEIGHT in pixels (default: the artifact's tuned size).")
+@click.option(
+    "--scheduler",
+    help="euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras or lcm (default: the sampler of the model's scheduler).",
+)
+@backend_options
+@click.option("--num-images", type=int, default=1, show_default=True)
+@click.option("--init-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="img2img source.")
+@click.option("--strength", type=float, default=0.8, show_default=True, help="img2img: how much to change.")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path),
+    default=Path("sdtrt.png"),
+    show_default=True,
+    help="PNG to write; with several images, NAME-0.png, NAME-1.png, ...",
+)
+@click.option("--preview-dir", type=click.Path(path_type=Path), help="Write a cheap latent preview per step here.")
+@click.option("--original-size", help="SDXL: original size WIDTHxHEIGHT to condition on (default: the image size).")
+@click.option("--crop", help="SDXL: crop top-left LEFTxTOP to condition on (default: 0x0).")
+@click.option("--target-size", help="SDXL: target size WIDTHxHEIGHT to condition on (default: the image size).")
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    help="FILE[:SCALE]: a LoRA (.safetensors, kohya/A1111 or diffusers format) applied without re-export; "
+    "repeatable, scale 1 when omitted.",
+)
+def generate_cmd(
+    artifacts: Path,
+    prompt: str,
+    negative: str,
+    steps: int,
+    guidance: float,
+    seed: int | None,
+    size: str | None,
+    scheduler: str | None,
+    backend: str,
+    device: str | None,
+    num_images: int,
+    init_image: Path | None,
+    strength: float,
+    out: Path,
+    preview_dir: Path | None,
+    original_size: str | None,
+    crop: str | None,
+    target_size: str | None,
+    loras: tuple[str, ...],
+) -> None:
+    """Generate images for PROMPT with the engines in ARTIFACTS.
+
+    SDXL-Turbo: --steps 1 --cfg 0 (its scheduler, Euler ancestral with trailing spacing, is the default).
+    """
+    hw = parse_size(size)
+    image = read_init_image(init_image) if init_image else None
+    writable_folder(out.parent, "the image")
+    if preview_dir:
+        writable_folder(preview_dir, "previews")
+    with open_pipeline(artifacts, backend, device, loras) as pipe:
+        runs = min(int(steps * strength), steps) if init_image else steps
+        with step_progress(runs, preview_dir) as on_step:
+            result = pipe(
+                prompt,
+                negative_prompt=negative,
+                steps=steps,
+                guidance_scale=guidance,
+                seed=seed,
+                height=hw[0] if hw else None,
+                width=hw[1] if hw else None,
+                scheduler=scheduler,
+                num_images=num_images,
+                image=image,
+                strength=strength,
+                callback=on_step,
+                original_size=parse_pair(original_size, "--original-size"),
+                crops_coords_top_left=parse_pair(crop, "--crop") or (0, 0),
+                target_size=parse_pair(target_size, "--target-size"),
+            )
+        model_hash = str(pipe.manifest.source.get("sha256", ""))
+        img2img_strength = strength if init_image else None
+        info = InfoText(prompt, negative, steps, guidance, img2img_strength, model_hash, artifacts.name, pipe.loras)
+    save_images(result, out, info)
+    click.echo(timing_line(result, steps, backend))
+
+
+def timing_line(result: GenerationResult, steps: int, backend: str) -> str:
+    """One line: the size, steps, sampler and backend, and what each stage took."""
+    t = result.times
+    w, h = result.settings["width"], result.settings["height"]
+    return (
+        f"{w}x{h}, {steps} steps, {result.settings['scheduler']}, {backend}: text {t.text_encode * 1000:.0f} ms, "
+        f"denoise {t.denoise * 1000:.0f} ms ({t.step_median * 1000:.1f} ms/step), VAE decode "
+        f"{t.vae_decode * 1000:.0f} ms, total {t.total:.2f} s"
+    )
+
+
+def read_init_image(path: Path) -> Image.Image:
+    """The --init-image file, read now so a bad file fails before the engines load."""
+    from PIL import Image
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except OSError as exc:
+        raise click.BadParameter(
+            f"{str(path)!r} is not an image Pillow can read ({exc}); give a PNG, JPEG or WebP file",
+            param_hint="--init-image",
+        ) from None
+    return image
+
+
+@contextlib.contextmanager
+def open_pipeline(artifacts: Path, backend: str, device: str | None, loras: Sequence[str]) -> Iterator[Pipeline]:
+    """The pipeline over ARTIFACTS with the --lora files (FILE[:SCALE]) applied."""
+    from sdtrt.runtime.lora import parse_lora_option
+    from sdtrt.runtime.pipeline import Pipeline
+
+    lora_specs = [parse_lora_option(text) for text in loras]
+    with Pipeline.from_artifacts(artifacts, backend=backend, device=device) as pipe:
+        if lora_specs:
+            pipe.set_loras(lora_specs)
+        yield pipe
+
+
+@contextlib.contextmanager
+def step_progress(runs: int, preview_dir: Path | None) -> Iterator[Callable[[int, int, Any], None]]:
+    """A progress bar on stderr ticked by the step callback, which also saves a latent preview per step if asked."""
+    from sdtrt.runtime.images import latents_to_rgb
+
+    with click.progressbar(length=runs, label="denoising", file=sys.stderr) as bar:
+
+        def on_step(i: int, total: int, latents: Any) -> None:
+            bar.update(1)
+            if preview_dir:
+                for k, preview in enumerate(latents_to_rgb(latents)):
+                    preview.save(preview_dir / f"step-{i + 1:03d}-{k}.png")
+
+        yield on_step
+
+
+@dataclass(frozen=True)
+class InfoText:
+    """What the A1111 ``parameters`` text of every image of one call shares; ``strength`` is None for txt2img."""
+
+    prompt: str
+    negative: str | None
+    steps: int
+    guidance: float
+    strength: float | None
+    model_hash: str
+    model_name: str
+    loras: Sequence[tuple[Any, float]] = ()  # (LoraFile, scale) pairs in use
+
+    def for_image(self, seed: int, width: int, height: int, scheduler: str) -> str:
+        """The text of one image."""
+        from sdtrt.runtime.images import a1111_parameters
+        from sdtrt.runtime.schedulers import A1111_LABELS
+
+        active = self.loras
+        extra = [("Denoising strength", f"{self.strength:g}")] if self.strength is not None else []
+        if active:  # as A1111: the LoRAs in the prompt text, and their hashes
+            extra.append(("Lora hashes", '"' + ", ".join(f"{f.name}: {f.short_hash}" for f, _ in active) + '"'))
+        tags = "".join(f" <lora:{f.name}:{s:g}>" for f, s in active)
+        return a1111_parameters(
+            self.prompt + tags,
+            self.negative or "",
+            self.steps,
+            A1111_LABELS[scheduler],
+            self.guidance,
+            seed,
+            width,
+            height,
+            model_hash=self.model_hash,
+            model_name=self.model_name,
+            extra=extra,
+        )
+
+
+def save_images(result: GenerationResult, out: Path, info: InfoText) -> None:
+    """Each image as a PNG with its A1111 parameters: OUT, or OUT-0.png, OUT-1.png, ... for several."""
+    from sdtrt.runtime.images import save_png
+
+    w, h = result.settings["width"], result.settings["height"]
+    scheduler = str(result.settings["scheduler"])
+    for k, (img, img_seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+        target = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}")
+        save_png(img, target, info.for_image(img_seed, w, h, scheduler))
+        click.echo(f"wrote {target} (seed {img_seed})")

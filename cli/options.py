@@ -1,0 +1,71 @@
+"""Option parsing shared by the ``sdtrt`` commands: sizes, pairs, comma lists, writable folders, backend options."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """'512' -> (512, 512); '768x512' (width x height) -> (512, 768) as (height, width)."""
+    if text is None:
+        return None
+    try:
+        if "x" in text.lower():
+            w, h = text.lower().split("x")
+            size = int(h), int(w)
+        else:
+            size = int(text), int(text)
+    except ValueError:
+        raise click.BadParameter(f"expected N or WIDTHxHEIGHT in pixels (e.g. 512 or 768x512), got {text!r}") from None
+    if min(size) <= 0:
+        raise click.BadParameter(
+            f"sizes must be positive pixel counts, got {text!r}; e.g. 1024x1024, or leave the option out for the "
+            "model's own size"
+        )
+    return size
+
+
+def parse_pair(text: str | None, what: str) -> tuple[int, int] | None:
+    """'1024x768' (width x height) -> (768, 1024) as (height, width), the order diffusers takes; '0x0' allowed."""
+    if text is None:
+        return None
+    try:
+        w, h = text.lower().split("x")
+        pair = int(h), int(w)
+    except ValueError:
+        raise click.BadParameter(f"expected WIDTHxHEIGHT ({what}), e.g. 1024x1024, got {text!r}") from None
+    if min(pair) < 0:
+        raise click.BadParameter(f"{what} must be >= 0, got {text!r}")
+    return pair
+
+
+def split_list(text: str) -> tuple[str, ...]:
+    """'a, b,,c' -> ('a', 'b', 'c'): a comma-separated option value, blanks dropped."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def writable_folder(folder: Path, what: str) -> None:
+    """Create ``folder`` if needed and make sure it can be written, before any long work starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise click.UsageError(
+            f"cannot write {what} to {str(folder)!r} ({exc.strerror}); choose a folder you can write to"
+        ) from None
+
+
+def backend_options(command: F) -> F:
+    """``--backend`` and ``--device`` of the commands that open a pipeline on artifacts."""
+    command = click.option("--device", help="cpu or cuda (default: cuda when the backend can use it).")(command)
+    return click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime, torch or tensorrt.")(
+        command
+    )

@@ -1,0 +1,73 @@
+"""``sdtrt serve``: the AUTOMATIC1111 HTTP API over an artifact folder, in one process or on Ray Serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sdtrt.cli.options import backend_options
+
+
+@click.command("serve")
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=7860, show_default=True, help="Port to listen on (0: any free port).")
+@backend_options
+@click.option("--queue", "queue_size", type=int, default=16, show_default=True, help="Requests that may wait.")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds a request may wait before a 503.")
+@click.option("--ray", "use_ray", is_flag=True, help="Serve as a Ray Serve application (replicas, autoscaling).")
+@click.option("--ray-address", help="Ray cluster to join (e.g. auto); default: start a local Ray.")
+@click.option("--replicas", type=click.IntRange(min=1), help="Ray: a fixed number of replicas.")
+@click.option(
+    "--min-replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Ray: autoscaling floor."
+)
+@click.option(
+    "--max-replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Ray: autoscaling ceiling."
+)
+@click.option("--gpus-per-replica", type=float, default=0.0, show_default=True, help="Ray: num_gpus of a replica.")
+@click.option("--cpus-per-replica", type=float, default=1.0, show_default=True, help="Ray: num_cpus of a replica.")
+def serve_cmd(
+    artifacts: Path,
+    host: str,
+    port: int,
+    backend: str,
+    device: str | None,
+    queue_size: int,
+    timeout: float,
+    use_ray: bool,
+    ray_address: str | None,
+    replicas: int | None,
+    min_replicas: int,
+    max_replicas: int,
+    gpus_per_replica: float,
+    cpus_per_replica: float,
+) -> None:
+    """Serve the AUTOMATIC1111 HTTP API (/sdapi/v1/txt2img, img2img, ...) over the engines in ARTIFACTS.
+
+    SIGTERM stops accepting connections, answers every request already accepted, then exits 0. With --ray, the
+    same API runs as a Ray Serve application: one pipeline per replica, requests batched with @serve.batch.
+    """
+
+    def ready(url: str) -> None:
+        click.echo(f"serving {artifacts} on {url} (A1111 API at {url}/sdapi/v1)")
+
+    if use_ray:
+        from sdtrt.serve.ray_app import RayConfig, run
+
+        config_ray = RayConfig(
+            str(artifacts.resolve()),
+            backend,
+            device,
+            min_replicas=replicas or min_replicas,
+            max_replicas=replicas or max(max_replicas, min_replicas),
+            gpus_per_replica=gpus_per_replica,
+            cpus_per_replica=cpus_per_replica,
+            max_queued_requests=queue_size,
+        )
+        run(config_ray, host, port, address=ray_address, on_ready=ready)
+        return
+    from sdtrt.serve.server import ServeConfig, serve
+
+    config = ServeConfig(artifacts, host, port, backend, device, queue_size, timeout)
+    serve(config, on_ready=ready)

@@ -1,0 +1,62 @@
+"""check_folder from Python: the rows, the verdict and the summary line that `sdtrt check` prints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sdtrt.export.folder_check import CheckOptions, check_folder
+from sdtrt.runtime.errors import ArtifactError
+from sdtrt.runtime.manifest import read_manifest
+
+
+@dataclass(frozen=True)
+class StubReport:
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "stub": True}
+
+
+def test_float_artifact_passes_with_one_row_per_output_and_size(tiny_fp32):
+    outputs = sum(len(e.outputs) for e in read_manifest(tiny_fp32).components.values())
+    outcome = check_folder(tiny_fp32)
+    assert outcome.kind == "artifact" and outcome.report is None and outcome.quantized == ()
+    assert outcome.passed and not outcome.failed_rows
+    assert len(outcome.rows) == 2 * outputs == 12  # two sizes per output
+    assert all(r.rel_l2 < 1e-4 for r in outcome.rows)
+    assert outcome.summary == "all 12 checks passed"
+    rows = json.loads(outcome.rows_json())
+    assert len(rows) == 12 and all(r["passed"] for r in rows)
+
+
+def test_adherence_step_is_called_with_the_folder_and_judged(tiny_fp32, tmp_path):
+    seen: list[Path] = []
+
+    def adherence(folder: Path) -> StubReport:
+        seen.append(folder)
+        return StubReport(passed=False)
+
+    outcome = check_folder(tiny_fp32, CheckOptions(seed=1, adherence=adherence))
+    assert seen == [Path(tiny_fp32)]
+    assert outcome.kind == "adherence" and not outcome.failed_rows and len(outcome.rows) == 12
+    assert not outcome.passed and outcome.report_failed
+    assert outcome.summary == "all checks passed, quality report failed"
+    outcome.save_report(tmp_path / "sub" / "report.json")
+    assert json.loads((tmp_path / "sub" / "report.json").read_text()) == {"passed": False, "stub": True}
+
+
+def test_a_corrupted_file_fails(tiny_fp32, tmp_path):
+    folder = tmp_path / "corrupted"
+    shutil.copytree(tiny_fp32, folder)
+    target = folder / read_manifest(folder).components["vae_decoder"].file
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"vae_decoder: .* does not match the sha256 in the manifest"):
+        check_folder(folder)
