@@ -229,7 +229,7 @@ def check_cmd(
 
     from sdtrt.export.check import check_artifacts, format_table
     from sdtrt.runtime.manifest import read_manifest
-    from sdtrt.shapes.report import adherence_report, format_adherence, is_shapes
+    from sdtrt.shapes.report import adherence_report, format_adherence, is_shapes, quality_config
 
     manifest = read_manifest(artifacts)
     if manifest.kind == "tensorrt":
@@ -253,10 +253,11 @@ def check_cmd(
     failed = [r for r in rows if not r.passed]
     report_failed = False
     if quantized:
-        from sdtrt.calibrate.report import ReportConfig, format_report, quality_report
+        from sdtrt.calibrate.measure import quality_report
+        from sdtrt.calibrate.report import ReportConfig, format_report
 
         click.echo(f"{', '.join(quantized)}: quantized, measured by the quality report", err=True)
-        config = ReportConfig.for_shapes(prompts) if is_shapes(manifest.source) and prompts else ReportConfig()
+        config = quality_config(prompts) if is_shapes(manifest.source) and prompts else ReportConfig()
         report = quality_report(artifacts, references, config)
         click.echo(format_report(report))
         if report_json:
@@ -313,6 +314,8 @@ def calibrate_cmd(
     from sdtrt.calibrate.artifacts import CalibrateRequest, calibrate_artifacts
     from sdtrt.calibrate.capture import CaptureConfig
     from sdtrt.calibrate.quantize import QuantizeConfig
+    from sdtrt.runtime.manifest import read_manifest
+    from sdtrt.shapes.report import calibration_config, is_shapes
 
     hw = parse_size(size)
     out = out or artifacts.with_name(f"{artifacts.name}-{precision}")
@@ -330,6 +333,8 @@ def calibrate_cmd(
         device=device,
         save_data=str(save_data) if save_data else None,
     )
+    if is_shapes(read_manifest(artifacts).source):
+        request = calibration_config(request)
 
     def progress(phase: str, done: int, total: int) -> None:
         click.echo(f"\r{phase} {done}/{total}", err=True, nl=done >= total)

@@ -17,7 +17,6 @@ import argparse
 import datetime
 import gc
 import json
-import math
 import platform
 import resource
 import subprocess
@@ -87,12 +86,9 @@ def run_side(side: str, source: str, size: int, steps: int, guidance: float, see
     return {"side": side, "load_s": round(loaded, 2), "generate_s": round(seconds, 3), "peak_rss_gib": peak / 2**30}
 
 
-def psnr(a: Any, b: Any) -> float:
-    mse = float(((a.astype("float64") - b.astype("float64")) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from sdtrt.runtime.compare import psnr  # here: the parent process only compares the sides' pixels
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="sdxl-random")
     parser.add_argument("--size", type=int, default=256)

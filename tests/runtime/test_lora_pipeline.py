@@ -8,7 +8,6 @@ LoRA for another model is refused with nothing applied.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdtrt.runtime.compare import psnr
 from sdtrt.runtime.models.lora import LoraError, LoraLayer, save_lora
 from sdtrt.runtime.models.presets import load_preset
 from sdtrt.runtime.models.reference import diffusers_pipeline
@@ -29,11 +29,6 @@ PROMPT = "a photo of a cat on a red sofa, detailed"
 NEGATIVE = "blurry"
 SIZE, STEPS, SEED = 64, 4, 3
 PARITY_DB = 40.0
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.float() - b.float()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def make_layers(bundle, text: bool, seed: int, rank: int = 4) -> dict[tuple[str, str], LoraLayer]:
