@@ -27,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sdtrt.runtime.compare import psnr
+
 SIDES = ("diffusers", "sdtrt-torch")
 PROMPT = "a photo of an astronaut riding a horse on mars, detailed, sharp focus"
 
@@ -87,8 +89,6 @@ def run_side(side: str, source: str, size: int, steps: int, guidance: float, see
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sdtrt.runtime.compare import psnr  # here: the parent process only compares the sides' pixels
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="sdxl-random")
     parser.add_argument("--size", type=int, default=256)

@@ -38,7 +38,7 @@ from .evaluate import prompts as held_out_captions
 MAX_ACCURACY_DROP = 0.10  # the artifact may be this much behind PyTorch on "all three right", no more
 # Every caption of the training combinations, none of the held-out ones: what its UNet is calibrated on.
 CALIBRATION_PROMPTS = Path(__file__).parent / "data" / "calibration_prompts.txt"
-SAMPLER = "euler"  # the shapes model is trained and judged with Euler
+SAMPLER = EvalSettings.scheduler  # the sampler its recorded accuracy was measured with
 
 
 @dataclass(frozen=True)
