@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import resource
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtrt.benchmarks.records import write_record
+from sdtrt.runtime.compare import psnr
 
 SIDES = ("diffusers", "sdtrt-torch")
 PROMPT = "a photo of an astronaut riding a horse on mars, detailed, sharp focus"
@@ -85,11 +85,6 @@ def run_side(side: str, source: str, size: int, steps: int, guidance: float, see
     np.save(out, pixels.numpy())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"side": side, "load_s": round(loaded, 2), "generate_s": round(seconds, 3), "peak_rss_gib": peak / 2**30}
-
-
-def psnr(a: Any, b: Any) -> float:
-    mse = float(((a.astype("float64") - b.astype("float64")) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

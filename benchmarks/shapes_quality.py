@@ -35,6 +35,7 @@ def _artifacts(out: Path) -> dict[str, Path]:
     from sdtrt.export.onnx_export import ExportOptions, export_artifacts
     from sdtrt.export.profiles import default_profile
     from sdtrt.runtime.models.sources import load_source
+    from sdtrt.shapes.report import calibration_config
 
     bundle = load_source("shapes")
     folders = {}
@@ -46,7 +47,8 @@ def _artifacts(out: Path) -> dict[str, Path]:
     for precision in ("int8", "fp8"):
         folder = out / f"shapes-{precision}"
         if not (folder / "manifest.json").is_file():
-            calibrate_artifacts(folders["fp16"], folder, CalibrateRequest(quantize=QuantizeConfig(precision)))
+            request = calibration_config(CalibrateRequest(quantize=QuantizeConfig(precision)))
+            calibrate_artifacts(folders["fp16"], folder, request)
         folders[precision] = folder
     return folders
 
@@ -55,7 +57,7 @@ def run(out: Path, count: int) -> dict[str, Any]:
     """Every precision's report, keyed ``onnxruntime_<precision>`` plus ``pytorch_fp32``."""
     from sdtrt.runtime.models.presets import load_shapes
     from sdtrt.runtime.pipeline import Pipeline
-    from sdtrt.shapes.evaluate import EvalSettings, diffusers_generator, evaluate, pipeline_generator, psnr
+    from sdtrt.shapes.evaluate import EvalSettings, diffusers_generator, evaluate, image_psnr, pipeline_generator
 
     folders = _artifacts(out)
     settings = EvalSettings(count=count)
@@ -69,7 +71,7 @@ def run(out: Path, count: int) -> dict[str, Any]:
         with Pipeline.from_artifacts(folder, backend="onnxruntime", device="cpu") as pipe:
             reports[key], images[key] = evaluate(pipeline_generator(pipe, settings), settings)
     for key, ref in REFERENCES.items():
-        reports[key]["psnr_db"] = {f"vs_{ref}": round(psnr(images[key], images[ref]), 2)}
+        reports[key]["psnr_db"] = {f"vs_{ref}": round(image_psnr(images[key], images[ref]), 2)}
     return reports
 
 

@@ -14,9 +14,9 @@ from sdtrt.runtime.deps import version_of
 from sdtrt.runtime.errors import ConfigError
 from sdtrt.runtime.files import sha256_file, staging_dir
 from sdtrt.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest, read_manifest, resolve_file
+from sdtrt.runtime.verify import verified_model_file, verify_files
 
 from .capture import (
-    SHAPES_PROMPTS,
     CalibrationData,
     CaptureConfig,
     capture_calibration_data,
@@ -35,24 +35,10 @@ class CalibrateRequest:
 
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
-    prompts_file: str | None = None  # None: the prompt set that ships with sdtrt
+    prompts_file: str | None = None  # None: the prompt set that ships with sdtrt (calibrate/data/prompts.txt)
     backend: str = "onnxruntime"
     device: str | None = None
     save_data: str | None = None  # also write the captured calibration data (.npz) here
-
-
-def _for_model(request: CalibrateRequest, manifest: Manifest) -> CalibrateRequest:
-    """The trained shapes model calibrates on its own training captions, with its own sampler and CFG."""
-    from sdtrt.shapes.report import is_shapes
-
-    if not is_shapes(manifest.source) or request.prompts_file is not None:
-        return request
-    from sdtrt.shapes.evaluate import DEFAULT_GUIDANCE
-
-    capture = request.capture
-    if (capture.guidance_scale, capture.scheduler) == (CaptureConfig.guidance_scale, CaptureConfig.scheduler):
-        capture = replace(capture, guidance_scale=DEFAULT_GUIDANCE, scheduler="euler")
-    return replace(request, capture=capture, prompts_file=str(SHAPES_PROMPTS))
 
 
 def calibrate_artifacts(
@@ -72,11 +58,7 @@ def calibrate_artifacts(
     check_unet_artifact(source_dir)
     manifest = read_manifest(source_dir)
     _check_output(source_dir, out_dir)
-    from sdtrt.export.check import verify_files
-    from sdtrt.runtime.backends.onnxruntime import verified_model_file
-
     verify_files(source_dir, manifest)
-    request = _for_model(request, manifest)
     prompts = load_prompts(request.prompts_file)
     if data is None:
         data = capture_calibration_data(

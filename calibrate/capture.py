@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")  # every UNet's; SDXL adds text_embeds, time_ids
 SDXL_INPUTS = ("text_embeds", "time_ids")
 DEFAULT_PROMPTS = Path(__file__).parent / "data" / "prompts.txt"
-SHAPES_PROMPTS = Path(__file__).parent / "data" / "shapes_prompts.txt"  # the trained shapes model's captions
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SCHEDULER = "euler_a"
 Progress = Callable[[int, int], None]  # (trajectories done, trajectories in all)
 
@@ -298,7 +298,15 @@ def capture_calibration_data(
 
 
 def prompt_source(path: str | os.PathLike[str] | None) -> dict[str, str]:
-    """Where the prompts came from: the file and its sha256 (the built-in set when ``path`` is None)."""
+    """Where the prompts came from: the file and its sha256 (the built-in set when ``path`` is None).
+
+    A prompt file that ships with sdtrt (in a ``data`` folder of one of its packages) is named ``sdtrt:PATH``,
+    the same on every machine.
+    """
     source = Path(path) if path is not None else DEFAULT_PROMPTS
-    shipped = source.resolve().parent == DEFAULT_PROMPTS.resolve().parent
-    return {"file": f"sdtrt:calibrate/data/{source.name}" if shipped else str(source), "sha256": sha256_file(source)}
+    try:
+        inside = source.resolve().relative_to(PACKAGE_ROOT)
+    except ValueError:
+        inside = None
+    shipped = inside is not None and len(inside.parts) == 3 and inside.parts[1] == "data"
+    return {"file": f"sdtrt:{inside.as_posix()}" if shipped else str(source), "sha256": sha256_file(source)}

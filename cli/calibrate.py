@@ -46,6 +46,8 @@ def calibrate_cmd(
     from sdtrt.calibrate.artifacts import CalibrateRequest, calibrate_artifacts
     from sdtrt.calibrate.capture import CaptureConfig
     from sdtrt.calibrate.quantize import QuantizeConfig
+    from sdtrt.runtime.manifest import read_manifest
+    from sdtrt.shapes.report import calibration_config, is_shapes
 
     hw = parse_size(size)
     out = out or artifacts.with_name(f"{artifacts.name}-{precision}")
@@ -63,6 +65,8 @@ def calibrate_cmd(
         device=device,
         save_data=str(save_data) if save_data else None,
     )
+    if is_shapes(read_manifest(artifacts).source):
+        request = calibration_config(request)
 
     def progress(phase: str, done: int, total: int) -> None:
         click.echo(f"\r{phase} {done}/{total}", err=True, nl=done >= total)

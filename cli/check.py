@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import click
 
 if TYPE_CHECKING:
-    from sdtrt.calibrate.report import ReportConfig
     from sdtrt.export.folder_check import CheckOutcome, CheckReport
 
 
@@ -61,16 +61,18 @@ def check_cmd(
     the ONNX file each engine was built from, at the engine profile's min, opt and max shapes (needs TensorRT and
     an NVIDIA GPU).
     """
+    from sdtrt.calibrate.measure import quality_report
     from sdtrt.export.check import format_table
     from sdtrt.export.folder_check import CheckOptions, check_folder
     from sdtrt.runtime.manifest import read_manifest
-    from sdtrt.shapes.report import is_shapes
+    from sdtrt.shapes.report import is_shapes, quality_config
 
     shapes = is_shapes(read_manifest(artifacts).source)
     options = CheckOptions(
         seed=seed,
-        references=references,
-        quality=shapes_quality_config(prompts) if shapes and prompts else None,
+        quality=partial(
+            quality_report, references=references, config=quality_config(prompts) if shapes and prompts else None
+        ),
         adherence=shapes_adherence(prompts) if shapes and prompts > 0 else None,
     )
     outcome = check_folder(artifacts, options, notify=lambda note: click.echo(note, err=True))
@@ -85,13 +87,6 @@ def check_cmd(
         click.echo(outcome.summary, err=True)
         sys.exit(1)
     click.echo(outcome.summary)
-
-
-def shapes_quality_config(prompts: int) -> ReportConfig:
-    """The quality report of a quantized ``shapes`` UNet: that model's held-out captions, size and sampler."""
-    from sdtrt.calibrate.report import ReportConfig
-
-    return ReportConfig.for_shapes(prompts)
 
 
 def shapes_adherence(prompts: int) -> Callable[[Path], CheckReport]:

@@ -24,13 +24,13 @@ from typing import Any
 
 import sdtrt
 from sdtrt.runtime.backends import trt_compat
-from sdtrt.runtime.backends.onnxruntime import verified_model_file
 from sdtrt.runtime.backends.tensorrt import check_interface
 from sdtrt.runtime.errors import ArtifactError, BuildError, ShapeError
 from sdtrt.runtime.files import sha256_file, write_bytes_atomic
 from sdtrt.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest, read_manifest, resolve_file
 from sdtrt.runtime.profile import ShapeProfile
 from sdtrt.runtime.specs import COMPONENTS, ModelInfo, check_profile_fits, component_specs, shape_ranges
+from sdtrt.runtime.verify import verified_model_file
 
 from .trt_builder import PeakDeviceMemory, TensorRTBuildOptions, build
 

@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdtrt.runtime.compare import errors
 from sdtrt.runtime.deps import require
-from sdtrt.runtime.errors import ArtifactError
-from sdtrt.runtime.files import sha256_file
-from sdtrt.runtime.manifest import Manifest, read_manifest, resolve_file
+from sdtrt.runtime.manifest import Manifest, read_manifest
 from sdtrt.runtime.models.bundle import ModelBundle
 from sdtrt.runtime.models.wrappers import wrap
 from sdtrt.runtime.specs import ComponentSpec, ModelInfo, component_specs
+from sdtrt.runtime.verify import verify_files
 
 log = logging.getLogger(__name__)
 
@@ -89,29 +89,6 @@ def make_inputs(
     return feeds
 
 
-def _errors(out: np.ndarray, ref: torch.Tensor) -> tuple[float, float]:
-    o = torch.from_numpy(np.asarray(out, dtype=np.float32))
-    r = ref.float()
-    diff = o - r
-    max_abs = float(diff.abs().max())
-    rel = float(torch.linalg.vector_norm(diff) / torch.linalg.vector_norm(r).clamp_min(1e-12))
-    return max_abs, rel if math.isfinite(max_abs) else float("nan")
-
-
-def verify_files(folder: Path, manifest: Manifest) -> None:
-    """Refuse an artifact whose files were changed or truncated after export."""
-    for name, entry in manifest.components.items():
-        for file, digest in ((entry.file, entry.sha256), (entry.data_file, entry.data_sha256)):
-            if file is None:
-                continue
-            path = resolve_file(folder, file)
-            if digest and sha256_file(path) != digest:
-                raise ArtifactError(
-                    f"{name}: {file} does not match the sha256 in the manifest (changed or truncated "
-                    "after export); re-export the artifact"
-                )
-
-
 def check_artifacts(folder: str | Path, bundle: ModelBundle | None = None, seed: int = 0) -> list[CheckRow]:
     """Compare every component of the artifact in ``folder`` with its PyTorch module at two sizes."""
     folder = Path(folder)
@@ -141,7 +118,7 @@ def check_artifacts(folder: str | Path, bundle: ModelBundle | None = None, seed:
             }
             outs = session.run([t.name for t in entry.outputs], ort_feeds)
             for tensor, out, r in zip(entry.outputs, outs, refs, strict=True):
-                max_abs, rel = _errors(out, r)
+                max_abs, rel = errors(out, r)
                 rows.append(
                     CheckRow(name, entry.precision, f"{batch}@{width}x{height}", tensor.name, max_abs, rel, tolerance)
                 )

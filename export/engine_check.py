@@ -27,17 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from sdtrt.runtime.backends import tensorrt as trt_backend
 from sdtrt.runtime.backends import trt_compat
-from sdtrt.runtime.backends.onnxruntime import verified_model_file
+from sdtrt.runtime.compare import errors
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import ArtifactError, BackendError, MissingDependencyError
 from sdtrt.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest, read_manifest
 from sdtrt.runtime.specs import ComponentSpec, TensorSpec, component_specs
+from sdtrt.runtime.verify import verified_model_file
 
-from .check import NUMPY_DTYPES, CheckRow, _errors, make_inputs
+from .check import NUMPY_DTYPES, CheckRow, make_inputs
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def check_engine(
     rows = []
     for (label, _), want, got in zip(feeds, reference, found, strict=True):
         for tensor in entry.outputs:
-            max_abs, rel = _errors(np.asarray(got[tensor.name]), torch.from_numpy(np.asarray(want[tensor.name])))
+            max_abs, rel = errors(got[tensor.name], want[tensor.name])
             rows.append(CheckRow(name, entry.precision, label, tensor.name, max_abs, rel, tolerance))
     del engine
     return rows

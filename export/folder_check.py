@@ -6,8 +6,9 @@
   inputs outside its calibrated ranges a direct comparison says little);
 - a float artifact given a prompt-adherence step: the components as above, plus that step's report.
 
-What is particular to one model (the quality report's prompts and sampler, a prompt-adherence step) is passed in
-by the caller as plain config; nothing here knows any model by name.
+The reports are passed in by the caller as plain callables (folder -> report): the quality report of a quantized
+UNet lives in ``calibrate/`` (which depends on ``export/``, not the reverse), and what is particular to one model
+(its report prompts and sampler, a prompt-adherence step) is the caller's config; nothing here knows any model.
 """
 
 from __future__ import annotations
@@ -18,14 +19,12 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from sdtrt.export.check import CheckRow, check_artifacts
+from sdtrt.runtime.errors import ConfigError
 from sdtrt.runtime.files import write_text_atomic
 from sdtrt.runtime.manifest import read_manifest
-
-if TYPE_CHECKING:
-    from sdtrt.calibrate.report import ReportConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +51,13 @@ class CheckReport(Protocol):
 class CheckOptions:
     """How to check a folder.
 
-    seed: seed of the random inputs. references: for an int8/fp8 UNet, the float artifacts to compare with
-    (default: the one it was calibrated from). quality: the quality-report config for an int8/fp8 UNet (None: the
-    default config). adherence: a step that scores a float artifact folder on what its images show (None: none).
+    seed: seed of the random inputs. quality: the quality report of a folder with an int8/fp8 UNet, e.g.
+    ``functools.partial(sdtrt.calibrate.measure.quality_report, references=..., config=...)``; required for such a
+    folder. adherence: a step that scores a float artifact folder on what its images show (None: none).
     """
 
     seed: int = 0
-    references: tuple[Path, ...] = ()
-    quality: ReportConfig | None = None
+    quality: Callable[[Path], CheckReport] | None = None
     adherence: Callable[[Path], CheckReport] | None = None
 
 
@@ -122,18 +120,20 @@ def check_folder(
     options = options or CheckOptions()
     root = Path(folder)
     manifest = read_manifest(root)
+    quantized = tuple(n for n, e in manifest.components.items() if e.precision in QUANTIZED_PRECISIONS)
+    if quantized and options.quality is None:
+        raise ConfigError(
+            f"{root} holds quantized components ({', '.join(quantized)}), which are judged by a quality report; "
+            "pass CheckOptions(quality=functools.partial(sdtrt.calibrate.measure.quality_report, ...))"
+        )
     if manifest.kind == "tensorrt":
         from sdtrt.export.engine_check import check_engines
 
         return CheckOutcome("engines", tuple(check_engines(root, seed=options.seed)))
-    quantized = tuple(n for n, e in manifest.components.items() if e.precision in QUANTIZED_PRECISIONS)
     rows = tuple(r for r in check_artifacts(root, seed=options.seed) if r.component not in quantized)
     if quantized:
-        from sdtrt.calibrate.report import quality_report
-
         (notify or log.info)(f"{', '.join(quantized)}: quantized, measured by the quality report")
-        report = quality_report(root, options.references, options.quality)
-        return CheckOutcome("quantized", rows, quantized, report)
+        return CheckOutcome("quantized", rows, quantized, options.quality(root))
     if options.adherence is not None:
         return CheckOutcome("adherence", rows, report=options.adherence(root))
     return CheckOutcome("artifact", rows)

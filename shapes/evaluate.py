@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sdtrt.runtime.compare import psnr
+
 from . import data, score
 
 log = logging.getLogger(__name__)
@@ -68,12 +70,11 @@ def evaluate(generate: Generate, settings: EvalSettings) -> tuple[dict[str, Any]
     return report, images
 
 
-def psnr(a: Sequence[Image.Image], b: Sequence[Image.Image]) -> float:
+def image_psnr(a: Sequence[Image.Image], b: Sequence[Image.Image]) -> float:
     """PSNR in dB of image set ``a`` against ``b`` (pairwise, over all pixels together)."""
-    x = np.stack([np.asarray(i.convert("RGB"), dtype=np.float64) for i in a])
-    y = np.stack([np.asarray(i.convert("RGB"), dtype=np.float64) for i in b])
-    mse = float(np.mean((x - y) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    x = np.stack([np.asarray(i.convert("RGB")) for i in a])
+    y = np.stack([np.asarray(i.convert("RGB")) for i in b])
+    return psnr(x, y, peak=255.0)
 
 
 def pipeline_generator(pipe: Any, settings: EvalSettings) -> Generate:

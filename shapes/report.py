@@ -1,21 +1,44 @@
-"""Prompt adherence of a ``shapes`` artifact against its PyTorch source, for ``sdtrt check``.
+"""Prompt adherence of a ``shapes`` artifact against its PyTorch source, and the shapes model's config for
+``sdtrt calibrate`` and the quality report of its quantized UNets.
 
 The artifact (any precision, ONNX Runtime) and diffusers' own pipeline over the fp32 PyTorch modules generate
 the same held-out prompts from the same seeds. The report gives each one's accuracy per aspect and the PSNR of
 the artifact's images against the PyTorch ones: an artifact can keep a high PSNR and still lose shapes (or the
 reverse), so both are shown, and the check fails when the artifact's accuracy falls behind PyTorch's.
+
+Calibration knows no model by name: for a shapes artifact the CLI passes :func:`calibration_config` (its
+training captions, sampler and CFG) and :func:`quality_config` (its held-out captions, size, sampler, CFG and
+scorer).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS, EvalSettings, diffusers_generator, evaluate, pipeline_generator
-from .evaluate import psnr as image_psnr
+from sdtrt.calibrate.artifacts import CalibrateRequest
+from sdtrt.calibrate.capture import CaptureConfig
+from sdtrt.calibrate.report import ReportConfig
+
+from . import score
+from .data import IMAGE_SIZE
+from .evaluate import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    IMAGE_SEED,
+    EvalSettings,
+    diffusers_generator,
+    evaluate,
+    image_psnr,
+    pipeline_generator,
+)
+from .evaluate import prompts as held_out_captions
 
 MAX_ACCURACY_DROP = 0.10  # the artifact may be this much behind PyTorch on "all three right", no more
+# Every caption of the training combinations, none of the held-out ones: what its UNet is calibrated on.
+CALIBRATION_PROMPTS = Path(__file__).parent / "data" / "calibration_prompts.txt"
+SAMPLER = EvalSettings.scheduler  # the sampler its recorded accuracy was measured with
 
 
 @dataclass(frozen=True)
@@ -40,6 +63,34 @@ class AdherenceReport:
 def is_shapes(source: dict[str, Any]) -> bool:
     """Whether a manifest's ``source`` is the trained shapes preset."""
     return source.get("kind") == "preset" and source.get("name") == "shapes"
+
+
+def calibration_config(request: CalibrateRequest) -> CalibrateRequest:
+    """``request`` for a shapes artifact: its own training captions, and its sampler and CFG unless the request
+    already sets others. A request that names a prompt file is kept as it is."""
+    if request.prompts_file is not None:
+        return request
+    capture = request.capture
+    if (capture.guidance_scale, capture.scheduler) == (CaptureConfig.guidance_scale, CaptureConfig.scheduler):
+        capture = replace(capture, guidance_scale=DEFAULT_GUIDANCE, scheduler=SAMPLER)
+    return replace(request, capture=capture, prompts_file=str(CALIBRATION_PROMPTS))
+
+
+def quality_config(prompts: int = 20) -> ReportConfig:
+    """The quality report for a quantized shapes UNet: ``prompts`` held-out captions at the model's size,
+    sampler and CFG, each precision's images scored for what they show."""
+    return ReportConfig(
+        prompts=prompts,
+        steps=DEFAULT_STEPS,
+        height=IMAGE_SIZE,
+        width=IMAGE_SIZE,
+        guidance_scale=DEFAULT_GUIDANCE,
+        scheduler=SAMPLER,
+        seed=IMAGE_SEED,
+        held_out=tuple(held_out_captions(prompts)),
+        score=score.accuracy,
+        max_accuracy_drop=MAX_ACCURACY_DROP,
+    )
 
 
 def adherence_report(

@@ -93,3 +93,16 @@ def test_runtime_never_imports_export_calibrate_or_shapes():
                 ):
                     offenders.append(f"{path.name}: {name}")
     assert offenders == []
+
+
+def test_calibrate_never_imports_shapes():
+    """Calibration takes a model's prompts, sampler and scorer as config; it knows no demo model by name."""
+    offenders = []
+    for path in (ROOT / "calibrate").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                base = f"{'.' * node.level}{node.module or ''}"
+                names = [base] if node.module else [f"{base}{a.name}" for a in node.names]
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith(("sdtrt.shapes", "..shapes"))]
+    assert offenders == []

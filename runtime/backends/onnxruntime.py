@@ -16,8 +16,7 @@ session is made and break callers that switch streams. The engine is not CUDA-gr
 
 Safety: before a session is made, the ``.onnx`` file (and its external-data file) must match the manifest's
 sha256, and every external-data location in the graph must be the data file the manifest names, a plain relative
-name inside the folder. The graph scan needs the ``onnx`` package; without it only the manifest's own names and
-hashes are checked.
+name inside the folder (``sdtrt.runtime.verify``).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -36,8 +35,8 @@ import torch
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.engine import BackendOptions, WeightUpdate
 from sdtrt.runtime.errors import ArtifactError, BackendError
-from sdtrt.runtime.files import sha256_file
-from sdtrt.runtime.manifest import ComponentEntry, Manifest, check_relative_name, resolve_file
+from sdtrt.runtime.manifest import ComponentEntry, Manifest
+from sdtrt.runtime.verify import verified_model_file
 
 from .common import EngineBase, bind_dims, close_all, engine_device, resolve_shape, torch_dtype
 
@@ -228,87 +227,6 @@ def check_precision(name: str, entry: ComponentEntry, options: BackendOptions) -
             f"onnxruntime runs the precision the ONNX file was exported in: re-export with "
             f"--precision {options.precision}, or use precision auto"
         )
-
-
-def verified_model_file(folder: Path, entry: ComponentEntry) -> Path:
-    """Path of the component's ONNX file once it and its data file match the manifest and are safe to load."""
-    path = resolve_file(folder, entry.file)
-    _check_sha256(path, entry.sha256, entry.file)
-    if entry.data_file is not None:
-        data = resolve_file(folder, entry.data_file)
-        if entry.data_sha256:
-            _check_sha256(data, entry.data_sha256, entry.data_file)
-    check_external_data(folder, path, entry)
-    return path
-
-
-def _check_sha256(path: Path, expected: str, name: str) -> None:
-    found = sha256_file(path)
-    if found != expected:
-        raise ArtifactError(
-            f"{name} does not match the manifest (sha256 {found[:12]}..., expected {expected[:12]}...): the file "
-            "was changed or damaged after export; re-export the artifact"
-        )
-
-
-def check_external_data(folder: Path, path: Path, entry: ComponentEntry) -> None:
-    """Refuse a graph whose weights point anywhere but the data file the manifest names (needs ``onnx``)."""
-    try:
-        import onnx
-    except ImportError:
-        log.debug("onnx is not installed; relying on the manifest's data file check for %s", entry.file)
-        return
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise ArtifactError(f"{entry.file} is not a readable ONNX model ({exc}); re-export the artifact") from exc
-    allowed = None if entry.data_file is None else os.path.normpath(entry.data_file)
-    for location in external_locations(onnx, model):
-        try:
-            check_relative_name(location)
-            resolve_file(path.parent, location)
-        except ArtifactError as exc:
-            raise ArtifactError(f"{entry.file} keeps weights at {location!r}, which is refused: {exc}") from exc
-        relative = Path(os.path.relpath(path.parent / location, folder)).as_posix()
-        if os.path.normpath(relative) != allowed:
-            raise ArtifactError(
-                f"{entry.file} keeps weights in {location!r}, but the manifest names "
-                f"{entry.data_file or 'no data file'}; refusing a file the manifest does not describe "
-                "(re-export the artifact)"
-            )
-
-
-def external_locations(onnx: ModuleType, model: Any) -> Iterator[str]:
-    """The external-data ``location`` of every tensor in the model, its subgraphs and its functions."""
-    tensors = list(_graph_tensors(model.graph))
-    for function in model.functions:
-        tensors.extend(_node_tensors(function.node))
-    for tensor in tensors:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            locations = [item.value for item in tensor.external_data if item.key == "location"]
-            yield from locations or [""]
-
-
-def _graph_tensors(graph: Any) -> Iterator[Any]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    yield from _node_tensors(graph.node)
-
-
-def _node_tensors(nodes: Any) -> Iterator[Any]:
-    for node in nodes:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("sparse_tensor"):
-                yield attr.sparse_tensor.values
-                yield attr.sparse_tensor.indices
-            subgraphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
-            for graph in subgraphs:
-                yield from _graph_tensors(graph)
 
 
 def create_session(

@@ -43,6 +43,7 @@ import torch
 from sdtrt.runtime.engine import BackendOptions, WeightUpdate
 from sdtrt.runtime.errors import ArtifactError, BackendError, ShapeError
 from sdtrt.runtime.manifest import ComponentEntry, Manifest, resolve_file
+from sdtrt.runtime.verify import check_sha256
 
 from . import trt_compat, trt_refit
 from .common import EngineBase, bind_dims, close_all, torch_dtype
@@ -342,12 +343,8 @@ def mismatch_text(entry: ComponentEntry, built: Mapping[str, str], running: Mapp
 def read_verified_plan(folder: Path, entry: ComponentEntry) -> bytes:
     """The plan's bytes, once they match the manifest's sha256 (the very bytes that will be deserialized)."""
     data = resolve_file(folder, entry.file).read_bytes()
-    found = hashlib.sha256(data).hexdigest()
-    if found != entry.sha256:
-        raise ArtifactError(
-            f"{entry.file} does not match the manifest (sha256 {found[:12]}..., expected {entry.sha256[:12]}...): "
-            f"the plan was changed or damaged after it was built; refusing to load it. {rebuild_hint(entry, folder)}"
-        )
+    fix = f"the plan was changed or damaged after it was built; refusing to load it. {rebuild_hint(entry, folder)}"
+    check_sha256(entry.file, hashlib.sha256(data).hexdigest(), entry.sha256, fix)
     return data
 
 

@@ -16,6 +16,7 @@ import pytest
 from sdtrt.calibrate.artifacts import CalibrateRequest, calibrate_artifacts
 from sdtrt.calibrate.capture import CalibrationData, CaptureConfig, capture_calibration_data, load_prompts
 from sdtrt.calibrate.quantize import DEFAULT_EXCLUDE, QuantizeConfig
+from sdtrt.runtime.compare import rel_l2
 from sdtrt.runtime.errors import ArtifactError, ConfigError
 from sdtrt.runtime.manifest import read_manifest
 
@@ -59,10 +60,6 @@ def _session(path: Path, basic: bool = False):
     if basic:  # exact Q/DQ arithmetic, as TensorRT computes it (no fused CPU int8 kernels)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _rel(out: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 def test_capture_records_the_chosen_steps_with_a_stable_hash(tiny_fp32, calib_data, tmp_path):
@@ -142,7 +139,7 @@ def test_quantized_unet_runs_in_onnxruntime_within_the_error_bound(precision, qu
         ref = reference.run(None, feeds)[0]
         out = exact.run(None, feeds)[0]
         assert np.isfinite(default.run(None, feeds)[0]).all()
-        errors.append(_rel(out, ref))
+        errors.append(rel_l2(out, ref))
     assert np.mean(errors) < ERROR_BOUND[precision], errors
     assert np.mean(errors) > 1e-4  # it did quantize
 
@@ -159,11 +156,12 @@ def test_fp16_artifact_quantizes_with_fp16_float_layers(tiny_fp16, calib_data, h
     session, reference = _session(out / entry.file, basic=True), _session(tiny_fp16 / "unet.onnx")
     feeds = held_out.batches()[0]
     half = {k: v if k == "timestep" else v.astype(np.float16) for k, v in feeds.items()}
-    assert _rel(session.run(None, half)[0].astype(np.float32), reference.run(None, half)[0].astype(np.float32)) < 0.1
+    assert rel_l2(session.run(None, half)[0].astype(np.float32), reference.run(None, half)[0].astype(np.float32)) < 0.1
 
 
 def test_quality_report(quantized, tiny_fp32, tmp_path):
-    from sdtrt.calibrate.report import HELD_OUT_PROMPTS, ReportConfig, format_report, quality_report
+    from sdtrt.calibrate.measure import quality_report
+    from sdtrt.calibrate.report import HELD_OUT_PROMPTS, ReportConfig, format_report
 
     used = set(read_manifest(quantized["int8"]).components["unet"].extra["calibration"]["prompts"])
     assert not used & set(HELD_OUT_PROMPTS) and not set(load_prompts(None)) & set(HELD_OUT_PROMPTS)

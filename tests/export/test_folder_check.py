@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from sdtrt.export.folder_check import CheckOptions, check_folder
-from sdtrt.runtime.errors import ArtifactError
+from sdtrt.runtime.errors import ArtifactError, ConfigError
 from sdtrt.runtime.manifest import read_manifest
 
 
@@ -58,5 +58,15 @@ def test_a_corrupted_file_fails(tiny_fp32, tmp_path):
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match=r"vae_decoder: .* does not match the sha256 in the manifest"):
+    with pytest.raises(ArtifactError, match=r"vae_decoder.onnx does not match the manifest \(sha256 .*re-export"):
+        check_folder(folder)
+
+
+def test_a_quantized_folder_without_a_quality_report_is_refused_before_any_check(tiny_fp32, tmp_path):
+    folder = tmp_path / "int8"
+    shutil.copytree(tiny_fp32, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["components"]["unet"]["precision"] = "int8"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"quantized components \(unet\).*CheckOptions\(quality="):
         check_folder(folder)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sdtrt.runtime.backends.common import torch_dtype
+from sdtrt.runtime.compare import rel_l2
 from sdtrt.runtime.engine import BackendOptions, Engine, get_backend
 from sdtrt.runtime.errors import ArtifactError, BackendError, ConfigError, MissingDependencyError, ShapeError
 from sdtrt.runtime.files import sha256_file
@@ -56,11 +57,6 @@ def reference(bundle, component: str, feeds: dict[str, torch.Tensor]) -> tuple[t
 
 
 COMPONENTS = model_components(ModelInfo())  # the SD 1.x components of the tiny model
-
-
-def rel_l2(found: torch.Tensor, expected: torch.Tensor) -> float:
-    found, expected = found.detach().float().cpu(), expected.detach().float().cpu()
-    return ((found - expected).norm() / expected.norm()).item()
 
 
 def open_cpu(backend: str, folder: Path, components=COMPONENTS, **options):
@@ -276,7 +272,7 @@ def test_external_data_outside_the_manifest_is_refused(artifact_copy, location, 
 
 
 def test_external_data_named_by_the_manifest_is_accepted(artifact_copy):
-    from sdtrt.runtime.backends.onnxruntime import verified_model_file
+    from sdtrt.runtime.verify import verified_model_file
 
     (artifact_copy / "unet.onnx.data").write_bytes(b"\0" * 8)
     _external_weight_model(artifact_copy, "unet.onnx.data", data_file="unet.onnx.data")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from sdtrt.runtime.compare import psnr
 from sdtrt.runtime.errors import ArtifactError, ConfigError, ShapeError
 from sdtrt.runtime.models.reference import diffusers_pipeline
 from sdtrt.runtime.pipeline import Pipeline
@@ -17,11 +18,6 @@ PROMPT = "a photo of a cat on a red sofa, detailed"
 NEGATIVE = "blurry, low quality"
 HEIGHT, WIDTH = 64, 128
 STEPS = 8
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.float() - b.float()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 @pytest.fixture(scope="module")

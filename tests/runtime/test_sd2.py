@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from sdtrt.export.onnx_export import ExportOptions, export_artifacts
 from sdtrt.export.profiles import default_profile
+from sdtrt.runtime.compare import psnr
 from sdtrt.runtime.models.bundle import ModelBundle, model_info
 from sdtrt.runtime.models.presets import TINY_TEXT, TINY_UNET, TINY_VAE, preset_configs
 from sdtrt.runtime.models.reference import diffusers_pipeline
@@ -17,11 +16,6 @@ from sdtrt.runtime.pipeline import Pipeline
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.float() - b.float()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 @pytest.fixture(scope="module")

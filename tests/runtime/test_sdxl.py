@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ import torch
 from sdtrt.export.check import check_artifacts
 from sdtrt.export.onnx_export import ExportOptions, export_artifacts
 from sdtrt.export.profiles import default_profile
+from sdtrt.runtime.compare import psnr
 from sdtrt.runtime.errors import ConfigError, ExportError, ShapeError, SourceError
 from sdtrt.runtime.manifest import read_manifest
 from sdtrt.runtime.models.presets import config_folder, load_preset, shipped_config
@@ -35,11 +35,6 @@ pytest.importorskip("diffusers")
 PROMPT = "a red circle on a blue background"
 SIZE = 128  # tiny-xl's native size: UNet sample size 16 x VAE factor 8
 PARITY_DB = 40.0
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.float() - b.float()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def export(bundle, out: Path, precision: str, **options) -> Path:

@@ -11,7 +11,7 @@ import pytest
 from sdtrt.runtime.models.presets import read_shapes_record
 from sdtrt.runtime.pipeline import Pipeline
 from sdtrt.shapes import score
-from sdtrt.shapes.evaluate import EvalSettings, diffusers_generator, evaluate, pipeline_generator, prompts, psnr
+from sdtrt.shapes.evaluate import EvalSettings, diffusers_generator, evaluate, image_psnr, pipeline_generator, prompts
 
 COUNT = 24  # the first 24 of the 200 recorded held-out prompts, with the same seeds
 MARGIN = 0.15  # sampling error of 24 prompts against the 200-prompt figure (about 2 standard errors)
@@ -74,7 +74,7 @@ def test_diffusers_pipeline_draws_the_same_images(fp32_run, shapes_bundle):
     _, ours = fp32_run
     settings = EvalSettings(count=6)
     _, theirs = evaluate(diffusers_generator(shapes_bundle, settings), settings)
-    assert psnr(ours[:6], theirs) >= 40.0
+    assert image_psnr(ours[:6], theirs) >= 40.0
     for a, b in zip(ours[:6], theirs, strict=True):
         assert _content(a) == _content(b)
 
@@ -139,7 +139,7 @@ def test_fp16_artifact_keeps_the_accuracy(tmp_path_factory, shapes_bundle, fp32_
     settings = EvalSettings(count=12)
     with Pipeline.from_artifacts(folder, backend="onnxruntime", device="cpu") as pipe:
         half, images = evaluate(pipeline_generator(pipe, settings), settings)
-    assert psnr(images, ours[:12]) >= 25.0
+    assert image_psnr(images, ours[:12]) >= 25.0
     agree = np.mean([_content(a) == _content(b) for a, b in zip(images, ours, strict=False)])
     assert agree >= 0.8
 
@@ -147,21 +147,24 @@ def test_fp16_artifact_keeps_the_accuracy(tmp_path_factory, shapes_bundle, fp32_
 def test_int8_calibrates_on_training_captions_and_reports_prompt_accuracy(shapes_fp32, tmp_path):
     from sdtrt.calibrate.artifacts import CalibrateRequest, calibrate_artifacts
     from sdtrt.calibrate.capture import CaptureConfig
+    from sdtrt.calibrate.measure import quality_report
     from sdtrt.calibrate.quantize import QuantizeConfig
-    from sdtrt.calibrate.report import ReportConfig, format_report, quality_report
+    from sdtrt.calibrate.report import format_report
     from sdtrt.shapes.data import HELD_OUT
     from sdtrt.shapes.evaluate import DEFAULT_GUIDANCE
+    from sdtrt.shapes.report import calibration_config, quality_config
 
     out = tmp_path / "shapes-int8"
     request = CalibrateRequest(capture=CaptureConfig(samples=4, steps=2), quantize=QuantizeConfig("int8"))
+    request = calibration_config(request)
     manifest = calibrate_artifacts(shapes_fp32, out, request)
     calibration = manifest.components["unet"].extra["calibration"]
-    assert calibration["prompts_source"]["file"] == "sdtrt:calibrate/data/shapes_prompts.txt"
+    assert calibration["prompts_source"]["file"] == "sdtrt:shapes/data/calibration_prompts.txt"
     assert calibration["guidance_scale"] == DEFAULT_GUIDANCE
     for caption in calibration["prompts"]:
         want = score.parse_caption(caption)
         assert (want.shape, want.colour, want.background) not in HELD_OUT
-    report = quality_report(out, [shapes_fp32], ReportConfig.for_shapes(prompts=4))
+    report = quality_report(out, [shapes_fp32], quality_config(prompts=4))
     assert set(report.accuracy) == {"int8", "fp32"}
     assert report.images[0].prompt == prompts(1)[0]
     assert "prompt accuracy" in format_report(report)

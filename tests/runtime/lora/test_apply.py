@@ -8,7 +8,6 @@ LoRA for another model is refused with nothing applied.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdtrt.runtime.compare import psnr
 from sdtrt.runtime.errors import LoraError
 from sdtrt.runtime.lora.files import LoraLayer
 from sdtrt.runtime.lora.write import save_lora
@@ -31,11 +31,6 @@ PROMPT = "a photo of a cat on a red sofa, detailed"
 NEGATIVE = "blurry"
 SIZE, STEPS, SEED = 64, 4, 3
 PARITY_DB = 40.0
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.float() - b.float()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def make_layers(bundle, text: bool, seed: int, rank: int = 4) -> dict[tuple[str, str], LoraLayer]:
