@@ -219,7 +219,7 @@ def test_cuda_graph_step_matches_eager(tiny_fp32, scheduler):
             again = pipe(PROMPT, steps=STEPS, seed=10, height=HEIGHT, width=WIDTH, scheduler=scheduler)
             if graph:
                 assert len(pipe._denoisers) == 1  # the second call replayed the captured graph
-                denoiser, _ = next(iter(pipe._denoisers.values()))
+                denoiser = next(iter(pipe._denoisers.values()))
                 assert denoiser.graph is not None
             results[graph] = (first.pixels, again.pixels)
     for eager, captured in zip(results[False], results[True], strict=True):
