@@ -469,8 +469,8 @@ def generate_cmd(
             )
         model_hash = str(pipe.manifest.source.get("sha256", ""))
         active = pipe.loras
-    w, h = result.settings["width"], result.settings["height"]
-    scheduler = str(result.settings["scheduler"])
+    w, h = result.settings.width, result.settings.height
+    scheduler = result.settings.scheduler
     for k, (img, img_seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         target = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}")
         extra = [("Denoising strength", f"{strength:g}")] if init_image else []

@@ -262,8 +262,7 @@ def capture_calibration_data(
     record = config.recorded_steps()
     last = max(record)
     with Pipeline.from_artifacts(root, backend=backend, device=device, cuda_graph=False) as pipe:
-        recorder = RecordingEngine(pipe.engines["unet"], record)
-        pipe.engines["unet"] = recorder
+        recorder = pipe.wrap_engine("unet", lambda unet: RecordingEngine(unet, record))
         height = config.height or pipe.manifest.profile.opt_height
         width = config.width or pipe.manifest.profile.opt_width
 

@@ -356,9 +356,8 @@ def quality_report(
         for key, path in {"quant": root, **refs}.items():
             pipes[key] = Pipeline.from_artifacts(path, backend="onnxruntime", device="cpu", cuda_graph=False)
         kernels = pipes["quant"].engines["unet"]
-        pipes["quant"].engines["unet"] = qdq  # before any call: the pipeline keeps the engine it first used
-        recorder = _Recorder(pipes[primary].engines["unet"])
-        pipes[primary].engines["unet"] = recorder
+        pipes["quant"].wrap_engine("unet", lambda _: qdq)
+        recorder = pipes[primary].wrap_engine("unet", _Recorder)
         for k, prompt in enumerate(prompts):
             row, made = _measure(pipes, primary, qdq, kernels, recorder, prompt, config.seed + k, run, per_step)
             images.append(row)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
@@ -39,6 +39,7 @@ from sdtrt.runtime.timing import StageClock, StageTimes
 log = logging.getLogger(__name__)
 
 Callback = Callable[[int, int, torch.Tensor], Any]  # (step, total steps, latents) between steps
+E = TypeVar("E", bound=Engine)
 
 
 @dataclass
@@ -147,7 +148,7 @@ class Pipeline:
         self.close()
 
     # -- engines -------------------------------------------------------------------------------------------
-    def wrap_engine(self, name: str, wrap: Callable[[Engine], Engine]) -> Engine:
+    def wrap_engine(self, name: str, wrap: Callable[[Engine], E]) -> E:
         """Run engine ``name`` as ``wrap(engine)`` from the next call on, and return the new engine.
 
         For recorders, counters or a stand-in (``wrap`` may ignore its argument). Cached denoisers hold the old
@@ -156,7 +157,8 @@ class Pipeline:
         """
         if name not in self.engines:
             raise ConfigError(f"no engine {name!r} in this pipeline; it has: {', '.join(self.engines)}")
-        self.engines[name] = wrapped = wrap(self.engines[name])
+        wrapped = wrap(self.engines[name])
+        self.engines[name] = wrapped
         self._denoisers.clear()
         self.cuda_graph = self._graph_allowed and self.engines["unet"].graph_capturable
         return wrapped
