@@ -185,6 +185,10 @@ class Pipeline:
         """The LoRAs in use: (runtime.models.lora.LoraFile, scale) pairs."""
         return list(self._lora.active) if self._lora is not None else []
 
+    def lora_settings(self) -> list[LoraSetting]:
+        """The LoRAs in use as a generation's settings report them (name, scale, short hash)."""
+        return [LoraSetting(f.name, scale, f.short_hash) for f, scale in self.loras]
+
     # -- stages --------------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text vectors [len(prompts), 77 * windows, D], and SDXL's pooled embeddings [len(prompts), P] (else None).
@@ -240,14 +244,12 @@ class Pipeline:
         crops_coords_top_left: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
     ) -> GenerationResult:
-        """Generate ``num_images`` images per prompt.
+        """Generate ``num_images`` images per prompt, at the artifact's tuned size (profile opt) by default.
 
-        ``height``/``width`` default to the size the artifact is tuned for (its profile's opt size). Image ``k``
-        of the batch uses seed ``seed + k`` (or ``seed[k]`` when a list of one seed per image is given: requests
-        batched together keep their own seeds); its starting noise is drawn on the CPU, so a seed gives the same
-        image on every backend and device. ``image`` + ``strength`` run img2img. ``callback(step, total,
+        Image ``k`` of the batch uses seed ``seed + k`` (or ``seed[k]`` when a list of one seed per image is given:
+        requests batched together keep their own seeds); its starting noise is drawn on the CPU, so a seed gives
+        the same image on every backend and device. ``image`` + ``strength`` run img2img. ``callback(step, total,
         latents)`` runs between steps (clone ``latents`` to keep them; see ``latents_to_rgb`` for previews).
-
         SDXL only: ``original_size``, ``crops_coords_top_left`` and ``target_size`` ((height, width) pairs, as in
         diffusers) are the micro-conditioning; the sizes default to the image size. ``negative_prompt=None``
         gives zero negative conditioning when the model says so (``force_zeros_for_empty_prompt``), as diffusers
@@ -260,30 +262,28 @@ class Pipeline:
             self.engines,
             prompt,
             negative_prompt,
-            steps,
-            guidance_scale,
-            seed,
-            height,
-            width,
-            scheduler,
-            num_images,
-            strength if image is not None else None,  # img2img only
-            (original_size, crops_coords_top_left, target_size),
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            height=height,
+            width=width,
+            scheduler=scheduler,
+            num_images=num_images,
+            strength=strength if image is not None else None,  # img2img only
+            conditioning=(original_size, crops_coords_top_left, target_size),
         )
         times, clock = StageTimes(), StageClock(self.device)
         t0 = clock.mark()  # text: uncond rows first, encoded once before the loop
         text, pooled = self.encode_text(req)
         times.text_encode = clock.seconds(t0, clock.mark())
-        denoiser = self.prepare_latents(req, text, pooled, image, times)
-        latents = self.denoise(denoiser, req, callback, times)
+        latents = self.denoise(self.prepare_latents(req, text, pooled, image, times), req, callback, times)
         d0 = clock.mark()
         pixels = self.decode_latents(latents)
         times.vae_decode = clock.seconds(d0, clock.mark())
         unit = _unit_pixels(pixels)
         images = to_pil(unit * 2 - 1)
         times.total = time.perf_counter() - start_time
-        loras = [LoraSetting(f.name, scale, f.short_hash) for f, scale in self.loras]
-        settings = Settings.of(req, self.backend, loras)
+        settings = Settings.of(req, self.backend, self.lora_settings())
         return GenerationResult(images, req.seeds, req.prompts, req.negatives, times, settings, unit)
 
     def prepare_latents(
