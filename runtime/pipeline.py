@@ -222,7 +222,7 @@ class Pipeline:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (scaled, as the UNet sees them) -> images [B, 3, H, W] in [-1, 1]."""
         engine = self.engines["vae_decoder"]
-        dtype = input_dtype(engine, "latent")
+        dtype = _input_dtype(engine, "latent")
         image = engine.infer({"latent": (latents / self.manifest.model.scaling_factor).to(dtype)})["image"]
         return image.clone()
 
@@ -351,7 +351,7 @@ class Pipeline:
         clock = StageClock(self.device)
         pixels = from_pil(image, height, width).repeat(len(generators), 1, 1, 1)
         e0 = clock.mark()
-        out = engine.infer({"image": pixels.to(self.device, input_dtype(engine, "image"))})
+        out = engine.infer({"image": pixels.to(self.device, _input_dtype(engine, "image"))})
         mean, std = out["latent_mean"].float().cpu(), out["latent_std"].float().cpu()
         e1 = clock.mark()
         sample = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in generators])
@@ -371,14 +371,14 @@ class Pipeline:
         # static too, so a captured graph reads this call's values
         extra = {"text_embeds": model.add_text_embeds_width, "time_ids": model.add_time_ids}
         widths = extra if model.family == "sdxl" else None
-        dtype = input_dtype(unet, "encoder_hidden_states")
+        dtype = _input_dtype(unet, "encoder_hidden_states")
         buffers = StepBuffers.allocate(req.shape, tuple(text.shape), dtype, self.device, widths)
         denoiser = Denoiser(unet, sampler, schedule, buffers, req.guided, self.cuda_graph)
         self._denoisers.put(key, denoiser)
         return denoiser
 
 
-def input_dtype(engine: Engine, name: str) -> torch.dtype:
+def _input_dtype(engine: Engine, name: str) -> torch.dtype:
     """The torch dtype of ``engine``'s input ``name`` (float16 or float32)."""
     for tensor in engine.inputs:
         if tensor.name == name:

@@ -104,13 +104,10 @@ class Settings:
         return data
 
 
-IMG2IMG_NEEDS_ENCODER = "img2img needs the vae_encoder component; export it with --components ...,vae_encoder"
-
-
 def require_vae_encoder(components: Collection[str]) -> None:
     """Raise ``ArtifactError`` unless ``components`` (the open engines) can encode an init image."""
     if "vae_encoder" not in components:
-        raise ArtifactError(IMG2IMG_NEEDS_ENCODER)
+        raise ArtifactError("img2img needs the vae_encoder component; export it with --components ...,vae_encoder")
 
 
 def image_size(manifest: Manifest, height: int | None, width: int | None, batch: int) -> tuple[int, int]:
@@ -149,7 +146,7 @@ def make_request(
     """
     prompts, negatives = expand_prompts(prompt, negative_prompt, num_images)
     name = scheduler or default_scheduler
-    check_sampling(steps, guidance_scale, name, height, width)
+    _check_arguments(steps, guidance_scale, name)
     height, width = image_size(manifest, height, width, len(prompts))
     first = start_index(steps, strength) if strength is not None else 0
     if strength is not None:
@@ -190,14 +187,12 @@ def expand_prompts(
     return [p for p in prompts for _ in range(num_images)], [n for n in negatives for _ in range(num_images)]
 
 
-def check_sampling(steps: int, guidance_scale: float, scheduler: str, height: Any, width: Any) -> None:
-    """Raise unless steps, guidance, the scheduler name and the size's types are usable."""
+def _check_arguments(steps: int, guidance_scale: float, scheduler: str) -> None:
+    """Raise unless steps, guidance and the scheduler name are usable."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ShapeError(f"steps must be an integer >= 1, got {steps!r}")
     if not guidance_scale >= 0:
         raise ConfigError(f"guidance_scale must be >= 0 (1 or less turns guidance off), got {guidance_scale}")
-    if height is not None and width is not None:  # checked before the scheduler, as its message is the more useful
-        _check_integers(height, width)
     if scheduler not in SCHEDULER_NAMES:
         raise ConfigError(f"unknown scheduler {scheduler!r}; expected one of: {', '.join(SCHEDULER_NAMES)}")
 
@@ -258,7 +253,6 @@ def _negatives(negative: str | list[str] | None, count: int) -> list[str]:
 
 
 __all__ = [
-    "IMG2IMG_NEEDS_ENCODER",
     "LoraSetting",
     "Request",
     "Settings",
