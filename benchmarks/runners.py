@@ -15,6 +15,7 @@ from sdtrt.runtime.errors import ConfigError
 from sdtrt.runtime.models.reference import diffusers_pipeline
 from sdtrt.runtime.profile import ShapeProfile
 from sdtrt.runtime.specs import required_components
+from sdtrt.runtime.timing import StageClock
 
 _BUNDLES: dict[str, Any] = {}
 
@@ -50,28 +51,6 @@ def prepare_folder(backend: str, config: BenchConfig, scratch: Path) -> Path:
         )
         export_artifacts(bundle, folder, options)
     return folder
-
-
-class _Clock:
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def seconds(self, a: Any, b: Any) -> float:
-        if self.cuda:
-            b.synchronize()
-            return float(a.elapsed_time(b)) / 1000.0
-        return float(b - a)
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
 
 
 class SdtrtRunner:
@@ -139,7 +118,7 @@ class DiffusersRunner:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
         self.pipe = pipe
-        self.clock = _Clock(device)
+        self.clock = StageClock(device)
         self.marks: dict[str, Any] = {}
         encode, decode = pipe.encode_prompt, pipe.vae.decode
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdtrt.runtime.engine import Engine
+from sdtrt.runtime.engine import Engine, WeightUpdate
 from sdtrt.runtime.errors import ArtifactError, ConfigError
 from sdtrt.runtime.files import sha256_file, write_bytes_atomic
 from sdtrt.runtime.manifest import read_manifest
@@ -213,6 +213,10 @@ class RecordingEngine:
         self.calls += 1
         return self.inner.infer(feeds)
 
+    def update_weights(self, update: WeightUpdate) -> None:
+        """Weight updates reach the wrapped engine."""
+        self.inner.update_weights(update)
+
     def close(self) -> None:
         self.inner.close()
 
@@ -262,8 +266,7 @@ def capture_calibration_data(
     record = config.recorded_steps()
     last = max(record)
     with Pipeline.from_artifacts(root, backend=backend, device=device, cuda_graph=False) as pipe:
-        recorder = RecordingEngine(pipe.engines["unet"], record)
-        pipe.engines["unet"] = recorder
+        recorder = pipe.wrap_engine("unet", lambda unet: RecordingEngine(unet, record))
         height = config.height or pipe.manifest.profile.opt_height
         width = config.width or pipe.manifest.profile.opt_width
 

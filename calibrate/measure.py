@@ -189,9 +189,8 @@ def _run_prompts(
         for key, path in {"quant": root, **refs}.items():
             pipes[key] = Pipeline.from_artifacts(path, backend="onnxruntime", device="cpu", cuda_graph=False)
         kernels = pipes["quant"].engines["unet"]
-        pipes["quant"].engines["unet"] = qdq  # before any call: the pipeline keeps the engine it first used
-        recorder = CallRecorder(pipes[primary].engines["unet"])
-        pipes[primary].engines["unet"] = recorder
+        pipes["quant"].wrap_engine("unet", lambda _: qdq)
+        recorder = pipes[primary].wrap_engine("unet", CallRecorder)
         for k, prompt in enumerate(prompts):
             row, made = _measure(pipes, primary, qdq, kernels, recorder, prompt, seed + k, run, measured.per_step)
             measured.images.append(row)

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from sdtrt.runtime.deps import require
-from sdtrt.runtime.engine import Engine
+from sdtrt.runtime.engine import Engine, WeightUpdate
+from sdtrt.runtime.errors import BackendError
 from sdtrt.runtime.manifest import Manifest
 from sdtrt.runtime.verify import verified_model_file
 
@@ -36,6 +37,10 @@ class CallRecorder:
         kept = {n: feeds[n].detach().float().cpu().numpy().copy() for n in feeds}
         self.calls.append((kept, out["noise_pred"].detach().float().cpu().numpy().copy()))
         return out
+
+    def update_weights(self, update: WeightUpdate) -> None:
+        """Weight updates reach the wrapped engine."""
+        self.inner.update_weights(update)
 
     def close(self) -> None:
         self.inner.close()
@@ -72,6 +77,10 @@ class QdqEngine:
         out = self.run({n: feeds[n].detach().cpu().float().numpy() for n in feeds})
         dtype = torch.float16 if self.dtypes["sample"] == np.float16 else torch.float32
         return {"noise_pred": torch.from_numpy(out).to(dtype)}
+
+    def update_weights(self, update: WeightUpdate) -> None:
+        """The quantized graph is measured as calibrated: LoRAs are applied before calibration, not here."""
+        raise BackendError("the Q/DQ reference engine of the quality report cannot change its weights")
 
     def close(self) -> None:
         self.session = None

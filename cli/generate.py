@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,18 +111,20 @@ def generate_cmd(
                 target_size=parse_pair(target_size, "--target-size"),
             )
         model_hash = str(pipe.manifest.source.get("sha256", ""))
-        img2img_strength = strength if init_image else None
-        info = InfoText(prompt, negative, steps, guidance, img2img_strength, model_hash, artifacts.name, pipe.loras)
-    save_images(result, out, info)
+    from sdtrt.runtime.images import infotext
+
+    save_images(
+        result, out, partial(infotext, prompt, negative or "", model_hash=model_hash, model_name=artifacts.name)
+    )
     click.echo(timing_line(result, steps, backend))
 
 
 def timing_line(result: GenerationResult, steps: int, backend: str) -> str:
     """One line: the size, steps, sampler and backend, and what each stage took."""
     t = result.times
-    w, h = result.settings["width"], result.settings["height"]
+    w, h = result.settings.width, result.settings.height
     return (
-        f"{w}x{h}, {steps} steps, {result.settings['scheduler']}, {backend}: text {t.text_encode * 1000:.0f} ms, "
+        f"{w}x{h}, {steps} steps, {result.settings.scheduler}, {backend}: text {t.text_encode * 1000:.0f} ms, "
         f"denoise {t.denoise * 1000:.0f} ms ({t.step_median * 1000:.1f} ms/step), VAE decode "
         f"{t.vae_decode * 1000:.0f} ms, total {t.total:.2f} s"
     )
@@ -172,51 +174,12 @@ def step_progress(runs: int, preview_dir: Path | None) -> Iterator[Callable[[int
         yield on_step
 
 
-@dataclass(frozen=True)
-class InfoText:
-    """What the A1111 ``parameters`` text of every image of one call shares; ``strength`` is None for txt2img."""
-
-    prompt: str
-    negative: str | None
-    steps: int
-    guidance: float
-    strength: float | None
-    model_hash: str
-    model_name: str
-    loras: Sequence[tuple[Any, float]] = ()  # (LoraFile, scale) pairs in use
-
-    def for_image(self, seed: int, width: int, height: int, scheduler: str) -> str:
-        """The text of one image."""
-        from sdtrt.runtime.images import a1111_parameters
-        from sdtrt.runtime.schedulers import A1111_LABELS
-
-        active = self.loras
-        extra = [("Denoising strength", f"{self.strength:g}")] if self.strength is not None else []
-        if active:  # as A1111: the LoRAs in the prompt text, and their hashes
-            extra.append(("Lora hashes", '"' + ", ".join(f"{f.name}: {f.short_hash}" for f, _ in active) + '"'))
-        tags = "".join(f" <lora:{f.name}:{s:g}>" for f, s in active)
-        return a1111_parameters(
-            self.prompt + tags,
-            self.negative or "",
-            self.steps,
-            A1111_LABELS[scheduler],
-            self.guidance,
-            seed,
-            width,
-            height,
-            model_hash=self.model_hash,
-            model_name=self.model_name,
-            extra=extra,
-        )
-
-
-def save_images(result: GenerationResult, out: Path, info: InfoText) -> None:
-    """Each image as a PNG with its A1111 parameters: OUT, or OUT-0.png, OUT-1.png, ... for several."""
+def save_images(result: GenerationResult, out: Path, info: Callable[..., str]) -> None:
+    """Each image as a PNG with its A1111 parameters (``info(seed, settings)``): OUT, or OUT-0.png, OUT-1.png, ...
+    for several."""
     from sdtrt.runtime.images import save_png
 
-    w, h = result.settings["width"], result.settings["height"]
-    scheduler = str(result.settings["scheduler"])
     for k, (img, img_seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         target = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}")
-        save_png(img, target, info.for_image(img_seed, w, h, scheduler))
+        save_png(img, target, info(img_seed, result.settings))
         click.echo(f"wrote {target} (seed {img_seed})")

@@ -3,18 +3,20 @@
 Per step: scale the latents for the sampler, duplicate them for classifier-free guidance, one UNet call at batch
 2B (uncond and cond text vectors concatenated once, before the loop), guidance, sampler update. Nothing in the
 step syncs, allocates outside the graph pool, logs or branches on tensor values, so ``torch.cuda.graph`` can
-capture it whole. The eager path runs the very same function.
+capture it whole. The eager path runs the very same function. ``DenoiserCache`` keeps a denoiser (its buffers and
+captured graph) per shape between calls, so a graph is captured once and replayed.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from .engine import Engine
-from .schedulers import Schedule, Scheduler, at_step
+from sdtrt.runtime.engine import Engine
+from sdtrt.runtime.schedulers import Schedule, Scheduler, at_step
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,28 @@ class StepBuffers:
     guidance: torch.Tensor  # 0-dim float32
     # Further UNet inputs, one row per text row (SDXL: text_embeds [rows, P] and time_ids [rows, 6])
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def allocate(
+        cls,
+        shape: tuple[int, ...],
+        text_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        extra_widths: Mapping[str, int] | None = None,
+    ) -> StepBuffers:
+        """Zeroed buffers for latents of ``shape`` and text rows of ``text_shape`` in the UNet's ``dtype``;
+        ``extra_widths`` names further per-row UNet inputs and their widths (SDXL's text_embeds, time_ids)."""
+        rows = text_shape[0]
+        extra = {name: torch.zeros((rows, w), dtype=dtype, device=device) for name, w in (extra_widths or {}).items()}
+        return cls(
+            latents=torch.zeros(shape, device=device),
+            state=torch.zeros(shape, device=device),
+            index=torch.zeros((), dtype=torch.int64, device=device),
+            text=torch.zeros(text_shape, dtype=dtype, device=device),
+            guidance=torch.zeros((), device=device),
+            extra=extra,
+        )
 
 
 def denoise_step(
@@ -101,3 +125,38 @@ class Denoiser:
             self._capture()
         assert self.graph is not None
         self.graph.replay()
+
+
+class DenoiserCache:
+    """Denoisers kept between calls, by a key of everything their buffers and schedule depend on.
+
+    A cached denoiser holds the UNet engine it was made with (and maybe a graph captured over it), so the cache
+    must be cleared whenever an engine is replaced or its weights change. Holds at most ``capacity``, oldest
+    dropped first.
+    """
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = capacity
+        self._entries: dict[Hashable, Denoiser] = {}
+
+    def get(self, key: Hashable, noise: torch.Tensor | None = None) -> Denoiser | None:
+        """The denoiser stored under ``key`` (its schedule's per-step noise refreshed to ``noise``), or None."""
+        denoiser = self._entries.get(key)
+        if denoiser is not None and noise is not None and denoiser.schedule.noise is not None:
+            denoiser.schedule.noise.copy_(noise.to(denoiser.schedule.noise.device))
+        return denoiser
+
+    def put(self, key: Hashable, denoiser: Denoiser) -> None:
+        if len(self._entries) >= self.capacity:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = denoiser
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def values(self) -> list[Denoiser]:
+        """The denoisers held, oldest first."""
+        return list(self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)

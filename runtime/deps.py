@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from .errors import MissingDependencyError
+from sdtrt.runtime.errors import MissingDependencyError
 
 
 def require(module: str, feature: str, extra: str) -> ModuleType:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from .files import write_bytes_atomic
+from sdtrt.runtime.files import write_bytes_atomic
+from sdtrt.runtime.schedulers import A1111_LABELS
+
+if TYPE_CHECKING:
+    from sdtrt.runtime.request import Settings
 
 # Fixed linear map from the 4 SD 1.x/2.x latent channels to RGB (a least-squares fit that image apps use for
 # progress previews): good enough to show composition and colour without running the VAE.
@@ -81,15 +87,45 @@ def a1111_parameters(
     return "\n".join(lines)
 
 
-def save_png(image: Image.Image, path: str | os.PathLike[str], parameters: str | None = None) -> Path:
-    """Write ``image`` as a PNG with an optional ``parameters`` text chunk, atomically."""
-    import io
+def infotext(
+    prompt: str, negative_prompt: str, seed: int, settings: Settings, model_hash: str = "", model_name: str = ""
+) -> str:
+    """A1111's ``parameters`` text for one image of a generation that ran with ``settings``.
 
+    As A1111 writes it: img2img adds the denoising strength; LoRAs are ``<lora:name:scale>`` tags after the
+    prompt and their short hashes a ``Lora hashes`` field.
+    """
+    extra = [("Denoising strength", f"{settings.strength:g}")] if settings.strength is not None else []
+    if settings.loras:
+        extra.append(("Lora hashes", '"' + ", ".join(f"{x.name}: {x.hash}" for x in settings.loras) + '"'))
+    tags = "".join(f" <lora:{x.name}:{x.scale:g}>" for x in settings.loras)
+    return a1111_parameters(
+        prompt + tags,
+        negative_prompt,
+        settings.steps,
+        A1111_LABELS[settings.scheduler],
+        settings.guidance_scale,
+        seed,
+        settings.width,
+        settings.height,
+        model_hash=model_hash,
+        model_name=model_name,
+        extra=extra,
+    )
+
+
+def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
+    """``image`` encoded as PNG, with an optional ``parameters`` text chunk (A1111's metadata)."""
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(image: Image.Image, path: str | os.PathLike[str], parameters: str | None = None) -> Path:
+    """Write ``image`` as a PNG with an optional ``parameters`` text chunk, atomically."""
     target = Path(path)
-    write_bytes_atomic(target, buffer.getvalue())
+    write_bytes_atomic(target, png_bytes(image, parameters))
     return target

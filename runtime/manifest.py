@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError
-from .files import write_text_atomic
-from .profile import ShapeProfile
-from .specs import ModelInfo
+from sdtrt.runtime.errors import ArtifactError
+from sdtrt.runtime.files import write_text_atomic
+from sdtrt.runtime.profile import ShapeProfile
+from sdtrt.runtime.specs import ModelInfo
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"

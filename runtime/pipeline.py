@@ -4,78 +4,42 @@ pipe = Pipeline.from_artifacts("out/sd15", backend="onnxruntime")
 result = pipe("a photo of a cat", steps=30, guidance_scale=7.5, seed=1)
 result.images[0].save("cat.png")
 
-SDXL artifacts are conditioned as diffusers' ``StableDiffusionXLPipeline`` conditions them: both text encoders'
-penultimate hidden states side by side, the second encoder's pooled embedding, and six time ids (original size,
-crop top-left, target size; by default the image size, (0, 0) and the image size). When no negative prompt is
-given and the model asks for it (``force_zeros_for_empty_prompt``), the negative conditioning is zeros.
+The pipeline is a recipe over stages that can also be called on their own: ``request.make_request`` (validate
+and expand the arguments), ``encode_text``, ``prepare_latents``, ``denoise`` and ``decode_latents``; ``__call__``
+runs them in that order. SDXL artifacts are conditioned as diffusers' ``StableDiffusionXLPipeline`` conditions
+them: both text encoders' penultimate hidden states side by side, the second encoder's pooled embedding, and the
+micro-conditioning time ids of the request (see ``runtime.request``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
 
-from .denoise import Denoiser, StepBuffers
-from .engine import BackendOptions, Engine, get_backend
-from .errors import ArtifactError, BackendError, ConfigError, NumericsError, ShapeError
-from .images import from_pil, latents_to_rgb, to_pil
-from .manifest import Manifest, read_manifest, resolve_file
-from .prompts import PromptTokenizer
-from .schedulers import SCHEDULER_NAMES, SchedulerConfig, add_noise, default_sampler, get_scheduler, start_index
-from .specs import COMPONENTS, check_size, required_components
+from sdtrt.runtime.denoise import Denoiser, DenoiserCache, StepBuffers
+from sdtrt.runtime.engine import BackendOptions, Engine, get_backend
+from sdtrt.runtime.errors import ArtifactError, BackendError, ConfigError, NumericsError
+from sdtrt.runtime.images import from_pil, latents_to_rgb, to_pil
+from sdtrt.runtime.manifest import Manifest, read_manifest, resolve_file
+from sdtrt.runtime.prompts import PromptTokenizer
+from sdtrt.runtime.request import LoraSetting, Request, Settings, make_request
+from sdtrt.runtime.schedulers import SchedulerConfig, add_noise, default_sampler, get_scheduler
+from sdtrt.runtime.specs import COMPONENTS, required_components
+from sdtrt.runtime.timing import StageClock, StageTimes
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[int, int, torch.Tensor], Any]  # (step, total steps, latents) between steps
-
-
-@dataclass
-class StageTimes:
-    """Seconds per stage of one call; ``steps`` has one entry per denoising step."""
-
-    text_encode: float = 0.0
-    denoise: float = 0.0
-    steps: list[float] = field(default_factory=list)
-    vae_encode: float = 0.0
-    vae_decode: float = 0.0
-    total: float = 0.0
-
-    @property
-    def step_median(self) -> float:
-        ordered = sorted(self.steps)
-        return ordered[len(ordered) // 2] if ordered else 0.0
-
-
-@dataclass(frozen=True)
-class _Request:
-    """One call's arguments, validated and expanded to one entry per image."""
-
-    prompts: list[str]
-    negatives: list[str]
-    height: int
-    width: int
-    scheduler: str
-    steps: int
-    first: int  # first step run (img2img starts later)
-    seeds: list[int]
-    guidance_scale: float
-    shape: tuple[int, int, int, int]  # latents
-    zero_negatives: bool = False  # SDXL: the negative conditioning is zeros, not an encoded prompt
-    time_ids: tuple[int, ...] = ()  # SDXL: original size, crop top-left, target size (each height, width)
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance_scale > 1.0
+E = TypeVar("E", bound=Engine)
 
 
 @dataclass
@@ -85,32 +49,8 @@ class GenerationResult:
     prompts: list[str]
     negative_prompts: list[str]
     times: StageTimes
-    settings: dict[str, Any]
+    settings: Settings
     pixels: torch.Tensor  # [B, 3, H, W] float32 in [0, 1] on the CPU, before 8-bit rounding
-
-
-class _Clock:
-    """Stage timer: CUDA events on a GPU (no sync until read), perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.marks: list[Any] = []
-
-    def mark(self) -> int:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-        return len(self.marks) - 1
-
-    def seconds(self, start: int, stop: int) -> float:
-        a, b = self.marks[start], self.marks[stop]
-        if self.cuda:
-            b.synchronize()
-            return float(a.elapsed_time(b)) / 1000.0
-        return float(b - a)
 
 
 def _default_device(backend: str) -> torch.device:
@@ -138,8 +78,9 @@ class Pipeline:
         self.tokenizer, self.scheduler_config = tokenizer, scheduler_config
         self.tokenizer_2 = tokenizer_2  # SDXL's second tokenizer (pads with "!")
         self.device, self.backend = device, backend
-        self.cuda_graph = cuda_graph and device.type == "cuda" and engines["unet"].graph_capturable
-        self._denoisers: dict[tuple[Any, ...], tuple[Denoiser, Any]] = {}
+        self._graph_allowed = cuda_graph and device.type == "cuda"
+        self.cuda_graph = self._graph_allowed and engines["unet"].graph_capturable
+        self._denoisers = DenoiserCache()
         self._lora: Any = None  # runtime.lora.LoraState once set_loras is called
 
     @classmethod
@@ -206,6 +147,22 @@ class Pipeline:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- engines -------------------------------------------------------------------------------------------
+    def wrap_engine(self, name: str, wrap: Callable[[Engine], E]) -> E:
+        """Run engine ``name`` as ``wrap(engine)`` from the next call on, and return the new engine.
+
+        For recorders, counters or a stand-in (``wrap`` may ignore its argument). Cached denoisers hold the old
+        engine (and maybe a CUDA graph captured over it), so they are dropped; the step is captured as a graph
+        again only when the new UNet allows it.
+        """
+        if name not in self.engines:
+            raise ConfigError(f"no engine {name!r} in this pipeline; it has: {', '.join(self.engines)}")
+        wrapped = wrap(self.engines[name])
+        self.engines[name] = wrapped
+        self._denoisers.clear()
+        self.cuda_graph = self._graph_allowed and self.engines["unet"].graph_capturable
+        return wrapped
+
     # -- LoRA ----------------------------------------------------------------------------------------------
     def set_loras(self, loras: Sequence[tuple[str | os.PathLike[str], float]] = ()) -> None:
         """Run with these LoRAs ((file, scale) pairs, applied together) from the next call on; () for none.
@@ -215,7 +172,7 @@ class Pipeline:
         back to none (or scale 0) restores the base model bit for bit. A LoRA that does not fit this model is
         refused before anything changes.
         """
-        from .lora import LoraState, apply, read_loras
+        from sdtrt.runtime.lora import LoraState, apply, read_loras
 
         if self._lora is None:
             self._lora = LoraState()
@@ -227,6 +184,10 @@ class Pipeline:
     def loras(self) -> list[tuple[Any, float]]:
         """The LoRAs in use: (runtime.models.lora.LoraFile, scale) pairs."""
         return list(self._lora.active) if self._lora is not None else []
+
+    def lora_settings(self) -> list[LoraSetting]:
+        """The LoRAs in use as a generation's settings report them (name, scale, short hash)."""
+        return [LoraSetting(f.name, scale, f.short_hash) for f, scale in self.loras]
 
     # -- stages --------------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -248,8 +209,8 @@ class Pipeline:
             pooled = out["text_embeds"].reshape(len(prompts), windows, -1)[:, 0].clone()
         return hidden.reshape(len(prompts), windows * hidden.shape[1], hidden.shape[2]).clone(), pooled
 
-    def _encode_text(self, req: _Request) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The UNet's text rows for ``req``: uncond rows first when guided."""
+    def encode_text(self, req: Request) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The UNet's text rows for ``req``: uncond rows first when guided (zeros where SDXL asks for them)."""
         if not req.guided:
             return self.encode_prompts(req.prompts)
         if not req.zero_negatives:
@@ -261,21 +222,9 @@ class Pipeline:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (scaled, as the UNet sees them) -> images [B, 3, H, W] in [-1, 1]."""
         engine = self.engines["vae_decoder"]
-        dtype = _dtype(engine, "latent")
+        dtype = _input_dtype(engine, "latent")
         image = engine.infer({"latent": (latents / self.manifest.model.scaling_factor).to(dtype)})["image"]
         return image.clone()
-
-    def _validate(self, steps: int, guidance_scale: float, height: int, width: int, batch: int, scheduler: str) -> None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ShapeError(f"steps must be an integer >= 1, got {steps!r}")
-        if not guidance_scale >= 0:
-            raise ConfigError(f"guidance_scale must be >= 0 (1 or less turns guidance off), got {guidance_scale}")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (height, width)):
-            raise ShapeError(f"image height and width must be integers, got {height!r} x {width!r}")
-        if scheduler not in SCHEDULER_NAMES:
-            raise ConfigError(f"unknown scheduler {scheduler!r}; expected one of: {', '.join(SCHEDULER_NAMES)}")
-        check_size(height, width, self.manifest.model)
-        self.manifest.profile.check(height, width, batch)
 
     def __call__(
         self,
@@ -295,148 +244,60 @@ class Pipeline:
         crops_coords_top_left: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
     ) -> GenerationResult:
-        """Generate ``num_images`` images per prompt.
+        """Generate ``num_images`` images per prompt, at the artifact's tuned size (profile opt) by default.
 
-        ``height``/``width`` default to the size the artifact is tuned for (its profile's opt size). Image ``k``
-        of the batch uses seed ``seed + k`` (or ``seed[k]`` when a list of one seed per image is given: requests
-        batched together keep their own seeds); its starting noise is drawn on the CPU, so a seed gives the same
-        image on every backend and device. ``image`` + ``strength`` run img2img. ``callback(step, total,
+        Image ``k`` of the batch uses seed ``seed + k`` (or ``seed[k]`` when a list of one seed per image is given:
+        requests batched together keep their own seeds); its starting noise is drawn on the CPU, so a seed gives
+        the same image on every backend and device. ``image`` + ``strength`` run img2img. ``callback(step, total,
         latents)`` runs between steps (clone ``latents`` to keep them; see ``latents_to_rgb`` for previews).
-
         SDXL only: ``original_size``, ``crops_coords_top_left`` and ``target_size`` ((height, width) pairs, as in
         diffusers) are the micro-conditioning; the sizes default to the image size. ``negative_prompt=None``
         gives zero negative conditioning when the model says so (``force_zeros_for_empty_prompt``), as diffusers
         does; an explicit ``""`` is encoded like any prompt.
         """
         start_time = time.perf_counter()
-        req = self._request(
-            prompt, negative_prompt, steps, guidance_scale, seed, height, width, scheduler, num_images, image, strength
+        req = make_request(
+            self.manifest,
+            self.default_scheduler,
+            self.engines,
+            prompt,
+            negative_prompt,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            height=height,
+            width=width,
+            scheduler=scheduler,
+            num_images=num_images,
+            strength=strength if image is not None else None,  # img2img only
+            conditioning=(original_size, crops_coords_top_left, target_size),
         )
-        req = self._conditioning(req, negative_prompt is None, original_size, crops_coords_top_left, target_size)
-        times = StageTimes()
-        clock = _Clock(self.device)
-
+        times, clock = StageTimes(), StageClock(self.device)
         t0 = clock.mark()  # text: uncond rows first, encoded once before the loop
-        text, pooled = self._encode_text(req)
+        text, pooled = self.encode_text(req)
         times.text_encode = clock.seconds(t0, clock.mark())
-
-        denoiser = self._start(req, text, pooled, image, times, clock)
-        marks = [clock.mark()]
-        for i in range(req.first, steps):
-            denoiser.step(i)
-            marks.append(clock.mark())
-            if callback is not None:
-                callback(i, steps, denoiser.buffers.latents)
-        times.steps = [clock.seconds(a, b) for a, b in zip(marks, marks[1:], strict=False)]
-        times.denoise = clock.seconds(marks[0], marks[-1])
-
+        latents = self.denoise(self.prepare_latents(req, text, pooled, image, times), req, callback, times)
         d0 = clock.mark()
-        pixels = self.decode_latents(denoiser.buffers.latents)
+        pixels = self.decode_latents(latents)
         times.vae_decode = clock.seconds(d0, clock.mark())
-        if not bool(torch.isfinite(pixels).all()):
-            raise NumericsError(
-                "the VAE decoder produced NaN/Inf pixels (fp16 overflow is the usual cause); re-export the "
-                "vae_decoder with --precision fp32, or check the latents for NaN"
-            )
-        unit = (pixels.float() / 2 + 0.5).clamp(0, 1).cpu()
+        unit = _unit_pixels(pixels)
         images = to_pil(unit * 2 - 1)
         times.total = time.perf_counter() - start_time
-        settings = {
-            "steps": steps,
-            "guidance_scale": guidance_scale,
-            "height": req.height,
-            "width": req.width,
-            "scheduler": req.scheduler,
-            "strength": strength if image is not None else None,
-            "backend": self.backend,
-        }
-        if self.loras:
-            settings["loras"] = [{"name": f.name, "scale": scale, "hash": f.short_hash} for f, scale in self.loras]
-        if req.time_ids:
-            settings["time_ids"] = list(req.time_ids)
-            settings["zero_negative"] = req.zero_negatives
+        settings = Settings.of(req, self.backend, self.lora_settings())
         return GenerationResult(images, req.seeds, req.prompts, req.negatives, times, settings, unit)
 
-    def _request(
+    def prepare_latents(
         self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None,
-        steps: int,
-        guidance_scale: float,
-        seed: int | Sequence[int] | None,
-        height: int | None,
-        width: int | None,
-        scheduler: str | None,
-        num_images: int,
-        image: Image.Image | None,
-        strength: float,
-    ) -> _Request:
-        """Validate a call's arguments and expand them to one entry per image."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ConfigError("prompt list is empty; give at least one prompt")
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ConfigError(f"num_images must be an integer >= 1, got {num_images!r}")
-        negatives = _negatives(negative_prompt, len(prompts))
-        prompts = [p for p in prompts for _ in range(num_images)]
-        negatives = [n for n in negatives for _ in range(num_images)]
-        profile = self.manifest.profile
-        height = profile.opt_height if height is None else height
-        width = profile.opt_width if width is None else width
-        name = scheduler or self.default_scheduler
-        self._validate(steps, guidance_scale, height, width, len(prompts), name)
-        first = start_index(steps, strength) if image is not None else 0
-        if image is not None and "vae_encoder" not in self.engines:
-            raise ArtifactError("img2img needs the vae_encoder component; export it with --components ...,vae_encoder")
-        if seed is None:
-            seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-        model = self.manifest.model
-        shape = (len(prompts), model.latent_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
-        seeds = _seeds(seed, len(prompts))
-        return _Request(prompts, negatives, height, width, name, steps, first, seeds, guidance_scale, shape)
-
-    def _conditioning(
-        self,
-        req: _Request,
-        no_negative: bool,
-        original_size: tuple[int, int] | None,
-        crop: tuple[int, int],
-        target_size: tuple[int, int] | None,
-    ) -> _Request:
-        """Add SDXL's micro-conditioning and negative-prompt rule to ``req``; other families take none of it."""
-        model = self.manifest.model
-        given = original_size is not None or target_size is not None or tuple(crop) != (0, 0)
-        if model.family != "sdxl":
-            if given:
-                raise ConfigError(
-                    f"original_size, crops_coords_top_left and target_size are SDXL conditioning; this is a "
-                    f"{model.family} model. Leave them out"
-                )
-            return req
-        pairs = {"original_size": original_size, "crops_coords_top_left": crop, "target_size": target_size}
-        for key, pair in pairs.items():
-            if pair is None:
-                continue
-            if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair):
-                raise ConfigError(f"{key} must be two integers >= 0 (height, width), got {pair!r}")
-        size = (req.height, req.width)
-        time_ids = (*(original_size or size), *crop, *(target_size or size))
-        zero = no_negative and model.force_zeros_for_empty_prompt
-        return dataclasses.replace(req, zero_negatives=zero, time_ids=tuple(int(v) for v in time_ids))
-
-    def _start(
-        self,
-        req: _Request,
+        req: Request,
         text: torch.Tensor,
         pooled: torch.Tensor | None,
-        image: Image.Image | None,
-        times: StageTimes,
-        clock: _Clock,
+        image: Image.Image | None = None,
+        times: StageTimes | None = None,
     ) -> Denoiser:
-        """Fill the denoiser's static buffers with this call's text, guidance and starting latents.
+        """A denoiser whose static buffers hold this call's text, guidance and starting latents.
 
         Draw order per image generator matches diffusers: starting noise (or VAE sample, then noise), then the
-        sampler's per-step noise.
+        sampler's per-step noise. The VAE encoder's time goes to ``times`` when given.
         """
         generators = [torch.Generator().manual_seed(s) for s in req.seeds]
         sampler = get_scheduler(req.scheduler)
@@ -444,10 +305,12 @@ class Pipeline:
         if image is None:
             init: Any = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])
         else:
-            init, times.vae_encode = self._encode_image(image, req.height, req.width, generators, clock)
+            init, seconds = self._encode_image(image, req.height, req.width, generators)
+            if times is not None:
+                times.vae_encode = seconds
         noise = sampler.draw_noise(req.steps, shape, generators, start=req.first)
-        denoiser, schedule = self._denoiser(sampler, req.steps, req.first, shape, text, req.guided, noise)
-        buffers = denoiser.buffers
+        denoiser = self._denoiser(sampler, req, text, noise)
+        buffers, schedule = denoiser.buffers, denoiser.schedule
         buffers.text.copy_(text.to(buffers.text.dtype))
         if pooled is not None:
             buffers.extra["text_embeds"].copy_(pooled.to(buffers.text.dtype))
@@ -462,14 +325,33 @@ class Pipeline:
         buffers.state.zero_()
         return denoiser
 
+    def denoise(
+        self, denoiser: Denoiser, req: Request, callback: Callback | None = None, times: StageTimes | None = None
+    ) -> torch.Tensor:
+        """Run ``req``'s steps from ``req.first``; returns the latents buffer (reused by the next call: clone it
+        to keep it). Per-step times go to ``times`` when given."""
+        clock = StageClock(self.device)
+        marks = [clock.mark()]
+        for i in range(req.first, req.steps):
+            denoiser.step(i)
+            marks.append(clock.mark())
+            if callback is not None:
+                callback(i, req.steps, denoiser.buffers.latents)
+        if times is not None:
+            times.steps = [clock.seconds(a, b) for a, b in zip(marks, marks[1:], strict=False)]
+            times.denoise = clock.seconds(marks[0], marks[-1])
+        return denoiser.buffers.latents
+
     def _encode_image(
-        self, image: Image.Image, height: int, width: int, generators: list[torch.Generator], clock: _Clock
+        self, image: Image.Image, height: int, width: int, generators: list[torch.Generator]
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
-        """Init image -> (clean scaled latents, noise), drawing from each image's generator as diffusers does."""
+        """Init image -> ((clean scaled latents, noise), encoder seconds), drawing from each image's generator as
+        diffusers does."""
         engine = self.engines["vae_encoder"]
+        clock = StageClock(self.device)
         pixels = from_pil(image, height, width).repeat(len(generators), 1, 1, 1)
         e0 = clock.mark()
-        out = engine.infer({"image": pixels.to(self.device, _dtype(engine, "image"))})
+        out = engine.infer({"image": pixels.to(self.device, _input_dtype(engine, "image"))})
         mean, std = out["latent_mean"].float().cpu(), out["latent_std"].float().cpu()
         e1 = clock.mark()
         sample = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in generators])
@@ -477,75 +359,41 @@ class Pipeline:
         noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in generators])
         return (clean, noise), clock.seconds(e0, e1)
 
-    def _denoiser(
-        self,
-        sampler: Any,
-        steps: int,
-        first: int,
-        shape: tuple[int, ...],
-        text: torch.Tensor,
-        guided: bool,
-        noise: torch.Tensor | None,
-    ) -> tuple[Denoiser, Any]:
+    def _denoiser(self, sampler: Any, req: Request, text: torch.Tensor, noise: torch.Tensor | None) -> Denoiser:
         """The denoiser for this shape, reused between calls so a captured CUDA graph is replayed."""
-        key = (sampler.name, steps, first, shape, tuple(text.shape), guided)
-        cached = self._denoisers.get(key)
+        key = (sampler.name, req.steps, req.first, req.shape, tuple(text.shape), req.guided)
+        cached = self._denoisers.get(key, noise)
         if cached is not None:
-            denoiser, schedule = cached
-            if noise is not None and schedule.noise is not None:
-                schedule.noise.copy_(noise.to(schedule.noise.device))
-            return denoiser, schedule
-        schedule = sampler.make_schedule(self.scheduler_config, steps, self.device, noise=noise, start=first)
-        unet_dtype = _dtype(self.engines["unet"], "encoder_hidden_states")
+            return cached
+        schedule = sampler.make_schedule(self.scheduler_config, req.steps, self.device, noise=noise, start=req.first)
+        unet = self.engines["unet"]
         model = self.manifest.model
-        extra = {}
-        if model.family == "sdxl":  # static too, so a captured graph reads this call's values
-            rows = text.shape[0]
-            extra = {
-                "text_embeds": torch.zeros((rows, model.add_text_embeds_width), dtype=unet_dtype, device=self.device),
-                "time_ids": torch.zeros((rows, model.add_time_ids), dtype=unet_dtype, device=self.device),
-            }
-        buffers = StepBuffers(
-            latents=torch.zeros(shape, device=self.device),
-            state=torch.zeros(shape, device=self.device),
-            index=torch.zeros((), dtype=torch.int64, device=self.device),
-            text=torch.zeros(text.shape, dtype=unet_dtype, device=self.device),
-            guidance=torch.zeros((), device=self.device),
-            extra=extra,
-        )
-        denoiser = Denoiser(self.engines["unet"], sampler, schedule, buffers, guided, self.cuda_graph)
-        if len(self._denoisers) >= 8:
-            self._denoisers.pop(next(iter(self._denoisers)))
-        self._denoisers[key] = (denoiser, schedule)
-        return denoiser, schedule
+        # static too, so a captured graph reads this call's values
+        extra = {"text_embeds": model.add_text_embeds_width, "time_ids": model.add_time_ids}
+        widths = extra if model.family == "sdxl" else None
+        dtype = _input_dtype(unet, "encoder_hidden_states")
+        buffers = StepBuffers.allocate(req.shape, tuple(text.shape), dtype, self.device, widths)
+        denoiser = Denoiser(unet, sampler, schedule, buffers, req.guided, self.cuda_graph)
+        self._denoisers.put(key, denoiser)
+        return denoiser
 
 
-def _dtype(engine: Engine, name: str) -> torch.dtype:
+def _input_dtype(engine: Engine, name: str) -> torch.dtype:
+    """The torch dtype of ``engine``'s input ``name`` (float16 or float32)."""
     for tensor in engine.inputs:
         if tensor.name == name:
             return torch.float16 if tensor.dtype == "float16" else torch.float32
     raise KeyError(name)
 
 
-def _seeds(seed: int | Sequence[int], count: int) -> list[int]:
-    """One seed per image: ``seed + k``, or the list given (one per image)."""
-    if isinstance(seed, int) and not isinstance(seed, bool):
-        return [seed + k for k in range(count)]
-    if isinstance(seed, Sequence) and all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
-        if len(seed) != count:
-            raise ConfigError(f"got {len(seed)} seeds for {count} images; give one seed, or one per image")
-        return list(seed)
-    raise ConfigError(f"seed must be an integer or a list of integers, got {seed!r}")
-
-
-def _negatives(negative: str | list[str] | None, count: int) -> list[str]:
-    if negative is None:
-        return [""] * count
-    if isinstance(negative, str):
-        return [negative] * count
-    if len(negative) != count:
-        raise ConfigError(f"got {len(negative)} negative prompts for {count} prompts; give one per prompt or one")
-    return list(negative)
+def _unit_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """Decoded images in [-1, 1] -> float32 [0, 1] on the CPU; NaN/Inf pixels raise ``NumericsError``."""
+    if not bool(torch.isfinite(pixels).all()):
+        raise NumericsError(
+            "the VAE decoder produced NaN/Inf pixels (fp16 overflow is the usual cause); re-export the "
+            "vae_decoder with --precision fp32, or check the latents for NaN"
+        )
+    return (pixels.float() / 2 + 0.5).clamp(0, 1).cpu()
 
 
 __all__ = ["GenerationResult", "Pipeline", "StageTimes", "latents_to_rgb"]

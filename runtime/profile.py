@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .errors import ShapeError
+from sdtrt.runtime.errors import ShapeError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from .errors import ArtifactError, SdtrtError
+from sdtrt.runtime.errors import ArtifactError, SdtrtError
 
 logger = logging.getLogger(__name__)
 

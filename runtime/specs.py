@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import ShapeError
-from .profile import ShapeProfile
+from sdtrt.runtime.errors import ShapeError
+from sdtrt.runtime.profile import ShapeProfile
 
 TEXT_WINDOW = 77
 FLOAT = "float"  # placeholder dtype: float32 or float16, by the component's precision

@@ -16,7 +16,7 @@ from sdtrt.runtime.schedulers import A1111_LABELS
 from .a1111 import SAMPLER_ALIASES, parse_request, response_body
 from .errors import RequestError, ServeError
 from .metrics import Metrics
-from .service import Service
+from .service import ModelCard, Service, ServiceStats
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,39 @@ def samplers() -> list[dict[str, Any]]:
     ]
 
 
+def sd_models_body(card: ModelCard) -> list[dict[str, Any]]:
+    """``/sdapi/v1/sd-models``: the one loaded model, as A1111 lists checkpoints."""
+    short = card.sha256[:10]
+    title = f"{card.name} [{short}]" if short else card.name
+    return [
+        {
+            "title": title,
+            "model_name": card.name,
+            "hash": short or None,
+            "sha256": card.sha256 or None,
+            "filename": card.filename,
+            "config": None,
+        }
+    ]
+
+
+def health_body(card: ModelCard, stats: ServiceStats) -> dict[str, Any]:
+    """``/health``: the model, where it runs, and the queue."""
+    return {
+        "status": "ok",
+        "model": card.name,
+        "backend": card.backend,
+        "device": card.device,
+        "queued": stats.queued,
+        "running": stats.running,
+        "capacity": stats.capacity,
+    }
+
+
 def create_app(service: Service, metrics: Metrics | None = None) -> Any:
     """A FastAPI app over ``service`` (see ``service.Service``); its lifespan starts and stops the service."""
     require("fastapi", "the HTTP server (sdtrt serve)", "serve")
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi import FastAPI
 
     counters = metrics or Metrics()
 
@@ -51,6 +79,15 @@ def create_app(service: Service, metrics: Metrics | None = None) -> Any:
 
     app = FastAPI(title="sdtrt", lifespan=lifespan)
     app.state.service, app.state.metrics = service, counters
+    _add_generation_routes(app, service, counters)
+    _add_status_routes(app, service, counters)
+    return app
+
+
+def _add_generation_routes(app: Any, service: Service, counters: Metrics) -> None:
+    """``txt2img`` and ``img2img``: payload -> request -> service -> A1111 response (or an error body)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
 
     async def generate(request: Request, endpoint: str, img2img: bool) -> Any:
         begin = time.perf_counter()
@@ -76,39 +113,23 @@ def create_app(service: Service, metrics: Metrics | None = None) -> Any:
     async def img2img(request: Request) -> Any:
         return await generate(request, "img2img", img2img=True)
 
+
+def _add_status_routes(app: Any, service: Service, counters: Metrics) -> None:
+    """Samplers, the model, health and Prometheus metrics."""
+    from fastapi.responses import PlainTextResponse
+
     @app.get("/sdapi/v1/samplers")
     async def list_samplers() -> Any:
         return samplers()
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models() -> Any:
-        card = await service.model()
-        short = card.sha256[:10]
-        title = f"{card.name} [{short}]" if short else card.name
-        return [
-            {
-                "title": title,
-                "model_name": card.name,
-                "hash": short or None,
-                "sha256": card.sha256 or None,
-                "filename": card.filename,
-                "config": None,
-            }
-        ]
+        return sd_models_body(await service.model())
 
     @app.get("/health")
     async def health() -> Any:
         stats = await service.stats()
-        card = await service.model()
-        return {
-            "status": "ok",
-            "model": card.name,
-            "backend": card.backend,
-            "device": card.device,
-            "queued": stats.queued,
-            "running": stats.running,
-            "capacity": stats.capacity,
-        }
+        return health_body(await service.model(), stats)
 
     @app.get("/metrics")
     async def prometheus() -> Any:
@@ -117,5 +138,3 @@ def create_app(service: Service, metrics: Metrics | None = None) -> Any:
             counters.render(stats.queued, stats.running, stats.capacity),
             media_type="text/plain; version=0.0.4; charset=utf-8",
         )
-
-    return app

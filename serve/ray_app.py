@@ -6,7 +6,7 @@
 Layout: ``Ingress`` serves ``app.create_app`` (the very routes of the plain server) with a ``Service`` that
 forwards each request to the ``Replica`` deployment through its handle. A replica opens one ``Pipeline`` on its
 device (``num_gpus`` per replica on a GPU cluster, ``num_cpus`` on the CPU) and takes requests through
-``@serve.batch``: those that arrive within ``batch_wait_s`` and share a ``worker.merge_key`` (txt2img, same size,
+``@serve.batch``: those that arrive within ``batch_wait_s`` and share a ``generate.merge_key`` (txt2img, same size,
 steps, guidance, sampler and negative prompt) run as one pipeline call up to the artifact's batch limit, each with
 its own prompt and seeds, so a request's image does not depend on what it was batched with. Replicas autoscale
 between ``min_replicas`` and ``max_replicas`` on ongoing requests per replica; a deployment whose queue is full
@@ -80,7 +80,7 @@ class ReplicaCore:
 
     def run(self, requests: list[GenerateRequest]) -> list[Generation | Exception]:
         """Run a batch of requests (in this thread): mergeable ones together, the others one by one."""
-        from .worker import check_request, merge_key, run_merged, run_request
+        from sdtrt.serve.generate import check_request, merge_key, run_merged, run_request
 
         results: dict[int, Generation | Exception] = {}
         groups: dict[Any, list[int]] = {}
@@ -120,16 +120,9 @@ class ReplicaCore:
         return [results[i] for i in range(len(requests))]
 
     def card(self) -> ModelCard:
-        m = self.pipe.manifest
-        return ModelCard(
-            self.model_name,
-            str(m.source.get("sha256", "")),
-            str(self.pipe.folder),
-            self.pipe.default_scheduler,
-            self.max_batch,
-            self.pipe.backend,
-            str(self.pipe.device),
-        )
+        from sdtrt.serve.generate import model_card
+
+        return model_card(self.pipe, self.model_name, self.max_batch)
 
 
 class HandleService:

@@ -1,5 +1,7 @@
 """``LocalWorker``: one pipeline, a bounded asyncio queue, and one thread that runs requests in order.
 
+What a request does on the pipeline is ``generate``'s; this module is the queue around it.
+
 The pipeline is not thread-safe, so every call runs on the same single-thread executor. A full queue raises
 ``Overloaded`` with a Retry-After estimated from recent latency; a request still queued after ``timeout`` seconds
 raises ``TimedOut``; a request that has started always runs to the end.
@@ -8,7 +10,6 @@ raises ``TimedOut``; a request that has started always runs to the end.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import math
 import time
@@ -18,13 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdtrt.runtime.errors import ConfigError, SdtrtError, ShapeError
-from sdtrt.runtime.images import a1111_parameters
-from sdtrt.runtime.schedulers import A1111_LABELS
-from sdtrt.runtime.specs import check_size
-
-from .a1111 import GenerateRequest, Generation, random_seed
-from .errors import GenerationFailed, Overloaded, RequestError, TimedOut
-from .service import ModelCard, ServiceStats
+from sdtrt.serve.a1111 import GenerateRequest, Generation, random_seed
+from sdtrt.serve.errors import GenerationFailed, Overloaded, RequestError, TimedOut
+from sdtrt.serve.generate import check_request, model_card, run_request
+from sdtrt.serve.service import ModelCard, ServiceStats
 
 log = logging.getLogger(__name__)
 
@@ -36,139 +34,6 @@ class _Job:
     enqueued: float = field(default_factory=time.monotonic)
     started: bool = False
     abandoned: bool = False
-
-
-def check_request(pipe: Any, request: GenerateRequest) -> tuple[int, int]:
-    """Raise ``RequestError`` (the library's message) unless ``pipe`` can run ``request``; return (height, width)."""
-    profile, model = pipe.manifest.profile, pipe.manifest.model
-    height = request.height or profile.opt_height
-    width = request.width or profile.opt_width
-    try:
-        check_size(height, width, model)
-        profile.check(height, width, request.batch_size)
-    except ShapeError as exc:
-        raise RequestError(str(exc)) from None
-    if request.img2img and "vae_encoder" not in pipe.engines:
-        raise RequestError("img2img needs the vae_encoder component; export it with --components ...,vae_encoder")
-    return height, width
-
-
-def run_request(pipe: Any, request: GenerateRequest, model_name: str) -> Generation:
-    """Run ``request`` (seed resolved) on ``pipe``: ``n_iter`` calls of ``batch_size`` images, seeds consecutive."""
-    from PIL import Image
-
-    assert request.seed is not None
-    image = Image.open(io.BytesIO(request.init_image)).convert("RGB") if request.init_image else None
-    start = time.perf_counter()
-    rows: list[tuple[Any, int, str, str]] = []
-    settings: dict[str, Any] = {}
-    for i in range(request.n_iter):
-        result = pipe(
-            request.prompt,
-            negative_prompt=request.negative_prompt or None,  # as `sdtrt generate` without --negative
-            steps=request.steps,
-            guidance_scale=request.cfg_scale,
-            seed=request.seed + i * request.batch_size,
-            height=request.height,
-            width=request.width,
-            scheduler=request.sampler,
-            num_images=request.batch_size,
-            image=image,
-            strength=request.denoising_strength,
-        )
-        settings = result.settings
-        rows += zip(result.images, result.seeds, result.prompts, result.negative_prompts, strict=True)
-    return make_generation(pipe, request, rows, settings, model_name, time.perf_counter() - start)
-
-
-def make_generation(
-    pipe: Any,
-    request: GenerateRequest,
-    rows: list[tuple[Any, int, str, str]],
-    settings: dict[str, Any],
-    model_name: str,
-    seconds: float,
-) -> Generation:
-    """A ``Generation`` of (image, seed, prompt, negative) rows: PNGs with A1111's ``parameters`` text."""
-    model_hash = str(pipe.manifest.source.get("sha256", ""))
-    extra = [("Denoising strength", f"{request.denoising_strength:g}")] if request.img2img else []
-    gen: dict[str, list[Any]] = {"images": [], "seeds": [], "prompts": [], "negatives": [], "infotexts": []}
-    for img, seed, prompt, negative in rows:
-        text = a1111_parameters(
-            prompt,
-            request.negative_prompt,
-            request.steps,
-            A1111_LABELS[str(settings["scheduler"])],
-            request.cfg_scale,
-            seed,
-            int(settings["width"]),
-            int(settings["height"]),
-            model_hash=model_hash,
-            model_name=model_name,
-            extra=extra,
-        )
-        gen["images"].append(_png(img, text))
-        gen["seeds"].append(seed)
-        gen["prompts"].append(prompt)
-        gen["negatives"].append(negative)
-        gen["infotexts"].append(text)
-    return Generation(
-        gen["images"],
-        gen["seeds"],
-        gen["prompts"],
-        gen["negatives"],
-        gen["infotexts"],
-        str(settings["scheduler"]),
-        request.steps,
-        request.cfg_scale,
-        int(settings["width"]),
-        int(settings["height"]),
-        model_name,
-        model_hash,
-        seconds,
-    )
-
-
-def merge_key(request: GenerateRequest) -> tuple[Any, ...] | None:
-    """Requests with equal keys can run as one pipeline call (their own prompts and seeds); None: never merged."""
-    if request.img2img or request.n_iter != 1:
-        return None
-    return (request.negative_prompt, request.steps, request.cfg_scale, request.width, request.height, request.sampler)
-
-
-def run_merged(pipe: Any, requests: list[GenerateRequest], model_name: str) -> list[Generation]:
-    """Run txt2img requests with one ``merge_key`` as one pipeline call: each keeps its prompt and seeds."""
-    first = requests[0]
-    prompts = [r.prompt for r in requests for _ in range(r.batch_size)]
-    seeds = [int(r.seed or 0) + k for r in requests for k in range(r.batch_size)]
-    start = time.perf_counter()
-    result = pipe(
-        prompts,
-        negative_prompt=first.negative_prompt or None,
-        steps=first.steps,
-        guidance_scale=first.cfg_scale,
-        seed=seeds,
-        height=first.height,
-        width=first.width,
-        scheduler=first.sampler,
-    )
-    seconds = time.perf_counter() - start
-    rows = list(zip(result.images, result.seeds, result.prompts, result.negative_prompts, strict=True))
-    out, offset = [], 0
-    for r in requests:
-        out.append(make_generation(pipe, r, rows[offset : offset + r.batch_size], result.settings, model_name, seconds))
-        offset += r.batch_size
-    return out
-
-
-def _png(image: Any, parameters: str) -> bytes:
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
 
 
 class LocalWorker:
@@ -201,16 +66,7 @@ class LocalWorker:
         self.pipe.close()
 
     async def model(self) -> ModelCard:
-        m = self.pipe.manifest
-        return ModelCard(
-            self.model_name,
-            str(m.source.get("sha256", "")),
-            str(self.pipe.folder),
-            self.pipe.default_scheduler,
-            m.profile.max_batch,
-            self.pipe.backend,
-            str(self.pipe.device),
-        )
+        return model_card(self.pipe, self.model_name)
 
     async def stats(self) -> ServiceStats:
         return ServiceStats(self._queue.qsize() if self._queue else 0, self._running, self.queue_size)

@@ -32,13 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdtrt.runtime.backends.common import EngineBase, bind_dims, close_all, engine_device, resolve_shape, torch_dtype
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.engine import BackendOptions, WeightUpdate
 from sdtrt.runtime.errors import ArtifactError, BackendError
 from sdtrt.runtime.manifest import ComponentEntry, Manifest
 from sdtrt.runtime.verify import verified_model_file
-
-from .common import EngineBase, bind_dims, close_all, engine_device, resolve_shape, torch_dtype
 
 log = logging.getLogger(__name__)
 

@@ -40,13 +40,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from sdtrt.runtime.backends import trt_compat, trt_refit
+from sdtrt.runtime.backends.common import EngineBase, bind_dims, close_all, torch_dtype
 from sdtrt.runtime.engine import BackendOptions, WeightUpdate
 from sdtrt.runtime.errors import ArtifactError, BackendError, ShapeError
 from sdtrt.runtime.manifest import ComponentEntry, Manifest, resolve_file
 from sdtrt.runtime.verify import check_sha256
-
-from . import trt_compat, trt_refit
-from .common import EngineBase, bind_dims, close_all, torch_dtype
 
 if TYPE_CHECKING:
     import tensorrt as trt

@@ -22,13 +22,12 @@ from typing import Any
 
 import torch
 
+from sdtrt.runtime.backends.common import EngineBase, bind_dims, close_all, engine_device, resolve_shape, torch_dtype
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.engine import BackendOptions, WeightUpdate
 from sdtrt.runtime.errors import ArtifactError, ConfigError
 from sdtrt.runtime.manifest import Manifest, TensorEntry
 from sdtrt.runtime.specs import ComponentSpec, component_specs
-
-from .common import EngineBase, bind_dims, close_all, engine_device, resolve_shape, torch_dtype
 
 log = logging.getLogger(__name__)
 

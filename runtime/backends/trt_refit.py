@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from sdtrt.runtime.backends import trt_compat
+from sdtrt.runtime.backends.common import dtype_name
 from sdtrt.runtime.errors import BackendError
-
-from . import trt_compat
-from .common import dtype_name
 
 if TYPE_CHECKING:
     import tensorrt as trt

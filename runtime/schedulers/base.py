@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import ShapeError
-from .config import SchedulerConfig
+from sdtrt.runtime.errors import ShapeError
+from sdtrt.runtime.schedulers.config import SchedulerConfig
 
 StepIndex = int | torch.Tensor
 Generator = torch.Generator | Sequence[torch.Generator] | None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import (
+from sdtrt.runtime.schedulers.base import (
     Schedule,
     StepIndex,
     build_schedule,
@@ -19,7 +19,7 @@ from .base import (
     spaced_timesteps,
     training_alphas_cumprod,
 )
-from .config import SchedulerConfig
+from sdtrt.runtime.schedulers.config import SchedulerConfig
 
 
 def make_schedule(

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import ShapeError
-from .base import (
+from sdtrt.runtime.errors import ShapeError
+from sdtrt.runtime.schedulers.base import (
     Schedule,
     StepIndex,
     build_schedule,
@@ -25,7 +25,7 @@ from .base import (
     timesteps_for_sigmas,
     training_sigmas,
 )
-from .config import SchedulerConfig
+from sdtrt.runtime.schedulers.config import SchedulerConfig
 
 
 def solver_timesteps(config: SchedulerConfig, steps: int) -> np.ndarray:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import (
+from sdtrt.runtime.schedulers.base import (
     Schedule,
     StepIndex,
     build_schedule,
@@ -18,7 +18,7 @@ from .base import (
     sigmas_at,
     spaced_timesteps,
 )
-from .config import SchedulerConfig
+from sdtrt.runtime.schedulers.config import SchedulerConfig
 
 
 def euler_sigmas(config: SchedulerConfig, steps: int) -> tuple[np.ndarray, np.ndarray]:

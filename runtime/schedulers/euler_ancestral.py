@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .base import (
+from sdtrt.runtime.schedulers.base import (
     Generator,
     Schedule,
     StepIndex,
@@ -20,8 +20,8 @@ from .base import (
     draw_step_noise,
     noise_at,
 )
-from .config import SchedulerConfig
-from .euler import euler_sigmas, init_noise_sigma, sigma_space_denoise
+from sdtrt.runtime.schedulers.config import SchedulerConfig
+from sdtrt.runtime.schedulers.euler import euler_sigmas, init_noise_sigma, sigma_space_denoise
 
 
 def draw_noise(

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..errors import ShapeError
-from .base import (
+from sdtrt.runtime.errors import ShapeError
+from sdtrt.runtime.schedulers.base import (
     Generator,
     Schedule,
     StepIndex,
@@ -25,7 +25,7 @@ from .base import (
     noise_at,
     training_alphas_cumprod,
 )
-from .config import SchedulerConfig
+from sdtrt.runtime.schedulers.config import SchedulerConfig
 
 SIGMA_DATA = 0.5
 

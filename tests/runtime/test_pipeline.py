@@ -216,7 +216,7 @@ def test_cuda_graph_step_matches_eager(tiny_fp32, scheduler):
             again = pipe(PROMPT, steps=STEPS, seed=10, height=HEIGHT, width=WIDTH, scheduler=scheduler)
             if graph:
                 assert len(pipe._denoisers) == 1  # the second call replayed the captured graph
-                denoiser, _ = next(iter(pipe._denoisers.values()))
+                denoiser = next(iter(pipe._denoisers.values()))
                 assert denoiser.graph is not None
             results[graph] = (first.pixels, again.pixels)
     for eager, captured in zip(results[False], results[True], strict=True):
@@ -233,3 +233,33 @@ def test_one_seed_per_image_keeps_each_images_own_seed(ort_fp32):
         ort_fp32([PROMPT, "a dog"], steps=1, seed=[5], height=HEIGHT, width=WIDTH)
     with pytest.raises(ConfigError, match="seed must be an integer or a list of integers"):
         ort_fp32(PROMPT, steps=1, seed="7", height=HEIGHT, width=WIDTH)
+
+
+class _CountingEngine:
+    """Forwards to an engine and counts its calls (the kind of wrapper ``wrap_engine`` is for)."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, 0
+        self.inputs, self.outputs = engine.inputs, engine.outputs
+        self.graph_capturable = False
+
+    def infer(self, feeds):
+        self.calls += 1
+        return self.engine.infer(feeds)
+
+    def close(self):
+        self.engine.close()
+
+
+def test_wrap_engine_reaches_a_cached_denoiser(tiny_fp32):
+    """A wrapper put in after a first call (a denoiser is cached by then) sees every UNet call of the next."""
+    with Pipeline.from_artifacts(tiny_fp32, backend="onnxruntime", device="cpu") as pipe:
+        before = pipe(PROMPT, steps=2, seed=3, height=HEIGHT, width=WIDTH, scheduler="euler")
+        assert len(pipe._denoisers) == 1
+        counter = pipe.wrap_engine("unet", _CountingEngine)
+        assert pipe.engines["unet"] is counter and len(pipe._denoisers) == 0
+        after = pipe(PROMPT, steps=2, seed=3, height=HEIGHT, width=WIDTH, scheduler="euler")
+        assert counter.calls == 2
+        assert torch.equal(before.pixels, after.pixels)
+        with pytest.raises(ConfigError, match="no engine 'controlnet' in this pipeline"):
+            pipe.wrap_engine("controlnet", _CountingEngine)

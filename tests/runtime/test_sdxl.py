@@ -140,14 +140,14 @@ def test_matches_diffusers(pipe, reference, negative, guidance):
     value = psnr(result.pixels, expected)
     print(f"{pipe.backend} fp32 negative={negative!r} cfg={guidance} vs diffusers SDXL: {value:.1f} dB")
     assert value >= PARITY_DB
-    assert result.settings["time_ids"] == [SIZE, SIZE, 0, 0, SIZE, SIZE]
+    assert result.settings.time_ids == (SIZE, SIZE, 0, 0, SIZE, SIZE)
 
 
 def test_no_negative_prompt_means_zero_conditioning(pipe):
     """force_zeros_for_empty_prompt: negative_prompt=None is zeros, an explicit "" is encoded (diffusers' rule)."""
     zeroed = pipe(PROMPT, steps=3, guidance_scale=5.0, seed=4, scheduler="euler")
     encoded = pipe(PROMPT, negative_prompt="", steps=3, guidance_scale=5.0, seed=4, scheduler="euler")
-    assert zeroed.settings["zero_negative"] and not encoded.settings["zero_negative"]
+    assert zeroed.settings.zero_negative and not encoded.settings.zero_negative
     assert psnr(zeroed.pixels, encoded.pixels) < 60  # really different conditioning
 
 
@@ -155,7 +155,7 @@ def test_micro_conditioning_matches_diffusers(pipe, reference):
     sizes = {"original_size": (64, 96), "crops_coords_top_left": (8, 16), "target_size": (128, 128)}
     result = pipe(PROMPT, steps=3, guidance_scale=5.0, seed=6, scheduler="euler", **sizes)
     expected = run_reference(reference, 6, num_inference_steps=3, guidance_scale=5.0, **sizes)
-    assert result.settings["time_ids"] == [64, 96, 8, 16, 128, 128]
+    assert result.settings.time_ids == (64, 96, 8, 16, 128, 128)
     assert psnr(result.pixels, expected) >= PARITY_DB
     default = pipe(PROMPT, steps=3, guidance_scale=5.0, seed=6, scheduler="euler")
     assert psnr(default.pixels, result.pixels) < 60  # the time ids reach the UNet
@@ -221,8 +221,8 @@ def test_turbo_folder_one_step_matches_diffusers(tmp_path, turbo_folder):
         assert pipe.default_scheduler == "euler_a"  # EulerAncestralDiscreteScheduler
         assert pipe.scheduler_config.timestep_spacing == "trailing"
         result = pipe(PROMPT, steps=1, guidance_scale=0.0, seed=5)  # the one-step generation
-    assert result.settings["scheduler"] == "euler_a"
-    assert (result.settings["height"], result.settings["width"]) == (SIZE, SIZE)  # the model's native size
+    assert result.settings.scheduler == "euler_a"
+    assert (result.settings.height, result.settings.width) == (SIZE, SIZE)  # the model's native size
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         expected = reference(
@@ -265,7 +265,7 @@ def test_single_file_checkpoint_exports_the_same_model(tmp_path, xl_bundle, xl_f
     ):
         a = converted(PROMPT, steps=2, guidance_scale=5.0, seed=1)
         b = original(PROMPT, steps=2, guidance_scale=5.0, seed=1)
-    assert a.settings["scheduler"] == "euler"  # the shipped SDXL config: EulerDiscreteScheduler
+    assert a.settings.scheduler == "euler"  # the shipped SDXL config: EulerDiscreteScheduler
     assert psnr(a.pixels, b.pixels) >= 90
 
 

@@ -308,7 +308,7 @@ def test_pipeline_opens_an_engine_folder(use_double, engines_dir):
     use_double()
     with Pipeline.from_artifacts(engines_dir, backend="tensorrt", device="cpu") as pipe:
         result = pipe("a cat", steps=2, seed=1, height=64, width=64)
-    assert result.images[0].size == (64, 64) and result.settings["backend"] == "tensorrt"
+    assert result.images[0].size == (64, 64) and result.settings.backend == "tensorrt"
 
 
 def test_pipeline_feeds_sdxl_engines_both_encoders_and_the_extra_unet_inputs(use_double, tmp_path):

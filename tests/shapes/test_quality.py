@@ -60,7 +60,7 @@ def test_the_preset_defaults_to_its_size_and_sampler(fp32_pipe):
     assert fp32_pipe.default_scheduler == "euler"
     assert (fp32_pipe.manifest.profile.opt_height, fp32_pipe.manifest.profile.opt_width) == (128, 128)
     result = fp32_pipe("a red circle on a blue background", steps=2, seed=0)
-    assert result.settings["scheduler"] == "euler" and result.images[0].size == (128, 128)
+    assert result.settings.scheduler == "euler" and result.images[0].size == (128, 128)
 
 
 def test_held_out_prompts_reach_the_recorded_accuracy(fp32_run):

@@ -156,7 +156,7 @@ def test_diffusers_folder_defaults_follow_its_scheduler_and_size(tmp_path, tiny_
     )
     with Pipeline.from_artifacts(out, device="cpu") as pipe:
         result = pipe("a cat", steps=3, guidance_scale=7.5, seed=2)
-    assert result.settings["scheduler"] == "euler" and result.images[0].size == (128, 128)
+    assert result.settings.scheduler == "euler" and result.images[0].size == (128, 128)
     import diffusers
 
     reference = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)

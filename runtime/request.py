@@ -1,0 +1,265 @@
+"""One generation request, validated against a model, and the settings a generation reports it ran with.
+
+``make_request`` checks a call's arguments (the same checks, with the same messages, for the pipeline and for any
+front end that wants to refuse a request before queueing it) and expands them to one prompt, negative prompt
+and seed per image. For SDXL it adds the micro-conditioning: six time ids (original size, crop top-left, target
+size; by default the image size, (0, 0) and the image size), and zero negative conditioning when no negative
+prompt is given and the model asks for it (``force_zeros_for_empty_prompt``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sdtrt.runtime.errors import ArtifactError, ConfigError, ShapeError
+from sdtrt.runtime.manifest import Manifest
+from sdtrt.runtime.schedulers import SCHEDULER_NAMES, start_index
+from sdtrt.runtime.specs import ModelInfo, check_size
+
+Pair = tuple[int, int]  # (height, width), as diffusers orders SDXL's size conditioning
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call's arguments, validated and expanded to one entry per image."""
+
+    prompts: list[str]
+    negatives: list[str]
+    height: int
+    width: int
+    scheduler: str
+    steps: int
+    first: int  # first step run (img2img starts later)
+    seeds: list[int]
+    guidance_scale: float
+    shape: tuple[int, int, int, int]  # latents
+    strength: float | None = None  # img2img only
+    zero_negatives: bool = False  # SDXL: the negative conditioning is zeros, not an encoded prompt
+    time_ids: tuple[int, ...] = ()  # SDXL: original size, crop top-left, target size (each height, width)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+@dataclass(frozen=True)
+class LoraSetting:
+    """A LoRA a call ran with: its name, scale and short hash (as A1111 writes them)."""
+
+    name: str
+    scale: float
+    hash: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a generation ran with (``GenerationResult.settings``); ``to_dict()`` is its JSON form."""
+
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    scheduler: str
+    strength: float | None  # None for text-to-image
+    backend: str
+    loras: tuple[LoraSetting, ...] = ()
+    time_ids: tuple[int, ...] = ()  # SDXL only
+    zero_negative: bool = False  # SDXL only
+
+    @classmethod
+    def of(cls, req: Request, backend: str, loras: Sequence[LoraSetting] = ()) -> Settings:
+        """The settings of ``req`` run on ``backend`` with ``loras``."""
+        return cls(
+            req.steps,
+            req.guidance_scale,
+            req.height,
+            req.width,
+            req.scheduler,
+            req.strength,
+            backend,
+            tuple(loras),
+            req.time_ids,
+            req.zero_negatives,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data; the LoRA and SDXL keys only where they apply."""
+        data: dict[str, Any] = {
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "height": self.height,
+            "width": self.width,
+            "scheduler": self.scheduler,
+            "strength": self.strength,
+            "backend": self.backend,
+        }
+        if self.loras:
+            data["loras"] = [{"name": x.name, "scale": x.scale, "hash": x.hash} for x in self.loras]
+        if self.time_ids:
+            data["time_ids"] = list(self.time_ids)
+            data["zero_negative"] = self.zero_negative
+        return data
+
+
+def require_vae_encoder(components: Collection[str]) -> None:
+    """Raise ``ArtifactError`` unless ``components`` (the open engines) can encode an init image."""
+    if "vae_encoder" not in components:
+        raise ArtifactError("img2img needs the vae_encoder component; export it with --components ...,vae_encoder")
+
+
+def image_size(manifest: Manifest, height: int | None, width: int | None, batch: int) -> tuple[int, int]:
+    """(height, width) a call runs at: the artifact's tuned size where not given; ``ShapeError`` unless the
+    model's networks and the artifact's profile accept ``batch`` images of that size."""
+    profile = manifest.profile
+    height = profile.opt_height if height is None else height
+    width = profile.opt_width if width is None else width
+    _check_integers(height, width)
+    check_size(height, width, manifest.model)
+    profile.check(height, width, batch)
+    return height, width
+
+
+def make_request(
+    manifest: Manifest,
+    default_scheduler: str,
+    components: Collection[str],
+    prompt: str | list[str],
+    negative_prompt: str | list[str] | None,
+    *,
+    steps: int,
+    guidance_scale: float,
+    seed: int | Sequence[int] | None,
+    height: int | None,
+    width: int | None,
+    scheduler: str | None,
+    num_images: int,
+    strength: float | None,
+    conditioning: tuple[Pair | None, Pair, Pair | None],
+) -> Request:
+    """Validate a call's arguments for ``manifest``'s model and expand them to one entry per image.
+
+    ``components`` are the engines open (img2img needs a VAE encoder); ``strength`` is given for img2img only;
+    ``conditioning`` is SDXL's (original_size, crops_coords_top_left, target_size), refused for other families.
+    """
+    prompts, negatives = expand_prompts(prompt, negative_prompt, num_images)
+    name = scheduler or default_scheduler
+    _check_arguments(steps, guidance_scale, name)
+    height, width = image_size(manifest, height, width, len(prompts))
+    first = start_index(steps, strength) if strength is not None else 0
+    if strength is not None:
+        require_vae_encoder(components)
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    model = manifest.model
+    shape = (len(prompts), model.latent_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
+    seeds = seeds_per_image(seed, len(prompts))
+    zero, time_ids = micro_conditioning(model, height, width, negative_prompt is None, *conditioning)
+    return Request(
+        prompts,
+        negatives,
+        height,
+        width,
+        name,
+        steps,
+        first,
+        seeds,
+        guidance_scale,
+        shape,
+        strength,
+        zero,
+        time_ids,
+    )
+
+
+def expand_prompts(
+    prompt: str | list[str], negative: str | list[str] | None, num_images: int
+) -> tuple[list[str], list[str]]:
+    """(prompts, negatives) with one entry per image: ``num_images`` per prompt."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ConfigError("prompt list is empty; give at least one prompt")
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise ConfigError(f"num_images must be an integer >= 1, got {num_images!r}")
+    negatives = _negatives(negative, len(prompts))
+    return [p for p in prompts for _ in range(num_images)], [n for n in negatives for _ in range(num_images)]
+
+
+def _check_arguments(steps: int, guidance_scale: float, scheduler: str) -> None:
+    """Raise unless steps, guidance and the scheduler name are usable."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ShapeError(f"steps must be an integer >= 1, got {steps!r}")
+    if not guidance_scale >= 0:
+        raise ConfigError(f"guidance_scale must be >= 0 (1 or less turns guidance off), got {guidance_scale}")
+    if scheduler not in SCHEDULER_NAMES:
+        raise ConfigError(f"unknown scheduler {scheduler!r}; expected one of: {', '.join(SCHEDULER_NAMES)}")
+
+
+def seeds_per_image(seed: int | Sequence[int], count: int) -> list[int]:
+    """One seed per image: ``seed + k``, or the list given (one per image)."""
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return [seed + k for k in range(count)]
+    if isinstance(seed, Sequence) and all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
+        if len(seed) != count:
+            raise ConfigError(f"got {len(seed)} seeds for {count} images; give one seed, or one per image")
+        return list(seed)
+    raise ConfigError(f"seed must be an integer or a list of integers, got {seed!r}")
+
+
+def micro_conditioning(
+    model: ModelInfo,
+    height: int,
+    width: int,
+    no_negative: bool,
+    original_size: Pair | None = None,
+    crop: Pair = (0, 0),
+    target_size: Pair | None = None,
+) -> tuple[bool, tuple[int, ...]]:
+    """SDXL's (zero negatives, time ids) for an image of ``height`` x ``width``; (False, ()) for other families."""
+    given = original_size is not None or target_size is not None or tuple(crop) != (0, 0)
+    if model.family != "sdxl":
+        if given:
+            raise ConfigError(
+                f"original_size, crops_coords_top_left and target_size are SDXL conditioning; this is a "
+                f"{model.family} model. Leave them out"
+            )
+        return False, ()
+    pairs = {"original_size": original_size, "crops_coords_top_left": crop, "target_size": target_size}
+    for key, pair in pairs.items():
+        if pair is None:
+            continue
+        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair):
+            raise ConfigError(f"{key} must be two integers >= 0 (height, width), got {pair!r}")
+    size = (height, width)
+    time_ids = (*(original_size or size), *crop, *(target_size or size))
+    return no_negative and model.force_zeros_for_empty_prompt, tuple(int(v) for v in time_ids)
+
+
+def _check_integers(height: Any, width: Any) -> None:
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (height, width)):
+        raise ShapeError(f"image height and width must be integers, got {height!r} x {width!r}")
+
+
+def _negatives(negative: str | list[str] | None, count: int) -> list[str]:
+    if negative is None:
+        return [""] * count
+    if isinstance(negative, str):
+        return [negative] * count
+    if len(negative) != count:
+        raise ConfigError(f"got {len(negative)} negative prompts for {count} prompts; give one per prompt or one")
+    return list(negative)
+
+
+__all__ = [
+    "LoraSetting",
+    "Request",
+    "Settings",
+    "expand_prompts",
+    "image_size",
+    "make_request",
+    "micro_conditioning",
+    "require_vae_encoder",
+    "seeds_per_image",
+]

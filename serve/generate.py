@@ -1,0 +1,143 @@
+"""Running A1111 requests on a pipeline: ``GenerateRequest`` -> pipeline calls -> ``Generation`` (PNGs + info).
+
+Shared by the plain server's ``LocalWorker`` and the Ray replicas. Requests are checked with the runtime's own
+request checks (so a refusal reads as the library's message) before they are queued; txt2img requests that agree
+on everything but prompt, seed and batch size can run as one pipeline call (``merge_key``, ``run_merged``).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+from sdtrt.runtime.errors import ArtifactError, ShapeError
+from sdtrt.runtime.images import infotext, png_bytes
+from sdtrt.runtime.request import Settings, image_size, require_vae_encoder
+from sdtrt.serve.a1111 import GenerateRequest, Generation
+from sdtrt.serve.errors import RequestError
+from sdtrt.serve.service import ModelCard
+
+Row = tuple[Any, int, str, str]  # (PIL image, seed, prompt, negative prompt) of one generated image
+
+
+def check_request(pipe: Any, request: GenerateRequest) -> tuple[int, int]:
+    """Raise ``RequestError`` (the library's message) unless ``pipe`` can run ``request``; return (height, width)."""
+    try:
+        size = image_size(pipe.manifest, request.height, request.width, request.batch_size)
+        if request.img2img:
+            require_vae_encoder(pipe.engines)
+    except (ShapeError, ArtifactError) as exc:
+        raise RequestError(str(exc)) from None
+    return size
+
+
+def model_card(pipe: Any, model_name: str, max_batch: int | None = None) -> ModelCard:
+    """How ``/sdapi/v1/sd-models`` and ``/health`` describe ``pipe`` (``max_batch``: the profile's by default)."""
+    m = pipe.manifest
+    return ModelCard(
+        model_name,
+        str(m.source.get("sha256", "")),
+        str(pipe.folder),
+        pipe.default_scheduler,
+        m.profile.max_batch if max_batch is None else max_batch,
+        pipe.backend,
+        str(pipe.device),
+    )
+
+
+def call_pipeline(
+    pipe: Any,
+    request: GenerateRequest,
+    prompt: str | list[str],
+    seed: int | list[int],
+    num_images: int = 1,
+    image: Any = None,
+) -> Any:
+    """One pipeline call with ``request``'s settings for ``prompt`` and ``seed`` (``image``: img2img's)."""
+    return pipe(
+        prompt,
+        negative_prompt=request.negative_prompt or None,  # as `sdtrt generate` without --negative
+        steps=request.steps,
+        guidance_scale=request.cfg_scale,
+        seed=seed,
+        height=request.height,
+        width=request.width,
+        scheduler=request.sampler,
+        num_images=num_images,
+        image=image,
+        strength=request.denoising_strength,
+    )
+
+
+def run_request(pipe: Any, request: GenerateRequest, model_name: str) -> Generation:
+    """Run ``request`` (seed resolved) on ``pipe``: ``n_iter`` calls of ``batch_size`` images, seeds consecutive."""
+    from PIL import Image
+
+    assert request.seed is not None
+    image = Image.open(io.BytesIO(request.init_image)).convert("RGB") if request.init_image else None
+    start = time.perf_counter()
+    rows: list[Row] = []
+    settings: Settings | None = None
+    for i in range(request.n_iter):
+        seed = request.seed + i * request.batch_size
+        result = call_pipeline(pipe, request, request.prompt, seed, request.batch_size, image)
+        settings = result.settings
+        rows += zip(result.images, result.seeds, result.prompts, result.negative_prompts, strict=True)
+    assert settings is not None  # n_iter >= 1
+    return make_generation(pipe, request, rows, settings, model_name, time.perf_counter() - start)
+
+
+def merge_key(request: GenerateRequest) -> tuple[Any, ...] | None:
+    """Requests with equal keys can run as one pipeline call (their own prompts and seeds); None: never merged."""
+    if request.img2img or request.n_iter != 1:
+        return None
+    return (request.negative_prompt, request.steps, request.cfg_scale, request.width, request.height, request.sampler)
+
+
+def run_merged(pipe: Any, requests: list[GenerateRequest], model_name: str) -> list[Generation]:
+    """Run txt2img requests with one ``merge_key`` as one pipeline call: each keeps its prompt and seeds."""
+    prompts = [r.prompt for r in requests for _ in range(r.batch_size)]
+    seeds = [int(r.seed or 0) + k for r in requests for k in range(r.batch_size)]
+    start = time.perf_counter()
+    result = call_pipeline(pipe, requests[0], prompts, seeds)
+    seconds = time.perf_counter() - start
+    rows = list(zip(result.images, result.seeds, result.prompts, result.negative_prompts, strict=True))
+    out, offset = [], 0
+    for r in requests:
+        out.append(make_generation(pipe, r, rows[offset : offset + r.batch_size], result.settings, model_name, seconds))
+        offset += r.batch_size
+    return out
+
+
+def make_generation(
+    pipe: Any,
+    request: GenerateRequest,
+    rows: list[Row],
+    settings: Settings,
+    model_name: str,
+    seconds: float,
+) -> Generation:
+    """A ``Generation`` of (image, seed, prompt, negative) rows: PNGs with A1111's ``parameters`` text."""
+    model_hash = str(pipe.manifest.source.get("sha256", ""))
+    texts = [
+        infotext(prompt, request.negative_prompt, seed, settings, model_hash, model_name) for _, seed, prompt, _ in rows
+    ]
+    return Generation(
+        [png_bytes(image, text) for (image, *_), text in zip(rows, texts, strict=True)],
+        [seed for _, seed, _, _ in rows],
+        [prompt for _, _, prompt, _ in rows],
+        [negative for *_, negative in rows],
+        texts,
+        settings.scheduler,
+        request.steps,
+        request.cfg_scale,
+        settings.width,
+        settings.height,
+        model_name,
+        model_hash,
+        seconds,
+    )
+
+
+__all__ = ["call_pipeline", "check_request", "make_generation", "merge_key", "model_card", "run_merged", "run_request"]
