@@ -6,6 +6,7 @@ test sees exactly what `pip install .` would install.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -86,3 +87,32 @@ def test_wheel_builds_without_setuptools_warnings(wheel: tuple[set[str], str]) -
     _, output = wheel
     warnings = [line for line in output.splitlines() if "Warning" in line or "would be ignored" in line]
     assert not warnings, "\n".join(warnings)
+
+
+def _make_dry_run(target: str) -> str:
+    """The commands ``make TARGET`` would run for a fresh clone (no venv yet), without running them."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    venv = ".venv-never-created"  # make -n only prints what it would do, so this folder stays absent
+    done = subprocess.run(
+        [make, "-n", target, f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    return done.stdout
+
+
+def _installed_extras(commands: str) -> list[str]:
+    return re.findall(r'pip install [^"]*"\.\[([^\]]*)\]"', commands)
+
+
+def test_make_demo_installs_only_what_the_demo_runs() -> None:
+    commands = _make_dry_run("demo")
+    assert _installed_extras(commands) == ["export,ort"], commands
+    for line in commands.splitlines():
+        if "pip install" in line:
+            assert " -q " in line and ">>" in line, f"pip's own output belongs in the log: {line}"
+    assert "--json out/demo/check.json" in commands and "--report-json out/demo/adherence.json" in commands
+
+
+def test_make_test_installs_the_test_extra() -> None:
+    assert _installed_extras(_make_dry_run("test")) == ["export,ort,test"]
