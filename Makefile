@@ -1,8 +1,10 @@
 # Two entry points: `make demo` (the main job on the built-in trained shapes model) and `make test`.
 # Both use one .venv, created when missing: `make demo` installs only what the demo runs (the export and ort
-# extras), `make test` adds the test extra to the same venv. Where no torch is installed, $(TORCH) is installed
-# first: an unpinned torch would pull a multi-GB CUDA build. On a CUDA machine, install your own torch first; for
-# the CPU build from PyTorch's own index: make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# extras), `make test` adds the test extra to the same venv. Where .venv has no torch, $(TORCH) is installed
+# first, pinned to the version sdtrt is tested with. On Linux, PyPI's torch wheel is the CUDA build (several GB
+# with its nvidia-* libraries); on a CPU-only machine take the CPU build (~0.7 GB) from PyTorch's own index:
+#   make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# On a CUDA machine, install the torch for your CUDA into .venv first; it is kept.
 #
 # Each pip step prints one line saying what it installs; pip's own output goes to $(PIP_LOG), shown only when pip
 # fails. Installs are recorded in stamp files in .venv, so a second run skips them until pyproject.toml changes.
