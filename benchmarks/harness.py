@@ -16,13 +16,14 @@ models too big to hold twice.
 
 Each timed run is a JSON row with its round and position, per-stage times, memory and ``other_s``: end-to-end
 wall time minus the three timed stages (text encode, denoising steps, VAE decode), i.e. the set-up before the
-first step (request checks, schedule, starting noise) and turning the decoded pixels into images. The four add
-up to the end-to-end time. Memory per run: the peak during that run (CUDA allocator peak, or sampled process RSS
-on a CPU), what was held when it started, and their difference; per backend, what opening it added. With several
-backends open the peak is the whole process's (``peak_memory_scope`` says which): on a CPU the RSS includes
-every open backend's weights, so the per-run delta and the opening cost are the per-backend figures. Both are
-lower bounds on a CPU, where memory the process freed earlier (the export's, another backend's run) is reused
-without growing the RSS.
+first step (request checks, schedule, starting noise), checking the decoded pixels for NaN and turning them into
+images. The four add up to the end-to-end time.
+
+Memory per run: the peak during that run (CUDA allocator peak, or sampled process RSS on a CPU), what was held when
+it started, and their difference; per backend, what opening it added. With several backends open the peak is the
+whole process's (``peak_memory_scope`` says which): on a CPU the RSS includes every open backend's weights, so the
+per-run delta and the opening cost are the per-backend figures. Both are lower bounds on a CPU, where memory the
+process freed earlier (the export's, another backend's run) is reused without growing the RSS.
 """
 
 from __future__ import annotations

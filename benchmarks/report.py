@@ -14,7 +14,7 @@ STAGES = (
     ("text_encode_s", "text encode"),
     ("denoise_s", "denoise"),
     ("vae_decode_s", "VAE decode"),
-    ("other_s", "other (set-up, image conversion)"),
+    ("other_s", "other (set-up, checks, image conversion)"),
 )
 # SD 1.5 UNet: 803 GFLOP per image at a 64x64 latent (torch FLOP counter); VAE decode at 512x512: 2.51 TFLOP.
 SD15_UNET_FLOP_64 = 803e9
@@ -123,7 +123,7 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
         lines.append(note)
     lines.append(
         "text, VAE and other are the median run's; other: set-up before the first step (schedule, starting "
-        "noise) and image conversion, as % of the median"
+        "noise), the check for NaN pixels and the conversion to images, as % of the median"
     )
     if any(s.get("memory_scope") == "process" for s in summaries):
         lines.append(
