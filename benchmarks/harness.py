@@ -14,14 +14,16 @@ a slow start, a neighbour's load or thermal drift falls on every backend alike i
 first. ``sequential=True`` keeps the old block order (all of A's runs, then B's, one backend open at a time) for
 models too big to hold twice.
 
-Each timed run is a JSON row with its round and position, per-stage times, memory and the loop overhead:
-end-to-end wall time minus the time of the stages' device work (text encoder, denoising steps, VAE decode), i.e.
-what the host loop adds. Memory per run: the peak during that run (CUDA allocator peak, or sampled process RSS on
-a CPU), what was held when it started, and their difference; per backend, what opening it added. With several
-backends open the peak is the whole process's (``peak_memory_scope`` says which): on a CPU the RSS includes
-every open backend's weights, so the per-run delta and the opening cost are the per-backend figures. Both are
-lower bounds on a CPU, where memory the process freed earlier (the export's, another backend's run) is reused
-without growing the RSS.
+Each timed run is a JSON row with its round and position, per-stage times, memory and ``other_s``: end-to-end
+wall time minus the three timed stages (text encode, denoising steps, VAE decode), i.e. the set-up before the
+first step (request checks, schedule, starting noise), checking the decoded pixels for NaN and turning them into
+images. The four add up to the end-to-end time.
+
+Memory per run: the peak during that run (CUDA allocator peak, or sampled process RSS on a CPU), what was held when
+it started, and their difference; per backend, what opening it added. With several backends open the peak is the
+whole process's (``peak_memory_scope`` says which): on a CPU the RSS includes every open backend's weights, so the
+per-run delta and the opening cost are the per-backend figures. Both are lower bounds on a CPU, where memory the
+process freed earlier (the export's, another backend's run) is reused without growing the RSS.
 """
 
 from __future__ import annotations
@@ -278,10 +280,11 @@ def make_row(
     memory: RunMemory,
     env: dict[str, Any],
 ) -> dict[str, Any]:
+    """One timed run as a JSON row; its text encode, denoise, VAE decode and other time add up to end-to-end."""
     steps = stages["steps"]
     ordered = sorted(steps)
     step_median = ordered[len(ordered) // 2] if ordered else 0.0
-    device_work = stages["text_encode"] + sum(steps) + stages["vae_decode"]
+    timed = stages["text_encode"] + stages["denoise"] + stages["vae_decode"]
     total = stages["total"]
     return {
         "backend": backend,
@@ -297,7 +300,8 @@ def make_row(
         "end_to_end_s": total,
         "images_per_s": config.batch / total,
         "it_per_s": len(steps) / stages["denoise"] if stages["denoise"] > 0 else 0.0,
-        "loop_overhead_s": max(0.0, total - device_work),
+        # the stages are timed inside the end-to-end span, so this is >= 0 but for rounding
+        "other_s": max(0.0, total - timed),
         # process-wide peak during this run; with scope "process" it includes every open backend
         "peak_memory_bytes": memory.peak,
         "memory_at_start_bytes": memory.start,

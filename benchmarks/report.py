@@ -9,11 +9,12 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# The parts of a run's end-to-end time, in the order they happen; they add up to it (see ``benchmarks.harness``).
 STAGES = (
-    ("text_encode_s", "text"),
+    ("text_encode_s", "text encode"),
     ("denoise_s", "denoise"),
     ("vae_decode_s", "VAE decode"),
-    ("loop_overhead_s", "loop overhead"),
+    ("other_s", "other (set-up, checks, image conversion)"),
 )
 # SD 1.5 UNet: 803 GFLOP per image at a 64x64 latent (torch FLOP counter); VAE decode at 512x512: 2.51 TFLOP.
 SD15_UNET_FLOP_64 = 803e9
@@ -43,8 +44,18 @@ def compute_floor_s(row: dict[str, Any]) -> float | None:
     return flop / DENSE_FP16_FLOPS
 
 
+def median_runs(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The run whose end-to-end time is the median, or the middle two of an even count (their mean is the median)."""
+    ordered = sorted(rows, key=lambda r: r["end_to_end_s"])
+    return ordered[(len(ordered) - 1) // 2 : len(ordered) // 2 + 1]
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One summary per backend, in the order they ran; speed-up is against the first backend's median."""
+    """One summary per backend, in the order they ran; speed-up is against the first backend's median.
+
+    The stage times are the median run's (the mean of the middle two for an even count), so they add up to the
+    median end-to-end time; medians taken stage by stage would not, and a chart of them would not reach its label.
+    """
     order = list(dict.fromkeys(r["backend"] for r in rows))
     summaries = []
     for backend in order:
@@ -65,9 +76,10 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "images_per_s": percentile([r["images_per_s"] for r in mine], 0.5),
             "step_median_s": percentile([r["step_median_s"] for r in mine], 0.5),
         }
+        middle = median_runs(mine)
         for key, _ in STAGES:
-            summary[key] = percentile([r[key] for r in mine], 0.5)
-        summary["overhead_pct"] = 100 * summary["loop_overhead_s"] / summary["median_s"]
+            summary[key] = sum(r[key] for r in middle) / len(middle)
+        summary["other_pct"] = 100 * summary["other_s"] / summary["median_s"]
         floor = compute_floor_s(mine[0]) if mine[0]["env"].get("gpu") else None
         summary["floor_fraction"] = floor / summary["median_s"] if floor else None
         summaries.append(summary)
@@ -77,21 +89,42 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summaries
 
 
+def precision_note(summaries: Sequence[dict[str, Any]]) -> str | None:
+    """A warning when the rows ran different precisions (their speed-ups then compare unlike arithmetic)."""
+    base = summaries[0]["precision"]
+    others = ", ".join(f"{s['backend']} {s['precision']}" for s in summaries if s["precision"] != base)
+    if not others:
+        return None
+    return (
+        f"* mixed precision: {others} against {summaries[0]['backend']} {base}, so those speed-ups are not "
+        "like for like; --precision auto times every backend alike (fp32 on a CPU, fp16 on CUDA)"
+    )
+
+
 def format_table(summaries: list[dict[str, Any]]) -> str:
-    """The table of ``summarize``'s rows; a note under it says when peak memory is the whole process's."""
+    """The table of ``summarize``'s rows; notes under it mark mixed precision and process-wide peak memory."""
     head = (
         f"{'backend':<18} {'prec':<5} {'median':>9} {'p90':>9} {'speed-up':>8} {'text':>8} {'step':>8} "
-        f"{'VAE':>8} {'it/s':>7} {'overhead':>8} {'peak mem':>9} {'run +mem':>9} {'loaded':>9} {'of floor':>8}"
+        f"{'VAE':>8} {'it/s':>7} {'other':>8} {'peak mem':>9} {'run +mem':>9} {'loaded':>9} {'of floor':>8}"
     )
     lines = [head, "-" * len(head)]
+    base = summaries[0]["precision"]
     for s in summaries:
         floor = f"{100 * s['floor_fraction']:.1f}%" if s["floor_fraction"] else "-"
+        precision = s["precision"] + ("*" if s["precision"] != base else "")
         lines.append(
-            f"{s['backend']:<18} {s['precision']:<5} {s['median_s'] * 1e3:>7.0f}ms {s['p90_s'] * 1e3:>7.0f}ms "
+            f"{s['backend']:<18} {precision:<5} {s['median_s'] * 1e3:>7.0f}ms {s['p90_s'] * 1e3:>7.0f}ms "
             f"{s['speedup']:>7.2f}x {s['text_encode_s'] * 1e3:>6.1f}ms {s['step_median_s'] * 1e3:>6.1f}ms "
-            f"{s['vae_decode_s'] * 1e3:>6.0f}ms {s['it_per_s']:>7.2f} {s['overhead_pct']:>7.2f}% "
+            f"{s['vae_decode_s'] * 1e3:>6.0f}ms {s['it_per_s']:>7.2f} {s['other_pct']:>7.2f}% "
             f"{s['peak_memory_gib']:>6.2f}GiB {s['peak_added_gib']:>6.2f}GiB {s['loaded_gib']:>6.2f}GiB {floor:>8}"
         )
+    note = precision_note(summaries)
+    if note:
+        lines.append(note)
+    lines.append(
+        "text, VAE and other are the median run's; other: set-up before the first step (schedule, starting "
+        "noise), the check for NaN pixels and the conversion to images, as % of the median"
+    )
     if any(s.get("memory_scope") == "process" for s in summaries):
         lines.append(
             "runs interleaved, every backend open: 'peak mem' is the whole process's peak during a backend's runs "
@@ -101,8 +134,17 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def chart_segments(summary: dict[str, Any]) -> list[tuple[str, float]]:
+    """(label, seconds) of one backend's stacked bar: the median run's stages, adding up to its median time."""
+    return [(label, summary[key]) for key, label in STAGES]
+
+
 def plot(summaries: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
-    """Stacked bars of median stage times, one per backend. Returns None when matplotlib is missing."""
+    """Stacked bars of the median run's stages, one per backend, labelled with the median (which they add up to).
+
+    Each bar's name carries its precision; a mixed-precision chart says so in its title. Returns None when
+    matplotlib is missing.
+    """
     try:
         import matplotlib
 
@@ -112,12 +154,14 @@ def plot(summaries: list[dict[str, Any]], path: str | Path, title: str = "") -> 
         log.warning("matplotlib is not installed; skipping the chart (pip install matplotlib)")
         return None
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(summaries) + 2), 4))
-    names = [s["backend"] for s in summaries]
+    names = [f"{s['backend']}\n{s['precision']}" for s in summaries]
     bottom = [0.0] * len(summaries)
-    for key, label in STAGES:
-        values = [s[key] * 1e3 for s in summaries]
+    for k, (label, _) in enumerate(chart_segments(summaries[0])):
+        values = [chart_segments(s)[k][1] * 1e3 for s in summaries]
         ax.bar(names, values, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    if precision_note(summaries):
+        title = f"{title}\nmixed precision: speed-ups not like for like" if title else "mixed precision"
     for x, s in enumerate(summaries):
         ax.text(
             x, bottom[x], f"{s['median_s'] * 1e3:.0f} ms\n{s['speedup']:.2f}x", ha="center", va="bottom", fontsize=8

@@ -44,25 +44,27 @@ def prepare_folder(backend: str, config: BenchConfig, scratch: Path) -> Path:
         if not folder.exists():
             write_source_artifact(bundle, folder, profile)
         return folder
-    folder = scratch / f"onnx-{config.precision}"
+    folder = scratch / f"onnx-{config.run_precision}"
     if not folder.exists():
         options = ExportOptions(
-            profile=profile, precision=config.precision, components=required_components(bundle.model)
+            profile=profile, precision=config.run_precision, components=required_components(bundle.model)
         )
         export_artifacts(bundle, folder, options)
     return folder
 
 
 class SdtrtRunner:
+    """sdtrt's pipeline on one backend; ``precision`` is what it runs (the artifact's, for exported graphs)."""
+
     def __init__(self, backend: str, config: BenchConfig, device: torch.device, folder: Path) -> None:
         from sdtrt.runtime.engine import BackendOptions
         from sdtrt.runtime.pipeline import Pipeline
 
         self.config = config
         name = "torch" if backend.startswith("torch") else backend
-        precision = config.precision if device.type == "cuda" or name == "onnxruntime" else "fp32"
-        self.precision = precision
-        options = BackendOptions(precision=precision if name == "torch" else "auto")
+        # the PyTorch backend casts on CUDA only; on a CPU it runs fp32 whatever is asked
+        torch_precision = config.run_precision if device.type == "cuda" else "fp32"
+        options = BackendOptions(precision=torch_precision if name == "torch" else "auto")
         self.pipe = Pipeline.from_artifacts(
             folder,
             backend=name,
@@ -73,6 +75,8 @@ class SdtrtRunner:
         )
         if backend == "torch-graph" and not self.pipe.cuda_graph:
             raise ConfigError("torch-graph needs CUDA graph capture, which this device/backend does not allow")
+        # exported graphs run in the precision they were exported in (an --artifacts folder may differ from asked)
+        self.precision = torch_precision if name == "torch" else self.pipe.manifest.precision
 
     def run(self, seed: int) -> dict[str, Any]:
         c = self.config
@@ -108,7 +112,7 @@ class DiffusersRunner:
 
         self.config, self.device = config, device
         bundle = load_bundle(config.source)
-        dtype = torch.float16 if device.type == "cuda" and config.precision == "fp16" else torch.float32
+        dtype = torch.float16 if device.type == "cuda" and config.run_precision == "fp16" else torch.float32
         self.precision = "fp16" if dtype == torch.float16 else "fp32"
         pipe = diffusers_pipeline(bundle, config.scheduler)
         pipe = pipe.to(device, dtype)
@@ -120,12 +124,17 @@ class DiffusersRunner:
         self.pipe = pipe
         self.clock = StageClock(device)
         self.marks: dict[str, Any] = {}
-        encode, decode = pipe.encode_prompt, pipe.vae.decode
+        encode, prepare, decode = pipe.encode_prompt, pipe.prepare_latents, pipe.vae.decode
 
         def timed_encode(*args: Any, **kw: Any) -> Any:
             self.marks["text0"] = self.clock.mark()
             out = encode(*args, **kw)
             self.marks["text1"] = self.clock.mark()
+            return out
+
+        def timed_prepare(*args: Any, **kw: Any) -> Any:
+            out = prepare(*args, **kw)
+            self.marks["latents"] = self.clock.mark()  # steps start here, after set-up, as sdtrt's do
             return out
 
         def timed_decode(*args: Any, **kw: Any) -> Any:
@@ -135,6 +144,7 @@ class DiffusersRunner:
             return out
 
         pipe.encode_prompt = timed_encode
+        pipe.prepare_latents = timed_prepare
         pipe.vae.decode = timed_decode
 
     def run(self, seed: int) -> dict[str, Any]:
@@ -164,7 +174,7 @@ class DiffusersRunner:
         self.clock.sync()
         total = time.perf_counter() - start
         m = self.marks
-        step_marks = [m["text1"], *m["steps"]]
+        step_marks = [m["latents"], *m["steps"]]
         steps = [self.clock.seconds(a, b) for a, b in zip(step_marks, step_marks[1:], strict=False)]
         return {
             "text_encode": self.clock.seconds(m["text0"], m["text1"]),

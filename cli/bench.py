@@ -26,16 +26,19 @@ if TYPE_CHECKING:
     "--size", help="WIDTHxHEIGHT in pixels (default: the model's native size: 512 for SD 1.5, 1024 for SDXL)."
 )
 @click.option("--steps", type=int, default=30, show_default=True)
-@click.option("--cfg", "guidance", type=float, default=7.5, show_default=True)
+@click.option(
+    "--cfg", "guidance", type=float, help="Guidance scale (default: the model's own where it names one, else 7.5)."
+)
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16"]),
-    default="fp16",
+    type=click.Choice(["auto", "fp32", "fp16"]),  # benchmarks.config.PRECISIONS (imports torch: not at start-up)
+    default="auto",
     show_default=True,
-    help="fp16 applies on CUDA; PyTorch backends run fp32 on a CPU.",
+    help="auto: what every backend runs alike, fp32 on a CPU and fp16 on CUDA. fp16 on a CPU applies to ONNX "
+    "Runtime only (the PyTorch backends run fp32), and the table marks the mixed rows.",
 )
-@click.option("--scheduler", default="euler_a", show_default=True)
+@click.option("--scheduler", help="Sampler (default: the one the model's scheduler config names).")
 @click.option("--runs", type=int, default=10, show_default=True)
 @click.option("--warmup", type=int, default=3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -58,10 +61,10 @@ def bench_cmd(
     backends: str,
     size: str | None,
     steps: int,
-    guidance: float,
+    guidance: float | None,
     batch: int,
     precision: str,
-    scheduler: str,
+    scheduler: str | None,
     runs: int,
     warmup: int,
     seed: int,
@@ -72,12 +75,11 @@ def bench_cmd(
     plot_path: Path | None,
 ) -> None:
     """Time SOURCE on several backends side by side: same weights, seed and sampler, one process, runs interleaved."""
-    from sdtrt.benchmarks.config import BenchConfig
+    from sdtrt.benchmarks.config import BenchConfig, model_defaults
     from sdtrt.benchmarks.harness import run_benchmark
-    from sdtrt.runtime.models.sources import native_size
 
-    native = native_size(source)
-    hw = parse_size(size or f"{native}x{native}")
+    defaults = model_defaults(source)
+    hw = parse_size(size or f"{defaults.size}x{defaults.size}")
     assert hw is not None
     config = BenchConfig(
         source=source,
@@ -85,13 +87,13 @@ def bench_cmd(
         height=hw[0],
         width=hw[1],
         steps=steps,
-        guidance=guidance,
+        guidance=defaults.guidance if guidance is None else guidance,
         batch=batch,
         precision=precision,
         runs=runs,
         warmup=warmup,
         seed=seed,
-        scheduler=scheduler,
+        scheduler=scheduler or defaults.scheduler,
         device=device,
         artifacts=str(artifacts) if artifacts else None,
         sequential=sequential,
@@ -107,13 +109,14 @@ def show_results(
     config: BenchConfig, rows: list[dict[str, Any]], json_path: Path | None, plot_path: Path | None
 ) -> None:
     """Write the JSON rows and the chart where asked, then print the settings line and the summary table."""
-    from sdtrt.benchmarks.report import format_table, plot, summarize
+    from sdtrt.benchmarks.report import format_table, plot, precision_note, summarize
     from sdtrt.runtime.files import write_text_atomic
 
     summaries = summarize(rows)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(json_path, json.dumps({"rows": rows, "summary": summaries}, indent=2) + "\n")
+        record = {"rows": rows, "summary": summaries, "mixed_precision": precision_note(summaries) is not None}
+        write_text_atomic(json_path, json.dumps(record, indent=2) + "\n")
     setting = (
         f"{config.source} {config.width}x{config.height}, {config.steps} steps, CFG {config.guidance:g}, "
         f"batch {config.batch}"
@@ -123,5 +126,13 @@ def show_results(
     env = rows[0]["env"]
     machine = env.get("gpu") or f"{env['cpu']} ({env['cpus']} cpus)"
     order = "sequential blocks" if config.sequential else "interleaved"
-    click.echo(f"{setting}, {config.scheduler}, {machine}, {order}")
+    click.echo(f"{setting}, {config.scheduler}, {config.precision}: {precisions(summaries)}, {machine}, {order}")
     click.echo(format_table(summaries))
+
+
+def precisions(summaries: list[dict[str, Any]]) -> str:
+    """The precision every row ran, or each row's when they differ."""
+    found = list(dict.fromkeys(s["precision"] for s in summaries))
+    if len(found) == 1:
+        return found[0]
+    return "mixed (" + ", ".join(f"{s['backend']} {s['precision']}" for s in summaries) + ")"

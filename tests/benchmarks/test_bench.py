@@ -13,9 +13,10 @@ import time
 import numpy as np
 import pytest
 
-from sdtrt.benchmarks.config import BenchConfig
+from sdtrt.benchmarks.config import BenchConfig, ModelDefaults, model_defaults
 from sdtrt.benchmarks.harness import run_benchmark
-from sdtrt.benchmarks.report import format_table, percentile, summarize
+from sdtrt.benchmarks.report import STAGES as SEGMENTS
+from sdtrt.benchmarks.report import chart_segments, format_table, percentile, plot, summarize
 from sdtrt.runtime.errors import ConfigError, ShapeError
 
 SDTRT = shutil.which("sdtrt", path=os.path.dirname(sys.executable)) or "sdtrt"
@@ -30,7 +31,7 @@ ROW_KEYS = {
     "end_to_end_s",
     "images_per_s",
     "it_per_s",
-    "loop_overhead_s",
+    "other_s",
     "peak_memory_bytes",
     "round",
     "position",
@@ -113,7 +114,7 @@ def test_summary_and_table_from_synthetic_rows():
             "text_encode_s": 0.01,
             "denoise_s": 0.5,
             "vae_decode_s": 0.1,
-            "loop_overhead_s": 0.02,
+            "other_s": 0.02,
             "config": {"source": "tiny"},
             "env": {},
         }
@@ -241,3 +242,86 @@ def test_sdxl_bench_runs_every_backend_at_the_model_size(tmp_path):
     assert sorted(r["backend"] for r in rows) == ["diffusers", "onnxruntime", "torch"]
     assert {(r["config"]["height"], r["config"]["width"]) for r in rows} == {(128, 128)}
     assert all(r["text_encode_s"] > 0 and r["end_to_end_s"] > 0 for r in rows)
+
+
+def bench(*args):
+    """Run ``sdtrt bench`` for real; the JSON record it wrote."""
+    return subprocess.run([SDTRT, "bench", *args], capture_output=True, text=True, timeout=600)
+
+
+def stage_sum(record):
+    return sum(record[key] for key, _ in SEGMENTS)
+
+
+def test_cpu_default_times_every_backend_in_one_precision_and_stages_add_up(tmp_path):
+    """No --precision on a CPU: every row fp32 (ONNX Runtime was fp16 against fp32 PyTorch); no mixed mark."""
+    out = tmp_path / "rows.json"
+    result = bench("tiny", "--backends", "diffusers,torch,onnxruntime", "--size", "64x64", "--steps", "2",
+                   "--runs", "3", "--warmup", "0", "--device", "cpu", "--json", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert {r["precision"] for r in data["rows"]} == {"fp32"}
+    assert [s["precision"] for s in data["summary"]] == ["fp32"] * 3
+    assert data["mixed_precision"] is False
+    assert "mixed precision" not in result.stdout and "*" not in result.stdout
+    assert "auto: fp32" in result.stdout.splitlines()[0]
+    for row in data["rows"]:  # text + denoise + VAE + other is the whole run
+        assert row["other_s"] >= 0 and stage_sum(row) == pytest.approx(row["end_to_end_s"], rel=1e-9)
+    for summary in data["summary"]:  # and the chart's bar reaches the median written beside it
+        assert sum(seconds for _, seconds in chart_segments(summary)) == pytest.approx(summary["median_s"])
+
+
+def test_mixed_precision_rows_are_marked(tmp_path):
+    def summary(backend, precision):
+        return {"backend": backend, "precision": precision, "median_s": 1.0, "p90_s": 1.0, "speedup": 1.0,
+                "text_encode_s": 0.1, "denoise_s": 0.7, "vae_decode_s": 0.1, "other_s": 0.1, "other_pct": 10.0,
+                "step_median_s": 0.1, "it_per_s": 1.0, "peak_memory_gib": 1.0, "peak_added_gib": 0.0,
+                "loaded_gib": 0.0, "floor_fraction": None}  # fmt: skip
+
+    same = [summary("diffusers", "fp32"), summary("onnxruntime", "fp32")]
+    assert "mixed" not in format_table(same)
+    table = format_table([summary("diffusers", "fp32"), summary("onnxruntime", "fp16")])
+    assert any(line.startswith("onnxruntime") and " fp16* " in line for line in table.splitlines())
+    assert "mixed precision: onnxruntime fp16 against diffusers fp32" in table
+    assert plot([summary("diffusers", "fp32"), summary("onnxruntime", "fp16")], tmp_path / "c.png", "t")
+
+
+def test_stage_bars_add_up_to_the_median_they_are_labelled_with():
+    """Stage by stage medians need not add up to the median run (the chart read ~580 ms against "649 ms")."""
+
+    def row(backend, text, denoise, vae, other):
+        total = text + denoise + vae + other
+        return {"backend": backend, "precision": "fp32", "end_to_end_s": total, "text_encode_s": text,
+                "denoise_s": denoise, "vae_decode_s": vae, "other_s": other, "peak_memory_bytes": 1,
+                "it_per_s": 1.0, "images_per_s": 1 / total, "step_median_s": 0.1, "config": {"source": "tiny"},
+                "env": {}}  # fmt: skip
+
+    odd = [row("a", 0.05, 0.40, 0.05, 0.10), row("a", 0.20, 0.30, 0.05, 0.05), row("a", 0.05, 0.50, 0.20, 0.01)]
+    even = [row("b", 0.05, 0.40, 0.05, 0.10), row("b", 0.20, 0.30, 0.05, 0.05), row("b", 0.05, 0.50, 0.2, 0.01),
+            row("b", 0.01, 0.90, 0.01, 0.30)]  # fmt: skip
+    for summary in summarize(odd + even):
+        assert stage_sum(summary) == pytest.approx(summary["median_s"])
+        assert sum(seconds for _, seconds in chart_segments(summary)) == pytest.approx(summary["median_s"])
+    assert [label for label, _ in chart_segments(summarize(odd)[0])][-1].startswith("other")
+
+
+def test_model_defaults_come_from_the_model():
+    assert model_defaults("shapes") == ModelDefaults(size=128, scheduler="euler", guidance=2.0)
+    assert model_defaults("tiny") == ModelDefaults(size=128, scheduler="euler_a", guidance=7.5)
+    assert model_defaults("sdxl-random") == ModelDefaults(size=1024, scheduler="euler", guidance=7.5)
+
+
+def test_bench_uses_the_model_defaults_unless_told_otherwise(tmp_path):
+    """shapes runs euler, CFG 2 at 128 px by default; --size/--cfg/--scheduler override each."""
+    base = ["shapes", "--backends", "torch", "--steps", "1", "--runs", "1", "--warmup", "0", "--device", "cpu"]
+    out = tmp_path / "defaults.json"
+    result = bench(*base, "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    config = json.loads(out.read_text())["rows"][0]["config"]
+    assert (config["scheduler"], config["guidance"], config["height"], config["width"]) == ("euler", 2.0, 128, 128)
+    assert "shapes 128x128, 1 steps, CFG 2, batch 1, euler," in result.stdout
+    out = tmp_path / "told.json"
+    result = bench(*base, "--size", "64x64", "--cfg", "3", "--scheduler", "ddim", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    config = json.loads(out.read_text())["rows"][0]["config"]
+    assert (config["scheduler"], config["guidance"], config["height"], config["width"]) == ("ddim", 3.0, 64, 64)
