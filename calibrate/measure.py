@@ -80,11 +80,17 @@ def _references(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Path]:
 
 
 def held_out_prompts(manifest: Manifest, count: int, candidates: Sequence[str] = HELD_OUT_PROMPTS) -> list[str]:
-    """The first ``count`` of ``candidates`` that were not used for calibration."""
+    """The first ``count`` distinct ``candidates`` that were not used for calibration.
+
+    A prompt given twice is measured once: a repeated row would only weigh that prompt double.
+    """
     used = set(manifest.components["unet"].extra.get("calibration", {}).get("prompts", []))
-    free = [p for p in candidates if p not in used]
+    free = [p for p in dict.fromkeys(candidates) if p not in used]
     if count > len(free):
-        raise ConfigError(f"at most {len(free)} held-out prompts are available, asked for {count}")
+        raise ConfigError(
+            f"at most {len(free)} distinct held-out prompts are available, asked for {count}; ask for {len(free)} "
+            "or fewer"
+        )
     return free[:count]
 
 
