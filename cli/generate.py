@@ -112,7 +112,10 @@ def generate_cmd(
             )
         model_hash = str(pipe.manifest.source.get("sha256", ""))
         img2img_strength = strength if init_image else None
-        info = InfoText(prompt, negative, steps, guidance, img2img_strength, model_hash, artifacts.name, pipe.loras)
+        from sdtrt.runtime.manifest import model_display_name
+
+        name = model_display_name(pipe.manifest, fallback=artifacts.name)
+        info = InfoText(prompt, negative, steps, guidance, img2img_strength, model_hash, name, pipe.loras)
     save_images(result, out, info)
     click.echo(timing_line(result, steps, backend))
 
