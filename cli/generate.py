@@ -85,7 +85,11 @@ def generate_cmd(
 
     SDXL-Turbo: --steps 1 --cfg 0 (its scheduler, Euler ancestral with trailing spacing, is the default).
     """
+    from sdtrt.runtime.manifest import model_display_name, read_manifest
+
     hw = parse_size(size)
+    if hw:  # a size outside the artifact's profile is refused before any engine opens
+        read_manifest(artifacts).profile.check(hw[0], hw[1], num_images)
     image = read_init_image(init_image) if init_image else None
     writable_folder(out.parent, "the image")
     if preview_dir:
@@ -112,8 +116,6 @@ def generate_cmd(
             )
         model_hash = str(pipe.manifest.source.get("sha256", ""))
         img2img_strength = strength if init_image else None
-        from sdtrt.runtime.manifest import model_display_name
-
         name = model_display_name(pipe.manifest, fallback=artifacts.name)
         info = InfoText(prompt, negative, steps, guidance, img2img_strength, model_hash, name, pipe.loras)
     save_images(result, out, info)
