@@ -20,6 +20,7 @@ from typing import Any
 from sdtrt.calibrate.artifacts import CalibrateRequest
 from sdtrt.calibrate.capture import CaptureConfig
 from sdtrt.calibrate.report import ReportConfig
+from sdtrt.runtime.progress import Progress
 
 from . import score
 from .data import IMAGE_SIZE
@@ -109,8 +110,12 @@ def adherence_report(
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
     bundle: Any = None,
+    progress: Progress | None = None,
 ) -> AdherenceReport:
-    """Generate ``prompts`` held-out prompts with the artifact in ``folder`` and with PyTorch; compare."""
+    """Generate ``prompts`` held-out prompts with the artifact in ``folder`` and with PyTorch; compare.
+
+    ``progress`` hears ("artifact images", done, total), then ("pytorch reference steps", done, total).
+    """
     from sdtrt.runtime.manifest import read_manifest
     from sdtrt.runtime.models.presets import load_shapes
     from sdtrt.runtime.pipeline import Pipeline
@@ -118,8 +123,9 @@ def adherence_report(
     manifest = read_manifest(Path(folder))
     settings = EvalSettings(count=prompts, steps=steps, guidance=guidance)
     with Pipeline.from_artifacts(folder, backend="onnxruntime", device="cpu", cuda_graph=False) as pipe:
-        ours, our_images = evaluate(pipeline_generator(pipe, settings), settings)
-    theirs, their_images = evaluate(diffusers_generator(bundle or load_shapes(), settings), settings)
+        ours, our_images = evaluate(pipeline_generator(pipe, settings, progress), settings)
+    reference = diffusers_generator(bundle or load_shapes(), settings, progress=progress)
+    theirs, their_images = evaluate(reference, settings)
     precisions = sorted({e.precision for e in manifest.components.values()})
     return AdherenceReport(
         artifact=str(folder),
