@@ -14,6 +14,7 @@ import click
 from sdtrt.cli.options import backend_options, parse_pair, parse_size, writable_folder
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image
 
     from sdtrt.runtime.pipeline import GenerationResult, Pipeline
@@ -85,6 +86,7 @@ def generate_cmd(
 
     SDXL-Turbo: --steps 1 --cfg 0 (its scheduler, Euler ancestral with trailing spacing, is the default).
     """
+    from sdtrt.runtime.images import latent_rgb_map
     from sdtrt.runtime.manifest import model_display_name, read_manifest
 
     hw = parse_size(size)
@@ -96,7 +98,7 @@ def generate_cmd(
         writable_folder(preview_dir, "previews")
     with open_pipeline(artifacts, backend, device, loras) as pipe:
         runs = min(int(steps * strength), steps) if init_image else steps
-        with step_progress(runs, preview_dir) as on_step:
+        with step_progress(runs, preview_dir, latent_rgb_map(pipe.manifest)) as on_step:
             result = pipe(
                 prompt,
                 negative_prompt=negative,
@@ -162,8 +164,11 @@ def open_pipeline(artifacts: Path, backend: str, device: str | None, loras: Sequ
 
 
 @contextlib.contextmanager
-def step_progress(runs: int, preview_dir: Path | None) -> Iterator[Callable[[int, int, Any], None]]:
-    """A progress bar on stderr ticked by the step callback, which also saves a latent preview per step if asked."""
+def step_progress(
+    runs: int, preview_dir: Path | None, rgb_map: torch.Tensor | None = None
+) -> Iterator[Callable[[int, int, Any], None]]:
+    """A progress bar on stderr ticked by the step callback, which also saves a latent preview per step if asked
+    (coloured by ``rgb_map``, the model's own preview map, when its artifact has one)."""
     from sdtrt.runtime.images import latents_to_rgb
 
     with click.progressbar(length=runs, label="denoising", file=sys.stderr) as bar:
@@ -171,7 +176,7 @@ def step_progress(runs: int, preview_dir: Path | None) -> Iterator[Callable[[int
         def on_step(i: int, total: int, latents: Any) -> None:
             bar.update(1)
             if preview_dir:
-                for k, preview in enumerate(latents_to_rgb(latents)):
+                for k, preview in enumerate(latents_to_rgb(latents, rgb_map)):
                     preview.save(preview_dir / f"step-{i + 1:03d}-{k}.png")
 
         yield on_step

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 SDTRT = shutil.which("sdtrt", path=os.path.dirname(sys.executable)) or "sdtrt"
@@ -62,3 +63,50 @@ def test_check_prints_nothing_extra_on_stderr_when_it_is_not_a_terminal(shapes_a
     assert result.returncode == 0, result.stdout + result.stderr
     assert "prompt adherence passed" in result.stdout
     assert result.stderr == ""  # no progress line, no transformers "requires torchvision" notice
+
+
+PREVIEW_PROMPTS = (
+    "a red circle on a blue background",
+    "a large yellow square on a green background",
+    "a small white triangle on a purple background",
+    "a green circle on a red background",
+    "a purple square on a white background",
+    "a blue triangle on a yellow background",
+)
+
+
+def _mean_colour_error(preview, image) -> float:
+    """Mean absolute difference (of 255) between the average colours of a preview and of the decoded image."""
+    colours = [np.asarray(picture, np.float32).mean((0, 1)) for picture in (preview, image)]
+    return float(np.abs(colours[0] - colours[1]).mean())
+
+
+def test_previews_use_the_map_fitted_to_this_vae_and_match_the_image_colours(shapes_artifact):
+    from sdtrt.runtime.images import latent_rgb_map, latents_to_rgb
+    from sdtrt.runtime.pipeline import Pipeline
+
+    fitted, fixed, last = [], [], {}
+
+    def keep(step, total, latents):
+        last["latents"] = latents.clone()
+
+    with Pipeline.from_artifacts(shapes_artifact, backend="onnxruntime", device="cpu") as pipe:
+        rgb_map = latent_rgb_map(pipe.manifest)
+        assert rgb_map is not None and rgb_map.shape == (5, 3)  # 4 channels and the bias
+        for k, prompt in enumerate(PREVIEW_PROMPTS):
+            result = pipe(prompt, seed=10 + k, callback=keep)
+            image = result.images[0]
+            fitted.append(_mean_colour_error(latents_to_rgb(last["latents"], rgb_map)[0], image))
+            fixed.append(_mean_colour_error(latents_to_rgb(last["latents"])[0], image))
+    print("mean colour error of the previews, fitted map", np.round(fitted, 1), "SD factors", np.round(fixed, 1))
+    assert np.mean(fitted) < 40 and np.mean(fixed) > 1.5 * np.mean(fitted), (fitted, fixed)
+
+
+def test_cli_previews_show_the_image_colours(shapes_artifact, tmp_path):
+    from PIL import Image
+
+    out, previews = tmp_path / "x.png", tmp_path / "previews"
+    args = (PREVIEW_PROMPTS[0], "--seed", "10", "--steps", "20", "--out", str(out), "--preview-dir", str(previews))
+    result = run("generate", str(shapes_artifact), *args)
+    assert result.returncode == 0, result.stderr
+    assert _mean_colour_error(Image.open(previews / "step-020-0.png"), Image.open(out)) < 30  # SD's factors: 40
