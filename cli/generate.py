@@ -14,9 +14,9 @@ import click
 from sdtrt.cli.options import backend_options, parse_pair, parse_size, writable_folder
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
 
+    from sdtrt.runtime.manifest import Manifest
     from sdtrt.runtime.pipeline import GenerationResult, Pipeline
 
 
@@ -86,19 +86,16 @@ def generate_cmd(
 
     SDXL-Turbo: --steps 1 --cfg 0 (its scheduler, Euler ancestral with trailing spacing, is the default).
     """
-    from sdtrt.runtime.images import latent_rgb_map
-    from sdtrt.runtime.manifest import model_display_name, read_manifest
+    from sdtrt.runtime.manifest import model_display_name
 
-    hw = parse_size(size)
-    if hw:  # a size outside the artifact's profile is refused before any engine opens
-        read_manifest(artifacts).profile.check(hw[0], hw[1], num_images)
+    hw = refuse_size_outside_profile(artifacts, parse_size(size), num_images)
     image = read_init_image(init_image) if init_image else None
     writable_folder(out.parent, "the image")
     if preview_dir:
         writable_folder(preview_dir, "previews")
     with open_pipeline(artifacts, backend, device, loras) as pipe:
         runs = min(int(steps * strength), steps) if init_image else steps
-        with step_progress(runs, preview_dir, latent_rgb_map(pipe.manifest)) as on_step:
+        with step_progress(runs, preview_dir, pipe.manifest) as on_step:
             result = pipe(
                 prompt,
                 negative_prompt=negative,
@@ -118,10 +115,19 @@ def generate_cmd(
             )
         model_hash = str(pipe.manifest.source.get("sha256", ""))
         img2img_strength = strength if init_image else None
-        name = model_display_name(pipe.manifest, fallback=artifacts.name)
+        name = model_display_name(pipe.manifest, artifacts.name)
         info = InfoText(prompt, negative, steps, guidance, img2img_strength, model_hash, name, pipe.loras)
     save_images(result, out, info)
     click.echo(timing_line(result, steps, backend))
+
+
+def refuse_size_outside_profile(artifacts: Path, hw: tuple[int, int] | None, images: int) -> tuple[int, int] | None:
+    """``hw`` (height, width) back, after refusing one outside the artifact's profile before any engine opens."""
+    from sdtrt.runtime.manifest import read_manifest
+
+    if hw:
+        read_manifest(artifacts).profile.check(hw[0], hw[1], images)
+    return hw
 
 
 def timing_line(result: GenerationResult, steps: int, backend: str) -> str:
@@ -165,11 +171,13 @@ def open_pipeline(artifacts: Path, backend: str, device: str | None, loras: Sequ
 
 @contextlib.contextmanager
 def step_progress(
-    runs: int, preview_dir: Path | None, rgb_map: torch.Tensor | None = None
+    runs: int, preview_dir: Path | None, manifest: Manifest | None = None
 ) -> Iterator[Callable[[int, int, Any], None]]:
     """A progress bar on stderr ticked by the step callback, which also saves a latent preview per step if asked
-    (coloured by ``rgb_map``, the model's own preview map, when its artifact has one)."""
-    from sdtrt.runtime.images import latents_to_rgb
+    (in the model's own preview colours when its ``manifest`` has them)."""
+    from sdtrt.runtime.images import latent_rgb_map, latents_to_rgb
+
+    rgb_map = latent_rgb_map(manifest) if manifest is not None and preview_dir else None
 
     with click.progressbar(length=runs, label="denoising", file=sys.stderr) as bar:
 
