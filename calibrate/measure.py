@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +27,14 @@ from sdtrt.runtime.compare import psnr, rel_l2
 from sdtrt.runtime.engine import Engine
 from sdtrt.runtime.errors import ArtifactError, ConfigError
 from sdtrt.runtime.manifest import Manifest, read_manifest
+from sdtrt.runtime.progress import Progress
 
 from .qdq import CallRecorder, QdqEngine, torch_feeds
 from .report import HELD_OUT_PROMPTS, QUANTIZED, ImageRow, QualityReport, ReportConfig, ScoreImages, StepRow
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
+REPORT_PHASE = "quality report prompts"
 StepValues = tuple[float, float, float | None, float]  # (rel L2, rel L2 with ORT kernels, rel L2 vs fp16, timestep)
 
 
@@ -80,11 +81,17 @@ def _references(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Path]:
 
 
 def held_out_prompts(manifest: Manifest, count: int, candidates: Sequence[str] = HELD_OUT_PROMPTS) -> list[str]:
-    """The first ``count`` of ``candidates`` that were not used for calibration."""
+    """The first ``count`` distinct ``candidates`` that were not used for calibration.
+
+    A prompt given twice is measured once: a repeated row would only weigh that prompt double.
+    """
     used = set(manifest.components["unet"].extra.get("calibration", {}).get("prompts", []))
-    free = [p for p in candidates if p not in used]
+    free = [p for p in dict.fromkeys(candidates) if p not in used]
     if count > len(free):
-        raise ConfigError(f"at most {len(free)} held-out prompts are available, asked for {count}")
+        raise ConfigError(
+            f"at most {len(free)} distinct held-out prompts are available, asked for {count}; ask for {len(free)} "
+            "or fewer"
+        )
     return free[:count]
 
 
@@ -126,6 +133,7 @@ def quality_report(
     """Measure the quantized UNet of ``folder`` against the fp32 (and fp16) ``references`` on held-out prompts.
 
     Without ``references`` the artifact the UNet was calibrated from is used, if it is still there unchanged.
+    ``progress`` hears ("quality report prompts", done, total) from 0 (opening the pipelines) to the last prompt.
     """
     config = config or ReportConfig()
     root = Path(folder)
@@ -184,6 +192,8 @@ def _run_prompts(
     precision = manifest.component("unet").precision
     measured = _Measured()
     pipes: dict[str, Pipeline] = {}
+    if progress:
+        progress(REPORT_PHASE, 0, len(prompts))
     qdq = QdqEngine(root, manifest)
     try:
         for key, path in {"quant": root, **refs}.items():
@@ -197,7 +207,7 @@ def _run_prompts(
             for key, value in made.items():
                 measured.pixels.setdefault(precision if key == "quant" else key, []).append(value)
             if progress:
-                progress("report", k + 1, len(prompts))
+                progress(REPORT_PHASE, k + 1, len(prompts))
         kernels.close()
     finally:
         for pipe in pipes.values():

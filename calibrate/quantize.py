@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ import numpy as np
 
 from sdtrt.runtime.deps import require, version_of
 from sdtrt.runtime.errors import ConfigError
+from sdtrt.runtime.progress import Progress
 
 from .capture import (
     CalibrationData,
@@ -79,7 +80,6 @@ DEFAULT_EXCLUDE = (
 INT8_MAX = 127.0
 FP8_MAX = 448.0  # largest finite float8 E4M3FN value
 QDQ_OPSET = 19  # float8 and float16 scales need QuantizeLinear/DequantizeLinear-19
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
 @dataclass(frozen=True)

@@ -145,22 +145,22 @@ class QualityReport:
 
 
 def format_report(report: QualityReport) -> str:
-    """The report as a table for a terminal."""
+    """The report as a table for a terminal; the "vs fp16" columns only when an fp16 reference was measured."""
+    steps_fp16 = any(r.rel_l2_fp16 is not None for r in report.steps)
+    images_fp16 = any(r.psnr_fp16_db is not None for r in report.images)
     lines = [
         f"{report.precision} UNet of {report.artifact} (unquantized layers: {report.unquantized_dtype}), "
         f"{report.size}, {len(report.steps)} steps, {len(report.images)} held-out prompts",
-        f"{'step':>4} {'timestep':>9} {'rel L2 vs ' + report.reference:>15} {'(ORT kernels)':>14} "
-        f"{'rel L2 vs fp16' if report.reference == 'fp32' else '':>15}",
+        f"{'step':>4} {'timestep':>9} {'rel L2 vs ' + report.reference:>15} {'(ORT kernels)':>14}"
+        + (f" {'rel L2 vs fp16':>15}" if steps_fp16 else ""),
     ]
     for r in report.steps:
-        half = "-" if r.rel_l2_fp16 is None else f"{r.rel_l2_fp16:.4f}"
-        lines.append(f"{r.step:>4} {r.timestep:>9.1f} {r.rel_l2:>15.4f} {r.rel_l2_ort_kernels:>14.4f} {half:>15}")
-    lines.append(
-        f"{'image PSNR (dB)':<48} {'vs ' + report.reference:>8} {'vs fp16' if report.reference == 'fp32' else '':>8}"
-    )
+        half = f" {_number(r.rel_l2_fp16, '.4f'):>15}" if steps_fp16 else ""
+        lines.append(f"{r.step:>4} {r.timestep:>9.1f} {r.rel_l2:>15.4f} {r.rel_l2_ort_kernels:>14.4f}{half}")
+    lines.append(f"{'image PSNR (dB)':<48} {'vs ' + report.reference:>8}" + (f" {'vs fp16':>8}" if images_fp16 else ""))
     for image in report.images:
-        half = "-" if image.psnr_fp16_db is None else f"{image.psnr_fp16_db:.1f}"
-        lines.append(f"{image.prompt[:48]:<48} {image.psnr_db:>8.1f} {half:>8}")
+        half = f" {_number(image.psnr_fp16_db, '.1f'):>8}" if images_fp16 else ""
+        lines.append(f"{image.prompt[:48]:<48} {image.psnr_db:>8.1f}{half}")
     if report.accuracy:
         aspects = list(next(iter(report.accuracy.values())))  # in the scoring function's order
         lines.append(f"{'prompt accuracy':<16}" + "".join(f"{a:>11}" for a in aspects))
@@ -173,3 +173,7 @@ def format_report(report: QualityReport) -> str:
     )
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

@@ -62,6 +62,7 @@ def check_cmd(
     an NVIDIA GPU).
     """
     from sdtrt.calibrate.measure import quality_report
+    from sdtrt.cli.progress import progress_line
     from sdtrt.export.check import format_table
     from sdtrt.export.folder_check import CheckOptions, check_folder
     from sdtrt.runtime.manifest import read_manifest
@@ -75,7 +76,7 @@ def check_cmd(
         ),
         adherence=shapes_adherence(prompts) if shapes and prompts > 0 else None,
     )
-    outcome = check_folder(artifacts, options, notify=lambda note: click.echo(note, err=True))
+    outcome = check_folder(artifacts, options, notify=lambda note: click.echo(note, err=True), progress=progress_line())
     click.echo(format_table(list(outcome.rows)))
     if json_path:
         json_path.write_text(outcome.rows_json())
@@ -89,11 +90,11 @@ def check_cmd(
     click.echo(outcome.summary)
 
 
-def shapes_adherence(prompts: int) -> Callable[[Path], CheckReport]:
+def shapes_adherence(prompts: int) -> Callable[..., CheckReport]:
     """The prompt-adherence step of a float ``shapes`` artifact: ``prompts`` held-out prompts against PyTorch."""
     from sdtrt.shapes.report import adherence_report
 
-    return lambda folder: adherence_report(folder, prompts=prompts)
+    return lambda folder, progress=None: adherence_report(folder, prompts=prompts, progress=progress)
 
 
 def format_report_text(outcome: CheckOutcome) -> str:

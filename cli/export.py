@@ -64,7 +64,7 @@ def export_cmd(
 ) -> None:
     """Export SOURCE (a preset, a diffusers folder or a .safetensors checkpoint) to an ONNX artifact folder."""
     from sdtrt.export.onnx_export import ExportOptions, export_artifacts
-    from sdtrt.export.profiles import default_profile, make_profile
+    from sdtrt.export.profiles import default_profile, make_profile, outside_size_range
     from sdtrt.runtime.models.sources import load_source
     from sdtrt.runtime.specs import COMPONENTS
 
@@ -75,6 +75,9 @@ def export_cmd(
     profile = make_profile(
         base, parse_size(min_size), parse_size(opt_size), parse_size(max_size), max_batch, max_prompt_windows
     )
+    warning = outside_size_range(bundle, profile)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
     options = ExportOptions(
         profile=profile,
         precision=precision,

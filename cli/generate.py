@@ -16,6 +16,7 @@ from sdtrt.cli.options import backend_options, parse_pair, parse_size, writable_
 if TYPE_CHECKING:
     from PIL import Image
 
+    from sdtrt.runtime.manifest import Manifest
     from sdtrt.runtime.pipeline import GenerationResult, Pipeline
 
 
@@ -85,14 +86,16 @@ def generate_cmd(
 
     SDXL-Turbo: --steps 1 --cfg 0 (its scheduler, Euler ancestral with trailing spacing, is the default).
     """
-    hw = parse_size(size)
+    from sdtrt.runtime.manifest import model_display_name
+
+    hw = refuse_size_outside_profile(artifacts, parse_size(size), num_images)
     image = read_init_image(init_image) if init_image else None
     writable_folder(out.parent, "the image")
     if preview_dir:
         writable_folder(preview_dir, "previews")
     with open_pipeline(artifacts, backend, device, loras) as pipe:
         runs = min(int(steps * strength), steps) if init_image else steps
-        with step_progress(runs, preview_dir) as on_step:
+        with step_progress(runs, preview_dir, pipe.manifest) as on_step:
             result = pipe(
                 prompt,
                 negative_prompt=negative,
@@ -111,12 +114,20 @@ def generate_cmd(
                 target_size=parse_pair(target_size, "--target-size"),
             )
         model_hash = str(pipe.manifest.source.get("sha256", ""))
+        name = model_display_name(pipe.manifest, artifacts.name)
     from sdtrt.runtime.images import infotext
 
-    save_images(
-        result, out, partial(infotext, prompt, negative or "", model_hash=model_hash, model_name=artifacts.name)
-    )
+    save_images(result, out, partial(infotext, prompt, negative or "", model_hash=model_hash, model_name=name))
     click.echo(timing_line(result, steps, backend))
+
+
+def refuse_size_outside_profile(artifacts: Path, hw: tuple[int, int] | None, images: int) -> tuple[int, int] | None:
+    """``hw`` (height, width) back, after refusing one outside the artifact's profile before any engine opens."""
+    from sdtrt.runtime.manifest import read_manifest
+
+    if hw:
+        read_manifest(artifacts).profile.check(hw[0], hw[1], images)
+    return hw
 
 
 def timing_line(result: GenerationResult, steps: int, backend: str) -> str:
@@ -159,16 +170,21 @@ def open_pipeline(artifacts: Path, backend: str, device: str | None, loras: Sequ
 
 
 @contextlib.contextmanager
-def step_progress(runs: int, preview_dir: Path | None) -> Iterator[Callable[[int, int, Any], None]]:
-    """A progress bar on stderr ticked by the step callback, which also saves a latent preview per step if asked."""
-    from sdtrt.runtime.images import latents_to_rgb
+def step_progress(
+    runs: int, preview_dir: Path | None, manifest: Manifest | None = None
+) -> Iterator[Callable[[int, int, Any], None]]:
+    """A progress bar on stderr ticked by the step callback, which also saves a latent preview per step if asked
+    (in the model's own preview colours when its ``manifest`` has them)."""
+    from sdtrt.runtime.images import latent_rgb_map, latents_to_rgb
+
+    rgb_map = latent_rgb_map(manifest) if manifest is not None and preview_dir else None
 
     with click.progressbar(length=runs, label="denoising", file=sys.stderr) as bar:
 
         def on_step(i: int, total: int, latents: Any) -> None:
             bar.update(1)
             if preview_dir:
-                for k, preview in enumerate(latents_to_rgb(latents)):
+                for k, preview in enumerate(latents_to_rgb(latents, rgb_map)):
                     preview.save(preview_dir / f"step-{i + 1:03d}-{k}.png")
 
         yield on_step

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 Size = tuple[int, int]  # (height, width)
 # What the runtime reads from an ONNX entry to apply LoRAs, kept with the engine built from it.
-CARRIED_EXTRAS = ("lora_map", "module_config")
+CARRIED_EXTRAS = ("lora_map", "module_config", "latent_rgb")
 
 __all__ = ["ProfileRequest", "TensorRTBuildOptions", "build", "build_engines", "engine_key", "resolve_profile"]
 

@@ -16,6 +16,7 @@ from sdtrt.runtime.deps import require
 from sdtrt.runtime.manifest import Manifest, read_manifest
 from sdtrt.runtime.models.bundle import ModelBundle
 from sdtrt.runtime.models.wrappers import wrap
+from sdtrt.runtime.progress import Progress
 from sdtrt.runtime.specs import ComponentSpec, ModelInfo, component_specs
 from sdtrt.runtime.verify import verify_files
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 # Relative L2 error allowed against the fp32 PyTorch module, by the artifact's precision.
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2}
+CHECK_PHASE = "comparing components with PyTorch"
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
 
 
@@ -89,11 +91,19 @@ def make_inputs(
     return feeds
 
 
-def check_artifacts(folder: str | Path, bundle: ModelBundle | None = None, seed: int = 0) -> list[CheckRow]:
-    """Compare every component of the artifact in ``folder`` with its PyTorch module at two sizes."""
+def check_artifacts(
+    folder: str | Path, bundle: ModelBundle | None = None, seed: int = 0, progress: Progress | None = None
+) -> list[CheckRow]:
+    """Compare every component of the artifact in ``folder`` with its PyTorch module at two sizes.
+
+    ``progress`` hears ("components", done, total) as each component is compared.
+    """
     folder = Path(folder)
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
+    total = len(manifest.components)
+    if progress:
+        progress(CHECK_PHASE, 0, total)  # before loading the PyTorch source, which takes seconds too
     ort = require("onnxruntime", "sdtrt check", "ort")
     if bundle is None:
         from sdtrt.runtime.models.sources import reload_source
@@ -101,7 +111,7 @@ def check_artifacts(folder: str | Path, bundle: ModelBundle | None = None, seed:
         bundle = reload_source(manifest.source)
     specs = component_specs(manifest.model)
     rows: list[CheckRow] = []
-    for name, entry in manifest.components.items():
+    for index, (name, entry) in enumerate(manifest.components.items()):
         spec = specs[name]
         tolerance = TOLERANCES.get(entry.precision, 1e-1)
         options = ort.SessionOptions()
@@ -123,6 +133,8 @@ def check_artifacts(folder: str | Path, bundle: ModelBundle | None = None, seed:
                     CheckRow(name, entry.precision, f"{batch}@{width}x{height}", tensor.name, max_abs, rel, tolerance)
                 )
         del session
+        if progress:
+            progress(CHECK_PHASE, index + 1, total)
     return rows
 
 

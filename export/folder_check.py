@@ -25,6 +25,7 @@ from sdtrt.export.check import CheckRow, check_artifacts
 from sdtrt.runtime.errors import ConfigError
 from sdtrt.runtime.files import write_text_atomic
 from sdtrt.runtime.manifest import read_manifest
+from sdtrt.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,13 @@ class CheckOptions:
 
     seed: seed of the random inputs. quality: the quality report of a folder with an int8/fp8 UNet, e.g.
     ``functools.partial(sdtrt.calibrate.measure.quality_report, references=..., config=...)``; required for such a
-    folder. adherence: a step that scores a float artifact folder on what its images show (None: none).
+    folder. adherence: a step that scores a float artifact folder on what its images show (None: none). Both are
+    called as ``f(folder)``, or ``f(folder, progress=progress)`` when ``check_folder`` is given a progress callback.
     """
 
     seed: int = 0
-    quality: Callable[[Path], CheckReport] | None = None
-    adherence: Callable[[Path], CheckReport] | None = None
+    quality: Callable[..., CheckReport] | None = None
+    adherence: Callable[..., CheckReport] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,10 +114,12 @@ def check_folder(
     folder: str | os.PathLike[str],
     options: CheckOptions | None = None,
     notify: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> CheckOutcome:
     """Check the engine or artifact folder ``folder`` as its manifest says (see the module docstring).
 
-    ``notify`` hears a note before a long report starts (default: the log).
+    ``notify`` hears a note before a long report starts (default: the log); ``progress`` hears (phase, done,
+    total) from the component comparison and from the report.
     """
     options = options or CheckOptions()
     root = Path(folder)
@@ -130,10 +134,11 @@ def check_folder(
         from sdtrt.export.engine_check import check_engines
 
         return CheckOutcome("engines", tuple(check_engines(root, seed=options.seed)))
-    rows = tuple(r for r in check_artifacts(root, seed=options.seed) if r.component not in quantized)
+    rows = tuple(r for r in check_artifacts(root, seed=options.seed, progress=progress) if r.component not in quantized)
+    with_progress = {"progress": progress} if progress else {}
     if quantized:
         (notify or log.info)(f"{', '.join(quantized)}: quantized, measured by the quality report")
-        return CheckOutcome("quantized", rows, quantized, options.quality(root))
+        return CheckOutcome("quantized", rows, quantized, options.quality(root, **with_progress))
     if options.adherence is not None:
-        return CheckOutcome("adherence", rows, report=options.adherence(root))
+        return CheckOutcome("adherence", rows, report=options.adherence(root, **with_progress))
     return CheckOutcome("artifact", rows)

@@ -7,6 +7,7 @@ names symbolic dimensions directly. Its one-file-per-weight external data is rew
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -41,6 +42,7 @@ from sdtrt.runtime.specs import (
 )
 
 from .graph import clean_graph, save_model
+from .latent_preview import fit_latent_rgb
 from .weights import lora_map, module_config, target_digests
 
 log = logging.getLogger(__name__)
@@ -267,6 +269,10 @@ def export_artifacts(
     check_profile_fits(bundle.model, options.profile)
     names = export_names(bundle.model, options.components)
     _check_output(out)
+    preview = None
+    if "vae_decoder" in names:  # before fp16 conversion or release can change the VAE
+        model = bundle.model
+        preview = fit_latent_rgb(bundle.vae, model.scaling_factor, model.vae_scale_factor)
 
     if consume:
         _halve_up_front(bundle, names, options)
@@ -284,6 +290,9 @@ def export_artifacts(
             log.debug("exported %s (%s) in %.1f s", name, options.precision, seconds)
             if progress:
                 progress(name, index, total, seconds)
+        if preview is not None:
+            decoder = components["vae_decoder"]
+            components["vae_decoder"] = dataclasses.replace(decoder, extra={**decoder.extra, "latent_rgb": preview})
         tokenizer_2 = save_tokenizers(bundle, stage)
         write_text_atomic(stage / "scheduler_config.json", json.dumps(bundle.scheduler_config, indent=2))
         manifest = Manifest(

@@ -17,26 +17,43 @@ DEFAULT_PROMPT_WINDOWS = 3  # A1111 users type long prompts: 225 tokens before a
 def default_profile(bundle: ModelBundle) -> ShapeProfile:
     """From the model's native size N (UNet sample size x VAE factor): min N/2, opt N, max 2N (at most 2048).
 
-    512 for SD 1.5 (256..1024), 768 for SD 2.x-v, 1024 for SDXL (512..2048), 512 for SDXL-Turbo, 128 for tiny,
-    tiny-xl and shapes. Batch 1..4; prompts up to 3 windows of 75 tokens. Sides are rounded to the model's size
-    multiple.
+    512 for SD 1.5 (256..1024), 768 for SD 2.x-v, 1024 for SDXL (512..2048), 512 for SDXL-Turbo, 128 for tiny
+    and tiny-xl (64..256). A model that declares the sizes it draws well (``bundle.size_range``) stays inside
+    them: ``shapes``, trained at 128 only, gets 128..128. Batch 1..4; prompts up to 3 windows of 75 tokens.
+    Sides are rounded to the model's size multiple.
     """
     model = bundle.model
     native = model.native_size or FALLBACK_NATIVE
     step = model.size_multiple
+    low, high = bundle.size_range or (0, MAX_DEFAULT_SIDE)
 
     def fit(side: int) -> int:
-        return max(step, round(side / step) * step)
+        return max(step, round(min(max(side, low), high) / step) * step)
 
     return ShapeProfile(
         max_batch=4,
         min_height=fit(native // 2),
         opt_height=fit(native),
-        max_height=fit(min(2 * native, MAX_DEFAULT_SIDE)),
+        max_height=fit(2 * native),
         min_width=fit(native // 2),
         opt_width=fit(native),
-        max_width=fit(min(2 * native, MAX_DEFAULT_SIDE)),
+        max_width=fit(2 * native),
         max_prompt_windows=DEFAULT_PROMPT_WINDOWS,
+    )
+
+
+def outside_size_range(bundle: ModelBundle, profile: ShapeProfile) -> str | None:
+    """A warning when ``profile`` allows sizes the model does not draw well (``bundle.size_range``), else None."""
+    if bundle.size_range is None:
+        return None
+    low, high = bundle.size_range
+    sides = (profile.min_height, profile.min_width, profile.max_height, profile.max_width)
+    if low <= min(sides) and max(sides) <= high:
+        return None
+    trained = f"{low}x{low}" if low == high else f"{low}..{high} pixels a side"
+    return (
+        f"this model was trained at {trained}; the profile allows {profile.min_width}x{profile.min_height} to "
+        f"{profile.max_width}x{profile.max_height}, and images at other sizes come out as blobs or blurred"
     )
 
 

@@ -18,8 +18,12 @@ from sdtrt.runtime.schedulers import A1111_LABELS
 if TYPE_CHECKING:
     from sdtrt.runtime.request import Settings
 
+if TYPE_CHECKING:
+    from sdtrt.runtime.manifest import Manifest
+
 # Fixed linear map from the 4 SD 1.x/2.x latent channels to RGB (a least-squares fit that image apps use for
-# progress previews): good enough to show composition and colour without running the VAE.
+# progress previews): good enough to show composition and colour without running the VAE, for SD's VAE only.
+# Export fits a model's own map (see latent_rgb_map).
 LATENT_RGB = torch.tensor(
     [
         [0.298, 0.207, 0.208],
@@ -46,11 +50,26 @@ def from_pil(image: Image.Image, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
-def latents_to_rgb(latents: torch.Tensor) -> list[Image.Image]:
-    """Preview of [B, 4, h, w] latents as small RGB images (h x w), from a fixed 4x3 linear map."""
-    if latents.shape[1] != LATENT_RGB.shape[0]:
-        raise ValueError(f"the preview map expects {LATENT_RGB.shape[0]} latent channels, got {latents.shape[1]}")
-    rgb = torch.einsum("bchw,cr->brhw", latents.float().cpu(), LATENT_RGB)
+def latent_rgb_map(manifest: Manifest) -> torch.Tensor | None:
+    """The preview map export fitted from the model's own VAE ([C + 1, 3]: channel weights, then the bias), or
+    None for an artifact exported without one (``latents_to_rgb`` then uses SD's factors)."""
+    decoder = manifest.components.get("vae_decoder")
+    values = decoder.extra.get("latent_rgb") if decoder is not None else None
+    return torch.tensor(values, dtype=torch.float32) if values else None
+
+
+def latents_to_rgb(latents: torch.Tensor, rgb_map: torch.Tensor | None = None) -> list[Image.Image]:
+    """Preview of [B, C, h, w] latents as small RGB images (h x w), from a linear map per pixel.
+
+    ``rgb_map`` is the model's own map (``latent_rgb_map``: C rows of weights, then a bias row); without it,
+    the fixed SD 1.x/2.x factors, whose colours are right for SD's VAE only.
+    """
+    weights, bias = (LATENT_RGB, None) if rgb_map is None else (rgb_map[:-1], rgb_map[-1])
+    if latents.shape[1] != weights.shape[0]:
+        raise ValueError(f"the preview map expects {weights.shape[0]} latent channels, got {latents.shape[1]}")
+    rgb = torch.einsum("bchw,cr->brhw", latents.float().cpu(), weights)
+    if bias is not None:
+        rgb = rgb + bias.view(1, 3, 1, 1)
     return to_pil(rgb.clamp(-1, 1))
 
 

@@ -173,3 +173,20 @@ def resolve_file(folder: str | os.PathLike[str], name: str) -> Path:
     if not path.is_file():
         raise ArtifactError(f"artifact file {str(path)!r} is missing; re-export the artifact")
     return path
+
+
+def model_display_name(manifest: Manifest, fallback: str = "") -> str:
+    """The model's name for people and image metadata ("Model: ..."): a preset's name, a diffusers folder's name,
+    a checkpoint file's stem; ``fallback`` (e.g. the artifact folder's name) when the source names none.
+
+    The artifact folder is often called ``artifacts`` or ``out``, which says nothing about the model in it.
+    """
+    source = manifest.source
+    kind, path = source.get("kind"), str(source.get("path") or "")
+    if kind == "preset" and source.get("name"):
+        return str(source["name"])
+    if kind == "diffusers" and path:
+        return Path(path).name
+    if kind == "single_file" and path:
+        return Path(path).stem
+    return str(source.get("name") or fallback)

@@ -69,12 +69,13 @@ class ReplicaCore:
     def __init__(self, config: RayConfig, name: str = "") -> None:
         from pathlib import Path
 
+        from sdtrt.runtime.manifest import model_display_name
         from sdtrt.runtime.pipeline import Pipeline
 
         self.config = config
         self.name = name
         self.pipe = Pipeline.from_artifacts(config.artifacts, backend=config.backend, device=config.device)
-        self.model_name = Path(config.artifacts).name
+        self.model_name = model_display_name(self.pipe.manifest, fallback=Path(config.artifacts).name)
         self.max_batch = config.max_batch or self.pipe.manifest.profile.max_batch
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtrt-replica")
 

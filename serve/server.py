@@ -79,6 +79,7 @@ def run_app(
 
 def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> None:
     """Open the artifact's pipeline, and serve the A1111 API over it until SIGTERM."""
+    from sdtrt.runtime.manifest import model_display_name
     from sdtrt.runtime.pipeline import Pipeline
 
     from .app import create_app
@@ -87,6 +88,7 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
     require("fastapi", "the HTTP server (sdtrt serve)", "serve")
     require("uvicorn", "the HTTP server (sdtrt serve)", "serve")
     pipe = Pipeline.from_artifacts(config.artifacts, backend=config.backend, device=config.device)
-    worker = LocalWorker(pipe, Path(config.artifacts).resolve().name, config.queue_size, config.timeout)
+    name = model_display_name(pipe.manifest, fallback=Path(config.artifacts).resolve().name)
+    worker = LocalWorker(pipe, name, config.queue_size, config.timeout)
     grace = config.grace if config.grace is not None else config.timeout + 60.0
     run_app(create_app(worker), config.host, config.port, on_ready=on_ready, grace=grace)

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from sdtrt.runtime.compare import psnr
+from sdtrt.runtime.progress import Progress
 
 from . import data, score
 
@@ -31,6 +32,9 @@ EVAL_SEED = 2024  # draws the held-out prompts
 IMAGE_SEED = 1000  # prompt i is generated from seed IMAGE_SEED + i
 DEFAULT_GUIDANCE = 2.0  # chosen on training prompts (1.5-8 tried; 2 best), never on the held-out ones
 DEFAULT_STEPS = 20
+
+ARTIFACT_PHASE = "artifact images"
+REFERENCE_PHASE = "pytorch reference steps"
 
 Generate = Callable[[Sequence[str], Sequence[int]], list[Image.Image]]
 
@@ -77,11 +81,16 @@ def image_psnr(a: Sequence[Image.Image], b: Sequence[Image.Image]) -> float:
     return psnr(x, y, peak=255.0)
 
 
-def pipeline_generator(pipe: Any, settings: EvalSettings) -> Generate:
-    """An sdtrt ``Pipeline`` as a ``Generate``: one prompt per call, negative prompt empty."""
+def pipeline_generator(pipe: Any, settings: EvalSettings, progress: Progress | None = None) -> Generate:
+    """An sdtrt ``Pipeline`` as a ``Generate``: one prompt per call, negative prompt empty.
+
+    ``progress`` hears ("artifact images", done, total) per image.
+    """
 
     def generate(captions: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         out = []
+        if progress:
+            progress(ARTIFACT_PHASE, 0, len(captions))
         for caption, seed in zip(captions, seeds, strict=True):
             result = pipe(
                 caption,
@@ -94,15 +103,20 @@ def pipeline_generator(pipe: Any, settings: EvalSettings) -> Generate:
                 scheduler=settings.scheduler,
             )
             out.append(result.images[0])
+            if progress:
+                progress(ARTIFACT_PHASE, len(out), len(captions))
         return out
 
     return generate
 
 
-def diffusers_generator(bundle: Any, settings: EvalSettings, batch: int = 25) -> Generate:
+def diffusers_generator(
+    bundle: Any, settings: EvalSettings, batch: int = 25, progress: Progress | None = None
+) -> Generate:
     """diffusers' own ``StableDiffusionPipeline`` over the PyTorch modules (the reference), same seeds and noise.
 
     Each image's starting noise is drawn on the CPU from its own seed, as the sdtrt pipeline draws it.
+    ``progress`` hears ("pytorch reference steps", done, total) per denoising step of each batch.
     """
     import torch
 
@@ -113,6 +127,18 @@ def diffusers_generator(bundle: Any, settings: EvalSettings, batch: int = 25) ->
 
     def generate(captions: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         out: list[Image.Image] = []
+        total = -(-len(captions) // batch) * settings.steps
+        done = 0
+
+        def on_step(_pipe: Any, _step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            nonlocal done
+            done += 1
+            if progress:
+                progress(REFERENCE_PHASE, done, total)
+            return tensors
+
+        if progress:
+            progress(REFERENCE_PHASE, 0, total)
         for first in range(0, len(captions), batch):
             chunk, chunk_seeds = list(captions[first : first + batch]), seeds[first : first + batch]
             noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in chunk_seeds])
@@ -125,6 +151,7 @@ def diffusers_generator(bundle: Any, settings: EvalSettings, batch: int = 25) ->
                     latents=noise,
                     height=data.IMAGE_SIZE,
                     width=data.IMAGE_SIZE,
+                    callback_on_step_end=on_step,
                 )
             out += result.images
         return out

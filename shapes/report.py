@@ -20,6 +20,7 @@ from typing import Any
 from sdtrt.calibrate.artifacts import CalibrateRequest
 from sdtrt.calibrate.capture import CaptureConfig
 from sdtrt.calibrate.report import ReportConfig
+from sdtrt.runtime.progress import Progress
 
 from . import score
 from .data import IMAGE_SIZE
@@ -38,6 +39,7 @@ from .evaluate import prompts as held_out_captions
 MAX_ACCURACY_DROP = 0.10  # the artifact may be this much behind PyTorch on "all three right", no more
 # Every caption of the training combinations, none of the held-out ones: what its UNet is calibrated on.
 CALIBRATION_PROMPTS = Path(__file__).parent / "data" / "calibration_prompts.txt"
+DISTINCT_DRAWS = 500  # held-out scenes drawn to meet every held-out caption at least once
 SAMPLER = EvalSettings.scheduler  # the sampler its recorded accuracy was measured with
 
 
@@ -87,10 +89,19 @@ def quality_config(prompts: int = 20) -> ReportConfig:
         guidance_scale=DEFAULT_GUIDANCE,
         scheduler=SAMPLER,
         seed=IMAGE_SEED,
-        held_out=tuple(held_out_captions(prompts)),
+        held_out=distinct_held_out_captions(),
         score=score.accuracy,
         max_accuracy_drop=MAX_ACCURACY_DROP,
     )
+
+
+def distinct_held_out_captions() -> tuple[str, ...]:
+    """Every caption of the held-out combinations, each once, in the order the evaluation draws them.
+
+    The evaluation draws scenes at random, so its captions repeat (the same caption from another seed); the
+    quality report measures each prompt once.
+    """
+    return tuple(dict.fromkeys(held_out_captions(DISTINCT_DRAWS)))
 
 
 def adherence_report(
@@ -99,8 +110,12 @@ def adherence_report(
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
     bundle: Any = None,
+    progress: Progress | None = None,
 ) -> AdherenceReport:
-    """Generate ``prompts`` held-out prompts with the artifact in ``folder`` and with PyTorch; compare."""
+    """Generate ``prompts`` held-out prompts with the artifact in ``folder`` and with PyTorch; compare.
+
+    ``progress`` hears ("artifact images", done, total), then ("pytorch reference steps", done, total).
+    """
     from sdtrt.runtime.manifest import read_manifest
     from sdtrt.runtime.models.presets import load_shapes
     from sdtrt.runtime.pipeline import Pipeline
@@ -108,8 +123,9 @@ def adherence_report(
     manifest = read_manifest(Path(folder))
     settings = EvalSettings(count=prompts, steps=steps, guidance=guidance)
     with Pipeline.from_artifacts(folder, backend="onnxruntime", device="cpu", cuda_graph=False) as pipe:
-        ours, our_images = evaluate(pipeline_generator(pipe, settings), settings)
-    theirs, their_images = evaluate(diffusers_generator(bundle or load_shapes(), settings), settings)
+        ours, our_images = evaluate(pipeline_generator(pipe, settings, progress), settings)
+    reference = diffusers_generator(bundle or load_shapes(), settings, progress=progress)
+    theirs, their_images = evaluate(reference, settings)
     precisions = sorted({e.precision for e in manifest.components.values()})
     return AdherenceReport(
         artifact=str(folder),

@@ -118,6 +118,7 @@ def test_generate_writes_png_with_a1111_parameters(tmp_path, tiny_fp32, backend)
     text = image.text["parameters"]
     assert text.startswith("a photo of a cat\nNegative prompt: blurry\n")
     assert "Steps: 3, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 42, Size: 96x64, Model hash: " in text
+    assert ", Model: tiny" in text and "Model: artifacts" not in text  # the model, not its folder's name
     assert len(list(previews.glob("step-*.png"))) == 3
 
 

@@ -10,12 +10,13 @@ imported when called.
 """
 
 from sdtrt.runtime.errors import LoraError
-from sdtrt.runtime.lora.apply import LoraSpec, LoraState, apply, parse_lora_option, read_loras
+from sdtrt.runtime.lora.apply import ActiveLora, LoraSpec, LoraState, apply, parse_lora_option, read_loras
 from sdtrt.runtime.lora.files import LORA_COMPONENTS, PEFT_METADATA_KEY, LoraFile, LoraFormat, LoraLayer, read_lora
 from sdtrt.runtime.lora.match import lora_deltas, lora_family, model_family_of
 from sdtrt.runtime.lora.write import save_lora
 
 __all__ = [
+    "ActiveLora",
     "LORA_COMPONENTS",
     "PEFT_METADATA_KEY",
     "LoraError",

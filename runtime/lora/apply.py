@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -47,18 +47,28 @@ def parse_lora_option(text: str) -> tuple[Path, float]:
         raise ConfigError(f"--lora expects FILE or FILE:SCALE (e.g. style.safetensors:0.8), got {text!r}") from None
 
 
+class ActiveLora(NamedTuple):
+    """A LoRA in use: its file and the scale it is applied with; prints as ``LoraFile(...) x 0.8``."""
+
+    file: LoraFile
+    scale: float
+
+    def __repr__(self) -> str:
+        return f"{self.file!r} x {self.scale:g}"
+
+
 @dataclass
 class LoraState:
     """What a pipeline's engines run with now: the LoRAs, and what is kept to switch them quickly."""
 
-    active: list[tuple[LoraFile, float]] = field(default_factory=list)
+    active: list[ActiveLora] = field(default_factory=list)
     files: dict[tuple[str, float], LoraFile] = field(default_factory=dict)  # read once per (path, mtime)
     base: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # component -> initializer -> base value
     skeletons: dict[str, torch.nn.Module] | None = None
 
 
-def read_loras(state: LoraState, loras: Sequence[LoraSpec]) -> list[tuple[LoraFile, float]]:
-    """Read (file, scale) pairs into (LoraFile, scale), each file once per modification time."""
+def read_loras(state: LoraState, loras: Sequence[LoraSpec]) -> list[ActiveLora]:
+    """Read (file, scale) pairs into (LoraFile, scale) pairs, each file once per modification time."""
     result = []
     for path, scale in loras:
         file = Path(path).expanduser()
@@ -69,7 +79,7 @@ def read_loras(state: LoraState, loras: Sequence[LoraSpec]) -> list[tuple[LoraFi
         key = (str(file.resolve()), file.stat().st_mtime)
         if key not in state.files:
             state.files[key] = read_lora(file)
-        result.append((state.files[key], float(scale)))
+        result.append(ActiveLora(state.files[key], float(scale)))
     return result
 
 
@@ -219,7 +229,7 @@ def weight_updates(
 
 def apply(
     state: LoraState,
-    loras: list[tuple[LoraFile, float]],
+    loras: Sequence[tuple[LoraFile, float]],
     manifest: Manifest,
     folder: Path,
     engines: Mapping[str, Any],
@@ -241,7 +251,7 @@ def apply(
         if done:
             _restore(state, manifest, folder, {n: engines[n] for n in done}, backend)
         raise
-    state.active = list(loras)
+    state.active = [ActiveLora(f, s) for f, s in loras]
     log.info("LoRAs now: %s", ", ".join(f"{f.name}:{s:g}" for f, s in loras) or "none")
 
 

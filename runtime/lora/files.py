@@ -76,7 +76,7 @@ _UNSUPPORTED = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LoraLayer:
     """One low-rank pair: ``down`` [rank, in] or [rank, in, kh, kw], ``up`` [out, rank] or [out, rank, 1, 1].
 
@@ -104,6 +104,14 @@ class LoraLayer:
         if self.alpha is not None and not math.isfinite(self.alpha):
             raise LoraError(f"{name}: alpha is {self.alpha}; expected a finite number")
 
+    def __repr__(self) -> str:
+        # Shapes, never values: a layer's tensors print as thousands of lines.
+        alpha = "none" if self.alpha is None else f"{self.alpha:g}"
+        return (
+            f"LoraLayer({self.key or '?'}, rank {self.rank}, down {list(self.down.shape)}, "
+            f"up {list(self.up.shape)}, alpha {alpha})"
+        )
+
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
@@ -130,7 +138,7 @@ class LoraLayer:
         return (int(self.up.shape[0]), *(int(d) for d in self.down.shape[1:]))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LoraFile:
     """A read LoRA file. ``layers`` maps (component, module path as in the file) to its layer.
 
@@ -154,6 +162,10 @@ class LoraFile:
         strange = sorted({c for c, _ in self.layers if c not in LORA_COMPONENTS})
         if strange:
             raise ConfigError(f"LoRA components {strange}; expected some of {', '.join(LORA_COMPONENTS)}")
+
+    def __repr__(self) -> str:
+        # One line a person can read: printing every layer's tensors runs to thousands of lines.
+        return f"LoraFile({Path(self.path).name}, {self.format}, {len(self.layers)} layers, {self.short_hash or '-'})"
 
     @property
     def short_hash(self) -> str:

@@ -17,6 +17,8 @@ class ModelBundle:
     """PyTorch modules (fp32, eval mode, on the CPU) and the facts export needs about them.
 
     SDXL models also have ``text_encoder_2`` (a ``CLIPTextModelWithProjection``) and ``tokenizer_2``.
+    ``size_range`` is (smallest, largest) image side the model draws well, when known (a model trained at one
+    size only); the default export profile stays inside it.
     """
 
     text_encoder: Any  # transformers.CLIPTextModel
@@ -28,6 +30,13 @@ class ModelBundle:
     source: dict[str, Any] = field(default_factory=dict)
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+    size_range: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.size_range is not None:
+            low, high = self.size_range
+            if not 0 < low <= high:
+                raise SourceError(f"size range {self.size_range} must be (smallest, largest) sides > 0")
 
     def module(self, component: str) -> Any:
         if component in ("text_encoder", "text_encoder_2", "unet"):
@@ -63,6 +72,7 @@ def bundle_from_modules(
     text_encoder_2: Any = None,
     pipeline_config: dict[str, Any] | None = None,
     tokenizers: tuple[Any, Any] | None = None,
+    size_range: tuple[int, int] | None = None,
 ) -> ModelBundle:
     """A bundle over loaded modules, with the facts ``model_info`` derives from their configs.
 
@@ -86,6 +96,7 @@ def bundle_from_modules(
             text_encoder, unet, vae, scheduler_config, text_encoder_2=text_encoder_2, pipeline_config=pipeline_config
         ),
         source=source,
+        size_range=size_range,
     )
 
 

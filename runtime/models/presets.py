@@ -292,4 +292,5 @@ def load_shapes(folder: Path = DATA_DIR) -> ModelBundle:
         "sha256": record["sha256"],
         "description": "preset shapes (trained on drawn shapes; weights shipped with sdtrt)",
     }
-    return bundle_from_modules(text_encoder, unet, vae, dict(record["scheduler"]), source)
+    side = int(record["training"]["data"]["image_size"])  # trained at this size only: other sizes draw badly
+    return bundle_from_modules(text_encoder, unet, vae, dict(record["scheduler"]), source, size_range=(side, side))

@@ -160,12 +160,15 @@ def test_fp16_artifact_quantizes_with_fp16_float_layers(tiny_fp16, calib_data, h
 
 
 def test_quality_report(quantized, tiny_fp32, tmp_path):
-    from sdtrt.calibrate.measure import quality_report
+    from sdtrt.calibrate.measure import REPORT_PHASE, quality_report
     from sdtrt.calibrate.report import HELD_OUT_PROMPTS, ReportConfig, format_report
 
     used = set(read_manifest(quantized["int8"]).components["unet"].extra["calibration"]["prompts"])
     assert not used & set(HELD_OUT_PROMPTS) and not set(load_prompts(None)) & set(HELD_OUT_PROMPTS)
-    report = quality_report(quantized["int8"], [tiny_fp32], ReportConfig(prompts=1, steps=3))
+    calls: list[tuple[str, int, int]] = []
+    config = ReportConfig(prompts=1, steps=3)
+    report = quality_report(quantized["int8"], [tiny_fp32], config, progress=lambda *call: calls.append(call))
+    assert calls == [(REPORT_PHASE, 0, 1), (REPORT_PHASE, 1, 1)]
     assert report.passed and report.reference == "fp32" and len(report.steps) == 3
     assert 0.0 < report.mean_rel_l2 < ERROR_BOUND["int8"] * 2 and 20.0 < report.image_psnr < 80.0
     text = format_report(report)

@@ -70,3 +70,17 @@ def test_a_quantized_folder_without_a_quality_report_is_refused_before_any_check
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match=r"quantized components \(unet\).*CheckOptions\(quality="):
         check_folder(folder)
+
+
+def test_progress_hears_every_component_and_reaches_the_adherence_step(tiny_fp32):
+    from sdtrt.export.check import CHECK_PHASE
+
+    calls: list[tuple[str, int, int]] = []
+
+    def adherence(folder: Path, progress) -> StubReport:
+        progress("adherence", 1, 1)
+        return StubReport(passed=True)
+
+    outcome = check_folder(tiny_fp32, CheckOptions(adherence=adherence), progress=lambda *call: calls.append(call))
+    assert outcome.passed
+    assert calls == [(CHECK_PHASE, k, 4) for k in range(5)] + [("adherence", 1, 1)]

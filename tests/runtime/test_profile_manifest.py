@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from sdtrt.runtime.errors import ArtifactError, ShapeError
-from sdtrt.runtime.manifest import SCHEMA_VERSION, Manifest, read_manifest, resolve_file
+from sdtrt.runtime.manifest import SCHEMA_VERSION, Manifest, model_display_name, read_manifest, resolve_file
 from sdtrt.runtime.profile import ShapeProfile
 from sdtrt.runtime.specs import ModelInfo, check_size, component_specs, dim_ranges, shape_ranges
 
@@ -127,3 +128,16 @@ def test_resolve_file_refuses_symlinks(tmp_path):
         resolve_file(folder, "unet.onnx")
     with pytest.raises(ArtifactError, match="is missing"):
         resolve_file(folder, "vae.onnx")
+
+
+def test_model_display_name_is_the_model_not_the_artifact_folder(tiny_fp32):
+    manifest = read_manifest(tiny_fp32)
+    assert tiny_fp32.name == "artifacts" and model_display_name(manifest, tiny_fp32.name) == "tiny"
+
+    def named(**source):
+        return model_display_name(dataclasses.replace(manifest, source=source), "artifacts")
+
+    assert named(kind="diffusers", path="/models/dreamshaper-8") == "dreamshaper-8"
+    assert named(kind="single_file", path="/models/v1-5-pruned-emaonly.safetensors") == "v1-5-pruned-emaonly"
+    assert named(kind="preset", name="shapes") == "shapes"
+    assert named(kind="unknown") == "artifacts"

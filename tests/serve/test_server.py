@@ -163,6 +163,7 @@ def test_samplers_and_models(server):
     assert {"name": "Euler a", "aliases": ["euler_a", "k_euler_a", "k_euler_ancestral"], "options": {}} in samplers
     models = json.loads(get(server.url + "/sdapi/v1/sd-models")[1])
     assert set(models[0]) == {"title", "model_name", "hash", "sha256", "filename", "config"}
+    assert models[0]["model_name"] == "tiny"
 
 
 def test_concurrent_clients_get_their_own_images(server):

@@ -97,3 +97,13 @@ def test_captions_outside_the_grammar_are_refused():
         score.parse_caption("a photo of a cat")
     with pytest.raises(ValueError, match="expected a caption like"):
         score.parse_caption("a pink circle on a blue background")
+
+
+def test_the_quality_report_of_a_shapes_unet_asks_for_distinct_prompts():
+    from sdtrt.shapes.evaluate import prompts
+    from sdtrt.shapes.report import quality_config
+
+    assert len(set(prompts(4))) < 4  # the evaluation's own draw repeats a caption this early
+    config = quality_config(4)
+    assert len(set(config.held_out[:4])) == 4
+    assert len(config.held_out) == len(set(config.held_out)) == len(data.HELD_OUT) * len(data.SIZE_RANGES)

@@ -156,6 +156,19 @@ def test_two_loras_add_up(pipe, loras):
     assert psnr(both, expected) >= PARITY_DB
 
 
+def test_printed_loras_are_one_short_line_naming_file_format_layers_hash_and_scale(pipe, loras):
+    pipe.set_loras([(loras["unet-kohya"], 0.8)])
+    try:
+        (file, scale), text = pipe.loras[0], repr(pipe.loras)
+    finally:
+        pipe.set_loras([])
+    assert "\n" not in text and len(text) < 200, text
+    assert text == f"[LoraFile(unet-kohya.safetensors, kohya, {len(file.layers)} layers, {file.short_hash}) x 0.8]"
+    assert len(file.layers) > 1 and len(file.short_hash) == 12 and scale == 0.8
+    layer = next(iter(file.layers.values()))
+    assert "\n" not in repr(layer) and f"rank {layer.rank}" in repr(layer)
+
+
 def test_lora_for_another_model_is_refused_and_nothing_changes(pipe, tmp_path):
     base = generate(pipe)
     xl = load_preset("tiny-xl")

@@ -114,24 +114,27 @@ def test_sdxl_preset_configs_are_the_real_architecture():
 
 
 @pytest.mark.parametrize(
-    ("native", "multiple", "expected"),
+    ("native", "multiple", "size_range", "expected"),
     [
-        (512, 64, (256, 512, 1024)),  # SD 1.5
-        (768, 64, (384, 768, 1536)),  # SD 2.x-v
-        (1024, 32, (512, 1024, 2048)),  # SDXL
-        (512, 32, (256, 512, 1024)),  # SDXL-Turbo
-        (0, 64, (256, 512, 1024)),  # unknown: SD 1.5's
-        (128, 16, (64, 128, 256)),  # tiny, tiny-xl, shapes
+        (512, 64, None, (256, 512, 1024)),  # SD 1.5
+        (768, 64, None, (384, 768, 1536)),  # SD 2.x-v
+        (1024, 32, None, (512, 1024, 2048)),  # SDXL
+        (512, 32, None, (256, 512, 1024)),  # SDXL-Turbo
+        (0, 64, None, (256, 512, 1024)),  # unknown: SD 1.5's
+        (128, 16, None, (64, 128, 256)),  # tiny, tiny-xl
+        (128, 16, (128, 128), (128, 128, 128)),  # shapes: trained at 128 only
+        (512, 64, (384, 768), (384, 512, 768)),  # a model that declares a range
     ],
 )
-def test_default_profile_follows_the_native_size(native, multiple, expected):
+def test_default_profile_follows_the_native_size(native, multiple, size_range, expected):
     from types import SimpleNamespace
 
     from sdtrt.export.profiles import default_profile
     from sdtrt.runtime.specs import ModelInfo
 
     downsamples = {64: 3, 32: 2, 16: 1}[multiple]
-    profile = default_profile(SimpleNamespace(model=ModelInfo(native_size=native, unet_downsamples=downsamples)))
+    model = ModelInfo(native_size=native, unet_downsamples=downsamples)
+    profile = default_profile(SimpleNamespace(model=model, size_range=size_range))
     assert (profile.min_height, profile.opt_height, profile.max_height) == expected
     assert (profile.min_width, profile.opt_width, profile.max_width) == expected
     assert profile.max_prompt_windows == 3 and profile.max_batch == 4
