@@ -35,7 +35,7 @@ def test_infotext_is_what_sdtrt_generate_writes(tmp_path, tiny_fp32):
             image=Image.open(init), strength=0.5,
         )  # fmt: skip
         model_hash = str(pipe.manifest.source.get("sha256", ""))
-    assert infotext("a red square", "blurry", 5, result.settings, model_hash, "tiny") == written  # the model, not its folder
+    assert infotext("a red square", "blurry", 5, result.settings, model_hash, "tiny") == written
     assert "Denoising strength: 0.5" in written
 
 
