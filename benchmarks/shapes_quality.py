@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sdtrt.benchmarks.shapes_quality", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--out", type=Path, required=True, help="folder for the artifacts")
+    parser.add_argument(
+        "--out", type=Path, default=Path("out/shapes-quality"), help="folder for the artifacts (default: %(default)s)"
+    )
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--json", type=Path, help="write the reports here")
     parser.add_argument("--record", action="store_true", help="store them in the shipped shapes.json")
