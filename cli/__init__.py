@@ -24,6 +24,11 @@ from sdtrt.cli.generate import generate_cmd
 from sdtrt.cli.serve import serve_cmd
 from sdtrt.runtime.errors import SdtrtError
 
+# click >= 8.2 raises this for a bare ``sdtrt`` to print the help (8.1 exits instead): it stays click's.
+NO_ARGS_HELP: tuple[type[Exception], ...] = tuple(
+    e for e in (getattr(click.exceptions, "NoArgsIsHelpError", None),) if e is not None
+)
+
 # Loggers of libraries that talk a lot at INFO; silenced below -vv.
 NOISY_LOGGERS = ("polygraphy", "onnx_graphsurgeon", "diffusers", "transformers", "torch")
 
@@ -38,7 +43,7 @@ class OneLineUsageError(click.ClickException):
         self.command_path = error.ctx.command_path if error.ctx else "sdtrt"
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}; see `{self.command_path} --help`", err=True)
+        click.echo(f"error: {self.message} (see `{self.command_path} --help`)", err=True)
 
 
 def os_error_line(exc: OSError) -> str:
@@ -54,8 +59,8 @@ class SdtrtGroup(click.Group):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
             return super().parse_args(ctx, args)
-        except click.exceptions.NoArgsIsHelpError:
-            raise  # a bare ``sdtrt`` prints the help
+        except NO_ARGS_HELP:
+            raise
         except click.UsageError as exc:
             raise OneLineUsageError(exc) from None
 

@@ -96,7 +96,7 @@ def generate_cmd(
         writable_folder(preview_dir, "previews")
     from sdtrt.runtime.request import resolve_seed
 
-    call = {
+    call: dict[str, Any] = {
         "negative_prompt": negative,
         "steps": steps,
         "guidance_scale": guidance,
