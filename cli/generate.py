@@ -90,7 +90,7 @@ def generate_cmd(
 
     SDXL-Turbo: --steps 1 --cfg 0 (its scheduler, Euler ancestral with trailing spacing, is the default).
     """
-    hw = parse_size(size)
+    hw = parse_size(size, "--size")
     target = output_target(out)
     if preview_dir:
         writable_folder(preview_dir, "previews")
