@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sdtrt.cli.options import backend_options, parse_pair, parse_size, writable_folder
+from sdtrt.cli.output import OutputTarget, output_target
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -32,7 +33,11 @@ if TYPE_CHECKING:
 @click.option(
     "--cfg", "guidance", type=float, default=7.5, show_default=True, help="Guidance scale; <= 1 turns CFG off."
 )
-@click.option("--seed", type=int, help="Seed of the first image (image k uses seed + k); random when omitted.")
+@click.option(
+    "--seed",
+    type=int,
+    help="Seed of the first image (image k uses seed + k), 0 to 4294967295; -1 or omitted: a random one (printed).",
+)
 @click.option("--size", help="WIDTHxHEIGHT in pixels (default: the artifact's tuned size).")
 @click.option(
     "--scheduler",
@@ -45,10 +50,10 @@ if TYPE_CHECKING:
 @click.option(
     "--out",
     "out",
-    type=click.Path(path_type=Path),
-    default=Path("sdtrt.png"),
+    default="sdtrt.png",
     show_default=True,
-    help="PNG to write; with several images, NAME-0.png, NAME-1.png, ...",
+    help="PNG to write (with several images NAME-0.png, NAME-1.png, ...), or a folder (existing, or ending in /) "
+    "to write 00001-SEED.png, 00002-SEED.png, ... in, numbered after the images already there.",
 )
 @click.option("--preview-dir", type=click.Path(path_type=Path), help="Write a cheap latent preview per step here.")
 @click.option("--original-size", help="SDXL: original size WIDTHxHEIGHT to condition on (default: the image size).")
@@ -75,7 +80,7 @@ def generate_cmd(
     num_images: int,
     init_image: Path | None,
     strength: float,
-    out: Path,
+    out: str,
     preview_dir: Path | None,
     original_size: str | None,
     crop: str | None,
@@ -88,46 +93,54 @@ def generate_cmd(
     """
     from sdtrt.runtime.manifest import model_display_name
 
-    hw = refuse_size_outside_profile(artifacts, parse_size(size), num_images)
-    image = read_init_image(init_image) if init_image else None
-    writable_folder(out.parent, "the image")
+    hw = parse_size(size, "--size")
+    target = output_target(out)
     if preview_dir:
         writable_folder(preview_dir, "previews")
-    with open_pipeline(artifacts, backend, device, loras) as pipe:
+    from sdtrt.runtime.request import resolve_seed
+
+    call: dict[str, Any] = {
+        "negative_prompt": negative,
+        "steps": steps,
+        "guidance_scale": guidance,
+        "seed": resolve_seed(seed),  # -1 or none: random, drawn now so the check and the run agree
+        "height": hw[0] if hw else None,
+        "width": hw[1] if hw else None,
+        "scheduler": scheduler,
+        "num_images": num_images,
+        "image": read_init_image(init_image) if init_image else None,
+        "strength": strength,
+        "original_size": parse_pair(original_size, "--original-size"),
+        "crops_coords_top_left": parse_pair(crop, "--crop") or (0, 0),
+        "target_size": parse_pair(target_size, "--target-size"),
+    }
+    lora_specs = check_before_work(artifacts, prompt, call, loras)
+    with open_pipeline(artifacts, backend, device, lora_specs) as pipe:
         runs = min(int(steps * strength), steps) if init_image else steps
         with step_progress(runs, preview_dir, pipe.manifest) as on_step:
-            result = pipe(
-                prompt,
-                negative_prompt=negative,
-                steps=steps,
-                guidance_scale=guidance,
-                seed=seed,
-                height=hw[0] if hw else None,
-                width=hw[1] if hw else None,
-                scheduler=scheduler,
-                num_images=num_images,
-                image=image,
-                strength=strength,
-                callback=on_step,
-                original_size=parse_pair(original_size, "--original-size"),
-                crops_coords_top_left=parse_pair(crop, "--crop") or (0, 0),
-                target_size=parse_pair(target_size, "--target-size"),
-            )
+            result = pipe(prompt, callback=on_step, **call)
         model_hash = str(pipe.manifest.source.get("sha256", ""))
         name = model_display_name(pipe.manifest, artifacts.name)
     from sdtrt.runtime.images import infotext
 
-    save_images(result, out, partial(infotext, prompt, negative or "", model_hash=model_hash, model_name=name))
+    save_images(result, target, partial(infotext, prompt, negative or "", model_hash=model_hash, model_name=name))
     click.echo(timing_line(result, steps, backend))
 
 
-def refuse_size_outside_profile(artifacts: Path, hw: tuple[int, int] | None, images: int) -> tuple[int, int] | None:
-    """``hw`` (height, width) back, after refusing one outside the artifact's profile before any engine opens."""
+def check_before_work(
+    artifacts: Path, prompt: str, call: dict[str, Any], loras: Sequence[str]
+) -> list[tuple[Path, float]]:
+    """Refuse, with the runtime's own messages, what can be refused before any engine opens: the pipeline
+    arguments ``call`` against the artifact's manifest (sizes, profile, steps, strength, scheduler, seeds) and
+    the --lora files (FILE[:SCALE], read here so a bad one is refused now); return the LoRAs as (path, scale)."""
+    from sdtrt.runtime.lora import LoraState, parse_lora_option, read_loras
     from sdtrt.runtime.manifest import read_manifest
+    from sdtrt.runtime.request import check_request
 
-    if hw:
-        read_manifest(artifacts).profile.check(hw[0], hw[1], images)
-    return hw
+    check_request(read_manifest(artifacts), prompt, **call)
+    lora_specs = [parse_lora_option(text) for text in loras]
+    read_loras(LoraState(), lora_specs)
+    return lora_specs
 
 
 def timing_line(result: GenerationResult, steps: int, backend: str) -> str:
@@ -157,15 +170,15 @@ def read_init_image(path: Path) -> Image.Image:
 
 
 @contextlib.contextmanager
-def open_pipeline(artifacts: Path, backend: str, device: str | None, loras: Sequence[str]) -> Iterator[Pipeline]:
-    """The pipeline over ARTIFACTS with the --lora files (FILE[:SCALE]) applied."""
-    from sdtrt.runtime.lora import parse_lora_option
+def open_pipeline(
+    artifacts: Path, backend: str, device: str | None, loras: Sequence[tuple[Path, float]]
+) -> Iterator[Pipeline]:
+    """The pipeline over ARTIFACTS with ``loras`` (path, scale) applied."""
     from sdtrt.runtime.pipeline import Pipeline
 
-    lora_specs = [parse_lora_option(text) for text in loras]
     with Pipeline.from_artifacts(artifacts, backend=backend, device=device) as pipe:
-        if lora_specs:
-            pipe.set_loras(lora_specs)
+        if loras:
+            pipe.set_loras(loras)
         yield pipe
 
 
@@ -190,12 +203,11 @@ def step_progress(
         yield on_step
 
 
-def save_images(result: GenerationResult, out: Path, info: Callable[..., str]) -> None:
-    """Each image as a PNG with its A1111 parameters (``info(seed, settings)``): OUT, or OUT-0.png, OUT-1.png, ...
-    for several."""
+def save_images(result: GenerationResult, target: OutputTarget, info: Callable[..., str]) -> None:
+    """Each image as a PNG with its A1111 parameters (``info(seed, settings)``), named as ``target`` says."""
     from sdtrt.runtime.images import save_png
 
-    for k, (img, img_seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-        target = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}")
-        save_png(img, target, info(img_seed, result.settings))
-        click.echo(f"wrote {target} (seed {img_seed})")
+    paths = target.paths(result.seeds)
+    for img, img_seed, path in zip(result.images, result.seeds, paths, strict=True):
+        save_png(img, path, info(img_seed, result.settings))
+        click.echo(f"wrote {path} (seed {img_seed})")

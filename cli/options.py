@@ -12,8 +12,8 @@ import click
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    """'512' -> (512, 512); '768x512' (width x height) -> (512, 768) as (height, width)."""
+def parse_size(text: str | None, option: str | None = None) -> tuple[int, int] | None:
+    """'512' -> (512, 512); '768x512' (width x height) -> (512, 768) as (height, width); errors name ``option``."""
     if text is None:
         return None
     try:
@@ -23,11 +23,14 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
         else:
             size = int(text), int(text)
     except ValueError:
-        raise click.BadParameter(f"expected N or WIDTHxHEIGHT in pixels (e.g. 512 or 768x512), got {text!r}") from None
+        raise click.BadParameter(
+            f"expected N or WIDTHxHEIGHT in pixels (e.g. 512 or 768x512), got {text!r}", param_hint=option
+        ) from None
     if min(size) <= 0:
         raise click.BadParameter(
             f"sizes must be positive pixel counts, got {text!r}; e.g. 1024x1024, or leave the option out for the "
-            "model's own size"
+            "model's own size",
+            param_hint=option,
         )
     return size
 

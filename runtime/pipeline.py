@@ -247,7 +247,8 @@ class Pipeline:
         """Generate ``num_images`` images per prompt, at the artifact's tuned size (profile opt) by default.
 
         Image ``k`` of the batch uses seed ``seed + k`` (or ``seed[k]`` when a list of one seed per image is given:
-        requests batched together keep their own seeds); its starting noise is drawn on the CPU, so a seed gives
+        requests batched together keep their own seeds); seeds are 0..2**32-1, and None or -1 draws a random one
+        (``result.seeds`` has it); its starting noise is drawn on the CPU, so a seed gives
         the same image on every backend and device. ``image`` + ``strength`` run img2img. ``callback(step, total,
         latents)`` runs between steps (clone ``latents`` to keep them; see ``latents_to_rgb`` for previews).
         SDXL only: ``original_size``, ``crops_coords_top_left`` and ``target_size`` ((height, width) pairs, as in

@@ -2,7 +2,9 @@
 
 ``make_request`` checks a call's arguments (the same checks, with the same messages, for the pipeline and for any
 front end that wants to refuse a request before queueing it) and expands them to one prompt, negative prompt
-and seed per image. For SDXL it adds the micro-conditioning: six time ids (original size, crop top-left, target
+and seed per image; ``check_request`` runs those checks against an artifact's manifest before any engine is open.
+``resolve_seed`` is the one seed rule (A1111's): -1 or None draws a random seed, others are 0..``SEED_MAX``.
+For SDXL it adds the micro-conditioning: six time ids (original size, crop top-left, target
 size; by default the image size, (0, 0) and the image size), and zero negative conditioning when no negative
 prompt is given and the model asks for it (``force_zeros_for_empty_prompt``).
 """
@@ -20,6 +22,10 @@ from sdtrt.runtime.schedulers import SCHEDULER_NAMES, start_index
 from sdtrt.runtime.specs import ModelInfo, check_size
 
 Pair = tuple[int, int]  # (height, width), as diffusers orders SDXL's size conditioning
+
+# Seeds are 32-bit, as in A1111 and ComfyUI, so a seed in a PNG's parameters means the same there. torch's
+# generator would take any 64-bit value, but folds negatives onto it (-1 and 2**64 - 1 give the same noise).
+SEED_MAX = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -151,8 +157,6 @@ def make_request(
     first = start_index(steps, strength) if strength is not None else 0
     if strength is not None:
         require_vae_encoder(components)
-    if seed is None:
-        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
     model = manifest.model
     shape = (len(prompts), model.latent_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
     seeds = seeds_per_image(seed, len(prompts))
@@ -171,6 +175,45 @@ def make_request(
         strength,
         zero,
         time_ids,
+    )
+
+
+def check_request(
+    manifest: Manifest,
+    prompt: str | list[str],
+    negative_prompt: str | list[str] | None = None,
+    *,
+    steps: int,
+    guidance_scale: float,
+    seed: int | Sequence[int] | None,
+    height: int | None,
+    width: int | None,
+    scheduler: str | None,
+    num_images: int,
+    image: Any,
+    strength: float,
+    original_size: Pair | None = None,
+    crops_coords_top_left: Pair = (0, 0),
+    target_size: Pair | None = None,
+) -> None:
+    """Raise what ``Pipeline.__call__`` would for these arguments (its names) on ``manifest``'s artifact, with no
+    engine open, so a front end refuses a bad call before loading anything. The components are the artifact's."""
+    # A scheduler left out is the model's own sampler, valid by construction: any valid name stands in for it.
+    make_request(
+        manifest,
+        SCHEDULER_NAMES[0],
+        manifest.components,
+        prompt,
+        negative_prompt,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        height=height,
+        width=width,
+        scheduler=scheduler,
+        num_images=num_images,
+        strength=strength if image is not None else None,  # img2img only
+        conditioning=(original_size, crops_coords_top_left, target_size),
     )
 
 
@@ -197,15 +240,45 @@ def _check_arguments(steps: int, guidance_scale: float, scheduler: str) -> None:
         raise ConfigError(f"unknown scheduler {scheduler!r}; expected one of: {', '.join(SCHEDULER_NAMES)}")
 
 
-def seeds_per_image(seed: int | Sequence[int], count: int) -> list[int]:
-    """One seed per image: ``seed + k``, or the list given (one per image)."""
-    if isinstance(seed, int) and not isinstance(seed, bool):
+def seeds_per_image(seed: int | Sequence[int] | None, count: int) -> list[int]:
+    """One seed per image: ``seed + k`` (``resolve_seed``: None or -1 is random), or the list given (one per
+    image); each in 0..``SEED_MAX``."""
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool)):
+        seed = resolve_seed(seed)
+        if seed + count - 1 > SEED_MAX:
+            raise ConfigError(
+                f"seeds {seed}..{seed + count - 1} of {count} images go past {SEED_MAX}; "
+                f"give a seed of at most {SEED_MAX - count + 1}"
+            )
         return [seed + k for k in range(count)]
     if isinstance(seed, Sequence) and all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
         if len(seed) != count:
             raise ConfigError(f"got {len(seed)} seeds for {count} images; give one seed, or one per image")
+        for one in seed:
+            check_seed(one)
         return list(seed)
     raise ConfigError(f"seed must be an integer or a list of integers, got {seed!r}")
+
+
+def check_seed(seed: int) -> None:
+    """Raise ``ConfigError`` unless ``seed`` is a seed the noise is drawn with: 0..``SEED_MAX``."""
+    if not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"seed must be -1 (random) or 0..{SEED_MAX}, got {seed}")
+
+
+def random_seed() -> int:
+    """A fresh random seed (31 bits, so it is also a valid seed where seeds are signed 32-bit integers)."""
+    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The seed a call runs with: a random one for None or -1 (A1111's "random"), else ``seed`` if in range."""
+    if seed is None or seed == -1:
+        return random_seed()
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    check_seed(seed)
+    return seed
 
 
 def micro_conditioning(
@@ -253,13 +326,18 @@ def _negatives(negative: str | list[str] | None, count: int) -> list[str]:
 
 
 __all__ = [
+    "SEED_MAX",
     "LoraSetting",
     "Request",
     "Settings",
+    "check_request",
+    "check_seed",
     "expand_prompts",
     "image_size",
     "make_request",
     "micro_conditioning",
+    "random_seed",
     "require_vae_encoder",
+    "resolve_seed",
     "seeds_per_image",
 ]

@@ -10,12 +10,13 @@ import base64
 import binascii
 import io
 import json
-import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from PIL import Image
 
+from sdtrt.runtime.errors import ConfigError
+from sdtrt.runtime.request import check_seed
 from sdtrt.runtime.schedulers import A1111_LABELS
 
 from .errors import RequestError
@@ -142,8 +143,11 @@ def parse_request(payload: Any, img2img: bool = False) -> GenerateRequest:
     width = _typed(payload, "width", (int,), None, "an integer")
     height = _typed(payload, "height", (int,), None, "an integer")
     seed = _typed(payload, "seed", (int,), -1, "an integer")
-    if seed < -1 or seed >= 2**32:
-        raise RequestError(f"seed must be -1 (random) or 0..{2**32 - 1}, got {seed}")
+    if seed != -1:
+        try:
+            check_seed(seed)  # the runtime's rule, so the server and the CLI accept the same seeds
+        except ConfigError as exc:
+            raise RequestError(str(exc)) from None
     sampler = resolve_sampler(_typed(payload, "sampler_name", (str,), None, "a string"))
     if sampler is None:
         sampler = resolve_sampler(_typed(payload, "sampler_index", (str,), None, "a string"))
@@ -181,10 +185,6 @@ def parse_request(payload: Any, img2img: bool = False) -> GenerateRequest:
         strength,
         echo,
     )
-
-
-def random_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
 
 
 def response_body(request: GenerateRequest, gen: Generation) -> dict[str, Any]:

@@ -27,8 +27,9 @@ from typing import Any
 
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import ConfigError, SdtrtError
+from sdtrt.runtime.request import random_seed
 
-from .a1111 import GenerateRequest, Generation, random_seed
+from .a1111 import GenerateRequest, Generation
 from .errors import GenerationFailed, Overloaded, RequestError
 from .service import ModelCard, ServiceStats
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdtrt.runtime.errors import ConfigError, SdtrtError, ShapeError
-from sdtrt.serve.a1111 import GenerateRequest, Generation, random_seed
+from sdtrt.runtime.request import random_seed
+from sdtrt.serve.a1111 import GenerateRequest, Generation
 from sdtrt.serve.errors import GenerationFailed, Overloaded, RequestError, TimedOut
 from sdtrt.serve.generate import check_request, model_card, run_request
 from sdtrt.serve.service import ModelCard, ServiceStats

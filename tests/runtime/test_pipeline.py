@@ -182,6 +182,8 @@ def test_latent_preview():
         ({"scheduler": "heun"}, ConfigError, "unknown scheduler 'heun'; expected one of: euler"),
         ({"prompt": []}, ConfigError, "prompt list is empty"),
         ({"strength": 1.5, "image": "init"}, ShapeError, r"strength must be in \(0, 1\]"),
+        ({"seed": -2}, ConfigError, r"seed must be -1 \(random\) or 0\.\.4294967295, got -2"),
+        ({"seed": 2**32}, ConfigError, r"seed must be -1 \(random\) or 0\.\.4294967295, got 4294967296"),
     ],
 )
 def test_bad_requests(ort_fp32, kwargs, error, message):

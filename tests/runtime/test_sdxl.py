@@ -314,9 +314,9 @@ def test_cli_one_step_generation_and_bad_sizes(xl_fp32, tmp_path):
     assert Image.open(out).size == (SIZE, SIZE)
     for size in ("0x0", "-64x64", "0"):
         bad = sdtrt("generate", xl_fp32, PROMPT, "--size", size, "--out", tmp_path / "x.png")
-        assert bad.returncode == 2 and "sizes must be positive pixel counts" in bad.stderr, bad.stderr
+        assert bad.returncode == 1 and "sizes must be positive pixel counts" in bad.stderr, bad.stderr
     crop = sdtrt("generate", xl_fp32, PROMPT, "--steps", 1, "--crop", "8", "--out", tmp_path / "y.png")
-    assert crop.returncode == 2 and "expected WIDTHxHEIGHT (--crop)" in crop.stderr
+    assert crop.returncode == 1 and "expected WIDTHxHEIGHT (--crop)" in crop.stderr
 
 
 def test_cli_int8_calibration_of_an_sdxl_unet(xl_fp16, tmp_path):
