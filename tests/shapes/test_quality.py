@@ -4,9 +4,11 @@ diffusers' own pipeline agrees image for image; breaking the pipeline on purpose
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sdtrt.runtime.models.presets import read_shapes_record
 from sdtrt.runtime.pipeline import Pipeline
@@ -181,3 +183,28 @@ def test_check_cli_scores_prompt_adherence(shapes_fp32):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "prompt adherence" in result.stdout and "pytorch fp32" in result.stdout
     assert "prompt adherence passed" in result.stdout
+
+
+def test_the_readme_lora_example_makes_a_lora_that_changes_the_image(fp32_pipe, tmp_path, monkeypatch):
+    """The README's recipe for a LoRA to try `--lora` with runs as written and visibly changes what is drawn."""
+    import re
+
+    from sdtrt.runtime.compare import psnr
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    code = re.search(r"<!-- readme-lora-example -->\n```python\n(.*?)```", readme, re.S)
+    assert code is not None, "the README lost its LoRA example"
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.group(1), "README.md", "exec"), {})
+    lora = tmp_path / "out" / "shapes-lora.safetensors"
+    assert lora.is_file()
+    run = {"steps": 8, "guidance_scale": 2.0, "seed": 3}
+    base = fp32_pipe("a red circle on a blue background", **run).pixels
+    try:
+        fp32_pipe.set_loras([(lora, 0.5)])
+        changed = fp32_pipe("a red circle on a blue background", **run).pixels
+    finally:
+        fp32_pipe.set_loras([])
+    again = fp32_pipe("a red circle on a blue background", **run).pixels
+    assert psnr(changed, base) < 30.0  # a LoRA of zeros (or one not applied) would give identical images
+    assert torch.equal(again, base)
