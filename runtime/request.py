@@ -178,8 +178,10 @@ def make_request(
     )
 
 
-def check_request(
+def request_for_call(
     manifest: Manifest,
+    default_scheduler: str,
+    components: Collection[str],
     prompt: str | list[str],
     negative_prompt: str | list[str] | None = None,
     *,
@@ -195,14 +197,13 @@ def check_request(
     original_size: Pair | None = None,
     crops_coords_top_left: Pair = (0, 0),
     target_size: Pair | None = None,
-) -> None:
-    """Raise what ``Pipeline.__call__`` would for these arguments (its names) on ``manifest``'s artifact, with no
-    engine open, so a front end refuses a bad call before loading anything. The components are the artifact's."""
-    # A scheduler left out is the model's own sampler, valid by construction: any valid name stands in for it.
-    make_request(
+) -> Request:
+    """The request of a ``Pipeline.__call__`` with these arguments (its names): ``strength`` counts for img2img
+    only (an ``image`` given), the SDXL micro-conditioning is gathered, everything is validated."""
+    return make_request(
         manifest,
-        SCHEDULER_NAMES[0],
-        manifest.components,
+        default_scheduler,
+        components,
         prompt,
         negative_prompt,
         steps=steps,
@@ -212,9 +213,16 @@ def check_request(
         width=width,
         scheduler=scheduler,
         num_images=num_images,
-        strength=strength if image is not None else None,  # img2img only
+        strength=strength if image is not None else None,
         conditioning=(original_size, crops_coords_top_left, target_size),
     )
+
+
+def check_request(manifest: Manifest, prompt: str | list[str], *args: Any, **call: Any) -> None:
+    """Raise what ``Pipeline.__call__`` would for these arguments (its names) on ``manifest``'s artifact, with no
+    engine open, so a front end refuses a bad call before loading anything. The components are the artifact's."""
+    # A scheduler left out is the model's own sampler, valid by construction: any valid name stands in for it.
+    request_for_call(manifest, SCHEDULER_NAMES[0], manifest.components, prompt, *args, **call)
 
 
 def expand_prompts(
