@@ -51,5 +51,5 @@ def fit_latent_rgb(vae: Any, scaling_factor: float, vae_scale_factor: int) -> li
     design = torch.cat([x, torch.ones(len(x), 1)], dim=1).double()
     solution = torch.linalg.lstsq(design, y.double()).solution
     residual = float((design @ solution - y.double()).abs().mean())
-    log.info("latent preview map fitted from the VAE: mean colour error %.3f (of 2)", residual)
+    log.debug("latent preview map fitted from the VAE: mean colour error %.3f (of 2)", residual)
     return [[round(float(v), 6) for v in row] for row in solution]
