@@ -176,3 +176,14 @@ def test_no_module_imports_a_private_name_from_another():
         if n.startswith("_") and not n.startswith("__") and i.target != i.source
     ]
     assert offenders == []
+
+
+def test_runtime_imports_are_absolute():
+    """One import style inside runtime/: ``from sdtrt.runtime.x import y``, never ``from .x import y``."""
+    relative = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for path in sorted((ROOT / "runtime").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.level
+    ]
+    assert relative == []
