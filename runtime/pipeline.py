@@ -246,15 +246,14 @@ class Pipeline:
     ) -> GenerationResult:
         """Generate ``num_images`` images per prompt, at the artifact's tuned size (profile opt) by default.
 
-        Image ``k`` of the batch uses seed ``seed + k`` (or ``seed[k]`` when a list of one seed per image is given:
-        requests batched together keep their own seeds); seeds are 0..2**32-1, and None or -1 draws a random one
-        (``result.seeds`` has it); its starting noise is drawn on the CPU, so a seed gives
-        the same image on every backend and device. ``image`` + ``strength`` run img2img. ``callback(step, total,
-        latents)`` runs between steps (clone ``latents`` to keep them; see ``latents_to_rgb`` for previews).
-        SDXL only: ``original_size``, ``crops_coords_top_left`` and ``target_size`` ((height, width) pairs, as in
-        diffusers) are the micro-conditioning; the sizes default to the image size. ``negative_prompt=None``
-        gives zero negative conditioning when the model says so (``force_zeros_for_empty_prompt``), as diffusers
-        does; an explicit ``""`` is encoded like any prompt.
+        Image ``k`` uses seed ``seed + k`` (or ``seed[k]`` for a list of one seed per image: requests batched
+        together keep their own seeds); seeds are 0..2**32-1, None or -1 draws a random one (see ``result.seeds``).
+        Starting noise is drawn on the CPU, so a seed gives the same image on every backend and device. ``image`` +
+        ``strength`` run img2img. ``callback(step, total, latents)`` runs between steps (clone ``latents`` to keep
+        them; see ``latents_to_rgb`` for previews). SDXL only: ``original_size``, ``crops_coords_top_left``,
+        ``target_size`` ((height, width) pairs, as in diffusers; sizes default to the image size) are the
+        micro-conditioning; ``negative_prompt=None`` gives zero negative conditioning when the model says so
+        (``force_zeros_for_empty_prompt``), as diffusers does; an explicit ``""`` is encoded like any prompt.
         """
         start_time = time.perf_counter()
         req = request_for_call(
