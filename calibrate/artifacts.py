@@ -52,7 +52,9 @@ def calibrate_artifacts(
 
     Calibration data is captured from real trajectories unless ``data`` is given. The new folder appears under
     its final name only once complete. Its manifest marks the UNet precision and records, under ``extra``, the
-    calibration settings, the data hash, the quantized and excluded nodes and the quantizer.
+    calibration settings, the data hash, the quantized and excluded nodes and the quantizer. Prompts, sampler,
+    guidance and size are ``request``'s: a model with its own (the demo ``shapes`` model) supplies them, e.g.
+    ``sdtrt.shapes.report.calibration_config(request)``, as ``sdtrt calibrate`` does.
     """
     source_dir, out_dir = Path(folder), Path(out)
     check_unet_artifact(source_dir)

@@ -96,7 +96,7 @@ def check_artifacts(
 ) -> list[CheckRow]:
     """Compare every component of the artifact in ``folder`` with its PyTorch module at two sizes.
 
-    ``progress`` hears ("components", done, total) as each component is compared.
+    ``progress`` hears (``CHECK_PHASE``, done, total) as each component is compared.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)

@@ -124,16 +124,16 @@ def check_folder(
     options = options or CheckOptions()
     root = Path(folder)
     manifest = read_manifest(root)
+    if manifest.kind == "tensorrt":  # engines are checked against their ONNX files, quantized ones too
+        from sdtrt.export.engine_check import check_engines
+
+        return CheckOutcome("engines", tuple(check_engines(root, seed=options.seed)))
     quantized = tuple(n for n, e in manifest.components.items() if e.precision in QUANTIZED_PRECISIONS)
     if quantized and options.quality is None:
         raise ConfigError(
             f"{root} holds quantized components ({', '.join(quantized)}), which are judged by a quality report; "
             "pass CheckOptions(quality=functools.partial(sdtrt.calibrate.measure.quality_report, ...))"
         )
-    if manifest.kind == "tensorrt":
-        from sdtrt.export.engine_check import check_engines
-
-        return CheckOutcome("engines", tuple(check_engines(root, seed=options.seed)))
     rows = tuple(r for r in check_artifacts(root, seed=options.seed, progress=progress) if r.component not in quantized)
     with_progress = {"progress": progress} if progress else {}
     if quantized:

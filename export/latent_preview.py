@@ -38,7 +38,8 @@ def colour_blocks(count: int, side: int, block: int, seed: int = FIT_SEED) -> to
 def fit_latent_rgb(vae: Any, scaling_factor: float, vae_scale_factor: int) -> list[list[float]]:
     """The [C + 1, 3] map (C rows of channel weights, then the bias row) from scaled latents to RGB in [-1, 1].
 
-    ``vae`` is a diffusers ``AutoencoderKL`` (fp32 or fp16; run in fp32 on its device).
+    ``vae`` is a diffusers ``AutoencoderKL``, run in its own dtype on its device (export fits before any fp16
+    conversion).
     """
     side = FIT_LATENT_SIDE * vae_scale_factor
     images = colour_blocks(FIT_IMAGES, side, BLOCK_LATENTS * vae_scale_factor)

@@ -182,7 +182,7 @@ class Pipeline:
 
     @property
     def loras(self) -> list[tuple[Any, float]]:
-        """The LoRAs in use: (runtime.models.lora.LoraFile, scale) pairs."""
+        """The LoRAs in use: ``runtime.lora.ActiveLora`` (file, scale) pairs."""
         return list(self._lora.active) if self._lora is not None else []
 
     def lora_settings(self) -> list[LoraSetting]:

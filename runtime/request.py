@@ -91,6 +91,10 @@ class Settings:
             req.zero_negatives,
         )
 
+    def __getitem__(self, key: str) -> Any:
+        """``settings["width"]``: the dict form earlier versions returned still reads the same."""
+        return self.to_dict()[key]
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data; the LoRA and SDXL keys only where they apply."""
         data: dict[str, Any] = {

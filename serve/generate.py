@@ -11,9 +11,9 @@ import io
 import time
 from typing import Any
 
-from sdtrt.runtime.errors import ArtifactError, ShapeError
+from sdtrt.runtime.errors import ArtifactError, ConfigError, ShapeError
 from sdtrt.runtime.images import infotext, png_bytes
-from sdtrt.runtime.request import Settings, image_size, require_vae_encoder
+from sdtrt.runtime.request import Settings, image_size, require_vae_encoder, seeds_per_image
 from sdtrt.serve.a1111 import GenerateRequest, Generation
 from sdtrt.serve.errors import RequestError
 from sdtrt.serve.service import ModelCard
@@ -27,7 +27,9 @@ def check_request(pipe: Any, request: GenerateRequest) -> tuple[int, int]:
         size = image_size(pipe.manifest, request.height, request.width, request.batch_size)
         if request.img2img:
             require_vae_encoder(pipe.engines)
-    except (ShapeError, ArtifactError) as exc:
+        if request.seed is not None:  # every image's seed in range, before the request can join a merged batch
+            seeds_per_image(request.seed, request.n_iter * request.batch_size)
+    except (ShapeError, ArtifactError, ConfigError) as exc:
         raise RequestError(str(exc)) from None
     return size
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from sdtrt.runtime.images import infotext, png_bytes
@@ -63,6 +64,9 @@ def test_settings_to_dict_keeps_the_json_form():
     xl = Settings(1, 0.0, 64, 64, "euler_a", 0.5, "torch", (LoraSetting("a", 0.5, "h"),), (64, 64, 0, 0, 64, 64), True)
     assert xl.to_dict()["loras"] == [{"name": "a", "scale": 0.5, "hash": "h"}]
     assert xl.to_dict()["time_ids"] == [64, 64, 0, 0, 64, 64] and xl.to_dict()["zero_negative"] is True
+    assert plain["width"] == 96 and xl["loras"] == xl.to_dict()["loras"]  # the old dict reads still work
+    with pytest.raises(KeyError):
+        plain["loras"]  # absent where it does not apply, as in the old dict
 
 
 def test_png_bytes_carry_the_parameters():

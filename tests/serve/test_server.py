@@ -148,6 +148,11 @@ def test_img2img_matches_generate(server, tiny_fp32, tmp_path):
         ("img2img", {"init_images": ["not base64!"]}, "init_images\\[0\\] is not valid base64"),
         ("img2img", {"init_images": ["aGVsbG8="]}, "not an image Pillow can read"),
         ("txt2img", [1, 2], "must be a JSON object"),
+        (
+            "txt2img",
+            {"seed": 4294967295, "batch_size": 2, "width": 64, "height": 64},
+            r"seeds 4294967295\.\.4294967296",
+        ),
     ],
 )
 def test_bad_payloads_are_422(server, path, payload, match):
