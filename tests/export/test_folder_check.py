@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from sdtrt.export.folder_check import CheckOptions, check_folder
-from sdtrt.runtime.errors import ArtifactError, ConfigError
+from sdtrt.runtime.errors import ArtifactError, ConfigError, SdtrtError
 from sdtrt.runtime.manifest import read_manifest
 
 
@@ -84,3 +84,16 @@ def test_progress_hears_every_component_and_reaches_the_adherence_step(tiny_fp32
     outcome = check_folder(tiny_fp32, CheckOptions(adherence=adherence), progress=lambda *call: calls.append(call))
     assert outcome.passed
     assert calls == [(CHECK_PHASE, k, 4) for k in range(5)] + [("adherence", 1, 1)]
+
+
+def test_an_engine_folder_of_a_quantized_unet_goes_to_the_engine_check(tiny_fp32, tmp_path):
+    """Engines are checked against their ONNX files whatever their precision: no quality report is asked for."""
+    folder = tmp_path / "engines"
+    shutil.copytree(tiny_fp32, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["kind"] = "tensorrt"
+    manifest["components"]["unet"]["precision"] = "int8"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SdtrtError) as caught:
+        check_folder(folder)
+    assert "quality report" not in str(caught.value)
