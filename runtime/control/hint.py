@@ -130,6 +130,8 @@ def load_hint_image(source: str | os.PathLike[str] | bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         image.load()
+    except FileNotFoundError:
+        raise ControlError(f"{where} does not exist; give the path of a PNG, JPEG or WebP file") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ControlError(f"{where} is not an image Pillow can read ({exc}); give a PNG, JPEG or WebP file") from None
     return image

@@ -249,7 +249,7 @@ def test_load_hint_image_reads_files_and_bytes(tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(ControlError, match=r"hint image '.*notes.png' is not an image Pillow can read"):
         load_hint_image(tmp_path / "notes.png")
-    with pytest.raises(ControlError, match=r"hint image '.*missing.png' is not an image Pillow can read"):
+    with pytest.raises(ControlError, match=r"hint image '.*missing.png' does not exist; give the path of a PNG"):
         load_hint_image(tmp_path / "missing.png")
     with pytest.raises(ControlError, match=r"the hint image is not an image Pillow can read .*PNG, JPEG or WebP"):
         load_hint_image(b"\x89PNG truncated")
