@@ -19,6 +19,10 @@ class LoraError(SourceError):
     """A LoRA file cannot be read, or does not fit the model it is applied to."""
 
 
+class ControlError(SdtrtError):
+    """A ControlNet input cannot be used (an unreadable, empty or unsupported hint image)."""
+
+
 class ExportError(SdtrtError):
     """Exporting a component to ONNX failed."""
 

@@ -29,6 +29,7 @@ OPTIONAL = [
     "ray",
     "peft",
     "tqdm",
+    "cv2",
 ]
 
 
