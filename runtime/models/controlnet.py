@@ -84,7 +84,7 @@ class ControlNetSource:
             "format": self.format,
             "path": str(self.path.resolve()),
             "sha256": self.sha256,
-            "config_dir": None if self.config_dir is None else str(self.config_dir.resolve()),
+            "config_dir": _config_record(self.config_dir),
             "allow_pickle": self.allow_pickle,
         }
 
@@ -100,12 +100,12 @@ def load_controlnet(
     """
     path = Path(source).expanduser()
     if path.is_dir():
-        config = _folder_config(path)
-        state, fmt, config_used = _folder_weights(path, allow_pickle), "diffusers_folder", None
-        sha256 = folder_hash(path)
+        config_used = None  # a diffusers folder carries its own config
+        config_file = path / "config.json"
+        config = _folder_config(path)  # first: a folder that is no ControlNet is named before weights are read
+        state, fmt = _folder_weights(path, allow_pickle), "diffusers_folder"
     elif path.is_file():
         state, fmt = _control_weights(read_state_dict(path, allow_pickle=allow_pickle), path)
-        sha256 = sha256_file(path)
     else:
         raise SourceError(
             f"ControlNet {str(path)!r} does not exist; expected a diffusers ControlNet folder (config.json and "
@@ -114,11 +114,11 @@ def load_controlnet(
     family, cross = controlnet_family(state, path)
     if fmt != "diffusers_folder":
         config_used = _config_folder(config_dir, family)
-        config = _read_config(config_used / "config.json")
+        config_file = config_used / "config.json"
+        config = _read_config(config_file)
     model = _build(config, path)
     names = _original_names(model) if fmt == "original_file" else {k: k for k in model.state_dict()}
-    where = path / "config.json" if config_used is None else config_used / "config.json"
-    _load_weights(model, state, names, path, where)
+    _load_weights(model, state, names, path, config_file, own_config=config_used is None)
     logger.info("loaded %s ControlNet %s (%s)", FAMILY_NAMES[family], path, fmt)
     return ControlNetSource(
         name=(path.resolve().name if path.is_dir() else path.stem),
@@ -126,7 +126,7 @@ def load_controlnet(
         cross_attention_dim=cross,
         model=model,
         path=path,
-        sha256=sha256,
+        sha256=folder_hash(path) if path.is_dir() else sha256_file(path),
         format=fmt,
         config_dir=config_used,
         allow_pickle=allow_pickle,
@@ -144,6 +144,14 @@ def reload_controlnet(source: Mapping[str, Any]) -> ControlNetSource:
             f"{source['sha256']}; export again from the file as it is now"
         )
     return loaded
+
+
+def _config_record(config_dir: Path | None) -> str | None:
+    # A shipped config is recorded by name, so the record holds wherever sdtrt is installed.
+    if config_dir is None:
+        return None
+    shipped = {shipped_config(name).resolve(): name for name in FAMILY_CONFIGS.values()}
+    return shipped.get(config_dir.resolve(), str(config_dir.resolve()))
 
 
 def controlnet_family(state: Mapping[str, torch.Tensor], file: Path | str = "ControlNet") -> tuple[str, int]:
@@ -318,14 +326,26 @@ def _original_names(model: ControlNetModel) -> dict[str, str]:
 
 
 def _load_weights(
-    model: ControlNetModel, state: Mapping[str, torch.Tensor], names: Mapping[str, str], file: Path, config: Path
+    model: ControlNetModel,
+    state: Mapping[str, torch.Tensor],
+    names: Mapping[str, str],
+    file: Path,
+    config: Path,
+    own_config: bool = False,
 ) -> None:
-    """Copy ``state`` (file names) into ``model`` (``names`` maps its keys to them) after checking names and shapes."""
+    """Copy ``state`` (file names) into ``model`` (``names`` maps its keys to them) after checking names and shapes.
+
+    ``own_config``: the config came with the weights (a diffusers folder), so no other config can be chosen.
+    """
     own = model.state_dict()
     wanted = {names[key]: key for key in own}
     missing = [name for name in wanted if name not in state]
     unknown = [name for name in state if name not in wanted]
-    fix = f"if its architecture differs from {config}, pass config_dir= a folder with its config.json"
+    fix = (
+        "the folder's config.json and weights come from different models; save the ControlNet again"
+        if own_config
+        else f"if its architecture differs from {config}, pass config_dir= a folder with its config.json"
+    )
     if missing or unknown:
         raise SourceError(
             f"{file}: the ControlNet weights do not fit {config}: {len(missing)} missing (e.g. "

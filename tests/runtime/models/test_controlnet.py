@@ -326,6 +326,19 @@ def test_folders_that_are_not_controlnets(tiny: object, tmp_path: Path) -> None:
         load_controlnet(tmp_path / "empty")
 
 
+def test_folder_whose_config_does_not_fit_its_weights(
+    files: dict[str, Path], controlnet_xl: torch.nn.Module, tmp_path: Path
+) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(
+        (files["folder"] / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    (folder / "config.json").write_text(controlnet_xl.to_json_string())
+    with pytest.raises(SourceError, match="unknown .*config.json and weights come from different models"):
+        load_controlnet(folder)
+
+
 def test_missing_and_unknown_keys_are_named(files: dict[str, Path], tmp_path: Path) -> None:
     state = safetensors_torch.load_file(files["original"])
     del state[CONTROL_PREFIX + "zero_convs.2.0.weight"]
