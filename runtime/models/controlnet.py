@@ -206,6 +206,11 @@ def check_controlnet_family(controlnet: ControlNetSource, model: ModelInfo | str
 
 def _control_weights(state: dict[str, torch.Tensor], file: Path) -> tuple[dict[str, torch.Tensor], str]:
     """(the ControlNet's weights, format) of a single file; a file that holds no ControlNet is named and refused."""
+    if "lora_controlnet" in state:  # Stability's Control-LoRA marks itself with this key
+        raise SourceError(
+            f"{file} is a Control-LoRA (low-rank ControlNet weights that patch the model's own UNet), which is not "
+            "supported; give a full ControlNet (a diffusers folder or a control_model.* .safetensors file)"
+        )
     if any(k.startswith(CONTROL_PREFIX) for k in state):
         # Some early ControlNet files carry a whole SD model beside it; only the ControlNet is read.
         control = {k[len(CONTROL_PREFIX) :]: v for k, v in state.items() if k.startswith(CONTROL_PREFIX)}

@@ -263,6 +263,34 @@ def test_shipped_configs_map_to_the_original_layout(name: str) -> None:
     assert family == {"controlnet-sd15": "sd1", "controlnet-sd21": "sd2", "controlnet-sdxl": "sdxl"}[name]
 
 
+# Names and shapes from lllyasviel's control_v11p_sd15_canny (340 tensors under control_model.).
+V11_CANNY = {
+    "time_embed.0.weight": (1280, 320),
+    "input_blocks.0.0.weight": (320, 4, 3, 3),
+    "input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
+    "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+    "input_blocks.11.0.out_layers.3.weight": (1280, 1280, 3, 3),
+    "zero_convs.4.0.weight": (640, 640, 1, 1),
+    "zero_convs.11.0.bias": (1280,),
+    "input_hint_block.0.weight": (16, 3, 3, 3),
+    "input_hint_block.8.weight": (96, 32, 3, 3),
+    "input_hint_block.12.weight": (256, 96, 3, 3),
+    "input_hint_block.14.weight": (320, 256, 3, 3),
+    "middle_block.1.transformer_blocks.0.ff.net.2.weight": (1280, 5120),
+    "middle_block.2.emb_layers.1.weight": (1280, 1280),
+    "middle_block_out.0.weight": (1280, 1280, 1, 1),
+}
+
+
+def test_shipped_sd15_config_gives_the_v11_file_layout() -> None:
+    config = json.loads((shipped_config("controlnet-sd15") / "config.json").read_text())
+    with torch.device("meta"):
+        model = diffusers.ControlNetModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    names = controlnet_to_original(model)
+    assert len(names) == 340
+    assert {k: tuple(names[k].shape) for k in V11_CANNY} == V11_CANNY
+
+
 @pytest.mark.parametrize("model_config", ["sd15", "sdxl"])
 def test_shipped_configs_fit_the_shipped_unets(model_config: str) -> None:
     # A ControlNet copies its UNet's encoder: the shipped ControlNet config must give the same weights.
@@ -306,6 +334,12 @@ def test_sd_checkpoint_is_not_a_controlnet(tiny: object, tmp_path: Path) -> None
     safetensors_torch.save_file({k: v.contiguous() for k, v in tiny.unet.state_dict().items()}, unet_file)
     with pytest.raises(SourceError, match="is not a ControlNet: it is a diffusers UNet's weights"):
         load_controlnet(unet_file)
+    control_lora = tmp_path / "control-lora-canny-rank128.safetensors"
+    safetensors_torch.save_file(
+        {"lora_controlnet": torch.zeros(1), "input_hint_block.0.weight": torch.zeros(1)}, control_lora
+    )
+    with pytest.raises(SourceError, match="is a Control-LoRA .* not supported; give a full ControlNet"):
+        load_controlnet(control_lora)
 
 
 def test_folders_that_are_not_controlnets(tiny: object, tmp_path: Path) -> None:
