@@ -22,7 +22,7 @@ import torch
 
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import SourceError
-from sdtrt.runtime.files import sha256_file
+from sdtrt.runtime.files import checkpoint_format, sha256_file
 from sdtrt.runtime.ldm_names import controlnet_key, layers_per_block
 from sdtrt.runtime.models.presets import shipped_config
 from sdtrt.runtime.models.single_file import read_state_dict, rename_weights, write_checkpoint
@@ -51,6 +51,16 @@ _FOLDER_WEIGHTS = (
 _SHARD_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
+@dataclass(frozen=True)
+class ControlNetShape:
+    """What a ControlNet's weight shapes say about the models it fits, known before it is built."""
+
+    name: str
+    family: str
+    cross_attention_dim: int
+    in_channels: int
+
+
 @dataclass(frozen=True, eq=False)
 class ControlNetSource:
     """A loaded ControlNet (fp32, eval mode, frozen, on the CPU) and where it came from.
@@ -68,6 +78,11 @@ class ControlNetSource:
     format: str
     config_dir: Path | None = None
     allow_pickle: bool = False
+
+    @property
+    def shape(self) -> ControlNetShape:
+        """The family facts ``check_controlnet_family`` compares."""
+        return ControlNetShape(self.name, self.family, self.cross_attention_dim, int(self.model.config.in_channels))
 
     @property
     def residual_count(self) -> int:
@@ -103,9 +118,9 @@ def load_controlnet(
         config_used = None  # a diffusers folder carries its own config
         config_file = path / "config.json"
         config = _folder_config(path)  # first: a folder that is no ControlNet is named before weights are read
-        state, fmt = _folder_weights(path, allow_pickle), "diffusers_folder"
+        state, fmt = _folder_tensors(path, allow_pickle), "diffusers_folder"
     elif path.is_file():
-        state, fmt = _control_weights(read_state_dict(path, allow_pickle=allow_pickle), path)
+        state, fmt = _control_weights(_file_tensors(path, allow_pickle), path)
     else:
         raise SourceError(
             f"ControlNet {str(path)!r} does not exist; expected a diffusers ControlNet folder (config.json and "
@@ -146,6 +161,24 @@ def reload_controlnet(source: Mapping[str, Any]) -> ControlNetSource:
     return loaded
 
 
+def peek_controlnet(source: str | os.PathLike[str], *, allow_pickle: bool = False) -> ControlNetShape:
+    """The family facts of a ControlNet folder or file, from a safetensors header alone (no weights are read), so
+    a command can refuse a ControlNet for another model before any work."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        _folder_config(path)
+        state, _ = _control_weights(_folder_tensors(path, allow_pickle, shapes_only=True), path)
+    elif path.is_file():
+        state, _ = _control_weights(_file_tensors(path, allow_pickle, shapes_only=True), path)
+    else:
+        raise SourceError(f"ControlNet {str(path)!r} does not exist; expected a ControlNet folder or file")
+    family, cross = controlnet_family(state, path)
+    conv_in = state.get("conv_in.weight", state.get("input_blocks.0.0.weight"))
+    if conv_in is None or conv_in.ndim != 4:
+        raise SourceError(f"{path}: the ControlNet has no input convolution (conv_in / input_blocks.0.0)")
+    return ControlNetShape(path.resolve().name if path.is_dir() else path.stem, family, cross, int(conv_in.shape[1]))
+
+
 def _config_record(config_dir: Path | None) -> str | None:
     # A shipped config is recorded by name, so the record holds wherever sdtrt is installed.
     if config_dir is None:
@@ -172,12 +205,13 @@ def controlnet_family(state: Mapping[str, torch.Tensor], file: Path | str = "Con
     return ("sd2" if cross == 1024 else "sd1"), cross
 
 
-def check_controlnet_family(controlnet: ControlNetSource, model: ModelInfo | str | Any) -> None:
+def check_controlnet_family(controlnet: ControlNetSource | ControlNetShape, model: ModelInfo | str | Any) -> None:
     """Refuse a ControlNet made for another model family or width than ``model``'s.
 
-    ``model`` is a ``ModelInfo``, a family name, or anything with a ``.model`` ``ModelInfo`` (a bundle, a
-    manifest).
+    ``controlnet`` is a loaded one or what ``peek_controlnet`` read; ``model`` is a ``ModelInfo``, a family name,
+    or anything with a ``.model`` ``ModelInfo`` (a bundle, a manifest).
     """
+    controlnet = controlnet.shape if isinstance(controlnet, ControlNetSource) else controlnet
     info = model if isinstance(model, ModelInfo) else getattr(model, "model", None)
     family = model if isinstance(model, str) else getattr(info, "family", None)
     if family not in FAMILY_NAMES:
@@ -191,11 +225,10 @@ def check_controlnet_family(controlnet: ControlNetSource, model: ModelInfo | str
         )
     if not isinstance(info, ModelInfo):
         return
-    config = controlnet.model.config
-    if controlnet.cross_attention_dim != info.context_width or config.in_channels != info.latent_channels:
+    if controlnet.cross_attention_dim != info.context_width or controlnet.in_channels != info.latent_channels:
         raise SourceError(
             f"ControlNet {controlnet.name} attends to {controlnet.cross_attention_dim}-wide text and takes "
-            f"{config.in_channels} latent channels, but the {theirs} model has {info.context_width} and "
+            f"{controlnet.in_channels} latent channels, but the {theirs} model has {info.context_width} and "
             f"{info.latent_channels}: it was made for another model; use a ControlNet trained for this one"
         )
 
@@ -259,21 +292,33 @@ def _folder_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _folder_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def _folder_tensors(folder: Path, allow_pickle: bool, shapes_only: bool = False) -> dict[str, torch.Tensor]:
     index = folder / _SHARD_INDEX
     if index.is_file():
         shards = sorted(set(_read_config(index).get("weight_map", {}).values()))
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            state.update(read_state_dict(folder / shard, allow_pickle=allow_pickle))
+            state.update(_file_tensors(folder / shard, allow_pickle, shapes_only))
         return state
     for name in _FOLDER_WEIGHTS:
         if (folder / name).is_file():
-            return read_state_dict(folder / name, allow_pickle=allow_pickle)
+            return _file_tensors(folder / name, allow_pickle, shapes_only)
     raise SourceError(
         f"ControlNet folder {str(folder)!r} has a config.json but no weights; expected one of "
         f"{', '.join(_FOLDER_WEIGHTS)}"
     )
+
+
+def _file_tensors(file: Path, allow_pickle: bool, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """A file's tensors; with ``shapes_only``, a safetensors file gives empty tensors of its header's shapes."""
+    if not shapes_only or checkpoint_format(file) != "safetensors":
+        return read_state_dict(file, allow_pickle=allow_pickle)
+    safetensors = require("safetensors", _FEATURE, "export")
+    try:
+        with safetensors.safe_open(str(file), framework="pt") as handle:
+            return {k: torch.empty(handle.get_slice(k).get_shape(), device="meta") for k in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error type for every kind of damage
+        raise SourceError(f"{file} is not a valid .safetensors file: {exc}") from exc
 
 
 def _config_folder(config_dir: str | os.PathLike[str] | None, family: str) -> Path:

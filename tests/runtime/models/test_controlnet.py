@@ -16,12 +16,14 @@ from sdtrt.runtime.errors import SourceError  # noqa: E402
 from sdtrt.runtime.models.controlnet import (  # noqa: E402
     CONTROL_PREFIX,
     TINY_HINT_CHANNELS,
+    ControlNetShape,
     ControlNetSource,
     check_controlnet_family,
     controlnet_family,
     controlnet_from_unet,
     controlnet_to_original,
     load_controlnet,
+    peek_controlnet,
     reload_controlnet,
     save_original_controlnet,
 )
@@ -228,6 +230,30 @@ def load_preset_info(name: str) -> object:
             diffusers.AutoencoderKL(**vae),
         )
     return model_info(*modules, scheduler)
+
+
+def test_peek_reads_the_family_from_the_header(
+    files: dict[str, Path], controlnet_xl: torch.nn.Module, tiny: object, tiny_xl: object, tmp_path: Path
+) -> None:
+    want = ControlNetShape("control_v11p_tiny_canny", "sd1", 32, 4)
+    assert (
+        peek_controlnet(files["original"])
+        == want
+        == load_controlnet(files["original"], config_dir=files["config"]).shape
+    )
+    assert peek_controlnet(files["bare"]).family == peek_controlnet(files["diffusers_file"]).family == "sd1"
+    assert peek_controlnet(files["folder"]) == ControlNetShape("control_tiny_folder", "sd1", 32, 4)
+    xl_file = save_original_controlnet(controlnet_xl, tmp_path / "control_xl.safetensors")
+    xl = peek_controlnet(xl_file)
+    assert xl == ControlNetShape("control_xl", "sdxl", 64, 4)
+    check_controlnet_family(xl, tiny_xl)
+    with pytest.raises(SourceError, match=r"control_xl: an SDXL ControlNet \(cross-attention 64\) on an SD 1.x model"):
+        check_controlnet_family(xl, tiny)
+    pickled = tmp_path / "control.pt"
+    torch.save(safetensors_torch.load_file(files["original"]), pickled)
+    with pytest.raises(SourceError, match="is a pickle checkpoint"):
+        peek_controlnet(pickled)
+    assert peek_controlnet(pickled, allow_pickle=True).family == "sd1"
 
 
 def test_family_from_shapes() -> None:
