@@ -15,6 +15,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from sdtrt.runtime.errors import SourceError  # noqa: E402
 from sdtrt.runtime.models.controlnet import (  # noqa: E402
     CONTROL_PREFIX,
+    FAMILY_CONFIGS,
     TINY_HINT_CHANNELS,
     ControlNetShape,
     ControlNetSource,
@@ -27,7 +28,12 @@ from sdtrt.runtime.models.controlnet import (  # noqa: E402
     reload_controlnet,
     save_original_controlnet,
 )
-from sdtrt.runtime.models.presets import load_preset, shipped_config  # noqa: E402
+from sdtrt.runtime.models.presets import (  # noqa: E402
+    SHIPPED_CONTROLNET_CONFIG_NAMES,
+    config_folder,
+    load_preset,
+    shipped_config,
+)
 from sdtrt.runtime.models.single_file import save_original_checkpoint  # noqa: E402
 
 
@@ -306,6 +312,14 @@ V11_CANNY = {
     "middle_block.2.emb_layers.1.weight": (1280, 1280),
     "middle_block_out.0.weight": (1280, 1280, 1, 1),
 }
+
+
+def test_shipped_controlnet_configs_are_not_model_configs() -> None:
+    assert set(SHIPPED_CONTROLNET_CONFIG_NAMES) == set(FAMILY_CONFIGS.values())
+    for name in SHIPPED_CONTROLNET_CONFIG_NAMES:
+        assert (shipped_config(name) / "config.json").is_file()
+    with pytest.raises(SourceError, match="neither a shipped config"):
+        config_folder("controlnet-sd15", "sd15")  # a model's --config-dir needs a whole pipeline folder
 
 
 def test_shipped_sd15_config_gives_the_v11_file_layout() -> None:
