@@ -1,9 +1,10 @@
 """diffusers module names -> the original LDM / SGM checkpoint names (``input_blocks.1.1...``, ``label_emb``).
 
-A1111 and ComfyUI checkpoints and kohya LoRAs name UNet and VAE weights after the original ``openaimodel`` /
-``autoencoder`` modules. The single-file converters write weights under these names, and LoRA reads files that use
-them; both go through the mapping here. Every name is derived from the diffusers key and the model's config (the
-layer count per block, and which up blocks carry attention), so any SD 1.x / SDXL-shaped model maps.
+A1111 and ComfyUI checkpoints, ControlNet files and kohya LoRAs name UNet, ControlNet and VAE weights after the
+original ``openaimodel`` / ``cldm`` / ``autoencoder`` modules. The single-file converters write weights under these
+names, and LoRA reads files that use them; both go through the mapping here. Every name is derived from the
+diffusers key and the model's config (the layer count per block, and which up blocks carry attention), so any
+SD 1.x / SDXL-shaped model maps.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ UNET_FIXED = {
 }
 # SDXL's size/crop conditioning: the only UNet modules SGM adds to the LDM layout.
 UNET_ADDITION = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+# The ControlNet's own modules (the rest is a copy of the UNet's encoder and middle block, named as in the UNet):
+# the zero convolution after the middle block, and its hint encoder's first convolution. The hint encoder is one
+# LDM ``nn.Sequential`` of convolutions with an activation between each, so diffusers' ``blocks.N`` sit at even
+# indices and ``conv_out`` after the last of them.
+CONTROLNET_FIXED = {
+    "controlnet_mid_block": "middle_block_out.0",
+    "controlnet_cond_embedding.conv_in": "input_hint_block.0",
+}
 VAE_RESNET = {
     "norm1": "norm1",
     "conv1": "conv1",
@@ -93,6 +102,26 @@ def unet_key(key: str, per_block: int, attention_ups: set[int]) -> str | None:
 def sgm_unet_key(key: str, per_block: int, attention_ups: set[int]) -> str | None:
     """A diffusers UNet key under its SGM (SDXL) name: the LDM name, or ``label_emb`` for the added embedding."""
     return child_name(UNET_ADDITION, key) or unet_key(key, per_block, attention_ups)
+
+
+def controlnet_key(key: str, per_block: int, hint_blocks: int) -> str | None:
+    """A diffusers ``ControlNetModel`` key under its original name (without the ``control_model.`` prefix), or None.
+
+    ``hint_blocks`` is the number of hint-encoder ``blocks`` between its ``conv_in`` and ``conv_out``.
+    """
+    fixed = child_name(CONTROLNET_FIXED, key)
+    if fixed is not None:
+        return fixed
+    if m := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)\.(weight|bias)", key):
+        return f"input_hint_block.{2 * (int(m[1]) + 1)}.{m[2]}"
+    if m := re.fullmatch(r"controlnet_cond_embedding\.conv_out\.(weight|bias)", key):
+        return f"input_hint_block.{2 * (hint_blocks + 1)}.{m[1]}"
+    if m := re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(weight|bias)", key):
+        return f"zero_convs.{m[1]}.0.{m[2]}"
+    if key.startswith(("controlnet_", "up_blocks.")):
+        return None
+    # A ControlNet has no up blocks, so no upsampler needs the attention levels.
+    return sgm_unet_key(key, per_block, set())
 
 
 def _unet_layer(block: str, kind: str, rest: str, slot: bool = True) -> str | None:

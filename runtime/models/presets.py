@@ -37,6 +37,9 @@ PRESETS = ("tiny", "tiny-xl", "shapes", "sd15-random", "sdxl-random")
 PRESET_SEED = 0
 # sdxl-turbo holds the same tensors as sdxl base; only its config says 512 px and one-step sampling.
 SHIPPED_CONFIG_NAMES = ("sd15", "sdxl", "sdxl-turbo")
+# One ControlNet config.json each, for ControlNet files of that family that carry no config. Kept apart from the
+# model configs above, which are whole diffusers pipeline folders (a model's --config-dir cannot be one of these).
+SHIPPED_CONTROLNET_CONFIG_NAMES = ("controlnet-sd15", "controlnet-sd21", "controlnet-sdxl")
 _CONFIGS_DIR = Path(__file__).parent / "configs"
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -117,9 +120,11 @@ PRESET_GUIDANCE: dict[str, float] = {"shapes": 2.0}
 
 
 def shipped_config(name: str) -> Path:
-    """The diffusers-layout config folder shipped as ``name`` (one of ``SHIPPED_CONFIG_NAMES``)."""
-    if name not in SHIPPED_CONFIG_NAMES:
-        raise SourceError(f"no shipped config {name!r}; the shipped configs are {', '.join(SHIPPED_CONFIG_NAMES)}")
+    """The diffusers-layout config folder shipped as ``name`` (in ``SHIPPED_CONFIG_NAMES`` or
+    ``SHIPPED_CONTROLNET_CONFIG_NAMES``)."""
+    if name not in SHIPPED_CONFIG_NAMES + SHIPPED_CONTROLNET_CONFIG_NAMES:
+        names = ", ".join(SHIPPED_CONFIG_NAMES + SHIPPED_CONTROLNET_CONFIG_NAMES)
+        raise SourceError(f"no shipped config {name!r}; the shipped configs are {names}")
     return _CONFIGS_DIR / name
 
 
