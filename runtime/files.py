@@ -1,17 +1,18 @@
-"""Files on disk: atomic writes (a killed process never leaves a file that loads as valid), sha256, and whether a
-weights file is safetensors or pickle, judged by its first bytes."""
+"""Files on disk: atomic writes (a killed process never leaves a file that loads as valid), sha256, JSON config
+files, and whether a weights file is safetensors or pickle, judged by its first bytes."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from sdtrt.runtime.errors import SourceError
 
@@ -111,3 +112,17 @@ def checkpoint_format(path: str | os.PathLike[str]) -> Literal["safetensors", "p
         f"{file} is {found}; expected a .safetensors checkpoint (8-byte header length, then a JSON header) "
         "or a PyTorch pickle checkpoint (.ckpt/.pt, as torch.save writes it)"
     )
+
+
+def read_json_object(path: Path, missing: str = "") -> dict[str, Any]:
+    """The JSON object in ``path``; SourceError for a missing file (``missing`` says what should be there), invalid
+    JSON or anything but an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SourceError(f"missing {str(path)!r}" + (f"; {missing}" if missing else "")) from exc
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{str(path)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SourceError(f"{str(path)!r} must hold a JSON object")
+    return data

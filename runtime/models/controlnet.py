@@ -10,7 +10,6 @@ and shape, before anything is loaded, and the original layout is written back by
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ import torch
 
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import SourceError
-from sdtrt.runtime.files import checkpoint_format, sha256_file
+from sdtrt.runtime.files import checkpoint_format, read_json_object, sha256_file
 from sdtrt.runtime.ldm_names import controlnet_key, layers_per_block
 from sdtrt.runtime.models.presets import shipped_config
 from sdtrt.runtime.models.single_file import read_state_dict, rename_weights, write_checkpoint
@@ -130,7 +129,7 @@ def load_controlnet(
     if fmt != "diffusers_folder":
         config_used = _config_folder(config_dir, family)
         config_file = config_used / "config.json"
-        config = _read_config(config_file)
+        config = read_json_object(config_file, "a diffusers ControlNet folder has config.json")
     model = _build(config, path)
     names = _original_names(model) if fmt == "original_file" else {k: k for k in model.state_dict()}
     _load_weights(model, state, names, path, config_file, own_config=config_used is None)
@@ -282,7 +281,7 @@ def _folder_config(folder: Path) -> dict[str, Any]:
         raise SourceError(
             f"{str(folder)!r} is a diffusers pipeline folder (model_index.json), not a ControlNet folder; give{hint}"
         )
-    config = _read_config(folder / "config.json")
+    config = read_json_object(folder / "config.json", "a diffusers ControlNet folder has config.json")
     kind = config.get("_class_name", "ControlNetModel")
     if kind != "ControlNetModel":
         raise SourceError(
@@ -295,7 +294,7 @@ def _folder_config(folder: Path) -> dict[str, Any]:
 def _folder_tensors(folder: Path, allow_pickle: bool, shapes_only: bool = False) -> dict[str, torch.Tensor]:
     index = folder / _SHARD_INDEX
     if index.is_file():
-        shards = sorted(set(_read_config(index).get("weight_map", {}).values()))
+        shards = sorted(set(read_json_object(index).get("weight_map", {}).values()))
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
             state.update(_file_tensors(folder / shard, allow_pickle, shapes_only))
@@ -334,18 +333,6 @@ def _config_folder(config_dir: str | os.PathLike[str] | None, family: str) -> Pa
             "nor a folder with a config.json; give one of those (save_pretrained writes such a folder)"
         )
     return folder
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise SourceError(f"missing {str(path)!r}; a diffusers ControlNet folder has config.json") from exc
-    except json.JSONDecodeError as exc:
-        raise SourceError(f"{str(path)!r} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise SourceError(f"{str(path)!r} must hold a JSON object")
-    return data
 
 
 def _build(config: Mapping[str, Any], file: Path) -> ControlNetModel:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import SourceError
-from sdtrt.runtime.files import checkpoint_format, sha256_file
+from sdtrt.runtime.files import checkpoint_format, read_json_object, sha256_file
 from sdtrt.runtime.models.bundle import ModelBundle, bundle_from_modules
 from sdtrt.runtime.models.presets import PRESETS, config_folder, load_preset, preset_configs, shipped_config
 
@@ -73,7 +72,7 @@ def load_diffusers_folder(folder: Path, *, allow_pickle: bool = False) -> ModelB
         text_encoder,
         unet,
         vae,
-        _read_json(folder / "scheduler" / "scheduler_config.json"),
+        read_json_object(folder / "scheduler" / "scheduler_config.json"),
         source,
         text_encoder_2=text_encoder_2,
         pipeline_config=index,
@@ -91,7 +90,7 @@ def _check_diffusers_folder(folder: Path) -> tuple[dict[str, Any], bool]:
             f"{str(folder)!r} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}. "
             "Expected model_index.json and the subfolders " + ", ".join(DIFFUSERS_PARTS)
         )
-    index = _read_json(folder / "model_index.json")
+    index = read_json_object(folder / "model_index.json")
     xl = "text_encoder_2" in index or (folder / "text_encoder_2").is_dir()
     if xl:
         lacking = [p for p in XL_PARTS if not (folder / p).is_dir()]
@@ -150,8 +149,8 @@ def load_checkpoint(path: Path, *, allow_pickle: bool = False, config_dir: str |
         text_encoder, unet, vae = load_single_file(path, config_dir=config, allow_pickle=allow_pickle)
     # A config folder may describe only the networks; the scheduler and model index then come from the shipped one.
     scheduler_file, index_file = "scheduler/scheduler_config.json", "model_index.json"
-    scheduler = _read_json(_own_or_shipped(config, scheduler_file, shipped))
-    index = _read_json(_own_or_shipped(config, index_file, shipped))
+    scheduler = read_json_object(_own_or_shipped(config, scheduler_file, shipped))
+    index = read_json_object(_own_or_shipped(config, index_file, shipped))
     source = {
         "kind": "single_file",
         "path": str(path.resolve()),
@@ -217,18 +216,6 @@ def folder_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise SourceError(f"missing {str(path)!r}") from exc
-    except json.JSONDecodeError as exc:
-        raise SourceError(f"{str(path)!r} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise SourceError(f"{str(path)!r} must hold a JSON object")
-    return data
-
-
 def native_size(source: str, config_dir: str | Path | None = None) -> int:
     """The image side ``source`` was trained at (UNet sample size x VAE factor), read from configs alone.
 
@@ -239,14 +226,14 @@ def native_size(source: str, config_dir: str | Path | None = None) -> int:
     if source in PRESETS and not (path / "model_index.json").is_file():
         _, unet, vae, _ = preset_configs(source)
     elif path.is_dir():
-        unet = _read_json(path / "unet" / "config.json")
-        vae = _read_json(path / "vae" / "config.json")
+        unet = read_json_object(path / "unet" / "config.json")
+        vae = read_json_object(path / "vae" / "config.json")
     elif path.is_file():
         # Only a safetensors header is read here; a pickle file is not opened before the user allows it.
         xl = checkpoint_format(path) == "safetensors" and _is_sdxl_checkpoint(path, allow_pickle=False)
         folder = config_folder(config_dir, "sdxl" if xl else "sd15")
-        unet = _read_json(folder / "unet" / "config.json")
-        vae = _read_json(folder / "vae" / "config.json")
+        unet = read_json_object(folder / "unet" / "config.json")
+        vae = read_json_object(folder / "vae" / "config.json")
     else:
         return 512
     sample = unet.get("sample_size") or 64
