@@ -4,7 +4,7 @@ pipe = Pipeline.from_artifacts("out/sd15", backend="onnxruntime")
 result = pipe("a photo of a cat", steps=30, guidance_scale=7.5, seed=1)
 result.images[0].save("cat.png")
 
-The pipeline is a recipe over stages that can also be called on their own: ``request.request_for_call`` (validate
+The pipeline is a recipe over stages that can also be called on their own: ``request.make_request`` (validate
 and expand the arguments), ``encode_text``, ``prepare_latents``, ``denoise`` and ``decode_latents``; ``__call__``
 runs them in that order. SDXL artifacts are conditioned as diffusers' ``StableDiffusionXLPipeline`` conditions
 them: both text encoders' penultimate hidden states side by side, the second encoder's pooled embedding, and the
@@ -31,7 +31,7 @@ from sdtrt.runtime.errors import ArtifactError, BackendError, ConfigError, Numer
 from sdtrt.runtime.images import from_pil, latents_to_rgb, to_pil
 from sdtrt.runtime.manifest import Manifest, read_manifest, resolve_file
 from sdtrt.runtime.prompts import PromptTokenizer
-from sdtrt.runtime.request import LoraSetting, Request, Settings, request_for_call
+from sdtrt.runtime.request import LoraSetting, Request, Settings, make_request
 from sdtrt.runtime.schedulers import SchedulerConfig, add_noise, default_sampler, get_scheduler
 from sdtrt.runtime.specs import COMPONENTS, required_components
 from sdtrt.runtime.timing import StageClock, StageTimes
@@ -256,7 +256,7 @@ class Pipeline:
         (``force_zeros_for_empty_prompt``), as diffusers does; an explicit ``""`` is encoded like any prompt.
         """
         start_time = time.perf_counter()
-        req = request_for_call(
+        req = make_request(
             self.manifest,
             self.default_scheduler,
             self.engines,

@@ -137,56 +137,6 @@ def make_request(
     default_scheduler: str,
     components: Collection[str],
     prompt: str | list[str],
-    negative_prompt: str | list[str] | None,
-    *,
-    steps: int,
-    guidance_scale: float,
-    seed: int | Sequence[int] | None,
-    height: int | None,
-    width: int | None,
-    scheduler: str | None,
-    num_images: int,
-    strength: float | None,
-    conditioning: tuple[Pair | None, Pair, Pair | None],
-) -> Request:
-    """Validate a call's arguments for ``manifest``'s model and expand them to one entry per image.
-
-    ``components`` are the engines open (img2img needs a VAE encoder); ``strength`` is given for img2img only;
-    ``conditioning`` is SDXL's (original_size, crops_coords_top_left, target_size), refused for other families.
-    """
-    prompts, negatives = expand_prompts(prompt, negative_prompt, num_images)
-    name = scheduler or default_scheduler
-    _check_arguments(steps, guidance_scale, name)
-    height, width = image_size(manifest, height, width, len(prompts))
-    first = start_index(steps, strength) if strength is not None else 0
-    if strength is not None:
-        require_vae_encoder(components)
-    model = manifest.model
-    shape = (len(prompts), model.latent_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
-    seeds = seeds_per_image(seed, len(prompts))
-    zero, time_ids = micro_conditioning(model, height, width, negative_prompt is None, *conditioning)
-    return Request(
-        prompts,
-        negatives,
-        height,
-        width,
-        name,
-        steps,
-        first,
-        seeds,
-        guidance_scale,
-        shape,
-        strength,
-        zero,
-        time_ids,
-    )
-
-
-def request_for_call(
-    manifest: Manifest,
-    default_scheduler: str,
-    components: Collection[str],
-    prompt: str | list[str],
     negative_prompt: str | list[str] | None = None,
     *,
     steps: int,
@@ -202,23 +152,29 @@ def request_for_call(
     crops_coords_top_left: Pair = (0, 0),
     target_size: Pair | None = None,
 ) -> Request:
-    """The request of a ``Pipeline.__call__`` with these arguments (its names): ``strength`` counts for img2img
-    only (an ``image`` given), the SDXL micro-conditioning is gathered, everything is validated."""
-    return make_request(
-        manifest,
-        default_scheduler,
-        components,
-        prompt,
-        negative_prompt,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        seed=seed,
-        height=height,
-        width=width,
-        scheduler=scheduler,
-        num_images=num_images,
-        strength=strength if image is not None else None,
-        conditioning=(original_size, crops_coords_top_left, target_size),
+    """Validate a ``Pipeline.__call__``'s arguments (its names) for ``manifest``'s model and expand them to one
+    entry per image.
+
+    ``components`` are the engines open (img2img needs a VAE encoder); ``strength`` counts for img2img only (an
+    ``image`` given); the micro-conditioning (``original_size``, ``crops_coords_top_left``, ``target_size``) is
+    SDXL's, refused for other families.
+    """
+    prompts, negatives = expand_prompts(prompt, negative_prompt, num_images)
+    name = scheduler or default_scheduler
+    _check_arguments(steps, guidance_scale, name)
+    height, width = image_size(manifest, height, width, len(prompts))
+    img2img = strength if image is not None else None
+    first = start_index(steps, strength) if img2img is not None else 0
+    if img2img is not None:
+        require_vae_encoder(components)
+    model = manifest.model
+    shape = (len(prompts), model.latent_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
+    seeds = seeds_per_image(seed, len(prompts))
+    zero, time_ids = micro_conditioning(
+        model, height, width, negative_prompt is None, original_size, crops_coords_top_left, target_size
+    )
+    return Request(
+        prompts, negatives, height, width, name, steps, first, seeds, guidance_scale, shape, img2img, zero, time_ids
     )
 
 
@@ -226,7 +182,7 @@ def check_request(manifest: Manifest, prompt: str | list[str], *args: Any, **cal
     """Raise what ``Pipeline.__call__`` would for these arguments (its names) on ``manifest``'s artifact, with no
     engine open, so a front end refuses a bad call before loading anything. The components are the artifact's."""
     # A scheduler left out is the model's own sampler, valid by construction: any valid name stands in for it.
-    request_for_call(manifest, SCHEDULER_NAMES[0], manifest.components, prompt, *args, **call)
+    make_request(manifest, SCHEDULER_NAMES[0], manifest.components, prompt, *args, **call)
 
 
 def expand_prompts(
