@@ -17,7 +17,7 @@ from sdtrt.runtime.manifest import Manifest, read_manifest
 from sdtrt.runtime.models.bundle import ModelBundle
 from sdtrt.runtime.models.wrappers import wrap
 from sdtrt.runtime.progress import Progress
-from sdtrt.runtime.specs import ComponentSpec, ModelInfo, component_specs
+from sdtrt.runtime.specs import ComponentSpec, ModelInfo, component_specs, resolve_dim
 from sdtrt.runtime.verify import verify_files
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def make_inputs(
     g = torch.Generator().manual_seed(seed)
     feeds: dict[str, torch.Tensor] = {}
     for tensor in spec.inputs:
-        shape = [d if isinstance(d, int) else dims[d] for d in tensor.shape]
+        shape = [resolve_dim(d, dims) for d in tensor.shape]
         if tensor.name == "input_ids":
             ids = torch.full(shape, 49407, dtype=torch.int32)
             for row in range(shape[0]):

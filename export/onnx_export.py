@@ -38,6 +38,7 @@ from sdtrt.runtime.specs import (
     check_profile_fits,
     component_specs,
     model_components,
+    resolve_dim,
     shape_ranges,
 )
 
@@ -107,7 +108,7 @@ def sample_inputs(
     generator = torch.Generator().manual_seed(0)
     tensors = []
     for tensor in spec.inputs:
-        shape = [d if isinstance(d, int) else sizes[d] for d in tensor.shape]
+        shape = [resolve_dim(d, sizes) for d in tensor.shape]
         dtype = tensor.concrete_dtype(precision)
         if dtype == "int32":
             tensors.append(torch.randint(0, 49406, shape, generator=generator, dtype=torch.int32))

@@ -19,6 +19,7 @@ crop top-left, target size).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sdtrt.runtime.errors import ShapeError
@@ -53,8 +54,13 @@ class ModelInfo:
     force_zeros_for_empty_prompt: bool = False
     # The image side the model was trained at (UNet sample size x VAE factor); 0 when unknown.
     native_size: int = 0
+    # The ControlNet residuals the exported UNet adds, in the order ControlNets give them: (channels, latent
+    # downscale) of each down-block output, then the middle block's. Empty: the UNet takes no ControlNet inputs.
+    control_residuals: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
+        # JSON gives lists; keep the frozen dataclass hashable and comparable
+        object.__setattr__(self, "control_residuals", tuple((int(c), int(f)) for c, f in self.control_residuals))
         if self.family not in FAMILIES:
             raise ShapeError(f"model family must be one of {FAMILIES}, got {self.family!r}")
         if self.prediction_type not in PREDICTION_TYPES:
@@ -81,6 +87,11 @@ class ModelInfo:
     def text_output(self) -> str:
         """The text encoders' per-token output: SDXL conditions on the penultimate layer, SD 1.x/2.x on the last."""
         return "penultimate_hidden_state" if self.family == "sdxl" else "last_hidden_state"
+
+    @property
+    def control_ready(self) -> bool:
+        """Whether the UNet takes ControlNet residuals as inputs (artifacts exported without them do not)."""
+        return bool(self.control_residuals)
 
     @property
     def size_multiple(self) -> int:
@@ -121,6 +132,45 @@ class ComponentSpec:
 
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+# ControlNets are components too, one per ControlNet, named ``controlnet_<name>`` in a manifest.
+CONTROLNET_PREFIX = "controlnet_"
+CONTROL_MID = "control_mid"
+
+
+def control_input_names(model: ModelInfo) -> tuple[str, ...]:
+    """The UNet's ControlNet inputs (and a ControlNet's outputs), in order: ``control_down_<k>``, then the middle
+    block's ``control_mid``; empty for a UNet that takes no residuals."""
+    count = len(model.control_residuals)
+    return (*(f"control_down_{k}" for k in range(count - 1)), CONTROL_MID) if count else ()
+
+
+def residual_layout(
+    block_out_channels: Sequence[int], layers_per_block: int | Sequence[int], down_blocks: int | None = None
+) -> tuple[tuple[int, int], ...]:
+    """(channels, latent downscale) of each residual a ControlNet adds to a diffusers UNet of this shape.
+
+    One per down-block output: the input convolution, every resnet of every down block, every downsampler
+    (all blocks but the last have one); then the middle block. 12 + 1 for SD 1.x/2.x, 9 + 1 for SDXL.
+    """
+    channels = list(block_out_channels)
+    blocks = down_blocks if down_blocks is not None else len(channels)
+    layers = [layers_per_block] * blocks if isinstance(layers_per_block, int) else list(layers_per_block)
+    layout = [(channels[0], 1)]
+    for i in range(blocks):
+        layout += [(channels[i], 2**i)] * int(layers[i])
+        if i < blocks - 1:
+            layout.append((channels[i], 2 ** (i + 1)))
+    layout.append((channels[blocks - 1], 2 ** (blocks - 1)))
+    return tuple(layout)
+
+
+def controlnet_component(name: str) -> str:
+    """The manifest component that holds the ControlNet called ``name``."""
+    return f"{CONTROLNET_PREFIX}{name}"
+
+
+def is_controlnet(component: str) -> bool:
+    return component.startswith(CONTROLNET_PREFIX)
 
 
 def model_components(model: ModelInfo) -> tuple[str, ...]:
@@ -145,6 +195,7 @@ def component_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
         unet_inputs.append(TensorSpec("text_embeds", FLOAT, ("unet_batch", model.add_text_embeds_width)))
     if model.add_time_ids:
         unet_inputs.append(TensorSpec("time_ids", FLOAT, ("unet_batch", model.add_time_ids)))
+    residuals = _residual_tensors(model)
     ids = (TensorSpec("input_ids", "int32", ("text_batch", TEXT_WINDOW)),)
     specs = {
         "text_encoder": ComponentSpec(
@@ -167,7 +218,7 @@ def component_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
         ),
         "unet": ComponentSpec(
             "unet",
-            inputs=tuple(unet_inputs),
+            inputs=(*unet_inputs, *residuals),
             outputs=(TensorSpec("noise_pred", FLOAT, ("unet_batch", c, "latent_height", "latent_width")),),
             description="UNet: noisy latents, timestep, text vectors -> model prediction",
             fp32_inputs=("timestep",),
@@ -189,6 +240,52 @@ def component_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
         ),
     }
     return {name: specs[name] for name in model_components(model)}
+
+
+def _residual_tensors(model: ModelInfo) -> tuple[TensorSpec, ...]:
+    """The UNet's ControlNet residual inputs: per-row feature maps at 1/downscale of the latent size."""
+    tensors = []
+    for name, (channels, factor) in zip(control_input_names(model), model.control_residuals, strict=True):
+        suffix = f"/{factor}" if factor > 1 else ""
+        h, w = f"latent_height{suffix}", f"latent_width{suffix}"
+        tensors.append(TensorSpec(name, FLOAT, ("unet_batch", channels, h, w)))
+    return tuple(tensors)
+
+
+def controlnet_spec(model: ModelInfo, component: str) -> ComponentSpec:
+    """A ControlNet component of ``model``: the UNet's own inputs (without residuals) and the hint in, the
+    residuals the UNet takes out (unscaled: the runtime scales them per step)."""
+    if not model.control_ready:
+        raise ShapeError("this model's UNet takes no ControlNet residuals, so it can have no ControlNet components")
+    unet = component_specs(model)["unet"]
+    residual_names = set(control_input_names(model))
+    inputs = [t for t in unet.inputs if t.name not in residual_names]
+    inputs.append(TensorSpec("controlnet_cond", FLOAT, ("unet_batch", 3, "height", "width")))
+    return ComponentSpec(
+        component,
+        inputs=tuple(inputs),
+        outputs=_residual_tensors(model),
+        description="ControlNet: the UNet's inputs and a hint image -> residuals for the UNet",
+        fp32_inputs=("timestep",),
+    )
+
+
+def component_spec(model: ModelInfo, component: str) -> ComponentSpec:
+    """The spec of any component of ``model``: a network of ``COMPONENTS`` or a ``controlnet_<name>``."""
+    if is_controlnet(component):
+        return controlnet_spec(model, component)
+    specs = component_specs(model)
+    if component not in specs:
+        raise KeyError(component)
+    return specs[component]
+
+
+def resolve_dim(dim: str | int, sizes: Mapping[str, int]) -> int:
+    """A concrete size for ``dim``: an int, a symbol of ``sizes``, or ``symbol/k`` (that size divided by k)."""
+    if isinstance(dim, int):
+        return dim
+    base, _, factor = dim.partition("/")
+    return sizes[base] // int(factor) if factor else sizes[base]
 
 
 Range = tuple[int, int, int]
@@ -221,7 +318,8 @@ def shape_ranges(
     for tensor in spec.inputs:
         triple = []
         for which in range(3):
-            triple.append(tuple(d if isinstance(d, int) else dims[d][which] for d in tensor.shape))
+            sizes = {name: values[which] for name, values in dims.items()}
+            triple.append(tuple(resolve_dim(d, sizes) for d in tensor.shape))
         result[tensor.name] = (triple[0], triple[1], triple[2])
     return result
 

@@ -559,6 +559,10 @@ class _Context:
             "latent_height": lambda: bound["height"] // SCALE,
             "latent_width": lambda: bound["width"] // SCALE,
         }
+        for want in self.engine.tensors[name]["shape"]:
+            if isinstance(want, str) and "/" in want:  # a ControlNet residual: latent side / downscale
+                base, _, factor = want.partition("/")
+                derived[want] = lambda base=base, factor=factor: bound[base] // int(factor)
         shape = [
             d if isinstance(d, int) else bound[d] if d in bound else derived[d]()
             for d in self.engine.tensors[name]["shape"]

@@ -116,6 +116,9 @@ def resolve_shape(shape: Sequence[str | int], dims: Mapping[str, int], scale_fac
             result.append(dim)
         elif dim in dims:
             result.append(dims[dim])
+        elif "/" in dim and dim.partition("/")[0] in dims:  # a ControlNet residual: latent side / downscale
+            base, _, factor = dim.partition("/")
+            result.append(dims[base] // int(factor))
         elif dim in DERIVED_DIMS and DERIVED_DIMS[dim][0] in dims:
             base, upscale = DERIVED_DIMS[dim]
             value = dims[base]
