@@ -13,7 +13,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from sdtrt.runtime.specs import (
     TensorSpec,
     check_profile_fits,
     component_specs,
+    controlnet_component,
+    controlnet_spec,
     model_components,
     resolve_dim,
     shape_ranges,
@@ -70,6 +72,9 @@ class ExportOptions:
     components: tuple[str, ...] = COMPONENTS
     opset: int = DEFAULT_OPSET
     vae_precision: str = "auto"
+    # The UNet takes ControlNet residuals (zeros when no ControlNet runs): ControlNets can be added later
+    # without a new UNet. False gives the plain UNet of older artifacts.
+    control_ready: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "fp16"):
@@ -161,7 +166,7 @@ def export_component(
     lora = name in LORA_COMPONENTS
     with tempfile.TemporaryDirectory(prefix=f"sdtrt-{name}-", dir=folder) as tmp:
         raw = Path(tmp) / spec.file_name
-        _trace_to_onnx(wrap(name, module, bundle.model.family), spec, raw, bundle.model, options, precision)
+        trace_to_onnx(wrap(name, module, bundle.model.family), spec, raw, bundle.model, options, precision)
         digests = target_digests(module) if lora else {}
         config = module_config(module) if lora else None
         del module
@@ -172,22 +177,35 @@ def export_component(
     if lora:  # before saving: saving with external data moves the weights out of the in-memory graph
         extra = {"lora_map": lora_map(digests, graph), "module_config": config}
     del digests
+    return save_component(graph, spec, folder, bundle.model, options, precision, extra)
+
+
+def save_component(
+    graph: Any,
+    spec: ComponentSpec,
+    folder: Path,
+    model: ModelInfo,
+    options: ExportOptions,
+    precision: str,
+    extra: dict[str, Any] | None = None,
+) -> ComponentEntry:
+    """Write the cleaned ONNX ``graph`` of ``spec`` into ``folder`` and describe it for the manifest."""
     onnx_file, data_file = save_model(graph, folder / spec.file_name)
     return ComponentEntry(
         file=onnx_file.name,
         sha256=sha256_file(onnx_file),
         precision=precision,
-        inputs=_tensor_entries(spec.inputs, precision),
-        outputs=_tensor_entries(spec.outputs, precision),
-        shapes=_profile_shapes(spec, options.profile, bundle.model),
+        inputs=tensor_entries(spec.inputs, precision),
+        outputs=tensor_entries(spec.outputs, precision),
+        shapes=profile_shapes(spec, options.profile, model),
         opset=options.opset,
         data_file=data_file.name if data_file else None,
         data_sha256=sha256_file(data_file) if data_file else None,
-        extra=extra,
+        extra=extra or {},
     )
 
 
-def _trace_to_onnx(
+def trace_to_onnx(
     wrapper: torch.nn.Module, spec: ComponentSpec, raw: Path, model: ModelInfo, options: ExportOptions, precision: str
 ) -> None:
     """Write the traced graph of ``wrapper`` to ``raw``, with the symbolic dimensions ``spec`` names."""
@@ -208,11 +226,11 @@ def _trace_to_onnx(
         raise ExportError(f"exporting {spec.name} to ONNX failed: {exc}") from exc
 
 
-def _tensor_entries(tensors: tuple[TensorSpec, ...], precision: str) -> tuple[TensorEntry, ...]:
+def tensor_entries(tensors: tuple[TensorSpec, ...], precision: str) -> tuple[TensorEntry, ...]:
     return tuple(TensorEntry(t.name, t.concrete_dtype(precision), t.shape) for t in tensors)
 
 
-def _profile_shapes(spec: ComponentSpec, profile: ShapeProfile, model: ModelInfo) -> dict[str, dict[str, list[int]]]:
+def profile_shapes(spec: ComponentSpec, profile: ShapeProfile, model: ModelInfo) -> dict[str, dict[str, list[int]]]:
     """The min/opt/max shape of each input of ``spec`` under ``profile``, as the manifest records them."""
     return {
         key: {"min": list(lo), "opt": list(opt), "max": list(hi)}
@@ -258,15 +276,23 @@ def export_artifacts(
     options: ExportOptions,
     progress: Progress | None = None,
     consume: bool = False,
+    controlnets: Sequence[tuple[str, Any]] = (),
 ) -> Manifest:
     """Export the chosen components of ``bundle`` into the artifact folder ``out``.
 
     ``consume=True`` lets fp16 export convert the bundle's modules in place (less memory; the bundle must
-    not be used afterwards as an fp32 reference).
+    not be used afterwards as an fp32 reference). ``controlnets`` are (name, ``ControlNetSource``) pairs, checked
+    against the model (``export.controlnet.load_controlnets``), exported as components ``controlnet_<name>``.
 
     The folder appears under its final name only when every file and the manifest are written.
     """
+    from .controlnet import export_controlnets
+
     out = Path(out)
+    if not options.control_ready:
+        if controlnets:
+            raise ExportError("ControlNets need a UNet that takes their residuals; leave out --plain-unet")
+        bundle.model = dataclasses.replace(bundle.model, control_residuals=())
     check_profile_fits(bundle.model, options.profile)
     names = export_names(bundle.model, options.components)
     _check_output(out)
@@ -278,7 +304,7 @@ def export_artifacts(
     if consume:
         _halve_up_front(bundle, names, options)
     components: dict[str, ComponentEntry] = {}
-    total = len(names)
+    total = len(names) + len(controlnets)
     with staging_dir(out) as stage:
         for index, name in enumerate(names):
             if progress:
@@ -291,6 +317,7 @@ def export_artifacts(
             log.debug("exported %s (%s) in %.1f s", name, options.precision, seconds)
             if progress:
                 progress(name, index, total, seconds)
+        components.update(export_controlnets(controlnets, bundle.model, stage, options, progress, len(names), total))
         if preview is not None:
             decoder = components["vae_decoder"]
             components["vae_decoder"] = dataclasses.replace(decoder, extra={**decoder.extra, "latent_rgb": preview})
@@ -344,25 +371,35 @@ def save_tokenizers(bundle: ModelBundle, folder: Path) -> str | None:
     return "tokenizer_2.json"
 
 
-def write_source_artifact(bundle: ModelBundle, out: str | Path, profile: ShapeProfile) -> Manifest:
+def write_source_artifact(
+    bundle: ModelBundle, out: str | Path, profile: ShapeProfile, controlnets: Sequence[tuple[str, Any]] = ()
+) -> Manifest:
     """A folder for the ``torch`` backend only: manifest, tokenizer and scheduler config, no ONNX files.
 
-    The torch backend runs the source model the manifest names, so benchmarks and quick experiments need no
-    export. Its manifest kind is "torch"; other backends refuse it with a message saying so.
+    The torch backend runs the source model the manifest names (and the ControlNets, (name, ``ControlNetSource``)
+    pairs, their records name), so benchmarks and quick experiments need no export. Its manifest kind is
+    "torch"; other backends refuse it with a message saying so.
     """
     out = Path(out)
     check_profile_fits(bundle.model, profile)
     _check_output(out)
 
+    specs = dict(component_specs(bundle.model))
+    extras: dict[str, dict[str, Any]] = {}
+    for name, source in controlnets:
+        component = controlnet_component(name)
+        specs[component] = controlnet_spec(bundle.model, component)
+        extras[component] = {"controlnet": {"name": name, "family": source.family, "source": source.source}}
     components = {}
-    for name, spec in component_specs(bundle.model).items():
+    for name, spec in specs.items():
         components[name] = ComponentEntry(
             file="",
             sha256="",
             precision="fp32",
-            inputs=_tensor_entries(spec.inputs, "fp32"),
-            outputs=_tensor_entries(spec.outputs, "fp32"),
-            shapes=_profile_shapes(spec, profile, bundle.model),
+            inputs=tensor_entries(spec.inputs, "fp32"),
+            outputs=tensor_entries(spec.outputs, "fp32"),
+            shapes=profile_shapes(spec, profile, bundle.model),
+            extra=extras.get(name, {}),
         )
     with staging_dir(out) as stage:
         tokenizer_2 = save_tokenizers(bundle, stage)
