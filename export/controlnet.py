@@ -79,16 +79,22 @@ def check_controlnet_fits(source: ControlNetSource, model: ModelInfo) -> None:
 
 
 def load_controlnets(
-    args: Sequence[ControlNetArg], model: ModelInfo, *, allow_pickle: bool = False, taken: Sequence[str] = ()
+    args: Sequence[ControlNetArg],
+    model: ModelInfo,
+    *,
+    allow_pickle: bool = False,
+    config_dir: str | os.PathLike[str] | None = None,
+    taken: Sequence[str] = (),
 ) -> list[tuple[str, ControlNetSource]]:
-    """Load and check every ControlNet asked for: (name, source) pairs, names unique and not in ``taken``."""
+    """Load and check every ControlNet asked for: (name, source) pairs, names unique and not in ``taken``.
+    ``config_dir`` is the config of single files whose architecture is not their family's standard one."""
     from sdtrt.runtime.models.presets import SHIPPED_CONTROLNET_NAMES, shipped_controlnet
 
     loaded: list[tuple[str, ControlNetSource]] = []
     names = set(taken)
     for arg in args:
         shipped = shipped_controlnet(arg.path)
-        source = load_controlnet(shipped or Path(arg.path), allow_pickle=allow_pickle)
+        source = load_controlnet(shipped or Path(arg.path), allow_pickle=allow_pickle, config_dir=config_dir)
         name = check_name(arg.name or SHIPPED_CONTROLNET_NAMES.get(arg.path, source.name))
         if name in names:
             raise ExportError(
@@ -146,6 +152,7 @@ def add_controlnets(
     args: Sequence[ControlNetArg],
     *,
     allow_pickle: bool = False,
+    config_dir: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
 ) -> Manifest:
     """Add ControlNets to the ONNX artifact ``folder`` without touching its other files.
@@ -161,7 +168,7 @@ def add_controlnets(
             "from, then run `sdtrt build` again (only the new ControlNet is built)"
         )
     taken = list(manifest.controlnets)
-    controlnets = load_controlnets(args, manifest.model, allow_pickle=allow_pickle, taken=taken)
+    controlnets = load_controlnets(args, manifest.model, allow_pickle=allow_pickle, config_dir=config_dir, taken=taken)
     precision = "fp16" if manifest.precision in ("fp16", "int8", "fp8") else "fp32"
     options = ExportOptions(profile=manifest.profile, precision=precision, opset=_opset(manifest))
     with tempfile.TemporaryDirectory(prefix=".controlnet-", dir=root) as tmp:
