@@ -28,7 +28,7 @@ from sdtrt.runtime.models.wrappers import wrap
 from sdtrt.runtime.specs import ModelInfo, controlnet_component, controlnet_spec, residual_layout
 
 from .graph import clean_graph
-from .onnx_export import ExportOptions, Progress, save_component, trace_to_onnx
+from .trace import ExportOptions, Progress, save_component, trace_to_onnx
 
 log = logging.getLogger(__name__)
 

@@ -65,9 +65,7 @@ def controlnet_pipeline(bundle: Any, scheduler: str, controlnet: Any, img2img: b
     xl = bundle.model.family == "sdxl"
     name = ("StableDiffusionXLControlNet" if xl else "StableDiffusionControlNet") + ("Img2Img" if img2img else "")
     if isinstance(controlnet, list | tuple):
-        from diffusers.pipelines.controlnet.multicontrolnet import MultiControlNetModel
-
-        controlnet = MultiControlNetModel(list(controlnet))
+        controlnet = diffusers.MultiControlNetModel(list(controlnet))
     components = {k: v for k, v in base.components.items() if k not in ("image_encoder",)}
     if not xl:
         components.pop("watermark", None)
