@@ -119,5 +119,7 @@ def tiny_control_fp32(tmp_path_factory, tiny_bundle, tiny_profile, tiny_controln
 
     args = [ControlNetArg(str(path), name) for name, (path, _) in tiny_controlnets.items()]
     out = tmp_path_factory.mktemp("tiny-control") / "artifacts"
-    export_artifacts(tiny_bundle, out, ExportOptions(profile=tiny_profile), controlnets=load_controlnets(args, tiny_bundle.model))
+    export_artifacts(
+        tiny_bundle, out, ExportOptions(profile=tiny_profile), controlnets=load_controlnets(args, tiny_bundle.model)
+    )
     return out
