@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from sdtrt.runtime.control.hint import canny_edges, hint_pixels, load_hint_image
-from sdtrt.runtime.errors import ControlError
+from sdtrt.runtime.errors import ControlError, SdtrtError
 from sdtrt.runtime.images import png_bytes
 
 from .controlnet import MODULES, RESOLUTION, THRESHOLDS
-from .errors import RequestError, error_body
+from .errors import RequestError, ServeError, error_body
 from .images import decode_image, encode_png
 from .service import Service
 
@@ -166,8 +166,10 @@ def add_controlnet_routes(app: Any, service: Service) -> None:
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise RequestError(f"the request body is not valid JSON ({exc})") from None
             body = await asyncio.to_thread(detect_body, payload)
-        except RequestError as exc:
+        except ServeError as exc:
             return JSONResponse(error_body(exc.kind, str(exc)), status_code=exc.status)
+        except SdtrtError as exc:  # e.g. opencv missing on the server: the client's request was fine
+            return JSONResponse(error_body(ServeError.kind, str(exc)), status_code=ServeError.status)
         return JSONResponse(body)
 
 

@@ -214,3 +214,27 @@ def test_detect_canny_equals_the_runtime_canny(plain_server):
 def test_detect_refusals_are_422(plain_server, payload, match):
     status, body, _ = plain_server.post("/controlnet/detect", payload)
     assert status == 422 and re.search(match, body["detail"]), body
+
+
+def test_requests_merge_only_with_the_same_controlnet_units():
+    """One pipeline call has one set of controls for all its images: only identical units may share it."""
+    from sdtrt.serve.a1111 import parse_request
+    from sdtrt.serve.generate import merge_key
+
+    def key(*units: dict, **payload) -> object:
+        return merge_key(parse_request(txt2img_with(*units, **payload)))
+
+    assert key(unit()) == key(unit(), prompt="another prompt", seed=9) is not None
+    assert key(unit()) != merge_key(parse_request({**FAST, "seed": 1}))
+    others = [
+        unit(model="depth"),
+        unit(control_mode=2),  # guess mode
+        unit(weight=0.5),
+        unit(image=png_b64(shape_image(seed=1))),
+        unit(guidance_end=0.8),
+        unit(module="canny"),
+        unit(resize_mode=0),
+    ]
+    for other in others:
+        assert key(other) != key(unit()), other
+    assert key(unit(), unit(model="depth")) != key(unit())
