@@ -13,9 +13,10 @@ works there works here or is refused with a 422 that names the unit and the fiel
 - ``processor_res``, ``threshold_a``/``threshold_b`` of -1 (or absent) take the preprocessor's defaults; the
   extension silently replaces other out-of-range values by the defaults, sdtrt refuses them; canny thresholds
   are truncated to integers and swapped when low > high, as the extension's ``cv2.Canny`` call does;
-- ``control_mode`` 2 ("ControlNet is more important") is guess mode; 1 ("My prompt is more important") is
-  refused: A1111 scales each residual of that unit by 0.825 ** (12 - k), and the pipeline's controls carry one
-  scale per ControlNet;
+- ``control_mode`` 2 ("ControlNet is more important") is the pipeline's guess mode: residuals on the conditional
+  half only, scaled 0.1 -> 1.0 on a log scale (the extension scales by 0.825 ** (12 - k), within 1 % of it);
+  1 ("My prompt is more important") is refused: the extension scales each residual of that unit by
+  0.825 ** (12 - k) on both halves, and the pipeline's controls carry one scale per ControlNet;
 - ``low_vram`` is a memory hint with no effect on the image: accepted and ignored; so are fields of features
   this server lacks (hires fix, inpainting crop, PuLID, union models, saving detected maps: detected maps are
   never appended to the images; ``/controlnet/detect`` returns them) at any value, and batch/IP-Adapter fields
@@ -140,8 +141,9 @@ RESIZE_LABELS = {
 
 
 def parse_controlnet(payload: dict[str, Any], init_image: bytes | None = None) -> tuple[ControlUnit, ...]:
-    """The enabled units of an A1111 payload's ``alwayson_scripts`` (img2img: ``init_image`` is the hint of a
-    unit without an image, as in the extension); ``RequestError`` naming the unit and field otherwise."""
+    """The enabled units of an A1111 payload's ``alwayson_scripts``; ``RequestError`` naming the unit and field
+    otherwise. img2img: a unit without an image takes ``init_image`` with the payload's own ``resize_mode``
+    (A1111's img2img codes, 0 by default), as the extension does."""
     scripts = payload.get("alwayson_scripts")
     if scripts is None:
         return ()
@@ -164,12 +166,20 @@ def parse_controlnet(payload: dict[str, Any], init_image: bytes | None = None) -
     units = script.get("args") or []
     if not isinstance(units, list):
         raise RequestError(f"alwayson_scripts.{keys[0]}.args must be a list of units, got {type(units).__name__}")
-    parsed = [parse_unit(index, raw, init_image) for index, raw in enumerate(units)]
+    init = None
+    if init_image is not None:
+        code = payload.get("resize_mode", 0)
+        try:  # img2img's code 3 is "Just resize (latent upscale)": the extension takes it as Just Resize
+            init = (init_image, ResizeMode.parse(0 if code == 3 else code))
+        except ConfigError as exc:
+            raise RequestError(f"resize_mode is invalid: {exc}") from None
+    parsed = [parse_unit(index, raw, init) for index, raw in enumerate(units)]
     return tuple(unit for unit in parsed if unit is not None)
 
 
-def parse_unit(index: int, raw: Any, init_image: bytes | None = None) -> ControlUnit | None:
-    """One unit of ``args`` -> a ``ControlUnit``, or None for a disabled unit (whose values are not read)."""
+def parse_unit(index: int, raw: Any, init: tuple[bytes, ResizeMode] | None = None) -> ControlUnit | None:
+    """One unit of ``args`` -> a ``ControlUnit``, or None for a disabled unit (whose values are not read);
+    ``init``: img2img's image and resize mode, for a unit without an image."""
     where = f"controlnet unit {index}"
     if not isinstance(raw, dict):
         raise RequestError(f"{where} must be an object of unit fields, got {type(raw).__name__}")
@@ -185,13 +195,15 @@ def parse_unit(index: int, raw: Any, init_image: bytes | None = None) -> Control
                 f"{allowed[0]!r}"
             )
     module = read.module()
+    image = read.image(init is not None)
+    hint, resize = (image, read.resize_mode()) if image or init is None else init
     return ControlUnit(
         index,
         read.model(),
-        read.image(init_image),
+        hint,
         module,
         read.number("weight", 1.0, 0.0, 2.0),
-        read.resize_mode(),
+        resize,
         *read.guidance(),
         read.control_mode(),
         *read.preprocessor_settings(module),
@@ -260,7 +272,8 @@ class _FieldReader:
             )
         return value.strip()
 
-    def image(self, init_image: bytes | None) -> bytes:
+    def image(self, img2img: bool) -> bytes:
+        """The hint's bytes; empty for an img2img unit without an image (it takes the init image)."""
         value, mask = self.values.get("image"), self.values.get("mask")
         if isinstance(value, dict):
             if set(value) - {"image", "mask"}:
@@ -269,8 +282,8 @@ class _FieldReader:
         if mask not in (None, ""):
             raise self.fail("mask", "is not supported: ControlNet inpainting masks need the inpaint preprocessors")
         if value in (None, ""):
-            if init_image is not None:
-                return init_image  # img2img: the extension's hint defaults to the init image
+            if img2img:
+                return b""
             raise self.fail("image", "is missing: an enabled unit needs a hint image (base64 PNG, JPEG or WebP)")
         if isinstance(value, list):
             raise self.fail("image", "must be one base64 image; lists of images (batch inputs) are not supported")
