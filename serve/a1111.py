@@ -15,7 +15,7 @@ from sdtrt.runtime.errors import ConfigError
 from sdtrt.runtime.request import check_seed
 from sdtrt.runtime.schedulers import A1111_LABELS
 
-from .controlnet import ControlUnit, infotext_fields, parse_controlnet
+from .controlnet import ControlUnit, parse_controlnet
 from .errors import RequestError
 from .images import decode_image, encode_png
 
@@ -189,8 +189,6 @@ def response_body(request: GenerateRequest, gen: Generation) -> dict[str, Any]:
         "sd_model_hash": gen.model_hash[:10],
         "infotexts": gen.infotexts,
     }
-    if request.controls:
-        info["extra_generation_params"] = infotext_fields(request.controls)
     if gen.served_by:
         info["served_by"] = gen.served_by
     parameters = dict(request.echo)

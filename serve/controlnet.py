@@ -115,30 +115,6 @@ class ControlUnit:
             low_threshold=low, high_threshold=high, processor_res=res,
         )  # fmt: skip
 
-    def infotext(self) -> str:
-        """The extension's infotext value for this unit ("Module: canny, Model: ..., Weight: 1.0, ...")."""
-        fields = {
-            "Module": self.module,
-            "Model": self.model,
-            "Weight": float(self.weight),
-            "Resize Mode": RESIZE_LABELS[self.resize_mode],
-            "Processor Res": self.processor_res,
-            "Threshold A": float(self.threshold_a),
-            "Threshold B": float(self.threshold_b),
-            "Guidance Start": float(self.guidance_start),
-            "Guidance End": float(self.guidance_end),
-            "Pixel Perfect": self.pixel_perfect,
-            "Control Mode": CONTROL_MODES[self.control_mode],
-        }
-        return ", ".join(f"{key}: {value}" for key, value in fields.items())
-
-
-RESIZE_LABELS = {
-    ResizeMode.JUST_RESIZE: "Just Resize",
-    ResizeMode.CROP_AND_RESIZE: "Crop and Resize",
-    ResizeMode.RESIZE_AND_FILL: "Resize and Fill",
-}
-
 
 def parse_controlnet(payload: dict[str, Any], init_image: bytes | None = None) -> tuple[ControlUnit, ...]:
     """The enabled units of an A1111 payload's ``alwayson_scripts``; ``RequestError`` naming the unit and field
@@ -390,8 +366,3 @@ def resolve_units(units: Sequence[ControlUnit], served: Sequence[str]) -> tuple[
         used[name] = unit.index
         resolved.append(replace(unit, model=name))
     return tuple(resolved)
-
-
-def infotext_fields(units: Sequence[ControlUnit]) -> dict[str, str]:
-    """The extension's extra generation parameters: {"ControlNet 0": "Module: ..., ...", ...}."""
-    return {f"ControlNet {k}": unit.infotext() for k, unit in enumerate(units)}

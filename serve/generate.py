@@ -18,7 +18,7 @@ from sdtrt.runtime.errors import ArtifactError, ConfigError, ControlError, Shape
 from sdtrt.runtime.images import infotext, png_bytes
 from sdtrt.runtime.request import Settings, image_size, require_vae_encoder, seeds_per_image
 from sdtrt.serve.a1111 import GenerateRequest, Generation
-from sdtrt.serve.controlnet import infotext_fields, resolve_units
+from sdtrt.serve.controlnet import resolve_units
 from sdtrt.serve.errors import RequestError
 from sdtrt.serve.service import ModelCard
 
@@ -159,10 +159,8 @@ def make_generation(
 ) -> Generation:
     """A ``Generation`` of (image, seed, prompt, negative) rows: PNGs with A1111's ``parameters`` text."""
     model_hash = str(pipe.manifest.source.get("sha256", ""))
-    units = "".join(f', {key}: "{value}"' for key, value in infotext_fields(request.controls).items())
     texts = [
-        infotext(prompt, request.negative_prompt, seed, settings, model_hash, model_name) + units
-        for _, seed, prompt, _ in rows
+        infotext(prompt, request.negative_prompt, seed, settings, model_hash, model_name) for _, seed, prompt, _ in rows
     ]
     return Generation(
         [png_bytes(image, text) for (image, *_), text in zip(rows, texts, strict=True)],
