@@ -13,7 +13,6 @@ import io
 import time
 from typing import Any
 
-from sdtrt.runtime.control.inputs import check_controls
 from sdtrt.runtime.errors import ArtifactError, ConfigError, ControlError, ShapeError
 from sdtrt.runtime.images import infotext, png_bytes
 from sdtrt.runtime.request import Settings, image_size, require_vae_encoder, seeds_per_image
@@ -27,7 +26,7 @@ Row = tuple[Any, int, str, str]  # (PIL image, seed, prompt, negative prompt) of
 
 def controlnet_names(pipe: Any) -> tuple[str, ...]:
     """The ControlNets ``pipe``'s artifact serves, sorted."""
-    return tuple(getattr(pipe, "controlnets", ()))
+    return tuple(sorted(pipe.controlnets))
 
 
 def check_request(pipe: Any, request: GenerateRequest) -> tuple[int, int]:
@@ -58,9 +57,8 @@ def control_inputs(pipe: Any, request: GenerateRequest, size: tuple[int, int] | 
             inputs.append(unit.control_input(width, height))
         except (ControlError, ConfigError) as exc:
             raise RequestError(f"controlnet unit {unit.index}: {exc}") from None
-    available = {name: None for name in controlnet_names(pipe)}
     try:
-        check_controls(inputs, available, pipe.manifest.model.control_ready)
+        pipe.check_controls(inputs)
     except ControlError as exc:
         raise RequestError(str(exc)) from None
     return inputs

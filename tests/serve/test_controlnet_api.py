@@ -237,3 +237,234 @@ def test_requests_merge_only_with_the_same_controlnet_units():
     for other in others:
         assert key(other) != key(unit()), other
     assert key(unit(), unit(model="depth")) != key(unit())
+
+
+# --- served ControlNets: the same images as the pipeline called with the same controls -----------------------
+
+
+@pytest.fixture(scope="module")
+def control_server(tiny_control_fp32):
+    srv = Server(tiny_control_fp32)
+    yield srv
+    assert srv.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def control_pipe(tiny_control_fp32):
+    from sdtrt.runtime.pipeline import Pipeline
+
+    with Pipeline.from_artifacts(tiny_control_fp32, device="cpu") as pipe:
+        yield pipe
+
+
+def direct(pipe, controls, **call) -> np.ndarray:
+    """The pipeline called as the server calls it for FAST with seed 1."""
+    args = {"steps": FAST["steps"], "guidance_scale": FAST["cfg_scale"], "seed": 1, "height": 64, "width": 64}
+    result = pipe(FAST["prompt"], scheduler="euler", controls=controls, **{**args, **call})
+    return np.asarray(result.images[0].convert("RGB"))
+
+
+def hint_image(b64: str = HINT) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_model_list_and_control_types_name_the_served_controlnets(control_server):
+    assert get_json(control_server, "/controlnet/model_list") == {"model_list": ["depth", "edges"]}
+    types = get_json(control_server, "/controlnet/control_types")["control_types"]
+    assert types["All"]["model_list"] == ["None", "depth", "edges"] and types["Canny"]["model_list"] == ["None"]
+    assert get_json(control_server, "/controlnet/settings") == {"control_net_unit_count": 2}
+
+
+def test_one_unit_equals_the_pipeline_with_its_control(control_server, control_pipe):
+    from sdtrt.runtime.compare import psnr
+    from sdtrt.runtime.control.inputs import ControlInput
+
+    sent = unit(
+        model="edges [0123abcd]",
+        module="Canny",
+        weight=1.2,
+        threshold_a=50,
+        threshold_b=150,
+        resize_mode="Just Resize",
+        processor_res=256,
+    )
+    status, body, _ = control_server.post("/sdapi/v1/txt2img", txt2img_with(sent, key="ControlNet"))
+    assert status == 200, body
+    control = ControlInput(
+        "edges",
+        hint_image(),
+        1.2,
+        resize_mode="just_resize",
+        preprocess="canny",
+        low_threshold=50,
+        high_threshold=150,
+        processor_res=256,
+    )
+    expected = direct(control_pipe, [control])
+    got = pixels(body["images"][0])
+    assert psnr(got, expected, 255.0) >= 40.0, psnr(got, expected, 255.0)
+    assert psnr(got, direct(control_pipe, []), 255.0) < 30.0  # the ControlNet changes the image
+    info = json.loads(body["info"])
+    assert 'ControlNet 0: "Module: canny, Model: edges, Weight: 1.2' in info["infotexts"][0]
+
+
+def test_two_units_equal_the_pipeline_with_both_controls(control_server, control_pipe):
+    from sdtrt.runtime.compare import psnr
+    from sdtrt.runtime.control.inputs import ControlInput
+
+    depth_hint = png_b64(shape_image(48, seed=5))
+    units = [
+        unit(model="edges"),
+        unit(enabled=False, model="edges"),  # disabled: skipped, and it does not count as a second "edges"
+        {
+            "enabled": True,
+            "model": "Depth",
+            "input_image": depth_hint,
+            "weight": 0.5,
+            "guidance": 0.7,
+            "control_mode": "ControlNet is more important",
+            "resize_mode": 2,
+            "lowvram": True,
+        },
+    ]
+    status, body, _ = control_server.post("/sdapi/v1/txt2img", txt2img_with(*units, key="controlNet"))
+    assert status == 200, body
+    controls = [
+        ControlInput("edges", hint_image()),
+        ControlInput("depth", hint_image(depth_hint), 0.5, 0.0, 0.7, guess_mode=True, resize_mode="resize_and_fill"),
+    ]
+    got = pixels(body["images"][0])
+    assert psnr(got, direct(control_pipe, controls), 255.0) >= 40.0
+    assert psnr(got, direct(control_pipe, controls[:1]), 255.0) < 30.0
+
+
+def test_img2img_unit_without_image_takes_the_init_image(control_server, control_pipe):
+    from sdtrt.runtime.compare import psnr
+    from sdtrt.runtime.control.hint import pixel_perfect_resolution
+    from sdtrt.runtime.control.inputs import ControlInput
+
+    init = shape_image(80, seed=7)
+    payload = {
+        **FAST,
+        "seed": 1,
+        "steps": 6,
+        "init_images": [png_b64(init, data_url=True)],
+        "denoising_strength": 0.9,
+        "resize_mode": 1,
+        "alwayson_scripts": {
+            "controlnet": {"args": [{"enabled": True, "model": "edges", "module": "canny", "pixel_perfect": True}]}
+        },
+    }
+    status, body, _ = control_server.post("/sdapi/v1/img2img", payload)
+    assert status == 200, body
+    res = pixel_perfect_resolution(80, 80, 64, 64, "crop_and_resize")
+    image = Image.fromarray(init)
+    control = ControlInput("edges", image, resize_mode="crop_and_resize", preprocess="canny", processor_res=res)
+    expected = direct(control_pipe, [control], image=image, strength=0.9, steps=6)
+    got = pixels(body["images"][0])
+    assert psnr(got, expected, 255.0) >= 40.0
+    assert psnr(got, direct(control_pipe, [], image=image, strength=0.9, steps=6), 255.0) < 30.0
+
+
+@pytest.mark.parametrize(
+    "units, match",
+    [
+        (
+            [unit(model="openpose [abc123]")],
+            r"^controlnet unit 0: model 'openpose \[abc123\]' is not served; this "
+            r"model has depth, edges",
+        ),
+        ([unit(), unit(model="Edges [d14c016b]")], r"^controlnet unit 1: model 'edges' is already used by unit 0"),
+        (
+            [unit(), unit(model="depth"), unit(model="depth")],
+            r"^controlnet unit 2: 3 unit\(s\) are enabled but "
+            r"this model serves 2 ControlNet\(s\) \(depth, edges\)",
+        ),
+    ],
+)
+def test_units_the_artifact_cannot_run_are_422(control_server, units, match):
+    status, body, _ = control_server.post("/sdapi/v1/txt2img", txt2img_with(*units))
+    assert status == 422 and re.search(match, body["detail"]), body
+
+
+def test_the_webuiapi_client_end_to_end(control_server, control_pipe):
+    from sdtrt.runtime.compare import psnr
+    from sdtrt.runtime.control.inputs import ControlInput
+
+    webuiapi = pytest.importorskip("webuiapi")
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=control_server.port)
+    assert api.controlnet_version() == 3
+    assert api.controlnet_model_list() == ["depth", "edges"]
+    assert api.controlnet_module_list() == ["none", "canny"]
+    hint = hint_image().convert("RGB")
+    cn = webuiapi.ControlNetUnit(
+        image=hint,
+        module="canny",
+        model="edges [d14c016b]",
+        weight=0.9,
+        resize_mode="Crop and Resize",
+        threshold_a=60,
+        threshold_b=160,
+        control_mode=2,
+    )
+    result = api.txt2img(
+        prompt=FAST["prompt"],
+        seed=1,
+        steps=FAST["steps"],
+        width=64,
+        height=64,
+        cfg_scale=FAST["cfg_scale"],
+        sampler_name="Euler",
+        controlnet_units=[cn],
+    )
+    control = ControlInput(
+        "edges", hint, 0.9, guess_mode=True, preprocess="canny", low_threshold=60, high_threshold=160
+    )
+    got = np.asarray(result.image.convert("RGB"))
+    assert psnr(got, direct(control_pipe, [control]), 255.0) >= 40.0
+    assert result.info["all_seeds"] == [1]
+    detected = api.controlnet_detect([hint], module="canny", processor_res=64, threshold_a=60, threshold_b=160)
+    assert detected.info == "Success"
+    np.testing.assert_array_equal(np.asarray(detected.image), canny_edges(np.asarray(hint), 60, 160, 64))
+
+
+def test_replica_merges_only_requests_with_the_same_units(tiny_control_fp32, control_pipe):
+    """The Ray replica's batching: same units -> one call; other units -> their own; images as called alone."""
+    from sdtrt.runtime.control.inputs import ControlInput
+    from sdtrt.serve.a1111 import parse_request
+    from sdtrt.serve.ray_app import RayConfig, ReplicaCore
+
+    core = ReplicaCore(RayConfig(str(tiny_control_fp32)), name="r0")
+    try:
+        requests = [
+            parse_request(txt2img_with(unit(), seed=1)),
+            parse_request(txt2img_with(unit(), seed=1, prompt="a blue circle")),
+            parse_request(txt2img_with(unit(control_mode=2), seed=1)),
+            parse_request({**FAST, "seed": 1}),
+        ]
+        out = core.run(requests)
+    finally:
+        core.pipe.close()
+    assert out[0].seconds == out[1].seconds  # one pipeline call
+    assert len({out[0].seconds, out[2].seconds, out[3].seconds}) == 3
+    references = [
+        direct(control_pipe, [ControlInput("edges", hint_image())]),
+        np.asarray(
+            control_pipe(
+                "a blue circle",
+                scheduler="euler",
+                controls=[ControlInput("edges", hint_image())],
+                steps=3,
+                guidance_scale=7.5,
+                seed=1,
+                height=64,
+                width=64,
+            )
+            .images[0]
+            .convert("RGB")
+        ),
+        direct(control_pipe, [ControlInput("edges", hint_image(), guess_mode=True)]),
+        direct(control_pipe, []),
+    ]
+    for gen, reference in zip(out, references, strict=True):
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(gen.images[0])).convert("RGB")), reference)
