@@ -6,6 +6,11 @@ works there works here or is refused with a 422 that names the unit and the fiel
 - the script key is matched without case (``controlnet``, ``ControlNet``, ``controlNet``), as A1111 matches
   script titles; other ``alwayson_scripts`` are refused (A1111 answers "always on script ... not found");
 - ``enabled`` defaults to false, as in the extension: a unit without ``"enabled": true`` is skipped;
+- ``model`` is one of the served artifact's ControlNets, matched as given, without A1111's " [hash]" suffix, or
+  without case (``resolve_units``); ``module`` is ``none`` or ``canny`` (any case);
+- ``image``: base64 or a ``data:`` URL, or ``{"image": ..., "mask": null}``; img2img units without one take the
+  init image with the payload's ``resize_mode``, as the extension does; ``pixel_perfect`` sets the canny
+  resolution from the hint and image sizes (``pixel_perfect_resolution``);
 - legacy aliases ``input_image`` (image), ``guidance`` (guidance_end), ``lowvram`` (low_vram), ``mask_image``
   (mask) are read as their fields;
 - ``weight`` 0..2, ``guidance_start``/``guidance_end`` 0..1 as the extension bounds them, but ``start < end``
