@@ -18,8 +18,10 @@ works there works here or is refused with a 422 that names the unit and the fiel
 - ``processor_res``, ``threshold_a``/``threshold_b`` of -1 (or absent) take the preprocessor's defaults; the
   extension silently replaces other out-of-range values by the defaults, sdtrt refuses them; canny thresholds
   are truncated to integers and swapped when low > high, as the extension's ``cv2.Canny`` call does;
-- ``control_mode`` 2 ("ControlNet is more important") is the pipeline's guess mode: residuals on the conditional
-  half only, scaled 0.1 -> 1.0 on a log scale (the extension scales by 0.825 ** (12 - k), within 1 % of it);
+- ``control_mode`` 2 ("ControlNet is more important") is the pipeline's guess mode (diffusers'): residuals on
+  the conditional half only, scaled 0.1 -> 1.0 on a log scale. The extension scales residual k by
+  0.825 ** (12 - k): within 0.6 % of that for SD 1.x/2.x's 13 residuals, but for SDXL it keeps the first 10 of
+  those 13 weights (0.56 on the middle block, where guess mode has 1.0);
   1 ("My prompt is more important") is refused: the extension scales each residual of that unit by
   0.825 ** (12 - k) on both halves, and the pipeline's controls carry one scale per ControlNet;
 - ``low_vram`` is a memory hint with no effect on the image: accepted and ignored; so are fields of features
