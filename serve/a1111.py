@@ -2,24 +2,22 @@
 
 Field names, defaults and the response shape follow A1111's ``/sdapi/v1/txt2img`` and ``/sdapi/v1/img2img``;
 unknown fields are ignored, as A1111 does. Sizes default to the artifact's tuned size rather than A1111's 512.
+ControlNet units in ``alwayson_scripts`` are read by ``controlnet`` (the ControlNet extension's schema).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 from dataclasses import dataclass, field, replace
 from typing import Any
-
-from PIL import Image
 
 from sdtrt.runtime.errors import ConfigError
 from sdtrt.runtime.request import check_seed
 from sdtrt.runtime.schedulers import A1111_LABELS
 
+from .controlnet import ControlUnit, parse_controlnet
 from .errors import RequestError
+from .images import decode_image, encode_png
 
 SAMPLER_BY_LABEL = {label: name for name, label in A1111_LABELS.items()}
 SAMPLER_ALIASES: dict[str, list[str]] = {
@@ -48,6 +46,7 @@ class GenerateRequest:
     n_iter: int = 1
     init_image: bytes | None = None  # the decoded bytes of init_images[0] (img2img)
     denoising_strength: float = 0.75
+    controls: tuple[ControlUnit, ...] = ()  # the enabled ControlNet units (alwayson_scripts.controlnet)
     echo: dict[str, Any] = field(default_factory=dict, compare=False)  # the request as A1111 echoes it
 
     @property
@@ -108,26 +107,6 @@ def resolve_sampler(name: str | None) -> str | None:
     )
 
 
-def decode_image(text: Any, where: str) -> bytes:
-    """Base64 (optionally a ``data:image/...;base64,`` URL) -> image bytes, checked to open with Pillow."""
-    if not isinstance(text, str):
-        raise RequestError(f"{where} must be a base64 string, got {type(text).__name__}")
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise RequestError(f"{where} is not valid base64 ({exc}); send a base64-encoded PNG, JPEG or WebP") from None
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except OSError:
-        raise RequestError(
-            f"{where} is not an image Pillow can read; give a base64-encoded PNG, JPEG or WebP file"
-        ) from None
-    return data
-
-
 def parse_request(payload: Any, img2img: bool = False) -> GenerateRequest:
     """Validate an A1111 txt2img (or img2img) JSON payload; raise ``RequestError`` with the reason."""
     if not isinstance(payload, dict):
@@ -165,6 +144,7 @@ def parse_request(payload: Any, img2img: bool = False) -> GenerateRequest:
         init = decode_image(images[0], "init_images[0]")
         if not 0 < strength <= 1:
             raise RequestError(f"denoising_strength must be in (0, 1], got {strength}")
+    controls = parse_controlnet(payload, init)
     echo = dict(payload)
     echo.update(prompt=prompt, negative_prompt=negative, steps=steps, cfg_scale=cfg, seed=seed, batch_size=batch)
     echo.update(n_iter=n_iter, width=width, height=height, sampler_name=A1111_LABELS.get(sampler or "", None))
@@ -183,6 +163,7 @@ def parse_request(payload: Any, img2img: bool = False) -> GenerateRequest:
         n_iter,
         init,
         strength,
+        controls,
         echo,
     )
 
@@ -215,7 +196,7 @@ def response_body(request: GenerateRequest, gen: Generation) -> dict[str, Any]:
     parameters["height"] = parameters.get("height") or gen.height
     parameters["sampler_name"] = parameters.get("sampler_name") or A1111_LABELS[gen.sampler]
     return {
-        "images": [base64.b64encode(png).decode("ascii") for png in gen.images],
+        "images": [encode_png(png) for png in gen.images],
         "parameters": parameters,
         "info": json.dumps(info),
     }

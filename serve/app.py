@@ -1,4 +1,5 @@
-"""The thin HTTP layer: ``create_app(service)`` -> a FastAPI app speaking A1111's ``/sdapi/v1`` API.
+"""The thin HTTP layer: ``create_app(service)`` -> a FastAPI app speaking A1111's ``/sdapi/v1`` API (and the
+ControlNet extension's ``/controlnet`` endpoints, ``controlnet_api``).
 
 No annotations future-import here: FastAPI reads the handlers' annotations at runtime, and fastapi is imported
 inside ``create_app`` so that this module imports without the ``serve`` extra.
@@ -8,21 +9,20 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.schedulers import A1111_LABELS
 
 from .a1111 import SAMPLER_ALIASES, parse_request, response_body
-from .errors import RequestError, ServeError
+from .controlnet import resolve_units
+from .controlnet_api import add_controlnet_routes
+from .errors import RequestError, ServeError, error_body
 from .metrics import Metrics
 from .service import ModelCard, Service, ServiceStats
 
 log = logging.getLogger(__name__)
-
-
-def error_body(kind: str, message: str) -> dict[str, str]:
-    return {"error": kind, "detail": message}
 
 
 def samplers() -> list[dict[str, Any]]:
@@ -81,6 +81,7 @@ def create_app(service: Service, metrics: Metrics | None = None) -> Any:
     app.state.service, app.state.metrics = service, counters
     _add_generation_routes(app, service, counters)
     _add_status_routes(app, service, counters)
+    add_controlnet_routes(app, service)
     return app
 
 
@@ -97,6 +98,8 @@ def _add_generation_routes(app: Any, service: Service, counters: Metrics) -> Non
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise RequestError(f"the request body is not valid JSON ({exc})") from None
             req = parse_request(payload, img2img=img2img)
+            if req.controls:  # the units' models resolved before queueing, so a wrong name fails fast
+                req = replace(req, controls=resolve_units(req.controls, (await service.model()).controlnets))
             gen = await service.generate(req)
         except ServeError as exc:
             counters.observe(endpoint, exc.status, time.perf_counter() - begin, error=exc.kind)
@@ -121,6 +124,10 @@ def _add_status_routes(app: Any, service: Service, counters: Metrics) -> None:
     @app.get("/sdapi/v1/samplers")
     async def list_samplers() -> Any:
         return samplers()
+
+    @app.get("/sdapi/v1/scripts")
+    async def scripts() -> Any:  # A1111's list of script titles: clients look for the ControlNet extension here
+        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models() -> Any:

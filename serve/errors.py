@@ -42,3 +42,8 @@ class GenerationFailed(ServeError):
 
     status = 500
     kind = "generation_failed"
+
+
+def error_body(kind: str, message: str) -> dict[str, str]:
+    """The JSON body of an error answer: {"error": kind, "detail": message}."""
+    return {"error": kind, "detail": message}

@@ -2,7 +2,9 @@
 
 Shared by the plain server's ``LocalWorker`` and the Ray replicas. Requests are checked with the runtime's own
 request checks (so a refusal reads as the library's message) before they are queued; txt2img requests that agree
-on everything but prompt, seed and batch size can run as one pipeline call (``merge_key``, ``run_merged``).
+on everything but prompt, seed and batch size can run as one pipeline call (``merge_key``, ``run_merged``). A
+call's ControlNet controls hold for all its images, so requests with ControlNet units merge only when their
+units are the same (models, hints and settings).
 """
 
 from __future__ import annotations
@@ -11,14 +13,20 @@ import io
 import time
 from typing import Any
 
-from sdtrt.runtime.errors import ArtifactError, ConfigError, ShapeError
+from sdtrt.runtime.errors import ArtifactError, ConfigError, ControlError, ShapeError
 from sdtrt.runtime.images import infotext, png_bytes
 from sdtrt.runtime.request import Settings, image_size, require_vae_encoder, seeds_per_image
 from sdtrt.serve.a1111 import GenerateRequest, Generation
+from sdtrt.serve.controlnet import resolve_units
 from sdtrt.serve.errors import RequestError
 from sdtrt.serve.service import ModelCard
 
 Row = tuple[Any, int, str, str]  # (PIL image, seed, prompt, negative prompt) of one generated image
+
+
+def controlnet_names(pipe: Any) -> tuple[str, ...]:
+    """The ControlNets ``pipe``'s artifact serves, sorted."""
+    return tuple(sorted(pipe.controlnets))
 
 
 def check_request(pipe: Any, request: GenerateRequest) -> tuple[int, int]:
@@ -31,7 +39,29 @@ def check_request(pipe: Any, request: GenerateRequest) -> tuple[int, int]:
             seeds_per_image(request.seed, request.n_iter * request.batch_size)
     except (ShapeError, ArtifactError, ConfigError) as exc:
         raise RequestError(str(exc)) from None
+    if request.controls:
+        control_inputs(pipe, request, size)
     return size
+
+
+def control_inputs(pipe: Any, request: GenerateRequest, size: tuple[int, int] | None = None) -> list[Any]:
+    """``request``'s ControlNet units as the pipeline's controls (``ControlInput``) at the call's image size;
+    ``RequestError`` naming the unit if the artifact cannot run them."""
+    if not request.controls:
+        return []
+    height, width = size or image_size(pipe.manifest, request.height, request.width, request.batch_size)
+    units = resolve_units(request.controls, controlnet_names(pipe))
+    inputs = []
+    for unit in units:
+        try:
+            inputs.append(unit.control_input(width, height))
+        except (ControlError, ConfigError) as exc:
+            raise RequestError(f"controlnet unit {unit.index}: {exc}") from None
+    try:
+        pipe.check_controls(inputs)
+    except ControlError as exc:
+        raise RequestError(str(exc)) from None
+    return inputs
 
 
 def model_card(pipe: Any, model_name: str, max_batch: int | None = None) -> ModelCard:
@@ -45,6 +75,7 @@ def model_card(pipe: Any, model_name: str, max_batch: int | None = None) -> Mode
         m.profile.max_batch if max_batch is None else max_batch,
         pipe.backend,
         str(pipe.device),
+        controlnet_names(pipe),
     )
 
 
@@ -57,6 +88,7 @@ def call_pipeline(
     image: Any = None,
 ) -> Any:
     """One pipeline call with ``request``'s settings for ``prompt`` and ``seed`` (``image``: img2img's)."""
+    extra = {"controls": control_inputs(pipe, request)} if request.controls else {}
     return pipe(
         prompt,
         negative_prompt=request.negative_prompt or None,  # as `sdtrt generate` without --negative
@@ -69,6 +101,7 @@ def call_pipeline(
         num_images=num_images,
         image=image,
         strength=request.denoising_strength,
+        **extra,
     )
 
 
@@ -94,7 +127,9 @@ def merge_key(request: GenerateRequest) -> tuple[Any, ...] | None:
     """Requests with equal keys can run as one pipeline call (their own prompts and seeds); None: never merged."""
     if request.img2img or request.n_iter != 1:
         return None
-    return (request.negative_prompt, request.steps, request.cfg_scale, request.width, request.height, request.sampler)
+    units = tuple(unit.settings for unit in request.controls)
+    return (request.negative_prompt, request.steps, request.cfg_scale, request.width, request.height, request.sampler,
+            units)  # fmt: skip
 
 
 def run_merged(pipe: Any, requests: list[GenerateRequest], model_name: str) -> list[Generation]:
@@ -142,4 +177,14 @@ def make_generation(
     )
 
 
-__all__ = ["call_pipeline", "check_request", "make_generation", "merge_key", "model_card", "run_merged", "run_request"]
+__all__ = [
+    "call_pipeline",
+    "check_request",
+    "controlnet_names",
+    "control_inputs",
+    "make_generation",
+    "merge_key",
+    "model_card",
+    "run_merged",
+    "run_request",
+]

@@ -7,10 +7,10 @@ Layout: ``Ingress`` serves ``app.create_app`` (the very routes of the plain serv
 forwards each request to the ``Replica`` deployment through its handle. A replica opens one ``Pipeline`` on its
 device (``num_gpus`` per replica on a GPU cluster, ``num_cpus`` on the CPU) and takes requests through
 ``@serve.batch``: those that arrive within ``batch_wait_s`` and share a ``generate.merge_key`` (txt2img, same size,
-steps, guidance, sampler and negative prompt) run as one pipeline call up to the artifact's batch limit, each with
-its own prompt and seeds, so a request's image does not depend on what it was batched with. Replicas autoscale
-between ``min_replicas`` and ``max_replicas`` on ongoing requests per replica; a deployment whose queue is full
-answers 429 (Ray's back-pressure), like the plain server.
+steps, guidance, sampler, negative prompt and ControlNet units) run as one pipeline call up to the artifact's
+batch limit, each with its own prompt and seeds, so a request's image does not depend on what it was batched with.
+Replicas autoscale between ``min_replicas`` and ``max_replicas`` on ongoing requests per replica; a deployment
+whose queue is full answers 429 (Ray's back-pressure), like the plain server.
 
 Engines reach every node as files: the artifact (or engine) folder must be at the same path on every node (a
 shared folder), or built on each node from the same artifact (engine folders are keyed by GPU and TensorRT
@@ -137,6 +137,7 @@ class HandleService:
     def __init__(self, app_name: str, capacity: int) -> None:
         self.app_name, self.capacity = app_name, capacity
         self._handle: Any = None
+        self._card: ModelCard | None = None
 
     @property
     def handle(self) -> Any:
@@ -166,7 +167,9 @@ class HandleService:
         return result
 
     async def model(self) -> ModelCard:
-        return await self.handle.model.remote()
+        if self._card is None:  # every replica serves the same artifact: ask once
+            self._card = await self.handle.model.remote()
+        return self._card
 
     async def stats(self) -> ServiceStats:
         return ServiceStats(0, 0, self.capacity)

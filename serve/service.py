@@ -23,6 +23,7 @@ class ModelCard:
     max_batch: int
     backend: str = ""
     device: str = ""
+    controlnets: tuple[str, ...] = ()  # the artifact's ControlNet names (``/controlnet/model_list``)
 
 
 @dataclass(frozen=True)
