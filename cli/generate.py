@@ -150,7 +150,9 @@ def check_before_work(
 
     manifest = read_manifest(artifacts)
     check_request(manifest, prompt, **{k: v for k, v in call.items() if k != "controls"})
-    check_controls(call.get("controls", ()), manifest.controlnets, manifest.model.control_ready)
+    model = manifest.model
+    families = manifest.controlnet_families()
+    check_controls(call.get("controls", ()), manifest.controlnets, model.control_ready, families, model.family)
     lora_specs = [parse_lora_option(text) for text in loras]
     read_loras(LoraState(), lora_specs)
     return lora_specs

@@ -125,6 +125,13 @@ class Manifest:
         prefix = CONTROLNET_PREFIX
         return {c[len(prefix) :]: c for c in sorted(self.components) if c.startswith(prefix)}
 
+    def controlnet_families(self) -> dict[str, str]:
+        """The model family each ControlNet was made for, as its export recorded it."""
+        return {
+            name: str(self.components[c].extra.get("controlnet", {}).get("family", ""))
+            for name, c in self.controlnets.items()
+        }
+
     def component(self, name: str) -> ComponentEntry:
         if name not in self.components:
             raise ArtifactError(

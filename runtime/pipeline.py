@@ -177,7 +177,8 @@ class Pipeline:
     def check_controls(self, controls: Sequence[ControlInput]) -> None:
         """Refuse controls this pipeline cannot run (``ControlError``), before any work."""
         available = {name: self.manifest.controlnets[name] for name in self.controlnets}
-        check_controls(controls, available, self.manifest.model.control_ready)
+        model = self.manifest.model
+        check_controls(controls, available, model.control_ready, self.manifest.controlnet_families(), model.family)
 
     # -- LoRA ----------------------------------------------------------------------------------------------
     def set_loras(self, loras: Sequence[tuple[str | os.PathLike[str], float]] = ()) -> None:

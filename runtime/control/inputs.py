@@ -128,9 +128,16 @@ class ControlInput:
         return build_hint(self.image, options)
 
 
-def check_controls(controls: Sequence[ControlInput], available: Mapping[str, Any], unet_takes_residuals: bool) -> None:
+def check_controls(
+    controls: Sequence[ControlInput],
+    available: Mapping[str, Any],
+    unet_takes_residuals: bool,
+    families: Mapping[str, str] | None = None,
+    model_family: str = "",
+) -> None:
     """Refuse controls this artifact cannot run, before any work: ``available`` maps its ControlNet names to
-    their entries; ``ControlError`` naming the fix otherwise."""
+    their components; ``families`` their model families, refused when not ``model_family``; ``ControlError``
+    naming the fix otherwise."""
     if not controls:
         return
     names = ", ".join(sorted(available)) or "none"
@@ -153,6 +160,12 @@ def check_controls(controls: Sequence[ControlInput], available: Mapping[str, Any
             raise ControlError(
                 f"unknown ControlNet {control.name!r}: this artifact has {names}; add it with "
                 f"`sdtrt export CONTROLNET --into FOLDER`"
+            )
+        family = (families or {}).get(control.name)
+        if family and model_family and family != model_family:
+            raise ControlError(
+                f"ControlNet {control.name!r} is for {family} models but this artifact is {model_family}; use a "
+                f"ControlNet trained for {model_family}, added with `sdtrt export CONTROLNET --into FOLDER`"
             )
         if control.name in seen:
             raise ControlError(f"ControlNet {control.name!r} is given twice; give each ControlNet once per call")
