@@ -126,6 +126,7 @@ def infotext(
         extra.append(("Lora hashes", '"' + ", ".join(f"{x.name}: {x.hash}" for x in settings.loras) + '"'))
     for k, c in enumerate(settings.controls):  # as A1111's ControlNet extension writes its units
         mode = "ControlNet is more important" if c.guess_mode else "Balanced"
+        mode = "My prompt is more important" if c.soft_weights else mode
         unit = (
             f"Module: {c.preprocess}, Model: {c.name}, Weight: {c.scale:g}, "
             f"Resize Mode: {_RESIZE_LABELS[c.resize_mode]}, Guidance Start: {c.start:g}, "

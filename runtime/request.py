@@ -71,6 +71,7 @@ class ControlSetting:
     guess_mode: bool
     preprocess: str
     resize_mode: str
+    soft_weights: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +82,7 @@ class ControlSetting:
             "guess_mode": self.guess_mode,
             "preprocess": self.preprocess,
             "resize_mode": self.resize_mode,
+            "soft_weights": self.soft_weights,
         }
 
 

@@ -22,8 +22,8 @@ works there works here or is refused with a 422 that names the unit and the fiel
   the conditional half only, scaled 0.1 -> 1.0 on a log scale. The extension scales residual k by
   0.825 ** (12 - k): within 0.6 % of that for SD 1.x/2.x's 13 residuals, but for SDXL it keeps the first 10 of
   those 13 weights (0.56 on the middle block, where guess mode has 1.0);
-  1 ("My prompt is more important") is refused: the extension scales each residual of that unit by
-  0.825 ** (12 - k) on both halves, and the pipeline's controls carry one scale per ControlNet;
+  1 ("My prompt is more important") scales residual k of the unit by 0.825 ** (12 - k) on both halves, as the
+  extension does (``ControlInput.soft_weights``);
 - ``low_vram`` is a memory hint with no effect on the image: accepted and ignored; so are fields of features
   this server lacks (hires fix, inpainting crop, PuLID, union models, saving detected maps: detected maps are
   never appended to the images; ``/controlnet/detect`` returns them) at any value, and batch/IP-Adapter fields
@@ -118,7 +118,8 @@ class ControlUnit:
         low, high = sorted((self.threshold_a, self.threshold_b))  # cv2.Canny swaps them too
         return ControlInput(
             self.model, image, float(self.weight), float(self.guidance_start), float(self.guidance_end),
-            guess_mode=self.control_mode == 2, resize_mode=self.resize_mode, preprocess=self.module,
+            guess_mode=self.control_mode == 2, soft_weights=self.control_mode == 1,
+            resize_mode=self.resize_mode, preprocess=self.module,
             low_threshold=low, high_threshold=high, processor_res=res,
         )  # fmt: skip
 
@@ -302,13 +303,6 @@ class _FieldReader:
             value = labels.index(value.strip().lower())
         if isinstance(value, bool) or value not in (0, 1, 2):
             raise self.fail("control_mode", f"must be 0, 1, 2 or one of {', '.join(CONTROL_MODES)}, got {value!r:.60}")
-        if value == 1:
-            raise self.fail(
-                "control_mode",
-                "'My prompt is more important' is not supported: it scales each residual of the unit by its own "
-                "soft weight, and this server's controls carry one weight per ControlNet; use 'Balanced' (0), "
-                "'ControlNet is more important' (2) or a lower weight",
-            )
         return int(value)
 
     def preprocessor_settings(self, module: str) -> tuple[int, int, int]:

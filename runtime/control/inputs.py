@@ -48,6 +48,7 @@ class ControlInput:
     low_threshold: int = 100
     high_threshold: int = 200
     processor_res: int = 512
+    soft_weights: bool = False  # A1111's "My prompt is more important": residual k of 13 scaled by 0.825**(12-k)
 
     def __post_init__(self) -> None:
         who = f"control {self.name!r}"
@@ -64,8 +65,14 @@ class ControlInput:
                 f"{who}: start and end must satisfy 0 <= start < end <= 1 (fractions of the steps run), got "
                 f"start {self.start} and end {self.end}; e.g. start 0 and end 1 for every step"
             )
-        if not isinstance(self.guess_mode, bool):
-            raise ControlError(f"{who}: guess_mode must be true or false, got {self.guess_mode!r}")
+        for flag in ("guess_mode", "soft_weights"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ControlError(f"{who}: {flag} must be true or false, got {getattr(self, flag)!r}")
+        if self.guess_mode and self.soft_weights:
+            raise ControlError(
+                f"{who}: guess_mode (ControlNet is more important) and soft_weights (my prompt is more important) "
+                "exclude each other; choose one"
+            )
         try:
             object.__setattr__(self, "resize_mode", ResizeMode.parse(self.resize_mode))
         except Exception as exc:
@@ -181,8 +188,15 @@ def residual_scales(control: ControlInput, steps: int, first: int, residuals: in
     """[steps, residuals] float32: the factor each residual of ``control`` is multiplied by at each step.
 
     Rows before ``first`` (steps img2img skips) are zero. In guess mode the residuals are also scaled from 0.1
-    to 1.0 on a log scale, the middle block's last, as diffusers' ControlNet does.
+    to 1.0 on a log scale, the middle block's last, as diffusers' ControlNet does. With ``soft_weights`` residual
+    k is scaled by 0.825 ** (12 - k), as A1111's ControlNet extension does for "My prompt is more important"
+    (it takes the first weights of that 13-long list when a UNet has fewer residuals: SDXL's 10 end at 0.825**3).
     """
     keep = torch.tensor([0.0] * first + control_keep(control.start, control.end, steps - first))
-    per_residual = torch.logspace(-1, 0, residuals) if control.guess_mode else torch.ones(residuals)
+    if control.guess_mode:
+        per_residual = torch.logspace(-1, 0, residuals)
+    elif control.soft_weights:
+        per_residual = 0.825 ** (12 - torch.arange(residuals, dtype=torch.float32))
+    else:
+        per_residual = torch.ones(residuals)
     return (keep[:, None] * control.scale) * per_residual[None, :]

@@ -67,6 +67,7 @@ def control_settings(controls: Sequence[ControlInput]) -> tuple[ControlSetting, 
             c.guess_mode,
             c.preprocess,
             ResizeMode.parse(c.resize_mode).value,
+            c.soft_weights,
         )
         for c in controls
     )

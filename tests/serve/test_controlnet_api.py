@@ -89,7 +89,6 @@ BAD_UNITS = [
     ([unit(image=[HINT, HINT])], r"^controlnet unit 0: image must be one base64 image"),
     ([unit(module="depth_midas")], r"^controlnet unit 0: module 'depth_midas' is not available.*none, canny"),
     ([unit(model="None")], r"^controlnet unit 0: model must name one of the server's ControlNets"),
-    ([unit(control_mode=1)], r"^controlnet unit 0: control_mode 'My prompt is more important' is not supported"),
     ([unit(control_mode="Prompt first")], r"^controlnet unit 0: control_mode must be 0, 1, 2 or one of"),
     ([unit(resize_mode="Stretch")], r"^controlnet unit 0: resize_mode is invalid: unknown resize mode 'Stretch'"),
     ([unit(module="canny", threshold_a=300)], r"^controlnet unit 0: threshold_a must be from 1 to 255"),
@@ -468,3 +467,15 @@ def test_replica_merges_only_requests_with_the_same_units(tiny_control_fp32, con
     ]
     for gen, reference in zip(out, references, strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(gen.images[0])).convert("RGB")), reference)
+
+
+def test_my_prompt_is_more_important_is_the_extensions_soft_weights(control_server, control_pipe):
+    from sdtrt.runtime.compare import psnr
+    from sdtrt.runtime.control.inputs import ControlInput
+
+    status, body, _ = control_server.post("/sdapi/v1/txt2img", txt2img_with(unit(model="edges", control_mode=1)))
+    assert status == 200, body
+    got = pixels(body["images"][0])
+    soft = direct(control_pipe, [ControlInput("edges", hint_image(), soft_weights=True)])
+    assert psnr(got, soft, 255.0) >= 40.0
+    assert psnr(got, direct(control_pipe, [ControlInput("edges", hint_image())]), 255.0) < 40.0

@@ -137,3 +137,14 @@ def test_result_settings_record_the_controls(pipe):
     (setting,) = result.settings.controls
     assert (setting.name, setting.scale, setting.end, setting.resize_mode) == ("edges", 0.5, 0.5, "just_resize")
     assert result.settings.to_dict()["controls"][0]["name"] == "edges"
+
+
+def test_soft_weights_scale_each_residual_as_a1111s_my_prompt_is_more_important(pipe):
+    from sdtrt.runtime.control.inputs import residual_scales
+
+    soft = control("edges", soft_weights=True, scale=2.0)
+    scales = residual_scales(soft, steps=4, first=1, residuals=5)
+    expected = 2.0 * torch.tensor([0.825**12, 0.825**11, 0.825**10, 0.825**9, 0.825**8])
+    torch.testing.assert_close(scales[1:], expected.expand(3, -1))
+    assert scales[0].abs().sum() == 0  # a step img2img skips
+    assert psnr(run(pipe, [soft]), run(pipe, [control("edges", scale=2.0)])) < PARITY_DB
