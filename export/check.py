@@ -15,9 +15,10 @@ from sdtrt.runtime.compare import errors
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.manifest import Manifest, read_manifest
 from sdtrt.runtime.models.bundle import ModelBundle
+from sdtrt.runtime.models.controlnet import recorded_controlnet
 from sdtrt.runtime.models.wrappers import wrap
 from sdtrt.runtime.progress import Progress
-from sdtrt.runtime.specs import ComponentSpec, ModelInfo, component_specs, resolve_dim
+from sdtrt.runtime.specs import ComponentSpec, ModelInfo, component_spec, is_controlnet, resolve_dim
 from sdtrt.runtime.verify import verify_files
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ def make_inputs(
             feeds[tensor.name] = torch.randint(0, 1000, shape, generator=g).float()
         elif tensor.name == "image":
             feeds[tensor.name] = torch.rand(shape, generator=g) * 2 - 1
+        elif tensor.name == "controlnet_cond":  # a ControlNet hint: RGB in [0, 1]
+            feeds[tensor.name] = torch.rand(shape, generator=g)
         elif tensor.name == "latent":
             feeds[tensor.name] = torch.randn(shape, generator=g) / model.scaling_factor
         elif tensor.name == "time_ids":  # SDXL: original size, crop top-left, target size
@@ -109,15 +112,15 @@ def check_artifacts(
         from sdtrt.runtime.models.sources import reload_source
 
         bundle = reload_source(manifest.source)
-    specs = component_specs(manifest.model)
     rows: list[CheckRow] = []
     for index, (name, entry) in enumerate(manifest.components.items()):
-        spec = specs[name]
+        spec = component_spec(manifest.model, name)
         tolerance = TOLERANCES.get(entry.precision, 1e-1)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(folder / entry.file), options, providers=["CPUExecutionProvider"])
-        reference = wrap(name, bundle.module(name), manifest.model.family)
+        module = recorded_controlnet(entry.extra, name) if is_controlnet(name) else bundle.module(name)
+        reference = wrap(name, module, manifest.model.family)
         for batch, height, width in check_sizes(manifest):
             feeds = make_inputs(spec, manifest.model, batch, height, width, seed)
             with torch.no_grad():

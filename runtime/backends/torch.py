@@ -140,6 +140,7 @@ def open_engines(
         raise ConfigError(f"unknown component(s) {unknown}; expected some of: {', '.join(specs)}")
     require("diffusers", "the torch backend", "export")
     require("transformers", "the torch backend", "export")
+    from sdtrt.runtime.models.controlnet import recorded_controlnet
     from sdtrt.runtime.models.fp16 import half_with_fp32_norms
     from sdtrt.runtime.models.sources import reload_source
     from sdtrt.runtime.models.wrappers import wrap
@@ -151,7 +152,11 @@ def open_engines(
     engines: dict[str, TorchEngine] = {}
     try:
         for name in names:
-            module = _controlnet_module(manifest, name) if is_controlnet(name) else bundle.module(name)
+            module = (
+                recorded_controlnet(manifest.components[name].extra, name)
+                if is_controlnet(name)
+                else bundle.module(name)
+            )
             use_sdpa(module)
             wrapped = wrap(name, module, manifest.model.family)
             own = component_precision(name, manifest, precision)
@@ -165,16 +170,6 @@ def open_engines(
         close_all(engines)
         raise
     return engines
-
-
-def _controlnet_module(manifest: Manifest, component: str) -> Any:
-    """The ControlNet module of ``component``, loaded from the source its manifest entry records."""
-    from sdtrt.runtime.models.controlnet import reload_controlnet
-
-    record = manifest.components[component].extra.get("controlnet", {}).get("source")
-    if not record:
-        raise ArtifactError(f"{component} records no ControlNet source to load; add the ControlNet again")
-    return reload_controlnet(record).model
 
 
 def component_precision(name: str, manifest: Manifest, precision: str) -> str:

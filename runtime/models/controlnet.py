@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from sdtrt.runtime.deps import require
-from sdtrt.runtime.errors import SourceError
+from sdtrt.runtime.errors import ArtifactError, SourceError
 from sdtrt.runtime.files import checkpoint_format, read_json_object, sha256_file
 from sdtrt.runtime.ldm_names import controlnet_key, layers_per_block
 from sdtrt.runtime.models.presets import shipped_config
@@ -158,6 +158,14 @@ def reload_controlnet(source: Mapping[str, Any]) -> ControlNetSource:
             f"{source['sha256']}; export again from the file as it is now"
         )
     return loaded
+
+
+def recorded_controlnet(extra: Mapping[str, Any], component: str) -> ControlNetModel:
+    """The ControlNet module a manifest component's ``extra["controlnet"]["source"]`` record names."""
+    record = extra.get("controlnet", {}).get("source")
+    if not record:
+        raise ArtifactError(f"{component} records no ControlNet source to load; add the ControlNet again")
+    return reload_controlnet(record).model
 
 
 def peek_controlnet(source: str | os.PathLike[str], *, allow_pickle: bool = False) -> ControlNetShape:

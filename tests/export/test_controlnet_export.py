@@ -189,3 +189,18 @@ def test_a_controlnet_of_another_architecture_is_refused_by_its_residual_shapes(
     model.save_pretrained(tmp_path / "other")
     error = one_line_error(run("export", tmp_path / "other", "--into", work / "A"))
     assert "gives residuals of shapes" in error
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_check_compares_each_controlnet_with_its_pytorch_module(work, tmp_path, precision):
+    folder = work / "A" if precision == "fp32" else tmp_path / "H"
+    if precision == "fp16":
+        result = run("export", "tiny", "--out", folder, "--precision", "fp16", "--controlnet", work / "edges")
+        assert result.returncode == 0, result.stderr
+    result = run("check", folder, "--json", tmp_path / "check.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads((tmp_path / "check.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    control_rows = [r for r in rows if r["component"] == "controlnet_edges"]
+    assert {r["output"] for r in control_rows} >= {"control_down_0", "control_mid"}
+    assert all(r["passed"] for r in control_rows)
