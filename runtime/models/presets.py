@@ -47,6 +47,12 @@ SHAPES_WEIGHTS_NAME = "shapes.safetensors"
 SHAPES_RECORD_NAME = "shapes.json"
 _SHAPES_MODULES = ("text_encoder", "unet", "vae")
 _RETRAIN = "reinstall sdtrt, or retrain with `python -m sdtrt.shapes.train --out runtime/models/data`"
+# ControlNets trained by sdtrt and shipped in DATA_DIR: name -> folder (diffusers layout; its record is the folder
+# name + ".json"), and the name a ControlNet gets in an artifact when exported without one.
+SHIPPED_CONTROLNETS = {"shapes-outline": "shapes-outline"}
+SHIPPED_CONTROLNET_NAMES = {"shapes-outline": "outline"}
+CONTROLNET_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+_RETRAIN_CONTROL = "reinstall sdtrt, or retrain with `python -m sdtrt.shapes.train_control --out runtime/models/data`"
 
 TINY_UNET: dict[str, Any] = {
     "sample_size": 16,
@@ -266,6 +272,30 @@ def verified_shapes_weights(folder: Path = DATA_DIR) -> tuple[Path, dict[str, An
             f"{record['sha256']}, found {found}; {_RETRAIN}"
         )
     return weights, record
+
+
+def shipped_controlnet(name: str, folder: Path = DATA_DIR) -> Path | None:
+    """The folder of the shipped ControlNet ``name`` after checking its weights' sha256 against its record; None
+    when ``name`` is not a shipped ControlNet."""
+    if name not in SHIPPED_CONTROLNETS:
+        return None
+    path = folder / SHIPPED_CONTROLNETS[name]
+    record_path = path.with_name(path.name + ".json")
+    try:
+        expected = json.loads(record_path.read_text())["sha256"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SourceError(
+            f"the record {record_path} of the shipped ControlNet {name!r} is missing or unreadable ({exc}); "
+            f"{_RETRAIN_CONTROL}"
+        ) from exc
+    weights = path / CONTROLNET_WEIGHTS_NAME
+    found = sha256_file(weights) if weights.is_file() else "no file"
+    if found != expected:
+        raise SourceError(
+            f"the shipped ControlNet weights {weights} are missing, damaged or were replaced: expected sha256 "
+            f"{expected}, found {found}; {_RETRAIN_CONTROL}"
+        )
+    return path
 
 
 def load_shapes(folder: Path = DATA_DIR) -> ModelBundle:
