@@ -14,7 +14,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SDTRT := $(VENV)/bin/sdtrt
 TORCH ?= torch==2.13.0
-DEMO_EXTRAS ?= export,ort
+DEMO_EXTRAS ?= export,ort,control
 TEST_EXTRAS ?= export,ort,test
 DEMO_DIR ?= out/demo
 PYTEST_ARGS ?=
@@ -26,7 +26,7 @@ PIP_LOG := $(VENV)/pip.log
 pip_install = { echo "installing $(1)..."; $(PY) -m pip install -q --no-compile $(2) >>$(PIP_LOG) 2>&1 || \
 	{ tail -n 40 $(PIP_LOG); echo "pip failed installing $(1); its whole output is in $(PIP_LOG)"; exit 1; }; }
 
-.PHONY: install install-test demo test lint typecheck clean train-shapes
+.PHONY: install install-test demo test lint typecheck clean train-shapes train-shapes-control
 
 $(PY):
 	@echo "creating $(VENV) with $(PYTHON)..."
@@ -66,6 +66,11 @@ demo: install
 # Retrain the shapes model from scratch (about 45 minutes on 2 CPU cores); writes runtime/models/data/shapes.*
 train-shapes: install
 	$(PY) -m sdtrt.shapes.train --out runtime/models/data
+
+# Retrain the shapes outline ControlNet over the shipped shapes model (about 8 minutes on 2 CPU cores); writes
+# runtime/models/data/shapes-outline/ and shapes-outline.json
+train-shapes-control: install
+	$(PY) -m sdtrt.shapes.train_control --out runtime/models/data
 
 test: install-test typecheck
 	$(PY) -m pytest -q $(PYTEST_ARGS)

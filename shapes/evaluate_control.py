@@ -155,17 +155,17 @@ def record_control_quality(name: str, report: dict, folder: Path | None = None) 
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
-def _run(source: str, backend: str, count: int) -> tuple[dict, dict[float, list[Image.Image]]]:
+def _run(source: str, backend: str, count: int, scales: Sequence[float]) -> tuple[dict, dict[float, list[Image.Image]]]:
     if source.startswith("torch:"):
         from sdtrt.runtime.models.controlnet import load_controlnet
         from sdtrt.runtime.models.presets import load_shapes
 
         controlnet = load_controlnet(source[len("torch:") :]).model
-        return evaluate_control(diffusers_control_generator(load_shapes(), controlnet), count)
+        return evaluate_control(diffusers_control_generator(load_shapes(), controlnet), count, scales)
     from sdtrt.runtime.pipeline import Pipeline
 
     with Pipeline.from_artifacts(source, backend=backend) as pipe:
-        return evaluate_control(pipeline_control_generator(pipe), count)
+        return evaluate_control(pipeline_control_generator(pipe), count, scales)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="an artifact with an 'outline' ControlNet, or 'torch:CONTROLNET_FOLDER'")
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--backend", default="onnxruntime")
+    parser.add_argument("--scales", default="1,0", help="ControlNet scales to run, comma-separated (default 1,0)")
     parser.add_argument("--sheet", type=Path, help="write the first 40 images at scale 1 here (hint beside each)")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--record", metavar="NAME", help="store the report as quality[NAME] in shapes-outline.json")
@@ -183,11 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.count < 1:
         parser.error(f"--count must be >= 1, got {args.count}")
     try:
-        report, images = _run(args.source, args.backend, args.count)
+        scales = tuple(float(v) for v in args.scales.split(","))
+        report, images = _run(args.source, args.backend, args.count, scales)
     except (ValueError, SdtrtError) as exc:
         parser.error(str(exc))
     if args.sheet:
-        hint_sheet(images[1.0]).save(args.sheet)
+        hint_sheet(images[scales[0]]).save(args.sheet)
     report["source"] = args.source
     text = json.dumps(report, indent=2)
     if args.json:

@@ -1,6 +1,6 @@
 """Train the ``shapes`` outline ControlNet on the CPU, over the frozen shipped ``shapes`` model.
 
-    python -m sdtrt.shapes.train_control --out runtime/models/data    # the shipped weights (about 25 min, 2 cores)
+    python -m sdtrt.shapes.train_control --out runtime/models/data    # the shipped weights (about 8 min, 2 cores)
 
 The ControlNet starts as diffusers' ``ControlNetModel.from_unet`` of the trained shapes UNet (its encoder copied,
 its zero convolutions at zero, as real ControlNet training starts); the UNet, VAE and text encoder stay frozen.
@@ -44,9 +44,9 @@ class ControlTrainSettings:
 
     seed: int = 0
     threads: int = 2
-    examples: int = 6000
-    steps: int = 1500
-    batch: int = 32
+    examples: int = 4000
+    steps: int = 800
+    batch: int = 16
     lr: float = 1e-3
     warmup: int = 50
     high_noise_share: float = 0.5  # this share of the timesteps is drawn from t >= HIGH_NOISE, where layout forms
