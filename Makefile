@@ -14,7 +14,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SDTRT := $(VENV)/bin/sdtrt
 TORCH ?= torch==2.13.0
-DEMO_EXTRAS ?= export,ort,control
+DEMO_EXTRAS ?= export,ort
+CONTROL_EXTRAS ?= export,ort,control
 TEST_EXTRAS ?= export,ort,test
 DEMO_DIR ?= out/demo
 PYTEST_ARGS ?=
@@ -68,8 +69,9 @@ train-shapes: install
 	$(PY) -m sdtrt.shapes.train --out runtime/models/data
 
 # Retrain the shapes outline ControlNet over the shipped shapes model (about 8 minutes on 2 CPU cores); writes
-# runtime/models/data/shapes-outline/ and shapes-outline.json
+# runtime/models/data/shapes-outline/ and shapes-outline.json. The hints are canny edges: the control extra (OpenCV).
 train-shapes-control: install
+	@$(PY) -c "import cv2" 2>/dev/null || $(call pip_install,sdtrt with the $(CONTROL_EXTRAS) extras (editable),-e ".[$(CONTROL_EXTRAS)]")
 	$(PY) -m sdtrt.shapes.train_control --out runtime/models/data
 
 test: install-test typecheck
