@@ -4,15 +4,43 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from sdtrt.export.controlnet import ControlNetArg
 
 from sdtrt.cli.options import parse_size, split_list
 
 
 @click.command("export")
 @click.argument("source")
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
+@click.option("--out", "out", type=click.Path(path_type=Path), help="Artifact folder to write.")
+@click.option(
+    "--controlnet",
+    "controlnets",
+    multiple=True,
+    metavar="[NAME=]PATH",
+    help="A ControlNet to export with the model (diffusers folder, .safetensors in diffusers or original layout, "
+    "or a shipped one such as shapes-outline), named NAME or after its folder/file; repeatable.",
+)
+@click.option(
+    "--into",
+    type=click.Path(path_type=Path),
+    help="Add the ControlNet SOURCE ([NAME=]PATH) to this existing ONNX artifact; its UNet is not re-exported.",
+)
+@click.option(
+    "--controlnet-config",
+    type=click.Path(path_type=Path),
+    help="Single-file ControlNets whose architecture is not their family's standard one: a folder with their "
+    "diffusers config.json (or a shipped one: controlnet-sd15, controlnet-sd21, controlnet-sdxl).",
+)
+@click.option(
+    "--plain-unet",
+    is_flag=True,
+    help="Export a UNet without ControlNet inputs (by default the UNet takes them, zeros when none runs).",
+)
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp16", show_default=True)
 @click.option(
     "--components",
@@ -61,16 +89,33 @@ def export_cmd(
     opset: int,
     config_dir: Path | None,
     allow_pickle: bool,
+    controlnets: tuple[str, ...],
+    into: Path | None,
+    controlnet_config: Path | None,
+    plain_unet: bool,
 ) -> None:
-    """Export SOURCE (a preset, a diffusers folder or a .safetensors checkpoint) to an ONNX artifact folder."""
+    """Export SOURCE (a preset, a diffusers folder or a .safetensors checkpoint) to an ONNX artifact folder;
+    with --into, add the ControlNet SOURCE to an existing artifact."""
+    from sdtrt.export.controlnet import ControlNetArg, load_controlnets
     from sdtrt.export.onnx_export import ExportOptions, export_artifacts
     from sdtrt.export.profiles import default_profile, make_profile, outside_size_range
     from sdtrt.runtime.models.sources import load_source
     from sdtrt.runtime.specs import COMPONENTS
 
     start = time.perf_counter()
+    if into is not None:
+        if out is not None or controlnets:
+            raise click.UsageError("--into adds the ControlNet SOURCE to an artifact: leave out --out and --controlnet")
+        add_into(into, ControlNetArg.parse(source), allow_pickle, controlnet_config)
+        return
+    if out is None:
+        raise click.UsageError("give --out FOLDER (a new artifact) or --into FOLDER (add a ControlNet to one)")
+    if plain_unet and controlnets:
+        raise click.UsageError("ControlNets need a UNet that takes their residuals: leave out --plain-unet")
     click.echo(f"loading {source} ...", err=True)
     bundle = load_source(source, allow_pickle=allow_pickle, config_dir=config_dir)
+    args = [ControlNetArg.parse(c) for c in controlnets]
+    extra = load_controlnets(args, bundle.model, allow_pickle=allow_pickle, config_dir=controlnet_config)
     base = default_profile(bundle)
     profile = make_profile(
         base, parse_size(min_size), parse_size(opt_size), parse_size(max_size), max_batch, max_prompt_windows
@@ -84,6 +129,7 @@ def export_cmd(
         components=split_list(components) if components else COMPONENTS,
         opset=opset,
         vae_precision=vae_precision,
+        control_ready=not plain_unet,
     )
 
     def progress(name: str, index: int, total: int, seconds: float) -> None:
@@ -92,13 +138,42 @@ def export_cmd(
         else:
             click.echo(f"[{index + 1}/{total}] {name} done in {seconds:.1f} s", err=True)
 
-    manifest = export_artifacts(bundle, out, options, progress=progress, consume=True)
+    manifest = export_artifacts(bundle, out, options, progress=progress, consume=True, controlnets=extra)
     click.echo(f"exported {bundle.source['description']} to {out} in {time.perf_counter() - start:.1f} s")
     click.echo(f"  profile {profile.id}, precision {precision}")
     for entry in manifest.components.values():
         files = [entry.file] + ([entry.data_file] if entry.data_file else [])
         size = sum((out / f).stat().st_size for f in files)
         click.echo(f"  {entry.file:<20} {size / 2**20:9.1f} MiB  {entry.precision}")
+
+
+def add_into(folder: Path, controlnet: ControlNetArg, allow_pickle: bool, config_dir: Path | None) -> None:
+    """``sdtrt export CONTROLNET --into FOLDER``."""
+    from sdtrt.export.controlnet import add_controlnets
+
+    start = time.perf_counter()
+
+    def progress(name: str, index: int, total: int, seconds: float) -> None:
+        if seconds < 0:
+            click.echo(f"exporting {name} ...", err=True)
+
+    before = set(read_names(folder))
+    manifest = add_controlnets(
+        folder, [controlnet], allow_pickle=allow_pickle, config_dir=config_dir, progress=progress
+    )
+    for name, component in manifest.controlnets.items():
+        if name not in before:
+            entry = manifest.components[component]
+            click.echo(
+                f"added ControlNet {name} ({entry.file}, {entry.precision}) to {folder} in "
+                f"{time.perf_counter() - start:.1f} s"
+            )
+
+
+def read_names(folder: Path) -> list[str]:
+    from sdtrt.runtime.manifest import read_manifest
+
+    return list(read_manifest(folder).controlnets)
 
 
 @click.command("build")

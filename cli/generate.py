@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from sdtrt.cli.control import control_options, read_controls
 from sdtrt.cli.options import backend_options, parse_pair, parse_size, writable_folder
 from sdtrt.cli.output import OutputTarget, output_target
 
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
     help="FILE[:SCALE]: a LoRA (.safetensors, kohya/A1111 or diffusers format) applied without re-export; "
     "repeatable, scale 1 when omitted.",
 )
+@control_options
 def generate_cmd(
     artifacts: Path,
     prompt: str,
@@ -86,6 +88,12 @@ def generate_cmd(
     crop: str | None,
     target_size: str | None,
     loras: tuple[str, ...],
+    controls: tuple[str, ...],
+    preprocess: tuple[str, ...],
+    resize: tuple[str, ...],
+    canny_low: int,
+    canny_high: int,
+    guess_mode: bool,
 ) -> None:
     """Generate images for PROMPT with the engines in ARTIFACTS.
 
@@ -113,6 +121,7 @@ def generate_cmd(
         "original_size": parse_pair(original_size, "--original-size"),
         "crops_coords_top_left": parse_pair(crop, "--crop") or (0, 0),
         "target_size": parse_pair(target_size, "--target-size"),
+        "controls": read_controls(controls, preprocess, resize, canny_low, canny_high, guess_mode),
     }
     lora_specs = check_before_work(artifacts, prompt, call, loras)
     with open_pipeline(artifacts, backend, device, lora_specs) as pipe:
@@ -132,12 +141,16 @@ def check_before_work(
 ) -> list[tuple[Path, float]]:
     """Refuse, with the runtime's own messages, what can be refused before any engine opens: the pipeline
     arguments ``call`` against the artifact's manifest (sizes, profile, steps, strength, scheduler, seeds) and
-    the --lora files (FILE[:SCALE], read here so a bad one is refused now); return the LoRAs as (path, scale)."""
+    the --lora files (FILE[:SCALE], read here so a bad one is refused now) and the controls against the
+    artifact's ControlNets; return the LoRAs as (path, scale)."""
+    from sdtrt.runtime.control.inputs import check_controls
     from sdtrt.runtime.lora import LoraState, parse_lora_option, read_loras
     from sdtrt.runtime.manifest import read_manifest
     from sdtrt.runtime.request import check_request
 
-    check_request(read_manifest(artifacts), prompt, **call)
+    manifest = read_manifest(artifacts)
+    check_request(manifest, prompt, **{k: v for k, v in call.items() if k != "controls"})
+    check_controls(call.get("controls", ()), manifest.controlnets, manifest.model.control_ready)
     lora_specs = [parse_lora_option(text) for text in loras]
     read_loras(LoraState(), lora_specs)
     return lora_specs

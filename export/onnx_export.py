@@ -1,8 +1,7 @@
 """Export the components of a ModelBundle to ONNX and write an artifact folder with its manifest.
 
-Exporter: torch's TorchScript-based ``torch.onnx.export`` (``dynamo=False``). On the tiny UNet it exports in about
-1 s where the ``dynamo=True`` exporter takes about 30 s, both produce graphs that match PyTorch to ~1e-6, and it
-names symbolic dimensions directly. Its one-file-per-weight external data is rewritten as one data file.
+How one network is traced and described is in ``export.trace``; this module picks the components, their
+precisions and the order, and writes the folder.
 """
 
 from __future__ import annotations
@@ -13,8 +12,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,110 +21,57 @@ import torch
 import sdtrt
 from sdtrt.runtime.deps import require, version_of
 from sdtrt.runtime.errors import ExportError
-from sdtrt.runtime.files import sha256_file, staging_dir, write_text_atomic
+from sdtrt.runtime.files import staging_dir, write_text_atomic
 from sdtrt.runtime.lora.files import LORA_COMPONENTS
-from sdtrt.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest, TensorEntry
+from sdtrt.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest
 from sdtrt.runtime.models.bundle import ModelBundle
 from sdtrt.runtime.models.fp16 import half_with_fp32_norms
 from sdtrt.runtime.models.wrappers import wrap
 from sdtrt.runtime.profile import ShapeProfile
 from sdtrt.runtime.specs import (
     COMPONENTS,
-    ComponentSpec,
     ModelInfo,
-    TensorSpec,
     check_profile_fits,
     component_specs,
+    controlnet_component,
+    controlnet_spec,
     model_components,
-    resolve_dim,
-    shape_ranges,
 )
 
-from .graph import clean_graph, save_model
+from .controlnet import export_controlnets
+from .graph import clean_graph
 from .latent_preview import fit_latent_rgb
+from .trace import (
+    DEFAULT_OPSET,
+    VAE_PRECISIONS,
+    ExportOptions,
+    Progress,
+    dynamic_axes,
+    profile_shapes,
+    sample_inputs,
+    save_component,
+    tensor_entries,
+    trace_to_onnx,
+)
 from .weights import lora_map, module_config, target_digests
 
+__all__ = [  # with the names of export.trace that callers import from here
+    "DEFAULT_OPSET",
+    "VAE_PRECISIONS",
+    "ExportOptions",
+    "Progress",
+    "component_precision",
+    "dynamic_axes",
+    "export_artifacts",
+    "export_component",
+    "export_names",
+    "sample_inputs",
+    "save_tokenizers",
+    "tool_versions",
+    "write_source_artifact",
+]
+
 log = logging.getLogger(__name__)
-
-DEFAULT_OPSET = 18
-Progress = Callable[[str, int, int, float], None]  # (component, index, total, seconds or -1 at start)
-
-
-VAE_PRECISIONS = ("auto", "fp32", "fp16")
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """What to export and how. ``profile`` records the shapes the artifact is meant for.
-
-    ``components`` defaults to every component the model has. ``vae_precision`` "auto" follows ``precision``,
-    except that an fp16 SDXL artifact keeps its VAE in fp32 when the VAE's config says it must be upcast
-    (``force_upcast``: SDXL's VAE overflows in fp16 and gives black or NaN images; an fp16-safe VAE such as
-    the "fp16-fix" one sets it false). "fp16" forces a half-precision VAE.
-    """
-
-    profile: ShapeProfile = field(default_factory=ShapeProfile)
-    precision: str = "fp32"
-    components: tuple[str, ...] = COMPONENTS
-    opset: int = DEFAULT_OPSET
-    vae_precision: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "fp16"):
-            raise ExportError(
-                f"export precision must be 'fp32' or 'fp16', got {self.precision!r} "
-                "(int8/fp8 artifacts are made from an fp16 artifact by `sdtrt calibrate`)"
-            )
-        if self.vae_precision not in VAE_PRECISIONS:
-            raise ExportError(f"VAE precision must be one of {', '.join(VAE_PRECISIONS)}, got {self.vae_precision!r}")
-        unknown = [c for c in self.components if c not in COMPONENTS]
-        if unknown or not self.components:
-            raise ExportError(f"unknown component(s) {unknown or '(none given)'}; choose from {', '.join(COMPONENTS)}")
-        if not 17 <= self.opset <= 21:
-            raise ExportError(f"opset must be between 17 and 21, got {self.opset}")
-
-
-def sample_inputs(
-    spec: ComponentSpec, model: ModelInfo, profile: ShapeProfile, precision: str
-) -> tuple[torch.Tensor, ...]:
-    """Trace inputs: batch 2 (so nothing specializes on batch 1) at a small size the model accepts.
-
-    The size only has to be legal (dimensions stay symbolic); a small one keeps tracing cheap, which matters
-    for fp16, whose CPU kernels are slow.
-    """
-    side = max(model.size_multiple, 64)
-    sizes = {
-        "batch": 2,
-        "text_batch": 2,
-        "unet_batch": 2,
-        "text_length": 77,
-        "height": side,
-        "width": side,
-        "latent_height": side // model.vae_scale_factor,
-        "latent_width": side // model.vae_scale_factor,
-    }
-    generator = torch.Generator().manual_seed(0)
-    tensors = []
-    for tensor in spec.inputs:
-        shape = [resolve_dim(d, sizes) for d in tensor.shape]
-        dtype = tensor.concrete_dtype(precision)
-        if dtype == "int32":
-            tensors.append(torch.randint(0, 49406, shape, generator=generator, dtype=torch.int32))
-        elif tensor.name == "timestep":
-            tensors.append(torch.full(shape, 500.0))
-        else:
-            torch_dtype = torch.float16 if dtype == "float16" else torch.float32
-            tensors.append(torch.randn(shape, generator=generator).to(torch_dtype))
-    return tuple(tensors)
-
-
-def dynamic_axes(spec: ComponentSpec) -> dict[str, dict[int, str]]:
-    axes: dict[str, dict[int, str]] = {}
-    for tensor in spec.inputs + spec.outputs:
-        named = {i: d for i, d in enumerate(tensor.shape) if isinstance(d, str)}
-        if named:
-            axes[tensor.name] = named
-    return axes
 
 
 def component_precision(name: str, model: ModelInfo, options: ExportOptions) -> str:
@@ -161,7 +106,7 @@ def export_component(
     lora = name in LORA_COMPONENTS
     with tempfile.TemporaryDirectory(prefix=f"sdtrt-{name}-", dir=folder) as tmp:
         raw = Path(tmp) / spec.file_name
-        _trace_to_onnx(wrap(name, module, bundle.model.family), spec, raw, bundle.model, options, precision)
+        trace_to_onnx(wrap(name, module, bundle.model.family), spec, raw, bundle.model, options, precision)
         digests = target_digests(module) if lora else {}
         config = module_config(module) if lora else None
         del module
@@ -172,52 +117,7 @@ def export_component(
     if lora:  # before saving: saving with external data moves the weights out of the in-memory graph
         extra = {"lora_map": lora_map(digests, graph), "module_config": config}
     del digests
-    onnx_file, data_file = save_model(graph, folder / spec.file_name)
-    return ComponentEntry(
-        file=onnx_file.name,
-        sha256=sha256_file(onnx_file),
-        precision=precision,
-        inputs=_tensor_entries(spec.inputs, precision),
-        outputs=_tensor_entries(spec.outputs, precision),
-        shapes=_profile_shapes(spec, options.profile, bundle.model),
-        opset=options.opset,
-        data_file=data_file.name if data_file else None,
-        data_sha256=sha256_file(data_file) if data_file else None,
-        extra=extra,
-    )
-
-
-def _trace_to_onnx(
-    wrapper: torch.nn.Module, spec: ComponentSpec, raw: Path, model: ModelInfo, options: ExportOptions, precision: str
-) -> None:
-    """Write the traced graph of ``wrapper`` to ``raw``, with the symbolic dimensions ``spec`` names."""
-    try:
-        with torch.inference_mode(False), torch.no_grad():
-            torch.onnx.export(
-                wrapper,
-                sample_inputs(spec, model, options.profile, precision),
-                str(raw),
-                dynamo=False,
-                input_names=[t.name for t in spec.inputs],
-                output_names=[t.name for t in spec.outputs],
-                dynamic_axes=dynamic_axes(spec),
-                opset_version=options.opset,
-                do_constant_folding=True,
-            )
-    except Exception as exc:  # the exporter raises many types; name the component and keep the cause
-        raise ExportError(f"exporting {spec.name} to ONNX failed: {exc}") from exc
-
-
-def _tensor_entries(tensors: tuple[TensorSpec, ...], precision: str) -> tuple[TensorEntry, ...]:
-    return tuple(TensorEntry(t.name, t.concrete_dtype(precision), t.shape) for t in tensors)
-
-
-def _profile_shapes(spec: ComponentSpec, profile: ShapeProfile, model: ModelInfo) -> dict[str, dict[str, list[int]]]:
-    """The min/opt/max shape of each input of ``spec`` under ``profile``, as the manifest records them."""
-    return {
-        key: {"min": list(lo), "opt": list(opt), "max": list(hi)}
-        for key, (lo, opt, hi) in shape_ranges(spec, profile, model).items()
-    }
+    return save_component(graph, spec, folder, bundle.model, options, precision, extra)
 
 
 def tool_versions() -> dict[str, str | None]:
@@ -258,15 +158,21 @@ def export_artifacts(
     options: ExportOptions,
     progress: Progress | None = None,
     consume: bool = False,
+    controlnets: Sequence[tuple[str, Any]] = (),
 ) -> Manifest:
     """Export the chosen components of ``bundle`` into the artifact folder ``out``.
 
     ``consume=True`` lets fp16 export convert the bundle's modules in place (less memory; the bundle must
-    not be used afterwards as an fp32 reference).
+    not be used afterwards as an fp32 reference). ``controlnets`` are (name, ``ControlNetSource``) pairs, checked
+    against the model (``export.controlnet.load_controlnets``), exported as components ``controlnet_<name>``.
 
     The folder appears under its final name only when every file and the manifest are written.
     """
     out = Path(out)
+    if not options.control_ready:
+        if controlnets:
+            raise ExportError("ControlNets need a UNet that takes their residuals; leave out --plain-unet")
+        bundle.model = dataclasses.replace(bundle.model, control_residuals=())
     check_profile_fits(bundle.model, options.profile)
     names = export_names(bundle.model, options.components)
     _check_output(out)
@@ -278,7 +184,7 @@ def export_artifacts(
     if consume:
         _halve_up_front(bundle, names, options)
     components: dict[str, ComponentEntry] = {}
-    total = len(names)
+    total = len(names) + len(controlnets)
     with staging_dir(out) as stage:
         for index, name in enumerate(names):
             if progress:
@@ -291,6 +197,7 @@ def export_artifacts(
             log.debug("exported %s (%s) in %.1f s", name, options.precision, seconds)
             if progress:
                 progress(name, index, total, seconds)
+        components.update(export_controlnets(controlnets, bundle.model, stage, options, progress, len(names), total))
         if preview is not None:
             decoder = components["vae_decoder"]
             components["vae_decoder"] = dataclasses.replace(decoder, extra={**decoder.extra, "latent_rgb": preview})
@@ -344,25 +251,35 @@ def save_tokenizers(bundle: ModelBundle, folder: Path) -> str | None:
     return "tokenizer_2.json"
 
 
-def write_source_artifact(bundle: ModelBundle, out: str | Path, profile: ShapeProfile) -> Manifest:
+def write_source_artifact(
+    bundle: ModelBundle, out: str | Path, profile: ShapeProfile, controlnets: Sequence[tuple[str, Any]] = ()
+) -> Manifest:
     """A folder for the ``torch`` backend only: manifest, tokenizer and scheduler config, no ONNX files.
 
-    The torch backend runs the source model the manifest names, so benchmarks and quick experiments need no
-    export. Its manifest kind is "torch"; other backends refuse it with a message saying so.
+    The torch backend runs the source model the manifest names (and the ControlNets, (name, ``ControlNetSource``)
+    pairs, their records name), so benchmarks and quick experiments need no export. Its manifest kind is
+    "torch"; other backends refuse it with a message saying so.
     """
     out = Path(out)
     check_profile_fits(bundle.model, profile)
     _check_output(out)
 
+    specs = dict(component_specs(bundle.model))
+    extras: dict[str, dict[str, Any]] = {}
+    for name, source in controlnets:
+        component = controlnet_component(name)
+        specs[component] = controlnet_spec(bundle.model, component)
+        extras[component] = {"controlnet": {"name": name, "family": source.family, "source": source.source}}
     components = {}
-    for name, spec in component_specs(bundle.model).items():
+    for name, spec in specs.items():
         components[name] = ComponentEntry(
             file="",
             sha256="",
             precision="fp32",
-            inputs=_tensor_entries(spec.inputs, "fp32"),
-            outputs=_tensor_entries(spec.outputs, "fp32"),
-            shapes=_profile_shapes(spec, profile, bundle.model),
+            inputs=tensor_entries(spec.inputs, "fp32"),
+            outputs=tensor_entries(spec.outputs, "fp32"),
+            shapes=profile_shapes(spec, profile, bundle.model),
+            extra=extras.get(name, {}),
         )
     with staging_dir(out) as stage:
         tokenizer_2 = save_tokenizers(bundle, stage)

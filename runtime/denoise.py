@@ -1,7 +1,9 @@
 """The denoising step: one function over static buffers, run eagerly or replayed as one CUDA graph.
 
-Per step: scale the latents for the sampler, duplicate them for classifier-free guidance, one UNet call at batch
-2B (uncond and cond text vectors concatenated once, before the loop), guidance, sampler update. Nothing in the
+Per step: scale the latents for the sampler, duplicate them for classifier-free guidance, each active ControlNet
+on the same inputs (its hint and per-step scales are static buffers too) and the sum of their scaled residuals,
+one UNet call at batch 2B (uncond and cond text vectors concatenated once, before the loop), guidance, sampler
+update. Nothing in the
 step syncs, allocates outside the graph pool, logs or branches on tensor values, so ``torch.cuda.graph`` can
 capture it whole. The eager path runs the very same function. ``DenoiserCache`` keeps a denoiser (its buffers and
 captured graph) per shape between calls, so a graph is captured once and replayed.
@@ -22,6 +24,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class ControlSlot:
+    """One ControlNet active in a denoiser: its engine and the static tensors the step reads."""
+
+    engine: Engine
+    names: tuple[str, ...]  # its residual outputs, which are the UNet's residual inputs
+    hint: torch.Tensor  # [rows, 3, H, W] in the ControlNet's dtype: every UNet row, or the conditional ones
+    scales: torch.Tensor  # [steps, residuals] float32: scale x keep(step) (x guess mode's ramp)
+    guess: bool  # run on the conditional rows only; the unconditional rows get no residuals
+
+
+@dataclass
 class StepBuffers:
     """Static tensors the step reads and writes; a captured graph holds their addresses."""
 
@@ -32,6 +45,8 @@ class StepBuffers:
     guidance: torch.Tensor  # 0-dim float32
     # Further UNet inputs, one row per text row (SDXL: text_embeds [rows, P] and time_ids [rows, 6])
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    # A control-ready UNet's residual inputs when no ControlNet runs: zeros, allocated once
+    residuals: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def allocate(
@@ -56,10 +71,57 @@ class StepBuffers:
         )
 
 
+def zero_residuals(unet: Engine, rows: int, height: int, width: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Zeros for each ControlNet residual input of ``unet`` (none for a plain UNet), for latents of h x w."""
+    zeros = {}
+    for tensor in unet.inputs:
+        if tensor.name.startswith("control_"):
+            channels, factor = int(tensor.shape[1]), _downscale(tensor.shape[2])
+            dtype = torch.float16 if tensor.dtype == "float16" else torch.float32
+            zeros[tensor.name] = torch.zeros(
+                (rows, channels, height // factor, width // factor), dtype=dtype, device=device
+            )
+    return zeros
+
+
+def _downscale(dim: str | int) -> int:
+    """The k of a residual's ``latent_height/k`` dimension (1 for ``latent_height``)."""
+    _, _, factor = str(dim).partition("/")
+    return int(factor) if factor else 1
+
+
+def control_residuals(
+    controls: list[ControlSlot], feeds: dict[str, torch.Tensor], i: torch.Tensor, guided: bool, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The summed, scaled residuals of every ControlNet for this step, in the UNet's ``dtype``."""
+    total: dict[str, torch.Tensor] = {}
+    for slot in controls:
+        half = slot.guess and guided
+        inputs = {name: value.chunk(2)[1] for name, value in feeds.items()} if half else feeds
+        out = slot.engine.infer({**inputs, "controlnet_cond": slot.hint})
+        scales = at_step(slot.scales, i)
+        for k, name in enumerate(slot.names):
+            residual = out[name] * scales[k].to(out[name].dtype)
+            if half:
+                residual = torch.cat([torch.zeros_like(residual), residual])
+            residual = residual.to(dtype)
+            total[name] = residual if name not in total else total[name] + residual
+    return total
+
+
 def denoise_step(
-    unet: Engine, scheduler: Scheduler, schedule: Schedule, buffers: StepBuffers, guided: bool
+    unet: Engine,
+    scheduler: Scheduler,
+    schedule: Schedule,
+    buffers: StepBuffers,
+    guided: bool,
+    controls: list[ControlSlot] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sampler step; returns (new latents, new state) without writing the buffers."""
+    """One sampler step; returns (new latents, new state) without writing the buffers.
+
+    With ``controls``, each ControlNet runs on the step's UNet inputs (or their conditional half, in guess mode)
+    and the UNet gets the sum of their scaled residuals; without, a control-ready UNet gets zeros.
+    """
     latents, i = buffers.latents, buffers.index
     model_in = latents * at_step(schedule.input_scale, i)
     if guided:
@@ -67,7 +129,9 @@ def denoise_step(
     sample_dtype = buffers.text.dtype
     timestep = at_step(schedule.timesteps, i).expand(model_in.shape[0]).to(torch.float32)
     feeds = {"sample": model_in.to(sample_dtype), "timestep": timestep, "encoder_hidden_states": buffers.text}
-    out = unet.infer({**feeds, **buffers.extra})["noise_pred"].float()
+    feeds.update(buffers.extra)
+    residuals = control_residuals(controls, feeds, i, guided, sample_dtype) if controls else buffers.residuals
+    out = unet.infer({**feeds, **residuals})["noise_pred"].float()
     if guided:
         uncond, cond = out.chunk(2)
         out = uncond + buffers.guidance * (cond - uncond)
@@ -85,14 +149,18 @@ class Denoiser:
         buffers: StepBuffers,
         guided: bool,
         use_graph: bool,
+        controls: list[ControlSlot] | None = None,
     ) -> None:
         self.unet, self.scheduler, self.schedule = unet, scheduler, schedule
         self.buffers, self.guided = buffers, guided
         self.use_graph = use_graph
+        self.controls = controls or []
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _eager(self) -> None:
-        latents, state = denoise_step(self.unet, self.scheduler, self.schedule, self.buffers, self.guided)
+        latents, state = denoise_step(
+            self.unet, self.scheduler, self.schedule, self.buffers, self.guided, self.controls
+        )
         self.buffers.latents.copy_(latents)
         self.buffers.state.copy_(state)
 

@@ -106,17 +106,32 @@ def a1111_parameters(
     return "\n".join(lines)
 
 
+_RESIZE_LABELS = {
+    "just_resize": "Just Resize",
+    "crop_and_resize": "Crop and Resize",
+    "resize_and_fill": "Resize and Fill",
+}
+
+
 def infotext(
     prompt: str, negative_prompt: str, seed: int, settings: Settings, model_hash: str = "", model_name: str = ""
 ) -> str:
     """A1111's ``parameters`` text for one image of a generation that ran with ``settings``.
 
     As A1111 writes it: img2img adds the denoising strength; LoRAs are ``<lora:name:scale>`` tags after the
-    prompt and their short hashes a ``Lora hashes`` field.
+    prompt and their short hashes a ``Lora hashes`` field; ControlNets are ``ControlNet <k>`` fields.
     """
     extra = [("Denoising strength", f"{settings.strength:g}")] if settings.strength is not None else []
     if settings.loras:
         extra.append(("Lora hashes", '"' + ", ".join(f"{x.name}: {x.hash}" for x in settings.loras) + '"'))
+    for k, c in enumerate(settings.controls):  # as A1111's ControlNet extension writes its units
+        mode = "ControlNet is more important" if c.guess_mode else "Balanced"
+        unit = (
+            f"Module: {c.preprocess}, Model: {c.name}, Weight: {c.scale:g}, "
+            f"Resize Mode: {_RESIZE_LABELS[c.resize_mode]}, Guidance Start: {c.start:g}, "
+            f"Guidance End: {c.end:g}, Control Mode: {mode}"
+        )
+        extra.append((f"ControlNet {k}", f'"{unit}"'))
     tags = "".join(f" <lora:{x.name}:{x.scale:g}>" for x in settings.loras)
     return a1111_parameters(
         prompt + tags,

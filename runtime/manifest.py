@@ -15,7 +15,7 @@ from typing import Any
 from sdtrt.runtime.errors import ArtifactError
 from sdtrt.runtime.files import write_text_atomic
 from sdtrt.runtime.profile import ShapeProfile
-from sdtrt.runtime.specs import ModelInfo
+from sdtrt.runtime.specs import CONTROLNET_PREFIX, ModelInfo
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -118,6 +118,12 @@ class Manifest:
         """The artifact's precision: its UNet's (SDXL fp16 artifacts may keep the VAE in fp32)."""
         entry = self.components.get("unet") or next(iter(self.components.values()))
         return entry.precision
+
+    @property
+    def controlnets(self) -> dict[str, str]:
+        """The artifact's ControlNets: name -> component (``controlnet_<name>``), sorted by name."""
+        prefix = CONTROLNET_PREFIX
+        return {c[len(prefix) :]: c for c in sorted(self.components) if c.startswith(prefix)}
 
     def component(self, name: str) -> ComponentEntry:
         if name not in self.components:

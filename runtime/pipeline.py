@@ -25,7 +25,9 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
-from sdtrt.runtime.denoise import Denoiser, DenoiserCache, StepBuffers
+from sdtrt.runtime.control.inputs import ControlInput, check_controls
+from sdtrt.runtime.control.slots import control_key, control_settings, fill_slots, make_slots
+from sdtrt.runtime.denoise import Denoiser, DenoiserCache, StepBuffers, zero_residuals
 from sdtrt.runtime.engine import BackendOptions, Engine, get_backend
 from sdtrt.runtime.errors import ArtifactError, BackendError, ConfigError, NumericsError
 from sdtrt.runtime.images import from_pil, latents_to_rgb, to_pil
@@ -108,6 +110,9 @@ class Pipeline:
         for name in required:
             manifest.component(name)
         present = [c for c in COMPONENTS if c in manifest.components and (c in components or c in required)]
+        # ControlNets: all the artifact has unless components are chosen, then those named
+        chosen = tuple(components) == COMPONENTS
+        present += [c for c in manifest.controlnets.values() if chosen or c in components]
         dev = torch.device(device) if device is not None else _default_device(backend)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise BackendError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
@@ -162,6 +167,17 @@ class Pipeline:
         self._denoisers.clear()
         self.cuda_graph = self._graph_allowed and self.engines["unet"].graph_capturable
         return wrapped
+
+    # -- ControlNet ----------------------------------------------------------------------------------------
+    @property
+    def controlnets(self) -> list[str]:
+        """The names of the artifact's ControlNets open in this pipeline (for ``ControlInput.name``)."""
+        return [name for name, component in self.manifest.controlnets.items() if component in self.engines]
+
+    def check_controls(self, controls: Sequence[ControlInput]) -> None:
+        """Refuse controls this pipeline cannot run (``ControlError``), before any work."""
+        available = {name: self.manifest.controlnets[name] for name in self.controlnets}
+        check_controls(controls, available, self.manifest.model.control_ready)
 
     # -- LoRA ----------------------------------------------------------------------------------------------
     def set_loras(self, loras: Sequence[tuple[str | os.PathLike[str], float]] = ()) -> None:
@@ -243,6 +259,7 @@ class Pipeline:
         original_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
+        controls: Sequence[ControlInput] = (),
     ) -> GenerationResult:
         """Generate ``num_images`` images per prompt, at the artifact's tuned size (profile opt) by default.
 
@@ -254,6 +271,7 @@ class Pipeline:
         ``target_size`` ((height, width) pairs, as in diffusers; sizes default to the image size) are the
         micro-conditioning; ``negative_prompt=None`` gives zero negative conditioning when the model says so
         (``force_zeros_for_empty_prompt``), as diffusers does; an explicit ``""`` is encoded like any prompt.
+        ``controls`` run ControlNets of the artifact (one ``ControlInput`` each; see ``runtime.control``).
         """
         start_time = time.perf_counter()
         req = make_request(
@@ -275,18 +293,21 @@ class Pipeline:
             crops_coords_top_left=crops_coords_top_left,
             target_size=target_size,
         )
+        self.check_controls(controls)
+        hints = [control.hint(req.width, req.height) for control in controls]  # bad images fail before work
         times, clock = StageTimes(), StageClock(self.device)
         t0 = clock.mark()  # text: uncond rows first, encoded once before the loop
         text, pooled = self.encode_text(req)
         times.text_encode = clock.seconds(t0, clock.mark())
-        latents = self.denoise(self.prepare_latents(req, text, pooled, image, times), req, callback, times)
+        denoiser = self.prepare_latents(req, text, pooled, image, times, list(zip(controls, hints, strict=True)))
+        latents = self.denoise(denoiser, req, callback, times)
         d0 = clock.mark()
         pixels = self.decode_latents(latents)
         times.vae_decode = clock.seconds(d0, clock.mark())
         unit = _unit_pixels(pixels)
         images = to_pil(unit * 2 - 1)
         times.total = time.perf_counter() - start_time
-        settings = Settings.of(req, self.backend, self.lora_settings())
+        settings = Settings.of(req, self.backend, self.lora_settings(), control_settings(controls))
         return GenerationResult(images, req.seeds, req.prompts, req.negatives, times, settings, unit)
 
     def prepare_latents(
@@ -296,8 +317,10 @@ class Pipeline:
         pooled: torch.Tensor | None,
         image: Image.Image | None = None,
         times: StageTimes | None = None,
+        controls: Sequence[tuple[ControlInput, torch.Tensor]] = (),
     ) -> Denoiser:
-        """A denoiser whose static buffers hold this call's text, guidance and starting latents.
+        """A denoiser whose static buffers hold this call's text, guidance, starting latents and ControlNet
+        hints and scales (``controls``: each ``ControlInput`` with its hint [1, 3, H, W] at the image size).
 
         Draw order per image generator matches diffusers: starting noise (or VAE sample, then noise), then the
         sampler's per-step noise. The VAE encoder's time goes to ``times`` when given.
@@ -312,7 +335,8 @@ class Pipeline:
             if times is not None:
                 times.vae_encode = seconds
         noise = sampler.draw_noise(req.steps, shape, generators, start=req.first)
-        denoiser = self._denoiser(sampler, req, text, noise)
+        denoiser = self._denoiser(sampler, req, text, noise, [c for c, _ in controls])
+        fill_slots(denoiser.controls, [c for c, _ in controls], [h for _, h in controls], req)
         buffers, schedule = denoiser.buffers, denoiser.schedule
         buffers.text.copy_(text.to(buffers.text.dtype))
         if pooled is not None:
@@ -362,9 +386,12 @@ class Pipeline:
         noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in generators])
         return (clean, noise), clock.seconds(e0, e1)
 
-    def _denoiser(self, sampler: Any, req: Request, text: torch.Tensor, noise: torch.Tensor | None) -> Denoiser:
-        """The denoiser for this shape, reused between calls so a captured CUDA graph is replayed."""
-        key = (sampler.name, req.steps, req.first, req.shape, tuple(text.shape), req.guided)
+    def _denoiser(
+        self, sampler: Any, req: Request, text: torch.Tensor, noise: torch.Tensor | None, controls: list[ControlInput]
+    ) -> Denoiser:
+        """The denoiser for this shape and set of ControlNets, reused between calls so a captured CUDA graph is
+        replayed."""
+        key = (sampler.name, req.steps, req.first, req.shape, tuple(text.shape), req.guided, control_key(controls))
         cached = self._denoisers.get(key, noise)
         if cached is not None:
             return cached
@@ -376,7 +403,11 @@ class Pipeline:
         widths = extra if model.family == "sdxl" else None
         dtype = _input_dtype(unet, "encoder_hidden_states")
         buffers = StepBuffers.allocate(req.shape, tuple(text.shape), dtype, self.device, widths)
-        denoiser = Denoiser(unet, sampler, schedule, buffers, req.guided, self.cuda_graph)
+        slots = make_slots(controls, self.engines, req, self.device)
+        if not slots:
+            buffers.residuals = zero_residuals(unet, text.shape[0], req.shape[2], req.shape[3], self.device)
+        use_graph = self.cuda_graph and all(slot.engine.graph_capturable for slot in slots)
+        denoiser = Denoiser(unet, sampler, schedule, buffers, req.guided, use_graph, slots)
         self._denoisers.put(key, denoiser)
         return denoiser
 

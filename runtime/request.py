@@ -61,6 +61,30 @@ class LoraSetting:
 
 
 @dataclass(frozen=True)
+class ControlSetting:
+    """A ControlNet a call ran with, as a generation's settings report it."""
+
+    name: str
+    scale: float
+    start: float
+    end: float
+    guess_mode: bool
+    preprocess: str
+    resize_mode: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "scale": self.scale,
+            "start": self.start,
+            "end": self.end,
+            "guess_mode": self.guess_mode,
+            "preprocess": self.preprocess,
+            "resize_mode": self.resize_mode,
+        }
+
+
+@dataclass(frozen=True)
 class Settings:
     """What a generation ran with (``GenerationResult.settings``); ``to_dict()`` is its JSON form."""
 
@@ -74,10 +98,13 @@ class Settings:
     loras: tuple[LoraSetting, ...] = ()
     time_ids: tuple[int, ...] = ()  # SDXL only
     zero_negative: bool = False  # SDXL only
+    controls: tuple[ControlSetting, ...] = ()
 
     @classmethod
-    def of(cls, req: Request, backend: str, loras: Sequence[LoraSetting] = ()) -> Settings:
-        """The settings of ``req`` run on ``backend`` with ``loras``."""
+    def of(
+        cls, req: Request, backend: str, loras: Sequence[LoraSetting] = (), controls: Sequence[ControlSetting] = ()
+    ) -> Settings:
+        """The settings of ``req`` run on ``backend`` with ``loras`` and ``controls``."""
         return cls(
             req.steps,
             req.guidance_scale,
@@ -89,6 +116,7 @@ class Settings:
             tuple(loras),
             req.time_ids,
             req.zero_negatives,
+            tuple(controls),
         )
 
     def __getitem__(self, key: str) -> Any:
@@ -111,6 +139,8 @@ class Settings:
         if self.time_ids:
             data["time_ids"] = list(self.time_ids)
             data["zero_negative"] = self.zero_negative
+        if self.controls:
+            data["controls"] = [c.to_dict() for c in self.controls]
         return data
 
 

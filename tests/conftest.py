@@ -76,3 +76,48 @@ def tiny_fp32(tmp_path_factory, tiny_bundle, tiny_profile) -> Path:
 @pytest.fixture(scope="session")
 def tiny_fp16(tmp_path_factory, tiny_bundle, tiny_profile) -> Path:
     return _export(tmp_path_factory, tiny_bundle, tiny_profile, "fp16")
+
+
+# -- ControlNet ------------------------------------------------------------------------------------------------
+# Random ControlNets copied from the tiny UNet, with "zero" convolutions that are not zero (diffusers starts them at
+# zero, which would let every test pass with the ControlNet ignored) and scaled up so one changes the image well
+# below 30 dB PSNR (tests/runtime/control/test_control_pipeline.py asserts it).
+CONTROL_FIXTURES = {"edges": 1, "depth": 2}  # name -> seed
+CONTROL_GAIN = 3.0
+
+
+def make_tiny_controlnet(unet, seed: int, gain: float = CONTROL_GAIN):
+    import torch
+
+    from sdtrt.runtime.models.controlnet import TINY_HINT_CHANNELS, controlnet_from_unet
+
+    model = controlnet_from_unet(unet, seed=seed, hint_channels=TINY_HINT_CHANNELS)
+    with torch.no_grad():
+        for conv in (*model.controlnet_down_blocks, model.controlnet_mid_block):
+            conv.weight.mul_(gain)
+            conv.bias.mul_(gain)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnets(tmp_path_factory, tiny_bundle) -> dict:
+    """name -> (diffusers folder, ControlNetModel) for each of CONTROL_FIXTURES."""
+    root = tmp_path_factory.mktemp("controlnets")
+    result = {}
+    for name, seed in CONTROL_FIXTURES.items():
+        model = make_tiny_controlnet(tiny_bundle.unet, seed)
+        model.save_pretrained(root / name)
+        result[name] = (root / name, model)
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_control_fp32(tmp_path_factory, tiny_bundle, tiny_profile, tiny_controlnets) -> Path:
+    """An fp32 ONNX artifact of the tiny preset with the ControlNets ``edges`` and ``depth``."""
+    from sdtrt.export.controlnet import ControlNetArg, load_controlnets
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+
+    args = [ControlNetArg(str(path), name) for name, (path, _) in tiny_controlnets.items()]
+    out = tmp_path_factory.mktemp("tiny-control") / "artifacts"
+    export_artifacts(tiny_bundle, out, ExportOptions(profile=tiny_profile), controlnets=load_controlnets(args, tiny_bundle.model))
+    return out

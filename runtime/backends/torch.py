@@ -27,7 +27,7 @@ from sdtrt.runtime.deps import require
 from sdtrt.runtime.engine import BackendOptions, WeightUpdate
 from sdtrt.runtime.errors import ArtifactError, ConfigError
 from sdtrt.runtime.manifest import Manifest, TensorEntry
-from sdtrt.runtime.specs import ComponentSpec, component_specs
+from sdtrt.runtime.specs import ComponentSpec, component_spec, component_specs, is_controlnet
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def open_engines(
     precision = run_precision(options.precision, device)
     specs = component_specs(manifest.model)
     names = list(dict.fromkeys(components))
-    unknown = [name for name in names if name not in specs]
+    unknown = [name for name in names if name not in specs and name not in manifest.controlnets.values()]
     if unknown:
         raise ConfigError(f"unknown component(s) {unknown}; expected some of: {', '.join(specs)}")
     require("diffusers", "the torch backend", "export")
@@ -144,13 +144,14 @@ def open_engines(
     from sdtrt.runtime.models.sources import reload_source
     from sdtrt.runtime.models.wrappers import wrap
 
+    networks = [name for name in names if not is_controlnet(name)]
     bundle = reload_source(manifest.source)
     _check_same_source(manifest.source, bundle.source)
-    bundle.release(names)
+    bundle.release(networks)
     engines: dict[str, TorchEngine] = {}
     try:
         for name in names:
-            module = bundle.module(name)
+            module = _controlnet_module(manifest, name) if is_controlnet(name) else bundle.module(name)
             use_sdpa(module)
             wrapped = wrap(name, module, manifest.model.family)
             own = component_precision(name, manifest, precision)
@@ -158,12 +159,22 @@ def open_engines(
                 # In place: the VAE is shared by both VAE wrappers, and converting it twice is harmless.
                 wrapped = half_with_fp32_norms(wrapped, inplace=True)
             wrapped.to(device).requires_grad_(False)
-            inputs, outputs = declared_tensors(specs[name], own)
+            inputs, outputs = declared_tensors(component_spec(manifest.model, name), own)
             engines[name] = TorchEngine(name, inputs, outputs, device, wrapped, manifest.model.vae_scale_factor)
     except BaseException:
         close_all(engines)
         raise
     return engines
+
+
+def _controlnet_module(manifest: Manifest, component: str) -> Any:
+    """The ControlNet module of ``component``, loaded from the source its manifest entry records."""
+    from sdtrt.runtime.models.controlnet import reload_controlnet
+
+    record = manifest.components[component].extra.get("controlnet", {}).get("source")
+    if not record:
+        raise ArtifactError(f"{component} records no ControlNet source to load; add the ControlNet again")
+    return reload_controlnet(record).model
 
 
 def component_precision(name: str, manifest: Manifest, precision: str) -> str:

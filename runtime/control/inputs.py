@@ -75,6 +75,18 @@ class ControlInput:
                 f"{who}: unknown preprocessor {self.preprocess!r}; expected one of {', '.join(PREPROCESSORS)} "
                 "(other detectors need downloaded weights: run them elsewhere and pass their map with 'none')"
             )
+        try:  # the preprocessor's own settings, checked now rather than when the hint is built
+            HintOptions(
+                8,
+                8,
+                ResizeMode.parse(self.resize_mode),
+                self.preprocess,
+                self.low_threshold,
+                self.high_threshold,
+                self.processor_res,
+            )
+        except Exception as exc:
+            raise ControlError(f"{who}: {exc}") from None
         self._check_image(who)
 
     def _check_image(self, who: str) -> None:

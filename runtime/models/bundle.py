@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdtrt.runtime.errors import SourceError
-from sdtrt.runtime.specs import ModelInfo
+from sdtrt.runtime.specs import ModelInfo, residual_layout
 
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
 MODULES = ("text_encoder", "text_encoder_2", "unet", "vae")
@@ -127,6 +127,7 @@ def model_info(
         "pooled_width": int(tcfg.hidden_size),
         "unet_downsamples": len(ucfg.block_out_channels) - 1,
         "native_size": int(sample or 0) * vae_factor,
+        "control_residuals": residual_layout(ucfg.block_out_channels, ucfg.layers_per_block),
     }
     if getattr(ucfg, "addition_embed_type", None) == "text_time":
         return _sdxl_info(ucfg, vcfg, tcfg, text_encoder_2, int(cross), common, pipeline_config or {})

@@ -124,6 +124,16 @@ SDXL_INDEX = {"force_zeros_for_empty_prompt": True}
 # (1.5 to 8 tried) and is the one its recorded quality was measured with. The others are run as SD usually is.
 PRESET_GUIDANCE: dict[str, float] = {"shapes": 2.0}
 
+# ControlNets shipped with sdtrt, by the name `sdtrt export --controlnet` takes: their folders, and the name each
+# gets in an artifact unless the user chooses one.
+SHIPPED_CONTROLNETS: dict[str, Path] = {}
+SHIPPED_CONTROLNET_NAMES: dict[str, str] = {}
+
+
+def shipped_controlnet(name: str) -> Path | None:
+    """The folder of the shipped ControlNet ``name``, or None when no shipped ControlNet has that name."""
+    return SHIPPED_CONTROLNETS.get(name)
+
 
 def shipped_config(name: str) -> Path:
     """The diffusers-layout config folder shipped as ``name`` (in ``SHIPPED_CONFIG_NAMES`` or

@@ -54,3 +54,21 @@ def clip_tokenizer_hf(pad_token: str = "<|endoftext|>") -> Any:
 
     vocab, merges = clip_vocab_and_merges()
     return transformers.CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77, pad_token=pad_token)
+
+
+def controlnet_pipeline(bundle: Any, scheduler: str, controlnet: Any, img2img: bool = False) -> Any:
+    """diffusers' ControlNet pipeline over the bundle's modules: ``controlnet`` is one ``ControlNetModel`` or a
+    list (a ``MultiControlNetModel``). SDXL: ``StableDiffusionXLControlNet[Img2Img]Pipeline``; else
+    ``StableDiffusionControlNet[Img2Img]Pipeline``."""
+    diffusers = require("diffusers", "the diffusers reference pipeline", "export")
+    base = diffusers_pipeline(bundle, scheduler)
+    xl = bundle.model.family == "sdxl"
+    name = ("StableDiffusionXLControlNet" if xl else "StableDiffusionControlNet") + ("Img2Img" if img2img else "")
+    if isinstance(controlnet, list | tuple):
+        controlnet = diffusers.MultiControlNetModel(list(controlnet))
+    components = {k: v for k, v in base.components.items() if k not in ("image_encoder",)}
+    if not xl:
+        components.pop("watermark", None)
+    pipe = getattr(diffusers, f"{name}Pipeline")(**components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

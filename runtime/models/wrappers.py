@@ -40,21 +40,38 @@ class PenultimateTextEncoder(nn.Module):
         return out.hidden_states[-2].to(dtype), pooled.to(dtype)
 
 
+def _residual_kwargs(residuals: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """ControlNet residuals (down-block outputs, then the middle block's) as diffusers' UNet takes them."""
+    if not residuals:
+        return {}
+    return {"down_block_additional_residuals": residuals[:-1], "mid_block_additional_residual": residuals[-1]}
+
+
 class UNet(nn.Module):
-    """(sample, timestep [B] float32, encoder_hidden_states) -> noise_pred."""
+    """(sample, timestep [B] float32, encoder_hidden_states, *control residuals) -> noise_pred.
+
+    The residuals (``control_down_<k>``, ``control_mid``) are added to the skip connections and the middle
+    block's output, as diffusers does with a ControlNet's; zeros leave the prediction unchanged.
+    """
 
     def __init__(self, unet: Any) -> None:
         super().__init__()
         self.unet = unet
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *residuals: torch.Tensor,
     ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        control = _residual_kwargs(residuals)
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **control)[0]
 
 
 class UNetXL(nn.Module):
-    """(sample, timestep, encoder_hidden_states, text_embeds [B, P], time_ids [B, 6]) -> noise_pred: SDXL."""
+    """(sample, timestep, encoder_hidden_states, text_embeds [B, P], time_ids [B, 6], *control residuals)
+    -> noise_pred: SDXL."""
 
     def __init__(self, unet: Any) -> None:
         super().__init__()
@@ -67,9 +84,36 @@ class UNetXL(nn.Module):
         encoder_hidden_states: torch.Tensor,
         text_embeds: torch.Tensor,
         time_ids: torch.Tensor,
+        *residuals: torch.Tensor,
     ) -> torch.Tensor:
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        control = _residual_kwargs(residuals)
+        return self.unet(
+            sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False, **control
+        )[0]
+
+
+class ControlNet(nn.Module):
+    """(sample, timestep, encoder_hidden_states, [text_embeds, time_ids,] controlnet_cond) -> residuals.
+
+    The residuals come out unscaled (conditioning scale 1): the runtime multiplies them by each step's scale.
+    """
+
+    def __init__(self, controlnet: Any, xl: bool) -> None:
+        super().__init__()
+        self.controlnet, self.xl = controlnet, xl
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.xl:
+            context, text_embeds, time_ids, hint = rest
+            added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        else:
+            context, hint = rest
+            added = None
+        down, mid = self.controlnet(
+            sample, timestep, context, hint, conditioning_scale=1.0, added_cond_kwargs=added, return_dict=False
+        )
+        return (*down, mid)
 
 
 class VaeDecoder(nn.Module):
@@ -104,6 +148,8 @@ class VaeEncoder(nn.Module):
 def wrap(component: str, module: Any, family: str = "sd1") -> nn.Module:
     """``module`` behind the plain tensor interface of ``component``'s spec for a model of ``family``."""
     xl = family == "sdxl"
+    if component.startswith("controlnet_"):
+        return ControlNet(module, xl).eval()
     wrappers: dict[str, type[nn.Module]] = {
         "text_encoder": PenultimateTextEncoder if xl else TextEncoder,
         "text_encoder_2": PenultimateTextEncoder,

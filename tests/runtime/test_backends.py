@@ -18,9 +18,10 @@ from sdtrt.runtime.errors import ArtifactError, BackendError, ConfigError, Missi
 from sdtrt.runtime.files import sha256_file
 from sdtrt.runtime.manifest import read_manifest
 from sdtrt.runtime.models.wrappers import wrap
-from sdtrt.runtime.specs import ModelInfo, model_components
+from sdtrt.runtime.specs import ModelInfo, control_input_names, model_components, residual_layout
 
 CPU = torch.device("cpu")
+TINY_RESIDUALS = residual_layout((32, 64), 1)  # the tiny preset's UNet
 SIZES = [(1, 64, 64), (2, 128, 96)]  # (batch, height, width); a non-square size catches swapped sides
 # Largest relative L2 error against the fp32 PyTorch modules.
 TOLERANCE = {"ort-fp32": 1e-4, "ort-fp16": 1e-2, "torch-fp32": 1e-4}
@@ -35,11 +36,16 @@ def make_feeds(component: str, batch: int, height: int, width: int, seed: int = 
         ids[:, 0], ids[:, -1] = 49406, 49407
         return {"input_ids": ids}
     if component == "unet":
-        return {
+        feeds = {
             "sample": torch.randn(latent, generator=g),
             "timestep": torch.linspace(1, 999, batch),
             "encoder_hidden_states": torch.randn(batch, 77, 32, generator=g),
         }
+        # the ControlNet residuals the UNet takes (random, so the parity covers them too)
+        tiny = ModelInfo(control_residuals=TINY_RESIDUALS)
+        for name, (channels, factor) in zip(control_input_names(tiny), TINY_RESIDUALS, strict=True):
+            feeds[name] = torch.randn(batch, channels, latent[2] // factor, latent[3] // factor, generator=g)
+        return feeds
     if component == "vae_decoder":
         return {"latent": torch.randn(latent, generator=g)}
     return {"image": torch.rand(batch, 3, height, width, generator=g) * 2 - 1}
@@ -126,7 +132,7 @@ def test_outputs_match_pytorch(engines, tiny_bundle, case, component, size):
 
 def test_torch_fp16_declares_and_returns_half(tiny_fp32, tiny_bundle):
     with open_cpu("torch", tiny_fp32, components=["unet"], precision="fp16")["unet"] as unet:
-        assert [e.dtype for e in unet.inputs] == ["float16", "float32", "float16"]
+        assert [e.dtype for e in unet.inputs] == ["float16", "float32", "float16"] + ["float16"] * len(TINY_RESIDUALS)
         assert [e.dtype for e in unet.outputs] == ["float16"]
         assert {type(p).__name__ for p in unet.module.unet.attn_processors.values()} == {"AttnProcessor2_0"}
         feeds = make_feeds("unet", 1, 64, 64)
@@ -168,7 +174,8 @@ def _bad_unet_feeds(kind: str) -> dict[str, torch.Tensor]:
 
 
 BAD_FEEDS = {
-    "missing": r"unet expects inputs \['sample', 'timestep', 'encoder_hidden_states'\].*missing \['encoder_hidden_",
+    "missing": r"unet expects inputs \['sample', 'timestep', 'encoder_hidden_states', 'control_down_0'.*"
+    r"missing \['encoder_hidden_",
     "unknown": r"unknown \['mask'\]",
     "dtype": r"input 'sample': expected dtype float32, found float64",
     "rank": r"expected rank 4 \[unet_batch, 4, latent_height, latent_width\], found rank 3 \[4, 16, 16\]",
