@@ -147,9 +147,10 @@ def diffusers_control_generator(bundle: Any, controlnet: Any, batch: int = 25) -
 def record_control_quality(name: str, report: dict, folder: Path | None = None) -> None:
     """Store ``report`` as ``quality[name]`` in the shipped ControlNet's record (its weights are untouched)."""
     from sdtrt.runtime.files import write_text_atomic
-    from sdtrt.runtime.models.presets import DATA_DIR, SHIPPED_CONTROLNETS
+    from sdtrt.runtime.models.presets import SHIPPED_CONTROLNETS
 
-    path = (folder or DATA_DIR) / f"{SHIPPED_CONTROLNETS['shapes-outline']}.json"
+    shipped = SHIPPED_CONTROLNETS["shapes-outline"]
+    path = (folder or shipped.parent) / f"{shipped.name}.json"
     record = json.loads(path.read_text())
     record.setdefault("quality", {})[name] = report
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")

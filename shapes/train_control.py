@@ -154,7 +154,7 @@ def save(folder: Path, controlnet: Any, record: dict[str, Any]) -> dict[str, Any
     """Write the fp16 ControlNet folder and its record (each file to a temporary name first); returns the record."""
     from safetensors.torch import save_file
 
-    out = folder / SHIPPED_CONTROLNETS[NAME]
+    out = folder / SHIPPED_CONTROLNETS[NAME].name
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in controlnet.state_dict().items()}
     weights, tmp = out / CONTROLNET_WEIGHTS_NAME, out / (CONTROLNET_WEIGHTS_NAME + ".tmp")
@@ -163,7 +163,7 @@ def save(folder: Path, controlnet: Any, record: dict[str, Any]) -> dict[str, Any
     config = {"_class_name": "ControlNetModel", **{k: v for k, v in controlnet.config.items() if not k.startswith("_")}}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     record = {**record, "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
-    record_path = folder / f"{SHIPPED_CONTROLNETS[NAME]}.json"
+    record_path = folder / f"{SHIPPED_CONTROLNETS[NAME].name}.json"
     record_tmp = record_path.with_name(record_path.name + ".tmp")
     record_tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.chmod(tmp, 0o644)

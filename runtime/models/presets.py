@@ -47,10 +47,11 @@ SHAPES_WEIGHTS_NAME = "shapes.safetensors"
 SHAPES_RECORD_NAME = "shapes.json"
 _SHAPES_MODULES = ("text_encoder", "unet", "vae")
 _RETRAIN = "reinstall sdtrt, or retrain with `python -m sdtrt.shapes.train --out runtime/models/data`"
-# ControlNets trained by sdtrt and shipped in DATA_DIR: name -> folder (diffusers layout; its record is the folder
-# name + ".json"), and the name a ControlNet gets in an artifact when exported without one.
-SHIPPED_CONTROLNETS = {"shapes-outline": "shapes-outline"}
-SHIPPED_CONTROLNET_NAMES = {"shapes-outline": "outline"}
+# ControlNets shipped with sdtrt, by the name `sdtrt export --controlnet` takes: their folders (diffusers layout,
+# trained by sdtrt; each one's record is the folder name + ".json" beside it), and the name each gets in an
+# artifact unless the user chooses one.
+SHIPPED_CONTROLNETS: dict[str, Path] = {"shapes-outline": DATA_DIR / "shapes-outline"}
+SHIPPED_CONTROLNET_NAMES: dict[str, str] = {"shapes-outline": "outline"}
 CONTROLNET_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _RETRAIN_CONTROL = "reinstall sdtrt, or retrain with `python -m sdtrt.shapes.train_control --out runtime/models/data`"
 
@@ -123,16 +124,6 @@ SDXL_INDEX = {"force_zeros_for_empty_prompt": True}
 # The guidance scale a preset is meant to run at, where it has one: shapes' 2 was chosen on its training prompts
 # (1.5 to 8 tried) and is the one its recorded quality was measured with. The others are run as SD usually is.
 PRESET_GUIDANCE: dict[str, float] = {"shapes": 2.0}
-
-# ControlNets shipped with sdtrt, by the name `sdtrt export --controlnet` takes: their folders, and the name each
-# gets in an artifact unless the user chooses one.
-SHIPPED_CONTROLNETS: dict[str, Path] = {}
-SHIPPED_CONTROLNET_NAMES: dict[str, str] = {}
-
-
-def shipped_controlnet(name: str) -> Path | None:
-    """The folder of the shipped ControlNet ``name``, or None when no shipped ControlNet has that name."""
-    return SHIPPED_CONTROLNETS.get(name)
 
 
 def shipped_config(name: str) -> Path:
@@ -284,12 +275,12 @@ def verified_shapes_weights(folder: Path = DATA_DIR) -> tuple[Path, dict[str, An
     return weights, record
 
 
-def shipped_controlnet(name: str, folder: Path = DATA_DIR) -> Path | None:
-    """The folder of the shipped ControlNet ``name`` after checking its weights' sha256 against its record; None
-    when ``name`` is not a shipped ControlNet."""
+def shipped_controlnet(name: str, folder: Path | None = None) -> Path | None:
+    """The folder of the shipped ControlNet ``name`` (in ``folder`` instead of where sdtrt ships it, if given),
+    after checking its weights' sha256 against its record; None when ``name`` is not a shipped ControlNet."""
     if name not in SHIPPED_CONTROLNETS:
         return None
-    path = folder / SHIPPED_CONTROLNETS[name]
+    path = SHIPPED_CONTROLNETS[name] if folder is None else folder / SHIPPED_CONTROLNETS[name].name
     record_path = path.with_name(path.name + ".json")
     try:
         expected = json.loads(record_path.read_text())["sha256"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtrt.runtime.models.presets import DATA_DIR, SHIPPED_CONTROLNETS
+from sdtrt.runtime.models.presets import SHIPPED_CONTROLNETS
 from sdtrt.shapes import control_data, data
 from sdtrt.shapes.control_score import score_control
 from sdtrt.shapes.evaluate_control import pipeline_control_generator
@@ -34,7 +34,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def outline_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shapes-outline") / "artifact"
-    folder = DATA_DIR / SHIPPED_CONTROLNETS["shapes-outline"]
+    folder = SHIPPED_CONTROLNETS["shapes-outline"]
     done = subprocess.run(
         [SDTRT, "export", "shapes", "--out", str(out), "--controlnet", f"outline={folder}"],
         capture_output=True,

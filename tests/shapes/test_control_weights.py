@@ -23,7 +23,7 @@ from sdtrt.runtime.models.presets import (
 )
 from sdtrt.shapes.control_score import TARGETS
 
-FOLDER = DATA_DIR / SHIPPED_CONTROLNETS["shapes-outline"]
+FOLDER = SHIPPED_CONTROLNETS["shapes-outline"]
 RECORD = json.loads((DATA_DIR / "shapes-outline.json").read_text())
 
 
