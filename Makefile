@@ -14,7 +14,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SDTRT := $(VENV)/bin/sdtrt
 TORCH ?= torch==2.13.0
-DEMO_EXTRAS ?= export,ort
+DEMO_EXTRAS ?= export,ort,control
 TEST_EXTRAS ?= export,ort,test
 DEMO_DIR ?= out/demo
 PYTEST_ARGS ?=
@@ -26,7 +26,7 @@ PIP_LOG := $(VENV)/pip.log
 pip_install = { echo "installing $(1)..."; $(PY) -m pip install -q --no-compile $(2) >>$(PIP_LOG) 2>&1 || \
 	{ tail -n 40 $(PIP_LOG); echo "pip failed installing $(1); its whole output is in $(PIP_LOG)"; exit 1; }; }
 
-.PHONY: install install-test demo test lint typecheck clean train-shapes
+.PHONY: install install-test demo test lint typecheck clean train-shapes train-shapes-control
 
 $(PY):
 	@echo "creating $(VENV) with $(PYTHON)..."
@@ -50,22 +50,32 @@ install: $(VENV)/.installed-demo
 install-test: $(VENV)/.installed-test
 
 demo: install
-	$(SDTRT) export shapes --out $(DEMO_DIR)/artifacts --precision fp16
+	$(SDTRT) export shapes --out $(DEMO_DIR)/artifacts --precision fp16 --controlnet shapes-outline
 	$(SDTRT) check $(DEMO_DIR)/artifacts --json $(DEMO_DIR)/check.json --report-json $(DEMO_DIR)/adherence.json
 	$(SDTRT) generate $(DEMO_DIR)/artifacts "a red circle on a blue background" --steps 20 --cfg 2 --seed 1 \
 		--out $(DEMO_DIR)/red-circle.png
 	$(SDTRT) generate $(DEMO_DIR)/artifacts "a small yellow circle on a purple background" --steps 20 --cfg 2 \
 		--seed 2 --out $(DEMO_DIR)/yellow-circle.png
+	$(PY) -m sdtrt.shapes.hint --shape triangle --centre 40,84 --radius 24 --out $(DEMO_DIR)/outline-hint.png
+	$(SDTRT) generate $(DEMO_DIR)/artifacts "a red circle on a blue background" --control outline:$(DEMO_DIR)/outline-hint.png \
+		--steps 20 --cfg 2 --seed 1 --out $(DEMO_DIR)/red-outline.png
 	@echo "artifacts: $(DEMO_DIR)/artifacts (ONNX files, tokenizer.json, scheduler_config.json, manifest.json)"
 	@echo "check:     $(DEMO_DIR)/check.json (each component against PyTorch), $(DEMO_DIR)/adherence.json"
 	@echo "           (held-out prompts scored on what the images show)"
 	@echo "images:    $(DEMO_DIR)/red-circle.png should show a red circle on a blue background;"
 	@echo "           $(DEMO_DIR)/yellow-circle.png a small yellow circle on a purple background"
 	@echo "           (a combination the model never saw in training)"
+	@echo "control:   $(DEMO_DIR)/red-outline.png: the same prompt with the outline ControlNet and the hint"
+	@echo "           $(DEMO_DIR)/outline-hint.png (a triangle's outline, lower left): a red triangle there"
 
 # Retrain the shapes model from scratch (about 45 minutes on 2 CPU cores); writes runtime/models/data/shapes.*
 train-shapes: install
 	$(PY) -m sdtrt.shapes.train --out runtime/models/data
+
+# Retrain the shapes outline ControlNet over the shipped shapes model (about 8 minutes on 2 CPU cores); writes
+# runtime/models/data/shapes-outline/ and shapes-outline.json
+train-shapes-control: install
+	$(PY) -m sdtrt.shapes.train_control --out runtime/models/data
 
 test: install-test typecheck
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -100,11 +100,9 @@ def _largest_region(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def read_image(image: Image.Image | np.ndarray) -> Reading:
-    """What ``image`` (PIL or uint8 HxWx3) shows."""
-    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
-    if pixels.ndim != 3 or pixels.shape[2] != 3 or min(pixels.shape[:2]) <= 4 * BORDER:
-        raise ValueError(f"expected an RGB image larger than {4 * BORDER}x{4 * BORDER}, got shape {pixels.shape}")
+def shape_region(image: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(background RGB, boolean mask of the shape): the largest region that differs from the border's colour."""
+    pixels = _pixels(image)
     frame = np.concatenate(
         [
             pixels[:BORDER].reshape(-1, 3),
@@ -115,7 +113,20 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
     )
     background_rgb = np.median(frame, axis=0)
     mask = np.linalg.norm(pixels - background_rgb, axis=2) > SHAPE_THRESHOLD
-    region = _largest_region(mask)
+    return background_rgb, _largest_region(mask)
+
+
+def _pixels(image: Image.Image | np.ndarray) -> np.ndarray:
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or min(pixels.shape[:2]) <= 4 * BORDER:
+        raise ValueError(f"expected an RGB image larger than {4 * BORDER}x{4 * BORDER}, got shape {pixels.shape}")
+    return pixels
+
+
+def read_image(image: Image.Image | np.ndarray) -> Reading:
+    """What ``image`` (PIL or uint8 HxWx3) shows."""
+    pixels = _pixels(image)
+    background_rgb, region = shape_region(pixels)
     area = int(region.sum())
     background = nearest_colour(background_rgb)
     if area < MIN_AREA:

@@ -66,12 +66,13 @@ class TrainSettings:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
 
-def _pixels(images: np.ndarray) -> torch.Tensor:
+def to_pixels(images: np.ndarray) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def _lr(step: int, total: int, base: float, warmup: int) -> float:
+def learning_rate(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up to ``base``, then a cosine decay to a tenth of it at ``total``."""
     if step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -87,13 +88,13 @@ def train_vae(vae: Any, settings: TrainSettings, rng: np.random.Generator) -> di
     for step in range(settings.vae_steps):
         images, _ = data.batch(int(rng.integers(2**31)), settings.vae_batch)
         y, x = (int(v) for v in rng.integers(0, data.IMAGE_SIZE - crop + 1, size=2))
-        pixels = _pixels(images[:, y : y + crop, x : x + crop])
+        pixels = to_pixels(images[:, y : y + crop, x : x + crop])
         posterior = vae.encode(pixels).latent_dist
         recon = vae.decode(posterior.sample()).sample
         rec = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels)
         loss = rec + settings.vae_kl_weight * posterior.kl().mean()
         for group in opt.param_groups:
-            group["lr"] = _lr(step, settings.vae_steps, settings.vae_lr, settings.warmup)
+            group["lr"] = learning_rate(step, settings.vae_steps, settings.vae_lr, settings.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -118,7 +119,7 @@ def encode_dataset(vae: Any, settings: TrainSettings, seed: int) -> tuple[torch.
     drawn = list(data.scenes(seed, settings.latents))
     for first in range(0, len(drawn), 64):
         chunk = drawn[first : first + 64]
-        pixels = _pixels(np.stack([data.to_array(data.draw(s)) for s in chunk]))
+        pixels = to_pixels(np.stack([data.to_array(data.draw(s)) for s in chunk]))
         posterior = vae.encode(pixels).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
@@ -126,7 +127,8 @@ def encode_dataset(vae: Any, settings: TrainSettings, seed: int) -> tuple[torch.
     return torch.cat(means), torch.cat(stds), captions
 
 
-def _alphas_cumprod() -> torch.Tensor:
+def alphas_cumprod() -> torch.Tensor:
+    """The training schedule's cumulative alphas (float32, as the shipped weights were trained with)."""
     # float32 betas, as diffusers' training schedulers compute them; the shipped weights were trained with exactly
     # these values, so keep this rather than the runtime's float64 SchedulerConfig.betas (differs in the last bits).
     cfg = SCHEDULER_CONFIG
@@ -154,7 +156,7 @@ def train_unet(
     Returns EMA copies of the UNet and text encoder, which sample better than the live weights.
     """
     mean, std = latents
-    ac = _alphas_cumprod()
+    ac = alphas_cumprod()
     text_encoder.requires_grad_(settings.train_text_encoder)
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if settings.train_text_encoder else [])
     opt = torch.optim.AdamW(params, lr=settings.unet_lr, betas=(0.9, 0.99), weight_decay=0.01)
@@ -180,7 +182,7 @@ def train_unet(
         weight = torch.clamp(snr, max=settings.min_snr_gamma) / snr
         loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         for group in opt.param_groups:
-            group["lr"] = _lr(step, settings.unet_steps, settings.unet_lr, settings.warmup)
+            group["lr"] = learning_rate(step, settings.unet_steps, settings.unet_lr, settings.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

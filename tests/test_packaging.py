@@ -107,7 +107,7 @@ def _installed_extras(commands: str) -> list[str]:
 
 def test_make_demo_installs_only_what_the_demo_runs() -> None:
     commands = _make_dry_run("demo")
-    assert _installed_extras(commands) == ["export,ort"], commands
+    assert _installed_extras(commands) == ["export,ort,control"], commands
     for line in commands.splitlines():
         if "pip install" in line:
             assert " -q " in line and ">>" in line, f"pip's own output belongs in the log: {line}"

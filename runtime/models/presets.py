@@ -47,6 +47,13 @@ SHAPES_WEIGHTS_NAME = "shapes.safetensors"
 SHAPES_RECORD_NAME = "shapes.json"
 _SHAPES_MODULES = ("text_encoder", "unet", "vae")
 _RETRAIN = "reinstall sdtrt, or retrain with `python -m sdtrt.shapes.train --out runtime/models/data`"
+# ControlNets shipped with sdtrt, by the name `sdtrt export --controlnet` takes: their folders (diffusers layout,
+# trained by sdtrt; each one's record is the folder name + ".json" beside it), and the name each gets in an
+# artifact unless the user chooses one.
+SHIPPED_CONTROLNETS: dict[str, Path] = {"shapes-outline": DATA_DIR / "shapes-outline"}
+SHIPPED_CONTROLNET_NAMES: dict[str, str] = {"shapes-outline": "outline"}
+CONTROLNET_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+_RETRAIN_CONTROL = "reinstall sdtrt, or retrain with `python -m sdtrt.shapes.train_control --out runtime/models/data`"
 
 TINY_UNET: dict[str, Any] = {
     "sample_size": 16,
@@ -117,16 +124,6 @@ SDXL_INDEX = {"force_zeros_for_empty_prompt": True}
 # The guidance scale a preset is meant to run at, where it has one: shapes' 2 was chosen on its training prompts
 # (1.5 to 8 tried) and is the one its recorded quality was measured with. The others are run as SD usually is.
 PRESET_GUIDANCE: dict[str, float] = {"shapes": 2.0}
-
-# ControlNets shipped with sdtrt, by the name `sdtrt export --controlnet` takes: their folders, and the name each
-# gets in an artifact unless the user chooses one.
-SHIPPED_CONTROLNETS: dict[str, Path] = {}
-SHIPPED_CONTROLNET_NAMES: dict[str, str] = {}
-
-
-def shipped_controlnet(name: str) -> Path | None:
-    """The folder of the shipped ControlNet ``name``, or None when no shipped ControlNet has that name."""
-    return SHIPPED_CONTROLNETS.get(name)
 
 
 def shipped_config(name: str) -> Path:
@@ -276,6 +273,30 @@ def verified_shapes_weights(folder: Path = DATA_DIR) -> tuple[Path, dict[str, An
             f"{record['sha256']}, found {found}; {_RETRAIN}"
         )
     return weights, record
+
+
+def shipped_controlnet(name: str, folder: Path | None = None) -> Path | None:
+    """The folder of the shipped ControlNet ``name`` (in ``folder`` instead of where sdtrt ships it, if given),
+    after checking its weights' sha256 against its record; None when ``name`` is not a shipped ControlNet."""
+    if name not in SHIPPED_CONTROLNETS:
+        return None
+    path = SHIPPED_CONTROLNETS[name] if folder is None else folder / SHIPPED_CONTROLNETS[name].name
+    record_path = path.with_name(path.name + ".json")
+    try:
+        expected = json.loads(record_path.read_text())["sha256"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SourceError(
+            f"the record {record_path} of the shipped ControlNet {name!r} is missing or unreadable ({exc}); "
+            f"{_RETRAIN_CONTROL}"
+        ) from exc
+    weights = path / CONTROLNET_WEIGHTS_NAME
+    found = sha256_file(weights) if weights.is_file() else "no file"
+    if found != expected:
+        raise SourceError(
+            f"the shipped ControlNet weights {weights} are missing, damaged or were replaced: expected sha256 "
+            f"{expected}, found {found}; {_RETRAIN_CONTROL}"
+        )
+    return path
 
 
 def load_shapes(folder: Path = DATA_DIR) -> ModelBundle:
