@@ -147,7 +147,9 @@ class CalibrationData:
         try:
             with np.load(source, allow_pickle=False) as npz:
                 index = json.loads(str(npz["index"]))
-                names = UNET_INPUTS + tuple(n for n in SDXL_INPUTS if n in npz.files)
+                # then SDXL's inputs and a control-ready UNet's residuals (zeros: captured without ControlNets)
+                extra = tuple(n for n in npz.files if n not in UNET_INPUTS and n != "index")
+                names = UNET_INPUTS + extra
                 arrays = {name: npz[name] for name in names}
         except (OSError, KeyError, ValueError) as exc:
             raise ArtifactError(

@@ -29,6 +29,7 @@ from sdtrt.runtime.models.presets import config_folder, load_preset, shipped_con
 from sdtrt.runtime.models.reference import diffusers_pipeline
 from sdtrt.runtime.pipeline import Pipeline
 from sdtrt.runtime.prompts import PromptTokenizer
+from sdtrt.runtime.specs import control_input_names
 
 pytest.importorskip("diffusers")
 
@@ -90,7 +91,11 @@ def test_fp16_artifact_keeps_the_vae_fp32_and_both_tokenizers(xl_fp16):
     }
     assert manifest.precision == "fp16"
     unet = manifest.components["unet"]
-    assert [t.name for t in unet.inputs] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    residuals = list(control_input_names(manifest.model))
+    assert [t.name for t in unet.inputs] == [
+        "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", *residuals
+    ]  # fmt: skip
+    assert len(residuals) == 5  # tiny-xl: conv_in, 2 x (1 resnet), 1 downsampler, middle
     assert unet.shapes["text_embeds"]["max"] == [8, 24]  # 2 x max batch 4, pooled width 24
     assert unet.shapes["encoder_hidden_states"]["max"] == [8, 77 * 3, 64]  # 3 prompt windows, 32 + 32 wide
     second = PromptTokenizer.from_file(xl_fp16 / manifest.tokenizer_2)
@@ -340,7 +345,9 @@ def test_torch_backend_fp16_keeps_the_vae_fp32(xl_fp32):
         Pipeline.from_artifacts(xl_fp32, backend="torch", device="cpu", options=options) as half,
         Pipeline.from_artifacts(xl_fp32, backend="torch", device="cpu") as full,
     ):
-        assert [t.dtype for t in half.engines["unet"].inputs][2:] == ["float16"] * 3
+        assert [t.dtype for t in half.engines["unet"].inputs][2:] == ["float16"] * (
+            3 + len(half.manifest.model.control_residuals)
+        )
         assert [t.dtype for t in half.engines["vae_decoder"].inputs] == ["float32"]
         a = half(PROMPT, steps=2, guidance_scale=5.0, seed=8)
         b = full(PROMPT, steps=2, guidance_scale=5.0, seed=8)
