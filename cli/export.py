@@ -198,9 +198,8 @@ def read_names(folder: Path) -> list[str]:
 @click.option("--workspace-gib", type=float, help="Cap on TensorRT's scratch memory, GiB (default: TensorRT's).")
 @click.option(
     "--components",
-    default="text_encoder,unet,vae_decoder,vae_encoder",
-    show_default=True,
-    help="Comma-separated components to build (those the artifact has).",
+    help="Comma-separated components to build, e.g. unet,controlnet_canny "
+    "(default: every component the artifact has, its ControlNets included).",
 )
 def build_cmd(
     artifacts: Path,
@@ -218,9 +217,13 @@ def build_cmd(
     opt_level: int,
     refittable: bool,
     workspace_gib: float | None,
-    components: str,
+    components: str | None,
 ) -> None:
-    """Build TensorRT engines from the ONNX artifact folder ARTIFACTS into the engine folder OUT."""
+    """Build TensorRT engines from the ONNX artifact folder ARTIFACTS into the engine folder OUT.
+
+    Building into an engine folder again keeps every engine built from the same ONNX file, profile, TensorRT and
+    GPU: after adding a ControlNet to ARTIFACTS, only the ControlNet's engine is built.
+    """
     from sdtrt.export.build import ProfileRequest, TensorRTBuildOptions, build_engines, resolve_profile
     from sdtrt.runtime.manifest import read_manifest
 
@@ -240,18 +243,32 @@ def build_cmd(
         timing_cache=timing_cache,
         refittable=refittable,
         workspace_gib=workspace_gib,
-        components=split_list(components),
+        components=split_list(components) if components is not None else None,
     )
+    events: dict[str, str] = {}
+
+    def progress(component: str, event: str) -> None:
+        events[component] = event
+        if event == "building":
+            click.echo(f"building {component} ...", err=True)
+
     start = time.perf_counter()
-    manifest = build_engines(artifacts, out, resolve_profile(request, read_manifest(artifacts).profile), options)
+    profile = resolve_profile(request, read_manifest(artifacts).profile)
+    manifest = build_engines(artifacts, out, profile, options, progress=progress)
     click.echo(f"TensorRT {manifest.versions.get('tensorrt')} engines in {out} ({time.perf_counter() - start:.1f} s)")
     click.echo(f"  profile {manifest.profile.id}")
-    for entry in manifest.components.values():
+    for name, entry in manifest.components.items():
         extra = entry.extra
         peak = extra.get("peak_device_memory")
+        seconds = f"{extra.get('build_seconds', 0):.1f} s"
+        state = f"built in {seconds}" if events.get(name) == "built" else f"kept (built earlier in {seconds})"
         click.echo(
-            f"  {entry.file:<18} {(out / entry.file).stat().st_size / 2**20:9.1f} MiB  "
-            f"built in {extra.get('build_seconds', 0):.1f} s, peak build memory "
+            f"  {entry.file:<22} {(out / entry.file).stat().st_size / 2**20:9.1f} MiB  {state}, peak build memory "
             + ("n/a" if peak is None else f"{peak / 2**20:.0f} MiB")
             + f", activations {extra.get('device_memory_size', 0) / 2**20:.1f} MiB"
+        )
+    kept = [name for name in manifest.components if events.get(name) != "built"]
+    if kept:
+        click.echo(
+            f"  kept {len(kept)} engine(s) built earlier from the same ONNX files and profile: {', '.join(kept)}"
         )
