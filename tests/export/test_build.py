@@ -589,3 +589,31 @@ def test_engine_of_an_onnx_file_the_artifact_no_longer_has_is_removed(use_double
     (artifact / "manifest.json").write_text(json.dumps(source))
     manifest = build_engines(artifact, out, CONTROL_PROFILE, TensorRTBuildOptions(components=("unet",)))
     assert set(manifest.components) == {"unet"} and not (out / "controlnet_edges.plan").exists()
+
+
+def test_sdtrt_build_says_which_engines_it_kept(tiny_fp32, tiny_controlnets, tmp_path):
+    """The CLI end to end (tensorrt is the double in the subprocess): the default builds everything the artifact
+    has; after `sdtrt export CONTROLNET --into`, the same `sdtrt build` builds the ControlNet alone and says so."""
+    artifact, out, records = tmp_path / "A", tmp_path / "E", tmp_path / "builds.jsonl"
+    shutil.copytree(tiny_fp32, artifact)
+    shim = trt_double.write_shim(tmp_path / "shim", records)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")])}
+
+    def sdtrt(*args):
+        done = subprocess.run([SDTRT, *args], capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    first = sdtrt("build", str(artifact), "--out", str(out))
+    assert "kept" not in first.stdout and "built in" in first.stdout
+    sdtrt("export", f"edges={tiny_controlnets['edges'][0]}", "--into", str(artifact))
+    again = sdtrt("build", str(artifact), "--out", str(out))
+    builds = [json.loads(line) for line in records.read_text().splitlines()]
+    assert builds == [list(COMPONENTS), ["controlnet_edges"]]
+    assert "building controlnet_edges ..." in again.stderr and "building unet" not in again.stderr
+    lines = {line.split()[0]: line for line in again.stdout.splitlines()[2:] if line.strip()}
+    assert "built in" in lines["controlnet_edges.plan"] and "kept (built earlier in" in lines["unet.plan"]
+    assert (
+        "kept 4 engine(s) built earlier from the same ONNX files and profile: text_encoder, unet, vae_decoder, "
+        "vae_encoder" in again.stdout
+    )
