@@ -21,7 +21,7 @@
 #   3. sdxl-random 512x512, 1 step, CFG 0            (the SDXL-Turbo setting; Turbo has SDXL's architecture)
 #   4. sd15-random 512x512, 30 steps, CFG 7.5 + one ControlNet (a seeded random SD 1.5-architecture ControlNet
 #      made by controlnet_from_unet, saved as a diffusers folder and loaded back, random-stroke hint): torch and
-#      torch-graph, each with no control and with the ControlNet (benchmarks/controlnet_gpu.py; no diffusers)
+#      torch-graph, each with no control and with the ControlNet (benchmarks/controlnet_gpu.py; no diffusers baseline)
 #   5. host overhead: the denoising loop with a null UNet, CPU / CUDA eager / CUDA graph, every sampler
 # Prints: GPU, driver, torch and CUDA versions; the gpu tests' summary; each benchmark's table (median and p90
 # end-to-end, speed-up against diffusers, per-stage times, it/s, loop overhead, memory); the host-overhead

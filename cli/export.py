@@ -10,6 +10,7 @@ import click
 
 if TYPE_CHECKING:
     from sdtrt.export.controlnet import ControlNetArg
+    from sdtrt.runtime.manifest import Manifest
 
 from sdtrt.cli.options import parse_size, split_list
 
@@ -255,13 +256,18 @@ def build_cmd(
     start = time.perf_counter()
     profile = resolve_profile(request, read_manifest(artifacts).profile)
     manifest = build_engines(artifacts, out, profile, options, progress=progress)
-    click.echo(f"TensorRT {manifest.versions.get('tensorrt')} engines in {out} ({time.perf_counter() - start:.1f} s)")
+    show_engines(manifest, out, events, time.perf_counter() - start)
+
+
+def show_engines(manifest: Manifest, out: Path, events: dict[str, str], seconds: float) -> None:
+    """What ``sdtrt build`` made: one line per engine, built now or kept from an earlier build."""
+    click.echo(f"TensorRT {manifest.versions.get('tensorrt')} engines in {out} ({seconds:.1f} s)")
     click.echo(f"  profile {manifest.profile.id}")
     for name, entry in manifest.components.items():
         extra = entry.extra
         peak = extra.get("peak_device_memory")
-        seconds = f"{extra.get('build_seconds', 0):.1f} s"
-        state = f"built in {seconds}" if events.get(name) == "built" else f"kept (built earlier in {seconds})"
+        took = f"{extra.get('build_seconds', 0):.1f} s"
+        state = f"built in {took}" if events.get(name) == "built" else f"kept (built earlier in {took})"
         click.echo(
             f"  {entry.file:<22} {(out / entry.file).stat().st_size / 2**20:9.1f} MiB  {state}, peak build memory "
             + ("n/a" if peak is None else f"{peak / 2**20:.0f} MiB")
