@@ -225,7 +225,13 @@ def build_cmd(
     Building into an engine folder again keeps every engine built from the same ONNX file, profile, TensorRT and
     GPU: after adding a ControlNet to ARTIFACTS, only the ControlNet's engine is built.
     """
-    from sdtrt.export.build import ProfileRequest, TensorRTBuildOptions, build_engines, resolve_profile
+    from sdtrt.export.build import (
+        ProfileRequest,
+        TensorRTBuildOptions,
+        build_engines,
+        existing_profile,
+        resolve_profile,
+    )
     from sdtrt.runtime.manifest import read_manifest
 
     request = ProfileRequest(
@@ -254,7 +260,14 @@ def build_cmd(
             click.echo(f"building {component} ...", err=True)
 
     start = time.perf_counter()
-    profile = resolve_profile(request, read_manifest(artifacts).profile)
+    source_profile = read_manifest(artifacts).profile
+    profile = resolve_profile(request, source_profile)
+    if profile is None and (profile := existing_profile(out, source_profile)) is not None:
+        click.echo(
+            f"keeping the profile of the engines in {out}: {profile.id} (ask for other shapes with --static, "
+            "--dynamic or the batch options)",
+            err=True,
+        )
     manifest = build_engines(artifacts, out, profile, options, progress=progress)
     show_engines(manifest, out, events, time.perf_counter() - start)
 

@@ -59,6 +59,7 @@ __all__ = [
     "build",
     "build_engines",
     "engine_key",
+    "existing_profile",
     "resolve_profile",
 ]
 
@@ -115,6 +116,24 @@ def resolve_profile(request: ProfileRequest, base: ShapeProfile) -> ShapeProfile
     return ShapeProfile(
         *batches, low[0], opt[0], high[0], low[1], opt[1], high[1], max_prompt_windows=base.max_prompt_windows
     )
+
+
+def existing_profile(out: str | os.PathLike[str], artifact: ShapeProfile) -> ShapeProfile | None:
+    """The profile of the engine folder already at ``out`` when it lies inside the artifact's profile, else None:
+    building into it again without asking for shapes keeps its engines' shapes (and so the engines)."""
+    try:
+        previous = read_manifest(out) if (Path(out) / MANIFEST_NAME).is_file() else None
+    except ArtifactError:
+        return None  # build_engines says what is wrong with the folder
+    if previous is None or previous.kind != "tensorrt":
+        return None
+    profile = previous.profile
+    inside = all(
+        getattr(artifact, f"min_{d}") <= getattr(profile, f"min_{d}")
+        and getattr(profile, f"max_{d}") <= getattr(artifact, f"max_{d}")
+        for d in ("batch", "height", "width")
+    )
+    return profile if inside and profile.max_prompt_windows <= artifact.max_prompt_windows else None
 
 
 def _between(value: Size, low: Size, high: Size) -> Size:

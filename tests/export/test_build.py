@@ -593,7 +593,8 @@ def test_engine_of_an_onnx_file_the_artifact_no_longer_has_is_removed(use_double
 
 def test_sdtrt_build_says_which_engines_it_kept(tiny_fp32, tiny_controlnets, tmp_path):
     """The CLI end to end (tensorrt is the double in the subprocess): the default builds everything the artifact
-    has; after `sdtrt export CONTROLNET --into`, the same `sdtrt build` builds the ControlNet alone and says so."""
+    has; after `sdtrt export CONTROLNET --into`, `sdtrt build` into the same folder (its shapes kept) builds the
+    ControlNet alone and says so."""
     artifact, out, records = tmp_path / "A", tmp_path / "E", tmp_path / "builds.jsonl"
     shutil.copytree(tiny_fp32, artifact)
     shim = trt_double.write_shim(tmp_path / "shim", records)
@@ -604,10 +605,12 @@ def test_sdtrt_build_says_which_engines_it_kept(tiny_fp32, tiny_controlnets, tmp
         assert done.returncode == 0, done.stderr
         return done
 
-    first = sdtrt("build", str(artifact), "--out", str(out))
+    first = sdtrt("build", str(artifact), "--out", str(out), "--static", "128", "--batch", "1")
     assert "kept" not in first.stdout and "built in" in first.stdout
     sdtrt("export", f"edges={tiny_controlnets['edges'][0]}", "--into", str(artifact))
-    again = sdtrt("build", str(artifact), "--out", str(out))
+    again = sdtrt("build", str(artifact), "--out", str(out))  # no shapes asked: the engine folder's are kept
+    assert "keeping the profile of the engines in" in again.stderr
+    assert read_manifest(out).profile == ShapeProfile.static(128, 128, 1)
     builds = [json.loads(line) for line in records.read_text().splitlines()]
     assert builds == [list(COMPONENTS), ["controlnet_edges"]]
     assert "building controlnet_edges ..." in again.stderr and "building unet" not in again.stderr
@@ -617,3 +620,16 @@ def test_sdtrt_build_says_which_engines_it_kept(tiny_fp32, tiny_controlnets, tmp
         "kept 4 engine(s) built earlier from the same ONNX files and profile: text_encoder, unet, vae_decoder, "
         "vae_encoder" in again.stdout
     )
+
+
+def test_existing_profile_is_kept_only_inside_the_artifacts(use_double, tiny_fp16, tmp_path):
+    from sdtrt.export.build import existing_profile
+
+    use_double()
+    out = tmp_path / "E"
+    assert existing_profile(out, ARTIFACT) is None  # nothing there yet
+    build_engines(tiny_fp16, out, CONTROL_PROFILE, TensorRTBuildOptions(components=("unet",)))
+    assert existing_profile(out, read_manifest(tiny_fp16).profile) == CONTROL_PROFILE
+    narrower = ShapeProfile.square(64, 128, 128, max_batch=4)  # an artifact re-exported for smaller images
+    assert existing_profile(out, narrower) is None
+    assert existing_profile(tiny_fp16, ARTIFACT) is None  # an ONNX artifact has no engine profile
