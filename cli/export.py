@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
+    from sdtrt.export.build import ProfileRequest
     from sdtrt.export.controlnet import ControlNetArg
     from sdtrt.runtime.manifest import Manifest
+    from sdtrt.runtime.profile import ShapeProfile
 
 from sdtrt.cli.options import parse_size, split_list
 
@@ -225,14 +227,7 @@ def build_cmd(
     Building into an engine folder again keeps every engine built from the same ONNX file, profile, TensorRT and
     GPU: after adding a ControlNet to ARTIFACTS, only the ControlNet's engine is built.
     """
-    from sdtrt.export.build import (
-        ProfileRequest,
-        TensorRTBuildOptions,
-        build_engines,
-        existing_profile,
-        resolve_profile,
-    )
-    from sdtrt.runtime.manifest import read_manifest
+    from sdtrt.export.build import ProfileRequest, TensorRTBuildOptions, build_engines
 
     request = ProfileRequest(
         static_size=parse_size(static_size),
@@ -260,6 +255,16 @@ def build_cmd(
             click.echo(f"building {component} ...", err=True)
 
     start = time.perf_counter()
+    manifest = build_engines(artifacts, out, engine_profile(request, artifacts, out), options, progress=progress)
+    show_engines(manifest, out, events, time.perf_counter() - start)
+
+
+def engine_profile(request: ProfileRequest, artifacts: Path, out: Path) -> ShapeProfile | None:
+    """The shapes asked for; else those of the engines already in ``out`` (said on stderr), so building into it
+    again keeps them; else None, the artifact's own."""
+    from sdtrt.export.build import existing_profile, resolve_profile
+    from sdtrt.runtime.manifest import read_manifest
+
     source_profile = read_manifest(artifacts).profile
     profile = resolve_profile(request, source_profile)
     if profile is None and (profile := existing_profile(out, source_profile)) is not None:
@@ -268,8 +273,7 @@ def build_cmd(
             "--dynamic or the batch options)",
             err=True,
         )
-    manifest = build_engines(artifacts, out, profile, options, progress=progress)
-    show_engines(manifest, out, events, time.perf_counter() - start)
+    return profile
 
 
 def show_engines(manifest: Manifest, out: Path, events: dict[str, str], seconds: float) -> None:
