@@ -117,7 +117,8 @@ def test_set_input_shape_only_when_a_shape_changes(use_double, engines_dir):
     unet.infer(unet_feeds(side=8))
     # only the inputs whose shape changed: the latents and the residuals that follow their size
     assert [name for name, _ in context.shape_calls[8:]] == ["sample", *(n for n in unet_feeds() if "control" in n)]
-    assert context.shape_calls[8] == ("sample", (2, 4, 8, 8)) and context.shape_calls[-1] == ("control_mid", (2, 64, 4, 4))
+    assert context.shape_calls[8] == ("sample", (2, 4, 8, 8))
+    assert context.shape_calls[-1] == ("control_mid", (2, 64, 4, 4))
     assert context.addresses["noise_pred"] == unet.infer(unet_feeds(side=8))["noise_pred"].data_ptr()
 
 

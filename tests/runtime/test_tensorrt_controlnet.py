@@ -172,7 +172,7 @@ def test_real_engines_with_a_controlnet_match_onnxruntime(request, tiny_control_
     out = tmp_path / "engines"
     build_engines(artifact, out, ShapeProfile(1, 1, 2, 64, 64, 128, 64, 64, 128), TensorRTBuildOptions(opt_level=1))
     args = {"steps": 4, "seed": 3, "height": SIZE, "width": SIZE}
-    controls = [control("edges", scale=0.8)]
+    controls = [control("edges")]  # scale 1: the fixture ControlNets change the image well below 30 dB there
     with Pipeline.from_artifacts(artifact, backend="onnxruntime", device="cpu") as pipe:
         expected = pipe(PROMPT, controls=controls, **args).pixels
         plain = pipe(PROMPT, **args).pixels
