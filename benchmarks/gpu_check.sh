@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check: sdtrt's `gpu` tests and its side-by-side benchmarks on one CUDA GPU, in under ~9 minutes on an
+# GPU check: sdtrt's `gpu` tests and its side-by-side benchmarks on one CUDA GPU, in under ~10 minutes on an
 # H100/H200 (each step has its own timeout; a step that fails or times out is reported and the rest still run).
 #
 # Needs: a CUDA machine whose python3 has torch (CUDA build), transformers, tokenizers, safetensors, numpy and
@@ -19,7 +19,10 @@
 #   1. sd15-random 512x512, 30 steps, CFG 7.5        (SD 1.5 architecture, seeded random weights)
 #   2. sdxl-random 1024x1024, 30 steps, CFG 5        (SDXL base architecture, seeded random weights)
 #   3. sdxl-random 512x512, 1 step, CFG 0            (the SDXL-Turbo setting; Turbo has SDXL's architecture)
-#   4. host overhead: the denoising loop with a null UNet, CPU / CUDA eager / CUDA graph, every sampler
+#   4. sd15-random 512x512, 30 steps, CFG 7.5 + one ControlNet (a seeded random SD 1.5-architecture ControlNet
+#      made by controlnet_from_unet, saved as a diffusers folder and loaded back, random-stroke hint): torch and
+#      torch-graph, each with no control and with the ControlNet (benchmarks/controlnet_gpu.py; no diffusers baseline)
+#   5. host overhead: the denoising loop with a null UNet, CPU / CUDA eager / CUDA graph, every sampler
 # Prints: GPU, driver, torch and CUDA versions; the gpu tests' summary; each benchmark's table (median and p90
 # end-to-end, speed-up against diffusers, per-stage times, it/s, loop overhead, memory); the host-overhead
 # table (microseconds per step). Writes under $OUT: gpu_tests.txt, tables.txt (everything printed after the
@@ -79,6 +82,12 @@ bench 200 gpu_sdxl-random_1024_30steps sdxl-random --backends "$backends" --size
     --runs 3 --warmup 1
 bench 100 gpu_sdxl-random_512_1step_turbo sdxl-random --backends "$backends" --size 512x512 --steps 1 --cfg 0 \
     --runs 5 --warmup 2
+
+step "sd15-random + one ControlNet (limit 120s)"
+timeout 120 $PY -m sdtrt.benchmarks.controlnet_gpu --preset sd15-random --size 512 --steps 30 --cfg 7.5 \
+    --runs 3 --warmup 1 --precision fp16 --json "$OUT/gpu_sd15-random_512_30steps_controlnet.json" \
+    >> "$tables" 2>> "$OUT/bench_log.txt" ||
+    { echo "sd15-random + one ControlNet failed (exit $?; 124 = timed out)" >> "$tables"; failed=1; }
 
 step "host overhead (null UNet, limit 40s)"
 timeout 40 $PY -m sdtrt.benchmarks.host_overhead --paths cpu,cuda,cuda-graph --steps 600 \

@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
+    from sdtrt.export.build import ProfileRequest
     from sdtrt.export.controlnet import ControlNetArg
+    from sdtrt.runtime.manifest import Manifest
+    from sdtrt.runtime.profile import ShapeProfile
 
 from sdtrt.cli.options import parse_size, split_list
 
@@ -198,9 +201,8 @@ def read_names(folder: Path) -> list[str]:
 @click.option("--workspace-gib", type=float, help="Cap on TensorRT's scratch memory, GiB (default: TensorRT's).")
 @click.option(
     "--components",
-    default="text_encoder,unet,vae_decoder,vae_encoder",
-    show_default=True,
-    help="Comma-separated components to build (those the artifact has).",
+    help="Comma-separated components to build, e.g. unet,controlnet_canny "
+    "(default: every component the artifact has, its ControlNets included).",
 )
 def build_cmd(
     artifacts: Path,
@@ -218,11 +220,14 @@ def build_cmd(
     opt_level: int,
     refittable: bool,
     workspace_gib: float | None,
-    components: str,
+    components: str | None,
 ) -> None:
-    """Build TensorRT engines from the ONNX artifact folder ARTIFACTS into the engine folder OUT."""
-    from sdtrt.export.build import ProfileRequest, TensorRTBuildOptions, build_engines, resolve_profile
-    from sdtrt.runtime.manifest import read_manifest
+    """Build TensorRT engines from the ONNX artifact folder ARTIFACTS into the engine folder OUT.
+
+    Building into an engine folder again keeps every engine built from the same ONNX file, profile, TensorRT and
+    GPU: after adding a ControlNet to ARTIFACTS, only the ControlNet's engine is built.
+    """
+    from sdtrt.export.build import ProfileRequest, TensorRTBuildOptions, build_engines
 
     request = ProfileRequest(
         static_size=parse_size(static_size),
@@ -240,18 +245,53 @@ def build_cmd(
         timing_cache=timing_cache,
         refittable=refittable,
         workspace_gib=workspace_gib,
-        components=split_list(components),
+        components=split_list(components) if components is not None else None,
     )
+    events: dict[str, str] = {}
+
+    def progress(component: str, event: str) -> None:
+        events[component] = event
+        if event == "building":
+            click.echo(f"building {component} ...", err=True)
+
     start = time.perf_counter()
-    manifest = build_engines(artifacts, out, resolve_profile(request, read_manifest(artifacts).profile), options)
-    click.echo(f"TensorRT {manifest.versions.get('tensorrt')} engines in {out} ({time.perf_counter() - start:.1f} s)")
+    manifest = build_engines(artifacts, out, engine_profile(request, artifacts, out), options, progress=progress)
+    show_engines(manifest, out, events, time.perf_counter() - start)
+
+
+def engine_profile(request: ProfileRequest, artifacts: Path, out: Path) -> ShapeProfile | None:
+    """The shapes asked for; else those of the engines already in ``out`` (said on stderr), so building into it
+    again keeps them; else None, the artifact's own."""
+    from sdtrt.export.build import existing_profile, resolve_profile
+    from sdtrt.runtime.manifest import read_manifest
+
+    source_profile = read_manifest(artifacts).profile
+    profile = resolve_profile(request, source_profile)
+    if profile is None and (profile := existing_profile(out, source_profile)) is not None:
+        click.echo(
+            f"keeping the profile of the engines in {out}: {profile.id} (ask for other shapes with --static, "
+            "--dynamic or the batch options)",
+            err=True,
+        )
+    return profile
+
+
+def show_engines(manifest: Manifest, out: Path, events: dict[str, str], seconds: float) -> None:
+    """What ``sdtrt build`` made: one line per engine, built now or kept from an earlier build."""
+    click.echo(f"TensorRT {manifest.versions.get('tensorrt')} engines in {out} ({seconds:.1f} s)")
     click.echo(f"  profile {manifest.profile.id}")
-    for entry in manifest.components.values():
+    for name, entry in manifest.components.items():
         extra = entry.extra
         peak = extra.get("peak_device_memory")
+        took = f"{extra.get('build_seconds', 0):.1f} s"
+        state = f"built in {took}" if events.get(name) == "built" else f"kept (built earlier in {took})"
         click.echo(
-            f"  {entry.file:<18} {(out / entry.file).stat().st_size / 2**20:9.1f} MiB  "
-            f"built in {extra.get('build_seconds', 0):.1f} s, peak build memory "
+            f"  {entry.file:<22} {(out / entry.file).stat().st_size / 2**20:9.1f} MiB  {state}, peak build memory "
             + ("n/a" if peak is None else f"{peak / 2**20:.0f} MiB")
             + f", activations {extra.get('device_memory_size', 0) / 2**20:.1f} MiB"
+        )
+    kept = [name for name in manifest.components if events.get(name) != "built"]
+    if kept:
+        click.echo(
+            f"  kept {len(kept)} engine(s) built earlier from the same ONNX files and profile: {', '.join(kept)}"
         )

@@ -7,8 +7,17 @@ The engine folder holds one ``NAME.plan`` per component, the artifact's tokenize
 manifest of kind "tensorrt" whose entries record, under ``extra``, the plan's build key (ONNX sha256, profile id,
 TensorRT version, GPU name and compute capability, builder options, precision), the build time, the peak device
 memory of the build and the activation memory the engine needs, and it carries over what the runtime reads from
-the ONNX entry to apply LoRAs (``lora_map``, ``module_config``; a LoRA refits an engine built ``--refittable``).
-Building again into the same folder reuses every engine whose key still matches and rebuilds the others.
+the ONNX entry to apply LoRAs (``lora_map``, ``module_config``; a LoRA refits an engine built ``--refittable``)
+and to name ControlNets (``controlnet``).
+
+ControlNets (components ``controlnet_<name>``) are built like every other component, under the same profile: their
+inputs share the UNet's symbolic dimensions, so where they take the same tensors their ranges are the UNet's, and the
+hint's image sides and the residual outputs follow from the same sizes. Their engines join the activation memory
+the runtime shares between the engines it opens together.
+
+Building again into the same folder reuses every engine whose key still matches (same ONNX sha256, profile,
+TensorRT, GPU and builder options) and rebuilds the others: after ``sdtrt export CONTROLNET --into ARTIFACTS``,
+``sdtrt build ARTIFACTS --out ENGINES`` builds only the new ControlNet and keeps the UNet.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import datetime
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +39,7 @@ from sdtrt.runtime.errors import ArtifactError, BuildError, ShapeError
 from sdtrt.runtime.files import sha256_file, write_bytes_atomic
 from sdtrt.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest, read_manifest, resolve_file
 from sdtrt.runtime.profile import ShapeProfile
-from sdtrt.runtime.specs import COMPONENTS, ModelInfo, check_profile_fits, component_specs, shape_ranges
+from sdtrt.runtime.specs import COMPONENTS, ModelInfo, check_profile_fits, component_spec, is_controlnet, shape_ranges
 from sdtrt.runtime.verify import verified_model_file
 
 from .trt_builder import PeakDeviceMemory, TensorRTBuildOptions, build
@@ -38,9 +48,20 @@ log = logging.getLogger(__name__)
 
 Size = tuple[int, int]  # (height, width)
 # What the runtime reads from an ONNX entry to apply LoRAs, kept with the engine built from it.
-CARRIED_EXTRAS = ("lora_map", "module_config", "latent_rgb")
+CARRIED_EXTRAS = ("lora_map", "module_config", "latent_rgb", "controlnet")
+# Told about each engine as the build goes: (component, "reused" | "building" | "built").
+BuildProgress = Callable[[str, str], None]
 
-__all__ = ["ProfileRequest", "TensorRTBuildOptions", "build", "build_engines", "engine_key", "resolve_profile"]
+__all__ = [
+    "BuildProgress",
+    "ProfileRequest",
+    "TensorRTBuildOptions",
+    "build",
+    "build_engines",
+    "engine_key",
+    "existing_profile",
+    "resolve_profile",
+]
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,24 @@ def resolve_profile(request: ProfileRequest, base: ShapeProfile) -> ShapeProfile
     return ShapeProfile(
         *batches, low[0], opt[0], high[0], low[1], opt[1], high[1], max_prompt_windows=base.max_prompt_windows
     )
+
+
+def existing_profile(out: str | os.PathLike[str], artifact: ShapeProfile) -> ShapeProfile | None:
+    """The profile of the engine folder already at ``out`` when it lies inside the artifact's profile, else None:
+    building into it again without asking for shapes keeps its engines' shapes (and so the engines)."""
+    try:
+        previous = read_manifest(out) if (Path(out) / MANIFEST_NAME).is_file() else None
+    except ArtifactError:
+        return None  # build_engines says what is wrong with the folder
+    if previous is None or previous.kind != "tensorrt":
+        return None
+    profile = previous.profile
+    inside = all(
+        getattr(artifact, f"min_{d}") <= getattr(profile, f"min_{d}")
+        and getattr(profile, f"max_{d}") <= getattr(artifact, f"max_{d}")
+        for d in ("batch", "height", "width")
+    )
+    return profile if inside and profile.max_prompt_windows <= artifact.max_prompt_windows else None
 
 
 def _between(value: Size, low: Size, high: Size) -> Size:
@@ -184,12 +223,14 @@ def build_engines(
     out: str | os.PathLike[str],
     profile: ShapeProfile | None = None,
     options: TensorRTBuildOptions | None = None,
+    progress: BuildProgress | None = None,
 ) -> Manifest:
     """Build (or reuse) one TensorRT engine per component of the ONNX artifact ``artifacts`` into ``out``.
 
     ``profile`` defaults to the artifact's own profile and must lie inside it. Engines whose build key matches the
-    one already in ``out`` are reused; the others are built (and the reason logged). The manifest is rewritten after
-    every engine, so an interrupted build keeps the engines it finished. Needs tensorrt and an NVIDIA GPU.
+    one already in ``out`` are reused; the others are built (and the reason logged); ``progress`` hears of each.
+    The manifest is rewritten after every engine, so an interrupted build keeps the engines it finished. Needs
+    tensorrt and an NVIDIA GPU.
     """
     options = options or TensorRTBuildOptions()
     source_dir, out_dir = Path(artifacts), Path(out)
@@ -200,7 +241,7 @@ def build_engines(
         raise BuildError(f"{str(source_dir)!r} already holds {source.kind} engines; build from the ONNX artifact")
     profile = profile or source.profile
     check_profile_inside(profile, source.profile, source.model)
-    names = _components_to_build(source, options)
+    names = components_to_build(source, options)
     environment = trt_compat.environment(device)
     previous = _previous_engines(out_dir, source_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,25 +249,44 @@ def build_engines(
         file = getattr(source, name)
         if file:
             write_bytes_atomic(out_dir / file, resolve_file(source_dir, file).read_bytes())
-    components = _kept_entries(out_dir, previous, names, profile, environment)
+    components = _kept_entries(out_dir, previous, source, names, profile, environment)
     todo = []
     for name in names:
         key = engine_key(source.components[name], profile, environment, options)
         reused = _reusable(out_dir, previous, name, key)
         if reused is not None:
             components[name] = dataclasses.replace(reused, extra={**reused.extra, **_carried(source.components[name])})
+            if progress:
+                progress(name, "reused")
         else:
             todo.append((name, key))
     manifest = _engine_manifest(source, profile, components, environment)
     manifest.write(out_dir)
     for name, key in todo:
+        if progress:
+            progress(name, "building")
         components[name] = _build_entry(source, source_dir, out_dir, name, profile, key, options)
+        if progress:
+            progress(name, "built")
         manifest = _engine_manifest(source, profile, components, environment)
         manifest.write(out_dir)
     return manifest
 
 
-def _components_to_build(source: Manifest, options: TensorRTBuildOptions) -> list[str]:
+def components_to_build(source: Manifest, options: TensorRTBuildOptions) -> list[str]:
+    """The components of ``source`` that ``options`` asks for: all it has (ControlNets too) unless they are named.
+
+    A named network the artifact lacks is skipped (logged); a named ControlNet it lacks is a BuildError.
+    """
+    if options.components is None:
+        return [c for c in COMPONENTS if c in source.components] + list(source.controlnets.values())
+    absent = [c for c in options.components if is_controlnet(c) and c not in source.components]
+    if absent:
+        raise BuildError(
+            f"the artifact has no {', '.join(absent)} (its ControlNets: "
+            f"{', '.join(source.controlnets.values()) or 'none'}); name one of those, or add the ControlNet to the "
+            "artifact first with `sdtrt export CONTROLNET --into ARTIFACTS`"
+        )
     names = [c for c in options.components if c in source.components]
     if not names:
         raise BuildError(
@@ -250,9 +310,15 @@ def _reusable(out: Path, previous: Manifest | None, name: str, key: dict[str, An
 
 
 def _kept_entries(
-    out: Path, previous: Manifest | None, names: list[str], profile: ShapeProfile, environment: dict[str, str]
+    out: Path,
+    previous: Manifest | None,
+    source: Manifest,
+    names: list[str],
+    profile: ShapeProfile,
+    environment: dict[str, str],
 ) -> dict[str, ComponentEntry]:
-    """Engines of other components already in ``out`` that still fit this profile and machine (the rest go)."""
+    """Engines of other components already in ``out`` that still fit this artifact, profile and machine (the rest
+    go: an engine of an ONNX file the artifact no longer has would not match the engines built beside it)."""
     kept: dict[str, ComponentEntry] = {}
     if previous is None:
         return kept
@@ -261,11 +327,15 @@ def _kept_entries(
             continue
         key = entry.extra.get("key", {})
         same = {"profile": profile.id, **{k: environment[k] for k in ("tensorrt", "compute_capability")}}
-        if isinstance(key, dict) and all(key.get(k) == v for k, v in same.items()):
-            kept[name] = entry
-        else:
+        onnx = source.components.get(name)
+        if not isinstance(key, dict) or any(key.get(k) != v for k, v in same.items()):
             log.info("removing the %s engine: it was built for another profile, TensorRT or GPU", name)
-            (out / entry.file).unlink(missing_ok=True)
+        elif onnx is None or (key.get("onnx_sha256"), key.get("onnx_data_sha256")) != (onnx.sha256, onnx.data_sha256):
+            log.info("removing the %s engine: the artifact no longer has the ONNX file it was built from", name)
+        else:
+            kept[name] = entry
+            continue
+        (out / entry.file).unlink(missing_ok=True)
     return kept
 
 
@@ -280,7 +350,7 @@ def _build_entry(
 ) -> ComponentEntry:
     """Build the engine of component ``name`` and describe it for the engine manifest."""
     entry = source.components[name]
-    ranges = shape_ranges(component_specs(source.model)[name], profile, source.model)
+    ranges = shape_ranges(component_spec(source.model, name), profile, source.model)
     onnx_path = verified_model_file(source_dir, entry)
     start = time.perf_counter()
     with PeakDeviceMemory(trt_compat.engine_device(None, BuildError)) as peak:
@@ -326,7 +396,7 @@ def _engine_manifest(
     return Manifest(
         model=source.model,
         profile=profile,
-        components={name: components[name] for name in COMPONENTS if name in components},
+        components={name: components[name] for name in _pipeline_order(components)},
         source=source.source,
         versions={**source.versions, "sdtrt": sdtrt.__version__, "tensorrt": environment["tensorrt"]},
         tokenizer=source.tokenizer,
@@ -335,3 +405,8 @@ def _engine_manifest(
         kind="tensorrt",
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def _pipeline_order(components: dict[str, ComponentEntry]) -> list[str]:
+    """The networks in pipeline order, then the ControlNets by name (as the ONNX manifest lists them)."""
+    return [c for c in COMPONENTS if c in components] + sorted(c for c in components if is_controlnet(c))

@@ -34,7 +34,7 @@ from sdtrt.runtime.compare import errors
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import ArtifactError, BackendError, MissingDependencyError
 from sdtrt.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest, read_manifest
-from sdtrt.runtime.specs import ComponentSpec, TensorSpec, component_specs
+from sdtrt.runtime.specs import ComponentSpec, TensorSpec, component_spec
 from sdtrt.runtime.verify import verified_model_file
 
 from .check import NUMPY_DTYPES, CheckRow, make_inputs
@@ -149,7 +149,7 @@ def profile_feeds(
     manifest: Manifest, name: str, entry: ComponentEntry, engine: Any, seed: int
 ) -> list[tuple[str, Feed]]:
     """(label, seeded inputs) at the min, opt and max shapes of the engine's optimization profile."""
-    spec = component_specs(manifest.model)[name]
+    spec = component_spec(manifest.model, name)
     ranges = {
         t.name: tuple(trt_compat.dims(d) for d in engine.get_tensor_profile_shape(t.name, 0)) for t in entry.inputs
     }

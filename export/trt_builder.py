@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -30,7 +30,7 @@ import torch
 from sdtrt.runtime.backends import trt_compat
 from sdtrt.runtime.errors import BuildError
 from sdtrt.runtime.files import write_bytes_atomic
-from sdtrt.runtime.specs import COMPONENTS
+from sdtrt.runtime.specs import COMPONENTS, CONTROLNET_PREFIX, is_controlnet
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -52,14 +52,16 @@ class TensorRTBuildOptions:
     timing_cache: file of kernel timings reused across builds (read if present, written after each build).
     refittable: build engines whose weights can be replaced later (LoRA) without a rebuild.
     workspace_gib: cap on TensorRT's scratch memory while building and running; None lets TensorRT choose.
-    components: which components ``build_engines`` builds (those the artifact has).
+    components: which components ``build_engines`` builds: names of ``COMPONENTS`` (skipped where the artifact
+        lacks them) and ``controlnet_<name>`` ControlNets (which the artifact must have); None builds every
+        component the artifact has, its ControlNets included.
     """
 
     opt_level: int = 3
     timing_cache: Path | None = None
     refittable: bool = False
     workspace_gib: float | None = None
-    components: tuple[str, ...] = COMPONENTS
+    components: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.opt_level, bool) or not isinstance(self.opt_level, int) or not 0 <= self.opt_level <= 5:
@@ -78,18 +80,26 @@ class TensorRTBuildOptions:
             raise BuildError(f"workspace must be a number of GiB, found {self.workspace_gib!r}")
         if self.workspace_gib is not None and self.workspace_gib <= 0:
             raise BuildError(f"workspace must be > 0 GiB, found {self.workspace_gib}; omit it to let TensorRT choose")
-        components = tuple(self.components)
-        object.__setattr__(self, "components", components)
-        unknown = [c for c in components if c not in COMPONENTS]
-        if unknown or not components or len(set(components)) != len(components):
-            raise BuildError(
-                f"components must be distinct names from {', '.join(COMPONENTS)}, found {list(components)}; "
-                "e.g. --components unet,vae_decoder"
-            )
+        if self.components is not None:
+            object.__setattr__(self, "components", check_components(self.components))
 
     def key(self) -> dict[str, object]:
         """The settings that change the engine (and so belong in its build key)."""
         return {name: getattr(self, name) for name in KEY_FIELDS}
+
+
+def check_components(components: Sequence[str]) -> tuple[str, ...]:
+    """``components`` as a tuple once every name is a network of ``COMPONENTS`` or a ``controlnet_<name>``, each
+    once; BuildError otherwise."""
+    names = tuple(components)
+    unknown = [c for c in names if c not in COMPONENTS and not (is_controlnet(c) and c != CONTROLNET_PREFIX)]
+    if unknown or not names or len(set(names)) != len(names):
+        raise BuildError(
+            f"components must be distinct names from {', '.join(COMPONENTS)} or {CONTROLNET_PREFIX}<name> for a "
+            f"ControlNet, found {list(names)}; e.g. --components unet,vae_decoder,{CONTROLNET_PREFIX}canny, or "
+            "leave --components out to build everything the artifact has"
+        )
+    return names
 
 
 def build(

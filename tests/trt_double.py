@@ -643,3 +643,40 @@ class _Refitter:
 
     def refit_cuda_engine_async(self, stream_handle: int) -> bool:
         return self.refit_cuda_engine()
+
+
+SHIM = '''"""The recording double of tensorrt, for a test's ``sdtrt`` subprocess (written by tests/trt_double.py)."""
+import atexit
+import importlib.util
+import json
+import sys
+
+spec = importlib.util.spec_from_file_location("sdtrt_tests_trt_double", {double!r})
+double_module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = double_module
+spec.loader.exec_module(double_module)
+double = double_module.TensorRTDouble()
+sys.modules["tensorrt"] = double.module  # what ``import tensorrt`` hands back from here on
+
+from sdtrt.runtime.backends import trt_compat  # noqa: E402
+
+trt_compat._test_device = ("Double GPU", "8.9")
+
+
+def _record():
+    with open({records!r}, "a") as handle:
+        handle.write(json.dumps([b["network"] for b in double.records.builds]) + "\\n")
+
+
+atexit.register(_record)
+'''
+
+
+def write_shim(folder: Path, records: Path) -> Path:
+    """A ``tensorrt`` package in ``folder`` that installs this double (the CPU standing in for a GPU) in the process
+    that imports it, and appends the networks it built to ``records`` (one JSON list per process) at exit. Put
+    ``folder`` first on PYTHONPATH of an ``sdtrt`` subprocess."""
+    package = folder / "tensorrt"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text(SHIM.format(double=str(Path(__file__).resolve()), records=str(records)))
+    return folder

@@ -9,7 +9,12 @@ Loading an engine folder checks, before a plan is deserialized:
 
 Memory: every context is created without activation memory of its own (user-managed), and the engines opened
 together share ONE buffer, sized to the largest engine's need. The pipeline runs its stages one after another on
-one stream, so they never use it at the same time; do not run two of these engines concurrently.
+one stream, so they never use it at the same time; do not run two of these engines concurrently. ControlNet
+engines (``controlnet_<name>``) are opened like the others and share that buffer: inside a step each ControlNet
+runs before the UNet, one at a time, and its residual outputs live in its own output buffers, not in the shared
+activation memory, so the UNet may reuse that memory while reading them. Their outputs are shaped by TensorRT from
+the input shapes (``latent_height/2`` and the like), and, like every engine here, they enqueue on torch's current
+stream without a host sync, so the step with its ControlNets is captured as one CUDA graph.
 
 ``infer`` makes the engine's GPU the current device (only when it is not), validates names, dtypes and shapes,
 calls ``set_input_shape`` only when an input's shape changed, copies an input whose address is not 256-byte aligned

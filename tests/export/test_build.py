@@ -480,3 +480,156 @@ def test_sdxl_builds_both_encoders_and_profiles_the_extra_unet_inputs(use_double
     assert keys["text_encoder_2"]["onnx_sha256"] == source.components["text_encoder_2"].sha256
     assert keys["unet"]["precision"] == "fp16" and keys["vae_decoder"]["precision"] == "fp32"  # VAE kept fp32
     assert read_manifest(out).model.family == "sdxl"
+
+
+# -- ControlNets on the recording double --------------------------------------------------------------------------
+CONTROL_PROFILE = ShapeProfile(1, 1, 2, 64, 128, 256, 64, 128, 256)
+
+
+def test_controlnets_are_built_under_the_unets_profile(use_double, tiny_control_fp32, tmp_path):
+    """Every ControlNet of the artifact is built by default; where it takes the UNet's inputs its ranges are the
+    UNet's, the hint follows the image size of the same profile, and the manifest keeps the ControlNet's name."""
+    double = use_double(memory={"controlnet_edges": 9000})
+    out = tmp_path / "E"
+    manifest = build_engines(tiny_control_fp32, out, CONTROL_PROFILE, TensorRTBuildOptions())
+    builds = {b["network"]: b["profiles"][0] for b in double.records.builds}
+    assert list(builds) == [*COMPONENTS, "controlnet_depth", "controlnet_edges"]
+    unet = builds["unet"]
+    for name in ("controlnet_depth", "controlnet_edges"):
+        control = builds[name]
+        assert set(control) == {"sample", "timestep", "encoder_hidden_states", "controlnet_cond"}
+        for shared in ("sample", "timestep", "encoder_hidden_states"):
+            assert control[shared] == unet[shared], (name, shared)
+        # the hint is an image at the profile's sizes, one per UNet row (CFG doubles it, like the UNet batch)
+        assert control["controlnet_cond"] == [[1, 3, 64, 64], [2, 3, 128, 128], [4, 3, 256, 256]]
+    # the residual inputs of the UNet follow the latent size, halved where the model downsampled
+    assert unet["control_down_0"] == [[1, 32, 8, 8], [2, 32, 16, 16], [4, 32, 32, 32]]
+    assert unet["control_mid"] == [[1, 64, 4, 4], [2, 64, 8, 8], [4, 64, 16, 16]]
+    source = read_manifest(tiny_control_fp32)
+    assert list(manifest.components) == list(read_manifest(out).components)
+    assert manifest.controlnets == {"depth": "controlnet_depth", "edges": "controlnet_edges"}
+    edges = manifest.components["controlnet_edges"]
+    assert edges.file == "controlnet_edges.plan" and (out / edges.file).is_file()
+    assert edges.extra["controlnet"] == source.components["controlnet_edges"].extra["controlnet"]
+    assert edges.extra["controlnet"]["name"] == "edges"
+    assert edges.extra["key"]["onnx_sha256"] == source.components["controlnet_edges"].sha256
+    assert edges.extra["device_memory_size"] == 9000
+    outputs = {t.name: t.shape for t in edges.outputs}
+    assert outputs["control_down_2"] == ("unet_batch", 32, "latent_height/2", "latent_width/2")
+    assert [t.name for t in edges.outputs] == [t.name for t in manifest.components["unet"].inputs][3:]
+
+
+def test_named_controlnets_and_unknown_ones(use_double, tiny_control_fp32, tmp_path):
+    double = use_double()
+    options = TensorRTBuildOptions(components=("unet", "controlnet_edges"))
+    manifest = build_engines(tiny_control_fp32, tmp_path / "E", CONTROL_PROFILE, options)
+    assert [b["network"] for b in double.records.builds] == ["unet", "controlnet_edges"]
+    assert manifest.controlnets == {"edges": "controlnet_edges"}
+    with pytest.raises(BuildError, match=r"has no controlnet_canny \(its ControlNets: controlnet_depth, controlnet_"):
+        build_engines(
+            tiny_control_fp32, tmp_path / "F", None, TensorRTBuildOptions(components=("unet", "controlnet_canny"))
+        )
+    with pytest.raises(BuildError, match="components must be distinct names from .* or controlnet_<name>"):
+        TensorRTBuildOptions(components=("controlnet_",))
+
+
+def built(double) -> list[str]:
+    return [b["network"] for b in double.records.builds]
+
+
+def test_adding_a_controlnet_builds_only_the_controlnet(use_double, tiny_fp32, tiny_controlnets, tmp_path):
+    """A ControlNet added to the artifact later: the next build into the same folder builds it alone and keeps the
+    UNet and the rest (same ONNX files, same profile); a changed ONNX file or profile rebuilds as before."""
+    from sdtrt.export.controlnet import ControlNetArg, add_controlnets
+
+    artifact, out = tmp_path / "A", tmp_path / "E"
+    shutil.copytree(tiny_fp32, artifact)
+    double = use_double()
+    build_engines(artifact, out, CONTROL_PROFILE)
+    assert built(double) == list(COMPONENTS)
+    unet_plan = (out / "unet.plan").read_bytes()
+    add_controlnets(artifact, [ControlNetArg(str(tiny_controlnets["edges"][0]), "edges")])
+    build_engines(artifact, out, CONTROL_PROFILE)
+    assert built(double)[4:] == ["controlnet_edges"]  # one more build: the UNet was kept
+    assert (out / "unet.plan").read_bytes() == unet_plan
+    add_controlnets(artifact, [ControlNetArg(str(tiny_controlnets["depth"][0]), "depth")])
+    manifest = build_engines(artifact, out, CONTROL_PROFILE)
+    assert built(double)[5:] == ["controlnet_depth"]
+    assert manifest.controlnets == {"depth": "controlnet_depth", "edges": "controlnet_edges"}
+    # a re-exported UNet (other ONNX bytes, another sha256 in the artifact's manifest) is built again, alone
+    source = json.loads((artifact / "manifest.json").read_text())
+    import onnx
+
+    graph = onnx.load(str(artifact / "unet.onnx"))
+    graph.doc_string = "exported again"  # other bytes, the same network
+    onnx.save(graph, str(artifact / "unet.onnx"))
+    source["components"]["unet"]["sha256"] = onnx_sha256(artifact / "unet.onnx")
+    (artifact / "manifest.json").write_text(json.dumps(source))
+    build_engines(artifact, out, CONTROL_PROFILE)
+    assert built(double)[6:] == ["unet"]
+    # another profile: everything again
+    build_engines(artifact, out, ShapeProfile(1, 1, 1, 64, 64, 128, 64, 64, 128))
+    assert sorted(built(double)[7:]) == sorted([*COMPONENTS, "controlnet_depth", "controlnet_edges"])
+
+
+def onnx_sha256(path: Path) -> str:
+    from sdtrt.runtime.files import sha256_file
+
+    return sha256_file(path)
+
+
+def test_engine_of_an_onnx_file_the_artifact_no_longer_has_is_removed(use_double, tiny_control_fp32, tmp_path):
+    """Engines not asked for are kept only when the artifact still has the very ONNX file they were built from."""
+    use_double()
+    artifact, out = tmp_path / "A", tmp_path / "E"
+    shutil.copytree(tiny_control_fp32, artifact)
+    build_engines(artifact, out, CONTROL_PROFILE, TensorRTBuildOptions(components=("unet", "controlnet_edges")))
+    source = json.loads((artifact / "manifest.json").read_text())
+    del source["components"]["controlnet_edges"]
+    (artifact / "manifest.json").write_text(json.dumps(source))
+    manifest = build_engines(artifact, out, CONTROL_PROFILE, TensorRTBuildOptions(components=("unet",)))
+    assert set(manifest.components) == {"unet"} and not (out / "controlnet_edges.plan").exists()
+
+
+def test_sdtrt_build_says_which_engines_it_kept(tiny_fp32, tiny_controlnets, tmp_path):
+    """The CLI end to end (tensorrt is the double in the subprocess): the default builds everything the artifact
+    has; after `sdtrt export CONTROLNET --into`, `sdtrt build` into the same folder (its shapes kept) builds the
+    ControlNet alone and says so."""
+    artifact, out, records = tmp_path / "A", tmp_path / "E", tmp_path / "builds.jsonl"
+    shutil.copytree(tiny_fp32, artifact)
+    shim = trt_double.write_shim(tmp_path / "shim", records)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")])}
+
+    def sdtrt(*args):
+        done = subprocess.run([SDTRT, *args], capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    first = sdtrt("build", str(artifact), "--out", str(out), "--static", "128", "--batch", "1")
+    assert "kept" not in first.stdout and "built in" in first.stdout
+    sdtrt("export", f"edges={tiny_controlnets['edges'][0]}", "--into", str(artifact))
+    again = sdtrt("build", str(artifact), "--out", str(out))  # no shapes asked: the engine folder's are kept
+    assert "keeping the profile of the engines in" in again.stderr
+    assert read_manifest(out).profile == ShapeProfile.static(128, 128, 1)
+    builds = [json.loads(line) for line in records.read_text().splitlines()]
+    assert builds == [list(COMPONENTS), ["controlnet_edges"]]
+    assert "building controlnet_edges ..." in again.stderr and "building unet" not in again.stderr
+    lines = {line.split()[0]: line for line in again.stdout.splitlines()[2:] if line.strip()}
+    assert "built in" in lines["controlnet_edges.plan"] and "kept (built earlier in" in lines["unet.plan"]
+    assert (
+        "kept 4 engine(s) built earlier from the same ONNX files and profile: text_encoder, unet, vae_decoder, "
+        "vae_encoder" in again.stdout
+    )
+
+
+def test_existing_profile_is_kept_only_inside_the_artifacts(use_double, tiny_fp16, tmp_path):
+    from sdtrt.export.build import existing_profile
+
+    use_double()
+    out = tmp_path / "E"
+    assert existing_profile(out, ARTIFACT) is None  # nothing there yet
+    build_engines(tiny_fp16, out, CONTROL_PROFILE, TensorRTBuildOptions(components=("unet",)))
+    assert existing_profile(out, read_manifest(tiny_fp16).profile) == CONTROL_PROFILE
+    narrower = ShapeProfile.square(64, 128, 128, max_batch=4)  # an artifact re-exported for smaller images
+    assert existing_profile(out, narrower) is None
+    assert existing_profile(tiny_fp16, ARTIFACT) is None  # an ONNX artifact has no engine profile

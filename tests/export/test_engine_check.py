@@ -225,3 +225,19 @@ def test_real_engines_match_onnxruntime(tiny_fp16, tmp_path):
     build_engines(tiny_fp16, out, ShapeProfile(1, 1, 2, 64, 64, 128, 64, 64, 128), TensorRTBuildOptions(opt_level=1))
     rows = check_engines(out)
     assert rows and all(r.passed for r in rows), format_table(rows)
+
+
+def test_controlnet_engines_are_checked_like_the_others(use_double, tiny_control_fp32, tmp_path):
+    """A ControlNet engine is compared with its ONNX file at the profile's min/opt/max like any engine: every
+    residual output at every point."""
+    from sdtrt.export.engine_check import check_engines
+
+    use_double()
+    out = tmp_path / "engines"
+    build_engines(tiny_control_fp32, out, PROFILE, TensorRTBuildOptions(components=("unet", "controlnet_edges")))
+    rows = check_engines(out, runner=double_runner(tiny_control_fp32))
+    control = [r for r in rows if r.component == "controlnet_edges"]
+    residuals = [t.name for t in read_manifest(out).components["controlnet_edges"].outputs]
+    assert len(control) == 3 * len(residuals) and {r.output for r in control} == set(residuals)
+    assert all(r.passed and r.precision == "fp32" for r in rows)
+    assert [r.shape for r in control][:: len(residuals)] == ["min:1@64x64", "opt:2@128x128", "max:4@256x256"]

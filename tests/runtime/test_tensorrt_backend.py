@@ -60,12 +60,20 @@ def open_all(folder, device="cpu", components=COMPONENTS):
     return trt_backend.open_engines(folder, read_manifest(folder), components, device)
 
 
+# The tiny UNet's ControlNet residual inputs: (channels, latent downscale), as its manifest declares them.
+TINY_RESIDUALS = ((32, 1), (32, 1), (32, 2), (64, 2), (64, 2))
+
+
 def unet_feeds(batch=2, side=16):
-    return {
+    feeds = {
         "sample": torch.randn(batch, 4, side, side).half(),
         "timestep": torch.full((batch,), 500.0),
         "encoder_hidden_states": torch.randn(batch, 77, 32).half(),
     }
+    names = [f"control_down_{k}" for k in range(len(TINY_RESIDUALS) - 1)] + ["control_mid"]
+    for name, (channels, factor) in zip(names, TINY_RESIDUALS, strict=True):
+        feeds[name] = torch.zeros(batch, channels, side // factor, side // factor).half()
+    return feeds
 
 
 def test_contexts_share_one_buffer_sized_to_the_largest_engine(use_double, engines_dir):
@@ -101,13 +109,16 @@ def test_set_input_shape_only_when_a_shape_changes(use_double, engines_dir):
     unet = open_all(engines_dir, components=["unet"])["unet"]
     context = double.records.contexts[0]
     first = unet.infer(unet_feeds())
-    assert len(context.shape_calls) == 3
+    assert len(context.shape_calls) == 8  # every input, residuals included
     second = unet.infer(unet_feeds())
-    assert len(context.shape_calls) == 3  # same shapes: nothing set again
+    assert len(context.shape_calls) == 8  # same shapes: nothing set again
     assert second["noise_pred"] is first["noise_pred"]  # the same preallocated buffer, reused
     assert float(second["noise_pred"][0, 0, 0, 0]) == 2.0  # the double's second run wrote into it
     unet.infer(unet_feeds(side=8))
-    assert context.shape_calls[3:] == [("sample", (2, 4, 8, 8))]  # only the input whose shape changed
+    # only the inputs whose shape changed: the latents and the residuals that follow their size
+    assert [name for name, _ in context.shape_calls[8:]] == ["sample", *(n for n in unet_feeds() if "control" in n)]
+    assert context.shape_calls[8] == ("sample", (2, 4, 8, 8))
+    assert context.shape_calls[-1] == ("control_mid", (2, 64, 4, 4))
     assert context.addresses["noise_pred"] == unet.infer(unet_feeds(side=8))["noise_pred"].data_ptr()
 
 
@@ -325,8 +336,11 @@ def test_pipeline_feeds_sdxl_engines_both_encoders_and_the_extra_unet_inputs(use
         assert set(pipe.engines) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
         result = pipe("a cat", steps=2, seed=1, guidance_scale=5.0)
     assert result.images[0].size == (64, 64)
-    by_inputs = {tuple(c.engine.input_names): c for c in double.records.contexts}
+    by_inputs = {tuple(c.engine.input_names[:5]): c for c in double.records.contexts}
     unet = by_inputs[("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")]
+    residuals = unet.engine.input_names[5:]  # fed zeros: no ControlNet in this call
+    assert residuals[-1] == "control_mid" and all(n.startswith("control_down_") for n in residuals[:-1])
+    assert set(residuals) <= set(unet.addresses)
     assert unet.runs == 2  # one call per step, guidance batched
     assert unet.shapes["text_embeds"] == (2, 24) and unet.shapes["time_ids"] == (2, 6)
     assert unet.shapes["encoder_hidden_states"] == (2, 77, 64)  # both encoders' states side by side
