@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -106,15 +107,11 @@ def export_cmd(
     from sdtrt.runtime.specs import COMPONENTS
 
     start = time.perf_counter()
+    check_destination(out, into, controlnets, plain_unet)
     if into is not None:
-        if out is not None or controlnets:
-            raise click.UsageError("--into adds the ControlNet SOURCE to an artifact: leave out --out and --controlnet")
         add_into(into, ControlNetArg.parse(source), allow_pickle, controlnet_config)
         return
-    if out is None:
-        raise click.UsageError("give --out FOLDER (a new artifact) or --into FOLDER (add a ControlNet to one)")
-    if plain_unet and controlnets:
-        raise click.UsageError("ControlNets need a UNet that takes their residuals: leave out --plain-unet")
+    assert out is not None
     click.echo(f"loading {source} ...", err=True)
     bundle = load_source(source, allow_pickle=allow_pickle, config_dir=config_dir)
     args = [ControlNetArg.parse(c) for c in controlnets]
@@ -135,19 +132,33 @@ def export_cmd(
         control_ready=not plain_unet,
     )
 
-    def progress(name: str, index: int, total: int, seconds: float) -> None:
-        if seconds < 0:
-            click.echo(f"[{index + 1}/{total}] exporting {name} ({precision}) ...", err=True)
-        else:
-            click.echo(f"[{index + 1}/{total}] {name} done in {seconds:.1f} s", err=True)
-
-    manifest = export_artifacts(bundle, out, options, progress=progress, consume=True, controlnets=extra)
+    manifest = export_artifacts(
+        bundle, out, options, progress=partial(step_line, precision), consume=True, controlnets=extra
+    )
     click.echo(f"exported {bundle.source['description']} to {out} in {time.perf_counter() - start:.1f} s")
     click.echo(f"  profile {profile.id}, precision {precision}")
     for entry in manifest.components.values():
         files = [entry.file] + ([entry.data_file] if entry.data_file else [])
         size = sum((out / f).stat().st_size for f in files)
         click.echo(f"  {entry.file:<20} {size / 2**20:9.1f} MiB  {entry.precision}")
+
+
+def step_line(precision: str, name: str, index: int, total: int, seconds: float) -> None:
+    """Export progress on stderr: a line as each component starts and one as it ends."""
+    if seconds < 0:
+        click.echo(f"[{index + 1}/{total}] exporting {name} ({precision}) ...", err=True)
+    else:
+        click.echo(f"[{index + 1}/{total}] {name} done in {seconds:.1f} s", err=True)
+
+
+def check_destination(out: Path | None, into: Path | None, controlnets: tuple[str, ...], plain_unet: bool) -> None:
+    """Usage errors of the --out / --into / --controlnet / --plain-unet combination."""
+    if into is not None and (out is not None or controlnets):
+        raise click.UsageError("--into adds the ControlNet SOURCE to an artifact: leave out --out and --controlnet")
+    if into is None and out is None:
+        raise click.UsageError("give --out FOLDER (a new artifact) or --into FOLDER (add a ControlNet to one)")
+    if plain_unet and controlnets:
+        raise click.UsageError("ControlNets need a UNet that takes their residuals: leave out --plain-unet")
 
 
 def add_into(folder: Path, controlnet: ControlNetArg, allow_pickle: bool, config_dir: Path | None) -> None:

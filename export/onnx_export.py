@@ -169,10 +169,7 @@ def export_artifacts(
     The folder appears under its final name only when every file and the manifest are written.
     """
     out = Path(out)
-    if not options.control_ready:
-        if controlnets:
-            raise ExportError("ControlNets need a UNet that takes their residuals; leave out --plain-unet")
-        bundle.model = dataclasses.replace(bundle.model, control_residuals=())
+    plain_unet_unless_control_ready(bundle, options, controlnets)
     check_profile_fits(bundle.model, options.profile)
     names = export_names(bundle.model, options.components)
     _check_output(out)
@@ -214,6 +211,15 @@ def export_artifacts(
         )
         manifest.write(stage)
     return manifest
+
+
+def plain_unet_unless_control_ready(bundle: ModelBundle, options: ExportOptions, controlnets: Sequence[Any]) -> None:
+    """Export a UNet without ControlNet inputs when ``options`` say so (none can run on it then)."""
+    if options.control_ready:
+        return
+    if controlnets:
+        raise ExportError("ControlNets need a UNet that takes their residuals; leave out --plain-unet")
+    bundle.model = dataclasses.replace(bundle.model, control_residuals=())
 
 
 def _halve_up_front(bundle: ModelBundle, names: tuple[str, ...], options: ExportOptions) -> None:
