@@ -87,16 +87,9 @@ CONTROL_GAIN = 3.0
 
 
 def make_tiny_controlnet(unet, seed: int, gain: float = CONTROL_GAIN):
-    import torch
-
     from sdtrt.runtime.models.controlnet import TINY_HINT_CHANNELS, controlnet_from_unet
 
-    model = controlnet_from_unet(unet, seed=seed, hint_channels=TINY_HINT_CHANNELS)
-    with torch.no_grad():
-        for conv in (*model.controlnet_down_blocks, model.controlnet_mid_block):
-            conv.weight.mul_(gain)
-            conv.bias.mul_(gain)
-    return model
+    return controlnet_from_unet(unet, seed=seed, hint_channels=TINY_HINT_CHANNELS, gain=gain)
 
 
 @pytest.fixture(scope="session")

@@ -424,12 +424,13 @@ def save_original_controlnet(model: ControlNetModel, path: str | os.PathLike[str
 
 
 def controlnet_from_unet(
-    unet: Any, *, seed: int = 0, hint_channels: tuple[int, ...] = (16, 32, 96, 256)
+    unet: Any, *, seed: int = 0, hint_channels: tuple[int, ...] = (16, 32, 96, 256), gain: float = 1.0
 ) -> ControlNetModel:
     """A ControlNet copied from ``unet``'s encoder whose zero convolutions hold seeded random values.
 
     diffusers starts a ControlNet with its output convolutions at zero, so it changes nothing; tests and benchmarks
-    need one that does. ``hint_channels`` are the hint encoder's widths, one level per 2x downsampling.
+    need one that does. ``hint_channels`` are the hint encoder's widths, one level per 2x downsampling; ``gain``
+    multiplies the residual convolutions (a stronger effect on the image).
     """
     diffusers = require("diffusers", _FEATURE, "export")
     with torch.random.fork_rng(devices=[]):
@@ -442,4 +443,7 @@ def controlnet_from_unet(
         ]
         for conv in zero_convs:
             conv.reset_parameters()  # an untrained convolution's usual random start
+        for conv in zero_convs[:-1]:
+            conv.weight.data.mul_(gain)
+            conv.bias.data.mul_(gain)
     return model.float().eval().requires_grad_(False)
