@@ -47,15 +47,15 @@ def pipe(request, tiny_control_fp32):
 
 def run(pipe, controls, **kw):
     args = {"negative_prompt": NEGATIVE, "steps": STEPS, "seed": SEED, "height": SIZE, "width": SIZE}
-    return pipe(PROMPT, scheduler="euler", controls=controls, **{**args, **kw}).pixels
+    return pipe(PROMPT, controls=controls, **{"scheduler": "euler", **args, **kw}).pixels
 
 
-def reference(controlnets, names, img2img=None, images=1, **kw) -> torch.Tensor:
+def reference(controlnets, names, img2img=None, images=1, sampler="euler", **kw) -> torch.Tensor:
     """diffusers' ControlNet pipeline over fresh tiny weights and the fixture ControlNets ``names``; image k of
     ``images`` from seed SEED + k, as sdtrt draws them."""
     models = [controlnets[n][1] for n in names]
     ref = controlnet_pipeline(
-        load_preset("tiny"), "euler", models if len(models) > 1 else models[0], img2img is not None
+        load_preset("tiny"), sampler, models if len(models) > 1 else models[0], img2img is not None
     )
     hints: Any = [hint_tensor(HINTS[n]) for n in names]
     if len(hints) == 1:
@@ -148,3 +148,12 @@ def test_soft_weights_scale_each_residual_as_a1111s_my_prompt_is_more_important(
     torch.testing.assert_close(scales[1:], expected.expand(3, -1))
     assert scales[0].abs().sum() == 0  # a step img2img skips
     assert psnr(run(pipe, [soft]), run(pipe, [control("edges", scale=2.0)])) < PARITY_DB
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "ddim", "dpmpp_2m_karras", "lcm"])
+def test_other_samplers_with_a_controlnet_match_diffusers(pipe, tiny_controlnets, sampler):
+    got = run(pipe, [control("depth", scale=0.8)], scheduler=sampler, steps=6)
+    want = reference(
+        tiny_controlnets, ["depth"], sampler=sampler, num_inference_steps=6, controlnet_conditioning_scale=0.8
+    )
+    assert psnr(got, want) >= PARITY_DB
