@@ -21,7 +21,7 @@ IQR), as a share of the plain UNet's median per-step time.
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -251,8 +251,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 
