@@ -162,8 +162,11 @@ class DenoiseRun:
         return times
 
 
-def measure(settings: Settings, ready: Path, plain: Path, say: Any = print) -> list[dict[str, Any]]:
-    """Open both artifacts on ONNX Runtime and time every variant ``settings.rounds`` times, interleaved."""
+def measure(
+    settings: Settings, ready: Path, plain: Path, say: Any = print, on_round: Any = None
+) -> list[dict[str, Any]]:
+    """Open both artifacts on ONNX Runtime and time every variant ``settings.rounds`` times, interleaved;
+    ``on_round(rows)`` after each timed round (a long run keeps what it measured if it is stopped)."""
     from sdtrt.runtime.control.inputs import ControlInput
     from sdtrt.runtime.pipeline import Pipeline
 
@@ -186,6 +189,8 @@ def measure(settings: Settings, ready: Path, plain: Path, say: Any = print) -> l
                 if r >= 0:
                     row = {"variant": variant, "round": r, "position": position, "step_ms": step_ms}
                     rows.append(row | {"steps_ms": [1000 * s for s in times.steps], "denoise_s": times.denoise})
+            if r >= 0 and on_round is not None:
+                on_round(rows)
     return rows
 
 
@@ -257,22 +262,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     ready, plain = prepare(settings.source, settings.size, settings.cache)
     print(f"artifacts ready in {time.perf_counter() - start:.0f} s: {ready}, {plain}", flush=True)
-    rows = measure(settings, ready, plain, say=lambda line: print(line, flush=True))
-    summary = summarize(rows)
+    record_settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(settings).items()}
+    record_settings.update(guidance=GUIDANCE, precision="fp32", backend="onnxruntime", variants=list(VARIANTS))
+
+    def save(rows: list[dict[str, Any]]) -> None:
+        if json_path:
+            done = len(rows) // len(VARIANTS)
+            extra = {"rounds_done": done, "cpus": len(os.sched_getaffinity(0))}
+            write_record(json_path, "controlnet_cost", record_settings, rows, summarize(rows), **extra)
+
+    rows = measure(settings, ready, plain, say=lambda line: print(line, flush=True), on_round=save)
     print(
         f"{settings.source} {settings.size}x{settings.size}, {settings.steps} steps, CFG {GUIDANCE:g} (UNet batch 2), "
         f"fp32, onnxruntime, {settings.rounds} rounds interleaved"
     )
-    print(format_table(summary))
+    print(format_table(summarize(rows)))
     if json_path:
-        record_settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(settings).items()}
-        record_settings.update(guidance=GUIDANCE, precision="fp32", backend="onnxruntime", variants=list(VARIANTS))
-        write_record(json_path, "controlnet_cost", record_settings, rows, summary, cpus=_cpus())
         print(f"wrote {json_path}")
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 if __name__ == "__main__":
