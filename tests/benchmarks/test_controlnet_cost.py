@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from PIL import Image, ImageDraw
 
 from sdtrt.benchmarks.controlnet_cost import VARIANTS, round_order, summarize
@@ -34,7 +35,9 @@ def test_summary_pairs_rounds_and_states_the_decision():
     summary = summarize(rows)
     zero = summary["costs"]["ready-0 - plain"]
     assert zero["pairs"] == 3 and zero["median_ms"] == 1.0 and zero["q1_ms"] == zero["q3_ms"] == 1.0
+    assert zero["median_pct"] == pytest.approx(100 / 120)  # each round's difference over its own plain run
     assert summary["costs"]["ready-2 - ready-0"]["median_ms"] == 99.0
+    assert summary["variants"]["plain"]["fastest_ms"] == 100.0
     assert summary["decision"] == "control-ready by default"
     rows = [dict(row, step_ms=row["step_ms"] + 10) if row["variant"] == "ready-0" else row for row in rows]
     assert summarize(rows)["decision"].startswith("plain UNet by default")
