@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sdtrt.runtime.control.inputs import ControlInput
+from sdtrt.runtime.control.slots import control_settings
 from sdtrt.runtime.errors import ConfigError
 from sdtrt.runtime.models.presets import PRESETS, preset_configs, preset_guidance, shipped_config
 from sdtrt.runtime.models.reference import DIFFUSERS_SCHEDULERS
@@ -43,6 +45,7 @@ class BenchConfig:
     device: str | None = None
     artifacts: str | None = None  # an existing artifact / engine folder for the sdtrt backends
     sequential: bool = False  # one backend open at a time, its runs in one block (models too big to hold twice)
+    controls: tuple[ControlInput, ...] = ()  # ControlNets of ``artifacts`` every run of the sdtrt backends uses
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in BACKENDS]
@@ -59,6 +62,28 @@ class BenchConfig:
             raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose from {', '.join(DIFFUSERS_SCHEDULERS)}")
         if self.batch < 1 or self.steps < 1:
             raise ConfigError(f"batch and steps must be >= 1, got batch={self.batch} steps={self.steps}")
+        if self.controls:
+            self._check_controls()
+
+    def _check_controls(self) -> None:
+        if not self.artifacts:
+            raise ConfigError(
+                "--control runs the ControlNets of an artifact, but no --artifacts was given; export one with "
+                "`sdtrt export MODEL --out FOLDER --controlnet CONTROLNET` and pass --artifacts FOLDER"
+            )
+        baselines = [b for b in self.backends if b.startswith("diffusers")]
+        if baselines:
+            raise ConfigError(
+                f"ControlNets run on sdtrt's backends only, got {', '.join(baselines)}; leave it out of --backends "
+                "(e.g. --backends onnxruntime)"
+            )
+
+    def record(self) -> dict[str, Any]:
+        """The settings as JSON-ready values; each control as its settings (name, scale, start, end, ...)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["backends"] = list(self.backends)
+        values["controls"] = [setting.to_dict() for setting in control_settings(self.controls)]
+        return values
 
     @property
     def torch_device(self) -> torch.device:

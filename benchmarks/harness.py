@@ -36,13 +36,14 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from sdtrt.benchmarks.config import CUDA_ONLY, BenchConfig
+from sdtrt.runtime.control.inputs import check_controls
 from sdtrt.runtime.environment import driver_version, gather_environment
 from sdtrt.runtime.errors import ConfigError
 
@@ -190,6 +191,7 @@ def run_benchmark(
         manifest = read_manifest(config.artifacts)
         check_size(config.height, config.width, manifest.model)
         manifest.profile.check(config.height, config.width, config.batch)
+        check_controls(config.controls, manifest.controlnets, manifest.model.control_ready)
     env = environment(device)
     with tempfile.TemporaryDirectory(prefix="sdtrt-bench-") as scratch:
         folders: dict[str, Path] = {}
@@ -309,6 +311,6 @@ def make_row(
         "loaded_bytes": memory.loaded,
         "peak_memory_kind": "cuda_max_allocated" if env.get("gpu") else "process_rss",
         "peak_memory_scope": memory.scope,
-        "config": asdict(config),
+        "config": config.record(),
         "env": env,
     }

@@ -14,7 +14,7 @@ from sdtrt.benchmarks.config import BenchConfig
 from sdtrt.runtime.errors import ConfigError
 from sdtrt.runtime.models.reference import diffusers_pipeline
 from sdtrt.runtime.profile import ShapeProfile
-from sdtrt.runtime.specs import required_components
+from sdtrt.runtime.specs import controlnet_component, required_components
 from sdtrt.runtime.timing import StageClock
 
 _BUNDLES: dict[str, Any] = {}
@@ -71,7 +71,8 @@ class SdtrtRunner:
             device=device,
             options=options,
             cuda_graph=backend == "torch-graph",
-            components=(),  # what text-to-image needs (both text encoders for SDXL); no VAE encoder
+            # what text-to-image needs (both text encoders for SDXL), no VAE encoder; the ControlNets asked for
+            components=tuple(controlnet_component(c.name) for c in config.controls),
         )
         if backend == "torch-graph" and not self.pipe.cuda_graph:
             raise ConfigError("torch-graph needs CUDA graph capture, which this device/backend does not allow")
@@ -90,6 +91,7 @@ class SdtrtRunner:
             width=c.width,
             scheduler=c.scheduler,
             num_images=c.batch,
+            controls=c.controls,
         )
         t = result.times
         return {

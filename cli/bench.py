@@ -8,19 +8,22 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from sdtrt.cli.control import control_options, read_controls
 from sdtrt.cli.options import parse_size, split_list, writable_folder
 
 if TYPE_CHECKING:
     from sdtrt.benchmarks.config import BenchConfig
+
+# benchmarks.config.BACKENDS lists all of them (it imports torch: not at start-up)
+DEFAULT_BACKENDS = "diffusers,torch,onnxruntime"
 
 
 @click.command("bench")
 @click.argument("source")
 @click.option(
     "--backends",
-    default="diffusers,torch,onnxruntime",
-    show_default=True,
-    help="Comma-separated: diffusers, diffusers-compile, torch, torch-graph, onnxruntime, tensorrt.",
+    help="Comma-separated: diffusers, diffusers-compile, torch, torch-graph, onnxruntime, tensorrt (default: "
+    f"{DEFAULT_BACKENDS}; with --control, the backend of the --artifacts folder).",
 )
 @click.option(
     "--size", help="WIDTHxHEIGHT in pixels (default: the model's native size: 512 for SD 1.5, 1024 for SDXL)."
@@ -56,9 +59,10 @@ if TYPE_CHECKING:
 )
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the JSON rows here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG chart here.")
+@control_options
 def bench_cmd(
     source: str,
-    backends: str,
+    backends: str | None,
     size: str | None,
     steps: int,
     guidance: float | None,
@@ -73,11 +77,22 @@ def bench_cmd(
     sequential: bool,
     json_path: Path | None,
     plot_path: Path | None,
+    controls: tuple[str, ...],
+    preprocess: tuple[str, ...],
+    resize: tuple[str, ...],
+    canny_low: int,
+    canny_high: int,
+    guess_mode: bool,
 ) -> None:
-    """Time SOURCE on several backends side by side: same weights, seed and sampler, one process, runs interleaved."""
+    """Time SOURCE on several backends side by side: same weights, seed and sampler, one process, runs interleaved.
+
+    With --control, the sdtrt backends run the ControlNets of the --artifacts folder in every run."""
     from sdtrt.benchmarks.config import BenchConfig, model_defaults
     from sdtrt.benchmarks.harness import run_benchmark
 
+    control_inputs = read_controls(controls, preprocess, resize, canny_low, canny_high, guess_mode)
+    if backends is None:
+        backends = artifact_backend(artifacts) if control_inputs and artifacts else DEFAULT_BACKENDS
     defaults = model_defaults(source)
     hw = parse_size(size or f"{defaults.size}x{defaults.size}")
     assert hw is not None
@@ -97,6 +112,7 @@ def bench_cmd(
         device=device,
         artifacts=str(artifacts) if artifacts else None,
         sequential=sequential,
+        controls=tuple(control_inputs),
     )
     for path, what in ((json_path, "the JSON rows"), (plot_path, "the chart")):
         if path:
@@ -113,9 +129,15 @@ def show_results(
     from sdtrt.runtime.files import write_text_atomic
 
     summaries = summarize(rows)
+    controls = config.record()["controls"]
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"rows": rows, "summary": summaries, "mixed_precision": precision_note(summaries) is not None}
+        record = {
+            "rows": rows,
+            "summary": summaries,
+            "mixed_precision": precision_note(summaries) is not None,
+            "controls": controls,
+        }
         write_text_atomic(json_path, json.dumps(record, indent=2) + "\n")
     setting = (
         f"{config.source} {config.width}x{config.height}, {config.steps} steps, CFG {config.guidance:g}, "
@@ -127,7 +149,24 @@ def show_results(
     machine = env.get("gpu") or f"{env['cpu']} ({env['cpus']} cpus)"
     order = "sequential blocks" if config.sequential else "interleaved"
     click.echo(f"{setting}, {config.scheduler}, {config.precision}: {precisions(summaries)}, {machine}, {order}")
+    if controls:
+        click.echo("ControlNets: " + "; ".join(describe_control(c) for c in controls))
     click.echo(format_table(summaries))
+
+
+def describe_control(setting: dict[str, Any]) -> str:
+    """One control's settings as the table's header line gives them."""
+    text = f"{setting['name']} x{setting['scale']:g}, steps {setting['start']:g}-{setting['end']:g}"
+    text += f", {setting['preprocess']}, {setting['resize_mode']}"
+    return text + (", guess mode" if setting["guess_mode"] else "")
+
+
+def artifact_backend(folder: Path) -> str:
+    """The backend that runs the artifact ``folder``: ONNX Runtime for ONNX files, TensorRT for engines."""
+    from sdtrt.runtime.manifest import read_manifest
+
+    kind = read_manifest(folder).kind
+    return {"onnx": "onnxruntime", "tensorrt": "tensorrt"}.get(kind, "torch")
 
 
 def precisions(summaries: list[dict[str, Any]]) -> str:
