@@ -96,6 +96,7 @@ def test_bench_control_runs_the_controlnets_and_records_them(tmp_path, tiny_cont
         "guess_mode": False,
         "preprocess": "canny",
         "resize_mode": "crop_and_resize",
+        "soft_weights": False,
     }
 
 
