@@ -120,7 +120,7 @@ def check_artifacts(
         options.log_severity_level = 3
         session = ort.InferenceSession(str(folder / entry.file), options, providers=["CPUExecutionProvider"])
         module = recorded_controlnet(entry.extra, name) if is_controlnet(name) else bundle.module(name)
-        reference = wrap(name, module, manifest.model.family)
+        reference = wrap(name, module, manifest.model)
         for batch, height, width in check_sizes(manifest):
             feeds = make_inputs(spec, manifest.model, batch, height, width, seed)
             with torch.no_grad():

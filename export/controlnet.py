@@ -118,7 +118,7 @@ def export_controlnet(
     onnx = require("onnx", "ONNX export", "export")
     with tempfile.TemporaryDirectory(prefix=f"sdtrt-{component}-", dir=folder) as tmp:
         raw = Path(tmp) / spec.file_name
-        trace_to_onnx(wrap(component, module, model.family), spec, raw, model, options, precision)
+        trace_to_onnx(wrap(component, module, model), spec, raw, model, options, precision)
         graph = clean_graph(onnx.load(str(raw), load_external_data=True))
     extra: dict[str, Any] = {"controlnet": {"name": name, "family": source.family, "source": source.source}}
     return save_component(graph, spec, folder, model, options, precision, extra)

@@ -42,6 +42,7 @@ from .controlnet import export_controlnets
 from .graph import clean_graph
 from .latent_preview import fit_latent_rgb
 from .trace import (
+    DEFAULT_CACHE_BRANCH,
     DEFAULT_OPSET,
     VAE_PRECISIONS,
     ExportOptions,
@@ -103,10 +104,10 @@ def export_component(
         # A VAE that stays fp32 must not be halved in place by an earlier VAE component.
         module = half_with_fp32_norms(module, inplace=consume)
     onnx = require("onnx", "ONNX export", "export")
-    lora = name in LORA_COMPONENTS
+    lora = name in LORA_COMPONENTS or name == "unet_shallow"  # the shallow UNet's weights are the UNet's
     with tempfile.TemporaryDirectory(prefix=f"sdtrt-{name}-", dir=folder) as tmp:
         raw = Path(tmp) / spec.file_name
-        trace_to_onnx(wrap(name, module, bundle.model.family), spec, raw, bundle.model, options, precision)
+        trace_to_onnx(wrap(name, module, bundle.model), spec, raw, bundle.model, options, precision)
         digests = target_digests(module) if lora else {}
         config = module_config(module) if lora else None
         del module
@@ -171,6 +172,7 @@ def export_artifacts(
     out = Path(out)
     plain_unet_unless_control_ready(bundle, options, controlnets)
     check_profile_fits(bundle.model, options.profile)
+    with_step_cache(bundle, options)
     names = export_names(bundle.model, options.components)
     _check_output(out)
     preview = None
@@ -222,6 +224,20 @@ def plain_unet_unless_control_ready(bundle: ModelBundle, options: ExportOptions,
     bundle.model = dataclasses.replace(bundle.model, control_residuals=())
 
 
+def with_step_cache(bundle: ModelBundle, options: ExportOptions) -> None:
+    """Record the skip branch in ``bundle.model`` when ``options`` ask for step caching (and the UNet is exported);
+    a branch the UNet does not have is a ``ShapeError`` before any work."""
+    from sdtrt.runtime.models.step_cache import cache_split, check_supported
+
+    wanted = options.step_cache and ("unet" in options.components or "unet_shallow" in options.components)
+    if not wanted or bundle.unet is None:
+        bundle.model = dataclasses.replace(bundle.model, cache_branch=-1, cache_feature=())
+        return
+    check_supported(bundle.unet)
+    split = cache_split(bundle.unet, options.cache_branch)
+    bundle.model = dataclasses.replace(bundle.model, cache_branch=split.branch, cache_feature=split.feature)
+
+
 def _halve_up_front(bundle: ModelBundle, names: tuple[str, ...], options: ExportOptions) -> None:
     """Convert every module exported in fp16 before the first export, in place, and drop unexported ones.
 
@@ -238,6 +254,8 @@ def export_names(model: ModelInfo, requested: tuple[str, ...]) -> tuple[str, ...
     own = model_components(model)
     if tuple(requested) == COMPONENTS:
         return own
+    if "unet" in requested and model.step_cache:  # the shallow UNet is cut from the UNet: they go together
+        requested = (*requested, "unet_shallow")
     foreign = [c for c in requested if c not in own]
     if foreign:
         raise ExportError(f"this {model.family} model has no component {', '.join(foreign)}; it has {', '.join(own)}")
@@ -258,7 +276,12 @@ def save_tokenizers(bundle: ModelBundle, folder: Path) -> str | None:
 
 
 def write_source_artifact(
-    bundle: ModelBundle, out: str | Path, profile: ShapeProfile, controlnets: Sequence[tuple[str, Any]] = ()
+    bundle: ModelBundle,
+    out: str | Path,
+    profile: ShapeProfile,
+    controlnets: Sequence[tuple[str, Any]] = (),
+    step_cache: bool = True,
+    cache_branch: int = DEFAULT_CACHE_BRANCH,
 ) -> Manifest:
     """A folder for the ``torch`` backend only: manifest, tokenizer and scheduler config, no ONNX files.
 
@@ -269,6 +292,7 @@ def write_source_artifact(
     out = Path(out)
     check_profile_fits(bundle.model, profile)
     _check_output(out)
+    with_step_cache(bundle, ExportOptions(profile=profile, step_cache=step_cache, cache_branch=cache_branch))
 
     specs = dict(component_specs(bundle.model))
     extras: dict[str, dict[str, Any]] = {}

@@ -23,6 +23,7 @@ from sdtrt.runtime.specs import COMPONENTS, ComponentSpec, ModelInfo, TensorSpec
 from .graph import save_model
 
 DEFAULT_OPSET = 18
+DEFAULT_CACHE_BRANCH = 0  # chosen by measurement: benchmarks/RESULTS.md, "Step caching"
 Progress = Callable[[str, int, int, float], None]  # (component, index, total, seconds or -1 at start)
 
 
@@ -47,6 +48,10 @@ class ExportOptions:
     # The UNet takes ControlNet residuals (zeros when no ControlNet runs): ControlNets can be added later
     # without a new UNet. False gives the plain UNet of older artifacts.
     control_ready: bool = True
+    # Step caching: export the shallow UNet cut at skip branch ``cache_branch`` (runtime.models.step_cache), and
+    # the feature it needs as a second output of the UNet.
+    step_cache: bool = True
+    cache_branch: int = DEFAULT_CACHE_BRANCH
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "fp16"):
@@ -59,6 +64,8 @@ class ExportOptions:
         unknown = [c for c in self.components if c not in COMPONENTS]
         if unknown or not self.components:
             raise ExportError(f"unknown component(s) {unknown or '(none given)'}; choose from {', '.join(COMPONENTS)}")
+        if self.cache_branch < 0:
+            raise ExportError(f"the skip branch must be 0 or more (0 caches the most), got {self.cache_branch}")
         if not 17 <= self.opset <= 21:
             raise ExportError(f"opset must be between 17 and 21, got {self.opset}")
 

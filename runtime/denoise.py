@@ -35,6 +35,25 @@ class ControlSlot:
 
 
 @dataclass
+class StepCache:
+    """Step caching in a denoiser: the shallow UNet, the static plan and the buffers the two steps share.
+
+    A full step runs the whole UNet and writes its feature (and, with ControlNets, the residuals of the skip
+    connections the shallow UNet recomputes) into these buffers; a shallow step reads them. ControlNets do not run
+    on shallow steps: their influence on the deep part is in the cached feature, and the shallow UNet's skip
+    connections get the residuals of the last full step.
+    """
+
+    shallow: Engine
+    plan: tuple[bool, ...]  # per step index: True runs the full UNet
+    feature: torch.Tensor  # [rows, C, h/k, w/k] in the UNet's dtype
+    residuals: dict[str, torch.Tensor] = field(default_factory=dict)  # the shallow UNet's residual inputs
+
+    def full(self, i: int) -> bool:
+        return self.plan[i]
+
+
+@dataclass
 class StepBuffers:
     """Static tensors the step reads and writes; a captured graph holds their addresses."""
 
@@ -84,6 +103,22 @@ def zero_residuals(unet: Engine, rows: int, height: int, width: int, device: tor
     return zeros
 
 
+def step_cache(
+    engines: Mapping[str, Engine], plan: tuple[bool, ...], buffers: StepBuffers, controls: list[ControlSlot]
+) -> StepCache:
+    """The cache state of a denoiser running ``plan`` over ``buffers``: a feature buffer as the full UNet gives
+    it, and the shallow UNet's residual inputs (zeros; with ``controls``, filled by each full step)."""
+    unet, shallow = engines["unet"], engines["unet_shallow"]
+    rows, _, height, width = buffers.text.shape[0], *buffers.latents.shape[1:]
+    device, dtype = buffers.latents.device, buffers.text.dtype
+    (spec,) = [t for t in unet.outputs if t.name == "cache_feature"]
+    factor = _downscale(spec.shape[2])
+    feature = torch.zeros((rows, int(spec.shape[1]), height // factor, width // factor), dtype=dtype, device=device)
+    zeros = zero_residuals(shallow, rows, height, width, device)
+    residuals = {name: buffers.residuals.get(name, zero) if not controls else zero for name, zero in zeros.items()}
+    return StepCache(shallow, plan, feature, residuals)
+
+
 def _downscale(dim: str | int) -> int:
     """The k of a residual's ``latent_height/k`` dimension (1 for ``latent_height``)."""
     _, _, factor = str(dim).partition("/")
@@ -116,11 +151,15 @@ def denoise_step(
     buffers: StepBuffers,
     guided: bool,
     controls: list[ControlSlot] | None = None,
+    cache: StepCache | None = None,
+    shallow: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sampler step; returns (new latents, new state) without writing the buffers.
+    """One sampler step; returns (new latents, new state) without writing the latents or state buffers.
 
     With ``controls``, each ControlNet runs on the step's UNet inputs (or their conditional half, in guess mode)
-    and the UNet gets the sum of their scaled residuals; without, a control-ready UNet gets zeros.
+    and the UNet gets the sum of their scaled residuals; without, a control-ready UNet gets zeros. With ``cache``
+    a full step also keeps the feature (and residuals) in its buffers, and ``shallow`` runs the shallow UNet on
+    them instead of the full one.
     """
     latents, i = buffers.latents, buffers.index
     model_in = latents * at_step(schedule.input_scale, i)
@@ -130,8 +169,17 @@ def denoise_step(
     timestep = at_step(schedule.timesteps, i).expand(model_in.shape[0]).to(torch.float32)
     feeds = {"sample": model_in.to(sample_dtype), "timestep": timestep, "encoder_hidden_states": buffers.text}
     feeds.update(buffers.extra)
-    residuals = control_residuals(controls, feeds, i, guided, sample_dtype) if controls else buffers.residuals
-    out = unet.infer({**feeds, **residuals})["noise_pred"].float()
+    if cache is not None and shallow:
+        out = cache.shallow.infer({**feeds, **cache.residuals, "cache_feature": cache.feature})["noise_pred"].float()
+    else:
+        residuals = control_residuals(controls, feeds, i, guided, sample_dtype) if controls else buffers.residuals
+        outputs = unet.infer({**feeds, **residuals})
+        if cache is not None:
+            cache.feature.copy_(outputs["cache_feature"])
+            if controls:
+                for name, kept in cache.residuals.items():
+                    kept.copy_(residuals[name])
+        out = outputs["noise_pred"].float()
     if guided:
         uncond, cond = out.chunk(2)
         out = uncond + buffers.guidance * (cond - uncond)
@@ -150,49 +198,59 @@ class Denoiser:
         guided: bool,
         use_graph: bool,
         controls: list[ControlSlot] | None = None,
+        cache: StepCache | None = None,
     ) -> None:
         self.unet, self.scheduler, self.schedule = unet, scheduler, schedule
         self.buffers, self.guided = buffers, guided
         self.use_graph = use_graph
         self.controls = controls or []
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.cache = cache
+        # one captured graph per kind of step: "full" (the whole UNet) and, with step caching, "shallow"
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
 
-    def _eager(self) -> None:
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The full step's captured graph, once captured."""
+        return self.graphs.get("full")
+
+    def _eager(self, shallow: bool = False) -> None:
         latents, state = denoise_step(
-            self.unet, self.scheduler, self.schedule, self.buffers, self.guided, self.controls
+            self.unet, self.scheduler, self.schedule, self.buffers, self.guided, self.controls, self.cache, shallow
         )
         self.buffers.latents.copy_(latents)
         self.buffers.state.copy_(state)
 
-    def _capture(self) -> None:
+    def _capture(self, shallow: bool) -> torch.cuda.CUDAGraph:
         """Warm up once on a side stream (deferred shape work, kernel selection), then capture one step.
 
-        The warm-up writes the buffers, so they are saved before and restored after.
+        The warm-up writes the buffers, so they are saved before and restored after (a full step's warm-up
+        rewrites the cache buffers with what its replay writes again).
         """
         saved = (self.buffers.latents.clone(), self.buffers.state.clone(), self.buffers.index.clone())
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._eager()
+            self._eager(shallow)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._eager()
+            self._eager(shallow)
         for buffer, value in zip((self.buffers.latents, self.buffers.state, self.buffers.index), saved, strict=True):
             buffer.copy_(value)
-        self.graph = graph
-        log.debug("captured the denoising step as a CUDA graph")
+        log.debug("captured the %s denoising step as a CUDA graph", "shallow" if shallow else "full")
+        return graph
 
     def step(self, i: int) -> None:
-        """Run step ``i``; the result is in ``buffers.latents``."""
+        """Run step ``i`` (full or shallow, as the cache plan says); the result is in ``buffers.latents``."""
+        shallow = self.cache is not None and not self.cache.full(i)
         self.buffers.index.fill_(i)
         if not self.use_graph:
-            self._eager()
+            self._eager(shallow)
             return
-        if self.graph is None:
-            self._capture()
-        assert self.graph is not None
-        self.graph.replay()
+        kind = "shallow" if shallow else "full"
+        if kind not in self.graphs:
+            self.graphs[kind] = self._capture(shallow)
+        self.graphs[kind].replay()
 
 
 class DenoiserCache:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from sdtrt.runtime.control.inputs import ControlInput, check_controls
 from sdtrt.runtime.control.slots import control_key, control_settings, fill_slots, make_slots
-from sdtrt.runtime.denoise import Denoiser, DenoiserCache, StepBuffers, zero_residuals
+from sdtrt.runtime.denoise import Denoiser, DenoiserCache, StepBuffers, step_cache, zero_residuals
 from sdtrt.runtime.engine import BackendOptions, Engine, get_backend
 from sdtrt.runtime.errors import ArtifactError, BackendError, ConfigError, NumericsError
 from sdtrt.runtime.images import from_pil, latents_to_rgb, to_pil
@@ -261,6 +261,8 @@ class Pipeline:
         crops_coords_top_left: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
         controls: Sequence[ControlInput] = (),
+        cache_interval: int = 1,
+        cache_schedule: str = "uniform",
     ) -> GenerationResult:
         """Generate ``num_images`` images per prompt, at the artifact's tuned size (profile opt) by default.
 
@@ -273,6 +275,8 @@ class Pipeline:
         micro-conditioning; ``negative_prompt=None`` gives zero negative conditioning when the model says so
         (``force_zeros_for_empty_prompt``), as diffusers does; an explicit ``""`` is encoded like any prompt.
         ``controls`` run ControlNets of the artifact (one ``ControlInput`` each; see ``runtime.control``).
+        ``cache_interval`` > 1 runs the full UNet on one step in N (``cache_schedule``: "uniform" or "quadratic")
+        and the shallow one in between (step caching; see ``runtime.cache_plan``).
         """
         start_time = time.perf_counter()
         req = make_request(
@@ -293,6 +297,8 @@ class Pipeline:
             original_size=original_size,
             crops_coords_top_left=crops_coords_top_left,
             target_size=target_size,
+            cache_interval=cache_interval,
+            cache_schedule=cache_schedule,
         )
         self.check_controls(controls)
         hints = [control.hint(req.width, req.height) for control in controls]  # bad images fail before work
@@ -392,7 +398,8 @@ class Pipeline:
     ) -> Denoiser:
         """The denoiser for this shape and set of ControlNets, reused between calls so a captured CUDA graph is
         replayed."""
-        key = (sampler.name, req.steps, req.first, req.shape, tuple(text.shape), req.guided, control_key(controls))
+        plan = req.cache_plan if req.cache_interval > 1 else None
+        key = (sampler.name, req.steps, req.first, req.shape, tuple(text.shape), req.guided, control_key(controls), plan)
         cached = self._denoisers.get(key, noise)
         if cached is not None:
             return cached
@@ -407,8 +414,10 @@ class Pipeline:
         slots = make_slots(controls, self.engines, req, self.device)
         if not slots:
             buffers.residuals = zero_residuals(unet, text.shape[0], req.shape[2], req.shape[3], self.device)
-        use_graph = self.cuda_graph and all(slot.engine.graph_capturable for slot in slots)
-        denoiser = Denoiser(unet, sampler, schedule, buffers, req.guided, use_graph, slots)
+        cache = step_cache(self.engines, plan, buffers, slots) if plan is not None else None
+        engines = [slot.engine for slot in slots] + ([cache.shallow] if cache else [])
+        use_graph = self.cuda_graph and all(engine.graph_capturable for engine in engines)
+        denoiser = Denoiser(unet, sampler, schedule, buffers, req.guided, use_graph, slots, cache)
         self._denoisers.put(key, denoiser)
         return denoiser
 

@@ -16,6 +16,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sdtrt.runtime.cache_plan import check_cache_args, check_cache_supported, full_steps
 from sdtrt.runtime.errors import ArtifactError, ConfigError, ShapeError
 from sdtrt.runtime.manifest import Manifest
 from sdtrt.runtime.schedulers import SCHEDULER_NAMES, start_index
@@ -45,10 +46,17 @@ class Request:
     strength: float | None = None  # img2img only
     zero_negatives: bool = False  # SDXL: the negative conditioning is zeros, not an encoded prompt
     time_ids: tuple[int, ...] = ()  # SDXL: original size, crop top-left, target size (each height, width)
+    cache_interval: int = 1  # step caching: a full UNet step every N (1: every step full)
+    cache_schedule: str = "uniform"
 
     @property
     def guided(self) -> bool:
         return self.guidance_scale > 1.0
+
+    @property
+    def cache_plan(self) -> tuple[bool, ...]:
+        """Per step index, whether it runs the full UNet (see ``runtime.cache_plan``)."""
+        return full_steps(self.steps, self.first, self.cache_interval, self.cache_schedule)
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,8 @@ class Settings:
     time_ids: tuple[int, ...] = ()  # SDXL only
     zero_negative: bool = False  # SDXL only
     controls: tuple[ControlSetting, ...] = ()
+    cache_interval: int = 1
+    cache_schedule: str = "uniform"
 
     @classmethod
     def of(
@@ -119,6 +129,8 @@ class Settings:
             req.time_ids,
             req.zero_negatives,
             tuple(controls),
+            req.cache_interval,
+            req.cache_schedule,
         )
 
     def __getitem__(self, key: str) -> Any:
@@ -143,6 +155,9 @@ class Settings:
             data["zero_negative"] = self.zero_negative
         if self.controls:
             data["controls"] = [c.to_dict() for c in self.controls]
+        if self.cache_interval > 1:
+            data["cache_interval"] = self.cache_interval
+            data["cache_schedule"] = self.cache_schedule
         return data
 
 
@@ -183,6 +198,8 @@ def make_request(
     original_size: Pair | None = None,
     crops_coords_top_left: Pair = (0, 0),
     target_size: Pair | None = None,
+    cache_interval: int = 1,
+    cache_schedule: str = "uniform",
 ) -> Request:
     """Validate a ``Pipeline.__call__``'s arguments (its names) for ``manifest``'s model and expand them to one
     entry per image.
@@ -194,6 +211,8 @@ def make_request(
     prompts, negatives = expand_prompts(prompt, negative_prompt, num_images)
     name = scheduler or default_scheduler
     _check_arguments(steps, guidance_scale, name)
+    check_cache_args(cache_interval, cache_schedule)
+    check_cache_supported(cache_interval, components)
     height, width = image_size(manifest, height, width, len(prompts))
     img2img = strength if image is not None else None
     first = start_index(steps, strength) if img2img is not None else 0
@@ -206,7 +225,21 @@ def make_request(
         model, height, width, negative_prompt is None, original_size, crops_coords_top_left, target_size
     )
     return Request(
-        prompts, negatives, height, width, name, steps, first, seeds, guidance_scale, shape, img2img, zero, time_ids
+        prompts,
+        negatives,
+        height,
+        width,
+        name,
+        steps,
+        first,
+        seeds,
+        guidance_scale,
+        shape,
+        img2img,
+        zero,
+        time_ids,
+        cache_interval,
+        cache_schedule,
     )
 
 

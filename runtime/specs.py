@@ -57,10 +57,17 @@ class ModelInfo:
     # The ControlNet residuals the exported UNet adds, in the order ControlNets give them: (channels, latent
     # downscale) of each down-block output, then the middle block's. Empty: the UNet takes no ControlNet inputs.
     control_residuals: tuple[tuple[int, int], ...] = ()
+    # Step caching (see runtime.models.step_cache): the skip branch the ``unet_shallow`` component was cut at
+    # (-1: none exported) and the (channels, latent downscale) of the feature the full UNet gives it.
+    cache_branch: int = -1
+    cache_feature: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep the frozen dataclass hashable and comparable
         object.__setattr__(self, "control_residuals", tuple((int(c), int(f)) for c, f in self.control_residuals))
+        object.__setattr__(self, "cache_feature", tuple(int(v) for v in self.cache_feature))
+        if self.cache_branch >= 0 and len(self.cache_feature) != 2:
+            raise ShapeError(f"a step-cache model needs cache_feature (channels, downscale), got {self.cache_feature}")
         if self.family not in FAMILIES:
             raise ShapeError(f"model family must be one of {FAMILIES}, got {self.family!r}")
         if self.prediction_type not in PREDICTION_TYPES:
@@ -92,6 +99,11 @@ class ModelInfo:
     def control_ready(self) -> bool:
         """Whether the UNet takes ControlNet residuals as inputs (artifacts exported without them do not)."""
         return bool(self.control_residuals)
+
+    @property
+    def step_cache(self) -> bool:
+        """Whether the artifact has the shallow UNet (``unet_shallow``) and the full UNet gives its feature."""
+        return self.cache_branch >= 0
 
     @property
     def size_multiple(self) -> int:
@@ -131,7 +143,8 @@ class ComponentSpec:
         raise KeyError(name)
 
 
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "unet_shallow", "vae_decoder", "vae_encoder")
+CACHE_FEATURE = "cache_feature"  # the full UNet's extra output and the shallow UNet's extra input
 # ControlNets are components too, one per ControlNet, named ``controlnet_<name>`` in a manifest.
 CONTROLNET_PREFIX = "controlnet_"
 CONTROL_MID = "control_mid"
@@ -174,13 +187,15 @@ def is_controlnet(component: str) -> bool:
 
 
 def model_components(model: ModelInfo) -> tuple[str, ...]:
-    """The components this model has, in pipeline order (``text_encoder_2`` is SDXL's only)."""
-    return tuple(c for c in COMPONENTS if c != "text_encoder_2" or model.family == "sdxl")
+    """The components this model has, in pipeline order (``text_encoder_2`` is SDXL's only, ``unet_shallow`` a
+    step-cache model's)."""
+    absent = {"text_encoder_2": model.family != "sdxl", "unet_shallow": not model.step_cache}
+    return tuple(c for c in COMPONENTS if not absent.get(c, False))
 
 
 def required_components(model: ModelInfo) -> tuple[str, ...]:
     """What text-to-image needs: every text encoder, the UNet and the VAE decoder."""
-    return tuple(c for c in model_components(model) if c != "vae_encoder")
+    return tuple(c for c in model_components(model) if c not in ("vae_encoder", "unet_shallow"))
 
 
 def component_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
@@ -196,6 +211,8 @@ def component_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
     if model.add_time_ids:
         unet_inputs.append(TensorSpec("time_ids", FLOAT, ("unet_batch", model.add_time_ids)))
     residuals = _residual_tensors(model)
+    noise_pred = TensorSpec("noise_pred", FLOAT, ("unet_batch", c, "latent_height", "latent_width"))
+    feature = _feature_tensors(model)
     ids = (TensorSpec("input_ids", "int32", ("text_batch", TEXT_WINDOW)),)
     specs = {
         "text_encoder": ComponentSpec(
@@ -219,8 +236,15 @@ def component_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
         "unet": ComponentSpec(
             "unet",
             inputs=(*unet_inputs, *residuals),
-            outputs=(TensorSpec("noise_pred", FLOAT, ("unet_batch", c, "latent_height", "latent_width")),),
+            outputs=(noise_pred, *feature),
             description="UNet: noisy latents, timestep, text vectors -> model prediction",
+            fp32_inputs=("timestep",),
+        ),
+        "unet_shallow": ComponentSpec(
+            "unet_shallow",
+            inputs=(*unet_inputs, *residuals[: model.cache_branch + 1], *feature),
+            outputs=(noise_pred,),
+            description="shallow UNet (step caching): the UNet's outer layers, from the full UNet's cached feature",
             fp32_inputs=("timestep",),
         ),
         "vae_decoder": ComponentSpec(
@@ -250,6 +274,15 @@ def _residual_tensors(model: ModelInfo) -> tuple[TensorSpec, ...]:
         h, w = f"latent_height{suffix}", f"latent_width{suffix}"
         tensors.append(TensorSpec(name, FLOAT, ("unet_batch", channels, h, w)))
     return tuple(tensors)
+
+
+def _feature_tensors(model: ModelInfo) -> tuple[TensorSpec, ...]:
+    """The cached feature (one per UNet row) of a step-cache model; none otherwise."""
+    if not model.step_cache:
+        return ()
+    channels, factor = model.cache_feature
+    suffix = f"/{factor}" if factor > 1 else ""
+    return (TensorSpec(CACHE_FEATURE, FLOAT, ("unet_batch", channels, f"latent_height{suffix}", f"latent_width{suffix}")),)
 
 
 def controlnet_spec(model: ModelInfo, component: str) -> ComponentSpec:

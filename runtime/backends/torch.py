@@ -158,7 +158,7 @@ def open_engines(
                 else bundle.module(name)
             )
             use_sdpa(module)
-            wrapped = wrap(name, module, manifest.model.family)
+            wrapped = wrap(name, module, manifest.model)
             own = component_precision(name, manifest, precision)
             if own == "fp16":
                 # In place: the VAE is shared by both VAE wrappers, and converting it twice is harmless.

@@ -39,8 +39,8 @@ class ModelBundle:
                 raise SourceError(f"size range {self.size_range} must be (smallest, largest) sides > 0")
 
     def module(self, component: str) -> Any:
-        if component in ("text_encoder", "text_encoder_2", "unet"):
-            module = getattr(self, component)
+        if component in ("text_encoder", "text_encoder_2", "unet", "unet_shallow"):
+            module = getattr(self, "unet" if component == "unet_shallow" else component)
             if module is None:
                 raise KeyError(component)
             return module
@@ -55,7 +55,7 @@ class ModelBundle:
         """Drop the modules no component in ``still_needed`` uses, so their memory can be freed."""
         import gc
 
-        keep = {"vae" if c.startswith("vae") else c for c in still_needed}
+        keep = {"vae" if c.startswith("vae") else "unet" if c == "unet_shallow" else c for c in still_needed}
         for attr in MODULES:
             if attr not in keep:
                 setattr(self, attr, None)

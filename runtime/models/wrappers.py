@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdtrt.runtime.specs import ModelInfo
+
 
 class TextEncoder(nn.Module):
     """input_ids -> (last_hidden_state, pooled_output): SD 1.x/2.x."""
@@ -145,11 +147,22 @@ class VaeEncoder(nn.Module):
         return mean, torch.exp(0.5 * logvar)
 
 
-def wrap(component: str, module: Any, family: str = "sd1") -> nn.Module:
-    """``module`` behind the plain tensor interface of ``component``'s spec for a model of ``family``."""
-    xl = family == "sdxl"
+def wrap(component: str, module: Any, model: ModelInfo) -> nn.Module:
+    """``module`` behind the plain tensor interface of ``component``'s spec for ``model``.
+
+    For a step-cache model the UNet also gives the cached feature, and ``unet_shallow`` is cut from the UNet
+    ``module`` (see ``runtime.models.step_cache``).
+    """
+    xl = model.family == "sdxl"
     if component.startswith("controlnet_"):
         return ControlNet(module, xl).eval()
+    if component == "unet_shallow" or (component == "unet" and model.step_cache):
+        from sdtrt.runtime.models.step_cache import FeatureUNet, ShallowUNet, cache_split
+
+        split = cache_split(module, model.cache_branch)
+        if component == "unet":
+            return FeatureUNet(module, split, xl).eval()
+        return ShallowUNet(module, split, xl, model.control_ready).eval()
     wrappers: dict[str, type[nn.Module]] = {
         "text_encoder": PenultimateTextEncoder if xl else TextEncoder,
         "text_encoder_2": PenultimateTextEncoder,

@@ -14,7 +14,7 @@ from sdtrt.runtime.errors import ArtifactError, ExportError, ShapeError
 from sdtrt.runtime.manifest import read_manifest
 from sdtrt.runtime.profile import ShapeProfile
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
