@@ -399,7 +399,8 @@ class Pipeline:
         """The denoiser for this shape and set of ControlNets, reused between calls so a captured CUDA graph is
         replayed."""
         plan = req.cache_plan if req.cache_interval > 1 else None
-        key = (sampler.name, req.steps, req.first, req.shape, tuple(text.shape), req.guided, control_key(controls), plan)
+        shape = (req.steps, req.first, req.shape, tuple(text.shape))
+        key = (sampler.name, *shape, req.guided, control_key(controls), plan)
         cached = self._denoisers.get(key, noise)
         if cached is not None:
             return cached

@@ -282,7 +282,8 @@ def _feature_tensors(model: ModelInfo) -> tuple[TensorSpec, ...]:
         return ()
     channels, factor = model.cache_feature
     suffix = f"/{factor}" if factor > 1 else ""
-    return (TensorSpec(CACHE_FEATURE, FLOAT, ("unet_batch", channels, f"latent_height{suffix}", f"latent_width{suffix}")),)
+    dims = ("unet_batch", channels, f"latent_height{suffix}", f"latent_width{suffix}")
+    return (TensorSpec(CACHE_FEATURE, FLOAT, dims),)
 
 
 def controlnet_spec(model: ModelInfo, component: str) -> ComponentSpec:
