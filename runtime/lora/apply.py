@@ -224,6 +224,11 @@ def weight_updates(
     for name in (c for c in LORA_COMPONENTS if c in engines):
         own = deltas.get(name, {})
         updates[name] = WeightUpdate(own, ArtifactInitializers(manifest, folder, name, own, state))
+    if "unet_shallow" in engines and backend == "tensorrt":
+        # The shallow UNet's weights are a subset of the UNet's: its engine gets the UNet's deltas its map names.
+        mapping = manifest.components["unet_shallow"].extra.get("lora_map", {})
+        own = {k: v for k, v in deltas.get("unet", {}).items() if k in mapping}
+        updates["unet_shallow"] = WeightUpdate(own, ArtifactInitializers(manifest, folder, "unet_shallow", own, state))
     return updates
 
 
