@@ -244,7 +244,8 @@ def test_real_shallow_engine_matches_onnxruntime(tiny_fp32, tmp_path):
 @pytest.mark.trt
 def test_real_engines_cached_step_matches_onnxruntime(tiny_fp32, tmp_path):
     """Cache interval 3 on real engines: two captured graphs (full, shallow), the image as ONNX Runtime's cached
-    one (PSNR >= 40 dB, fp32), and different from the uncached image yet close to it (tiny random model)."""
+    one (PSNR >= 40 dB, fp32), and different from the uncached image yet close to it (PSNR >= 30 dB; ONNX Runtime
+    gives 39.8 dB here)."""
     out = tmp_path / "engines"
     build_engines(tiny_fp32, out, ShapeProfile(1, 1, 2, 64, 64, 128, 64, 64, 128), TensorRTBuildOptions(opt_level=1))
     args = {"steps": 6, "seed": 3, "height": SIZE, "width": SIZE}
@@ -259,4 +260,4 @@ def test_real_engines_cached_step_matches_onnxruntime(tiny_fp32, tmp_path):
     assert ["full", "shallow"] in graphs and ["full"] in graphs
     assert psnr(found.cpu(), expected) >= 40
     assert torch.equal(found, again)
-    assert not torch.equal(found, uncached) and psnr(found, uncached) >= 20
+    assert 30 <= psnr(found, uncached) < 60
