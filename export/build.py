@@ -17,8 +17,9 @@ the runtime shares between the engines it opens together.
 
 A step-cache artifact's shallow UNet (``unet_shallow``) is built like the UNet, under the same profile; its
 ``cache_feature`` input's ranges follow from the spec (the latent size, divided where the feature is deeper), and
-the UNet engine keeps its second output ``cache_feature``. The manifest keeps the model's cache fields and each
-UNet's own ``lora_map``. The two are built together: naming ``unet`` in ``components`` names ``unet_shallow`` too.
+the UNet engine keeps its second output ``cache_feature``. The manifest keeps the model's cache fields, each UNet's
+own ``lora_map`` and the list of UNet weights the shallow one runs (``weights``: what a LoRA refits in it). The
+two are built together: naming ``unet`` in ``components`` names ``unet_shallow`` too.
 
 Building again into the same folder reuses every engine whose key still matches (same ONNX sha256, profile,
 TensorRT, GPU and builder options) and rebuilds the others: after ``sdtrt export CONTROLNET --into ARTIFACTS``,
@@ -52,8 +53,9 @@ from .trt_builder import PeakDeviceMemory, TensorRTBuildOptions, build
 log = logging.getLogger(__name__)
 
 Size = tuple[int, int]  # (height, width)
-# What the runtime reads from an ONNX entry to apply LoRAs, kept with the engine built from it.
-CARRIED_EXTRAS = ("lora_map", "module_config", "latent_rgb", "controlnet")
+# What the runtime reads from an ONNX entry to apply LoRAs (``weights``: the UNet weights the shallow UNet runs), to
+# preview latents and to name ControlNets, kept with the engine built from it.
+CARRIED_EXTRAS = ("lora_map", "module_config", "latent_rgb", "controlnet", "weights")
 # Told about each engine as the build goes: (component, "reused" | "building" | "built").
 BuildProgress = Callable[[str, str], None]
 
