@@ -135,6 +135,29 @@ def test_shallow_engine_runs_exactly_on_the_planned_steps(use_double, engines, s
     assert shallow.shapes["cache_feature"][0] == 2  # guidance: two rows
 
 
+def test_sdxl_shallow_engine_gets_the_extra_inputs_and_no_text_context(use_double, tmp_path):
+    """SDXL's outer blocks have no cross-attention: the shallow engine is fed text_embeds and time_ids, never the
+    text context, on exactly the plan's shallow steps."""
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+    from sdtrt.runtime.models.presets import load_preset
+
+    profile = ShapeProfile(1, 1, 2, 64, 64, 128, 64, 64, 128)
+    export_artifacts(load_preset("tiny-xl"), tmp_path / "xl", ExportOptions(profile=profile, precision="fp16"))
+    double = use_double()  # after the export: torch's exporter looks up the real tensorrt module's spec
+    build_engines(tmp_path / "xl", tmp_path / "engines", None, TensorRTBuildOptions())
+    plan = full_steps(5, 0, 3)
+    with Pipeline.from_artifacts(tmp_path / "engines", backend="tensorrt", device="cpu") as pipe:
+        pipe(PROMPT, steps=5, seed=1, guidance_scale=5.0, cache_interval=3)
+    ran = contexts(double)
+    shallow = ran["unet_shallow"]
+    assert "encoder_hidden_states" not in shallow.engine.input_names
+    assert shallow.shapes["text_embeds"] == (2, 24) and shallow.shapes["time_ids"] == (2, 6)
+    assert (ran["unet"].runs, shallow.runs) == (sum(plan), 5 - sum(plan))
+    for seen in shallow.inputs_seen:  # the same micro-conditioning the full steps get
+        assert seen["time_ids"] == ran["unet"].inputs_seen[0]["time_ids"]
+        assert seen["text_embeds"] == ran["unet"].inputs_seen[0]["text_embeds"]
+
+
 def test_interval_one_never_runs_the_shallow_engine(use_double, engines):
     double = use_double()
     with Pipeline.from_artifacts(engines, backend="tensorrt", device="cpu") as pipe:
@@ -166,11 +189,13 @@ def onnx_initializer(artifact, component: str, name: str) -> np.ndarray:
 
 
 def pick_layers(manifest) -> tuple[str, str]:
-    """A to_q projection the shallow UNet has, and one only the full UNet has (module paths)."""
+    """A to_q projection the shallow UNet runs, and one only the full UNet runs (module paths), from the artifact's
+    manifest (the engine folder's must carry what the LoRA code reads; the tests check that it does)."""
+    runs = set(manifest.components["unet_shallow"].extra["weights"])
     shallow = manifest.components["unet_shallow"].extra["lora_map"]
     full = manifest.components["unet"].extra["lora_map"]
-    outer = next(k for k in shallow if k.endswith(".to_q.weight"))
-    deep = next(k for k in full if k.endswith(".to_q.weight") and k not in shallow)
+    outer = next(k for k in shallow if k.endswith(".to_q.weight") and k in runs)
+    deep = next(k for k in full if k.endswith(".to_q.weight") and k not in runs and k not in shallow)
     return outer.removesuffix(".weight"), deep.removesuffix(".weight")
 
 
@@ -178,7 +203,7 @@ def test_lora_refits_the_shallow_engine_through_its_own_map(use_double, engines,
     """A LoRA on a layer both UNets have refits both engines, each by its own ONNX initializer name with its own
     base + delta; going back to no LoRA restores both bit for bit."""
     manifest = read_manifest(engines)
-    outer, _ = pick_layers(manifest)
+    outer, _ = pick_layers(read_manifest(tiny_fp32))
     file, layer, shape = lora_on(outer, tmp_path / "outer.safetensors")
     delta = layer.delta(0.5, shape)
     use_double()
@@ -204,9 +229,9 @@ def test_lora_refits_the_shallow_engine_through_its_own_map(use_double, engines,
             assert restored.reshape(base.shape).tobytes() == base.tobytes()
 
 
-def test_lora_on_deep_layers_only_leaves_the_shallow_engine_alone(use_double, engines, tmp_path):
+def test_lora_on_deep_layers_only_leaves_the_shallow_engine_alone(use_double, engines, tiny_fp32, tmp_path):
     manifest = read_manifest(engines)
-    _, deep = pick_layers(manifest)
+    _, deep = pick_layers(read_manifest(tiny_fp32))
     file, _, _ = lora_on(deep, tmp_path / "deep.safetensors")
     double = use_double()
     with Pipeline.from_artifacts(engines, backend="tensorrt", device="cpu") as pipe:
