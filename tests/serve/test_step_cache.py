@@ -62,17 +62,6 @@ def server(tiny_fp32):
     assert srv.stop() == 0
 
 
-@pytest.fixture(scope="module")
-def no_shallow(tmp_path_factory, tiny_bundle, tiny_profile):
-    """The tiny model exported without the shallow UNet (``--no-step-cache``)."""
-    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
-
-    out = tmp_path_factory.mktemp("tiny-no-step-cache") / "artifacts"
-    components = ("text_encoder", "unet", "vae_decoder")
-    export_artifacts(tiny_bundle, out, ExportOptions(profile=tiny_profile, components=components, step_cache=False))
-    return out
-
-
 def close_but_not_equal(cached: np.ndarray, uncached: np.ndarray) -> float:
     value = psnr(cached, uncached, 255.0)
     assert not np.array_equal(cached, uncached), "the cached image equals the uncached one: caching did not run"
