@@ -120,7 +120,7 @@ def infotext(
 
     As A1111 writes it: img2img adds the denoising strength; LoRAs are ``<lora:name:scale>`` tags after the
     prompt and their short hashes a ``Lora hashes`` field; ControlNets are ``ControlNet <k>`` fields; step
-    caching (when on) is ``Step cache interval`` and ``Step cache schedule``.
+    caching (when on) is ``Cache interval`` and ``Cache schedule``.
     """
     extra = [("Denoising strength", f"{settings.strength:g}")] if settings.strength is not None else []
     if settings.loras:
@@ -135,8 +135,8 @@ def infotext(
         )
         extra.append((f"ControlNet {k}", f'"{unit}"'))
     if settings.cache_interval > 1:
-        extra += [("Step cache interval", str(settings.cache_interval))]
-        extra += [("Step cache schedule", settings.cache_schedule)]
+        extra += [("Cache interval", str(settings.cache_interval))]
+        extra += [("Cache schedule", settings.cache_schedule)]
     tags = "".join(f" <lora:{x.name}:{x.scale:g}>" for x in settings.loras)
     return a1111_parameters(
         prompt + tags,

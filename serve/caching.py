@@ -104,18 +104,10 @@ def cache_info(interval: int, schedule: str) -> dict[str, Any]:
     return {INTERVAL_KEY: interval, SCHEDULE_KEY: schedule} if interval > 1 else {}
 
 
-def cache_infotext(text: str, interval: int, schedule: str) -> str:
-    """A1111's ``parameters`` text with the step caching a generation ran with (unchanged when uncached)."""
-    if interval <= 1 or "Cache interval:" in text:
-        return text
-    return f"{text}, Cache interval: {interval}, Cache schedule: {schedule}"
-
-
 __all__ = [
     "CACHE_KEYS",
     "CacheDefaults",
     "cache_info",
-    "cache_infotext",
     "check_cache_request",
     "parse_cache_fields",
 ]

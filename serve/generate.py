@@ -18,7 +18,7 @@ from sdtrt.runtime.errors import ArtifactError, ConfigError, ControlError, Shape
 from sdtrt.runtime.images import infotext, png_bytes
 from sdtrt.runtime.request import Settings, image_size, require_vae_encoder, seeds_per_image
 from sdtrt.serve.a1111 import GenerateRequest, Generation
-from sdtrt.serve.caching import cache_infotext, check_cache_request
+from sdtrt.serve.caching import check_cache_request
 from sdtrt.serve.controlnet import resolve_units
 from sdtrt.serve.errors import RequestError
 from sdtrt.serve.service import ModelCard
@@ -163,12 +163,7 @@ def make_generation(
     """A ``Generation`` of (image, seed, prompt, negative) rows: PNGs with A1111's ``parameters`` text."""
     model_hash = str(pipe.manifest.source.get("sha256", ""))
     texts = [
-        cache_infotext(
-            infotext(prompt, request.negative_prompt, seed, settings, model_hash, model_name),
-            settings.cache_interval,
-            settings.cache_schedule,
-        )
-        for _, seed, prompt, _ in rows
+        infotext(prompt, request.negative_prompt, seed, settings, model_hash, model_name) for _, seed, prompt, _ in rows
     ]
     return Generation(
         [png_bytes(image, text) for (image, *_), text in zip(rows, texts, strict=True)],

@@ -136,9 +136,10 @@ def test_interval_1_gives_the_image_of_an_artifact_without_step_caching_bit_for_
     assert "unet_shallow" in read_manifest(tiny_fp32).components
     assert "unet_shallow" not in read_manifest(plain_fp32).components
     for backend in ("onnxruntime", "torch"):
-        with Pipeline.from_artifacts(tiny_fp32, backend=backend) as cached, Pipeline.from_artifacts(
-            plain_fp32, backend=backend
-        ) as plain:
+        with (
+            Pipeline.from_artifacts(tiny_fp32, backend=backend) as cached,
+            Pipeline.from_artifacts(plain_fp32, backend=backend) as plain,
+        ):
             for scheduler in ("euler_a", "dpmpp_2m"):
                 assert torch.equal(run(cached, 1, scheduler=scheduler), run(plain, 1, scheduler=scheduler))
 
@@ -158,9 +159,10 @@ def test_cached_images_are_close_to_uncached_on_every_sampler(pipe, scheduler):
     ids=["cfg-off", "batch-2", "quadratic-12"],
 )
 def test_onnxruntime_and_torch_agree_on_cached_images(tiny_fp32, kwargs):
-    with Pipeline.from_artifacts(tiny_fp32, backend="onnxruntime") as ort_pipe, Pipeline.from_artifacts(
-        tiny_fp32, backend="torch"
-    ) as torch_pipe:
+    with (
+        Pipeline.from_artifacts(tiny_fp32, backend="onnxruntime") as ort_pipe,
+        Pipeline.from_artifacts(tiny_fp32, backend="torch") as torch_pipe,
+    ):
         a, b = run(ort_pipe, 3, **kwargs), run(torch_pipe, 3, **kwargs)
         assert psnr(a, b) >= PARITY_DB
         assert psnr(a, run(ort_pipe, 1, **kwargs)) >= CLOSE_DB
@@ -204,9 +206,10 @@ def test_the_shallow_unet_runs_on_the_steps_the_plan_says(tiny_fp32, strength):
 
 def test_sdxl_cached_images_are_close_and_backends_agree(tiny_xl_fp32):
     kwargs = {"steps": 6, "height": SIZE, "width": SIZE}
-    with Pipeline.from_artifacts(tiny_xl_fp32) as ort_pipe, Pipeline.from_artifacts(
-        tiny_xl_fp32, backend="torch"
-    ) as torch_pipe:
+    with (
+        Pipeline.from_artifacts(tiny_xl_fp32) as ort_pipe,
+        Pipeline.from_artifacts(tiny_xl_fp32, backend="torch") as torch_pipe,
+    ):
         cached, uncached = run(ort_pipe, 2, **kwargs), run(ort_pipe, 1, **kwargs)
         assert not torch.equal(cached, uncached) and psnr(cached, uncached) >= CLOSE_DB
         assert psnr(cached, run(torch_pipe, 2, **kwargs)) >= PARITY_DB
@@ -240,7 +243,7 @@ def test_cli_generates_cached_and_refuses_bad_cache_options(tmp_path, tiny_fp32,
     done = sdtrt("generate", str(tiny_fp32), PROMPT, *common, "--cache-interval", "3", "--out", str(tmp_path / "a.png"))
     assert done.returncode == 0, done.stderr
     parameters = Image.open(tmp_path / "a.png").info["parameters"]
-    assert "Step cache interval: 3" in parameters and "Step cache schedule: uniform" in parameters
+    assert "Cache interval: 3" in parameters and "Cache schedule: uniform" in parameters
     cases = [
         (tiny_fp32, ["--cache-interval", "0"], "cache interval must be an integer >= 1"),
         (tiny_fp32, ["--cache-interval", "-3"], "cache interval must be an integer >= 1"),
