@@ -37,7 +37,7 @@ def test_export_then_check(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all 16 checks passed" in result.stdout
     rows = json.loads(report.read_text())
-    assert len(rows) == 12 and all(r["passed"] and r["rel_l2"] < 1e-4 for r in rows)
+    assert len(rows) == 16 and all(r["passed"] and r["rel_l2"] < 1e-4 for r in rows)
 
 
 def test_check_fails_with_exit_code_on_a_wrong_graph(tmp_path):
