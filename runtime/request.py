@@ -11,6 +11,7 @@ prompt is given and the model asks for it (``force_zeros_for_empty_prompt``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -224,23 +225,10 @@ def make_request(
     zero, time_ids = micro_conditioning(
         model, height, width, negative_prompt is None, original_size, crops_coords_top_left, target_size
     )
-    return Request(
-        prompts,
-        negatives,
-        height,
-        width,
-        name,
-        steps,
-        first,
-        seeds,
-        guidance_scale,
-        shape,
-        img2img,
-        zero,
-        time_ids,
-        cache_interval,
-        cache_schedule,
+    request = Request(
+        prompts, negatives, height, width, name, steps, first, seeds, guidance_scale, shape, img2img, zero, time_ids
     )
+    return dataclasses.replace(request, cache_interval=cache_interval, cache_schedule=cache_schedule)
 
 
 def check_request(manifest: Manifest, prompt: str | list[str], *args: Any, **call: Any) -> None:
