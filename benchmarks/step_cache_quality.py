@@ -53,7 +53,7 @@ class QualityConfig:
     def __post_init__(self) -> None:
         from sdtrt.runtime.cache_plan import check_cache_args
 
-        if self.count < 1 or self.control_count < 0 or any(s < 2 for s in self.steps):
+        if self.count < 1 or self.control_count < 0 or any(s < 2 for s in (*self.steps, self.branch_steps)):
             raise ValueError(
                 f"count must be >= 1, control_count >= 0 and steps >= 2, got {self.count}, {self.control_count}, "
                 f"{self.steps}"
@@ -306,6 +306,9 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def parse(argv: Sequence[str] | None) -> tuple[QualityConfig, argparse.Namespace]:
+    """The command line as a ``QualityConfig`` (exit 2 with one line on a bad setting) and the parsed arguments."""
+    from sdtrt.runtime.errors import SdtrtError
+
     parser = argparse.ArgumentParser(
         prog="python -m sdtrt.benchmarks.step_cache_quality", description=__doc__.split("\n")[0]
     )
@@ -316,6 +319,7 @@ def parse(argv: Sequence[str] | None) -> tuple[QualityConfig, argparse.Namespace
     parser.add_argument("--precisions", default="fp32,fp16")
     parser.add_argument("--intervals", default="2,3,5", help="cache intervals > 1 (1 is always run)")
     parser.add_argument("--branches", default="all", help="skip branches to compare: all, none or e.g. 0,2,4")
+    parser.add_argument("--branch-steps", type=int, default=20, help="steps of the branch comparison")
     parser.add_argument("--control-count", type=int, default=0, help="ControlNet pairs (0: skip that part)")
     parser.add_argument("--json", type=Path, help="write the rows and the run's metadata here")
     args = parser.parse_args(argv)
@@ -331,9 +335,10 @@ def parse(argv: Sequence[str] | None) -> tuple[QualityConfig, argparse.Namespace
             precisions=tuple(p for p in args.precisions.split(",") if p),
             intervals=_ints(args.intervals),
             branches=branches,
+            branch_steps=args.branch_steps,
             control_count=args.control_count,
         )
-    except ValueError as exc:
+    except (ValueError, SdtrtError) as exc:
         parser.error(str(exc))
     return config, args
 
