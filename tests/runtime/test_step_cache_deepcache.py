@@ -149,6 +149,30 @@ def test_tiny_matches_deepcache(exported, tiny_bundle, branch, schedule):
 
 
 @pytest.fixture(scope="module")
+def plain_outer_bundle() -> ModelBundle:
+    """tiny with its outer blocks free of cross-attention, as SDXL and shapes have them: a shallow UNet of branch 0
+    never reads the text context (the export must still declare the input the runtime feeds)."""
+    unet_cfg = {**TINY_UNET, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"]}
+    unet_cfg["up_block_types"] = ["CrossAttnUpBlock2D", "UpBlock2D"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TINY_TEXT)).eval().requires_grad_(False)
+        unet = diffusers.UNet2DConditionModel(**unet_cfg).eval().requires_grad_(False)
+        vae = diffusers.AutoencoderKL(**TINY_VAE).eval().requires_grad_(False)
+    scheduler = preset_configs("tiny")[3]
+    return ModelBundle(text, unet, vae, clip_tokenizer(), scheduler, model_info(text, unet, vae, scheduler))
+
+
+def test_shallow_unet_without_text_context_matches_deepcache(exported, plain_outer_bundle):
+    onnx = pytest.importorskip("onnx")
+    folder = exported(plain_outer_bundle, 0)
+    graph = onnx.load(str(folder / "unet_shallow.onnx"), load_external_data=False).graph
+    assert "encoder_hidden_states" in [i.name for i in graph.input]
+    assert not any("encoder_hidden_states" in node.input for node in graph.node)  # declared, never read
+    check_against_deepcache(plain_outer_bundle, folder, steps=7, interval=3, branch=0, schedule="uniform")
+
+
+@pytest.fixture(scope="module")
 def sd2_bundle() -> ModelBundle:
     """An SD-2-style model: 1024-wide text, linear projections, upcast attention, v-prediction, and two resnets
     per down block as SD 2.x has (so the helper's own branch numbering applies unchanged)."""
