@@ -47,7 +47,6 @@ from .trace import (
     VAE_PRECISIONS,
     ExportOptions,
     Progress,
-    declare_dropped_inputs,
     dynamic_axes,
     profile_shapes,
     sample_inputs,
@@ -114,7 +113,7 @@ def export_component(
         del module
         if consume:  # free the module before the graph is loaded back: the peak memory of an export
             bundle.release(still_needed)
-        graph = declare_dropped_inputs(clean_graph(onnx.load(str(raw), load_external_data=True)), spec, precision)
+        graph = clean_graph(onnx.load(str(raw), load_external_data=True))
     extra: dict[str, Any] = {}
     if lora:  # before saving: saving with external data moves the weights out of the in-memory graph
         extra = {"lora_map": lora_map(digests, graph), "module_config": config}

@@ -159,24 +159,6 @@ def trace_to_onnx(
         raise ExportError(f"exporting {spec.name} to ONNX failed: {exc}") from exc
 
 
-def declare_dropped_inputs(model: Any, spec: ComponentSpec, precision: str) -> Any:
-    """``model`` with every input of ``spec`` that the tracer dropped declared again, unused, in its place.
-
-    The tracer drops inputs the graph never reads (a shallow UNet cut above the first cross-attention block never
-    reads the text context), but the manifest and the runtime feed every input the spec declares.
-    """
-    import numpy as np
-    from onnx import helper
-
-    present = {value.name for value in model.graph.input}
-    for index, tensor in enumerate(spec.inputs):
-        if tensor.name not in present:
-            dtype = "float32" if tensor.name in spec.fp32_inputs else tensor.concrete_dtype(precision)
-            elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-            model.graph.input.insert(index, helper.make_tensor_value_info(tensor.name, elem, list(tensor.shape)))
-    return model
-
-
 def tensor_entries(tensors: tuple[TensorSpec, ...], precision: str) -> tuple[TensorEntry, ...]:
     return tuple(TensorEntry(t.name, t.concrete_dtype(precision), t.shape) for t in tensors)
 
