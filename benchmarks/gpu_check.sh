@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: sdtrt's `gpu` tests and its side-by-side benchmarks on one CUDA GPU, in under ~10 minutes on an
 # H100/H200 (each step has its own timeout; a step that fails or times out is reported and the rest still run).
+# The step-caching rows 5 and 6 are estimated at 2-4 minutes together (not yet timed on a GPU).
 #
 # Needs: a CUDA machine whose python3 has torch (CUDA build), transformers, tokenizers, safetensors, numpy and
 # pillow. The pure-Python packages such a machine often lacks travel as wheels in .whl/ (git-ignored); download
@@ -22,7 +23,12 @@
 #   4. sd15-random 512x512, 30 steps, CFG 7.5 + one ControlNet (a seeded random SD 1.5-architecture ControlNet
 #      made by controlnet_from_unet, saved as a diffusers folder and loaded back, random-stroke hint): torch and
 #      torch-graph, each with no control and with the ControlNet (benchmarks/controlnet_gpu.py; no diffusers baseline)
-#   5. host overhead: the denoising loop with a null UNet, CPU / CUDA eager / CUDA graph, every sampler
+#   5. sd15-random 512x512, 30 steps, CFG 7.5, cache interval 3 vs 1 (step caching): torch and torch-graph (the
+#      full and the shallow step, two CUDA graphs), each cached and uncached (benchmarks/step_cache_gpu.py)
+#   6. sdxl-random 1024x1024, 30 steps, CFG 5, cache interval 3 vs 1, the same way
+#      Where tensorrt is installed, SD15_ENGINES / SDXL_ENGINES naming engine folders of those presets (built
+#      beforehand with `sdtrt export` + `sdtrt build`) add TensorRT rows to 5 / 6.
+#   7. host overhead: the denoising loop with a null UNet, CPU / CUDA eager / CUDA graph, every sampler
 # Prints: GPU, driver, torch and CUDA versions; the gpu tests' summary; each benchmark's table (median and p90
 # end-to-end, speed-up against diffusers, per-stage times, it/s, loop overhead, memory); the host-overhead
 # table (microseconds per step). Writes under $OUT: gpu_tests.txt, tables.txt (everything printed after the
@@ -88,6 +94,18 @@ timeout 120 $PY -m sdtrt.benchmarks.controlnet_gpu --preset sd15-random --size 5
     --runs 3 --warmup 1 --precision fp16 --json "$OUT/gpu_sd15-random_512_30steps_controlnet.json" \
     >> "$tables" 2>> "$OUT/bench_log.txt" ||
     { echo "sd15-random + one ControlNet failed (exit $?; 124 = timed out)" >> "$tables"; failed=1; }
+
+# cache ROWNAME LIMIT PRESET SIZE CFG RUNS ENGINES: step caching, interval 3 against 1, its table in tables.txt
+cache() {
+    local name=$1 limit=$2 preset=$3 size=$4 cfg=$5 runs=$6 engines=$7
+    step "$preset ${size}x${size} 30 steps, cache interval 3 vs 1 (limit ${limit}s)"
+    timeout "$limit" $PY -m sdtrt.benchmarks.step_cache_gpu --preset "$preset" --size "$size" --steps 30 \
+        --cfg "$cfg" --intervals 1,3 --runs "$runs" --warmup 1 --precision fp16 ${engines:+--engines "$engines"} \
+        --json "$OUT/$name.json" >> "$tables" 2>> "$OUT/bench_log.txt" ||
+        { echo "$name failed (exit $?; 124 = timed out)" >> "$tables"; failed=1; }
+}
+cache gpu_sd15-random_512_30steps_cache3 120 sd15-random 512 7.5 3 "${SD15_ENGINES:-}"
+cache gpu_sdxl-random_1024_30steps_cache3 200 sdxl-random 1024 5 2 "${SDXL_ENGINES:-}"
 
 step "host overhead (null UNet, limit 40s)"
 timeout 40 $PY -m sdtrt.benchmarks.host_overhead --paths cpu,cuda,cuda-graph --steps 600 \

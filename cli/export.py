@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from sdtrt.runtime.profile import ShapeProfile
 
 from sdtrt.cli.options import parse_size, split_list
+from sdtrt.runtime.specs import DEFAULT_CACHE_BRANCH
 
 
 @click.command("export")
@@ -44,6 +45,21 @@ from sdtrt.cli.options import parse_size, split_list
     "--plain-unet",
     is_flag=True,
     help="Export a UNet without ControlNet inputs (by default the UNet takes them, zeros when none runs).",
+)
+@click.option(
+    "--step-cache/--no-step-cache",
+    default=True,
+    show_default=True,
+    help="Also export the shallow UNet (unet_shallow) that step caching (--cache-interval) runs between full "
+    "steps, and the feature it needs as a second UNet output.",
+)
+@click.option(
+    "--cache-branch",
+    type=int,
+    default=DEFAULT_CACHE_BRANCH,
+    show_default=True,
+    help="Skip branch of the shallow UNet: it recomputes the first K+1 skip connections (DeepCache's branch id "
+    "for SD 1.x/2.x and SDXL); 0 caches the most and is the fastest.",
 )
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp16", show_default=True)
 @click.option(
@@ -97,6 +113,8 @@ def export_cmd(
     into: Path | None,
     controlnet_config: Path | None,
     plain_unet: bool,
+    step_cache: bool,
+    cache_branch: int,
 ) -> None:
     """Export SOURCE (a preset, a diffusers folder or a .safetensors checkpoint) to an ONNX artifact folder;
     with --into, add the ControlNet SOURCE to an existing artifact."""
@@ -130,6 +148,8 @@ def export_cmd(
         opset=opset,
         vae_precision=vae_precision,
         control_ready=not plain_unet,
+        step_cache=step_cache,
+        cache_branch=cache_branch,
     )
 
     manifest = export_artifacts(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sdtrt.cli.control import control_options, read_controls
-from sdtrt.cli.options import backend_options, parse_pair, parse_size, writable_folder
+from sdtrt.cli.options import backend_options, cache_options, parse_pair, parse_size, writable_folder
 from sdtrt.cli.output import OutputTarget, output_target
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     "repeatable, scale 1 when omitted.",
 )
 @control_options
+@cache_options
 def generate_cmd(
     artifacts: Path,
     prompt: str,
@@ -94,6 +95,8 @@ def generate_cmd(
     canny_low: int,
     canny_high: int,
     guess_mode: bool,
+    cache_interval: int,
+    cache_schedule: str,
 ) -> None:
     """Generate images for PROMPT with the engines in ARTIFACTS.
 
@@ -122,6 +125,8 @@ def generate_cmd(
         "crops_coords_top_left": parse_pair(crop, "--crop") or (0, 0),
         "target_size": parse_pair(target_size, "--target-size"),
         "controls": read_controls(controls, preprocess, resize, canny_low, canny_high, guess_mode),
+        "cache_interval": cache_interval,
+        "cache_schedule": cache_schedule,
     }
     lora_specs = check_before_work(artifacts, prompt, call, loras)
     with open_pipeline(artifacts, backend, device, lora_specs) as pipe:

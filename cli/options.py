@@ -72,3 +72,22 @@ def backend_options(command: F) -> F:
     return click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime, torch or tensorrt.")(
         command
     )
+
+
+def cache_options(command: F) -> F:
+    """``--cache-interval`` and ``--cache-schedule``: step caching on the commands that generate images."""
+    command = click.option(
+        "--cache-schedule",
+        default="uniform",
+        show_default=True,
+        help="Which steps run the full UNet with --cache-interval > 1: uniform (every N) or quadratic (DeepCache's "
+        "non-uniform schedule: denser around the step 30%% of the way in).",
+    )(command)
+    return click.option(
+        "--cache-interval",
+        type=int,
+        default=1,
+        show_default=True,
+        help="Step caching: run the full UNet on one step in N and only its outer layers (the shallow UNet) in "
+        "between; 1 runs every step in full. Needs an artifact exported with the shallow UNet (the default).",
+    )(command)

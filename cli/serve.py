@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from sdtrt.cli.options import backend_options
+from sdtrt.runtime.cache_plan import CACHE_SCHEDULES
 
 
 @click.command("serve")
@@ -16,6 +17,22 @@ from sdtrt.cli.options import backend_options
 @backend_options
 @click.option("--queue", "queue_size", type=int, default=16, show_default=True, help="Requests that may wait.")
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds a request may wait before a 503.")
+@click.option(
+    "--cache-interval",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Step caching for requests that do not choose: a full UNet step every N, the shallow UNet in between "
+    "(1: off). A request overrides it with sdtrt_cache_interval (in override_settings or top-level).",
+)
+@click.option(
+    "--cache-schedule",
+    type=click.Choice(CACHE_SCHEDULES),
+    default="uniform",
+    show_default=True,
+    help="Which steps run in full: every N (uniform) or DeepCache's quadratic spacing. Per request: "
+    "sdtrt_cache_schedule.",
+)
 @click.option("--ray", "use_ray", is_flag=True, help="Serve as a Ray Serve application (replicas, autoscaling).")
 @click.option("--ray-address", help="Ray cluster to join (e.g. auto); default: start a local Ray.")
 @click.option("--replicas", type=click.IntRange(min=1), help="Ray: a fixed number of replicas.")
@@ -35,6 +52,8 @@ def serve_cmd(
     device: str | None,
     queue_size: int,
     timeout: float,
+    cache_interval: int,
+    cache_schedule: str,
     use_ray: bool,
     ray_address: str | None,
     replicas: int | None,
@@ -47,6 +66,8 @@ def serve_cmd(
 
     SIGTERM stops accepting connections, answers every request already accepted, then exits 0. With --ray, the
     same API runs as a Ray Serve application: one pipeline per replica, requests batched with @serve.batch.
+    --cache-interval N > 1 needs an artifact exported with the shallow UNet (--step-cache); a request chooses its
+    own with "override_settings": {"sdtrt_cache_interval": N, "sdtrt_cache_schedule": "quadratic"}.
     """
 
     def ready(url: str) -> None:
@@ -64,10 +85,22 @@ def serve_cmd(
             gpus_per_replica=gpus_per_replica,
             cpus_per_replica=cpus_per_replica,
             max_queued_requests=queue_size,
+            cache_interval=cache_interval,
+            cache_schedule=cache_schedule,
         )
         run(config_ray, host, port, address=ray_address, on_ready=ready)
         return
     from sdtrt.serve.server import ServeConfig, serve
 
-    config = ServeConfig(artifacts, host, port, backend, device, queue_size, timeout)
+    config = ServeConfig(
+        artifacts,
+        host,
+        port,
+        backend,
+        device,
+        queue_size,
+        timeout,
+        cache_interval=cache_interval,
+        cache_schedule=cache_schedule,
+    )
     serve(config, on_ready=ready)

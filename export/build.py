@@ -15,6 +15,12 @@ inputs share the UNet's symbolic dimensions, so where they take the same tensors
 hint's image sides and the residual outputs follow from the same sizes. Their engines join the activation memory
 the runtime shares between the engines it opens together.
 
+A step-cache artifact's shallow UNet (``unet_shallow``) is built like the UNet, under the same profile; its
+``cache_feature`` input's ranges follow from the spec (the latent size, divided where the feature is deeper), and
+the UNet engine keeps its second output ``cache_feature``. The manifest keeps the model's cache fields, each UNet's
+own ``lora_map`` and the list of UNet weights the shallow one runs (``weights``: what a LoRA refits in it). The
+two are built together: naming ``unet`` in ``components`` names ``unet_shallow`` too.
+
 Building again into the same folder reuses every engine whose key still matches (same ONNX sha256, profile,
 TensorRT, GPU and builder options) and rebuilds the others: after ``sdtrt export CONTROLNET --into ARTIFACTS``,
 ``sdtrt build ARTIFACTS --out ENGINES`` builds only the new ControlNet and keeps the UNet.
@@ -47,8 +53,9 @@ from .trt_builder import PeakDeviceMemory, TensorRTBuildOptions, build
 log = logging.getLogger(__name__)
 
 Size = tuple[int, int]  # (height, width)
-# What the runtime reads from an ONNX entry to apply LoRAs, kept with the engine built from it.
-CARRIED_EXTRAS = ("lora_map", "module_config", "latent_rgb", "controlnet")
+# What the runtime reads from an ONNX entry to apply LoRAs (``weights``: the UNet weights the shallow UNet runs), to
+# preview latents and to name ControlNets, kept with the engine built from it.
+CARRIED_EXTRAS = ("lora_map", "module_config", "latent_rgb", "controlnet", "weights")
 # Told about each engine as the build goes: (component, "reused" | "building" | "built").
 BuildProgress = Callable[[str, str], None]
 
@@ -276,26 +283,42 @@ def build_engines(
 def components_to_build(source: Manifest, options: TensorRTBuildOptions) -> list[str]:
     """The components of ``source`` that ``options`` asks for: all it has (ControlNets too) unless they are named.
 
-    A named network the artifact lacks is skipped (logged); a named ControlNet it lacks is a BuildError.
+    A named network the artifact lacks is skipped (logged); a named ControlNet it lacks is a BuildError. Naming
+    ``unet`` of a step-cache artifact builds ``unet_shallow`` too (see ``with_shallow_unet``).
     """
     if options.components is None:
         return [c for c in COMPONENTS if c in source.components] + list(source.controlnets.values())
-    absent = [c for c in options.components if is_controlnet(c) and c not in source.components]
+    named = with_shallow_unet(options.components, source)
+    absent = [c for c in named if is_controlnet(c) and c not in source.components]
     if absent:
         raise BuildError(
             f"the artifact has no {', '.join(absent)} (its ControlNets: "
             f"{', '.join(source.controlnets.values()) or 'none'}); name one of those, or add the ControlNet to the "
             "artifact first with `sdtrt export CONTROLNET --into ARTIFACTS`"
         )
-    names = [c for c in options.components if c in source.components]
+    names = [c for c in named if c in source.components]
     if not names:
         raise BuildError(
             f"the artifact has none of the components {list(options.components)} (it has {sorted(source.components)})"
         )
-    skipped = [c for c in options.components if c not in source.components]
+    skipped = [c for c in named if c not in source.components]
     if skipped:
         log.info("the artifact has no %s; not building it", ", ".join(skipped))
     return names
+
+
+def with_shallow_unet(names: tuple[str, ...], source: Manifest) -> tuple[str, ...]:
+    """``names`` with ``unet_shallow`` right after ``unet`` when the artifact has both and only ``unet`` is named.
+
+    The two are cut from one UNet export and run together (the shallow one reads the feature the full one gives),
+    so an engine folder never pairs a new UNet engine with a shallow engine of an older export. The shallow engine
+    alone may still be named (e.g. to rebuild it with other builder options).
+    """
+    if "unet" not in names or "unet_shallow" in names or "unet_shallow" not in source.components:
+        return names
+    log.info("building unet_shallow with unet: the step-cache engines are built together")
+    at = names.index("unet") + 1
+    return (*names[:at], "unet_shallow", *names[at:])
 
 
 def _reusable(out: Path, previous: Manifest | None, name: str, key: dict[str, Any]) -> ComponentEntry | None:

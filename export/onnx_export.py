@@ -54,7 +54,7 @@ from .trace import (
     tensor_entries,
     trace_to_onnx,
 )
-from .weights import lora_map, module_config, target_digests
+from .weights import called_weights, lora_map, module_config, target_digests
 
 __all__ = [  # with the names of export.trace that callers import from here
     "DEFAULT_OPSET",
@@ -107,9 +107,14 @@ def export_component(
     lora = name in LORA_COMPONENTS or name == "unet_shallow"  # the shallow UNet's weights are the UNet's
     with tempfile.TemporaryDirectory(prefix=f"sdtrt-{name}-", dir=folder) as tmp:
         raw = Path(tmp) / spec.file_name
-        trace_to_onnx(wrap(name, module, bundle.model), spec, raw, bundle.model, options, precision)
+        wrapper = wrap(name, module, bundle.model)
+        trace_to_onnx(wrapper, spec, raw, bundle.model, options, precision)
+        used = None
+        if name == "unet_shallow":  # the part of the UNet's weights it runs: what a LoRA must change in it
+            used = called_weights(wrapper, module, sample_inputs(spec, bundle.model, options.profile, precision))
         digests = target_digests(module) if lora else {}
         config = module_config(module) if lora else None
+        del wrapper
         del module
         if consume:  # free the module before the graph is loaded back: the peak memory of an export
             bundle.release(still_needed)
@@ -117,6 +122,8 @@ def export_component(
     extra: dict[str, Any] = {}
     if lora:  # before saving: saving with external data moves the weights out of the in-memory graph
         extra = {"lora_map": lora_map(digests, graph), "module_config": config}
+        if used is not None:
+            extra["weights"] = used
     del digests
     return save_component(graph, spec, folder, bundle.model, options, precision, extra)
 
@@ -235,7 +242,9 @@ def with_step_cache(bundle: ModelBundle, options: ExportOptions) -> None:
         return
     check_supported(bundle.unet)
     split = cache_split(bundle.unet, options.cache_branch)
-    bundle.model = dataclasses.replace(bundle.model, cache_branch=split.branch, cache_feature=split.feature)
+    bundle.model = dataclasses.replace(
+        bundle.model, cache_branch=split.branch, cache_feature=split.feature, cache_context=split.context
+    )
 
 
 def _halve_up_front(bundle: ModelBundle, names: tuple[str, ...], options: ExportOptions) -> None:

@@ -18,12 +18,19 @@ from sdtrt.runtime.errors import ExportError
 from sdtrt.runtime.files import sha256_file
 from sdtrt.runtime.manifest import ComponentEntry, TensorEntry
 from sdtrt.runtime.profile import ShapeProfile
-from sdtrt.runtime.specs import COMPONENTS, ComponentSpec, ModelInfo, TensorSpec, resolve_dim, shape_ranges
+from sdtrt.runtime.specs import (
+    COMPONENTS,
+    DEFAULT_CACHE_BRANCH,
+    ComponentSpec,
+    ModelInfo,
+    TensorSpec,
+    resolve_dim,
+    shape_ranges,
+)
 
 from .graph import save_model
 
 DEFAULT_OPSET = 18
-DEFAULT_CACHE_BRANCH = 0  # chosen by measurement: benchmarks/RESULTS.md, "Step caching"
 Progress = Callable[[str, int, int, float], None]  # (component, index, total, seconds or -1 at start)
 
 

@@ -53,8 +53,8 @@ class TensorRTBuildOptions:
     refittable: build engines whose weights can be replaced later (LoRA) without a rebuild.
     workspace_gib: cap on TensorRT's scratch memory while building and running; None lets TensorRT choose.
     components: which components ``build_engines`` builds: names of ``COMPONENTS`` (skipped where the artifact
-        lacks them) and ``controlnet_<name>`` ControlNets (which the artifact must have); None builds every
-        component the artifact has, its ControlNets included.
+        lacks them; ``unet`` brings ``unet_shallow`` with it) and ``controlnet_<name>`` ControlNets (which the
+        artifact must have); None builds every component the artifact has, its ControlNets included.
     """
 
     opt_level: int = 3

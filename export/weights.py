@@ -20,7 +20,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["lora_map", "module_config", "target_digests"]
+__all__ = ["called_weights", "lora_map", "module_config", "target_digests"]
 
 
 def _digest(tensor: torch.Tensor) -> bytes:
@@ -40,6 +40,24 @@ def target_digests(module: nn.Module) -> dict[bytes, list[tuple[str, bool]]]:
         if weight.ndim == 2:
             found.setdefault(_digest(weight.t()), []).append((name, True))
     return found
+
+
+def called_weights(wrapper: nn.Module, inner: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[str]:
+    """The Linear / Conv2d weights of ``inner`` (names as in its state dict) that run when ``wrapper`` runs on
+    ``inputs``: what a LoRA must change in a network that uses only part of a module (the shallow UNet)."""
+    called: set[str] = set()
+    handles = []
+    for path, child in inner.named_modules():
+        if isinstance(child, nn.Linear | nn.Conv2d):
+            name = f"{path}.weight" if path else "weight"
+            handles.append(child.register_forward_pre_hook(lambda *_, name=name: called.add(name)))
+    try:
+        with torch.no_grad():
+            wrapper(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sorted(called)
 
 
 def _initializer_digest(onnx: Any, tensor: Any) -> bytes:

@@ -48,6 +48,8 @@ class StepCache:
     plan: tuple[bool, ...]  # per step index: True runs the full UNet
     feature: torch.Tensor  # [rows, C, h/k, w/k] in the UNet's dtype
     residuals: dict[str, torch.Tensor] = field(default_factory=dict)  # the shallow UNet's residual inputs
+    # the shallow UNet's inputs (it takes no text context when no layer it runs has attention)
+    inputs: frozenset[str] = frozenset()
 
     def full(self, i: int) -> bool:
         return self.plan[i]
@@ -116,7 +118,7 @@ def step_cache(
     feature = torch.zeros((rows, int(spec.shape[1]), height // factor, width // factor), dtype=dtype, device=device)
     zeros = zero_residuals(shallow, rows, height, width, device)
     residuals = {name: buffers.residuals.get(name, zero) if not controls else zero for name, zero in zeros.items()}
-    return StepCache(shallow, plan, feature, residuals)
+    return StepCache(shallow, plan, feature, residuals, frozenset(t.name for t in shallow.inputs))
 
 
 def _downscale(dim: str | int) -> int:
@@ -170,7 +172,8 @@ def denoise_step(
     feeds = {"sample": model_in.to(sample_dtype), "timestep": timestep, "encoder_hidden_states": buffers.text}
     feeds.update(buffers.extra)
     if cache is not None and shallow:
-        out = cache.shallow.infer({**feeds, **cache.residuals, "cache_feature": cache.feature})["noise_pred"].float()
+        shallow_feeds = {**feeds, **cache.residuals, "cache_feature": cache.feature}
+        out = cache.shallow.infer({k: v for k, v in shallow_feeds.items() if k in cache.inputs})["noise_pred"].float()
     else:
         residuals = control_residuals(controls, feeds, i, guided, sample_dtype) if controls else buffers.residuals
         outputs = unet.infer({**feeds, **residuals})

@@ -119,7 +119,8 @@ def infotext(
     """A1111's ``parameters`` text for one image of a generation that ran with ``settings``.
 
     As A1111 writes it: img2img adds the denoising strength; LoRAs are ``<lora:name:scale>`` tags after the
-    prompt and their short hashes a ``Lora hashes`` field; ControlNets are ``ControlNet <k>`` fields.
+    prompt and their short hashes a ``Lora hashes`` field; ControlNets are ``ControlNet <k>`` fields; step
+    caching (when on) is ``Cache interval`` and ``Cache schedule``.
     """
     extra = [("Denoising strength", f"{settings.strength:g}")] if settings.strength is not None else []
     if settings.loras:
@@ -133,6 +134,9 @@ def infotext(
             f"Guidance End: {c.end:g}, Control Mode: {mode}"
         )
         extra.append((f"ControlNet {k}", f'"{unit}"'))
+    if settings.cache_interval > 1:
+        extra += [("Cache interval", str(settings.cache_interval))]
+        extra += [("Cache schedule", settings.cache_schedule)]
     tags = "".join(f" <lora:{x.name}:{x.scale:g}>" for x in settings.loras)
     return a1111_parameters(
         prompt + tags,

@@ -61,6 +61,7 @@ class ModelInfo:
     # (-1: none exported) and the (channels, latent downscale) of the feature the full UNet gives it.
     cache_branch: int = -1
     cache_feature: tuple[int, ...] = ()
+    cache_context: bool = True  # whether the shallow UNet reads the text context (has cross-attention)
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep the frozen dataclass hashable and comparable
@@ -144,6 +145,7 @@ class ComponentSpec:
 
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "unet_shallow", "vae_decoder", "vae_encoder")
+DEFAULT_CACHE_BRANCH = 0  # the skip branch exported by default, chosen by measurement (benchmarks/RESULTS.md)
 CACHE_FEATURE = "cache_feature"  # the full UNet's extra output and the shallow UNet's extra input
 # ControlNets are components too, one per ControlNet, named ``controlnet_<name>`` in a manifest.
 CONTROLNET_PREFIX = "controlnet_"
@@ -213,6 +215,7 @@ def component_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
     residuals = _residual_tensors(model)
     noise_pred = TensorSpec("noise_pred", FLOAT, ("unet_batch", c, "latent_height", "latent_width"))
     feature = _feature_tensors(model)
+    shallow_inputs = [t for t in unet_inputs if model.cache_context or t.name != "encoder_hidden_states"]
     ids = (TensorSpec("input_ids", "int32", ("text_batch", TEXT_WINDOW)),)
     specs = {
         "text_encoder": ComponentSpec(
@@ -242,7 +245,7 @@ def component_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
         ),
         "unet_shallow": ComponentSpec(
             "unet_shallow",
-            inputs=(*unet_inputs, *residuals[: model.cache_branch + 1], *feature),
+            inputs=(*shallow_inputs, *residuals[: model.cache_branch + 1], *feature),
             outputs=(noise_pred,),
             description="shallow UNet (step caching): the UNet's outer layers, from the full UNet's cached feature",
             fp32_inputs=("timestep",),

@@ -2,7 +2,8 @@
 
 Field names, defaults and the response shape follow A1111's ``/sdapi/v1/txt2img`` and ``/sdapi/v1/img2img``;
 unknown fields are ignored, as A1111 does. Sizes default to the artifact's tuned size rather than A1111's 512.
-ControlNet units in ``alwayson_scripts`` are read by ``controlnet`` (the ControlNet extension's schema).
+ControlNet units in ``alwayson_scripts`` are read by ``controlnet`` (the ControlNet extension's schema), step
+caching's sdtrt-named keys by ``caching``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sdtrt.runtime.errors import ConfigError
 from sdtrt.runtime.request import check_seed
 from sdtrt.runtime.schedulers import A1111_LABELS
 
+from .caching import CacheDefaults, cache_info, parse_cache_fields
 from .controlnet import ControlUnit, parse_controlnet
 from .errors import RequestError
 from .images import decode_image, encode_png
@@ -48,6 +50,8 @@ class GenerateRequest:
     denoising_strength: float = 0.75
     controls: tuple[ControlUnit, ...] = ()  # the enabled ControlNet units (alwayson_scripts.controlnet)
     echo: dict[str, Any] = field(default_factory=dict, compare=False)  # the request as A1111 echoes it
+    cache_interval: int | None = None  # step caching; None: the server's default (``with_cache_defaults``)
+    cache_schedule: str | None = None
 
     @property
     def img2img(self) -> bool:
@@ -59,6 +63,11 @@ class GenerateRequest:
 
     def with_seed(self, seed: int) -> GenerateRequest:
         return replace(self, seed=seed)
+
+    def with_cache_defaults(self, defaults: CacheDefaults) -> GenerateRequest:
+        """This request with the step caching it left out set to the server's ``defaults``."""
+        interval, schedule = defaults.resolve(self.cache_interval, self.cache_schedule)
+        return replace(self, cache_interval=interval, cache_schedule=schedule)
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,8 @@ class Generation:
     model_hash: str = ""
     seconds: float = 0.0
     served_by: str = ""  # the Ray replica that ran it ("" on the plain server)
+    cache_interval: int = 1  # the step caching it ran with (1: every step full)
+    cache_schedule: str = "uniform"
 
 
 def _typed(payload: dict[str, Any], name: str, types: tuple[type, ...], default: Any, what: str) -> Any:
@@ -105,6 +116,17 @@ def resolve_sampler(name: str | None) -> str | None:
     raise RequestError(
         f"unknown sampler {name!r}; expected one of: {labels} (or the sdtrt names {', '.join(A1111_LABELS)})"
     )
+
+
+def _init_image(payload: dict[str, Any], strength: float) -> bytes:
+    """img2img's init image (the decoded bytes of ``init_images[0]``), with its denoising strength checked."""
+    images = payload.get("init_images")
+    if not isinstance(images, list) or not images:
+        raise RequestError("img2img needs init_images: a list with one base64-encoded image")
+    init = decode_image(images[0], "init_images[0]")
+    if not 0 < strength <= 1:
+        raise RequestError(f"denoising_strength must be in (0, 1], got {strength}")
+    return init
 
 
 def parse_request(payload: Any, img2img: bool = False) -> GenerateRequest:
@@ -136,15 +158,9 @@ def parse_request(payload: Any, img2img: bool = False) -> GenerateRequest:
         if value < 1:
             raise RequestError(f"{name} must be an integer >= 1, got {value}")
     strength = float(_typed(payload, "denoising_strength", (int, float), 0.75, "a number"))
-    init = None
-    if img2img:
-        images = payload.get("init_images")
-        if not isinstance(images, list) or not images:
-            raise RequestError("img2img needs init_images: a list with one base64-encoded image")
-        init = decode_image(images[0], "init_images[0]")
-        if not 0 < strength <= 1:
-            raise RequestError(f"denoising_strength must be in (0, 1], got {strength}")
+    init = _init_image(payload, strength) if img2img else None
     controls = parse_controlnet(payload, init)
+    interval, schedule = parse_cache_fields(payload)
     echo = dict(payload)
     echo.update(prompt=prompt, negative_prompt=negative, steps=steps, cfg_scale=cfg, seed=seed, batch_size=batch)
     echo.update(n_iter=n_iter, width=width, height=height, sampler_name=A1111_LABELS.get(sampler or "", None))
@@ -165,6 +181,8 @@ def parse_request(payload: Any, img2img: bool = False) -> GenerateRequest:
         strength,
         controls,
         echo,
+        interval,
+        schedule,
     )
 
 
@@ -189,9 +207,11 @@ def response_body(request: GenerateRequest, gen: Generation) -> dict[str, Any]:
         "sd_model_hash": gen.model_hash[:10],
         "infotexts": gen.infotexts,
     }
+    info.update(cache_info(gen.cache_interval, gen.cache_schedule))
     if gen.served_by:
         info["served_by"] = gen.served_by
     parameters = dict(request.echo)
+    parameters.update(cache_info(gen.cache_interval, gen.cache_schedule))
     parameters["width"] = parameters.get("width") or gen.width
     parameters["height"] = parameters.get("height") or gen.height
     parameters["sampler_name"] = parameters.get("sampler_name") or A1111_LABELS[gen.sampler]

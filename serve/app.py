@@ -105,7 +105,8 @@ def _add_generation_routes(app: Any, service: Service, counters: Metrics) -> Non
             counters.observe(endpoint, exc.status, time.perf_counter() - begin, error=exc.kind)
             headers = {"Retry-After": str(exc.retry_after)} if hasattr(exc, "retry_after") else None
             return JSONResponse(error_body(exc.kind, str(exc)), status_code=exc.status, headers=headers)
-        counters.observe(endpoint, 200, time.perf_counter() - begin, images=len(gen.images))
+        seconds = time.perf_counter() - begin
+        counters.observe(endpoint, 200, seconds, images=len(gen.images), cache_interval=gen.cache_interval)
         return JSONResponse(response_body(req, gen))
 
     @app.post("/sdapi/v1/txt2img")

@@ -4,7 +4,8 @@ Shared by the plain server's ``LocalWorker`` and the Ray replicas. Requests are 
 request checks (so a refusal reads as the library's message) before they are queued; txt2img requests that agree
 on everything but prompt, seed and batch size can run as one pipeline call (``merge_key``, ``run_merged``). A
 call's ControlNet controls hold for all its images, so requests with ControlNet units merge only when their
-units are the same (models, hints and settings).
+units are the same (models, hints and settings), and step caching only with the same interval and schedule.
+Requests reach these functions with the server's step-caching default applied (``with_cache_defaults``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sdtrt.runtime.errors import ArtifactError, ConfigError, ControlError, Shape
 from sdtrt.runtime.images import infotext, png_bytes
 from sdtrt.runtime.request import Settings, image_size, require_vae_encoder, seeds_per_image
 from sdtrt.serve.a1111 import GenerateRequest, Generation
+from sdtrt.serve.caching import check_cache_request
 from sdtrt.serve.controlnet import resolve_units
 from sdtrt.serve.errors import RequestError
 from sdtrt.serve.service import ModelCard
@@ -39,6 +41,7 @@ def check_request(pipe: Any, request: GenerateRequest) -> tuple[int, int]:
             seeds_per_image(request.seed, request.n_iter * request.batch_size)
     except (ShapeError, ArtifactError, ConfigError) as exc:
         raise RequestError(str(exc)) from None
+    check_cache_request(request.cache_interval or 1, pipe.engines)
     if request.controls:
         control_inputs(pipe, request, size)
     return size
@@ -101,6 +104,8 @@ def call_pipeline(
         num_images=num_images,
         image=image,
         strength=request.denoising_strength,
+        cache_interval=request.cache_interval or 1,
+        cache_schedule=request.cache_schedule or "uniform",
         **extra,
     )
 
@@ -129,7 +134,7 @@ def merge_key(request: GenerateRequest) -> tuple[Any, ...] | None:
         return None
     units = tuple(unit.settings for unit in request.controls)
     return (request.negative_prompt, request.steps, request.cfg_scale, request.width, request.height, request.sampler,
-            units)  # fmt: skip
+            units, request.cache_interval, request.cache_schedule)  # fmt: skip
 
 
 def run_merged(pipe: Any, requests: list[GenerateRequest], model_name: str) -> list[Generation]:
@@ -174,6 +179,8 @@ def make_generation(
         model_name,
         model_hash,
         seconds,
+        cache_interval=settings.cache_interval,
+        cache_schedule=settings.cache_schedule,
     )
 
 

@@ -21,14 +21,20 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
         self.errors: dict[str, int] = defaultdict(int)
         self.images = 0
+        self.cached: dict[int, int] = defaultdict(int)  # requests that ran with step caching, by interval
         self.buckets: dict[str, list[int]] = {}
         self.latency_sum: dict[str, float] = defaultdict(float)
         self.latency_count: dict[str, int] = defaultdict(int)
 
-    def observe(self, endpoint: str, status: int, seconds: float, images: int = 0, error: str = "") -> None:
+    def observe(
+        self, endpoint: str, status: int, seconds: float, images: int = 0, error: str = "", cache_interval: int = 1
+    ) -> None:
+        """Count one answered request (``cache_interval`` > 1: it ran with step caching)."""
         with self._lock:
             self.requests[(endpoint, status)] += 1
             self.images += images
+            if cache_interval > 1:
+                self.cached[cache_interval] += 1
             if error:
                 self.errors[error] += 1
             counts = self.buckets.setdefault(endpoint, [0] * len(LATENCY_BUCKETS))
@@ -56,6 +62,12 @@ class Metrics:
                 lines.append(f"sdtrt_requests_total{_labels(endpoint=endpoint, status=str(status))} {n}")
             lines += ["# HELP sdtrt_images_total Images generated.", "# TYPE sdtrt_images_total counter"]
             lines.append(f"sdtrt_images_total {self.images}")
+            lines += [
+                "# HELP sdtrt_cached_requests_total Requests that ran with step caching, by cache interval.",
+                "# TYPE sdtrt_cached_requests_total counter",
+            ]
+            for interval, n in sorted(self.cached.items()):
+                lines.append(f"sdtrt_cached_requests_total{_labels(interval=str(interval))} {n}")
             lines += ["# HELP sdtrt_errors_total Requests that failed, by kind.", "# TYPE sdtrt_errors_total counter"]
             for kind, n in sorted(self.errors.items()):
                 lines.append(f"sdtrt_errors_total{_labels(kind=kind)} {n}")

@@ -7,10 +7,13 @@ Layout: ``Ingress`` serves ``app.create_app`` (the very routes of the plain serv
 forwards each request to the ``Replica`` deployment through its handle. A replica opens one ``Pipeline`` on its
 device (``num_gpus`` per replica on a GPU cluster, ``num_cpus`` on the CPU) and takes requests through
 ``@serve.batch``: those that arrive within ``batch_wait_s`` and share a ``generate.merge_key`` (txt2img, same size,
-steps, guidance, sampler, negative prompt and ControlNet units) run as one pipeline call up to the artifact's
-batch limit, each with its own prompt and seeds, so a request's image does not depend on what it was batched with.
+steps, guidance, sampler, negative prompt, ControlNet units and step caching) run as one pipeline call up to the
+artifact's batch limit, each with its own prompt and seeds, so a request's image does not depend on what it was
+batched with.
 Replicas autoscale between ``min_replicas`` and ``max_replicas`` on ongoing requests per replica; a deployment
 whose queue is full answers 429 (Ray's back-pressure), like the plain server.
+The replicas apply the step-caching default (``cache_interval``, ``cache_schedule``) to requests that do not
+choose their own, as the plain server does.
 
 Engines reach every node as files: the artifact (or engine) folder must be at the same path on every node (a
 shared folder), or built on each node from the same artifact (engine folders are keyed by GPU and TensorRT
@@ -25,11 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+from sdtrt.runtime.cache_plan import check_cache_args
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import ConfigError, SdtrtError
 from sdtrt.runtime.request import random_seed
 
 from .a1111 import GenerateRequest, Generation
+from .caching import CacheDefaults
 from .errors import GenerationFailed, Overloaded, RequestError
 from .service import ModelCard, ServiceStats
 
@@ -52,6 +57,8 @@ class RayConfig:
     batch_wait_s: float = 0.01
     max_queued_requests: int = 16
     app_name: str = "sdtrt"  # the Ray Serve application name (serve.run(..., name=app_name))
+    cache_interval: int = 1  # step caching of requests that do not choose: a full UNet step every N
+    cache_schedule: str = "uniform"
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.max_replicas:
@@ -62,6 +69,18 @@ class RayConfig:
             raise ConfigError("gpus/cpus per replica and the batch wait must be >= 0")
         if self.max_queued_requests < 1:
             raise ConfigError(f"the queue must hold at least 1 request, got {self.max_queued_requests}")
+        check_cache_args(self.cache_interval, self.cache_schedule)
+
+    @property
+    def cache(self) -> CacheDefaults:
+        """The step-caching default of the replicas."""
+        return CacheDefaults(self.cache_interval, self.cache_schedule)
+
+    def check_artifact(self) -> None:
+        """``ArtifactError`` before Ray or any engine starts, if the artifact cannot run the caching default."""
+        from sdtrt.runtime.manifest import read_manifest
+
+        self.cache.check_artifact(read_manifest(self.artifacts).components, f"the artifact {self.artifacts}")
 
 
 class ReplicaCore:
@@ -75,6 +94,7 @@ class ReplicaCore:
 
         self.config = config
         self.name = name
+        config.check_artifact()
         self.pipe = Pipeline.from_artifacts(config.artifacts, backend=config.backend, device=config.device)
         self.model_name = model_display_name(self.pipe.manifest, fallback=Path(config.artifacts).name)
         self.max_batch = config.max_batch or self.pipe.manifest.profile.max_batch
@@ -86,6 +106,7 @@ class ReplicaCore:
 
         results: dict[int, Generation | Exception] = {}
         groups: dict[Any, list[int]] = {}
+        requests = [request.with_cache_defaults(self.config.cache) for request in requests]
         for index, request in enumerate(requests):
             try:
                 check_request(self.pipe, request)
@@ -182,6 +203,7 @@ def build_app(config: RayConfig) -> Any:
 
     from .app import create_app
 
+    config.check_artifact()
     app = create_app(HandleService(config.app_name, config.max_queued_requests))
     actor: dict[str, float] = {"num_cpus": config.cpus_per_replica}
     if config.gpus_per_replica:
@@ -235,6 +257,7 @@ def run(config: RayConfig, host: str, port: int, address: str | None = None, on_
     ray = require("ray", "the Ray Serve deployment", "serve-ray")
     from ray import serve
 
+    config.check_artifact()
     if address:
         ray.init(address=address, log_to_driver=False)
     else:

@@ -15,15 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdtrt.runtime.cache_plan import check_cache_args
 from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import ConfigError
+
+from .caching import CacheDefaults
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Where to listen and how the local worker queues."""
+    """Where to listen, how the local worker queues, and the step caching of requests that do not choose."""
 
     artifacts: Path
     host: str = "127.0.0.1"
@@ -33,6 +36,8 @@ class ServeConfig:
     queue_size: int = 16
     timeout: float = 60.0
     grace: float | None = None  # seconds the shutdown drain may take; None: queue timeout + 60 s
+    cache_interval: int = 1  # a full UNet step every N (1: no caching)
+    cache_schedule: str = "uniform"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -41,6 +46,12 @@ class ServeConfig:
             raise ConfigError(f"--queue must be >= 1, got {self.queue_size}")
         if not self.timeout > 0:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        check_cache_args(self.cache_interval, self.cache_schedule)
+
+    @property
+    def cache(self) -> CacheDefaults:
+        """The server's step-caching default (``ConfigError`` if the interval or schedule is bad)."""
+        return CacheDefaults(self.cache_interval, self.cache_schedule)
 
 
 def run_app(
@@ -79,7 +90,7 @@ def run_app(
 
 def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> None:
     """Open the artifact's pipeline, and serve the A1111 API over it until SIGTERM."""
-    from sdtrt.runtime.manifest import model_display_name
+    from sdtrt.runtime.manifest import model_display_name, read_manifest
     from sdtrt.runtime.pipeline import Pipeline
 
     from .app import create_app
@@ -87,8 +98,9 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
 
     require("fastapi", "the HTTP server (sdtrt serve)", "serve")
     require("uvicorn", "the HTTP server (sdtrt serve)", "serve")
+    config.cache.check_artifact(read_manifest(config.artifacts).components, f"the artifact {config.artifacts}")
     pipe = Pipeline.from_artifacts(config.artifacts, backend=config.backend, device=config.device)
     name = model_display_name(pipe.manifest, fallback=Path(config.artifacts).resolve().name)
-    worker = LocalWorker(pipe, name, config.queue_size, config.timeout)
+    worker = LocalWorker(pipe, name, config.queue_size, config.timeout, config.cache)
     grace = config.grace if config.grace is not None else config.timeout + 60.0
     run_app(create_app(worker), config.host, config.port, on_ready=on_ready, grace=grace)

@@ -21,6 +21,7 @@ from typing import Any
 from sdtrt.runtime.errors import ConfigError, SdtrtError, ShapeError
 from sdtrt.runtime.request import random_seed
 from sdtrt.serve.a1111 import GenerateRequest, Generation
+from sdtrt.serve.caching import CacheDefaults
 from sdtrt.serve.errors import GenerationFailed, Overloaded, RequestError, TimedOut
 from sdtrt.serve.generate import check_request, model_card, run_request
 from sdtrt.serve.service import ModelCard, ServiceStats
@@ -38,15 +39,26 @@ class _Job:
 
 
 class LocalWorker:
-    """A ``Service`` over one in-process ``Pipeline``; call ``start`` inside the event loop that serves."""
+    """A ``Service`` over one in-process ``Pipeline``; call ``start`` inside the event loop that serves.
 
-    def __init__(self, pipe: Any, model_name: str, queue_size: int = 16, timeout: float = 60.0) -> None:
+    ``cache`` is the step caching of requests that do not choose their own (default: none).
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        model_name: str,
+        queue_size: int = 16,
+        timeout: float = 60.0,
+        cache: CacheDefaults | None = None,
+    ) -> None:
         if queue_size < 1:
             raise ConfigError(f"queue size must be >= 1, got {queue_size}")
         if not timeout > 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {timeout}")
         self.pipe, self.model_name = pipe, model_name
         self.queue_size, self.timeout = queue_size, timeout
+        self.cache = cache or CacheDefaults()
         self._queue: asyncio.Queue[_Job] | None = None
         self._consumer: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtrt-pipeline")
@@ -81,6 +93,7 @@ class LocalWorker:
     async def generate(self, request: GenerateRequest) -> Generation:
         if self._queue is None:
             raise RuntimeError("LocalWorker.start() was not called")
+        request = request.with_cache_defaults(self.cache)
         check_request(self.pipe, request)
         if request.seed is None:
             request = request.with_seed(random_seed())

@@ -29,13 +29,13 @@ def test_export_then_check(tmp_path):
     result = run("export", "tiny", "--out", str(out), "--precision", "fp32", "--max-size", "128")
     assert result.returncode == 0, result.stderr
     assert "exported preset tiny" in result.stdout and "unet.onnx" in result.stdout
-    assert "[2/4] exporting unet (fp32)" in result.stderr
+    assert "[2/5] exporting unet (fp32)" in result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["profile_id"] == "b1-1-4_h64-128-128_w64-128-128_t3"  # 3 prompt windows by default
     report = tmp_path / "check.json"
     result = run("check", str(out), "--json", str(report))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "all 12 checks passed" in result.stdout
+    assert "all 16 checks passed" in result.stdout
     rows = json.loads(report.read_text())
     assert len(rows) == 12 and all(r["passed"] and r["rel_l2"] < 1e-4 for r in rows)
 

@@ -14,7 +14,9 @@ engines (``controlnet_<name>``) are opened like the others and share that buffer
 runs before the UNet, one at a time, and its residual outputs live in its own output buffers, not in the shared
 activation memory, so the UNet may reuse that memory while reading them. Their outputs are shaped by TensorRT from
 the input shapes (``latent_height/2`` and the like), and, like every engine here, they enqueue on torch's current
-stream without a host sync, so the step with its ControlNets is captured as one CUDA graph.
+stream without a host sync, so the step with its ControlNets is captured as one CUDA graph. With step caching the
+full UNet (``unet``, whose second output ``cache_feature`` is bound like any output) and the shallow one
+(``unet_shallow``) are two such engines: a step runs one or the other, never both, so they share the buffer too.
 
 ``infer`` makes the engine's GPU the current device (only when it is not), validates names, dtypes and shapes,
 calls ``set_input_shape`` only when an input's shape changed, copies an input whose address is not 256-byte aligned

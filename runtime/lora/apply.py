@@ -1,7 +1,8 @@
 """LoRAs applied to the engines of an open pipeline, on every backend, without re-export or engine rebuild.
 
 A LoRA file (``files.read_lora``) becomes one fp32 delta per changed PyTorch weight (``match.lora_deltas``). Each
-engine gets them as one ``WeightUpdate`` through the engine protocol's ``update_weights``; how the engine applies
+engine gets them as one ``WeightUpdate`` through the engine protocol's ``update_weights`` (the shallow UNet of step
+caching gets the UNet's deltas of the weights it runs); how the engine applies
 it is the backend's business (the PyTorch modules change in place, ONNX Runtime opens a new session with the
 changed initializers overridden, TensorRT refits engines built with ``--refittable``).
 
@@ -224,7 +225,22 @@ def weight_updates(
     for name in (c for c in LORA_COMPONENTS if c in engines):
         own = deltas.get(name, {})
         updates[name] = WeightUpdate(own, ArtifactInitializers(manifest, folder, name, own, state))
+    if "unet_shallow" in engines and backend != "torch":  # torch runs the UNet's own module: updated with it
+        own = shallow_deltas(manifest, deltas.get("unet", {}))
+        updates["unet_shallow"] = WeightUpdate(own, ArtifactInitializers(manifest, folder, "unet_shallow", own, state))
     return updates
+
+
+def shallow_deltas(manifest: Manifest, unet: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The UNet deltas of the weights the shallow UNet runs (the export recorded which: ``extra["weights"]``)."""
+    used = manifest.components["unet_shallow"].extra.get("weights")
+    if not isinstance(used, list):
+        raise ArtifactError(
+            "this artifact's unet_shallow does not record which UNet weights it runs, so LoRAs cannot reach it; "
+            "re-export the model"
+        )
+    names = set(used)
+    return {name: delta for name, delta in unet.items() if name in names}
 
 
 def apply(

@@ -31,6 +31,7 @@ class CacheSplit:
     up_block: int  # index into unet.up_blocks
     resnet: int  # first resnet of that up block the shallow UNet runs
     feature: tuple[int, int]  # (channels, latent downscale) of the cached feature
+    context: bool  # whether the shallow part has cross-attention (SDXL's outer blocks have none)
 
     @property
     def fresh_skips(self) -> int:
@@ -63,9 +64,31 @@ def cache_split(unet: Any, branch: int) -> CacheSplit:
             position = branch - first
             resnet = size - 1 - position
             channels = unet.up_blocks[up].resnets[resnet].in_channels - layout[branch][0]
-            return CacheSplit(branch, up, resnet, (int(channels), int(layout[branch][1])))
+            context = _attends(unet, branch + 1, up, resnet)
+            return CacheSplit(branch, up, resnet, (int(channels), int(layout[branch][1])), context)
         first += size
     raise AssertionError("unreachable: branch < skip_count")
+
+
+def _attends(unet: Any, skips: int, up_block: int, resnet: int) -> bool:
+    """Whether any layer the shallow UNet runs has attention (so it reads the text context)."""
+    made = 1  # the input convolution's output
+    for block in unet.down_blocks:
+        for _ in block.resnets:
+            if made == skips:
+                break
+            if getattr(block, "attentions", None):
+                return True
+            made += 1
+        else:
+            made += len(block.downsamplers or [])
+            if made < skips:
+                continue
+        break
+    blocks = unet.up_blocks
+    if getattr(blocks[up_block], "attentions", None) and resnet < len(blocks[up_block].resnets):
+        return True
+    return any(getattr(block, "attentions", None) for block in blocks[up_block + 1 :])
 
 
 def _inputs(
@@ -211,15 +234,19 @@ class FeatureUNet(nn.Module):
 class ShallowUNet(nn.Module):
     """The outer layers of the UNet, from the cached feature: (sample, timestep, context, [text_embeds, time_ids,]
     *fresh residuals, cache_feature) -> noise_pred. ``fresh residuals`` (when ``control``) are the ControlNet
-    residuals of the skip connections it recomputes, ``control_down_0`` .. ``control_down_<branch>``."""
+    residuals of the skip connections it recomputes, ``control_down_0`` .. ``control_down_<branch>``. When no
+    layer it runs has attention (``split.context`` false: SDXL's shallow branches) it takes no context input."""
 
     def __init__(self, unet: Any, split: CacheSplit, xl: bool, control: bool) -> None:
         super().__init__()
         check_supported(unet)
         self.unet, self.split, self.xl, self.control = unet, split, xl, control
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *rest: torch.Tensor):
-        added, rest = _added(self.xl, rest)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        context: Any = None
+        if self.split.context:
+            context, *rest = rest
+        added, rest = _added(self.xl, tuple(rest))
         *residuals, feature = rest
         emb, context, hidden = _inputs(self.unet, sample, timestep, context, added)
         skips = shallow_down(self.unet, hidden, emb, context, self.split.fresh_skips)

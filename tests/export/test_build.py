@@ -35,7 +35,8 @@ from sdtrt.runtime.profile import ShapeProfile
 from sdtrt.runtime.specs import ModelInfo, component_specs, shape_ranges
 
 SDTRT = shutil.which("sdtrt", path=os.path.dirname(sys.executable)) or "sdtrt"
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder")  # the tiny artifacts'
+N = len(COMPONENTS)
 DOUBLE_GPU = ("Double GPU", "8.9")
 
 
@@ -116,7 +117,7 @@ def test_build_asks_for_strongly_typed_networks_without_precision_flags(use_doub
     manifest = build_engines(tiny_fp16, tmp_path / "E", profile, TensorRTBuildOptions(opt_level=2))
     records = double.records
     strongly_typed = 1 << int(double.module.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    assert records.networks == [strongly_typed] * 4
+    assert records.networks == [strongly_typed] * N
     assert [b["network"] for b in records.builds] == list(COMPONENTS)
     assert all(b["flags"] == [] and b["opt_level"] == 2 and b["pool_limits"] == {} for b in records.builds)
     source = read_manifest(tiny_fp16)
@@ -136,17 +137,18 @@ def test_refit_and_workspace_are_the_only_flags_set(use_double, tiny_fp16, tmp_p
     double = use_double()
     options = TensorRTBuildOptions(refittable=True, workspace_gib=1.5, components=("unet",))
     build_engines(tiny_fp16, tmp_path / "E", None, options)
-    (build,) = double.records.builds
-    assert build["flags"] == ["REFIT"]  # any new weights later: neither REFIT_IDENTICAL nor STRIP_PLAN
-    assert build["pool_limits"] == {"WORKSPACE": int(1.5 * 2**30)}
-    assert not set(build["flags"]) & set(trt_double.PRECISION_FLAG_NAMES)
+    assert built(double) == ["unet", "unet_shallow"]  # the step-cache UNets are built together
+    for build in double.records.builds:
+        assert build["flags"] == ["REFIT"]  # any new weights later: neither REFIT_IDENTICAL nor STRIP_PLAN
+        assert build["pool_limits"] == {"WORKSPACE": int(1.5 * 2**30)}
+        assert not set(build["flags"]) & set(trt_double.PRECISION_FLAG_NAMES)
 
 
 def test_tensorrt_11_networks_are_strongly_typed_without_the_flag(use_double, tiny_fp16, tmp_path):
     double = use_double(version="11.4.0.106")
     assert not hasattr(double.module.BuilderFlag, "FP16")  # as in TensorRT 11
     manifest = build_engines(tiny_fp16, tmp_path / "E", None, TensorRTBuildOptions(components=("unet",)))
-    assert double.records.networks == [0]
+    assert double.records.networks == [0, 0]  # unet and unet_shallow
     assert int(double.module.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 0  # deprecated, always on in 11
     assert manifest.components["unet"].extra["key"]["tensorrt"] == "11.4.0.106"
 
@@ -187,7 +189,7 @@ def cache_bytes(entries, version="10.13.0.35", capability="8.9"):
 def test_timing_cache_is_loaded_then_saved(use_double, tiny_fp16, tmp_path):
     double = use_double()
     cache = tmp_path / "timing.cache"
-    options = TensorRTBuildOptions(timing_cache=cache, components=("unet", "vae_decoder"))
+    options = TensorRTBuildOptions(timing_cache=cache, components=("text_encoder", "vae_decoder"))
     build_engines(tiny_fp16, tmp_path / "E", None, options)
     assert double.records.timing_cache_loads == [b"", cache_bytes(1)]  # fresh, then what the first build saved
     assert cache.read_bytes() == cache_bytes(2)
@@ -201,7 +203,7 @@ def test_timing_cache_made_elsewhere_is_left_alone(use_double, tiny_fp16, tmp_pa
     double = use_double()
     cache = tmp_path / "timing.cache"
     cache.write_bytes(theirs)
-    options = TensorRTBuildOptions(timing_cache=cache, components=("unet",))
+    options = TensorRTBuildOptions(timing_cache=cache, components=("vae_decoder",))
     with caplog.at_level(logging.WARNING, logger="sdtrt.export.trt_builder"):
         build_engines(tiny_fp16, tmp_path / "E", None, options)
     assert cache.read_bytes() == theirs
@@ -266,16 +268,16 @@ def test_matching_key_is_reused_and_mismatching_key_rebuilt(use_double, tiny_fp1
     double = use_double()
     out = tmp_path / "E"
     first = build_engines(tiny_fp16, out, None, TensorRTBuildOptions())
-    assert len(double.records.builds) == 4
+    assert len(double.records.builds) == N
     with caplog.at_level(logging.INFO, logger="sdtrt.export.build"):
         again = build_engines(tiny_fp16, out, None, TensorRTBuildOptions())
-    assert len(double.records.builds) == 4  # nothing rebuilt
+    assert len(double.records.builds) == N  # nothing rebuilt
     assert again.components == first.components
     assert "reusing unet.plan: its build key matches" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="sdtrt.export.build"):
         build_engines(tiny_fp16, out, None, TensorRTBuildOptions(opt_level=5, components=("unet",)))
-    assert [b["network"] for b in double.records.builds[4:]] == ["unet"]
+    assert [b["network"] for b in double.records.builds[N:]] == ["unet", "unet_shallow"]  # built together
     assert "building the unet engine: the build key changed: builder" in caplog.text
     assert set(read_manifest(out).components) == set(COMPONENTS)  # the other engines stay
 
@@ -293,7 +295,7 @@ def test_damaged_plan_and_other_tensorrt_are_rebuilt(use_double, tiny_fp16, tmp_
     assert "vae_decoder.plan does not match the manifest's sha256" in caplog.text
     double = use_double(version="10.14.1.48")
     build_engines(tiny_fp16, out, None, TensorRTBuildOptions(components=("unet", "vae_decoder")))
-    assert [b["network"] for b in double.records.builds] == ["unet", "vae_decoder"]
+    assert [b["network"] for b in double.records.builds] == ["unet", "unet_shallow", "vae_decoder"]
 
 
 def test_new_profile_drops_engines_built_for_the_old_one(use_double, tiny_fp16, tmp_path):
@@ -302,7 +304,7 @@ def test_new_profile_drops_engines_built_for_the_old_one(use_double, tiny_fp16, 
     build_engines(tiny_fp16, out, None, TensorRTBuildOptions())
     build_engines(tiny_fp16, out, ShapeProfile.static(128, 128), TensorRTBuildOptions(components=("unet",)))
     manifest = read_manifest(out)
-    assert list(manifest.components) == ["unet"] and manifest.profile.id == "b1_h128_w128"
+    assert list(manifest.components) == ["unet", "unet_shallow"] and manifest.profile.id == "b1_h128_w128"
     assert not (out / "vae_decoder.plan").exists()
 
 
@@ -457,7 +459,9 @@ def tiny_xl_fp16(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("xl") / "fp16"
     profile = ShapeProfile(1, 1, 2, 64, 128, 256, 64, 128, 256, max_prompt_windows=3)
-    export_artifacts(load_preset("tiny-xl"), out, ExportOptions(profile=profile, precision="fp16"))
+    # an artifact without the shallow UNet (--no-step-cache); test_sdxl_step_cache_builds_the_shallow_unet has it
+    options = ExportOptions(profile=profile, precision="fp16", step_cache=False)
+    export_artifacts(load_preset("tiny-xl"), out, options)
     return out
 
 
@@ -523,7 +527,7 @@ def test_named_controlnets_and_unknown_ones(use_double, tiny_control_fp32, tmp_p
     double = use_double()
     options = TensorRTBuildOptions(components=("unet", "controlnet_edges"))
     manifest = build_engines(tiny_control_fp32, tmp_path / "E", CONTROL_PROFILE, options)
-    assert [b["network"] for b in double.records.builds] == ["unet", "controlnet_edges"]
+    assert [b["network"] for b in double.records.builds] == ["unet", "unet_shallow", "controlnet_edges"]
     assert manifest.controlnets == {"edges": "controlnet_edges"}
     with pytest.raises(BuildError, match=r"has no controlnet_canny \(its ControlNets: controlnet_depth, controlnet_"):
         build_engines(
@@ -550,11 +554,11 @@ def test_adding_a_controlnet_builds_only_the_controlnet(use_double, tiny_fp32, t
     unet_plan = (out / "unet.plan").read_bytes()
     add_controlnets(artifact, [ControlNetArg(str(tiny_controlnets["edges"][0]), "edges")])
     build_engines(artifact, out, CONTROL_PROFILE)
-    assert built(double)[4:] == ["controlnet_edges"]  # one more build: the UNet was kept
+    assert built(double)[N:] == ["controlnet_edges"]  # one more build: the UNet was kept
     assert (out / "unet.plan").read_bytes() == unet_plan
     add_controlnets(artifact, [ControlNetArg(str(tiny_controlnets["depth"][0]), "depth")])
     manifest = build_engines(artifact, out, CONTROL_PROFILE)
-    assert built(double)[5:] == ["controlnet_depth"]
+    assert built(double)[N + 1 :] == ["controlnet_depth"]
     assert manifest.controlnets == {"depth": "controlnet_depth", "edges": "controlnet_edges"}
     # a re-exported UNet (other ONNX bytes, another sha256 in the artifact's manifest) is built again, alone
     source = json.loads((artifact / "manifest.json").read_text())
@@ -566,10 +570,10 @@ def test_adding_a_controlnet_builds_only_the_controlnet(use_double, tiny_fp32, t
     source["components"]["unet"]["sha256"] = onnx_sha256(artifact / "unet.onnx")
     (artifact / "manifest.json").write_text(json.dumps(source))
     build_engines(artifact, out, CONTROL_PROFILE)
-    assert built(double)[6:] == ["unet"]
+    assert built(double)[N + 2 :] == ["unet"]
     # another profile: everything again
     build_engines(artifact, out, ShapeProfile(1, 1, 1, 64, 64, 128, 64, 64, 128))
-    assert sorted(built(double)[7:]) == sorted([*COMPONENTS, "controlnet_depth", "controlnet_edges"])
+    assert sorted(built(double)[N + 3 :]) == sorted([*COMPONENTS, "controlnet_depth", "controlnet_edges"])
 
 
 def onnx_sha256(path: Path) -> str:
@@ -588,7 +592,7 @@ def test_engine_of_an_onnx_file_the_artifact_no_longer_has_is_removed(use_double
     del source["components"]["controlnet_edges"]
     (artifact / "manifest.json").write_text(json.dumps(source))
     manifest = build_engines(artifact, out, CONTROL_PROFILE, TensorRTBuildOptions(components=("unet",)))
-    assert set(manifest.components) == {"unet"} and not (out / "controlnet_edges.plan").exists()
+    assert set(manifest.components) == {"unet", "unet_shallow"} and not (out / "controlnet_edges.plan").exists()
 
 
 def test_sdtrt_build_says_which_engines_it_kept(tiny_fp32, tiny_controlnets, tmp_path):
@@ -617,8 +621,8 @@ def test_sdtrt_build_says_which_engines_it_kept(tiny_fp32, tiny_controlnets, tmp
     lines = {line.split()[0]: line for line in again.stdout.splitlines()[2:] if line.strip()}
     assert "built in" in lines["controlnet_edges.plan"] and "kept (built earlier in" in lines["unet.plan"]
     assert (
-        "kept 4 engine(s) built earlier from the same ONNX files and profile: text_encoder, unet, vae_decoder, "
-        "vae_encoder" in again.stdout
+        "kept 5 engine(s) built earlier from the same ONNX files and profile: text_encoder, unet, unet_shallow, "
+        "vae_decoder, vae_encoder" in again.stdout
     )
 
 
@@ -633,3 +637,76 @@ def test_existing_profile_is_kept_only_inside_the_artifacts(use_double, tiny_fp1
     narrower = ShapeProfile.square(64, 128, 128, max_batch=4)  # an artifact re-exported for smaller images
     assert existing_profile(out, narrower) is None
     assert existing_profile(tiny_fp16, ARTIFACT) is None  # an ONNX artifact has no engine profile
+
+
+# -- step caching on the recording double -------------------------------------------------------------------------
+def test_shallow_unet_is_built_under_the_unets_profile(use_double, tiny_fp16, tmp_path):
+    """The shallow UNet shares the UNet's inputs and their ranges; its cached feature's ranges follow the latent
+    size (divided by the feature's downscale); the UNet engine keeps its second output, the manifest the model's
+    cache fields and the shallow UNet's own weight map."""
+    double = use_double(memory={"unet": 7000, "unet_shallow": 2500})
+    out = tmp_path / "E"
+    manifest = build_engines(tiny_fp16, out, CONTROL_PROFILE, TensorRTBuildOptions(refittable=True))
+    source = read_manifest(tiny_fp16)
+    builds = {b["network"]: b for b in double.records.builds}
+    assert builds["unet_shallow"]["flags"] == ["REFIT"]  # the UNet's builder options
+    unet, shallow = builds["unet"]["profiles"][0], builds["unet_shallow"]["profiles"][0]
+    assert set(shallow) == {t.name for t in source.components["unet_shallow"].inputs}
+    for name in set(shallow) - {"cache_feature"}:
+        assert shallow[name] == unet[name], name
+    channels, factor = source.model.cache_feature
+    # (min, opt, max) of [unet_batch, C, latent_height/k, latent_width/k]: CFG doubles the batch, latents are 1/8
+    expected = [[rows, channels, side // factor, side // factor] for rows, side in ((1, 8), (2, 16), (4, 32))]
+    assert shallow["cache_feature"] == expected
+    assert read_manifest(out).model == source.model and manifest.model.cache_branch == source.model.cache_branch >= 0
+    plans = {name: json.loads((out / f"{name}.plan").read_text()) for name in ("unet", "unet_shallow")}
+    assert [t["name"] for t in plans["unet"]["outputs"]] == ["noise_pred", "cache_feature"]
+    assert [t.name for t in manifest.components["unet"].outputs] == ["noise_pred", "cache_feature"]
+    entry = manifest.components["unet_shallow"]
+    assert entry.file == "unet_shallow.plan" and entry.inputs == source.components["unet_shallow"].inputs
+    assert entry.extra["key"]["onnx_sha256"] == source.components["unet_shallow"].sha256
+    assert entry.extra["device_memory_size"] == 2500
+    assert entry.extra["lora_map"] == source.components["unet_shallow"].extra["lora_map"]
+    assert entry.extra["weights"] == source.components["unet_shallow"].extra["weights"]  # what a LoRA refits
+    assert entry.extra["lora_map"] != manifest.components["unet"].extra["lora_map"]
+
+
+def test_naming_the_unet_builds_the_shallow_unet_with_it(use_double, tiny_fp16, tiny_xl_fp16, tmp_path):
+    double = use_double()
+    manifest = build_engines(tiny_fp16, tmp_path / "E", None, TensorRTBuildOptions(components=("unet",)))
+    assert built(double) == ["unet", "unet_shallow"] and list(manifest.components) == ["unet", "unet_shallow"]
+    build_engines(tiny_fp16, tmp_path / "F", None, TensorRTBuildOptions(components=("vae_decoder", "unet")))
+    assert built(double)[2:] == ["vae_decoder", "unet", "unet_shallow"]
+    build_engines(tiny_fp16, tmp_path / "G", None, TensorRTBuildOptions(components=("unet_shallow",)))
+    assert built(double)[5:] == ["unet_shallow"]  # the shallow engine alone may be rebuilt
+    build_engines(tiny_xl_fp16, tmp_path / "H", None, TensorRTBuildOptions(components=("unet",)))
+    assert built(double)[6:] == ["unet"]  # no shallow UNet in this artifact
+
+
+def test_sdtrt_build_components_unet_builds_both_unets(tiny_fp32, tmp_path):
+    """The CLI end to end (the double in the subprocess): --components unet builds the shallow UNet with it."""
+    out, records = tmp_path / "E", tmp_path / "builds.jsonl"
+    shim = trt_double.write_shim(tmp_path / "shim", records)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")])}
+    args = ["build", str(tiny_fp32), "--out", str(out), "--static", "128", "--batch", "1", "--components", "unet"]
+    done = subprocess.run([SDTRT, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line) for line in records.read_text().splitlines()] == [["unet", "unet_shallow"]]
+    assert "unet_shallow.plan" in done.stdout
+    assert set(read_manifest(out).components) == {"unet", "unet_shallow"}
+
+
+def test_sdxl_step_cache_builds_the_shallow_unet(use_double, tmp_path):
+    """SDXL's outer blocks have no cross-attention: its shallow UNet takes no text context, but the extra inputs."""
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+    from sdtrt.runtime.models.presets import load_preset
+
+    profile = ShapeProfile(1, 1, 2, 64, 128, 256, 64, 128, 256)
+    export_artifacts(load_preset("tiny-xl"), tmp_path / "xl", ExportOptions(profile=profile, precision="fp16"))
+    double = use_double()
+    manifest = build_engines(tmp_path / "xl", tmp_path / "E", None, TensorRTBuildOptions(components=("unet",)))
+    assert built(double) == ["unet", "unet_shallow"]
+    shallow = double.records.builds[1]["profiles"][0]
+    assert shallow["text_embeds"] == [[1, 24], [2, 24], [4, 24]] and shallow["time_ids"] == [[1, 6], [2, 6], [4, 6]]
+    assert "encoder_hidden_states" not in shallow and not manifest.model.cache_context
+    assert manifest.model.step_cache and manifest.components["unet_shallow"].extra["weights"]

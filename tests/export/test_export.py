@@ -148,6 +148,8 @@ def test_large_graph_path_writes_one_external_data_file(tmp_path, tiny_bundle, m
         "tokenizer.json",
         "unet.onnx",
         "unet.onnx.data",
+        "unet_shallow.onnx",
+        "unet_shallow.onnx.data",
     ]
     assert (out / "unet.onnx").stat().st_size < 1_000_000 < (out / "unet.onnx.data").stat().st_size
     rows = check_artifacts(out, tiny_bundle)

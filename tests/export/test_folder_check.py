@@ -28,11 +28,13 @@ def test_float_artifact_passes_with_one_row_per_output_and_size(tiny_fp32):
     outcome = check_folder(tiny_fp32)
     assert outcome.kind == "artifact" and outcome.report is None and outcome.quantized == ()
     assert outcome.passed and not outcome.failed_rows
-    assert len(outcome.rows) == 2 * outputs == 12  # two sizes per output
+    # two sizes per output: text_encoder 2, unet 2 (with the step cache's feature), unet_shallow 1, VAE 1 + 2
+    assert len(outcome.rows) == 2 * outputs == 16
     assert all(r.rel_l2 < 1e-4 for r in outcome.rows)
-    assert outcome.summary == "all 12 checks passed"
+    assert outcome.summary == "all 16 checks passed"
     rows = json.loads(outcome.rows_json())
-    assert len(rows) == 12 and all(r["passed"] for r in rows)
+    assert len(rows) == 16 and all(r["passed"] for r in rows)
+    assert {r["component"] for r in rows if r["output"] == "noise_pred"} == {"unet", "unet_shallow"}
 
 
 def test_adherence_step_is_called_with_the_folder_and_judged(tiny_fp32, tmp_path):
@@ -44,7 +46,7 @@ def test_adherence_step_is_called_with_the_folder_and_judged(tiny_fp32, tmp_path
 
     outcome = check_folder(tiny_fp32, CheckOptions(seed=1, adherence=adherence))
     assert seen == [Path(tiny_fp32)]
-    assert outcome.kind == "adherence" and not outcome.failed_rows and len(outcome.rows) == 12
+    assert outcome.kind == "adherence" and not outcome.failed_rows and len(outcome.rows) == 16
     assert not outcome.passed and outcome.report_failed
     assert outcome.summary == "all checks passed, quality report failed"
     outcome.save_report(tmp_path / "sub" / "report.json")
@@ -83,7 +85,7 @@ def test_progress_hears_every_component_and_reaches_the_adherence_step(tiny_fp32
 
     outcome = check_folder(tiny_fp32, CheckOptions(adherence=adherence), progress=lambda *call: calls.append(call))
     assert outcome.passed
-    assert calls == [(CHECK_PHASE, k, 4) for k in range(5)] + [("adherence", 1, 1)]
+    assert calls == [(CHECK_PHASE, k, 5) for k in range(6)] + [("adherence", 1, 1)]
 
 
 def test_an_engine_folder_of_a_quantized_unet_goes_to_the_engine_check(tiny_fp32, tmp_path):

@@ -333,7 +333,14 @@ def test_pipeline_feeds_sdxl_engines_both_encoders_and_the_extra_unet_inputs(use
     double = use_double()  # after the export: torch's exporter looks up the real tensorrt module's spec
     build_engines(tmp_path / "xl", tmp_path / "engines", None, TensorRTBuildOptions())
     with Pipeline.from_artifacts(tmp_path / "engines", backend="tensorrt", device="cpu") as pipe:
-        assert set(pipe.engines) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+        assert set(pipe.engines) == {
+            "text_encoder",
+            "text_encoder_2",
+            "unet",
+            "unet_shallow",
+            "vae_decoder",
+            "vae_encoder",
+        }
         result = pipe("a cat", steps=2, seed=1, guidance_scale=5.0)
     assert result.images[0].size == (64, 64)
     by_inputs = {tuple(c.engine.input_names[:5]): c for c in double.records.contexts}

@@ -1,6 +1,7 @@
 """The Ray Serve deployment: a local Ray on loopback, two replicas, the plain server's API and images.
 
-Also the replica's batching without Ray: requests merged into one pipeline call give the images they give alone.
+Also the replica's batching without Ray: requests merged into one pipeline call give the images they give alone;
+and step caching: the replicas' default (``RayConfig.cache_interval``) and a request's own ``sdtrt_cache_interval``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from sdtrt.serve.ray_app import RayConfig, ReplicaCore
 from .test_server import FAST, get, pixels, post
 
 
-def reference_pixels(artifacts, seed: int, prompt: str) -> np.ndarray:
+def reference_pixels(artifacts, seed: int, prompt: str, steps: int = FAST["steps"], **cache) -> np.ndarray:
     with Pipeline.from_artifacts(artifacts, device="cpu") as pipe:
-        result = pipe(prompt, steps=FAST["steps"], guidance_scale=FAST["cfg_scale"], seed=seed, height=64, width=64,
-                      scheduler="euler")  # fmt: skip
+        result = pipe(prompt, steps=steps, guidance_scale=FAST["cfg_scale"], seed=seed, height=64, width=64,
+                      scheduler="euler", **cache)  # fmt: skip
     return np.asarray(result.images[0].convert("RGB"))
 
 
@@ -90,3 +91,60 @@ def test_two_replicas_serve_the_same_api_and_images(ray_server, tiny_fp32):
     assert status == 422 and "Heun" in body["detail"]
     status, samplers = get(ray_server + "/sdapi/v1/samplers")
     assert status == 200 and any(s["name"] == "Euler a" for s in json.loads(samplers))
+
+
+def png_pixels(png: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def test_replica_applies_the_cache_default_and_the_override(tiny_fp32):
+    """Default N = 3: requests that do not choose run cached (and merge); N = 1 asked for runs alone, in full."""
+    from sdtrt.runtime.compare import psnr
+
+    core = ReplicaCore(RayConfig(str(tiny_fp32), cache_interval=3), name="r0")
+    base = {**FAST, "steps": 8}
+    try:
+        out = core.run(
+            [
+                parse_request({**base, "seed": 21}),
+                parse_request({**base, "seed": 22, "prompt": "a blue circle"}),
+                parse_request({**base, "seed": 21, "override_settings": {"sdtrt_cache_interval": 1}}),
+            ]
+        )
+    finally:
+        core.pipe.close()
+    assert [o.cache_interval for o in out] == [3, 3, 1], out
+    cached = png_pixels(out[0].images[0])
+    assert np.array_equal(cached, reference_pixels(tiny_fp32, 21, FAST["prompt"], 8, cache_interval=3))
+    assert np.array_equal(png_pixels(out[1].images[0]),
+                          reference_pixels(tiny_fp32, 22, "a blue circle", 8, cache_interval=3))  # fmt: skip
+    uncached = png_pixels(out[2].images[0])
+    assert np.array_equal(uncached, reference_pixels(tiny_fp32, 21, FAST["prompt"], 8))
+    assert not np.array_equal(cached, uncached) and psnr(cached, uncached, 255.0) >= 30.0
+
+
+def test_ray_config_refuses_bad_caching(no_shallow):
+    from sdtrt.runtime.errors import ArtifactError, ConfigError
+
+    with pytest.raises(ConfigError, match=r"cache interval must be an integer >= 1 .*got 0"):
+        RayConfig(str(no_shallow), cache_interval=0)
+    with pytest.raises(ConfigError, match=r"cache schedule must be one of uniform, quadratic, got 'cubic'"):
+        RayConfig(str(no_shallow), cache_schedule="cubic")
+    with pytest.raises(ArtifactError, match=r"--cache-interval 2 needs the shallow UNet, which the artifact"):
+        ReplicaCore(RayConfig(str(no_shallow), cache_interval=2))
+
+
+def test_ray_request_override_runs_cached(ray_server, tiny_fp32):
+    payload = {**FAST, "steps": 8, "seed": 31, "override_settings": {"sdtrt_cache_interval": 3}}
+    status, body, _ = post(ray_server + "/sdapi/v1/txt2img", payload)
+    assert status == 200, body
+    info = json.loads(body["info"])
+    assert (info["sdtrt_cache_interval"], info["sdtrt_cache_schedule"]) == (3, "uniform")
+    got = pixels(body["images"][0])
+    assert np.array_equal(got, reference_pixels(tiny_fp32, 31, FAST["prompt"], 8, cache_interval=3))
+    status, body, _ = post(ray_server + "/sdapi/v1/txt2img", {**payload, "override_settings": {"sdtrt_cache": 3}})
+    assert status == 422 and "unknown sdtrt field override_settings.sdtrt_cache" in body["detail"]
