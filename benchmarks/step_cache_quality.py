@@ -87,9 +87,10 @@ class Run:
 def export_shapes(config: QualityConfig, precision: str, branch: int | None = None, control: bool = False) -> Path:
     """The model's artifact at ``precision``, step cache at ``branch`` (None: the default), optionally with the
     shipped outline ControlNet; exported once into ``config.out`` and reused."""
-    from sdtrt.export.onnx_export import DEFAULT_CACHE_BRANCH, ExportOptions, export_artifacts
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
     from sdtrt.export.profiles import default_profile
     from sdtrt.runtime.models.sources import load_source
+    from sdtrt.runtime.specs import DEFAULT_CACHE_BRANCH
 
     branch = DEFAULT_CACHE_BRANCH if branch is None else branch
     folder = config.out / f"{config.model}-{precision}-branch{branch}{'-control' if control else ''}"
