@@ -131,9 +131,9 @@ def exported(tmp_path_factory):
     folders = {}
 
     def get(bundle: ModelBundle, branch: int):
-        key = (bundle.model.family, branch)
+        key = (id(bundle), branch)  # module-scoped bundles: one id each
         if key not in folders:
-            folders[key] = tmp_path_factory.mktemp(f"{key[0]}-branch{branch}") / "artifacts"
+            folders[key] = tmp_path_factory.mktemp(f"{bundle.model.family}-branch{branch}") / "artifacts"
             options = ExportOptions(profile=default_profile(bundle), cache_branch=branch)
             export_artifacts(bundle, folders[key], options)
         return folders[key]
