@@ -109,9 +109,17 @@ def export_shapes(config: QualityConfig, precision: str, branch: int | None = No
 
 
 def generate(
-    pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, interval: int, schedule: str, **extra: Any
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int,
+    interval: int,
+    schedule: str,
+    guidance: float = 2.0,
+    controls: Sequence[Any] = (),
 ) -> Run:
-    """One image per prompt with ``pipe`` at this cache setting (CFG as shapes is evaluated: empty negative)."""
+    """One image per prompt with ``pipe`` at this cache setting (empty negative prompt, as shapes is evaluated);
+    ``controls``, when given, holds one ``ControlInput`` per prompt."""
     from sdtrt.runtime.cache_plan import full_steps
     from sdtrt.shapes import data
 
@@ -119,17 +127,16 @@ def generate(
     run = Run()
     start = time.perf_counter()
     for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
-        controls = [extra["controls"][i]] if "controls" in extra else []
         result = pipe(
             prompt,
             negative_prompt="",
             steps=steps,
-            guidance_scale=extra.get("guidance", 2.0),
+            guidance_scale=guidance,
             seed=seed,
             height=data.IMAGE_SIZE,
             width=data.IMAGE_SIZE,
             scheduler="euler",
-            controls=controls,
+            controls=[controls[i]] if controls else [],
             cache_interval=interval,
             cache_schedule=schedule,
         )
@@ -140,8 +147,8 @@ def generate(
     return run
 
 
-def settings_of(config: QualityConfig, steps: int) -> list[tuple[int, str]]:
-    """(interval, schedule) of every row at ``steps``: uncached first."""
+def settings_of(config: QualityConfig) -> list[tuple[int, str]]:
+    """(interval, schedule) of every grid row at one step count: uncached first."""
     return [(1, "uniform")] + [(n, s) for n in config.intervals for s in config.schedules]
 
 
@@ -170,7 +177,7 @@ def measure_grid(config: QualityConfig) -> list[dict[str, Any]]:
         with Pipeline.from_artifacts(folder, backend="onnxruntime", device="cpu") as pipe:
             for steps in config.steps:
                 reference = None
-                for interval, schedule in settings_of(config, steps):
+                for interval, schedule in settings_of(config):
                     run = generate(pipe, captions, seeds, steps, interval, schedule, guidance=config.guidance)
                     keys = {"part": "grid", "precision": precision, "steps": steps}
                     rows.append(quality_row(run, reference, captions, **keys, interval=interval, schedule=schedule))
@@ -197,7 +204,9 @@ def measure_branches(config: QualityConfig) -> list[dict[str, Any]]:
         with Pipeline.from_artifacts(folder, backend="onnxruntime", device="cpu") as pipe:
             for i, caption in enumerate(captions):
                 for run, interval in ((full, 1), (cached, BRANCH_INTERVAL)):
-                    one = generate(pipe, [caption], [IMAGE_SEED + i], config.branch_steps, interval, "uniform")
+                    one = generate(
+                        pipe, [caption], [IMAGE_SEED + i], config.branch_steps, interval, "uniform", config.guidance
+                    )
                     run.images += one.images
                     run.full_s += one.full_s
                     run.shallow_s += one.shallow_s
