@@ -97,17 +97,27 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     base = summaries[0]["median_s"]
     for s in summaries:
         s["speedup"] = base / s["median_s"]
-    compare_cached(summaries)
+    compare_cached(summaries, rows)
     return summaries
 
 
-def compare_cached(summaries: list[dict[str, Any]]) -> None:
-    """Give each cached summary its denoise and end-to-end medians as fractions of its backend's uncached ones."""
+def compare_cached(summaries: list[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> None:
+    """Give each cached summary its denoise and end-to-end medians as fractions of its backend's uncached ones,
+    and the median over rounds of its denoise time over the uncached one's in the same round.
+
+    On a machine whose load drifts, the per-round ratio compares runs made minutes apart at most, where the ratio
+    of medians may compare a loaded run with a quiet one."""
     uncached = {s["backend"]: s for s in summaries if s["cache_interval"] == 1}
     for s in summaries:
         base = uncached.get(s["backend"]) if s["cache_interval"] > 1 else None
         s["denoise_vs_uncached"] = s["denoise_median_s"] / base["denoise_median_s"] if base else None
         s["end_to_end_vs_uncached"] = s["median_s"] / base["median_s"] if base else None
+        s["denoise_vs_uncached_per_round"] = None
+        if base:
+            plain = {r.get("round"): r["denoise_s"] for r in rows if row_label(r) == base["label"]}
+            ratios = [r["denoise_s"] / plain[r.get("round")] for r in rows if row_label(r) == s["label"]
+                      if plain.get(r.get("round"))]  # fmt: skip
+            s["denoise_vs_uncached_per_round"] = percentile(ratios, 0.5) if ratios else None
 
 
 def cache_notes(summaries: Sequence[dict[str, Any]]) -> list[str]:
@@ -117,9 +127,12 @@ def cache_notes(summaries: Sequence[dict[str, Any]]) -> list[str]:
         if s.get("denoise_vs_uncached") is None:
             continue
         schedule = s.get("cache_schedule") or "uniform"
+        per_round = s.get("denoise_vs_uncached_per_round")
+        rounds = f" (per round, median: {per_round:.2f}x)" if per_round is not None else ""
         lines.append(
-            f"{s['label']}: denoise {s['denoise_vs_uncached']:.2f}x and end-to-end {s['end_to_end_vs_uncached']:.2f}x "
-            f"of {s['backend']} uncached (step caching, {schedule}: {s['full_steps']} full UNet steps)"
+            f"{s['label']}: denoise {s['denoise_vs_uncached']:.2f}x{rounds} and end-to-end "
+            f"{s['end_to_end_vs_uncached']:.2f}x of {s['backend']} uncached (step caching, {schedule}: "
+            f"{s['full_steps']} full UNet steps)"
         )
     return lines
 

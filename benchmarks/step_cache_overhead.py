@@ -74,7 +74,10 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         kind: {k: percentile([r[k] for r in rows if r["artifact"] == kind], 0.5) for k in keys} for kind in KINDS
     }
     ratio = {key: medians[KINDS[0]][key] / medians[KINDS[1]][key] for key in keys}
-    return {"medians": medians, "with_over_without": ratio}
+    by_round = {(r["artifact"], r["round"]): r["denoise_s"] for r in rows}
+    rounds = sorted({r["round"] for r in rows})
+    per_round = [by_round[(KINDS[0], k)] / by_round[(KINDS[1], k)] for k in rounds]
+    return {"medians": medians, "with_over_without": ratio, "denoise_per_round": per_round}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -103,7 +106,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         m = summary["medians"][kind]
         print(f"{kind:<16} denoise {m['denoise_s'] * 1e3:8.0f} ms   end-to-end {m['end_to_end_s'] * 1e3:8.0f} ms")
     ratio = summary["with_over_without"]
-    print(f"with / without: denoise {ratio['denoise_s']:.3f}x, end-to-end {ratio['end_to_end_s']:.3f}x")
+    rounds = ", ".join(f"{v:.3f}" for v in summary["denoise_per_round"])
+    print(f"with / without: denoise {ratio['denoise_s']:.3f}x (per round {rounds}), end-to-end "
+          f"{ratio['end_to_end_s']:.3f}x")  # fmt: skip
     if args.json:
         write_record(args.json, "step_cache_overhead", config.record(), rows, summary)
 

@@ -350,6 +350,7 @@ def test_cached_variants_interleave_with_their_backend_on_one_open_runner():
     summary = summarize(rows)
     assert [s["label"] for s in summary] == labels
     assert [s["denoise_vs_uncached"] for s in summary] == [None, None, 1.0, 1.0]  # the fake's stages are equal
+    assert [s["denoise_vs_uncached_per_round"] for s in summary] == [None, None, 1.0, 1.0]
 
 
 def test_sequential_interleaves_a_backends_variants_within_its_block():
@@ -391,6 +392,9 @@ def test_bench_cli_times_each_sdtrt_backend_cached_and_uncached(tmp_path):
         cached, plain = summary[f"{backend} N=3"], summary[backend]
         assert cached["cache_interval"] == 3 and plain["cache_interval"] == 1
         assert cached["denoise_vs_uncached"] == pytest.approx(cached["denoise_median_s"] / plain["denoise_median_s"])
+        same_round = {r["round"]: r["denoise_s"] for r in rows if r["label"] == backend}
+        ratios = [r["denoise_s"] / same_round[r["round"]] for r in rows if r["label"] == f"{backend} N=3"]
+        assert cached["denoise_vs_uncached_per_round"] == pytest.approx(percentile(ratios, 0.5))
     table = result.stdout.splitlines()
     assert any(line.startswith("onnxruntime N=3 ") and "fp32" in line for line in table)
     assert any(line.startswith("onnxruntime N=3: denoise ") and "2 full UNet steps" in line for line in table)

@@ -45,6 +45,9 @@ def test_uncached_runs_of_both_exports_interleave(pair, tmp_path, capsys):
     medians = record["summary"]["medians"]
     ratio = medians["with step cache"]["denoise_s"] / medians["without"]["denoise_s"]
     assert record["summary"]["with_over_without"]["denoise_s"] == pytest.approx(ratio)
+    by_round = {(r["artifact"], r["round"]): r["denoise_s"] for r in rows}
+    per_round = [by_round[("with step cache", k)] / by_round[("without", k)] for k in (0, 1)]
+    assert record["summary"]["denoise_per_round"] == pytest.approx(per_round)
     assert "with / without: denoise " in capsys.readouterr().out
 
 
