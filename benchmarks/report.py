@@ -87,6 +87,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "images_per_s": percentile([r["images_per_s"] for r in mine], 0.5),
             "step_median_s": percentile([r["step_median_s"] for r in mine], 0.5),
         }
+        for kind in ("full", "shallow"):  # a cached row's full and shallow steps, apart
+            found = [r[f"{kind}_step_median_s"] for r in mine if r.get(f"{kind}_step_median_s") is not None]
+            summary[f"{kind}_step_median_s"] = percentile(found, 0.5) if found else None
         middle = median_runs(mine)
         for key, _ in STAGES:
             summary[key] = sum(r[key] for r in middle) / len(middle)
@@ -129,10 +132,14 @@ def cache_notes(summaries: Sequence[dict[str, Any]]) -> list[str]:
         schedule = s.get("cache_schedule") or "uniform"
         per_round = s.get("denoise_vs_uncached_per_round")
         rounds = f" (per round, median: {per_round:.2f}x)" if per_round is not None else ""
+        steps = ""
+        if s.get("full_step_median_s") and s.get("shallow_step_median_s"):
+            steps = f", step median full {s['full_step_median_s'] * 1e3:.1f}ms, shallow "
+            steps += f"{s['shallow_step_median_s'] * 1e3:.1f}ms"
         lines.append(
             f"{s['label']}: denoise {s['denoise_vs_uncached']:.2f}x{rounds} and end-to-end "
             f"{s['end_to_end_vs_uncached']:.2f}x of {s['backend']} uncached (step caching, {schedule}: "
-            f"{s['full_steps']} full UNet steps)"
+            f"{s['full_steps']} full UNet steps{steps})"
         )
     return lines
 
@@ -151,8 +158,9 @@ def precision_note(summaries: Sequence[dict[str, Any]]) -> str | None:
 
 def format_table(summaries: list[dict[str, Any]]) -> str:
     """The table of ``summarize``'s rows; notes under it mark mixed precision and process-wide peak memory."""
+    width = max([20, *(len(row_label(s)) for s in summaries)])
     head = (
-        f"{'backend':<20} {'prec':<5} {'median':>9} {'p90':>9} {'speed-up':>8} {'text':>8} {'denoise':>9} "
+        f"{'backend':<{width}} {'prec':<5} {'median':>9} {'p90':>9} {'speed-up':>8} {'text':>8} {'denoise':>9} "
         f"{'step':>8} {'VAE':>8} {'it/s':>7} {'other':>8} {'peak mem':>9} {'run +mem':>9} {'loaded':>9} "
         f"{'of floor':>8}"
     )
@@ -163,7 +171,7 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
         precision = s["precision"] + ("*" if s["precision"] != base else "")
         denoise = s.get("denoise_median_s", s["denoise_s"])
         lines.append(
-            f"{row_label(s):<20} {precision:<5} {s['median_s'] * 1e3:>7.0f}ms {s['p90_s'] * 1e3:>7.0f}ms "
+            f"{row_label(s):<{width}} {precision:<5} {s['median_s'] * 1e3:>7.0f}ms {s['p90_s'] * 1e3:>7.0f}ms "
             f"{s['speedup']:>7.2f}x {s['text_encode_s'] * 1e3:>6.1f}ms {denoise * 1e3:>7.0f}ms "
             f"{s['step_median_s'] * 1e3:>6.1f}ms {s['vae_decode_s'] * 1e3:>6.0f}ms {s['it_per_s']:>7.2f} "
             f"{s['other_pct']:>7.2f}% "

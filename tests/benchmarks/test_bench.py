@@ -391,13 +391,16 @@ def test_bench_cli_times_each_sdtrt_backend_cached_and_uncached(tmp_path):
     for backend in ("onnxruntime", "torch"):
         cached, plain = summary[f"{backend} N=3"], summary[backend]
         assert cached["cache_interval"] == 3 and plain["cache_interval"] == 1
+        assert cached["full_step_median_s"] > 0 and cached["shallow_step_median_s"] > 0
+        assert plain["full_step_median_s"] is None and plain["shallow_step_median_s"] is None
         assert cached["denoise_vs_uncached"] == pytest.approx(cached["denoise_median_s"] / plain["denoise_median_s"])
         same_round = {r["round"]: r["denoise_s"] for r in rows if r["label"] == backend}
         ratios = [r["denoise_s"] / same_round[r["round"]] for r in rows if r["label"] == f"{backend} N=3"]
         assert cached["denoise_vs_uncached_per_round"] == pytest.approx(percentile(ratios, 0.5))
     table = result.stdout.splitlines()
     assert any(line.startswith("onnxruntime N=3 ") and "fp32" in line for line in table)
-    assert any(line.startswith("onnxruntime N=3: denoise ") and "2 full UNet steps" in line for line in table)
+    assert any(line.startswith("onnxruntime N=3: denoise ") and "2 full UNet steps, step median full" in line
+               for line in table)  # fmt: skip
     assert sum(line.startswith("diffusers") for line in table) == 1  # the baseline runs uncached only
 
 
