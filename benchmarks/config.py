@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from sdtrt.runtime.cache_plan import check_cache_args
 from sdtrt.runtime.control.inputs import ControlInput
 from sdtrt.runtime.control.slots import control_settings
 from sdtrt.runtime.errors import ConfigError
@@ -46,6 +47,10 @@ class BenchConfig:
     artifacts: str | None = None  # an existing artifact / engine folder for the sdtrt backends
     sequential: bool = False  # one backend open at a time, its runs in one block (models too big to hold twice)
     controls: tuple[ControlInput, ...] = ()  # ControlNets of ``artifacts`` every run of the sdtrt backends uses
+    # Step caching: every sdtrt backend also runs cached at each of these intervals (> 1), as rows of their own
+    # beside its uncached one; the diffusers baselines run uncached only.
+    cache_intervals: tuple[int, ...] = ()
+    cache_schedule: str = "uniform"
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in BACKENDS]
@@ -64,6 +69,7 @@ class BenchConfig:
             raise ConfigError(f"batch and steps must be >= 1, got batch={self.batch} steps={self.steps}")
         if self.controls:
             self._check_controls()
+        self._check_cache()
 
     def _check_controls(self) -> None:
         if not self.artifacts:
@@ -78,10 +84,31 @@ class BenchConfig:
                 "(e.g. --backends onnxruntime)"
             )
 
+    def _check_cache(self) -> None:
+        check_cache_args(1, self.cache_schedule)  # a schedule typo is an error even with no interval given
+        for interval in self.cache_intervals:
+            check_cache_args(interval, self.cache_schedule)
+        if self.cache_intervals and not self.sdtrt_backends:
+            raise ConfigError(
+                f"--cache-interval times sdtrt's backends cached, and none was asked for (got "
+                f"{', '.join(self.backends)}); add one to --backends, e.g. --backends onnxruntime"
+            )
+
+    @property
+    def sdtrt_backends(self) -> tuple[str, ...]:
+        """The backends that run sdtrt's pipeline (all but the diffusers baselines)."""
+        return tuple(b for b in self.backends if not b.startswith("diffusers"))
+
+    @property
+    def cached(self) -> tuple[int, ...]:
+        """The cache intervals timed besides the uncached runs: those > 1, each once, in the order given."""
+        return tuple(dict.fromkeys(n for n in self.cache_intervals if n > 1))
+
     def record(self) -> dict[str, Any]:
         """The settings as JSON-ready values; each control as its settings (name, scale, start, end, ...)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["backends"] = list(self.backends)
+        values["cache_intervals"] = list(self.cache_intervals)
         values["controls"] = [setting.to_dict() for setting in control_settings(self.controls)]
         return values
 

@@ -14,6 +14,11 @@ a slow start, a neighbour's load or thermal drift falls on every backend alike i
 first. ``sequential=True`` keeps the old block order (all of A's runs, then B's, one backend open at a time) for
 models too big to hold twice.
 
+With step caching asked for (``cache_intervals``), every sdtrt backend also runs cached at each interval, on the
+same open pipeline: each (backend, interval) is a variant of its own in the rotation (A, A N=3, B, B N=3, ...),
+with rows and a table line of its own. Each row carries its ``cache_interval`` (1 uncached, and always for the
+diffusers baselines), and cached rows the median time of their full and of their shallow steps.
+
 Each timed run is a JSON row with its round and position, per-stage times, memory and ``other_s``: end-to-end
 wall time minus the three timed stages (text encode, denoising steps, VAE decode), i.e. the set-up before the
 first step (request checks, schedule, starting noise), checking the decoded pixels for NaN and turning them into
@@ -38,16 +43,18 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from sdtrt.benchmarks.config import CUDA_ONLY, BenchConfig
+from sdtrt.runtime.cache_plan import check_cache_supported, full_steps
 from sdtrt.runtime.control.inputs import check_controls
 from sdtrt.runtime.environment import driver_version, gather_environment
 from sdtrt.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class PeakMemory:
@@ -131,11 +138,48 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 class BenchRunner(Protocol):
-    """What the harness drives: ``run(seed)`` returns one run's stage times (the keys ``make_row`` reads)."""
+    """What the harness drives: ``run(seed)`` returns one run's stage times (the keys ``make_row`` reads).
+
+    Cached variants call ``run(seed, cache_interval=N, cache_schedule=S)``; only sdtrt's runners are asked that.
+    """
 
     precision: str
 
     def run(self, seed: int) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One line of the table: a backend run uncached (``cache_interval`` 1) or with step caching."""
+
+    backend: str
+    cache_interval: int = 1
+    cache_schedule: str = "uniform"
+
+    @property
+    def label(self) -> str:
+        """The backend's name, with ``N=<interval>`` (and a non-uniform schedule's name) when cached."""
+        if self.cache_interval == 1:
+            return self.backend
+        schedule = "" if self.cache_schedule == "uniform" else f" {self.cache_schedule}"
+        return f"{self.backend} N={self.cache_interval}{schedule}"
+
+    def run(self, runner: BenchRunner, seed: int) -> dict[str, Any]:
+        """One run of ``runner`` as this variant asks."""
+        if self.cache_interval == 1:
+            return runner.run(seed)
+        cached: Any = runner  # sdtrt's runners take the cache settings (``runners.SdtrtRunner.run``)
+        return cached.run(seed, cache_interval=self.cache_interval, cache_schedule=self.cache_schedule)
+
+
+def variants(config: BenchConfig) -> list[Variant]:
+    """What one round runs, in order: each backend uncached, then (sdtrt's) cached at each interval."""
+    found = []
+    for backend in config.backends:
+        found.append(Variant(backend))
+        if backend in config.sdtrt_backends:
+            found += [Variant(backend, n, config.cache_schedule) for n in config.cached]
+    return found
 
 
 # (backend, config, device, artifact folder or None) -> a context manager holding that backend's runner
@@ -161,8 +205,8 @@ class RunMemory:
     scope: str
 
 
-def round_order(backends: Sequence[str], r: int) -> list[str]:
-    """The order of round ``r``: the backends rotated to start at backend ``r mod n``."""
+def round_order(backends: Sequence[T], r: int) -> list[T]:
+    """The order of round ``r``: the backends (or variants) rotated to start at the ``r mod n``-th."""
     k = r % len(backends)
     return [*backends[k:], *backends[:k]]
 
@@ -192,6 +236,8 @@ def run_benchmark(
         check_size(config.height, config.width, manifest.model)
         manifest.profile.check(config.height, config.width, config.batch)
         check_controls(config.controls, manifest.controlnets, manifest.model.control_ready)
+        for interval in config.cached:
+            check_cache_supported(interval, manifest.components, f"--artifacts {config.artifacts}")
     env = environment(device)
     with tempfile.TemporaryDirectory(prefix="sdtrt-bench-") as scratch:
         folders: dict[str, Path] = {}
@@ -230,52 +276,62 @@ class RunSession:
         runner = stack.enter_context(self.open_one(backend))
         return runner, max(0, PeakMemory.held(self.device) - before)
 
-    def timed_row(self, backend: str, runner: BenchRunner, place: RunPlace, loaded: int, scope: str) -> dict[str, Any]:
-        """One timed run of ``runner`` with its peak memory, as a row."""
+    def timed_row(
+        self, variant: Variant, runner: BenchRunner, place: RunPlace, loaded: int, scope: str
+    ) -> dict[str, Any]:
+        """One timed run of ``variant`` on ``runner`` with its peak memory, as a row."""
         with PeakMemory(self.device) as memory:
-            stages = runner.run(self.config.seed)
+            stages = variant.run(runner, self.config.seed)
         usage = RunMemory(memory.peak, memory.start, loaded, scope)
-        return make_row(self.config, backend, runner.precision, place, stages, usage, self.env)
+        return make_row(self.config, variant, runner.precision, place, stages, usage, self.env)
 
 
 def _run_interleaved(session: RunSession) -> list[dict[str, Any]]:
-    """Open every backend, then warm-up rounds and timed rounds, each round in ``round_order``."""
+    """Open every backend, then warm-up rounds and timed rounds, each round's variants in ``round_order``."""
     config, say = session.config, session.say
     rows: list[dict[str, Any]] = []
     scope = "process" if len(config.backends) > 1 else "backend"
+    kinds = variants(config)
     with contextlib.ExitStack() as stack:
         opened = {backend: session.open(stack, backend) for backend in config.backends}
         for k in range(config.warmup):
-            for backend in round_order(config.backends, k):
-                say(f"warm-up {k + 1}/{config.warmup}: {backend}")
-                opened[backend][0].run(config.seed)
+            for variant in round_order(kinds, k):
+                say(f"warm-up {k + 1}/{config.warmup}: {variant.label}")
+                variant.run(opened[variant.backend][0], config.seed)
         for r in range(config.runs):
-            for position, backend in enumerate(round_order(config.backends, r)):
-                say(f"round {r + 1}/{config.runs}: {backend}")
-                runner, loaded = opened[backend]
-                rows.append(session.timed_row(backend, runner, RunPlace(r, position, "interleaved"), loaded, scope))
+            for position, variant in enumerate(round_order(kinds, r)):
+                say(f"round {r + 1}/{config.runs}: {variant.label}")
+                runner, loaded = opened[variant.backend]
+                rows.append(session.timed_row(variant, runner, RunPlace(r, position, "interleaved"), loaded, scope))
     return rows
 
 
 def _run_in_blocks(session: RunSession) -> list[dict[str, Any]]:
-    """One backend open at a time: its warm-up, then its timed runs, then the next backend (biased by order)."""
+    """One backend open at a time: its warm-up, then its timed runs, then the next backend (biased by order).
+
+    A backend's variants (uncached, cached) interleave within its block, rotated each round."""
     config, say = session.config, session.say
     rows: list[dict[str, Any]] = []
-    for position, backend in enumerate(config.backends):
+    kinds = variants(config)
+    for backend in config.backends:
+        mine = [v for v in kinds if v.backend == backend]
         with contextlib.ExitStack() as stack:
             runner, loaded = session.open(stack, backend)
             for k in range(config.warmup):
-                say(f"{backend}: warm-up {k + 1}/{config.warmup}")
-                runner.run(config.seed)
+                for variant in round_order(mine, k):
+                    say(f"{variant.label}: warm-up {k + 1}/{config.warmup}")
+                    variant.run(runner, config.seed)
             for k in range(config.runs):
-                say(f"{backend}: run {k + 1}/{config.runs}")
-                rows.append(session.timed_row(backend, runner, RunPlace(k, position, "sequential"), loaded, "backend"))
+                for variant in round_order(mine, k):
+                    say(f"{variant.label}: run {k + 1}/{config.runs}")
+                    place = RunPlace(k, kinds.index(variant), "sequential")
+                    rows.append(session.timed_row(variant, runner, place, loaded, "backend"))
     return rows
 
 
 def make_row(
     config: BenchConfig,
-    backend: str,
+    variant: Variant,
     precision: str,
     place: RunPlace,
     stages: dict[str, Any],
@@ -289,7 +345,11 @@ def make_row(
     timed = stages["text_encode"] + stages["denoise"] + stages["vae_decode"]
     total = stages["total"]
     return {
-        "backend": backend,
+        "backend": variant.backend,
+        "label": variant.label,
+        "cache_interval": variant.cache_interval,
+        "cache_schedule": variant.cache_schedule if variant.cache_interval > 1 else None,
+        **cache_steps(config, variant, steps),
         "run": place.round,
         "round": place.round,
         "position": place.position,
@@ -314,3 +374,15 @@ def make_row(
         "config": config.record(),
         "env": env,
     }
+
+
+def cache_steps(config: BenchConfig, variant: Variant, steps: Sequence[float]) -> dict[str, Any]:
+    """How many steps ran the full UNet and, for a cached run, the median time of its full and shallow steps."""
+    plan = full_steps(config.steps, 0, variant.cache_interval, variant.cache_schedule)
+    found: dict[str, Any] = {"full_steps": sum(plan)}
+    if variant.cache_interval > 1 and len(steps) == len(plan):
+        full = [t for t, is_full in zip(steps, plan, strict=True) if is_full]
+        shallow = [t for t, is_full in zip(steps, plan, strict=True) if not is_full]
+        found["full_step_median_s"] = sorted(full)[len(full) // 2] if full else None
+        found["shallow_step_median_s"] = sorted(shallow)[len(shallow) // 2] if shallow else None
+    return found

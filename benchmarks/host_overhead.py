@@ -14,6 +14,13 @@ at ``r mod n``. A step's time is ``perf_counter`` around the call on the CPU; on
 CUDA events recorded around each step with no sync inside a block: with a UNet that costs nothing this is the
 steady-state time per step, whichever of host and GPU bounds it. ``host_us`` is how long the Python call took to
 return (on CUDA: to enqueue the step).
+
+Step caching (``--cache-interval N``): every case also runs with a null shallow UNet beside the null UNet, the
+step chosen per step on the host from the static plan (two step functions; on ``cuda-graph`` two captured graphs,
+replayed alternately), interleaved with the same case's one step function. The full step also copies the cached
+feature (SD 1.5's at skip branch 0: 320 channels at latent size) into its buffer, as a real full step does. Its rows
+give the median of the full and of the shallow steps apart; against the uncached row this is what switching costs
+on the host when the UNets themselves cost nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ from typing import Any
 
 import torch
 
-from sdtrt.runtime.denoise import Denoiser, StepBuffers
+from sdtrt.runtime.cache_plan import check_cache_args, full_steps
+from sdtrt.runtime.denoise import Denoiser, StepBuffers, StepCache
 from sdtrt.runtime.engine import WeightUpdate
 from sdtrt.runtime.errors import BackendError, ConfigError, SdtrtError
 from sdtrt.runtime.manifest import TensorEntry
@@ -51,15 +59,19 @@ SD_SCHEDULE = SchedulerConfig(
     set_alpha_to_one=False,
     timestep_spacing="leading",
 )
+# SD 1.5's cached feature at skip branch 0 (runtime.models.step_cache.cache_split): channels, latent downscale
+FEATURE = (320, 1)
 
 
 class NullUNet:
-    """An ``Engine`` that returns its ``sample`` feed as ``noise_pred``: no compute, no copy, nothing captured."""
+    """An ``Engine`` that returns its ``sample`` feed as ``noise_pred``: no compute, no copy, nothing captured.
 
-    name = "unet"
+    With ``feature`` (a tensor made once) it is a step-cache UNet that also gives that tensor as ``cache_feature``;
+    ``name="unet_shallow"`` makes the shallow one, which takes a ``cache_feature`` input and ignores it.
+    """
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, feature: torch.Tensor | None = None, name: str = "unet") -> None:
+        self.device, self.feature, self.name = device, feature, name
         self.graph_capturable = device.type == "cuda"
         latent = ("2B", 4, "H/8", "W/8")
         self.inputs = (
@@ -67,11 +79,15 @@ class NullUNet:
             TensorEntry("timestep", "float32", ("2B",)),
             TensorEntry("encoder_hidden_states", "float32", ("2B", *TEXT_SHAPE)),
         )
+        if name == "unet_shallow":
+            self.inputs += (TensorEntry("cache_feature", "float32", ("2B", FEATURE[0], "H/8", "W/8")),)
         self.outputs = (TensorEntry("noise_pred", "float32", latent),)
 
     def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The ``sample`` feed itself (the caller's tensor, not a copy)."""
-        return {"noise_pred": feeds["sample"]}
+        """The ``sample`` feed itself (the caller's tensor, not a copy), and the fixed feature when it has one."""
+        if self.feature is None:
+            return {"noise_pred": feeds["sample"]}
+        return {"noise_pred": feeds["sample"], "cache_feature": self.feature}
 
     def update_weights(self, update: WeightUpdate) -> None:
         """There are no weights to change."""
@@ -98,8 +114,11 @@ class HostConfig:
     width: int = 512
     batch: int = 1
     seed: int = 0
+    cache_interval: int = 1  # > 1: every case also runs with step caching, a full step every N
+    cache_schedule: str = "uniform"
 
     def __post_init__(self) -> None:
+        check_cache_args(self.cache_interval, self.cache_schedule)
         unknown = [p for p in self.paths if p not in PATHS]
         if unknown or not self.paths:
             raise ConfigError(f"unknown path(s) {unknown or '(none)'}; choose from {', '.join(PATHS)}")
@@ -124,24 +143,37 @@ class HostConfig:
     def latent_shape(self) -> tuple[int, int, int, int]:
         return (self.batch, 4, self.height // 8, self.width // 8)
 
+    @property
+    def intervals(self) -> tuple[int, ...]:
+        """The cache intervals each case runs at: 1 (one step function), and the cached one when asked."""
+        return (1,) if self.cache_interval == 1 else (1, self.cache_interval)
+
+    @property
+    def plan(self) -> tuple[bool, ...]:
+        """Which steps of a schedule run the full UNet at ``cache_interval``."""
+        return full_steps(self.schedule_steps, 0, self.cache_interval, self.cache_schedule)
+
 
 @dataclass
 class Case:
-    """One (path, sampler, guidance) loop: its denoiser over static buffers and the latents each block starts from."""
+    """One (path, sampler, guidance, cache interval) loop: its denoiser over static buffers and the latents each
+    block starts from."""
 
     path: str
     sampler: str
     guided: bool
     denoiser: Denoiser
     initial: torch.Tensor
+    cache_interval: int = 1
 
     def reset(self) -> None:
         self.denoiser.buffers.latents.copy_(self.initial)
         self.denoiser.buffers.state.zero_()
 
 
-def make_case(path: str, sampler_name: str, guided: bool, config: HostConfig) -> Case:
-    """A ``Denoiser`` on the null UNet, with starting latents and sampler noise drawn from ``config.seed``."""
+def make_case(path: str, sampler_name: str, guided: bool, config: HostConfig, cache_interval: int = 1) -> Case:
+    """A ``Denoiser`` on the null UNet, with starting latents and sampler noise drawn from ``config.seed``;
+    with ``cache_interval`` > 1 also the null shallow UNet, the step chosen per step from ``config.plan``."""
     device = torch.device("cpu" if path == "cpu" else "cuda")
     sampler = get_scheduler(sampler_name)
     shape = config.latent_shape
@@ -158,8 +190,15 @@ def make_case(path: str, sampler_name: str, guided: bool, config: HostConfig) ->
         text=torch.zeros((rows, *TEXT_SHAPE), device=device),
         guidance=torch.full((), GUIDANCE, device=device),
     )
-    denoiser = Denoiser(NullUNet(device), sampler, schedule, buffers, guided, use_graph=path == "cuda-graph")
-    return Case(path, sampler_name, guided, denoiser, initial)
+    unet, cache = NullUNet(device), None
+    if cache_interval > 1:
+        feature = (rows, FEATURE[0], shape[2] // FEATURE[1], shape[3] // FEATURE[1])
+        unet = NullUNet(device, feature=torch.zeros(feature, device=device))
+        shallow = NullUNet(device, name="unet_shallow")
+        cache = StepCache(shallow, config.plan, torch.zeros(feature, device=device))
+    use_graph = path == "cuda-graph"
+    denoiser = Denoiser(unet, sampler, schedule, buffers, guided, use_graph=use_graph, cache=cache)
+    return Case(path, sampler_name, guided, denoiser, initial, cache_interval)
 
 
 def run_block(case: Case) -> tuple[list[float], list[float]]:
@@ -187,32 +226,38 @@ def run_block(case: Case) -> tuple[list[float], list[float]]:
     return per_step, host
 
 
+Key = tuple[str, str, bool, int]  # path, sampler, guided, cache interval
+
+
 def measure(config: HostConfig, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """One row per (path, sampler, guidance): microseconds per step, median and p90, blocks interleaved."""
+    """One row per (path, sampler, guidance, cache interval): microseconds per step, median and p90, blocks
+    interleaved (each round the (path, interval) loops of a case rotate)."""
     say = progress or (lambda message: None)
     groups = [(sampler, guided) for sampler in config.samplers for guided in (False, True)]
-    cases = {(p, s, g): make_case(p, s, g, config) for s, g in groups for p in config.paths}
-    times: dict[tuple[str, str, bool], tuple[list[float], list[float]]] = {key: ([], []) for key in cases}
+    loops = [(p, n) for p in config.paths for n in config.intervals]
+    cases = {(p, s, g, n): make_case(p, s, g, config, n) for s, g in groups for p, n in loops}
+    times: dict[Key, tuple[list[float], list[float]]] = {key: ([], []) for key in cases}
     for k in range(config.warmup):
         for s, g in groups:
-            for p in round_order(config.paths, k):
-                run_block(cases[(p, s, g)])
+            for p, n in round_order(loops, k):
+                run_block(cases[(p, s, g, n)])
     for r in range(config.blocks):
         say(f"round {r + 1}/{config.blocks}")
         for s, g in groups:
-            for p in round_order(config.paths, r):
-                per_step, host = run_block(cases[(p, s, g)])
-                times[(p, s, g)][0].extend(per_step)
-                times[(p, s, g)][1].extend(host)
+            for p, n in round_order(loops, r):
+                per_step, host = run_block(cases[(p, s, g, n)])
+                times[(p, s, g, n)][0].extend(per_step)
+                times[(p, s, g, n)][1].extend(host)
     return [_row(config, key, *times[key]) for key in cases]
 
 
-def _row(config: HostConfig, key: tuple[str, str, bool], per_step: list[float], host: list[float]) -> dict[str, Any]:
-    path, sampler, guided = key
-    return {
+def _row(config: HostConfig, key: Key, per_step: list[float], host: list[float]) -> dict[str, Any]:
+    path, sampler, guided, interval = key
+    row = {
         "path": path,
         "sampler": sampler,
         "guided": guided,
+        "cache_interval": interval,
         "steps_timed": len(per_step),
         "us_median": 1e6 * percentile(per_step, 0.5),
         "us_p90": 1e6 * percentile(per_step, 0.9),
@@ -220,17 +265,55 @@ def _row(config: HostConfig, key: tuple[str, str, bool], per_step: list[float], 
         "timer": "cuda_events" if path.startswith("cuda") else "perf_counter",
         "latent_shape": list(config.latent_shape),
     }
+    if interval > 1:  # blocks are whole schedules, so step k of every block is step k % schedule_steps
+        plan = config.plan
+        for kind, full in (("full", True), ("shallow", False)):
+            mine = [k for k in range(len(per_step)) if plan[k % len(plan)] == full]
+            row[f"us_median_{kind}"] = 1e6 * percentile([per_step[k] for k in mine], 0.5)
+            row[f"host_us_median_{kind}"] = 1e6 * percentile([host[k] for k in mine], 0.5)
+        row["full_steps"] = sum(plan)
+    return row
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a table; with step caching, the full and the shallow steps' medians of each cached row."""
+    cached = any(r.get("cache_interval", 1) > 1 for r in rows)
     head = f"{'path':<11} {'sampler':<16} {'cfg':<4} {'median':>10} {'p90':>10} {'host':>10} {'steps':>6}"
+    if cached:
+        head = f"{head} {'N':>3} {'full':>10} {'shallow':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(
+        line = (
             f"{r['path']:<11} {r['sampler']:<16} {'yes' if r['guided'] else 'no':<4} {r['us_median']:>8.1f}us "
             f"{r['us_p90']:>8.1f}us {r['host_us_median']:>8.1f}us {r['steps_timed']:>6}"
         )
+        if cached:
+            n = r.get("cache_interval", 1)
+            parts = [f"{r[f'us_median_{kind}']:>8.1f}us" if n > 1 else f"{'-':>10}" for kind in ("full", "shallow")]
+            line = f"{line} {n:>3} {' '.join(parts)}"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def switch_summary(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per path, the step cost with one step function against two chosen per step (medians over the cases)."""
+    lines = []
+    for path in dict.fromkeys(r["path"] for r in rows):
+        plain = [r for r in rows if r["path"] == path and r.get("cache_interval", 1) == 1]
+        cached = [r for r in rows if r["path"] == path and r.get("cache_interval", 1) > 1]
+        if not cached or not plain:
+            continue
+
+        def middle(found: Sequence[dict[str, Any]], key: str) -> float:
+            return percentile([r[key] for r in found], 0.5)
+
+        n = cached[0]["cache_interval"]
+        lines.append(
+            f"{path}: one step function {middle(plain, 'us_median'):.1f} us/step; two chosen per step (N={n}) "
+            f"{middle(cached, 'us_median'):.1f} us/step: full {middle(cached, 'us_median_full'):.1f} us, shallow "
+            f"{middle(cached, 'us_median_shallow'):.1f} us (medians over {len(cached)} sampler/CFG cases)"
+        )
+    return lines
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[HostConfig, Path | None]:
@@ -244,6 +327,10 @@ def _parse(argv: Sequence[str] | None) -> tuple[HostConfig, Path | None]:
     parser.add_argument("--size", default="512x512", help="WIDTHxHEIGHT in pixels (latents are 1/8 of it)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cache-interval", type=int, default=1, help="> 1: also run each case with step caching, a full step every N"
+    )
+    parser.add_argument("--cache-schedule", default="uniform", help="uniform or quadratic")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
     try:
@@ -260,6 +347,8 @@ def _parse(argv: Sequence[str] | None) -> tuple[HostConfig, Path | None]:
         width=width,
         batch=args.batch,
         seed=args.seed,
+        cache_interval=args.cache_interval,
+        cache_schedule=args.cache_schedule,
     )
     return config, args.json
 
@@ -277,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     where = env.get("gpu") or f"{env['cpu']} ({env['cpus']} cpus, {env['threads']} threads)"
     print(f"denoising loop, null UNet, latents {'x'.join(map(str, config.latent_shape))}, {where}, {wall:.1f} s")
     print(format_table(rows))
+    for line in switch_summary(rows):
+        print(line)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         record = {"benchmark": "host_overhead", "config": asdict(config), "env": env, "wall_s": wall, "rows": rows}

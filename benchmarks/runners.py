@@ -39,15 +39,17 @@ def prepare_folder(backend: str, config: BenchConfig, scratch: Path) -> Path:
 
     bundle = load_bundle(config.source)
     profile = ShapeProfile.static(config.height, config.width, config.batch)
+    # caching needs the shallow UNet; without it the export is what a plain export gives
+    cache = {"step_cache": True} if config.cached else {}
     if backend.startswith("torch"):
         folder = scratch / "source"
         if not folder.exists():
-            write_source_artifact(bundle, folder, profile)
+            write_source_artifact(bundle, folder, profile, **cache)
         return folder
     folder = scratch / f"onnx-{config.run_precision}"
     if not folder.exists():
         options = ExportOptions(
-            profile=profile, precision=config.run_precision, components=required_components(bundle.model)
+            profile=profile, precision=config.run_precision, components=required_components(bundle.model), **cache
         )
         export_artifacts(bundle, folder, options)
     return folder
@@ -71,15 +73,18 @@ class SdtrtRunner:
             device=device,
             options=options,
             cuda_graph=backend == "torch-graph",
-            # what text-to-image needs (both text encoders for SDXL), no VAE encoder; the ControlNets asked for
-            components=tuple(controlnet_component(c.name) for c in config.controls),
+            # what text-to-image needs (both text encoders for SDXL), no VAE encoder; the ControlNets asked for,
+            # and the shallow UNet when the cached variants run
+            components=tuple(controlnet_component(c.name) for c in config.controls)
+            + (("unet_shallow",) if config.cached else ()),
         )
         if backend == "torch-graph" and not self.pipe.cuda_graph:
             raise ConfigError("torch-graph needs CUDA graph capture, which this device/backend does not allow")
         # exported graphs run in the precision they were exported in (an --artifacts folder may differ from asked)
         self.precision = torch_precision if name == "torch" else self.pipe.manifest.precision
 
-    def run(self, seed: int) -> dict[str, Any]:
+    def run(self, seed: int, cache_interval: int = 1, cache_schedule: str = "uniform") -> dict[str, Any]:
+        """One generation; ``cache_interval`` > 1 runs it with step caching (``cache_schedule``)."""
         c = self.config
         result = self.pipe(
             c.prompt,
@@ -92,6 +97,8 @@ class SdtrtRunner:
             scheduler=c.scheduler,
             num_images=c.batch,
             controls=c.controls,
+            cache_interval=cache_interval,
+            cache_schedule=cache_schedule,
         )
         t = result.times
         return {

@@ -57,6 +57,20 @@ DEFAULT_BACKENDS = "diffusers,torch,onnxruntime"
     help="Run each backend's runs in one block, one backend open at a time (for models too big to hold twice); "
     "the default opens every backend and interleaves the runs, rotating the order each round.",
 )
+@click.option(
+    "--cache-interval",
+    "cache_interval",
+    default="1",
+    show_default=True,
+    help="Step caching: also run every sdtrt backend with a full UNet step every N steps (shallow ones between), "
+    "interleaved with its uncached runs, as rows of their own; several as N,M,... (1: uncached only).",
+)
+@click.option(
+    "--cache-schedule",
+    default="uniform",
+    show_default=True,
+    help="Where the full steps of a cached run fall: uniform (every N) or quadratic (DeepCache's, denser early).",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the JSON rows here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG chart here.")
 @control_options
@@ -75,6 +89,8 @@ def bench_cmd(
     device: str | None,
     artifacts: Path | None,
     sequential: bool,
+    cache_interval: str,
+    cache_schedule: str,
     json_path: Path | None,
     plot_path: Path | None,
     controls: tuple[str, ...],
@@ -113,12 +129,29 @@ def bench_cmd(
         artifacts=str(artifacts) if artifacts else None,
         sequential=sequential,
         controls=tuple(control_inputs),
+        cache_intervals=parse_intervals(cache_interval),
+        cache_schedule=cache_schedule,
     )
     for path, what in ((json_path, "the JSON rows"), (plot_path, "the chart")):
         if path:
             writable_folder(path.parent, what)
     rows = run_benchmark(config, progress=lambda message: click.echo(message, err=True))
     show_results(config, rows, json_path, plot_path)
+
+
+def parse_intervals(text: str) -> tuple[int, ...]:
+    """'3' or '2,3,5' -> the cache intervals; a value that is not a whole number is a one-line ``ConfigError``."""
+    from sdtrt.runtime.errors import ConfigError
+
+    values = split_list(text)
+    if not values:
+        raise ConfigError("--cache-interval needs a whole number >= 1 (or several as N,M,...), got nothing")
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise ConfigError(
+            f"--cache-interval must be whole numbers >= 1 (1: no caching), e.g. 3 or 2,3,5; got {text!r}"
+        ) from None
 
 
 def show_results(

@@ -154,8 +154,9 @@ class FakeRunner:
         self.backend, self.log, self.touch = backend, log, touch
         self.held = np.ones(hold, dtype=np.uint8) if hold else None
 
-    def run(self, seed):
-        self.log.append(("run", self.backend))
+    def run(self, seed, cache_interval=1, cache_schedule="uniform"):
+        name = self.backend if cache_interval == 1 else f"{self.backend} N={cache_interval} {cache_schedule}"
+        self.log.append(("run", name))
         if self.touch:
             scratch = np.ones(self.touch, dtype=np.uint8)  # every page written: counted in the RSS
             time.sleep(0.08)  # several samples of the 10 ms RSS sampler
@@ -325,3 +326,115 @@ def test_bench_uses_the_model_defaults_unless_told_otherwise(tmp_path):
     assert result.returncode == 0, result.stderr
     config = json.loads(out.read_text())["rows"][0]["config"]
     assert (config["scheduler"], config["guidance"], config["height"], config["width"]) == ("ddim", 3.0, 64, 64)
+
+
+# -- step caching ------------------------------------------------------------------------------------------------
+
+
+def test_cached_variants_interleave_with_their_backend_on_one_open_runner():
+    """Each sdtrt backend runs uncached and at every interval, all rotated in one round; diffusers uncached only."""
+    log = []
+    config = BenchConfig(source="tiny", backends=("diffusers", "onnxruntime"), runs=3, warmup=1, device="cpu",
+                         cache_intervals=(3, 1, 5, 3), cache_schedule="quadratic")  # fmt: skip
+    rows = run_benchmark(config, open_runner=fake_opener(log))
+    assert [e for e in log if e[0] == "open"] == [("open", "diffusers"), ("open", "onnxruntime")]  # opened once
+    d, o, o3, o5 = "diffusers", "onnxruntime", "onnxruntime N=3 quadratic", "onnxruntime N=5 quadratic"
+    rounds = [d, o, o3, o5], [o, o3, o5, d], [o3, o5, d, o]
+    assert [name for event, name in log if event == "run"] == [d, o, o3, o5, *rounds[0], *rounds[1], *rounds[2]]
+    labels = ["diffusers", "onnxruntime", "onnxruntime N=3 quadratic", "onnxruntime N=5 quadratic"]
+    assert [r["label"] for r in rows] == [labels[k % 4] for r in range(3) for k in range(r, r + 4)]
+    assert [(r["backend"], r["cache_interval"], r["cache_schedule"]) for r in rows[:4]] == [
+        ("diffusers", 1, None), ("onnxruntime", 1, None), ("onnxruntime", 3, "quadratic"),
+        ("onnxruntime", 5, "quadratic"),
+    ]  # fmt: skip
+    summary = summarize(rows)
+    assert [s["label"] for s in summary] == labels
+    assert [s["denoise_vs_uncached"] for s in summary] == [None, None, 1.0, 1.0]  # the fake's stages are equal
+    assert [s["denoise_vs_uncached_per_round"] for s in summary] == [None, None, 1.0, 1.0]
+
+
+def test_sequential_interleaves_a_backends_variants_within_its_block():
+    log = []
+    config = BenchConfig(source="tiny", backends=("torch", "diffusers"), runs=2, warmup=1, sequential=True,
+                         device="cpu", cache_intervals=(2,))  # fmt: skip
+    rows = run_benchmark(config, open_runner=fake_opener(log))
+    t, t2, d = "torch", "torch N=2 uniform", "diffusers"
+    assert log == [("open", t), ("run", t), ("run", t2), ("run", t), ("run", t2), ("run", t2), ("run", t),
+                   ("close", t), ("open", d), ("run", d), ("run", d), ("run", d), ("close", d)]  # fmt: skip
+    assert [(r["label"], r["round"], r["position"]) for r in rows] == [
+        ("torch", 0, 0), ("torch N=2", 0, 1), ("torch N=2", 1, 1), ("torch", 1, 0), ("diffusers", 0, 2),
+        ("diffusers", 1, 2),
+    ]  # fmt: skip
+
+
+def test_bench_cli_times_each_sdtrt_backend_cached_and_uncached(tmp_path):
+    """The real command on the tiny preset: a row per (backend, interval), each with its cache_interval."""
+    out = tmp_path / "cached.json"
+    result = bench("tiny", "--backends", "onnxruntime,torch,diffusers", "--size", "64x64", "--steps", "4", "--runs",
+                   "2", "--warmup", "0", "--device", "cpu", "--cache-interval", "3", "--json", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    order = ["onnxruntime", "onnxruntime N=3", "torch", "torch N=3", "diffusers"]
+    assert [r["label"] for r in rows] == order + order[1:] + order[:1]  # round 2 rotated by one
+    for row in rows:
+        cached = row["label"].endswith("N=3")
+        assert row["cache_interval"] == (3 if cached else 1)
+        assert row["cache_schedule"] == ("uniform" if cached else None)
+        assert row["config"]["cache_intervals"] == [3] and row["config"]["cache_schedule"] == "uniform"
+        assert row["denoise_s"] > 0 and row["it_per_s"] == pytest.approx(4 / row["denoise_s"])
+        assert stage_sum(row) == pytest.approx(row["end_to_end_s"], rel=1e-9)
+        assert row["full_steps"] == (2 if cached else 4)  # steps 0 and 3 of 4 run the full UNet
+        if cached:  # the full and the shallow steps' times are both recorded
+            assert row["full_step_median_s"] > 0 and row["shallow_step_median_s"] > 0
+    summary = {s["label"]: s for s in data["summary"]}
+    for backend in ("onnxruntime", "torch"):
+        cached, plain = summary[f"{backend} N=3"], summary[backend]
+        assert cached["cache_interval"] == 3 and plain["cache_interval"] == 1
+        assert cached["full_step_median_s"] > 0 and cached["shallow_step_median_s"] > 0
+        assert plain["full_step_median_s"] is None and plain["shallow_step_median_s"] is None
+        assert cached["denoise_vs_uncached"] == pytest.approx(cached["denoise_median_s"] / plain["denoise_median_s"])
+        same_round = {r["round"]: r["denoise_s"] for r in rows if r["label"] == backend}
+        ratios = [r["denoise_s"] / same_round[r["round"]] for r in rows if r["label"] == f"{backend} N=3"]
+        assert cached["denoise_vs_uncached_per_round"] == pytest.approx(percentile(ratios, 0.5))
+    table = result.stdout.splitlines()
+    assert any(line.startswith("onnxruntime N=3 ") and "fp32" in line for line in table)
+    assert any(line.startswith("onnxruntime N=3: denoise ") and "2 full UNet steps, step median full" in line
+               for line in table)  # fmt: skip
+    assert sum(line.startswith("diffusers") for line in table) == 1  # the baseline runs uncached only
+
+
+def no_shallow_artifact(folder):
+    """A tiny torch-backend artifact exported without step caching (no ``unet_shallow``)."""
+    from sdtrt.export.onnx_export import write_source_artifact
+    from sdtrt.runtime.models.presets import load_preset
+    from sdtrt.runtime.profile import ShapeProfile
+
+    write_source_artifact(load_preset("tiny"), folder, ShapeProfile.static(64, 64, 1), step_cache=False)
+    return folder
+
+
+NO_CACHING = "(1 runs every step in full: no caching), got"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cache-interval", "0"], f"cache interval must be an integer >= 1 {NO_CACHING} 0"),
+        (["--cache-interval", "-2"], f"cache interval must be an integer >= 1 {NO_CACHING} -2"),
+        (["--cache-interval", "3,x"], "--cache-interval must be whole numbers >= 1 (1: no caching), e.g. 3 or 2,3,5"),
+        (["--cache-schedule", "cubic"], "cache schedule must be one of uniform, quadratic, got 'cubic'"),
+        (["--cache-interval", "3", "--backends", "diffusers"], "none was asked for (got diffusers); add one to"),
+        (["--cache-interval", "3", "--backends", "torch", "--artifacts", "NO_SHALLOW"],
+         "--cache-interval 3 needs the shallow UNet, which --artifacts NO_SHALLOW lacks; re-export the model with"),
+    ],
+)  # fmt: skip
+def test_bad_cache_settings_are_one_line_errors_before_any_run(tmp_path, args, message):
+    if "NO_SHALLOW" in args:
+        folder = str(no_shallow_artifact(tmp_path / "plain"))
+        args, message = [folder if a == "NO_SHALLOW" else a for a in args], message.replace("NO_SHALLOW", folder)
+    result = bench("tiny", "--size", "64x64", "--steps", "2", "--runs", "1", "--warmup", "0", "--device", "cpu", *args)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not result.stdout

@@ -62,6 +62,50 @@ def test_bad_settings_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="need a CUDA GPU"):
             HostConfig(paths=("cpu", "cuda-graph"))
+    with pytest.raises(SystemExit, match=r"^error: cache interval must be an integer >= 1 .* got 0$"):
+        main(["--paths", "cpu", "--cache-interval", "0"])
+    with pytest.raises(SystemExit, match=r"^error: cache schedule must be one of uniform, quadratic, got 'cubic'$"):
+        main(["--paths", "cpu", "--cache-interval", "3", "--cache-schedule", "cubic"])
+
+
+CACHED = HostConfig(steps=6, schedule_steps=6, warmup=0, height=64, width=64, cache_interval=3)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_cached_loop_switches_between_two_step_functions_as_planned(guided):
+    """Both null UNets hand back the sample, so the latents end as the uncached loop's; the plan picks the UNet."""
+    plain, cached = make_case("cpu", "dpmpp_2m", guided, CACHED), make_case("cpu", "dpmpp_2m", guided, CACHED, 3)
+    assert CACHED.plan == (True, False, False, True, False, True)
+    calls = []
+    for case, name in ((cached.denoiser, "unet"), (cached.denoiser.cache, "shallow")):
+        engine = case.unet if name == "unet" else case.shallow
+        original = engine.infer
+        engine.infer = lambda feeds, original=original, name=name: (calls.append(name), original(feeds))[1]
+    run_block(plain)
+    per_step, host = run_block(cached)
+    assert calls == ["unet", "shallow", "shallow", "unet", "shallow", "unet"]
+    assert len(per_step) == len(host) == 6 and min(per_step) > 0
+    assert not torch.equal(cached.denoiser.buffers.latents, cached.initial)
+    torch.testing.assert_close(cached.denoiser.buffers.latents, plain.denoiser.buffers.latents, rtol=0, atol=0)
+    feature = cached.denoiser.cache.feature
+    assert feature.shape == (2 if guided else 1, 320, 8, 8)  # SD 1.5's at branch 0, one per UNet row
+
+
+def test_cache_mode_rows_give_full_and_shallow_steps_apart(tmp_path, capsys):
+    out = tmp_path / "host.json"
+    main(["--paths", "cpu", "--samplers", "euler,dpmpp_2m", "--steps", "10", "--schedule-steps", "5",
+          "--size", "64x64", "--cache-interval", "2", "--json", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    keys = sorted((r["sampler"], r["guided"], r["cache_interval"]) for r in rows)
+    assert keys == sorted((s, g, n) for s in ("euler", "dpmpp_2m") for g in (False, True) for n in (1, 2))
+    for row in rows:
+        assert row["steps_timed"] == 10
+        if row["cache_interval"] == 2:  # steps 0, 2, 4 of 5 full
+            assert row["full_steps"] == 3 and row["us_median_full"] > 0 and row["us_median_shallow"] > 0
+        else:
+            assert "us_median_full" not in row
+    printed = capsys.readouterr().out
+    assert "cpu: one step function " in printed and "two chosen per step (N=2)" in printed
 
 
 @pytest.mark.gpu
@@ -77,3 +121,13 @@ def test_cuda_paths_run_the_same_loop(path):
         assert len(per_step) == 4 and min(per_step) > 0 and min(host) > 0
         torch.testing.assert_close(case.denoiser.buffers.latents, latents, rtol=1e-6, atol=1e-6)
     assert (case.denoiser.graph is not None) == (path == "cuda-graph")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_cached_loop_replays_two_graphs():
+    plain, cached = make_case("cuda-graph", "euler", True, CACHED), make_case("cuda-graph", "euler", True, CACHED, 3)
+    for _ in range(2):  # captures, then replays
+        run_block(plain)
+        run_block(cached)
+        torch.testing.assert_close(cached.denoiser.buffers.latents, plain.denoiser.buffers.latents, rtol=0, atol=0)
+    assert set(cached.denoiser.graphs) == {"full", "shallow"} and set(plain.denoiser.graphs) == {"full"}
