@@ -237,7 +237,7 @@ def test_bad_cache_arguments_are_refused_before_any_work(tiny_fp32, plain_fp32):
 
 def test_cli_generates_cached_and_refuses_bad_cache_options(tmp_path, tiny_fp32, plain_fp32):
     def sdtrt(*args):
-        return subprocess.run([sys.executable, "-m", "sdtrt", *args], capture_output=True, text=True, timeout=300)
+        return subprocess.run([sys.executable, "-m", "sdtrt.cli", *args], capture_output=True, text=True, timeout=300)
 
     common = ["--steps", "6", "--size", "64", "--seed", "1"]
     done = sdtrt("generate", str(tiny_fp32), PROMPT, *common, "--cache-interval", "3", "--out", str(tmp_path / "a.png"))
