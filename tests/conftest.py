@@ -116,3 +116,32 @@ def tiny_control_fp32(tmp_path_factory, tiny_bundle, tiny_profile, tiny_controln
         tiny_bundle, out, ExportOptions(profile=tiny_profile), controlnets=load_controlnets(args, tiny_bundle.model)
     )
     return out
+
+
+def make_sd2_bundle(layers_per_block: int = 1):
+    """tiny with SD 2.x's traits: 1024-wide text, linear projections, upcast attention, v-prediction, "!" padding
+    (``layers_per_block`` 2 gives SD 2.x's resnets per block too)."""
+    import diffusers
+    import torch
+    import transformers
+
+    from sdtrt.runtime.models.bundle import ModelBundle, model_info
+    from sdtrt.runtime.models.presets import TINY_TEXT, TINY_UNET, TINY_VAE, preset_configs
+    from sdtrt.runtime.models.tokenizer import clip_tokenizer
+
+    text_cfg = {**TINY_TEXT, "hidden_size": 1024, "intermediate_size": 64, "num_hidden_layers": 1, "hidden_act": "gelu"}
+    unet_cfg = {**TINY_UNET, "cross_attention_dim": 1024, "use_linear_projection": True, "upcast_attention": True}
+    unet_cfg["layers_per_block"] = layers_per_block
+    scheduler = {
+        **preset_configs("tiny")[3],
+        "_class_name": "EulerDiscreteScheduler",
+        "prediction_type": "v_prediction",
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_cfg)).eval().requires_grad_(False)
+        unet = diffusers.UNet2DConditionModel(**unet_cfg).eval().requires_grad_(False)
+        vae = diffusers.AutoencoderKL(**TINY_VAE).eval().requires_grad_(False)
+    return ModelBundle(
+        text, unet, vae, clip_tokenizer(pad_token="!"), scheduler, model_info(text, unet, vae, scheduler)
+    )

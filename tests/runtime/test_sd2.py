@@ -8,11 +8,10 @@ import torch
 from sdtrt.export.onnx_export import ExportOptions, export_artifacts
 from sdtrt.export.profiles import default_profile
 from sdtrt.runtime.compare import psnr
-from sdtrt.runtime.models.bundle import ModelBundle, model_info
-from sdtrt.runtime.models.presets import TINY_TEXT, TINY_UNET, TINY_VAE, preset_configs
+from sdtrt.runtime.models.bundle import ModelBundle
 from sdtrt.runtime.models.reference import diffusers_pipeline
-from sdtrt.runtime.models.tokenizer import clip_tokenizer
 from sdtrt.runtime.pipeline import Pipeline
+from tests.conftest import make_sd2_bundle
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -21,21 +20,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def sd2_bundle() -> ModelBundle:
     """tiny with SD 2.x's traits: 1024-wide text, linear projections, upcast attention, v-prediction, "!" padding."""
-    text_cfg = {**TINY_TEXT, "hidden_size": 1024, "intermediate_size": 64, "num_hidden_layers": 1, "hidden_act": "gelu"}
-    unet_cfg = {**TINY_UNET, "cross_attention_dim": 1024, "use_linear_projection": True, "upcast_attention": True}
-    scheduler = {
-        **preset_configs("tiny")[3],
-        "_class_name": "EulerDiscreteScheduler",
-        "prediction_type": "v_prediction",
-    }
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_cfg)).eval().requires_grad_(False)
-        unet = diffusers.UNet2DConditionModel(**unet_cfg).eval().requires_grad_(False)
-        vae = diffusers.AutoencoderKL(**TINY_VAE).eval().requires_grad_(False)
-    return ModelBundle(
-        text, unet, vae, clip_tokenizer(pad_token="!"), scheduler, model_info(text, unet, vae, scheduler)
-    )
+    return make_sd2_bundle()
 
 
 def test_v_prediction_model_matches_diffusers(tmp_path, sd2_bundle):

@@ -31,6 +31,7 @@ from sdtrt.runtime.models.presets import TINY_TEXT, TINY_UNET, TINY_VAE, preset_
 from sdtrt.runtime.models.reference import diffusers_pipeline
 from sdtrt.runtime.models.tokenizer import clip_tokenizer
 from sdtrt.runtime.pipeline import Pipeline
+from tests.conftest import make_sd2_bundle
 
 deepcache = pytest.importorskip("DeepCache")
 diffusers = pytest.importorskip("diffusers")
@@ -173,24 +174,9 @@ def test_shallow_unet_without_text_context_matches_deepcache(exported, plain_out
 
 @pytest.fixture(scope="module")
 def sd2_bundle() -> ModelBundle:
-    """An SD-2-style model: 1024-wide text, linear projections, upcast attention, v-prediction, and two resnets
-    per down block as SD 2.x has (so the helper's own branch numbering applies unchanged)."""
-    text_cfg = {**TINY_TEXT, "hidden_size": 1024, "intermediate_size": 64, "num_hidden_layers": 1, "hidden_act": "gelu"}
-    unet_cfg = {**TINY_UNET, "cross_attention_dim": 1024, "use_linear_projection": True, "upcast_attention": True}
-    unet_cfg["layers_per_block"] = 2
-    scheduler = {
-        **preset_configs("tiny")[3],
-        "_class_name": "EulerDiscreteScheduler",
-        "prediction_type": "v_prediction",
-    }
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_cfg)).eval().requires_grad_(False)
-        unet = diffusers.UNet2DConditionModel(**unet_cfg).eval().requires_grad_(False)
-        vae = diffusers.AutoencoderKL(**TINY_VAE).eval().requires_grad_(False)
-    return ModelBundle(
-        text, unet, vae, clip_tokenizer(pad_token="!"), scheduler, model_info(text, unet, vae, scheduler)
-    )
+    """An SD-2-style model with two resnets per down block as SD 2.x has (so the helper's own branch numbering
+    applies unchanged)."""
+    return make_sd2_bundle(layers_per_block=2)
 
 
 @pytest.mark.parametrize(
