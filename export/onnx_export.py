@@ -174,9 +174,12 @@ def export_artifacts(
     not be used afterwards as an fp32 reference). ``controlnets`` are (name, ``ControlNetSource``) pairs, checked
     against the model (``export.controlnet.load_controlnets``), exported as components ``controlnet_<name>``.
 
-    The folder appears under its final name only when every file and the manifest are written.
+    The folder appears under its final name only when every file and the manifest are written. Unless ``consume``,
+    the caller's ``bundle`` is left as it was (its ``model`` record included).
     """
     out = Path(out)
+    if not consume:
+        bundle = dataclasses.replace(bundle)
     plain_unet_unless_control_ready(bundle, options, controlnets)
     check_profile_fits(bundle.model, options.profile)
     with_step_cache(bundle, options)
@@ -296,9 +299,10 @@ def write_source_artifact(
 
     The torch backend runs the source model the manifest names (and the ControlNets, (name, ``ControlNetSource``)
     pairs, their records name), so benchmarks and quick experiments need no export. Its manifest kind is
-    "torch"; other backends refuse it with a message saying so.
+    "torch"; other backends refuse it with a message saying so. The caller's ``bundle`` is left as it was.
     """
     out = Path(out)
+    bundle = dataclasses.replace(bundle)
     check_profile_fits(bundle.model, profile)
     _check_output(out)
     with_step_cache(bundle, ExportOptions(profile=profile, step_cache=step_cache, cache_branch=cache_branch))

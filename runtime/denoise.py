@@ -48,8 +48,11 @@ class StepCache:
     plan: tuple[bool, ...]  # per step index: True runs the full UNet
     feature: torch.Tensor  # [rows, C, h/k, w/k] in the UNet's dtype
     residuals: dict[str, torch.Tensor] = field(default_factory=dict)  # the shallow UNet's residual inputs
-    # the shallow UNet's inputs (it takes no text context when no layer it runs has attention)
-    inputs: frozenset[str] = frozenset()
+    # the shallow UNet's input names (it takes no text context when no layer it runs has attention)
+    inputs: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inputs = frozenset(t.name for t in self.shallow.inputs)
 
     def full(self, i: int) -> bool:
         return self.plan[i]
@@ -118,7 +121,7 @@ def step_cache(
     feature = torch.zeros((rows, int(spec.shape[1]), height // factor, width // factor), dtype=dtype, device=device)
     zeros = zero_residuals(shallow, rows, height, width, device)
     residuals = {name: buffers.residuals.get(name, zero) if not controls else zero for name, zero in zeros.items()}
-    return StepCache(shallow, plan, feature, residuals, frozenset(t.name for t in shallow.inputs))
+    return StepCache(shallow, plan, feature, residuals)
 
 
 def _downscale(dim: str | int) -> int:

@@ -18,7 +18,7 @@ from sdtrt.runtime.errors import ArtifactError, BackendError, ConfigError, Missi
 from sdtrt.runtime.files import sha256_file
 from sdtrt.runtime.manifest import read_manifest
 from sdtrt.runtime.models.wrappers import wrap
-from sdtrt.runtime.specs import ModelInfo, control_input_names, model_components, residual_layout
+from sdtrt.runtime.specs import ModelInfo, component_spec, control_input_names, model_components, residual_layout
 
 CPU = torch.device("cpu")
 TINY_RESIDUALS = residual_layout((32, 64), 1)  # the tiny preset's UNet
@@ -56,9 +56,10 @@ def cast_feeds(feeds: dict[str, torch.Tensor], engine: Engine, device: torch.dev
     return {name: tensor.to(device, dtypes[name]) for name, tensor in feeds.items()}
 
 
-def reference(bundle, component: str, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def reference(bundle, component: str, feeds: dict[str, torch.Tensor], model: ModelInfo) -> tuple[torch.Tensor, ...]:
+    """The PyTorch outputs of ``component`` as exported for ``model`` (a step-cache UNet also gives its feature)."""
     with torch.no_grad():
-        result = wrap(component, bundle.module(component))(*feeds.values())
+        result = wrap(component, bundle.module(component), model)(*feeds.values())
     return (result,) if isinstance(result, torch.Tensor) else tuple(result)
 
 
@@ -67,6 +68,14 @@ COMPONENTS = model_components(ModelInfo())  # the SD 1.x components of the tiny 
 
 def open_cpu(backend: str, folder: Path, components=COMPONENTS, **options):
     return get_backend(backend).open_engines(folder, read_manifest(folder), components, CPU, BackendOptions(**options))
+
+
+@pytest.fixture(scope="module")
+def artifact_model(tiny_fp32, tiny_fp16) -> ModelInfo:
+    """The model both tiny artifacts were exported as (with the step-cache feature output)."""
+    model = read_manifest(tiny_fp32).model
+    assert model == read_manifest(tiny_fp16).model and model.step_cache
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +126,11 @@ def test_missing_diffusers_is_reported(monkeypatch):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "b{}-{}x{}".format(*s))
 @pytest.mark.parametrize("component", COMPONENTS)
 @pytest.mark.parametrize("case", list(TOLERANCE))
-def test_outputs_match_pytorch(engines, tiny_bundle, case, component, size):
+def test_outputs_match_pytorch(engines, artifact_model, tiny_bundle, case, component, size):
     engine = engines[case][component]
     assert isinstance(engine, Engine)
     feeds = make_feeds(component, *size)
-    expected = reference(tiny_bundle, component, feeds)
+    expected = reference(tiny_bundle, component, feeds, artifact_model)
     outputs = engine.infer(cast_feeds(feeds, engine))
     assert list(outputs) == [entry.name for entry in engine.outputs]
     for entry, want in zip(engine.outputs, expected, strict=True):
@@ -131,17 +140,18 @@ def test_outputs_match_pytorch(engines, tiny_bundle, case, component, size):
 
 
 def test_torch_fp16_declares_and_returns_half(tiny_fp32, tiny_bundle):
+    model = read_manifest(tiny_fp32).model
     with open_cpu("torch", tiny_fp32, components=["unet"], precision="fp16")["unet"] as unet:
         assert [e.dtype for e in unet.inputs] == ["float16", "float32", "float16"] + ["float16"] * len(TINY_RESIDUALS)
-        assert [e.dtype for e in unet.outputs] == ["float16"]
+        assert [e.dtype for e in unet.outputs] == ["float16"] * len(component_spec(model, "unet").outputs)
         assert {type(p).__name__ for p in unet.module.unet.attn_processors.values()} == {"AttnProcessor2_0"}
         feeds = make_feeds("unet", 1, 64, 64)
         out = unet.infer(cast_feeds(feeds, unet))["noise_pred"]
         assert out.dtype == torch.float16
-        assert rel_l2(out, reference(tiny_bundle, "unet", feeds)[0]) <= 1e-2
+        assert rel_l2(out, reference(tiny_bundle, "unet", feeds, model)[0]) <= 1e-2
 
 
-def test_onnxruntime_reuses_output_buffers(engines, tiny_bundle):
+def test_onnxruntime_reuses_output_buffers(engines, artifact_model, tiny_bundle):
     unet = engines["ort-fp32"]["unet"]
     small, large = make_feeds("unet", 1, 64, 64), make_feeds("unet", 2, 128, 96, seed=1)
     first = unet.infer(small)["noise_pred"]
@@ -150,7 +160,7 @@ def test_onnxruntime_reuses_output_buffers(engines, tiny_bundle):
     assert second.data_ptr() == first.data_ptr() and torch.equal(second, kept)
     other = unet.infer(large)["noise_pred"]
     assert other.shape == (2, 4, 16, 12) and other.data_ptr() != first.data_ptr()
-    assert rel_l2(other, reference(tiny_bundle, "unet", large)[0]) <= 1e-4
+    assert rel_l2(other, reference(tiny_bundle, "unet", large, artifact_model)[0]) <= 1e-4
     assert unet.infer(small)["noise_pred"].data_ptr() == first.data_ptr()
     images = [engines["ort-fp32"]["vae_decoder"].infer(make_feeds("vae_decoder", *s))["image"] for s in SIZES]
     assert [tuple(i.shape) for i in images] == [(1, 3, 64, 64), (2, 3, 128, 96)]

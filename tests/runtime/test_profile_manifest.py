@@ -84,7 +84,8 @@ def test_manifest_round_trip(tiny_fp32):
     again = Manifest.from_dict(json.loads(manifest.to_json()))
     assert again == manifest
     assert manifest.schema_version == SCHEMA_VERSION
-    assert set(manifest.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    assert set(manifest.components) == {"text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder"}
+    assert manifest.model.cache_branch == 0 and manifest.model.cache_feature  # step caching is on by default
 
 
 def _write(folder, data):

@@ -86,6 +86,7 @@ def test_fp16_artifact_keeps_the_vae_fp32_and_both_tokenizers(xl_fp16):
         "text_encoder": "fp16",
         "text_encoder_2": "fp16",
         "unet": "fp16",
+        "unet_shallow": "fp16",  # step caching's shallow UNet, exported by default
         "vae_decoder": "fp32",  # SDXL's VAE overflows in fp16: force_upcast keeps it fp32
         "vae_encoder": "fp32",
     }
@@ -121,7 +122,8 @@ def test_sd1_model_has_no_second_encoder_to_export(tmp_path, tiny_bundle):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_check_covers_every_component(precision, xl_fp32, xl_fp16, xl_bundle):
     rows = check_artifacts(xl_fp32 if precision == "fp32" else xl_fp16, bundle=xl_bundle)
-    assert {r.component for r in rows} == {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+    every = {"text_encoder", "text_encoder_2", "unet", "unet_shallow", "vae_decoder", "vae_encoder"}
+    assert {r.component for r in rows} == every
     assert {(r.component, r.output) for r in rows} >= {
         ("text_encoder", "penultimate_hidden_state"),
         ("text_encoder_2", "penultimate_hidden_state"),
