@@ -26,6 +26,25 @@ def _load_trt_double() -> None:
 _load_trt_double()
 
 
+@pytest.fixture
+def use_double(monkeypatch):
+    """``install(gpu=("Double GPU", "8.9"), **double_options)``: a TensorRT double as ``tensorrt``, with the CPU
+    standing in for its GPU (``gpu=None``: no GPU); returns the double."""
+    import sys
+
+    from sdtrt.runtime.backends import trt_compat
+
+    def install(gpu=("Double GPU", "8.9"), **kwargs):
+        double = sys.modules["sdtrt_tests_trt_double"].TensorRTDouble(
+            compute_capability=gpu[1] if gpu else "8.9", **kwargs
+        )
+        monkeypatch.setitem(sys.modules, "tensorrt", double.module)
+        monkeypatch.setattr(trt_compat, "_test_device", gpu)
+        return double
+
+    return install
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", help="run tests marked slow")
 

@@ -43,19 +43,6 @@ DOUBLE_GPU = ("Double GPU", "8.9")
 import sdtrt_tests_trt_double as trt_double  # noqa: E402  (registered by conftest.py)
 
 
-@pytest.fixture
-def use_double(monkeypatch):
-    """Install a TensorRT double (default 10.13) as ``tensorrt`` and let the CPU stand in for its GPU."""
-
-    def install(gpu=DOUBLE_GPU, **kwargs):
-        double = trt_double.TensorRTDouble(compute_capability=gpu[1] if gpu else "8.9", **kwargs)
-        monkeypatch.setitem(sys.modules, "tensorrt", double.module)
-        monkeypatch.setattr(trt_compat, "_test_device", gpu)
-        return double
-
-    return install
-
-
 # -- options and profiles (no TensorRT involved) -------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs, message",

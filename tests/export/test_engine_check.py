@@ -26,7 +26,6 @@ import pytest
 
 from sdtrt.export.build import TensorRTBuildOptions, build_engines
 from sdtrt.export.check import format_table
-from sdtrt.runtime.backends import trt_compat
 from sdtrt.runtime.errors import ArtifactError, MissingDependencyError
 from sdtrt.runtime.manifest import read_manifest
 from sdtrt.runtime.profile import ShapeProfile
@@ -76,17 +75,6 @@ class DoubleTrtRunner(BaseRunner):
 
     def deactivate_impl(self):
         del self.context, self.session
-
-
-@pytest.fixture
-def use_double(monkeypatch):
-    def install(**kwargs):
-        double = trt_double.TensorRTDouble(**kwargs)
-        monkeypatch.setitem(sys.modules, "tensorrt", double.module)
-        monkeypatch.setattr(trt_compat, "_test_device", ("Double GPU", "8.9"))
-        return double
-
-    return install
 
 
 def double_runner(artifacts, errors=None):

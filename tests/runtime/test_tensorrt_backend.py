@@ -13,6 +13,7 @@ exercised only by the tests marked ``trt``, run where TensorRT and a GPU exist.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 
@@ -33,18 +34,10 @@ MEMORY = {"text_encoder": 1000, "unet": 7000, "vae_decoder": 5000, "vae_encoder"
 PROFILE = ShapeProfile(1, 1, 2, 64, 128, 256, 64, 128, 256)
 
 
-import sdtrt_tests_trt_double as trt_double  # noqa: E402  (registered by conftest.py)
-
-
 @pytest.fixture
-def use_double(monkeypatch):
-    def install(gpu=("Double GPU", "8.9"), **kwargs):
-        double = trt_double.TensorRTDouble(memory=MEMORY, compute_capability=gpu[1] if gpu else "8.9", **kwargs)
-        monkeypatch.setitem(sys.modules, "tensorrt", double.module)
-        monkeypatch.setattr(trt_compat, "_test_device", gpu)
-        return double
-
-    return install
+def use_double(use_double):
+    """The shared installer, with this module's engine memory sizes."""
+    return functools.partial(use_double, memory=MEMORY)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ TensorRT) exist.
 
 from __future__ import annotations
 
-import sys
+import functools
 
 import numpy as np
 import pytest
@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 from sdtrt.export.build import TensorRTBuildOptions, build_engines
-from sdtrt.runtime.backends import trt_compat
 from sdtrt.runtime.compare import psnr
 from sdtrt.runtime.control.inputs import ControlInput
 from sdtrt.runtime.pipeline import Pipeline
@@ -27,9 +26,6 @@ from sdtrt.runtime.profile import ShapeProfile
 PROFILE = ShapeProfile(1, 1, 2, 64, 128, 256, 64, 128, 256)
 MEMORY = {"unet": 7000, "controlnet_edges": 9000, "controlnet_depth": 3000}
 PROMPT, SIZE, STEPS = "a photo of a cat", 64, 2
-
-
-import sdtrt_tests_trt_double as trt_double  # noqa: E402  (registered by conftest.py)
 
 
 def hint_image(seed: int, size: int = SIZE) -> Image.Image:
@@ -45,14 +41,9 @@ def control(name: str, **kw) -> ControlInput:
 
 
 @pytest.fixture
-def use_double(monkeypatch):
-    def install(**kwargs):
-        double = trt_double.TensorRTDouble(memory=MEMORY, **kwargs)
-        monkeypatch.setitem(sys.modules, "tensorrt", double.module)
-        monkeypatch.setattr(trt_compat, "_test_device", ("Double GPU", "8.9"))
-        return double
-
-    return install
+def use_double(use_double):
+    """The shared installer, with this module's engine memory sizes."""
+    return functools.partial(use_double, memory=MEMORY)
 
 
 @pytest.fixture

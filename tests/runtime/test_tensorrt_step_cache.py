@@ -9,15 +9,12 @@ TensorRT and a GPU exist.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import torch
 
 from sdtrt.export.build import TensorRTBuildOptions, build_engines
 from sdtrt.runtime.backends import tensorrt as trt_backend
-from sdtrt.runtime.backends import trt_compat
 from sdtrt.runtime.cache_plan import full_steps
 from sdtrt.runtime.compare import psnr
 from sdtrt.runtime.manifest import read_manifest
@@ -29,16 +26,12 @@ MEMORY = {"text_encoder": 1000, "unet": 7000, "vae_decoder": 5000, "vae_encoder"
 PROMPT, SIZE = "a photo of a cat", 64
 
 
-import sdtrt_tests_trt_double as trt_double  # noqa: E402  (registered by conftest.py)
-
-
 @pytest.fixture
-def use_double(monkeypatch):
+def use_double(use_double):
+    """The shared installer, with this module's engine memory sizes (``shallow_memory`` for ``unet_shallow``)."""
+
     def install(shallow_memory: int = 2500, **kwargs):
-        double = trt_double.TensorRTDouble(memory={**MEMORY, "unet_shallow": shallow_memory}, **kwargs)
-        monkeypatch.setitem(sys.modules, "tensorrt", double.module)
-        monkeypatch.setattr(trt_compat, "_test_device", ("Double GPU", "8.9"))
-        return double
+        return use_double(memory={**MEMORY, "unet_shallow": shallow_memory}, **kwargs)
 
     return install
 
