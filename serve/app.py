@@ -20,6 +20,7 @@ from .controlnet import resolve_units
 from .controlnet_api import add_controlnet_routes
 from .errors import RequestError, ServeError, error_body
 from .metrics import Metrics
+from .progress import add_progress_routes
 from .service import ModelCard, Service, ServiceStats
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def create_app(service: Service, metrics: Metrics | None = None) -> Any:
     _add_generation_routes(app, service, counters)
     _add_status_routes(app, service, counters)
     add_controlnet_routes(app, service)
+    add_progress_routes(app, service)
     return app
 
 
