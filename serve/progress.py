@@ -57,11 +57,12 @@ class JobState:
         self._preview_until = 0.0  # monotonic time until which a client watches previews
 
     # -- written by the worker and the pipeline thread ------------------------------------------------------
-    def begin(self, job: str, calls: int) -> None:
-        """A request of ``calls`` pipeline calls (``n_iter``) starts; clears the flags of the one before."""
+    def begin(self, job: str, calls: int, steps: int) -> None:
+        """A request of ``calls`` pipeline calls (``n_iter``) of ``steps`` steps starts; clears the flags of the
+        request before."""
         with self._lock:
             self.job, self.job_count, self.job_no = job, calls, 0
-            self.sampling_step = self.sampling_steps = 0
+            self.sampling_step, self.sampling_steps = 0, steps
             self.interrupted = self.skipped = False
             self.job_timestamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
             self.time_start, self._latents = time.time(), None

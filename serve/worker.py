@@ -140,7 +140,8 @@ class LocalWorker:
                 job.started = True
                 self._running = 1
                 begin = time.perf_counter()
-                self.job.begin("scripts_img2img" if job.request.img2img else "scripts_txt2img", job.request.n_iter)
+                kind = "scripts_img2img" if job.request.img2img else "scripts_txt2img"
+                self.job.begin(kind, job.request.n_iter, job.request.steps)
                 try:
                     gen = await loop.run_in_executor(
                         self._executor, run_request, self.pipe, job.request, self.model_name, self.job
