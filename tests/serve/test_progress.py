@@ -154,7 +154,7 @@ def ray_url(tiny_fp32):
     yield from test_ray.ray_server.__wrapped__(tiny_fp32)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a second local Ray start (~40 s here)
 def test_ray_reports_requests_in_flight_and_refuses_interrupt(ray_url):
     """On Ray, /progress knows the requests in flight through the ingress but no steps; interrupt/skip are 501."""
     api = webuiapi.WebUIApi(baseurl=ray_url + "/sdapi/v1", sampler="Euler")
