@@ -6,6 +6,8 @@ import base64
 import io
 import json
 import re
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import torch
 
 from sdtrt.serve.a1111_info import parse_parameters
 
-from .test_server import Server, get, pixels
+from .test_server import Server, get, pixels, post
 
 webuiapi = pytest.importorskip("webuiapi")
 
@@ -220,3 +222,48 @@ def pixels_b64(array: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def ray_url(tiny_fp32):
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    from sdtrt.serve.ray_app import RayConfig, build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = RayConfig(str(tiny_fp32), cpus_per_replica=0.5, max_queued_requests=7)
+        serve.run(build_app(config, host="127.0.0.1", port=port), route_prefix="/", name="sdtrt")
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while get(url + "/health")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.mark.slow  # ~50 s on 2 cores, almost all of it Ray starting
+def test_ray_serves_the_same_start_up_endpoints(ray_url, tiny_fp32):
+    api = webuiapi.WebUIApi(baseurl=ray_url + "/sdapi/v1")
+    title = api.get_sd_models()[0]["title"]
+    assert api.util_get_current_model() == title and api.get_options()["samples_format"] == "png"
+    status, body = post(ray_url + "/sdapi/v1/options", {"sd_model_checkpoint": "elsewhere"})[:2]
+    assert status == 422 and "is not a loaded model" in body["detail"]
+    flags = api.get_cmd_flags()
+    assert flags["ray"] is True and flags["queue"] == 7 and flags["port"] == int(ray_url.rsplit(":", 1)[1])
+    assert Path(flags["ckpt"]) == Path(tiny_fp32) and flags["min_replicas"] == 1
+    memory = api.get_memory()  # asked of the replica that holds the pipeline
+    assert memory["ram"]["used"] > 0 and "cuda" in memory
+    assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]
+    assert api.get_embeddings() == {"loaded": {}, "skipped": {}} and api.get_sd_vae() == []
+    split = api.txt2img(**FAST, seed=3, sampler_name="DPM++ 2M", scheduler="Karras")
+    combined = api.txt2img(**FAST, seed=3, sampler_name="DPM++ 2M Karras")
+    assert split.parameters["scheduler"] == "Karras"
+    np.testing.assert_array_equal(np.asarray(split.image), np.asarray(combined.image))
+    assert api.png_info(split.image).parameters["Seed"] == "3"
