@@ -34,7 +34,7 @@ class FixedOption:
 FIXED_OPTIONS: dict[str, FixedOption] = {
     "sd_vae": FixedOption("Automatic", "the VAE is the one exported with the model"),
     "sd_checkpoints_limit": FixedOption(1, "the server keeps its one model loaded"),
-    "CLIP_stop_at_last_layers": FixedOption(1, "the server applies no clip skip"),
+    "CLIP_stop_at_last_layers": FixedOption(1, "the server's default is no clip skip"),
     "samples_format": FixedOption("png", "images are PNGs with the parameters text"),
     "eta_noise_seed_delta": FixedOption(0, "seeds are used as given"),
     "randn_source": FixedOption("CPU", "noise is drawn on the CPU, so a seed gives the same image on any device"),
