@@ -20,7 +20,15 @@ from .test_server import Server, get, pixels, post
 
 webuiapi = pytest.importorskip("webuiapi")
 
-FAST = {"prompt": "a red square", "negative_prompt": "blur, noise", "steps": 3, "width": 64, "height": 64}
+# alwayson_scripts given: webuiapi's default for it is one dict shared by every call, which keeps earlier units
+FAST = {
+    "prompt": "a red square",
+    "negative_prompt": "blur, noise",
+    "steps": 3,
+    "width": 64,
+    "height": 64,
+    "alwayson_scripts": {},
+}
 
 
 @pytest.fixture(scope="module")
