@@ -21,6 +21,7 @@ from .controlnet import resolve_units
 from .controlnet_api import add_controlnet_routes
 from .errors import RequestError, ServeError, error_body
 from .metrics import Metrics
+from .progress import add_progress_routes
 from .service import ModelCard, Service, ServiceStats
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def create_app(service: Service, metrics: Metrics | None = None, cmd_flags: dict
     _add_status_routes(app, service, counters)
     add_controlnet_routes(app, service)
     add_info_routes(app, service, cmd_flags)
+    add_progress_routes(app, service)
     return app
 
 

@@ -21,6 +21,7 @@ from sdtrt.serve.a1111 import GenerateRequest, Generation
 from sdtrt.serve.caching import check_cache_request
 from sdtrt.serve.controlnet import resolve_units
 from sdtrt.serve.errors import RequestError
+from sdtrt.serve.progress import JobState
 from sdtrt.serve.service import ModelCard
 
 Row = tuple[Any, int, str, str]  # (PIL image, seed, prompt, negative prompt) of one generated image
@@ -89,9 +90,13 @@ def call_pipeline(
     seed: int | list[int],
     num_images: int = 1,
     image: Any = None,
+    job: JobState | None = None,
 ) -> Any:
-    """One pipeline call with ``request``'s settings for ``prompt`` and ``seed`` (``image``: img2img's)."""
-    extra = {"controls": control_inputs(pipe, request)} if request.controls else {}
+    """One pipeline call with ``request``'s settings for ``prompt`` and ``seed`` (``image``: img2img's); ``job``
+    follows its steps and can stop it between two."""
+    extra: dict[str, Any] = {"controls": control_inputs(pipe, request)} if request.controls else {}
+    if job is not None:
+        extra.update(callback=job.on_step, cancel=job)
     return pipe(
         prompt,
         negative_prompt=request.negative_prompt or None,  # as `sdtrt generate` without --negative
@@ -110,8 +115,11 @@ def call_pipeline(
     )
 
 
-def run_request(pipe: Any, request: GenerateRequest, model_name: str) -> Generation:
-    """Run ``request`` (seed resolved) on ``pipe``: ``n_iter`` calls of ``batch_size`` images, seeds consecutive."""
+def run_request(pipe: Any, request: GenerateRequest, model_name: str, job: JobState | None = None) -> Generation:
+    """Run ``request`` (seed resolved) on ``pipe``: ``n_iter`` calls of ``batch_size`` images, seeds consecutive.
+
+    With ``job``: its progress is reported there, and an interrupt or skip ends a call between two steps (see
+    ``progress``); an interrupted request returns the images of the calls that ran."""
     from PIL import Image
 
     assert request.seed is not None
@@ -120,8 +128,10 @@ def run_request(pipe: Any, request: GenerateRequest, model_name: str) -> Generat
     rows: list[Row] = []
     settings: Settings | None = None
     for i in range(request.n_iter):
+        if job is not None and not job.next_call(i):
+            break
         seed = request.seed + i * request.batch_size
-        result = call_pipeline(pipe, request, request.prompt, seed, request.batch_size, image)
+        result = call_pipeline(pipe, request, request.prompt, seed, request.batch_size, image, job)
         settings = result.settings
         rows += zip(result.images, result.seeds, result.prompts, result.negative_prompts, strict=True)
     assert settings is not None  # n_iter >= 1
