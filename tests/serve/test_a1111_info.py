@@ -89,6 +89,7 @@ def test_webuiapi_util_set_model_selects_the_loaded_model(api, capsys):
     title = api.get_sd_models()[0]["title"]
     api.util_set_model(title.split(" [")[0].upper())  # webuiapi lowercases, then takes the closest title
     assert f"model changed to {title}" in capsys.readouterr().out
+    api.util_wait_for_ready(check_interval=0.1)  # how clients wait after a switch: the server is idle at once
     assert api.util_get_current_model() == title
     api.util_set_model("no-such-model", find_closest=False)
     assert "model not found" in capsys.readouterr().out
