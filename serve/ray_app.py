@@ -209,6 +209,10 @@ class HandleService:
     async def stats(self) -> ServiceStats:
         return ServiceStats(0, 0, self.capacity)
 
+    async def memory(self) -> dict[str, Any]:
+        """``/sdapi/v1/memory`` of the replica that answers (the engines' process), not of the ingress."""
+        return await self.handle.memory.remote()
+
     async def progress(self, skip_current_image: bool) -> dict[str, Any]:
         """``/progress`` from the ingress: idle (progress 0, job_count 0) when nothing is in flight, else the
         number of requests in flight as ``job_count`` and A1111's starting value 0.01, with no step counts."""
@@ -234,15 +238,18 @@ class HandleService:
         )
 
 
-def build_app(config: RayConfig) -> Any:
-    """The Ray Serve application (``serve.run(build_app(config))``): ingress + autoscaled replicas."""
+def build_app(config: RayConfig, **listen: Any) -> Any:
+    """The Ray Serve application (``serve.run(build_app(config))``): ingress + autoscaled replicas.
+    ``listen`` (host, port, ray_address) completes what ``/sdapi/v1/cmd-flags`` reports."""
     require("ray.serve", "the Ray Serve deployment", "serve-ray")
     from ray import serve
 
+    from .a1111_info import cmd_flags
     from .app import create_app
 
     config.check_artifact()
-    app = create_app(HandleService(config.app_name, config.max_queued_requests))
+    flags = cmd_flags(config, ray=True, **listen)
+    app = create_app(HandleService(config.app_name, config.max_queued_requests), cmd_flags=flags)
     actor: dict[str, float] = {"num_cpus": config.cpus_per_replica}
     if config.gpus_per_replica:
         actor["num_gpus"] = config.gpus_per_replica
@@ -278,6 +285,11 @@ def build_app(config: RayConfig) -> Any:
         async def model(self) -> ModelCard:
             return self.core.card()
 
+        async def memory(self) -> dict[str, Any]:
+            from .a1111_info import memory_body
+
+            return memory_body()
+
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     @serve.ingress(app)
     class Ingress:
@@ -302,7 +314,8 @@ def run(config: RayConfig, host: str, port: int, address: str | None = None, on_
         ray.init(include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(config), route_prefix="/", name=config.app_name)
+        app = build_app(config, host=host, port=port, ray_address=address)
+        serve.run(app, route_prefix="/", name=config.app_name)
         if on_ready:
             on_ready(f"http://{host}:{port}")
         stop = threading.Event()

@@ -93,6 +93,7 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
     from sdtrt.runtime.manifest import model_display_name, read_manifest
     from sdtrt.runtime.pipeline import Pipeline
 
+    from .a1111_info import cmd_flags
     from .app import create_app
     from .worker import LocalWorker
 
@@ -103,4 +104,4 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
     name = model_display_name(pipe.manifest, fallback=Path(config.artifacts).resolve().name)
     worker = LocalWorker(pipe, name, config.queue_size, config.timeout, config.cache)
     grace = config.grace if config.grace is not None else config.timeout + 60.0
-    run_app(create_app(worker), config.host, config.port, on_ready=on_ready, grace=grace)
+    run_app(create_app(worker, cmd_flags=cmd_flags(config)), config.host, config.port, on_ready=on_ready, grace=grace)
