@@ -270,10 +270,9 @@ class Pipeline:
         Image ``k`` uses seed ``seed + k`` (or ``seed[k]`` for a list of one seed per image: requests batched
         together keep their own seeds); seeds are 0..2**32-1, None or -1 draws a random one (see ``result.seeds``).
         Starting noise is drawn on the CPU, so a seed gives the same image on every backend and device. ``image`` +
-        ``strength`` run img2img; ``init_latents`` (scaled, as ``decode_latents`` takes them: [1 or B, C, h, w])
-        instead of ``image`` start it from latents, at their size by default (the hires fix's latent upscale).
-        ``callback(step, total, latents)`` runs between steps (clone ``latents`` to keep
-        them; see ``latents_to_rgb`` for previews). SDXL only: ``original_size``, ``crops_coords_top_left``,
+        ``strength`` run img2img, or ``init_latents`` + ``strength`` from scaled latents [1 or B, C, h, w] (their size
+        by default). ``callback(step, total, latents)`` runs between steps (clone ``latents`` to keep them; see
+        ``latents_to_rgb`` for previews). SDXL only: ``original_size``, ``crops_coords_top_left``,
         ``target_size`` ((height, width) pairs, as in diffusers; sizes default to the image size) are the
         micro-conditioning; ``negative_prompt=None`` gives zero negative conditioning when the model says so
         (``force_zeros_for_empty_prompt``), as diffusers does; an explicit ``""`` is encoded like any prompt.
@@ -336,8 +335,7 @@ class Pipeline:
         hints and scales (``controls``: each ``ControlInput`` with its hint [1, 3, H, W] at the image size).
 
         Draw order per image generator matches diffusers: starting noise (or VAE sample, then noise), then the
-        sampler's per-step noise (``init_latents``: clean latents given, then noise). The VAE encoder's time goes
-        to ``times`` when given.
+        sampler's per-step noise (``init_latents``: given, then noise). The VAE encoder's time goes to ``times``.
         """
         generators = [torch.Generator().manual_seed(s) for s in req.seeds]
         sampler = get_scheduler(req.scheduler)
