@@ -203,8 +203,10 @@ def timing_line(result: GenerationResult, steps: int, backend: str) -> str:
     """One line: the size, steps, sampler and backend, and what each stage took."""
     t = result.times
     w, h = result.settings.width, result.settings.height
+    hires = result.settings.hires
+    size = f"{w}x{h}" if hires is None else f"{w}x{h} then {hires.width}x{hires.height} (hires fix)"
     return (
-        f"{w}x{h}, {steps} steps, {result.settings.scheduler}, {backend}: text {t.text_encode * 1000:.0f} ms, "
+        f"{size}, {steps} steps, {result.settings.scheduler}, {backend}: text {t.text_encode * 1000:.0f} ms, "
         f"denoise {t.denoise * 1000:.0f} ms ({t.step_median * 1000:.1f} ms/step), VAE decode "
         f"{t.vae_decode * 1000:.0f} ms, total {t.total:.2f} s"
     )

@@ -221,7 +221,7 @@ def test_cli_hires_equals_the_python_call(pipe, tiny_fp32, tmp_path):
                 "--negative", NEGATIVE, *flags)  # fmt: skip
     assert done.returncode == 0, done.stderr
     image = Image.open(out)
-    assert image.size == (128, 128)
+    assert image.size == (128, 128) and "64x64 then 128x128 (hires fix), 4 steps" in done.stdout
     assert "Hires upscale: 2, Hires steps: 3, Hires upscaler: Latent (nearest)" in image.info["parameters"]
     hires = HiresFix(upscaler="Latent (nearest)", steps=3, denoising_strength=0.5, sampler="euler", prompt="a dog",
                      guidance_scale=4.0)  # fmt: skip
@@ -239,3 +239,32 @@ def test_cli_hires_refusals(tiny_fp32, tmp_path):
     assert done.returncode == 1 and "add --hires-scale or --hires-size" in done.stderr
     done = _cli("generate", str(tiny_fp32), PROMPT, "--hires-scale", "2", "--hires-upscaler", "4x-UltraSharp")
     assert done.returncode == 1 and "unknown hires upscaler '4x-UltraSharp'" in done.stderr
+
+
+def test_controlnets_run_in_both_passes(tiny_control_fp32):
+    from sdtrt.runtime.control.inputs import ControlInput
+    from sdtrt.runtime.hires import upscale_latents
+
+    hint = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    controls = [ControlInput("edges", hint, resize_mode="just_resize")]
+    hires = HiresFix(steps=3, denoising_strength=0.5)
+    with Pipeline.from_artifacts(tiny_control_fp32, device="cpu") as cpipe:
+        got = run_hires(cpipe, PROMPT, hires, steps=4, seed=2, height=64, width=64, controls=controls)
+        kept = []
+        cpipe(
+            PROMPT,
+            steps=4,
+            seed=2,
+            height=64,
+            width=64,
+            controls=controls,
+            callback=lambda *a: kept.append(a[2].clone()),
+        )
+        total, strength, _ = second_pass_steps(hires, 4)
+        big = upscale_latents(kept[-1], "Latent", 16, 16)
+        manual = cpipe(PROMPT, steps=total, strength=strength, seed=2, init_latents=big, controls=controls)
+        plain = run_hires(cpipe, PROMPT, hires, steps=4, seed=2, height=64, width=64)
+    assert got.images[0].size == (128, 128)
+    assert torch.equal(got.pixels, manual.pixels)
+    assert psnr(plain.pixels, got.pixels) < 40  # the ControlNet changed both passes
+    assert len(got.settings.controls) == 1
