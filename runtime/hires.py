@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -33,6 +33,9 @@ from sdtrt.runtime.request import HiresSetting, expand_prompts, image_size
 from sdtrt.runtime.schedulers import SCHEDULER_NAMES
 from sdtrt.runtime.specs import check_size
 from sdtrt.runtime.timing import StageTimes
+
+if TYPE_CHECKING:
+    from sdtrt.runtime.pipeline import Callback, GenerationResult, Pipeline
 
 # A1111's latent upscale modes (modules/shared_items.py): name -> (interpolate mode, antialias)
 LATENT_UPSCALE_MODES: Mapping[str, tuple[str, bool]] = MappingProxyType(
@@ -179,7 +182,7 @@ def upscale_image(image: Image.Image, upscaler: str, height: int, width: int) ->
 
 
 def run_hires(
-    pipe: Any,
+    pipe: Pipeline,
     prompt: str | list[str],
     hires: HiresFix,
     negative_prompt: str | list[str] | None = None,
@@ -191,9 +194,9 @@ def run_hires(
     width: int | None = None,
     scheduler: str | None = None,
     num_images: int = 1,
-    callback: Any = None,
+    callback: Callback | None = None,
     **call: Any,
-) -> Any:
+) -> GenerationResult:
     """Both passes of a hires fix on ``pipe`` (a ``Pipeline``): its arguments are ``Pipeline.__call__``'s (the
     rest, ``call``, goes to both passes); returns the second pass's ``GenerationResult``, whose ``settings`` are
     the first pass's with ``hires`` set (as A1111's infotext reports them). ``callback`` sees both passes' steps.
@@ -217,17 +220,17 @@ def run_hires(
 
 
 def _second_pass(
-    pipe: Any,
+    pipe: Pipeline,
     hires: HiresFix,
-    first: Any,
+    first: GenerationResult,
     kept: list[torch.Tensor],
-    negative_prompt: Any,
+    negative_prompt: str | list[str] | None,
     steps: int,
     guidance_scale: float,
     scheduler: str | None,
-    callback: Any,
+    callback: Callback | None,
     call: dict[str, Any],
-) -> Any:
+) -> GenerationResult:
     """The img2img pass over ``first``'s result (``kept``: its final latents on the latent path)."""
     settings = first.settings
     factor = pipe.manifest.model.vae_scale_factor
@@ -265,8 +268,8 @@ def _second_pass(
         result.settings.height,
         result.settings.width,
         sampler=hires.sampler if hires.sampler not in (None, settings.scheduler) else None,
-        prompt=hires.prompt or None,
-        negative_prompt=hires.negative_prompt or None,
+        prompt=hires.prompt if hires.prompt and hires.prompt not in first.prompts else None,
+        negative_prompt=hires.negative_prompt if hires.negative_prompt not in ("", *first.negative_prompts) else None,
         guidance_scale=hires.guidance_scale if hires.guidance_scale not in (None, guidance_scale) else None,
     )
     times = _add_times(first.times, result.times)
@@ -274,8 +277,14 @@ def _second_pass(
 
 
 def _per_image(
-    pipe: Any, hires: HiresFix, first: Any, prompts: list[str], negatives: Any, sizes: SecondPass, second: dict
-) -> Any:
+    pipe: Pipeline,
+    hires: HiresFix,
+    first: GenerationResult,
+    prompts: list[str],
+    negatives: str | list[str] | None,
+    sizes: SecondPass,
+    second: dict[str, Any],
+) -> GenerationResult:
     """The pixel path: each first-pass image resized and cropped, then img2img on its own (one init image per
     call), the results joined as one ``GenerationResult``."""
     top, left = sizes.offset
