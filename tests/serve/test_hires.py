@@ -106,3 +106,32 @@ def test_hires_requests_never_merge_with_plain_ones():
     assert parse_request({**BASE, "enable_hr": False, "hr_scale": 99}).hires is None
     with pytest.raises(RequestError, match="hr_resize_x must be an integer"):
         parse_request({**BASE, "enable_hr": True, "hr_resize_x": "wide"})
+
+
+def test_replica_merges_hires_requests_with_the_images_they_give_alone(tiny_fp32):
+    from sdtrt.serve.ray_app import RayConfig, ReplicaCore
+
+    core = ReplicaCore(RayConfig(str(tiny_fp32)), name="r0")
+    try:
+        for upscaler in ("Lanczos", "Latent"):
+            hr = {"enable_hr": True, "hr_upscaler": upscaler, "hr_second_pass_steps": 2, "denoising_strength": 0.5}
+            requests = [
+                parse_request({**BASE, "seed": 31, **hr}),
+                parse_request({**BASE, "prompt": "a blue circle", "seed": 32, "batch_size": 2, **hr}),
+                parse_request({**BASE, "seed": 34}),  # plain: runs on its own
+            ]
+            out = core.run(requests)
+            assert [pixels_of(g).shape for g in out] == [(128, 128, 3), (128, 128, 3), (64, 64, 3)]
+            assert out[1].seeds == [32, 33] and "Hires upscaler: " + upscaler in out[1].infotexts[1]
+            (alone,) = core.run([requests[1]])
+            np.testing.assert_array_equal(pixels_of(out[1], 1), pixels_of(alone, 1))
+    finally:
+        core.pipe.close()
+
+
+def pixels_of(generation, k: int = 0) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(generation.images[k])).convert("RGB"))
