@@ -117,12 +117,9 @@ def hires_options(command: F) -> F:
     return command
 
 
-HIRES_DETAILS = ("upscaler", "steps", "denoise", "sampler", "prompt", "negative_prompt", "cfg")
-
-
 def read_hires(scale: float | None, size: str | None, **details: Any) -> Any:
-    """The ``runtime.hires.HiresFix`` of the --hires-* options, or None without --hires-scale/--hires-size;
-    ``click.BadParameter`` naming the option when one is wrong."""
+    """The ``runtime.hires.HiresFix`` of the --hires-* options (``details``: upscaler, steps, denoise, sampler,
+    prompt, negative_prompt, cfg), or None without --hires-scale/--hires-size; a usage error when one is wrong."""
     from sdtrt.runtime.errors import ConfigError
     from sdtrt.runtime.hires import HiresFix
 

@@ -216,6 +216,8 @@ def run_hires(
 
     common = {"height": height, "width": width, "scheduler": scheduler, "num_images": num_images}
     first = pipe(prompt, negative_prompt, steps, guidance_scale, seed, callback=first_steps, **common, **call)
+    if hires.latent and not kept:  # the first pass stopped before its last step (cancelled): A1111 returns it
+        return first
     return _second_pass(pipe, hires, first, kept, negative_prompt, steps, guidance_scale, scheduler, callback, call)
 
 

@@ -134,7 +134,7 @@ class Settings:
     controls: tuple[ControlSetting, ...] = ()
     cache_interval: int = 1
     cache_schedule: str = "uniform"
-    hires: HiresSetting | None = None  # a hires fix's second pass (height/width are the first pass's)
+    hires: HiresSetting | None = None  # a hires fix's second pass (height and width above: the first pass's)
 
     @classmethod
     def of(
