@@ -76,3 +76,30 @@ def test_cancel_set_before_the_call_runs_no_step(tiny_fp32):
         later = threading.Event()
         pipe(**ARGS, callback=lambda step, *_: later.set() if step == 4 else None, cancel=later)
         assert unet.calls == 5  # one batched CFG call per step, none after the cancel
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+@pytest.mark.parametrize("at", [(0, 2), (1, 2)], ids=["first-pass", "second-pass"])
+def test_cancel_stops_a_hires_fix_in_either_pass(pipe, upscaler, at):
+    """Cancelled in the first pass, no second pass runs (its image, at the first size, is returned); in the
+    second, that pass stops and the image has the second size."""
+    from sdtrt.runtime.hires import HiresFix, run_hires
+
+    event, seen = threading.Event(), []  # seen: per pass, the steps run (img2img's count from its first step)
+    stop_pass, stop_step = at
+
+    def callback(step, total, latents):
+        if not seen or latents.shape[-1] != seen[-1][0]:
+            seen.append([latents.shape[-1], 0])
+        seen[-1][1] += 1
+        if len(seen) - 1 == stop_pass and seen[-1][1] == stop_step + 1:
+            event.set()
+
+    hires = HiresFix(scale=2.0, upscaler=upscaler, steps=4, denoising_strength=0.5)
+    args = {k: v for k, v in ARGS.items() if k != "prompt"}
+    result = run_hires(pipe, ARGS["prompt"], hires, callback=callback, cancel=event, **args)
+    assert result.interrupted
+    assert len(seen) == stop_pass + 1  # no pass began after the cancel
+    assert result.images[0].size == ((64, 64) if stop_pass == 0 else (128, 128))
+    assert [count for _, count in seen] == [ARGS["steps"]] * stop_pass + [stop_step + 1]
+    assert len(result.times.steps) == sum(count for _, count in seen)  # the result's times cover both passes
