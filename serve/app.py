@@ -19,6 +19,7 @@ from .a1111 import SAMPLER_ALIASES, parse_request, response_body
 from .controlnet import resolve_units
 from .controlnet_api import add_controlnet_routes
 from .errors import RequestError, ServeError, error_body
+from .limits import Limits, install, note_generation
 from .metrics import Metrics
 from .service import ModelCard, Service, ServiceStats
 
@@ -62,8 +63,11 @@ def health_body(card: ModelCard, stats: ServiceStats) -> dict[str, Any]:
     }
 
 
-def create_app(service: Service, metrics: Metrics | None = None) -> Any:
-    """A FastAPI app over ``service`` (see ``service.Service``); its lifespan starts and stops the service."""
+def create_app(service: Service, metrics: Metrics | None = None, limits: Limits | None = None) -> Any:
+    """A FastAPI app over ``service`` (see ``service.Service``); its lifespan starts and stops the service.
+
+    ``limits`` bound each request (``limits.Limits``; default: its defaults), which is also logged in one line.
+    """
     require("fastapi", "the HTTP server (sdtrt serve)", "serve")
     from fastapi import FastAPI
 
@@ -79,6 +83,8 @@ def create_app(service: Service, metrics: Metrics | None = None) -> Any:
 
     app = FastAPI(title="sdtrt", lifespan=lifespan)
     app.state.service, app.state.metrics = service, counters
+    app.state.limits = limits or Limits()
+    install(app, app.state.limits)
     _add_generation_routes(app, service, counters)
     _add_status_routes(app, service, counters)
     add_controlnet_routes(app, service)
@@ -97,7 +103,7 @@ def _add_generation_routes(app: Any, service: Service, counters: Metrics) -> Non
                 payload = await request.json()
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise RequestError(f"the request body is not valid JSON ({exc})") from None
-            req = parse_request(payload, img2img=img2img)
+            req = parse_request(payload, img2img=img2img, limits=request.app.state.limits)
             if req.controls:  # the units' models resolved before queueing, so a wrong name fails fast
                 req = replace(req, controls=resolve_units(req.controls, (await service.model()).controlnets))
             gen = await service.generate(req)
@@ -106,6 +112,7 @@ def _add_generation_routes(app: Any, service: Service, counters: Metrics) -> Non
             headers = {"Retry-After": str(exc.retry_after)} if hasattr(exc, "retry_after") else None
             return JSONResponse(error_body(exc.kind, str(exc)), status_code=exc.status, headers=headers)
         seconds = time.perf_counter() - begin
+        note_generation(len(gen.images), gen.model_name)
         counters.observe(endpoint, 200, seconds, images=len(gen.images), cache_interval=gen.cache_interval)
         return JSONResponse(response_body(req, gen))
 

@@ -36,6 +36,7 @@ from sdtrt.runtime.request import random_seed
 from .a1111 import GenerateRequest, Generation
 from .caching import CacheDefaults
 from .errors import GenerationFailed, Overloaded, RequestError
+from .limits import Limits
 from .service import ModelCard, ServiceStats
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class RayConfig:
     app_name: str = "sdtrt"  # the Ray Serve application name (serve.run(..., name=app_name))
     cache_interval: int = 1  # step caching of requests that do not choose: a full UNet step every N
     cache_schedule: str = "uniform"
+    limits: Limits = Limits()  # the same request bounds as the plain server, applied by the ingress
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.max_replicas:
@@ -204,7 +206,7 @@ def build_app(config: RayConfig) -> Any:
     from .app import create_app
 
     config.check_artifact()
-    app = create_app(HandleService(config.app_name, config.max_queued_requests))
+    app = create_app(HandleService(config.app_name, config.max_queued_requests), limits=config.limits)
     actor: dict[str, float] = {"num_cpus": config.cpus_per_replica}
     if config.gpus_per_replica:
         actor["num_gpus"] = config.gpus_per_replica
