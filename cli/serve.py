@@ -8,6 +8,7 @@ import click
 
 from sdtrt.cli.options import backend_options
 from sdtrt.runtime.cache_plan import CACHE_SCHEDULES
+from sdtrt.serve.limits import Limits
 
 
 @click.command("serve")
@@ -91,9 +92,6 @@ def serve_cmd(
     Every request is logged in one line at INFO (shown by default; -q hides it); errors carry a request id, also
     sent as the X-Request-ID header and in the error body.
     """
-
-    from sdtrt.serve.limits import Limits
-
     limits = Limits(max_body_mb=max_body_mb, max_prompt_chars=max_prompt_chars, max_images=max_images)
 
     def ready(url: str) -> None:
@@ -119,16 +117,6 @@ def serve_cmd(
         return
     from sdtrt.serve.server import ServeConfig, serve
 
-    config = ServeConfig(
-        artifacts,
-        host,
-        port,
-        backend,
-        device,
-        queue_size,
-        timeout,
-        cache_interval=cache_interval,
-        cache_schedule=cache_schedule,
-        limits=limits,
-    )
+    config = ServeConfig(artifacts, host, port, backend, device, queue_size, timeout, cache_interval=cache_interval,
+                         cache_schedule=cache_schedule, limits=limits)  # fmt: skip
     serve(config, on_ready=ready)

@@ -19,7 +19,7 @@ from .a1111 import SAMPLER_ALIASES, parse_request, response_body
 from .controlnet import resolve_units
 from .controlnet_api import add_controlnet_routes
 from .errors import RequestError, ServeError, error_body
-from .limits import Limits, install, note_generation
+from .limits import Limits, install, note_generation, parse_json_body
 from .metrics import Metrics
 from .service import ModelCard, Service, ServiceStats
 
@@ -100,7 +100,7 @@ def _add_generation_routes(app: Any, service: Service, counters: Metrics) -> Non
         begin = time.perf_counter()
         try:
             try:
-                payload = await request.json()
+                payload = parse_json_body(await request.body())  # bounded: see limits.parse_json_body
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise RequestError(f"the request body is not valid JSON ({exc})") from None
             req = parse_request(payload, img2img=img2img, limits=request.app.state.limits)

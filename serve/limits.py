@@ -256,3 +256,25 @@ def echoed(payload: dict[str, Any]) -> dict[str, Any]:
     echo = {k: v for k, v in payload.items() if k in A1111_FIELDS or k.startswith("sdtrt_")}
     echo.update({k: None for k in SENT_IMAGES if k in echo})
     return echo
+
+
+MAX_JSON_CONTAINERS = 100_000  # objects and arrays in one body: A1111 bodies hold a few dozen
+
+
+def parse_json_body(data: bytes) -> Any:
+    """A request body as JSON; ``RequestError`` if it is not JSON, nests too deep, or holds so many objects and
+    arrays that parsing it would cost many times its size in memory (``[{},{},...]``: ~70 bytes per 3 sent)."""
+    import json
+
+    containers = data.count(b"{") + data.count(b"[")  # an upper bound (brackets inside strings count too)
+    if containers > MAX_JSON_CONTAINERS:
+        raise RequestError(
+            f"the request body holds {containers} JSON objects/arrays (or brackets); at most {MAX_JSON_CONTAINERS} "
+            "are accepted; send the A1111 fields only"
+        )
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"the request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise RequestError("the request body nests JSON arrays/objects too deep; send the A1111 fields only") from None

@@ -252,3 +252,15 @@ def test_webuiapi_batch_above_the_profile_and_its_errors(server):
         api.txt2img(prompt="a red square", steps=3, width=64, height=64, batch_size=4, n_iter=2)
     code, text = error.value.args
     assert code == 422 and json.loads(text)["error"] == "invalid_request"
+
+
+def test_json_that_would_cost_many_times_its_size_is_422(server):
+    for body, match in [
+        (b'{"prompt": "a", "x": [' + b"{}," * 200_000 + b"{}]}", "holds 200003 JSON objects/arrays"),
+        (b'{"x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nests JSON arrays/objects too deep"),
+    ]:
+        request = urllib.request.Request(server.url + "/sdapi/v1/txt2img", data=body)
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request, timeout=30)
+        answer = json.loads(error.value.read())
+        assert error.value.code == 422 and match in answer["detail"], answer
