@@ -11,6 +11,7 @@ on a FastAPI app.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from .errors import REQUEST, RequestError, RequestRecord, error_body
 log = logging.getLogger("sdtrt.serve")
 
 PROMPT_FIELDS = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")
+_ID_CHARS = re.compile(r"[A-Za-z0-9._-]+")
 HTTP_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
 
@@ -118,6 +120,9 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         record = RequestRecord()
+        given = _header(scope, b"x-request-id")  # a proxy's (Ray Serve sets one) or a client's id is kept
+        if given and len(given) <= 64 and _ID_CHARS.fullmatch(given):
+            record.request_id = given
         token = REQUEST.set(record)
         begin, state = time.perf_counter(), {"status": 0}
 
@@ -197,14 +202,16 @@ def _http_detail(request: Any, exc: Any) -> str:
     return f"{where}: {exc.detail}"
 
 
-def _content_length(scope: dict[str, Any]) -> int | None:
+def _header(scope: dict[str, Any], wanted: bytes) -> str | None:
     for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
+        if name == wanted:
+            return value.decode("latin-1")
     return None
+
+
+def _content_length(scope: dict[str, Any]) -> int | None:
+    value = _header(scope, b"content-length")
+    return int(value) if value is not None and value.strip().isdigit() else None
 
 
 async def _send_json(send: Any, status: int, body: dict[str, str], close: bool = False) -> None:

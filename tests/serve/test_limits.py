@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .test_server import FAST, SDTRT, Server, get, pixels, post
+from .test_server import FAST, SDTRT, Server, get, pixels
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -179,7 +179,8 @@ def test_the_echo_repeats_the_request_fields_only(server):
     assert status == 200
     parameters = body["parameters"]
     assert "junk" not in parameters and parameters["init_images"] is None
-    assert parameters["styles"] == ["s"] and parameters["sdtrt_cache_interval"] == 1 and parameters["prompt"] == FAST["prompt"]
+    assert parameters["styles"] == ["s"] and parameters["sdtrt_cache_interval"] == 1
+    assert parameters["prompt"] == FAST["prompt"]
     assert len(json.dumps(body)) < 200_000
 
 
@@ -264,3 +265,10 @@ def test_json_that_would_cost_many_times_its_size_is_422(server):
             urllib.request.urlopen(request, timeout=30)
         answer = json.loads(error.value.read())
         assert error.value.code == 422 and match in answer["detail"], answer
+
+
+def test_a_request_id_sent_by_a_proxy_is_kept(server):
+    request = urllib.request.Request(server.url + "/nope", headers={"X-Request-ID": "proxy-id.42"})
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=30)
+    assert json.loads(error.value.read())["request_id"] == "proxy-id.42" == error.value.headers["X-Request-ID"]
