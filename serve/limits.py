@@ -3,9 +3,10 @@
 ``Limits`` bounds a request before any work: the body size (413, checked from ``Content-Length`` before the body
 is read and counted while a chunked body arrives), prompt lengths in characters, images per request, and images
 sent as base64 (their text length, and their pixels read from the header before decoding: decompression bombs).
-``install(app, limits)`` puts the body limit, one log line per request (with a request id, also sent back as
-``X-Request-ID`` and in error bodies) and the ``{"error", "detail"}`` form of every error (404 and 405 included)
-on a FastAPI app.
+``install(app, limits)`` puts the body limit, one log line per request (INFO; successful /health and /metrics
+probes at DEBUG) with a request id (also sent back as ``X-Request-ID`` and in error bodies), and the
+``{"error", "detail"}`` form of every error (404 and 405 included) on a FastAPI app. ``parse_json_body`` bounds
+what parsing a body may cost.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .errors import REQUEST, RequestError, RequestRecord, error_body
 log = logging.getLogger("sdtrt.serve")
 
 PROMPT_FIELDS = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")
+PROBES = ("/health", "/metrics")  # logged at DEBUG when they succeed
 _ID_CHARS = re.compile(r"[A-Za-z0-9._-]+")
 HTTP_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
@@ -231,7 +233,10 @@ def _log_request(scope: dict[str, Any], status: int, seconds: float, record: Req
     args += (record.images, record.model, record.request_id)
     if record.error:
         line, args = line + " error=%s", (*args, record.error)
-    log.log(logging.ERROR if status >= 500 else logging.INFO, line, *args)
+    level = logging.ERROR if status >= 500 else logging.INFO
+    if scope.get("path") in PROBES and status < 400:
+        level = logging.DEBUG  # load balancers poll these every few seconds: their lines would bury the rest
+    log.log(level, line, *args)
 
 
 def note_generation(images: int, model: str) -> None:

@@ -213,7 +213,7 @@ def test_one_log_line_per_request_and_start_and_drain_lines(tiny_fp32):
             get(srv.url + "/nope")
     finally:
         assert srv.stop() == 0
-    log = srv.proc.stderr.read()
+    log = srv.log
     assert "sdtrt.serve.server: started: listening on 127.0.0.1" in log
     assert re.search(r"INFO sdtrt.serve: POST /sdapi/v1/txt2img 200 \d+ ms images=2 model=tiny id=[0-9a-f]{16}\n", log)
     line = f"INFO sdtrt.serve: POST /sdapi/v1/txt2img 422 \\d+ ms images=0 model=- id={body['request_id']} "
