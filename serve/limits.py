@@ -25,6 +25,7 @@ log = logging.getLogger("sdtrt.serve")
 
 PROMPT_FIELDS = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")
 PROBES = ("/health", "/metrics")  # logged at DEBUG when they succeed
+_FLAGS = ("max_body_mb", "max_prompt_chars", "max_images")
 _ID_CHARS = re.compile(r"[A-Za-z0-9._-]+")
 HTTP_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
@@ -41,9 +42,9 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in ("max_body_mb", "max_prompt_chars", "max_images", "max_image_pixels", "max_image_mb"):
-            if not getattr(self, name) > 0:
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{flag} must be > 0, got {getattr(self, name)}")
+            if not getattr(self, name) > 0:  # the first three are `sdtrt serve` flags: name them as such
+                shown = "--" + name.replace("_", "-") if name in _FLAGS else name
+                raise ConfigError(f"{shown} must be > 0, got {getattr(self, name)}")
 
     @property
     def max_body_bytes(self) -> int:
