@@ -32,6 +32,7 @@ from sdtrt.runtime.engine import BackendOptions, Engine, get_backend
 from sdtrt.runtime.errors import ArtifactError, BackendError, ConfigError, NumericsError
 from sdtrt.runtime.images import from_pil, latents_to_rgb, to_pil
 from sdtrt.runtime.manifest import Manifest, read_manifest, resolve_file
+from sdtrt.runtime.progress import Cancel
 from sdtrt.runtime.prompts import PromptTokenizer
 from sdtrt.runtime.request import LoraSetting, Request, Settings, make_request
 from sdtrt.runtime.schedulers import SchedulerConfig, add_noise, default_sampler, get_scheduler
@@ -53,6 +54,7 @@ class GenerationResult:
     times: StageTimes
     settings: Settings
     pixels: torch.Tensor  # [B, 3, H, W] float32 in [0, 1] on the CPU, before 8-bit rounding
+    interrupted: bool = False  # stopped early by ``cancel``: the images are the latents of the last step run
 
 
 def _default_device(backend: str) -> torch.device:
@@ -263,6 +265,7 @@ class Pipeline:
         controls: Sequence[ControlInput] = (),
         cache_interval: int = 1,
         cache_schedule: str = "uniform",
+        cancel: Cancel | None = None,
     ) -> GenerationResult:
         """Generate ``num_images`` images per prompt, at the artifact's tuned size (profile opt) by default.
 
@@ -277,6 +280,8 @@ class Pipeline:
         ``controls`` run ControlNets of the artifact (one ``ControlInput`` each; see ``runtime.control``).
         ``cache_interval`` > 1 runs the full UNet on one step in N (``cache_schedule``: "uniform" or "quadratic")
         and the shallow one in between (step caching; see ``runtime.cache_plan``).
+        ``cancel`` (e.g. ``threading.Event``) is read before each step: once set, the latents as they are are
+        decoded and ``result.interrupted`` is True (as A1111 ends an interrupted job).
         """
         start_time = time.perf_counter()
         req = make_request(
@@ -307,7 +312,8 @@ class Pipeline:
         text, pooled = self.encode_text(req)
         times.text_encode = clock.seconds(t0, clock.mark())
         denoiser = self.prepare_latents(req, text, pooled, image, times, list(zip(controls, hints, strict=True)))
-        latents = self.denoise(denoiser, req, callback, times)
+        latents = self.denoise(denoiser, req, callback, times, cancel)
+        interrupted = len(times.steps) < req.steps - req.first
         d0 = clock.mark()
         pixels = self.decode_latents(latents)
         times.vae_decode = clock.seconds(d0, clock.mark())
@@ -315,7 +321,7 @@ class Pipeline:
         images = to_pil(unit * 2 - 1)
         times.total = time.perf_counter() - start_time
         settings = Settings.of(req, self.backend, self.lora_settings(), control_settings(controls))
-        return GenerationResult(images, req.seeds, req.prompts, req.negatives, times, settings, unit)
+        return GenerationResult(images, req.seeds, req.prompts, req.negatives, times, settings, unit, interrupted)
 
     def prepare_latents(
         self,
@@ -360,13 +366,21 @@ class Pipeline:
         return denoiser
 
     def denoise(
-        self, denoiser: Denoiser, req: Request, callback: Callback | None = None, times: StageTimes | None = None
+        self,
+        denoiser: Denoiser,
+        req: Request,
+        callback: Callback | None = None,
+        times: StageTimes | None = None,
+        cancel: Cancel | None = None,
     ) -> torch.Tensor:
         """Run ``req``'s steps from ``req.first``; returns the latents buffer (reused by the next call: clone it
-        to keep it). Per-step times go to ``times`` when given."""
+        to keep it). Per-step times go to ``times`` when given. ``cancel`` is read between steps (never inside
+        a step or its CUDA-graph replay): once set, no further step runs."""
         clock = StageClock(self.device)
         marks = [clock.mark()]
         for i in range(req.first, req.steps):
+            if cancel is not None and cancel.is_set():
+                break
             denoiser.step(i)
             marks.append(clock.mark())
             if callback is not None:

@@ -2,6 +2,8 @@
 
 Field names, defaults and the response shape follow A1111's ``/sdapi/v1/txt2img`` and ``/sdapi/v1/img2img``;
 unknown fields are ignored, as A1111 does. Sizes default to the artifact's tuned size rather than A1111's 512.
+The ``scheduler`` field (A1111 >= 1.9 names the sigma schedule apart from the sampler) picks an sdtrt sampler
+together with ``sampler_name``; only the pairs sdtrt runs are accepted.
 ControlNet units in ``alwayson_scripts`` are read by ``controlnet`` (the ControlNet extension's schema), step
 caching's sdtrt-named keys by ``caching``.
 """
@@ -31,6 +33,60 @@ SAMPLER_ALIASES: dict[str, list[str]] = {
     "dpmpp_2m_karras": ["k_dpmpp_2m_ka"],
     "lcm": ["k_lcm"],
 }
+
+
+@dataclass(frozen=True)
+class ScheduleType:
+    """One sigma schedule as A1111 (>= 1.9) names it apart from the sampler (``GET /sdapi/v1/schedulers``)."""
+
+    name: str
+    label: str
+    aliases: tuple[str, ...] = ()
+    default_rho: float = -1.0
+    need_inner_model: bool = False
+
+    def matches(self, text: str) -> bool:
+        """Whether ``text`` names this schedule (name, label or alias; case-insensitive, as clients send both)."""
+        return text.casefold() in {self.name.casefold(), self.label.casefold(), *(a.casefold() for a in self.aliases)}
+
+
+# Only the schedules sdtrt runs. "Automatic" is each sampler's own schedule (what ``sampler_name`` alone runs).
+SCHEDULE_TYPES: tuple[ScheduleType, ...] = (
+    ScheduleType("automatic", "Automatic"),
+    ScheduleType("karras", "Karras", default_rho=7.0),
+)
+# (sdtrt sampler, schedule name) -> the sdtrt sampler that runs that pair; "automatic" keeps the sampler.
+SCHEDULED_SAMPLERS: dict[tuple[str, str], str] = {
+    ("dpmpp_2m", "karras"): "dpmpp_2m_karras",
+    ("dpmpp_2m_karras", "karras"): "dpmpp_2m_karras",
+}
+
+
+def apply_scheduler(sampler: str | None, scheduler: str | None) -> str | None:
+    """The sdtrt sampler for A1111's ``sampler_name`` (already resolved) + ``scheduler``; ``RequestError``
+    listing the supported pairs for a schedule or a combination sdtrt does not run."""
+    if not scheduler:
+        return sampler
+    schedule = next((s for s in SCHEDULE_TYPES if s.matches(scheduler)), None)
+    labels = {s.name: s.label for s in SCHEDULE_TYPES}
+    pairs = ", ".join(
+        f"{A1111_LABELS[a]!r} + {labels[b]!r}" for (a, b), combined in SCHEDULED_SAMPLERS.items() if a != combined
+    )
+    supported = f"'Automatic' with any sampler, or {pairs}"
+    if schedule is None:
+        raise RequestError(f"unknown scheduler {scheduler!r}; sdtrt runs: {supported}")
+    if schedule.name == "automatic":
+        return sampler
+    if sampler is None or (sampler, schedule.name) not in SCHEDULED_SAMPLERS:
+        found = "no sampler_name" if sampler is None else f"sampler {A1111_LABELS[sampler]!r}"
+        raise RequestError(f"scheduler {schedule.label!r} with {found} is not implemented; sdtrt runs: {supported}")
+    return SCHEDULED_SAMPLERS[(sampler, schedule.name)]
+
+
+def schedule_label(sampler: str) -> str:
+    """The A1111 scheduler label of what an sdtrt sampler runs ("Karras" for a Karras variant, else "Automatic")."""
+    names = {schedule for (_, schedule), combined in SCHEDULED_SAMPLERS.items() if combined == sampler}
+    return next((s.label for s in SCHEDULE_TYPES if s.name in names), SCHEDULE_TYPES[0].label)
 
 
 @dataclass(frozen=True)
@@ -157,6 +213,7 @@ def parse_request(payload: Any, img2img: bool = False, limits: Limits | None = N
     sampler = resolve_sampler(_typed(payload, "sampler_name", (str,), None, "a string"))
     if sampler is None:
         sampler = resolve_sampler(_typed(payload, "sampler_index", (str,), None, "a string"))
+    sampler = apply_scheduler(sampler, _typed(payload, "scheduler", (str,), None, "a string"))
     batch = _typed(payload, "batch_size", (int,), 1, "an integer")
     n_iter = _typed(payload, "n_iter", (int,), 1, "an integer")
     for name, value in (("batch_size", batch), ("n_iter", n_iter)):
@@ -223,6 +280,7 @@ def response_body(request: GenerateRequest, gen: Generation) -> dict[str, Any]:
     parameters["width"] = parameters.get("width") or gen.width
     parameters["height"] = parameters.get("height") or gen.height
     parameters["sampler_name"] = parameters.get("sampler_name") or A1111_LABELS[gen.sampler]
+    parameters["scheduler"] = schedule_label(gen.sampler)  # what ran, not what was asked
     return {
         "images": [encode_png(png) for png in gen.images],
         "parameters": parameters,

@@ -16,11 +16,13 @@ from sdtrt.runtime.deps import require
 from sdtrt.runtime.schedulers import A1111_LABELS
 
 from .a1111 import SAMPLER_ALIASES, parse_request, response_body
+from .a1111_info import add_info_routes
 from .controlnet import resolve_units
 from .controlnet_api import add_controlnet_routes
 from .errors import RequestError, ServeError, error_body
 from .limits import Limits, install, note_generation, parse_json_body
 from .metrics import Metrics
+from .progress import add_progress_routes
 from .service import ModelCard, Service, ServiceStats
 
 log = logging.getLogger(__name__)
@@ -63,9 +65,14 @@ def health_body(card: ModelCard, stats: ServiceStats) -> dict[str, Any]:
     }
 
 
-def create_app(service: Service, metrics: Metrics | None = None, limits: Limits | None = None) -> Any:
+def create_app(
+    service: Service,
+    metrics: Metrics | None = None,
+    cmd_flags: dict[str, Any] | None = None,
+    limits: Limits | None = None,
+) -> Any:
     """A FastAPI app over ``service`` (see ``service.Service``); its lifespan starts and stops the service.
-
+    ``cmd_flags``: the server's settings as ``/sdapi/v1/cmd-flags`` reports them (``a1111_info.cmd_flags``).
     ``limits`` bound each request (``limits.Limits``; default: its defaults), which is also logged in one line.
     """
     require("fastapi", "the HTTP server (sdtrt serve)", "serve")
@@ -88,6 +95,8 @@ def create_app(service: Service, metrics: Metrics | None = None, limits: Limits 
     _add_generation_routes(app, service, counters)
     _add_status_routes(app, service, counters)
     add_controlnet_routes(app, service)
+    add_info_routes(app, service, cmd_flags)
+    add_progress_routes(app, service)
     return app
 
 

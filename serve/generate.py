@@ -23,6 +23,7 @@ from sdtrt.serve.caching import check_cache_request
 from sdtrt.serve.controlnet import resolve_units
 from sdtrt.serve.errors import RequestError
 from sdtrt.serve.limits import prompt_warnings
+from sdtrt.serve.progress import JobState
 from sdtrt.serve.service import ModelCard
 
 Row = tuple[Any, int, str, str]  # (PIL image, seed, prompt, negative prompt) of one generated image
@@ -52,6 +53,17 @@ def check_request(pipe: Any, request: GenerateRequest) -> tuple[int, int]:
 def call_batch(pipe: Any, request: GenerateRequest) -> int:
     """Images per pipeline call for ``request``: its ``batch_size``, or the profile's batch limit below it."""
     return min(request.batch_size, pipe.manifest.profile.max_batch)
+
+
+def pipeline_calls(pipe: Any, request: GenerateRequest) -> list[tuple[int, int]]:
+    """The pipeline calls ``request`` runs as: (seed offset, images) each; ``n_iter`` batches of ``batch_size``,
+    each batch split into calls of at most the profile's batch limit."""
+    per_call = call_batch(pipe, request)
+    return [
+        (first + offset, min(per_call, request.batch_size - offset))
+        for first in range(0, request.total_images, request.batch_size)
+        for offset in range(0, request.batch_size, per_call)
+    ]
 
 
 def control_inputs(pipe: Any, request: GenerateRequest, size: tuple[int, int] | None = None) -> list[Any]:
@@ -96,9 +108,13 @@ def call_pipeline(
     seed: int | list[int],
     num_images: int = 1,
     image: Any = None,
+    job: JobState | None = None,
 ) -> Any:
-    """One pipeline call with ``request``'s settings for ``prompt`` and ``seed`` (``image``: img2img's)."""
-    extra = {"controls": control_inputs(pipe, request)} if request.controls else {}
+    """One pipeline call with ``request``'s settings for ``prompt`` and ``seed`` (``image``: img2img's); ``job``
+    follows its steps and can stop it between two."""
+    extra: dict[str, Any] = {"controls": control_inputs(pipe, request)} if request.controls else {}
+    if job is not None:
+        extra.update(callback=job.on_step, cancel=job)
     return pipe(
         prompt,
         negative_prompt=request.negative_prompt or None,  # as `sdtrt generate` without --negative
@@ -117,9 +133,12 @@ def call_pipeline(
     )
 
 
-def run_request(pipe: Any, request: GenerateRequest, model_name: str) -> Generation:
+def run_request(pipe: Any, request: GenerateRequest, model_name: str, job: JobState | None = None) -> Generation:
     """Run ``request`` (seed resolved) on ``pipe``: ``n_iter`` batches of ``batch_size`` images, seeds consecutive;
-    a batch larger than the profile allows runs as several calls (the same images as one call would give)."""
+    a batch larger than the profile allows runs as several calls (``pipeline_calls``: the same images).
+
+    With ``job``: its progress is reported there, and an interrupt or skip ends a call between two steps (see
+    ``progress``); an interrupted request returns the images of the calls that ran."""
     from PIL import Image
 
     assert request.seed is not None
@@ -127,13 +146,12 @@ def run_request(pipe: Any, request: GenerateRequest, model_name: str) -> Generat
     start = time.perf_counter()
     rows: list[Row] = []
     settings: Settings | None = None
-    per_call = call_batch(pipe, request)
-    for first in range(0, request.total_images, request.batch_size):
-        for offset in range(0, request.batch_size, per_call):
-            count = min(per_call, request.batch_size - offset)
-            result = call_pipeline(pipe, request, request.prompt, request.seed + first + offset, count, image)
-            settings = result.settings
-            rows += zip(result.images, result.seeds, result.prompts, result.negative_prompts, strict=True)
+    for index, (offset, count) in enumerate(pipeline_calls(pipe, request)):
+        if job is not None and not job.next_call(index):
+            break
+        result = call_pipeline(pipe, request, request.prompt, request.seed + offset, count, image, job)
+        settings = result.settings
+        rows += zip(result.images, result.seeds, result.prompts, result.negative_prompts, strict=True)
     assert settings is not None  # n_iter >= 1
     return make_generation(pipe, request, rows, settings, model_name, time.perf_counter() - start)
 
@@ -200,6 +218,7 @@ def make_generation(
 __all__ = [
     "call_batch",
     "call_pipeline",
+    "pipeline_calls",
     "check_request",
     "controlnet_names",
     "control_inputs",

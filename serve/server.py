@@ -147,6 +147,7 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
     from sdtrt.runtime.manifest import model_display_name, read_manifest
     from sdtrt.runtime.pipeline import Pipeline
 
+    from .a1111_info import cmd_flags
     from .app import create_app
     from .worker import LocalWorker
 
@@ -167,5 +168,5 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
         name, config.backend, pipe.device, config.queue_size, config.limits.max_body_mb,
         config.limits.max_prompt_chars, config.limits.max_images,
     )  # fmt: skip
-    app = create_app(worker, limits=config.limits)
+    app = create_app(worker, cmd_flags=cmd_flags(config), limits=config.limits)
     run_app(app, config.host, config.port, on_ready=on_ready, grace=grace, sock=sock)
