@@ -258,6 +258,7 @@ class Pipeline:
         num_images: int = 1,
         image: Image.Image | None = None,
         strength: float = 0.8,
+        init_latents: torch.Tensor | None = None,
         callback: Callback | None = None,
         original_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] = (0, 0),
@@ -272,8 +273,9 @@ class Pipeline:
         Image ``k`` uses seed ``seed + k`` (or ``seed[k]`` for a list of one seed per image: requests batched
         together keep their own seeds); seeds are 0..2**32-1, None or -1 draws a random one (see ``result.seeds``).
         Starting noise is drawn on the CPU, so a seed gives the same image on every backend and device. ``image`` +
-        ``strength`` run img2img. ``callback(step, total, latents)`` runs between steps (clone ``latents`` to keep
-        them; see ``latents_to_rgb`` for previews). SDXL only: ``original_size``, ``crops_coords_top_left``,
+        ``strength`` run img2img, or ``init_latents`` + ``strength`` from scaled latents [1 or B, C, h, w] (their size
+        by default). ``callback(step, total, latents)`` runs between steps (clone ``latents`` to keep them; see
+        ``latents_to_rgb`` for previews). SDXL only: ``original_size``, ``crops_coords_top_left``,
         ``target_size`` ((height, width) pairs, as in diffusers; sizes default to the image size) are the
         micro-conditioning; ``negative_prompt=None`` gives zero negative conditioning when the model says so
         (``force_zeros_for_empty_prompt``), as diffusers does; an explicit ``""`` is encoded like any prompt.
@@ -304,6 +306,7 @@ class Pipeline:
             target_size=target_size,
             cache_interval=cache_interval,
             cache_schedule=cache_schedule,
+            init_latents=init_latents,
         )
         self.check_controls(controls)
         hints = [control.hint(req.width, req.height) for control in controls]  # bad images fail before work
@@ -311,7 +314,8 @@ class Pipeline:
         t0 = clock.mark()  # text: uncond rows first, encoded once before the loop
         text, pooled = self.encode_text(req)
         times.text_encode = clock.seconds(t0, clock.mark())
-        denoiser = self.prepare_latents(req, text, pooled, image, times, list(zip(controls, hints, strict=True)))
+        hinted = list(zip(controls, hints, strict=True))
+        denoiser = self.prepare_latents(req, text, pooled, image, times, hinted, init_latents)
         latents = self.denoise(denoiser, req, callback, times, cancel)
         interrupted = len(times.steps) < req.steps - req.first
         d0 = clock.mark()
@@ -331,18 +335,22 @@ class Pipeline:
         image: Image.Image | None = None,
         times: StageTimes | None = None,
         controls: Sequence[tuple[ControlInput, torch.Tensor]] = (),
+        init_latents: torch.Tensor | None = None,
     ) -> Denoiser:
         """A denoiser whose static buffers hold this call's text, guidance, starting latents and ControlNet
         hints and scales (``controls``: each ``ControlInput`` with its hint [1, 3, H, W] at the image size).
 
         Draw order per image generator matches diffusers: starting noise (or VAE sample, then noise), then the
-        sampler's per-step noise. The VAE encoder's time goes to ``times`` when given.
+        sampler's per-step noise (``init_latents``: given, then noise). The VAE encoder's time goes to ``times``.
         """
         generators = [torch.Generator().manual_seed(s) for s in req.seeds]
         sampler = get_scheduler(req.scheduler)
         shape = req.shape
-        if image is None:
-            init: Any = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])
+        if init_latents is not None:
+            clean = init_latents.float().cpu().expand(shape[0], -1, -1, -1)
+            init: Any = (clean, torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators]))
+        elif image is None:
+            init = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])
         else:
             init, seconds = self._encode_image(image, req.height, req.width, generators)
             if times is not None:
@@ -357,7 +365,7 @@ class Pipeline:
             time_ids = torch.tensor(req.time_ids, dtype=torch.float32).expand(pooled.shape[0], -1)
             buffers.extra["time_ids"].copy_(time_ids.to(buffers.text.dtype))
         buffers.guidance.fill_(float(req.guidance_scale))
-        if image is None:
+        if image is None and init_latents is None:
             buffers.latents.copy_(init.to(self.device) * schedule.init_noise_sigma)
         else:
             clean, noised = init

@@ -15,12 +15,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sdtrt.runtime.errors import ConfigError
+from sdtrt.runtime.hires import HiresFix
 from sdtrt.runtime.request import check_seed
 from sdtrt.runtime.schedulers import A1111_LABELS
 
 from .caching import CacheDefaults, cache_info, parse_cache_fields
 from .controlnet import ControlUnit, parse_controlnet
 from .errors import RequestError
+from .hires import parse_hires
 from .images import decode_image, encode_png
 from .limits import Limits, check_image_count, check_prompts, echoed
 
@@ -109,6 +111,7 @@ class GenerateRequest:
     echo: dict[str, Any] = field(default_factory=dict, compare=False)  # the request as A1111 echoes it
     cache_interval: int | None = None  # step caching; None: the server's default (``with_cache_defaults``)
     cache_schedule: str | None = None
+    hires: HiresFix | None = None  # txt2img's enable_hr: a second, larger pass (see ``hires``)
 
     @property
     def img2img(self) -> bool:
@@ -224,6 +227,7 @@ def parse_request(payload: Any, img2img: bool = False, limits: Limits | None = N
     init = _init_image(payload, strength, limits) if img2img else None
     controls = parse_controlnet(payload, init)
     interval, schedule = parse_cache_fields(payload)
+    hires = None if img2img else parse_hires(payload, strength, resolve_sampler)
     echo = echoed(payload)
     echo.update(prompt=prompt, negative_prompt=negative, steps=steps, cfg_scale=cfg, seed=seed, batch_size=batch)
     echo.update(n_iter=n_iter, width=width, height=height, sampler_name=A1111_LABELS.get(sampler or "", None))
@@ -246,6 +250,7 @@ def parse_request(payload: Any, img2img: bool = False, limits: Limits | None = N
         echo,
         interval,
         schedule,
+        hires,
     )
 
 
@@ -265,7 +270,7 @@ def response_body(request: GenerateRequest, gen: Generation) -> dict[str, Any]:
         "height": gen.height,
         "batch_size": request.batch_size,
         "n_iter": request.n_iter,
-        "denoising_strength": request.denoising_strength if request.img2img else None,
+        "denoising_strength": request.denoising_strength if request.img2img or request.hires else None,
         "sd_model_name": gen.model_name,
         "sd_model_hash": gen.model_hash[:10],
         "infotexts": gen.infotexts,

@@ -20,6 +20,7 @@ from .a1111_info import add_info_routes
 from .controlnet import resolve_units
 from .controlnet_api import add_controlnet_routes
 from .errors import RequestError, ServeError, error_body
+from .hires import latent_modes_body, upscalers_body
 from .limits import Limits, install, note_generation, parse_json_body
 from .metrics import Metrics
 from .progress import add_progress_routes
@@ -145,6 +146,14 @@ def _add_status_routes(app: Any, service: Service, counters: Metrics) -> None:
     @app.get("/sdapi/v1/scripts")
     async def scripts() -> Any:  # A1111's list of script titles: clients look for the ControlNet extension here
         return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+
+    @app.get("/sdapi/v1/upscalers")
+    async def upscalers() -> Any:
+        return upscalers_body()
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    async def latent_upscale_modes() -> Any:
+        return latent_modes_body()
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models() -> Any:

@@ -5,7 +5,8 @@ request checks (so a refusal reads as the library's message) before they are que
 on everything but prompt, seed and batch size can run as one pipeline call (``merge_key``, ``run_merged``); a
 ``batch_size`` above the profile's batch limit runs as several calls with consecutive seeds, as ``n_iter`` does. A
 call's ControlNet controls hold for all its images, so requests with ControlNet units merge only when their
-units are the same (models, hints and settings), and step caching only with the same interval and schedule.
+units are the same (models, hints and settings), step caching only with the same interval and schedule, and a
+hires fix (``enable_hr``) only with the same hires settings (never with plain requests).
 Requests reach these functions with the server's step-caching default applied (``with_cache_defaults``).
 """
 
@@ -16,12 +17,14 @@ import time
 from typing import Any
 
 from sdtrt.runtime.errors import ArtifactError, ConfigError, ControlError, ShapeError
+from sdtrt.runtime.hires import run_hires
 from sdtrt.runtime.images import infotext, png_bytes
 from sdtrt.runtime.request import Settings, image_size, require_vae_encoder, seeds_per_image
 from sdtrt.serve.a1111 import GenerateRequest, Generation
 from sdtrt.serve.caching import check_cache_request
 from sdtrt.serve.controlnet import resolve_units
 from sdtrt.serve.errors import RequestError
+from sdtrt.serve.hires import check_hires_request
 from sdtrt.serve.limits import prompt_warnings
 from sdtrt.serve.progress import JobState
 from sdtrt.serve.service import ModelCard
@@ -45,6 +48,8 @@ def check_request(pipe: Any, request: GenerateRequest) -> tuple[int, int]:
     except (ShapeError, ArtifactError, ConfigError) as exc:
         raise RequestError(str(exc)) from None
     check_cache_request(request.cache_interval or 1, pipe.engines)
+    if request.hires is not None:  # the second size too, before the first pass is queued
+        check_hires_request(pipe.manifest, request.hires, request.height, request.width, call_batch(pipe, request))
     if request.controls:
         control_inputs(pipe, request, size)
     return size
@@ -110,27 +115,29 @@ def call_pipeline(
     image: Any = None,
     job: JobState | None = None,
 ) -> Any:
-    """One pipeline call with ``request``'s settings for ``prompt`` and ``seed`` (``image``: img2img's); ``job``
-    follows its steps and can stop it between two."""
+    """One pipeline call with ``request``'s settings for ``prompt`` and ``seed`` (``image``: img2img's), or the
+    two of its hires fix; ``job`` follows its steps and can stop it between two."""
     extra: dict[str, Any] = {"controls": control_inputs(pipe, request)} if request.controls else {}
     if job is not None:
         extra.update(callback=job.on_step, cancel=job)
-    return pipe(
-        prompt,
-        negative_prompt=request.negative_prompt or None,  # as `sdtrt generate` without --negative
-        steps=request.steps,
-        guidance_scale=request.cfg_scale,
-        seed=seed,
-        height=request.height,
-        width=request.width,
-        scheduler=request.sampler,
-        num_images=num_images,
-        image=image,
-        strength=request.denoising_strength,
-        cache_interval=request.cache_interval or 1,
-        cache_schedule=request.cache_schedule or "uniform",
+    if image is not None:
+        extra.update(image=image, strength=request.denoising_strength)
+    call = {
+        "negative_prompt": request.negative_prompt or None,  # as `sdtrt generate` without --negative
+        "steps": request.steps,
+        "guidance_scale": request.cfg_scale,
+        "seed": seed,
+        "height": request.height,
+        "width": request.width,
+        "scheduler": request.sampler,
+        "num_images": num_images,
+        "cache_interval": request.cache_interval or 1,
+        "cache_schedule": request.cache_schedule or "uniform",
         **extra,
-    )
+    }
+    if request.hires is not None:
+        return run_hires(pipe, prompt, request.hires, **call)
+    return pipe(prompt, **call)
 
 
 def run_request(pipe: Any, request: GenerateRequest, model_name: str, job: JobState | None = None) -> Generation:
@@ -162,7 +169,7 @@ def merge_key(request: GenerateRequest) -> tuple[Any, ...] | None:
         return None
     units = tuple(unit.settings for unit in request.controls)
     return (request.negative_prompt, request.steps, request.cfg_scale, request.width, request.height, request.sampler,
-            units, request.cache_interval, request.cache_schedule)  # fmt: skip
+            units, request.cache_interval, request.cache_schedule, request.hires)  # fmt: skip
 
 
 def run_merged(pipe: Any, requests: list[GenerateRequest], model_name: str) -> list[Generation]:
