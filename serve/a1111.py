@@ -24,6 +24,7 @@ from .controlnet import ControlUnit, parse_controlnet
 from .errors import RequestError
 from .hires import parse_hires
 from .images import decode_image, encode_png
+from .limits import Limits, check_image_count, check_prompts, echoed
 
 SAMPLER_BY_LABEL = {label: name for name, label in A1111_LABELS.items()}
 SAMPLER_ALIASES: dict[str, list[str]] = {
@@ -149,6 +150,7 @@ class Generation:
     served_by: str = ""  # the Ray replica that ran it ("" on the plain server)
     cache_interval: int = 1  # the step caching it ran with (1: every step full)
     cache_schedule: str = "uniform"
+    warnings: tuple[str, ...] = ()  # e.g. the part of a prompt past the model's prompt windows, dropped
 
 
 def _typed(payload: dict[str, Any], name: str, types: tuple[type, ...], default: Any, what: str) -> Any:
@@ -177,21 +179,24 @@ def resolve_sampler(name: str | None) -> str | None:
     )
 
 
-def _init_image(payload: dict[str, Any], strength: float) -> bytes:
+def _init_image(payload: dict[str, Any], strength: float, limits: Limits | None = None) -> bytes:
     """img2img's init image (the decoded bytes of ``init_images[0]``), with its denoising strength checked."""
     images = payload.get("init_images")
     if not isinstance(images, list) or not images:
         raise RequestError("img2img needs init_images: a list with one base64-encoded image")
-    init = decode_image(images[0], "init_images[0]")
+    init = decode_image(images[0], "init_images[0]", limits)
     if not 0 < strength <= 1:
         raise RequestError(f"denoising_strength must be in (0, 1], got {strength}")
     return init
 
 
-def parse_request(payload: Any, img2img: bool = False) -> GenerateRequest:
-    """Validate an A1111 txt2img (or img2img) JSON payload; raise ``RequestError`` with the reason."""
+def parse_request(payload: Any, img2img: bool = False, limits: Limits | None = None) -> GenerateRequest:
+    """Validate an A1111 txt2img (or img2img) JSON payload within ``limits``; raise ``RequestError`` with the
+    reason."""
     if not isinstance(payload, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(payload).__name__}")
+    limits = limits or Limits()
+    check_prompts(payload, limits)
     prompt = _typed(payload, "prompt", (str,), "", "a string")
     negative = _typed(payload, "negative_prompt", (str,), "", "a string")
     steps = _typed(payload, "steps", (int,), 50, "an integer")
@@ -217,12 +222,13 @@ def parse_request(payload: Any, img2img: bool = False) -> GenerateRequest:
     for name, value in (("batch_size", batch), ("n_iter", n_iter)):
         if value < 1:
             raise RequestError(f"{name} must be an integer >= 1, got {value}")
+    check_image_count(batch, n_iter, limits)
     strength = float(_typed(payload, "denoising_strength", (int, float), 0.75, "a number"))
-    init = _init_image(payload, strength) if img2img else None
+    init = _init_image(payload, strength, limits) if img2img else None
     controls = parse_controlnet(payload, init)
     interval, schedule = parse_cache_fields(payload)
     hires = None if img2img else parse_hires(payload, strength, resolve_sampler)
-    echo = dict(payload)
+    echo = echoed(payload)
     echo.update(prompt=prompt, negative_prompt=negative, steps=steps, cfg_scale=cfg, seed=seed, batch_size=batch)
     echo.update(n_iter=n_iter, width=width, height=height, sampler_name=A1111_LABELS.get(sampler or "", None))
     if img2img:
@@ -272,6 +278,8 @@ def response_body(request: GenerateRequest, gen: Generation) -> dict[str, Any]:
     info.update(cache_info(gen.cache_interval, gen.cache_schedule))
     if gen.served_by:
         info["served_by"] = gen.served_by
+    if gen.warnings:
+        info["warnings"] = list(gen.warnings)
     parameters = dict(request.echo)
     parameters.update(cache_info(gen.cache_interval, gen.cache_schedule))
     parameters["width"] = parameters.get("width") or gen.width

@@ -2,7 +2,8 @@
 
 Shared by the plain server's ``LocalWorker`` and the Ray replicas. Requests are checked with the runtime's own
 request checks (so a refusal reads as the library's message) before they are queued; txt2img requests that agree
-on everything but prompt, seed and batch size can run as one pipeline call (``merge_key``, ``run_merged``). A
+on everything but prompt, seed and batch size can run as one pipeline call (``merge_key``, ``run_merged``); a
+``batch_size`` above the profile's batch limit runs as several calls with consecutive seeds, as ``n_iter`` does. A
 call's ControlNet controls hold for all its images, so requests with ControlNet units merge only when their
 units are the same (models, hints and settings), step caching only with the same interval and schedule, and a
 hires fix (``enable_hr``) only with the same hires settings (never with plain requests).
@@ -24,6 +25,7 @@ from sdtrt.serve.caching import check_cache_request
 from sdtrt.serve.controlnet import resolve_units
 from sdtrt.serve.errors import RequestError
 from sdtrt.serve.hires import check_hires_request
+from sdtrt.serve.limits import prompt_warnings
 from sdtrt.serve.progress import JobState
 from sdtrt.serve.service import ModelCard
 
@@ -38,7 +40,7 @@ def controlnet_names(pipe: Any) -> tuple[str, ...]:
 def check_request(pipe: Any, request: GenerateRequest) -> tuple[int, int]:
     """Raise ``RequestError`` (the library's message) unless ``pipe`` can run ``request``; return (height, width)."""
     try:
-        size = image_size(pipe.manifest, request.height, request.width, request.batch_size)
+        size = image_size(pipe.manifest, request.height, request.width, call_batch(pipe, request))
         if request.img2img:
             require_vae_encoder(pipe.engines)
         if request.seed is not None:  # every image's seed in range, before the request can join a merged batch
@@ -47,10 +49,26 @@ def check_request(pipe: Any, request: GenerateRequest) -> tuple[int, int]:
         raise RequestError(str(exc)) from None
     check_cache_request(request.cache_interval or 1, pipe.engines)
     if request.hires is not None:  # the second size too, before the first pass is queued
-        check_hires_request(pipe.manifest, request.hires, request.height, request.width, request.batch_size)
+        check_hires_request(pipe.manifest, request.hires, request.height, request.width, call_batch(pipe, request))
     if request.controls:
         control_inputs(pipe, request, size)
     return size
+
+
+def call_batch(pipe: Any, request: GenerateRequest) -> int:
+    """Images per pipeline call for ``request``: its ``batch_size``, or the profile's batch limit below it."""
+    return min(request.batch_size, pipe.manifest.profile.max_batch)
+
+
+def pipeline_calls(pipe: Any, request: GenerateRequest) -> list[tuple[int, int]]:
+    """The pipeline calls ``request`` runs as: (seed offset, images) each; ``n_iter`` batches of ``batch_size``,
+    each batch split into calls of at most the profile's batch limit."""
+    per_call = call_batch(pipe, request)
+    return [
+        (first + offset, min(per_call, request.batch_size - offset))
+        for first in range(0, request.total_images, request.batch_size)
+        for offset in range(0, request.batch_size, per_call)
+    ]
 
 
 def control_inputs(pipe: Any, request: GenerateRequest, size: tuple[int, int] | None = None) -> list[Any]:
@@ -58,7 +76,7 @@ def control_inputs(pipe: Any, request: GenerateRequest, size: tuple[int, int] | 
     ``RequestError`` naming the unit if the artifact cannot run them."""
     if not request.controls:
         return []
-    height, width = size or image_size(pipe.manifest, request.height, request.width, request.batch_size)
+    height, width = size or image_size(pipe.manifest, request.height, request.width, call_batch(pipe, request))
     units = resolve_units(request.controls, controlnet_names(pipe))
     inputs = []
     for unit in units:
@@ -123,7 +141,8 @@ def call_pipeline(
 
 
 def run_request(pipe: Any, request: GenerateRequest, model_name: str, job: JobState | None = None) -> Generation:
-    """Run ``request`` (seed resolved) on ``pipe``: ``n_iter`` calls of ``batch_size`` images, seeds consecutive.
+    """Run ``request`` (seed resolved) on ``pipe``: ``n_iter`` batches of ``batch_size`` images, seeds consecutive;
+    a batch larger than the profile allows runs as several calls (``pipeline_calls``: the same images).
 
     With ``job``: its progress is reported there, and an interrupt or skip ends a call between two steps (see
     ``progress``); an interrupted request returns the images of the calls that ran."""
@@ -134,11 +153,10 @@ def run_request(pipe: Any, request: GenerateRequest, model_name: str, job: JobSt
     start = time.perf_counter()
     rows: list[Row] = []
     settings: Settings | None = None
-    for i in range(request.n_iter):
-        if job is not None and not job.next_call(i):
+    for index, (offset, count) in enumerate(pipeline_calls(pipe, request)):
+        if job is not None and not job.next_call(index):
             break
-        seed = request.seed + i * request.batch_size
-        result = call_pipeline(pipe, request, request.prompt, seed, request.batch_size, image, job)
+        result = call_pipeline(pipe, request, request.prompt, request.seed + offset, count, image, job)
         settings = result.settings
         rows += zip(result.images, result.seeds, result.prompts, result.negative_prompts, strict=True)
     assert settings is not None  # n_iter >= 1
@@ -179,6 +197,8 @@ def make_generation(
 ) -> Generation:
     """A ``Generation`` of (image, seed, prompt, negative) rows: PNGs with A1111's ``parameters`` text."""
     model_hash = str(pipe.manifest.source.get("sha256", ""))
+    prompts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
+    warnings = prompt_warnings(pipe.tokenizer, pipe.manifest.profile.max_prompt_windows, prompts)
     texts = [
         infotext(prompt, request.negative_prompt, seed, settings, model_hash, model_name) for _, seed, prompt, _ in rows
     ]
@@ -198,11 +218,14 @@ def make_generation(
         seconds,
         cache_interval=settings.cache_interval,
         cache_schedule=settings.cache_schedule,
+        warnings=tuple(warnings),
     )
 
 
 __all__ = [
+    "call_batch",
     "call_pipeline",
+    "pipeline_calls",
     "check_request",
     "controlnet_names",
     "control_inputs",

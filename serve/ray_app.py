@@ -42,6 +42,7 @@ from sdtrt.runtime.request import random_seed
 from .a1111 import GenerateRequest, Generation
 from .caching import CacheDefaults
 from .errors import GenerationFailed, Overloaded, RequestError
+from .limits import Limits
 from .progress import NotSupported
 from .service import ModelCard, ServiceStats
 
@@ -66,6 +67,7 @@ class RayConfig:
     app_name: str = "sdtrt"  # the Ray Serve application name (serve.run(..., name=app_name))
     cache_interval: int = 1  # step caching of requests that do not choose: a full UNet step every N
     cache_schedule: str = "uniform"
+    limits: Limits = Limits()  # the same request bounds as the plain server, applied by the ingress
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.max_replicas:
@@ -249,7 +251,8 @@ def build_app(config: RayConfig, **listen: Any) -> Any:
 
     config.check_artifact()
     flags = cmd_flags(config, ray=True, **listen)
-    app = create_app(HandleService(config.app_name, config.max_queued_requests), cmd_flags=flags)
+    service = HandleService(config.app_name, config.max_queued_requests)
+    app = create_app(service, cmd_flags=flags, limits=config.limits)
     actor: dict[str, float] = {"num_cpus": config.cpus_per_replica}
     if config.gpus_per_replica:
         actor["num_gpus"] = config.gpus_per_replica

@@ -26,7 +26,7 @@ from sdtrt.runtime.request import random_seed
 from sdtrt.serve.a1111 import GenerateRequest, Generation
 from sdtrt.serve.caching import CacheDefaults
 from sdtrt.serve.errors import GenerationFailed, Overloaded, RequestError, TimedOut
-from sdtrt.serve.generate import check_request, model_card, run_request
+from sdtrt.serve.generate import check_request, model_card, pipeline_calls, run_request
 from sdtrt.serve.progress import JobState
 from sdtrt.serve.service import ModelCard, ServiceStats
 
@@ -141,7 +141,7 @@ class LocalWorker:
                 self._running = 1
                 begin = time.perf_counter()
                 kind = "scripts_img2img" if job.request.img2img else "scripts_txt2img"
-                self.job.begin(kind, job.request.n_iter, job.request.steps)
+                self.job.begin(kind, len(pipeline_calls(self.pipe, job.request)), job.request.steps)
                 try:
                     gen = await loop.run_in_executor(
                         self._executor, run_request, self.pipe, job.request, self.model_name, self.job
