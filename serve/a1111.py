@@ -22,6 +22,7 @@ from sdtrt.runtime.schedulers import A1111_LABELS
 from .caching import CacheDefaults, cache_info, parse_cache_fields
 from .controlnet import ControlUnit, parse_controlnet
 from .errors import RequestError
+from .fields import check_fields
 from .hires import parse_hires
 from .images import decode_image, encode_png
 from .limits import Limits, check_image_count, check_prompts, echoed
@@ -217,6 +218,7 @@ def parse_request(payload: Any, img2img: bool = False, limits: Limits | None = N
     if sampler is None:
         sampler = resolve_sampler(_typed(payload, "sampler_index", (str,), None, "a string"))
     sampler = apply_scheduler(sampler, _typed(payload, "scheduler", (str,), None, "a string"))
+    check_fields(payload, img2img, sampler)
     batch = _typed(payload, "batch_size", (int,), 1, "an integer")
     n_iter = _typed(payload, "n_iter", (int,), 1, "an integer")
     for name, value in (("batch_size", batch), ("n_iter", n_iter)):

@@ -248,15 +248,20 @@ SCRIPT_INFO = [
 ]
 
 
+async def server_options(app: Any, service: Service) -> ServerOptions:
+    """The options ``app`` keeps for ``service``'s model (made on first use: the model loads with the service)."""
+    if getattr(app.state, "a1111_options", None) is None:
+        app.state.a1111_options = ServerOptions(await service.model())
+    return app.state.a1111_options
+
+
 def add_info_routes(app: Any, service: Service, flags: dict[str, Any] | None = None) -> None:
     """Register the start-up endpoints on ``app``; ``flags`` is what ``/cmd-flags`` reports (``cmd_flags``)."""
     from fastapi import Request
     from fastapi.responses import JSONResponse
 
     async def options_of() -> ServerOptions:
-        if getattr(app.state, "a1111_options", None) is None:
-            app.state.a1111_options = ServerOptions(await service.model())
-        return app.state.a1111_options
+        return await server_options(app, service)
 
     @app.get("/sdapi/v1/options")
     async def get_options() -> Any:

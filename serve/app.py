@@ -16,10 +16,11 @@ from sdtrt.runtime.deps import require
 from sdtrt.runtime.schedulers import A1111_LABELS
 
 from .a1111 import SAMPLER_ALIASES, parse_request, response_body
-from .a1111_info import add_info_routes
+from .a1111_info import add_info_routes, server_options
 from .controlnet import resolve_units
 from .controlnet_api import add_controlnet_routes
 from .errors import RequestError, ServeError, error_body
+from .fields import OWN_OVERRIDES, check_overrides
 from .hires import latent_modes_body, upscalers_body
 from .limits import Limits, install, note_generation, parse_json_body
 from .metrics import Metrics
@@ -114,6 +115,7 @@ def _add_generation_routes(app: Any, service: Service, counters: Metrics) -> Non
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise RequestError(f"the request body is not valid JSON ({exc})") from None
             req = parse_request(payload, img2img=img2img, limits=request.app.state.limits)
+            check_overrides(payload, (await server_options(request.app, service)).refusal, OWN_OVERRIDES)
             if req.controls:  # the units' models resolved before queueing, so a wrong name fails fast
                 req = replace(req, controls=resolve_units(req.controls, (await service.model()).controlnets))
             gen = await service.generate(req)

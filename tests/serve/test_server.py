@@ -115,7 +115,7 @@ def generate_cli(artifacts: Path, out: Path, *args: str) -> np.ndarray:
 
 
 def test_txt2img_matches_generate(server, tiny_fp32, tmp_path):
-    status, body, _ = server.post("/sdapi/v1/txt2img", {**FAST, "seed": 42, "batch_size": 2, "unknown_field": 1})
+    status, body, _ = server.post("/sdapi/v1/txt2img", {**FAST, "seed": 42, "batch_size": 2})
     assert status == 200, body
     info = json.loads(body["info"])
     assert info["all_seeds"] == [42, 43] and info["sampler_name"] == "Euler" and len(info["infotexts"]) == 2

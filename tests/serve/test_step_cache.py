@@ -146,12 +146,20 @@ def test_bad_cache_fields_are_422(server, payload, match):
         assert re.search(match, body["detail"]), body["detail"]
 
 
-def test_other_override_settings_are_still_ignored(server, direct):
-    """A1111 settings sdtrt does not have (and unknown top-level fields) keep being ignored, as before."""
-    payload = {**BASE, "seed": 42, "override_settings": {"CLIP_stop_at_last_layers": 2}, "unknown_field": 1}
+def test_other_override_settings_run_only_at_the_servers_values(server, direct):
+    """An A1111 setting at the value the server runs with changes nothing; another value, an unknown setting or an
+    unknown top-level field is a 422 (ignoring them would run something other than what was asked)."""
+    payload = {**BASE, "seed": 42, "override_settings": {"eta_ddim": 0.0, "randn_source": "CPU"}}
     status, body, _ = server.post("/sdapi/v1/txt2img", payload)
     assert status == 200 and "sdtrt_cache_interval" not in json.loads(body["info"])
     np.testing.assert_array_equal(pixels(body["images"][0]), direct(1))
+    for bad, match in (
+        ({"override_settings": {"randn_source": "GPU"}}, r"override_settings.option 'randn_source' is 'CPU'"),
+        ({"override_settings": {"sd_vae_x": 1}}, r"unknown or unsupported option 'sd_vae_x'"),
+        ({"unknown_field": 1}, r"unknown field 'unknown_field'"),
+    ):
+        status, body, _ = server.post("/sdapi/v1/txt2img", {**BASE, "seed": 42, **bad})
+        assert status == 422 and re.search(match, body["detail"]), body
 
 
 def png(size: int) -> bytes:
