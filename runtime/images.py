@@ -118,11 +118,13 @@ def infotext(
 ) -> str:
     """A1111's ``parameters`` text for one image of a generation that ran with ``settings``.
 
-    As A1111 writes it: img2img adds the denoising strength; LoRAs are ``<lora:name:scale>`` tags after the
-    prompt and their short hashes a ``Lora hashes`` field; ControlNets are ``ControlNet <k>`` fields; step
-    caching (when on) is ``Cache interval`` and ``Cache schedule``.
+    As A1111 writes it: img2img adds the denoising strength; a clip skip above 1 is ``Clip skip``; LoRAs are
+    ``<lora:name:scale>`` tags after the prompt and their short hashes a ``Lora hashes`` field; ControlNets are
+    ``ControlNet <k>`` fields; step caching (when on) is ``Cache interval`` and ``Cache schedule``.
     """
     extra = [("Denoising strength", f"{settings.strength:g}")] if settings.strength is not None else []
+    if settings.clip_skip > 1:  # A1111 writes it only when it skips, right after the denoising strength
+        extra.append(("Clip skip", str(settings.clip_skip)))
     if settings.loras:
         extra.append(("Lora hashes", '"' + ", ".join(f"{x.name}: {x.hash}" for x in settings.loras) + '"'))
     for k, c in enumerate(settings.controls):  # as A1111's ControlNet extension writes its units

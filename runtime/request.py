@@ -49,6 +49,7 @@ class Request:
     time_ids: tuple[int, ...] = ()  # SDXL: original size, crop top-left, target size (each height, width)
     cache_interval: int = 1  # step caching: a full UNet step every N (1: every step full)
     cache_schedule: str = "uniform"
+    clip_skip: int = 1  # the text encoder's hidden state N layers from the end (1: the last), as A1111 counts
 
     @property
     def guided(self) -> bool:
@@ -112,6 +113,7 @@ class Settings:
     controls: tuple[ControlSetting, ...] = ()
     cache_interval: int = 1
     cache_schedule: str = "uniform"
+    clip_skip: int = 1
 
     @classmethod
     def of(
@@ -132,6 +134,7 @@ class Settings:
             tuple(controls),
             req.cache_interval,
             req.cache_schedule,
+            req.clip_skip,
         )
 
     def __getitem__(self, key: str) -> Any:
@@ -159,6 +162,8 @@ class Settings:
         if self.cache_interval > 1:
             data["cache_interval"] = self.cache_interval
             data["cache_schedule"] = self.cache_schedule
+        if self.clip_skip > 1:
+            data["clip_skip"] = self.clip_skip
         return data
 
 
@@ -201,19 +206,21 @@ def make_request(
     target_size: Pair | None = None,
     cache_interval: int = 1,
     cache_schedule: str = "uniform",
+    clip_skip: int = 1,
 ) -> Request:
     """Validate a ``Pipeline.__call__``'s arguments (its names) for ``manifest``'s model and expand them to one
     entry per image.
 
     ``components`` are the engines open (img2img needs a VAE encoder); ``strength`` counts for img2img only (an
     ``image`` given); the micro-conditioning (``original_size``, ``crops_coords_top_left``, ``target_size``) is
-    SDXL's, refused for other families.
+    SDXL's, refused for other families; ``clip_skip`` is checked by ``check_clip_skip``.
     """
     prompts, negatives = expand_prompts(prompt, negative_prompt, num_images)
     name = scheduler or default_scheduler
     _check_arguments(steps, guidance_scale, name)
     check_cache_args(cache_interval, cache_schedule)
     check_cache_supported(cache_interval, components)
+    check_clip_skip(manifest.model, clip_skip)
     height, width = image_size(manifest, height, width, len(prompts))
     img2img = strength if image is not None else None
     first = start_index(steps, strength) if img2img is not None else 0
@@ -228,7 +235,32 @@ def make_request(
     request = Request(
         prompts, negatives, height, width, name, steps, first, seeds, guidance_scale, shape, img2img, zero, time_ids
     )
-    return dataclasses.replace(request, cache_interval=cache_interval, cache_schedule=cache_schedule)
+    return dataclasses.replace(
+        request, cache_interval=cache_interval, cache_schedule=cache_schedule, clip_skip=clip_skip
+    )
+
+
+def check_clip_skip(model: ModelInfo, clip_skip: int) -> None:
+    """``ConfigError`` unless ``model``'s artifact can run ``clip_skip``: 1 (the last layer) on every artifact,
+    2..``text_layers`` on SD 1.x/2.x text encoders exported with the ``clip_skip`` input."""
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
+        raise ConfigError(f"clip skip must be an integer >= 1 (1: the last layer, no skip), got {clip_skip!r}")
+    if clip_skip == 1:
+        return
+    if model.family == "sdxl":
+        raise ConfigError(
+            f"clip skip {clip_skip} is not supported for SDXL models (they are conditioned on the penultimate "
+            "layer of both text encoders by design); use clip skip 1"
+        )
+    if not model.clip_skip_ready:
+        raise ConfigError(
+            f"clip skip {clip_skip} needs a text encoder exported with the clip_skip input, and this artifact's "
+            "predates it (clip skip 1 only); re-export the model with `sdtrt export` (then any clip skip runs)"
+        )
+    if clip_skip > model.text_layers:
+        raise ConfigError(
+            f"clip skip {clip_skip} is past this text encoder's {model.text_layers} layers; give 1..{model.text_layers}"
+        )
 
 
 def check_request(manifest: Manifest, prompt: str | list[str], *args: Any, **call: Any) -> None:
@@ -351,6 +383,7 @@ __all__ = [
     "LoraSetting",
     "Request",
     "Settings",
+    "check_clip_skip",
     "check_request",
     "check_seed",
     "expand_prompts",
