@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sdtrt.cli.control import control_options, read_controls
-from sdtrt.cli.options import backend_options, cache_options, parse_pair, parse_size, writable_folder
+from sdtrt.cli.options import (
+    backend_options,
+    cache_options,
+    clip_skip_option,
+    parse_pair,
+    parse_size,
+    writable_folder,
+)
 from sdtrt.cli.output import OutputTarget, output_target
 
 if TYPE_CHECKING:
@@ -69,6 +76,11 @@ if TYPE_CHECKING:
 )
 @control_options
 @cache_options
+@clip_skip_option(
+    "Condition on the text encoder's hidden state N layers from the end, through its final layer norm (A1111's "
+    "Clip skip; diffusers' clip_skip is N - 1); 1: the last layer. SD 1.x/2.x, any N up to the encoder's layers "
+    "without re-export."
+)
 def generate_cmd(
     artifacts: Path,
     prompt: str,
@@ -97,6 +109,7 @@ def generate_cmd(
     guess_mode: bool,
     cache_interval: int,
     cache_schedule: str,
+    clip_skip: int,
 ) -> None:
     """Generate images for PROMPT with the engines in ARTIFACTS.
 
@@ -127,6 +140,7 @@ def generate_cmd(
         "controls": read_controls(controls, preprocess, resize, canny_low, canny_high, guess_mode),
         "cache_interval": cache_interval,
         "cache_schedule": cache_schedule,
+        "clip_skip": clip_skip,
     }
     lora_specs = check_before_work(artifacts, prompt, call, loras)
     with open_pipeline(artifacts, backend, device, lora_specs) as pipe:

@@ -91,3 +91,9 @@ def cache_options(command: F) -> F:
         help="Step caching: run the full UNet on one step in N and only its outer layers (the shallow UNet) in "
         "between; 1 runs every step in full. Needs an artifact exported with the shallow UNet (the default).",
     )(command)
+
+
+def clip_skip_option(help_text: str) -> Callable[[F], F]:
+    """``--clip-skip N``: which text-encoder layer (from the end) conditions the images; ``help_text`` says where
+    it applies."""
+    return click.option("--clip-skip", type=click.IntRange(min=1), default=1, show_default=True, help=help_text)

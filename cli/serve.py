@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from sdtrt.cli.options import backend_options
+from sdtrt.cli.options import backend_options, clip_skip_option
 from sdtrt.runtime.cache_plan import CACHE_SCHEDULES
 
 
@@ -33,6 +33,10 @@ from sdtrt.runtime.cache_plan import CACHE_SCHEDULES
     help="Which steps run in full: every N (uniform) or DeepCache's quadratic spacing. Per request: "
     "sdtrt_cache_schedule.",
 )
+@clip_skip_option(
+    "Clip skip of requests that do not set override_settings.CLIP_stop_at_last_layers: the text encoder's hidden "
+    "state N layers from the end (1: the last layer)."
+)
 @click.option("--ray", "use_ray", is_flag=True, help="Serve as a Ray Serve application (replicas, autoscaling).")
 @click.option("--ray-address", help="Ray cluster to join (e.g. auto); default: start a local Ray.")
 @click.option("--replicas", type=click.IntRange(min=1), help="Ray: a fixed number of replicas.")
@@ -54,6 +58,7 @@ def serve_cmd(
     timeout: float,
     cache_interval: int,
     cache_schedule: str,
+    clip_skip: int,
     use_ray: bool,
     ray_address: str | None,
     replicas: int | None,
@@ -87,6 +92,7 @@ def serve_cmd(
             max_queued_requests=queue_size,
             cache_interval=cache_interval,
             cache_schedule=cache_schedule,
+            clip_skip=clip_skip,
         )
         run(config_ray, host, port, address=ray_address, on_ready=ready)
         return
@@ -102,5 +108,6 @@ def serve_cmd(
         timeout,
         cache_interval=cache_interval,
         cache_schedule=cache_schedule,
+        clip_skip=clip_skip,
     )
     serve(config, on_ready=ready)

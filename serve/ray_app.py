@@ -7,13 +7,13 @@ Layout: ``Ingress`` serves ``app.create_app`` (the very routes of the plain serv
 forwards each request to the ``Replica`` deployment through its handle. A replica opens one ``Pipeline`` on its
 device (``num_gpus`` per replica on a GPU cluster, ``num_cpus`` on the CPU) and takes requests through
 ``@serve.batch``: those that arrive within ``batch_wait_s`` and share a ``generate.merge_key`` (txt2img, same size,
-steps, guidance, sampler, negative prompt, ControlNet units and step caching) run as one pipeline call up to the
-artifact's batch limit, each with its own prompt and seeds, so a request's image does not depend on what it was
+steps, guidance, sampler, negative prompt, ControlNet units, step caching and clip skip) run as one pipeline call up
+to the artifact's batch limit, each with its own prompt and seeds, so a request's image does not depend on what it was
 batched with.
 Replicas autoscale between ``min_replicas`` and ``max_replicas`` on ongoing requests per replica; a deployment
 whose queue is full answers 429 (Ray's back-pressure), like the plain server.
-The replicas apply the step-caching default (``cache_interval``, ``cache_schedule``) to requests that do not
-choose their own, as the plain server does.
+The replicas apply the step-caching default (``cache_interval``, ``cache_schedule``) and the clip-skip default
+(``clip_skip``) to requests that do not choose their own, as the plain server does.
 
 Engines reach every node as files: the artifact (or engine) folder must be at the same path on every node (a
 shared folder), or built on each node from the same artifact (engine folders are keyed by GPU and TensorRT
@@ -59,6 +59,7 @@ class RayConfig:
     app_name: str = "sdtrt"  # the Ray Serve application name (serve.run(..., name=app_name))
     cache_interval: int = 1  # step caching of requests that do not choose: a full UNet step every N
     cache_schedule: str = "uniform"
+    clip_skip: int = 1  # for requests without override_settings.CLIP_stop_at_last_layers
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.max_replicas:
@@ -70,6 +71,8 @@ class RayConfig:
         if self.max_queued_requests < 1:
             raise ConfigError(f"the queue must hold at least 1 request, got {self.max_queued_requests}")
         check_cache_args(self.cache_interval, self.cache_schedule)
+        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 1:
+            raise ConfigError(f"--clip-skip must be an integer >= 1, got {self.clip_skip!r}")
 
     @property
     def cache(self) -> CacheDefaults:
@@ -77,10 +80,14 @@ class RayConfig:
         return CacheDefaults(self.cache_interval, self.cache_schedule)
 
     def check_artifact(self) -> None:
-        """``ArtifactError`` before Ray or any engine starts, if the artifact cannot run the caching default."""
+        """``ArtifactError``/``ConfigError`` before Ray or any engine starts, if the artifact cannot run the caching
+        or clip-skip default."""
         from sdtrt.runtime.manifest import read_manifest
+        from sdtrt.runtime.request import check_clip_skip
 
-        self.cache.check_artifact(read_manifest(self.artifacts).components, f"the artifact {self.artifacts}")
+        manifest = read_manifest(self.artifacts)
+        self.cache.check_artifact(manifest.components, f"the artifact {self.artifacts}")
+        check_clip_skip(manifest.model, self.clip_skip)
 
 
 class ReplicaCore:
@@ -106,7 +113,7 @@ class ReplicaCore:
 
         results: dict[int, Generation | Exception] = {}
         groups: dict[Any, list[int]] = {}
-        requests = [request.with_cache_defaults(self.config.cache) for request in requests]
+        requests = [r.with_cache_defaults(self.config.cache).with_clip_skip(self.config.clip_skip) for r in requests]
         for index, request in enumerate(requests):
             try:
                 check_request(self.pipe, request)

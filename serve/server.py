@@ -38,6 +38,7 @@ class ServeConfig:
     grace: float | None = None  # seconds the shutdown drain may take; None: queue timeout + 60 s
     cache_interval: int = 1  # a full UNet step every N (1: no caching)
     cache_schedule: str = "uniform"
+    clip_skip: int = 1  # for requests without override_settings.CLIP_stop_at_last_layers
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -47,6 +48,8 @@ class ServeConfig:
         if not self.timeout > 0:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout}")
         check_cache_args(self.cache_interval, self.cache_schedule)
+        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 1:
+            raise ConfigError(f"--clip-skip must be an integer >= 1, got {self.clip_skip!r}")
 
     @property
     def cache(self) -> CacheDefaults:
@@ -92,15 +95,18 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
     """Open the artifact's pipeline, and serve the A1111 API over it until SIGTERM."""
     from sdtrt.runtime.manifest import model_display_name, read_manifest
     from sdtrt.runtime.pipeline import Pipeline
+    from sdtrt.runtime.request import check_clip_skip
 
     from .app import create_app
     from .worker import LocalWorker
 
     require("fastapi", "the HTTP server (sdtrt serve)", "serve")
     require("uvicorn", "the HTTP server (sdtrt serve)", "serve")
-    config.cache.check_artifact(read_manifest(config.artifacts).components, f"the artifact {config.artifacts}")
+    manifest = read_manifest(config.artifacts)
+    config.cache.check_artifact(manifest.components, f"the artifact {config.artifacts}")
+    check_clip_skip(manifest.model, config.clip_skip)  # the default must run on this artifact: refuse it now
     pipe = Pipeline.from_artifacts(config.artifacts, backend=config.backend, device=config.device)
     name = model_display_name(pipe.manifest, fallback=Path(config.artifacts).resolve().name)
-    worker = LocalWorker(pipe, name, config.queue_size, config.timeout, config.cache)
+    worker = LocalWorker(pipe, name, config.queue_size, config.timeout, config.cache, config.clip_skip)
     grace = config.grace if config.grace is not None else config.timeout + 60.0
     run_app(create_app(worker), config.host, config.port, on_ready=on_ready, grace=grace)
