@@ -37,7 +37,10 @@ class TextEncoder(nn.Module):
         chosen = torch.index_select(states, 0, index).squeeze(0)
         # transformers 5 moved the layers from ``text_model`` onto the model itself
         model = getattr(self.text_encoder, "text_model", self.text_encoder)
-        return model.final_layer_norm(chosen), out.pooler_output
+        # as in PenultimateTextEncoder: a half-precision graph computes parts of the middle layers in fp32, and
+        # the outputs keep the module's precision
+        dtype = self.text_encoder.get_input_embeddings().weight.dtype
+        return model.final_layer_norm(chosen).to(dtype), out.pooler_output.to(dtype)
 
 
 class PenultimateTextEncoder(nn.Module):

@@ -260,4 +260,23 @@ def test_cli_clip_skip(tiny_fp32, tmp_path):
     assert lines[0] == "error: clip skip 3 is past this text encoder's 2 layers; give 1..2"
     assert not (tmp_path / "three.png").exists()
     zero = cli(*args, "--clip-skip", "0", "--out", str(tmp_path / "zero.png"))
-    assert zero.returncode == 2 and "--clip-skip" in zero.stderr
+    assert zero.returncode == 1 and len(zero.stderr.splitlines()) == 1
+    assert "Invalid value for '--clip-skip': 0 is not in the range x>=1" in zero.stderr
+
+
+def test_tensorrt_double_profiles_and_feeds_clip_skip(use_double, tiny_fp16, tmp_path):
+    """Bookkeeping only (the TensorRT double computes nothing): the engine's profile covers ``clip_skip``, and the
+    value a call asks for reaches the text encoder engine."""
+    from sdtrt.export.build import TensorRTBuildOptions, build_engines
+    from sdtrt.runtime.profile import ShapeProfile
+
+    double = use_double(memory={"text_encoder": 1000, "unet": 7000, "vae_decoder": 5000, "vae_encoder": 3000})
+    profile = ShapeProfile(1, 1, 2, 64, 128, 256, 64, 128, 256)
+    build_engines(tiny_fp16, tmp_path / "engines", profile, TensorRTBuildOptions())
+    builds = {b["network"]: b["profiles"][0] for b in double.records.builds}
+    assert builds["text_encoder"]["clip_skip"] == [[1], [1], [1]]
+    with Pipeline.from_artifacts(tmp_path / "engines", backend="tensorrt", device="cpu") as pipe:
+        pipe("a cat", steps=1, seed=1, height=64, width=64, clip_skip=2)
+    encoder = [c for c in double.records.contexts if c.engine.input_names == ["input_ids", "clip_skip"]]
+    assert len(encoder) == 1 and encoder[0].runs == 1
+    assert np.frombuffer(encoder[0].inputs_seen[-1]["clip_skip"], dtype=np.int32).tolist() == [2]
