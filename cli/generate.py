@@ -16,8 +16,10 @@ from sdtrt.cli.options import (
     backend_options,
     cache_options,
     clip_skip_option,
+    hires_options,
     parse_pair,
     parse_size,
+    read_hires,
     writable_folder,
 )
 from sdtrt.cli.output import OutputTarget, output_target
@@ -81,6 +83,7 @@ if TYPE_CHECKING:
     "Clip skip; diffusers' clip_skip is N - 1); 1: the last layer. SD 1.x/2.x, any N up to the encoder's layers "
     "without re-export."
 )
+@hires_options
 def generate_cmd(
     artifacts: Path,
     prompt: str,
@@ -110,10 +113,12 @@ def generate_cmd(
     cache_interval: int,
     cache_schedule: str,
     clip_skip: int,
+    **hires_args: Any,
 ) -> None:
     """Generate images for PROMPT with the engines in ARTIFACTS.
 
     SDXL-Turbo: --steps 1 --cfg 0 (its scheduler, Euler ancestral with trailing spacing, is the default).
+    Hires fix (A1111's): --hires-scale or --hires-size adds a second, img2img pass at the larger size.
     """
     from sdtrt.runtime.manifest import model_display_name
 
@@ -142,11 +147,12 @@ def generate_cmd(
         "cache_schedule": cache_schedule,
         "clip_skip": clip_skip,
     }
-    lora_specs = check_before_work(artifacts, prompt, call, loras)
+    hires = read_hires(**{k.removeprefix("hires_"): v for k, v in hires_args.items()})
+    lora_specs = check_before_work(artifacts, prompt, call, loras, hires)
     with open_pipeline(artifacts, backend, device, lora_specs) as pipe:
         runs = min(int(steps * strength), steps) if init_image else steps
-        with step_progress(runs, preview_dir, pipe.manifest) as on_step:
-            result = pipe(prompt, callback=on_step, **call)
+        with step_progress(runs + hires_runs(hires, steps), preview_dir, pipe.manifest) as on_step:
+            result = run(pipe, prompt, hires, callback=on_step, **call)
         model_hash = str(pipe.manifest.source.get("sha256", ""))
         name = model_display_name(pipe.manifest, artifacts.name)
     from sdtrt.runtime.images import infotext
@@ -155,8 +161,26 @@ def generate_cmd(
     click.echo(timing_line(result, steps, backend))
 
 
+def run(pipe: Pipeline, prompt: str, hires: Any, **call: Any) -> GenerationResult:
+    """One pipeline call, or both passes of a hires fix (``hires``: a ``HiresFix``, or None)."""
+    if hires is None:
+        return pipe(prompt, **call)
+    from sdtrt.runtime.hires import run_hires
+
+    return run_hires(pipe, prompt, hires, **call)
+
+
+def hires_runs(hires: Any, steps: int) -> int:
+    """The steps the hires fix's second pass runs (0 without one)."""
+    if hires is None:
+        return 0
+    from sdtrt.runtime.hires import hires_runs as second_runs
+
+    return second_runs(hires, steps)
+
+
 def check_before_work(
-    artifacts: Path, prompt: str, call: dict[str, Any], loras: Sequence[str]
+    artifacts: Path, prompt: str, call: dict[str, Any], loras: Sequence[str], hires: Any = None
 ) -> list[tuple[Path, float]]:
     """Refuse, with the runtime's own messages, what can be refused before any engine opens: the pipeline
     arguments ``call`` against the artifact's manifest (sizes, profile, steps, strength, scheduler, seeds) and
@@ -169,6 +193,12 @@ def check_before_work(
 
     manifest = read_manifest(artifacts)
     check_request(manifest, prompt, **{k: v for k, v in call.items() if k != "controls"})
+    if hires is not None:
+        from sdtrt.runtime.hires import check_hires
+
+        if call.get("image") is not None:
+            raise click.UsageError("--hires-scale/--hires-size run on text-to-image; leave out --init-image")
+        check_hires(manifest, hires, call["height"], call["width"], call["num_images"])
     model = manifest.model
     families = manifest.controlnet_families()
     check_controls(call.get("controls", ()), manifest.controlnets, model.control_ready, families, model.family)
@@ -181,8 +211,10 @@ def timing_line(result: GenerationResult, steps: int, backend: str) -> str:
     """One line: the size, steps, sampler and backend, and what each stage took."""
     t = result.times
     w, h = result.settings.width, result.settings.height
+    hires = result.settings.hires
+    size = f"{w}x{h}" if hires is None else f"{w}x{h} then {hires.width}x{hires.height} (hires fix)"
     return (
-        f"{w}x{h}, {steps} steps, {result.settings.scheduler}, {backend}: text {t.text_encode * 1000:.0f} ms, "
+        f"{size}, {steps} steps, {result.settings.scheduler}, {backend}: text {t.text_encode * 1000:.0f} ms, "
         f"denoise {t.denoise * 1000:.0f} ms ({t.step_median * 1000:.1f} ms/step), VAE decode "
         f"{t.vae_decode * 1000:.0f} ms, total {t.total:.2f} s"
     )

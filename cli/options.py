@@ -97,3 +97,60 @@ def clip_skip_option(help_text: str) -> Callable[[F], F]:
     """``--clip-skip N``: which text-encoder layer (from the end) conditions the images; ``help_text`` says where
     it applies."""
     return click.option("--clip-skip", type=click.IntRange(min=1), default=1, show_default=True, help=help_text)
+
+
+def hires_options(command: F) -> F:
+    """The hires fix options of ``sdtrt generate`` (see ``read_hires``)."""
+    options = [
+        click.option("--hires-scale", type=float, help="Hires fix: a second pass at this many times the size."),
+        click.option("--hires-size", help="Hires fix: a second pass at WIDTHxHEIGHT (0 on one side keeps the aspect)."),
+        click.option(
+            "--hires-upscaler",
+            default="Latent",
+            show_default=True,
+            help="Hires fix: Latent, Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), Latent "
+            "(nearest), Latent (nearest-exact) (in latent space), or Lanczos, Nearest, None (on the decoded image).",
+        ),
+        click.option("--hires-steps", type=int, default=0, show_default=True, help="Second pass steps; 0: --steps."),
+        click.option("--hires-denoise", type=float, default=0.7, show_default=True, help="Second pass strength."),
+        click.option("--hires-sampler", help="Second pass sampler (default: --scheduler's)."),
+        click.option("--hires-prompt", help="Second pass prompt (default: PROMPT)."),
+        click.option("--hires-negative-prompt", help="Second pass negative prompt (default: --negative)."),
+        click.option("--hires-cfg", type=float, help="Second pass guidance scale (default: --cfg)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def read_hires(scale: float | None, size: str | None, **details: Any) -> Any:
+    """The ``runtime.hires.HiresFix`` of the --hires-* options (``details``: upscaler, steps, denoise, sampler,
+    prompt, negative_prompt, cfg), or None without --hires-scale/--hires-size; a usage error when one is wrong."""
+    from sdtrt.runtime.errors import ConfigError
+    from sdtrt.runtime.hires import HiresFix
+
+    defaults = {"upscaler": "Latent", "steps": 0, "denoise": 0.7}
+    if scale is None and size is None:
+        given = [f"--hires-{k.replace('_', '-')}" for k, v in details.items() if v is not None and v != defaults.get(k)]
+        if given:
+            raise click.UsageError(
+                f"{', '.join(given)} set the hires fix's second pass; add --hires-scale or --hires-size"
+            )
+        return None
+    if scale is not None and size is not None:
+        raise click.UsageError("give --hires-scale or --hires-size, not both")
+    resize = parse_pair(size, "--hires-size") if size is not None else None
+    try:
+        return HiresFix(
+            scale=2.0 if scale is None else scale,
+            resize=resize,
+            upscaler=details["upscaler"],
+            steps=details["steps"],
+            denoising_strength=details["denoise"],
+            sampler=details["sampler"],
+            prompt=details["prompt"],
+            negative_prompt=details["negative_prompt"],
+            guidance_scale=details["cfg"],
+        )
+    except ConfigError as exc:
+        raise click.UsageError(f"{exc} (--hires-* options)") from None

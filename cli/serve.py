@@ -8,6 +8,7 @@ import click
 
 from sdtrt.cli.options import backend_options, clip_skip_option
 from sdtrt.runtime.cache_plan import CACHE_SCHEDULES
+from sdtrt.serve.limits import Limits
 
 
 @click.command("serve")
@@ -37,6 +38,23 @@ from sdtrt.runtime.cache_plan import CACHE_SCHEDULES
     "Clip skip of requests that do not set override_settings.CLIP_stop_at_last_layers: the text encoder's hidden "
     "state N layers from the end (1: the last layer)."
 )
+@click.option(
+    "--max-body-mb",
+    type=float,
+    default=32.0,
+    show_default=True,
+    help="Largest request body (MB); a larger one is answered 413 before it is read.",
+)
+@click.option(
+    "--max-prompt-chars",
+    type=int,
+    default=20_000,
+    show_default=True,
+    help="Longest prompt (each of prompt, negative_prompt, hr_prompt, hr_negative_prompt) in characters; 422 beyond.",
+)
+@click.option(
+    "--max-images", type=int, default=16, show_default=True, help="Most images per request (batch_size x n_iter)."
+)
 @click.option("--ray", "use_ray", is_flag=True, help="Serve as a Ray Serve application (replicas, autoscaling).")
 @click.option("--ray-address", help="Ray cluster to join (e.g. auto); default: start a local Ray.")
 @click.option("--replicas", type=click.IntRange(min=1), help="Ray: a fixed number of replicas.")
@@ -59,6 +77,9 @@ def serve_cmd(
     cache_interval: int,
     cache_schedule: str,
     clip_skip: int,
+    max_body_mb: float,
+    max_prompt_chars: int,
+    max_images: int,
     use_ray: bool,
     ray_address: str | None,
     replicas: int | None,
@@ -73,7 +94,10 @@ def serve_cmd(
     same API runs as a Ray Serve application: one pipeline per replica, requests batched with @serve.batch.
     --cache-interval N > 1 needs an artifact exported with the shallow UNet (--step-cache); a request chooses its
     own with "override_settings": {"sdtrt_cache_interval": N, "sdtrt_cache_schedule": "quadratic"}.
+    Every request is logged in one line at INFO (shown by default; -q hides it); errors carry a request id, also
+    sent as the X-Request-ID header and in the error body.
     """
+    limits = Limits(max_body_mb=max_body_mb, max_prompt_chars=max_prompt_chars, max_images=max_images)
 
     def ready(url: str) -> None:
         click.echo(f"serving {artifacts} on {url} (A1111 API at {url}/sdapi/v1)")
@@ -93,21 +117,12 @@ def serve_cmd(
             cache_interval=cache_interval,
             cache_schedule=cache_schedule,
             clip_skip=clip_skip,
+            limits=limits,
         )
         run(config_ray, host, port, address=ray_address, on_ready=ready)
         return
     from sdtrt.serve.server import ServeConfig, serve
 
-    config = ServeConfig(
-        artifacts,
-        host,
-        port,
-        backend,
-        device,
-        queue_size,
-        timeout,
-        cache_interval=cache_interval,
-        cache_schedule=cache_schedule,
-        clip_skip=clip_skip,
-    )
+    config = ServeConfig(artifacts, host, port, backend, device, queue_size, timeout, cache_interval=cache_interval,
+                         cache_schedule=cache_schedule, limits=limits, clip_skip=clip_skip)  # fmt: skip
     serve(config, on_ready=ready)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from sdtrt.runtime.files import write_bytes_atomic
 from sdtrt.runtime.schedulers import A1111_LABELS
 
 if TYPE_CHECKING:
-    from sdtrt.runtime.request import Settings
+    from sdtrt.runtime.request import HiresSetting, Settings
 
 if TYPE_CHECKING:
     from sdtrt.runtime.manifest import Manifest
@@ -120,11 +121,14 @@ def infotext(
 
     As A1111 writes it: img2img adds the denoising strength; a clip skip above 1 is ``Clip skip``; LoRAs are
     ``<lora:name:scale>`` tags after the prompt and their short hashes a ``Lora hashes`` field; ControlNets are
-    ``ControlNet <k>`` fields; step caching (when on) is ``Cache interval`` and ``Cache schedule``.
+    ``ControlNet <k>`` fields; step caching (when on) is ``Cache interval`` and ``Cache schedule``; a hires fix is
+    A1111's ``Hires ...`` fields (``hires_fields``), the size and steps being the first pass's.
     """
     extra = [("Denoising strength", f"{settings.strength:g}")] if settings.strength is not None else []
     if settings.clip_skip > 1:  # A1111 writes it only when it skips, right after the denoising strength
         extra.append(("Clip skip", str(settings.clip_skip)))
+    if settings.hires is not None:
+        extra += hires_fields(settings.hires)
     if settings.loras:
         extra.append(("Lora hashes", '"' + ", ".join(f"{x.name}: {x.hash}" for x in settings.loras) + '"'))
     for k, c in enumerate(settings.controls):  # as A1111's ControlNet extension writes its units
@@ -153,6 +157,34 @@ def infotext(
         model_name=model_name,
         extra=extra,
     )
+
+
+def quote(text: str) -> str:
+    """An infotext value as A1111 writes it: JSON-quoted when it holds a comma, colon or newline."""
+    if "," not in text and "\n" not in text and ":" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def hires_fields(hires: HiresSetting) -> list[tuple[str, str]]:
+    """A1111's infotext fields of a hires fix, in the order A1111 adds them."""
+    fields = [("Denoising strength", f"{hires.denoising_strength:g}")]
+    if hires.sampler is not None:
+        fields.append(("Hires sampler", A1111_LABELS[hires.sampler]))
+    if hires.prompt is not None:
+        fields.append(("Hires prompt", quote(hires.prompt)))
+    if hires.negative_prompt is not None:
+        fields.append(("Hires negative prompt", quote(hires.negative_prompt)))
+    if hires.resize is None:
+        fields.append(("Hires upscale", f"{hires.scale:g}"))
+    else:
+        fields.append(("Hires resize", f"{hires.resize[1]}x{hires.resize[0]}"))
+    if hires.steps:
+        fields.append(("Hires steps", str(hires.steps)))
+    fields.append(("Hires upscaler", hires.upscaler))
+    if hires.guidance_scale is not None:
+        fields.append(("Hires CFG Scale", f"{hires.guidance_scale:g}"))
+    return fields
 
 
 def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:

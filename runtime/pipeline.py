@@ -32,6 +32,7 @@ from sdtrt.runtime.engine import BackendOptions, Engine, get_backend
 from sdtrt.runtime.errors import ArtifactError, BackendError, ConfigError, NumericsError
 from sdtrt.runtime.images import from_pil, latents_to_rgb, to_pil
 from sdtrt.runtime.manifest import Manifest, read_manifest, resolve_file
+from sdtrt.runtime.progress import Cancel
 from sdtrt.runtime.prompts import PromptTokenizer, text_feeds
 from sdtrt.runtime.request import LoraSetting, Request, Settings, make_request
 from sdtrt.runtime.schedulers import SchedulerConfig, add_noise, default_sampler, get_scheduler
@@ -53,6 +54,7 @@ class GenerationResult:
     times: StageTimes
     settings: Settings
     pixels: torch.Tensor  # [B, 3, H, W] float32 in [0, 1] on the CPU, before 8-bit rounding
+    interrupted: bool = False  # stopped early by ``cancel``: the images are the latents of the last step run
 
 
 def _default_device(backend: str) -> torch.device:
@@ -258,6 +260,7 @@ class Pipeline:
         num_images: int = 1,
         image: Image.Image | None = None,
         strength: float = 0.8,
+        init_latents: torch.Tensor | None = None,
         callback: Callback | None = None,
         original_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] = (0, 0),
@@ -266,14 +269,16 @@ class Pipeline:
         cache_interval: int = 1,
         cache_schedule: str = "uniform",
         clip_skip: int = 1,
+        cancel: Cancel | None = None,
     ) -> GenerationResult:
         """Generate ``num_images`` images per prompt, at the artifact's tuned size (profile opt) by default.
 
         Image ``k`` uses seed ``seed + k`` (or ``seed[k]`` for a list of one seed per image: requests batched
         together keep their own seeds); seeds are 0..2**32-1, None or -1 draws a random one (see ``result.seeds``).
         Starting noise is drawn on the CPU, so a seed gives the same image on every backend and device. ``image`` +
-        ``strength`` run img2img. ``callback(step, total, latents)`` runs between steps (clone ``latents`` to keep
-        them; see ``latents_to_rgb`` for previews). SDXL only: ``original_size``, ``crops_coords_top_left``,
+        ``strength`` run img2img, or ``init_latents`` + ``strength`` from scaled latents [1 or B, C, h, w] (their size
+        by default). ``callback(step, total, latents)`` runs between steps (clone ``latents`` to keep them; see
+        ``latents_to_rgb`` for previews). SDXL only: ``original_size``, ``crops_coords_top_left``,
         ``target_size`` ((height, width) pairs, as in diffusers; sizes default to the image size) are the
         micro-conditioning; ``negative_prompt=None`` gives zero negative conditioning when the model says so
         (``force_zeros_for_empty_prompt``), as diffusers does; an explicit ``""`` is encoded like any prompt.
@@ -281,6 +286,8 @@ class Pipeline:
         ``cache_interval`` > 1 runs the full UNet on one step in N (``cache_schedule``: "uniform" or "quadratic")
         and the shallow one in between (step caching; see ``runtime.cache_plan``). ``clip_skip`` N conditions on the
         text encoder's hidden state N layers from the end (A1111's "Clip skip"; 1: the last layer).
+        ``cancel`` (e.g. ``threading.Event``) is read before each step: once set, the latents as they are are
+        decoded and ``result.interrupted`` is True (as A1111 ends an interrupted job).
         """
         start_time = time.perf_counter()
         req = make_request(
@@ -304,6 +311,7 @@ class Pipeline:
             cache_interval=cache_interval,
             cache_schedule=cache_schedule,
             clip_skip=clip_skip,
+            init_latents=init_latents,
         )
         self.check_controls(controls)
         hints = [control.hint(req.width, req.height) for control in controls]  # bad images fail before work
@@ -311,8 +319,10 @@ class Pipeline:
         t0 = clock.mark()  # text: uncond rows first, encoded once before the loop
         text, pooled = self.encode_text(req)
         times.text_encode = clock.seconds(t0, clock.mark())
-        denoiser = self.prepare_latents(req, text, pooled, image, times, list(zip(controls, hints, strict=True)))
-        latents = self.denoise(denoiser, req, callback, times)
+        hinted = list(zip(controls, hints, strict=True))
+        denoiser = self.prepare_latents(req, text, pooled, image, times, hinted, init_latents)
+        latents = self.denoise(denoiser, req, callback, times, cancel)
+        interrupted = len(times.steps) < req.steps - req.first
         d0 = clock.mark()
         pixels = self.decode_latents(latents)
         times.vae_decode = clock.seconds(d0, clock.mark())
@@ -320,7 +330,7 @@ class Pipeline:
         images = to_pil(unit * 2 - 1)
         times.total = time.perf_counter() - start_time
         settings = Settings.of(req, self.backend, self.lora_settings(), control_settings(controls))
-        return GenerationResult(images, req.seeds, req.prompts, req.negatives, times, settings, unit)
+        return GenerationResult(images, req.seeds, req.prompts, req.negatives, times, settings, unit, interrupted)
 
     def prepare_latents(
         self,
@@ -330,18 +340,22 @@ class Pipeline:
         image: Image.Image | None = None,
         times: StageTimes | None = None,
         controls: Sequence[tuple[ControlInput, torch.Tensor]] = (),
+        init_latents: torch.Tensor | None = None,
     ) -> Denoiser:
         """A denoiser whose static buffers hold this call's text, guidance, starting latents and ControlNet
         hints and scales (``controls``: each ``ControlInput`` with its hint [1, 3, H, W] at the image size).
 
         Draw order per image generator matches diffusers: starting noise (or VAE sample, then noise), then the
-        sampler's per-step noise. The VAE encoder's time goes to ``times`` when given.
+        sampler's per-step noise (``init_latents``: given, then noise). The VAE encoder's time goes to ``times``.
         """
         generators = [torch.Generator().manual_seed(s) for s in req.seeds]
         sampler = get_scheduler(req.scheduler)
         shape = req.shape
-        if image is None:
-            init: Any = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])
+        if init_latents is not None:
+            clean = init_latents.float().cpu().expand(shape[0], -1, -1, -1)
+            init: Any = (clean, torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators]))
+        elif image is None:
+            init = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])
         else:
             init, seconds = self._encode_image(image, req.height, req.width, generators)
             if times is not None:
@@ -356,7 +370,7 @@ class Pipeline:
             time_ids = torch.tensor(req.time_ids, dtype=torch.float32).expand(pooled.shape[0], -1)
             buffers.extra["time_ids"].copy_(time_ids.to(buffers.text.dtype))
         buffers.guidance.fill_(float(req.guidance_scale))
-        if image is None:
+        if image is None and init_latents is None:
             buffers.latents.copy_(init.to(self.device) * schedule.init_noise_sigma)
         else:
             clean, noised = init
@@ -365,13 +379,21 @@ class Pipeline:
         return denoiser
 
     def denoise(
-        self, denoiser: Denoiser, req: Request, callback: Callback | None = None, times: StageTimes | None = None
+        self,
+        denoiser: Denoiser,
+        req: Request,
+        callback: Callback | None = None,
+        times: StageTimes | None = None,
+        cancel: Cancel | None = None,
     ) -> torch.Tensor:
         """Run ``req``'s steps from ``req.first``; returns the latents buffer (reused by the next call: clone it
-        to keep it). Per-step times go to ``times`` when given."""
+        to keep it). Per-step times go to ``times`` when given. ``cancel`` is read between steps (never inside
+        a step or its CUDA-graph replay): once set, no further step runs."""
         clock = StageClock(self.device)
         marks = [clock.mark()]
         for i in range(req.first, req.steps):
+            if cancel is not None and cancel.is_set():
+                break
             denoiser.step(i)
             marks.append(clock.mark())
             if callback is not None:

@@ -4,6 +4,10 @@ The artifact's ``tokenizer.json`` does the text work (lowercasing, whitespace cl
 prompt's ids are cut into windows of 75; each window becomes one row of 77 ids:
 ``<|startoftext|>``, up to 75 ids, ``<|endoftext|>``, then padding. The caller runs the text encoder on every
 row and concatenates each prompt's window embeddings along the sequence axis (the A1111 convention).
+
+Only as much text is tokenized as the windows can hold (``bounded_ids``): a prompt is cut at a word boundary
+once its start already gives more ids than the windows take, so a huge prompt costs bounded time and memory
+while every prompt that fits is tokenized whole (the same ids as before).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +33,26 @@ BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 ROW_LENGTH = 77
 WINDOW = ROW_LENGTH - 2
+# Where a prompt can be cut without changing the ids before the cut: just before ASCII whitespace (CLIP never
+# joins across it), or between ASCII punctuation (not an apostrophe, which starts "'s") and an ASCII letter or
+# digit; neither side changes under the tokenizer's normalization (NFC, lowercase, whitespace collapsing).
+_CUT = re.compile(r"(?=[ \t\n\r\f\v])|(?<=[!-&(-/:-@\[-`{-~])(?=[A-Za-z0-9])")
+_FIRST_CUT_CHARS = 32  # characters tried per id wanted before the first cut (CLIP averages ~4 per id)
+
+
+@dataclass(frozen=True)
+class BoundedIds:
+    """The first ids of a prompt: ``ids`` (at most the ``limit`` asked for), ``total`` (the prompt's whole id
+    count, or None when it was cut before tokenizing: more than ``limit``), ``chars`` (characters tokenized)."""
+
+    ids: list[int]
+    total: int | None
+    chars: int
+
+    @property
+    def truncated(self) -> bool:
+        """True when the prompt has more ids than were kept."""
+        return self.total is None or self.total > len(self.ids)
 
 
 class PromptTokenizer:
@@ -66,6 +92,25 @@ class PromptTokenizer:
             ) from exc
         return cls(tokenizer, source=str(file))
 
+    def bounded_ids(self, prompt: str, limit: int) -> BoundedIds:
+        """The first ``limit`` ids of ``prompt``, tokenizing only as far as needed to know whether there are more.
+
+        The text is cut at a word boundary (``_CUT``) after ``_FIRST_CUT_CHARS * limit`` characters, four times
+        further each time the part before the cut still gives ``limit`` ids or fewer; a prompt that fits is
+        tokenized whole. The ids before a cut equal the whole prompt's first ids.
+        """
+        chars = max(1024, _FIRST_CUT_CHARS * (limit + 1))
+        while chars < len(prompt):
+            cut = _CUT.search(prompt, chars)
+            if cut is None:
+                break
+            ids = self._ids([prompt[: cut.start()]])[0]
+            if len(ids) > limit:
+                return BoundedIds(ids[:limit], None, cut.start())
+            chars *= 4
+        ids = self._ids([prompt])[0]
+        return BoundedIds(ids[:limit], len(ids), len(prompt))
+
     def count_tokens(self, prompt: str) -> int:
         """Number of token ids in ``prompt``, without ``<|startoftext|>`` / ``<|endoftext|>``."""
         return len(self._ids([prompt])[0])
@@ -87,22 +132,13 @@ class PromptTokenizer:
             )
         if max_windows < 1:
             raise SdtrtError(f"max_windows must be at least 1, found {max_windows}")
-        ids = self._ids(prompts)
-        windows = min(max_windows, max(max(1, math.ceil(len(row) / WINDOW)) for row in ids))
+        bounded = [self.bounded_ids(prompt, max_windows * WINDOW) for prompt in prompts]
+        windows = min(max_windows, max(max(1, math.ceil(len(b.ids) / WINDOW)) for b in bounded))
         rows = np.full((len(prompts), windows, ROW_LENGTH), self.pad_id, dtype=np.int32)
-        for index, row in enumerate(ids):
-            kept = row[: windows * WINDOW]
-            if len(kept) < len(row) and warn:
-                logger.warning(
-                    "prompt %d has %d tokens but this artifact takes %d window(s) of %d tokens: dropped the last "
-                    "%d tokens. To keep them, re-export with --max-prompt-windows %d (and rebuild engines)",
-                    index,
-                    len(row),
-                    windows,
-                    WINDOW,
-                    len(row) - len(kept),
-                    math.ceil(len(row) / WINDOW),
-                )
+        for index, b in enumerate(bounded):
+            kept = b.ids[: windows * WINDOW]
+            if warn and (b.truncated or len(kept) < len(b.ids)):
+                logger.warning("prompt %d %s", index, truncation_message(b, windows))
             for window in range(windows):
                 chunk = kept[window * WINDOW : (window + 1) * WINDOW]
                 rows[index, window, 0] = self.bos_id
@@ -122,3 +158,19 @@ def text_feeds(ids: torch.Tensor, model: ModelInfo, clip_skip: int = 1) -> dict[
     if not model.clip_skip_ready:
         return {"input_ids": ids}
     return {"input_ids": ids, CLIP_SKIP: torch.tensor([clip_skip], dtype=torch.int32, device=ids.device)}
+
+
+def truncation_message(bounded: BoundedIds, windows: int) -> str:
+    """What was dropped of a prompt cut to ``windows`` windows, and how to keep it (for a log line or a reply)."""
+    kept = windows * WINDOW
+    if bounded.total is not None:
+        return (
+            f"has {bounded.total} tokens but this artifact takes {windows} window(s) of {WINDOW} tokens: dropped "
+            f"the last {bounded.total - kept} tokens. To keep them, re-export with --max-prompt-windows "
+            f"{math.ceil(bounded.total / WINDOW)} (and rebuild engines)"
+        )
+    return (
+        f"has more than {kept} tokens (only its first {bounded.chars} characters were read) but this artifact takes "
+        f"{windows} window(s) of {WINDOW} tokens: dropped every token after the first {kept}. To keep more, "
+        "shorten the prompt or re-export with a larger --max-prompt-windows (and rebuild engines)"
+    )

@@ -97,6 +97,28 @@ class ControlSetting:
 
 
 @dataclass(frozen=True)
+class HiresSetting:
+    """The second pass of a hires fix a call ran (``runtime.hires``), as A1111's infotext reports it: the
+    options as given (``steps`` 0: as many as the first pass) and the second pass's size; ``sampler``, ``prompt``,
+    ``negative_prompt`` and ``guidance_scale`` only where they differ from the first pass's."""
+
+    upscaler: str
+    scale: float
+    resize: tuple[int, int] | None  # (height, width) as asked
+    steps: int
+    denoising_strength: float
+    height: int
+    width: int
+    sampler: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"resize": list(self.resize) if self.resize else None}
+
+
+@dataclass(frozen=True)
 class Settings:
     """What a generation ran with (``GenerationResult.settings``); ``to_dict()`` is its JSON form."""
 
@@ -114,6 +136,7 @@ class Settings:
     cache_interval: int = 1
     cache_schedule: str = "uniform"
     clip_skip: int = 1
+    hires: HiresSetting | None = None  # a hires fix's second pass (height and width above: the first pass's)
 
     @classmethod
     def of(
@@ -164,6 +187,8 @@ class Settings:
             data["cache_schedule"] = self.cache_schedule
         if self.clip_skip > 1:
             data["clip_skip"] = self.clip_skip
+        if self.hires is not None:
+            data["hires"] = self.hires.to_dict()
         return data
 
 
@@ -207,24 +232,29 @@ def make_request(
     cache_interval: int = 1,
     cache_schedule: str = "uniform",
     clip_skip: int = 1,
+    init_latents: Any = None,
 ) -> Request:
     """Validate a ``Pipeline.__call__``'s arguments (its names) for ``manifest``'s model and expand them to one
     entry per image.
 
     ``components`` are the engines open (img2img needs a VAE encoder); ``strength`` counts for img2img only (an
     ``image`` given); the micro-conditioning (``original_size``, ``crops_coords_top_left``, ``target_size``) is
-    SDXL's, refused for other families; ``clip_skip`` is checked by ``check_clip_skip``.
+    SDXL's, refused for other families; ``clip_skip`` is checked by ``check_clip_skip``. ``init_latents`` (scaled
+    latents, one row per image or one for all) start img2img instead of an ``image``, at their own size unless one
+    is given.
     """
     prompts, negatives = expand_prompts(prompt, negative_prompt, num_images)
+    if init_latents is not None:
+        height, width = _latents_size(manifest.model, init_latents, image, height, width, len(prompts))
     name = scheduler or default_scheduler
     _check_arguments(steps, guidance_scale, name)
     check_cache_args(cache_interval, cache_schedule)
     check_cache_supported(cache_interval, components)
     check_clip_skip(manifest.model, clip_skip)
     height, width = image_size(manifest, height, width, len(prompts))
-    img2img = strength if image is not None else None
+    img2img = strength if image is not None or init_latents is not None else None
     first = start_index(steps, strength) if img2img is not None else 0
-    if img2img is not None:
+    if image is not None:
         require_vae_encoder(components)
     model = manifest.model
     shape = (len(prompts), model.latent_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
@@ -363,6 +393,30 @@ def micro_conditioning(
     return no_negative and model.force_zeros_for_empty_prompt, tuple(int(v) for v in time_ids)
 
 
+def _latents_size(
+    model: ModelInfo, latents: Any, image: Any, height: int | None, width: int | None, count: int
+) -> tuple[int, int]:
+    """(height, width) in pixels of img2img from ``latents``; ``ShapeError`` unless they are finite float
+    [1 or count, C, h, w] latents of the model, matching ``height`` x ``width`` where given."""
+    import torch
+
+    if image is not None:
+        raise ConfigError("give img2img either an image or init_latents, not both")
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point() or latents.dim() != 4:
+        raise ShapeError(f"init_latents must be a float tensor [B, C, h, w], got {type(latents).__name__}")
+    factor = model.vae_scale_factor
+    h, w = height or latents.shape[2] * factor, width or latents.shape[3] * factor
+    expected = (count, model.latent_channels, h // factor, w // factor)
+    if latents.shape[0] not in (1, count) or tuple(latents.shape[1:]) != expected[1:]:
+        raise ShapeError(
+            f"init_latents must be [{count} or 1, {expected[1]}, {expected[2]}, {expected[3]}] for {count} image(s) "
+            f"at {w}x{h}, got {list(latents.shape)}; give latents of that size (pixels / {factor})"
+        )
+    if not bool(torch.isfinite(latents).all()):
+        raise ShapeError("init_latents hold NaN/Inf values; give finite latents")
+    return h, w
+
+
 def _check_integers(height: Any, width: Any) -> None:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (height, width)):
         raise ShapeError(f"image height and width must be integers, got {height!r} x {width!r}")
@@ -380,6 +434,7 @@ def _negatives(negative: str | list[str] | None, count: int) -> list[str]:
 
 __all__ = [
     "SEED_MAX",
+    "HiresSetting",
     "LoraSetting",
     "Request",
     "Settings",

@@ -2,6 +2,8 @@
 
 Field names, defaults and the response shape follow A1111's ``/sdapi/v1/txt2img`` and ``/sdapi/v1/img2img``;
 unknown fields are ignored, as A1111 does. Sizes default to the artifact's tuned size rather than A1111's 512.
+The ``scheduler`` field (A1111 >= 1.9 names the sigma schedule apart from the sampler) picks an sdtrt sampler
+together with ``sampler_name``; only the pairs sdtrt runs are accepted.
 ControlNet units in ``alwayson_scripts`` are read by ``controlnet`` (the ControlNet extension's schema), step
 caching's sdtrt-named keys by ``caching``.
 """
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sdtrt.runtime.errors import ConfigError
+from sdtrt.runtime.hires import HiresFix
 from sdtrt.runtime.request import check_seed
 from sdtrt.runtime.schedulers import A1111_LABELS
 
@@ -20,7 +23,9 @@ from .caching import CacheDefaults, cache_info, parse_cache_fields
 from .clipskip import parse_clip_skip
 from .controlnet import ControlUnit, parse_controlnet
 from .errors import RequestError
+from .hires import parse_hires
 from .images import decode_image, encode_png
+from .limits import Limits, check_image_count, check_prompts, echoed
 
 SAMPLER_BY_LABEL = {label: name for name, label in A1111_LABELS.items()}
 SAMPLER_ALIASES: dict[str, list[str]] = {
@@ -31,6 +36,60 @@ SAMPLER_ALIASES: dict[str, list[str]] = {
     "dpmpp_2m_karras": ["k_dpmpp_2m_ka"],
     "lcm": ["k_lcm"],
 }
+
+
+@dataclass(frozen=True)
+class ScheduleType:
+    """One sigma schedule as A1111 (>= 1.9) names it apart from the sampler (``GET /sdapi/v1/schedulers``)."""
+
+    name: str
+    label: str
+    aliases: tuple[str, ...] = ()
+    default_rho: float = -1.0
+    need_inner_model: bool = False
+
+    def matches(self, text: str) -> bool:
+        """Whether ``text`` names this schedule (name, label or alias; case-insensitive, as clients send both)."""
+        return text.casefold() in {self.name.casefold(), self.label.casefold(), *(a.casefold() for a in self.aliases)}
+
+
+# Only the schedules sdtrt runs. "Automatic" is each sampler's own schedule (what ``sampler_name`` alone runs).
+SCHEDULE_TYPES: tuple[ScheduleType, ...] = (
+    ScheduleType("automatic", "Automatic"),
+    ScheduleType("karras", "Karras", default_rho=7.0),
+)
+# (sdtrt sampler, schedule name) -> the sdtrt sampler that runs that pair; "automatic" keeps the sampler.
+SCHEDULED_SAMPLERS: dict[tuple[str, str], str] = {
+    ("dpmpp_2m", "karras"): "dpmpp_2m_karras",
+    ("dpmpp_2m_karras", "karras"): "dpmpp_2m_karras",
+}
+
+
+def apply_scheduler(sampler: str | None, scheduler: str | None) -> str | None:
+    """The sdtrt sampler for A1111's ``sampler_name`` (already resolved) + ``scheduler``; ``RequestError``
+    listing the supported pairs for a schedule or a combination sdtrt does not run."""
+    if not scheduler:
+        return sampler
+    schedule = next((s for s in SCHEDULE_TYPES if s.matches(scheduler)), None)
+    labels = {s.name: s.label for s in SCHEDULE_TYPES}
+    pairs = ", ".join(
+        f"{A1111_LABELS[a]!r} + {labels[b]!r}" for (a, b), combined in SCHEDULED_SAMPLERS.items() if a != combined
+    )
+    supported = f"'Automatic' with any sampler, or {pairs}"
+    if schedule is None:
+        raise RequestError(f"unknown scheduler {scheduler!r}; sdtrt runs: {supported}")
+    if schedule.name == "automatic":
+        return sampler
+    if sampler is None or (sampler, schedule.name) not in SCHEDULED_SAMPLERS:
+        found = "no sampler_name" if sampler is None else f"sampler {A1111_LABELS[sampler]!r}"
+        raise RequestError(f"scheduler {schedule.label!r} with {found} is not implemented; sdtrt runs: {supported}")
+    return SCHEDULED_SAMPLERS[(sampler, schedule.name)]
+
+
+def schedule_label(sampler: str) -> str:
+    """The A1111 scheduler label of what an sdtrt sampler runs ("Karras" for a Karras variant, else "Automatic")."""
+    names = {schedule for (_, schedule), combined in SCHEDULED_SAMPLERS.items() if combined == sampler}
+    return next((s.label for s in SCHEDULE_TYPES if s.name in names), SCHEDULE_TYPES[0].label)
 
 
 @dataclass(frozen=True)
@@ -54,6 +113,7 @@ class GenerateRequest:
     cache_interval: int | None = None  # step caching; None: the server's default (``with_cache_defaults``)
     cache_schedule: str | None = None
     clip_skip: int | None = None  # override_settings.CLIP_stop_at_last_layers; None: the server's default
+    hires: HiresFix | None = None  # txt2img's enable_hr: a second, larger pass (see ``hires``)
 
     @property
     def img2img(self) -> bool:
@@ -97,6 +157,7 @@ class Generation:
     cache_interval: int = 1  # the step caching it ran with (1: every step full)
     cache_schedule: str = "uniform"
     clip_skip: int = 1
+    warnings: tuple[str, ...] = ()  # e.g. the part of a prompt past the model's prompt windows, dropped
 
 
 def _typed(payload: dict[str, Any], name: str, types: tuple[type, ...], default: Any, what: str) -> Any:
@@ -125,21 +186,24 @@ def resolve_sampler(name: str | None) -> str | None:
     )
 
 
-def _init_image(payload: dict[str, Any], strength: float) -> bytes:
+def _init_image(payload: dict[str, Any], strength: float, limits: Limits | None = None) -> bytes:
     """img2img's init image (the decoded bytes of ``init_images[0]``), with its denoising strength checked."""
     images = payload.get("init_images")
     if not isinstance(images, list) or not images:
         raise RequestError("img2img needs init_images: a list with one base64-encoded image")
-    init = decode_image(images[0], "init_images[0]")
+    init = decode_image(images[0], "init_images[0]", limits)
     if not 0 < strength <= 1:
         raise RequestError(f"denoising_strength must be in (0, 1], got {strength}")
     return init
 
 
-def parse_request(payload: Any, img2img: bool = False) -> GenerateRequest:
-    """Validate an A1111 txt2img (or img2img) JSON payload; raise ``RequestError`` with the reason."""
+def parse_request(payload: Any, img2img: bool = False, limits: Limits | None = None) -> GenerateRequest:
+    """Validate an A1111 txt2img (or img2img) JSON payload within ``limits``; raise ``RequestError`` with the
+    reason."""
     if not isinstance(payload, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(payload).__name__}")
+    limits = limits or Limits()
+    check_prompts(payload, limits)
     prompt = _typed(payload, "prompt", (str,), "", "a string")
     negative = _typed(payload, "negative_prompt", (str,), "", "a string")
     steps = _typed(payload, "steps", (int,), 50, "an integer")
@@ -159,16 +223,19 @@ def parse_request(payload: Any, img2img: bool = False) -> GenerateRequest:
     sampler = resolve_sampler(_typed(payload, "sampler_name", (str,), None, "a string"))
     if sampler is None:
         sampler = resolve_sampler(_typed(payload, "sampler_index", (str,), None, "a string"))
+    sampler = apply_scheduler(sampler, _typed(payload, "scheduler", (str,), None, "a string"))
     batch = _typed(payload, "batch_size", (int,), 1, "an integer")
     n_iter = _typed(payload, "n_iter", (int,), 1, "an integer")
     for name, value in (("batch_size", batch), ("n_iter", n_iter)):
         if value < 1:
             raise RequestError(f"{name} must be an integer >= 1, got {value}")
+    check_image_count(batch, n_iter, limits)
     strength = float(_typed(payload, "denoising_strength", (int, float), 0.75, "a number"))
-    init = _init_image(payload, strength) if img2img else None
+    init = _init_image(payload, strength, limits) if img2img else None
     controls = parse_controlnet(payload, init)
     interval, schedule = parse_cache_fields(payload)
-    echo = dict(payload)
+    hires = None if img2img else parse_hires(payload, strength, resolve_sampler)
+    echo = echoed(payload)
     echo.update(prompt=prompt, negative_prompt=negative, steps=steps, cfg_scale=cfg, seed=seed, batch_size=batch)
     echo.update(n_iter=n_iter, width=width, height=height, sampler_name=A1111_LABELS.get(sampler or "", None))
     if img2img:
@@ -191,6 +258,7 @@ def parse_request(payload: Any, img2img: bool = False) -> GenerateRequest:
         interval,
         schedule,
         parse_clip_skip(payload),
+        hires,
     )
 
 
@@ -210,7 +278,7 @@ def response_body(request: GenerateRequest, gen: Generation) -> dict[str, Any]:
         "height": gen.height,
         "batch_size": request.batch_size,
         "n_iter": request.n_iter,
-        "denoising_strength": request.denoising_strength if request.img2img else None,
+        "denoising_strength": request.denoising_strength if request.img2img or request.hires else None,
         "sd_model_name": gen.model_name,
         "sd_model_hash": gen.model_hash[:10],
         "infotexts": gen.infotexts,
@@ -219,11 +287,14 @@ def response_body(request: GenerateRequest, gen: Generation) -> dict[str, Any]:
     info["clip_skip"] = gen.clip_skip  # as A1111's info reports it
     if gen.served_by:
         info["served_by"] = gen.served_by
+    if gen.warnings:
+        info["warnings"] = list(gen.warnings)
     parameters = dict(request.echo)
     parameters.update(cache_info(gen.cache_interval, gen.cache_schedule))
     parameters["width"] = parameters.get("width") or gen.width
     parameters["height"] = parameters.get("height") or gen.height
     parameters["sampler_name"] = parameters.get("sampler_name") or A1111_LABELS[gen.sampler]
+    parameters["scheduler"] = schedule_label(gen.sampler)  # what ran, not what was asked
     return {
         "images": [encode_png(png) for png in gen.images],
         "parameters": parameters,

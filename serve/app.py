@@ -16,10 +16,14 @@ from sdtrt.runtime.deps import require
 from sdtrt.runtime.schedulers import A1111_LABELS
 
 from .a1111 import SAMPLER_ALIASES, parse_request, response_body
+from .a1111_info import add_info_routes
 from .controlnet import resolve_units
 from .controlnet_api import add_controlnet_routes
 from .errors import RequestError, ServeError, error_body
+from .hires import latent_modes_body, upscalers_body
+from .limits import Limits, install, note_generation, parse_json_body
 from .metrics import Metrics
+from .progress import add_progress_routes
 from .service import ModelCard, Service, ServiceStats
 
 log = logging.getLogger(__name__)
@@ -62,8 +66,16 @@ def health_body(card: ModelCard, stats: ServiceStats) -> dict[str, Any]:
     }
 
 
-def create_app(service: Service, metrics: Metrics | None = None) -> Any:
-    """A FastAPI app over ``service`` (see ``service.Service``); its lifespan starts and stops the service."""
+def create_app(
+    service: Service,
+    metrics: Metrics | None = None,
+    cmd_flags: dict[str, Any] | None = None,
+    limits: Limits | None = None,
+) -> Any:
+    """A FastAPI app over ``service`` (see ``service.Service``); its lifespan starts and stops the service.
+    ``cmd_flags``: the server's settings as ``/sdapi/v1/cmd-flags`` reports them (``a1111_info.cmd_flags``).
+    ``limits`` bound each request (``limits.Limits``; default: its defaults), which is also logged in one line.
+    """
     require("fastapi", "the HTTP server (sdtrt serve)", "serve")
     from fastapi import FastAPI
 
@@ -79,9 +91,13 @@ def create_app(service: Service, metrics: Metrics | None = None) -> Any:
 
     app = FastAPI(title="sdtrt", lifespan=lifespan)
     app.state.service, app.state.metrics = service, counters
+    app.state.limits = limits or Limits()
+    install(app, app.state.limits)
     _add_generation_routes(app, service, counters)
     _add_status_routes(app, service, counters)
     add_controlnet_routes(app, service)
+    add_info_routes(app, service, cmd_flags)
+    add_progress_routes(app, service)
     return app
 
 
@@ -94,10 +110,10 @@ def _add_generation_routes(app: Any, service: Service, counters: Metrics) -> Non
         begin = time.perf_counter()
         try:
             try:
-                payload = await request.json()
+                payload = parse_json_body(await request.body())  # bounded: see limits.parse_json_body
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise RequestError(f"the request body is not valid JSON ({exc})") from None
-            req = parse_request(payload, img2img=img2img)
+            req = parse_request(payload, img2img=img2img, limits=request.app.state.limits)
             if req.controls:  # the units' models resolved before queueing, so a wrong name fails fast
                 req = replace(req, controls=resolve_units(req.controls, (await service.model()).controlnets))
             gen = await service.generate(req)
@@ -106,6 +122,7 @@ def _add_generation_routes(app: Any, service: Service, counters: Metrics) -> Non
             headers = {"Retry-After": str(exc.retry_after)} if hasattr(exc, "retry_after") else None
             return JSONResponse(error_body(exc.kind, str(exc)), status_code=exc.status, headers=headers)
         seconds = time.perf_counter() - begin
+        note_generation(len(gen.images), gen.model_name)
         counters.observe(endpoint, 200, seconds, images=len(gen.images), cache_interval=gen.cache_interval)
         return JSONResponse(response_body(req, gen))
 
@@ -129,6 +146,14 @@ def _add_status_routes(app: Any, service: Service, counters: Metrics) -> None:
     @app.get("/sdapi/v1/scripts")
     async def scripts() -> Any:  # A1111's list of script titles: clients look for the ControlNet extension here
         return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+
+    @app.get("/sdapi/v1/upscalers")
+    async def upscalers() -> Any:
+        return upscalers_body()
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    async def latent_upscale_modes() -> Any:
+        return latent_modes_body()
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models() -> Any:

@@ -1,6 +1,11 @@
-"""Errors of the serving layer; each carries the HTTP status the API answers with."""
+"""Errors of the serving layer; each carries the HTTP status the API answers with. Error bodies carry the id of
+the request being answered (``REQUEST``, set by ``limits.RequestMiddleware``)."""
 
 from __future__ import annotations
+
+import contextvars
+import uuid
+from dataclasses import dataclass, field
 
 from sdtrt.runtime.errors import SdtrtError
 
@@ -44,6 +49,25 @@ class GenerationFailed(ServeError):
     kind = "generation_failed"
 
 
+@dataclass
+class RequestRecord:
+    """What the log line of the request being answered reports; routes fill in ``images`` and ``model``."""
+
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    images: int = 0
+    model: str = "-"
+    error: str = ""
+
+
+REQUEST: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar("sdtrt_request", default=None)
+
+
 def error_body(kind: str, message: str) -> dict[str, str]:
-    """The JSON body of an error answer: {"error": kind, "detail": message}."""
-    return {"error": kind, "detail": message}
+    """The JSON body of an error answer: {"error": kind, "detail": message, "request_id": id}; the error is also
+    noted for the request's log line. No ``request_id`` outside a request (e.g. when called from Python)."""
+    body = {"error": kind, "detail": message}
+    record = REQUEST.get()
+    if record is not None:
+        record.error = f"{kind}: {message[:300]}"
+        body["request_id"] = record.request_id
+    return body

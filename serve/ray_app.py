@@ -15,6 +15,11 @@ whose queue is full answers 429 (Ray's back-pressure), like the plain server.
 The replicas apply the step-caching default (``cache_interval``, ``cache_schedule``) and the clip-skip default
 (``clip_skip``) to requests that do not choose their own, as the plain server does.
 
+Progress, interrupt and skip: ``/progress`` reports the requests in flight through this ingress (``job_count``)
+but no step progress, which lives in whichever replica runs a request; ``/interrupt`` and ``/skip`` answer 501
+(an HTTP call reaches one replica picked by Ray, not the one running the request, and a merged batch holds several
+clients' requests). The plain server supports all three.
+
 Engines reach every node as files: the artifact (or engine) folder must be at the same path on every node (a
 shared folder), or built on each node from the same artifact (engine folders are keyed by GPU and TensorRT
 version, so a per-node ``sdtrt build`` into the same path reuses what matches).
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -36,6 +42,8 @@ from sdtrt.runtime.request import random_seed
 from .a1111 import GenerateRequest, Generation
 from .caching import CacheDefaults
 from .errors import GenerationFailed, Overloaded, RequestError
+from .limits import Limits
+from .progress import NotSupported
 from .service import ModelCard, ServiceStats
 
 log = logging.getLogger(__name__)
@@ -60,6 +68,7 @@ class RayConfig:
     cache_interval: int = 1  # step caching of requests that do not choose: a full UNet step every N
     cache_schedule: str = "uniform"
     clip_skip: int = 1  # for requests without override_settings.CLIP_stop_at_last_layers
+    limits: Limits = Limits()  # the same request bounds as the plain server, applied by the ingress
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.max_replicas:
@@ -162,10 +171,13 @@ class HandleService:
     there by Ray, so a handle set on this object in the driver would not arrive).
     """
 
-    def __init__(self, app_name: str, capacity: int) -> None:
+    def __init__(self, app_name: str, capacity: int, clip_skip: int = 1) -> None:
         self.app_name, self.capacity = app_name, capacity
+        self.clip_skip = clip_skip  # the replicas' default, as GET /options reports it
         self._handle: Any = None
         self._card: ModelCard | None = None
+        self._in_flight = 0  # requests forwarded to the replicas and not answered yet
+        self._started = 0.0  # when the in-flight count last rose from 0
 
     @property
     def handle(self) -> Any:
@@ -186,10 +198,15 @@ class HandleService:
 
         if request.seed is None:
             request = request.with_seed(random_seed())
+        if self._in_flight == 0:
+            self._started = time.time()
+        self._in_flight += 1
         try:
             result = await self.handle.generate.remote(request)
         except BackPressureError:
             raise Overloaded("every replica's queue is full; retry later or add replicas", 1) from None
+        finally:
+            self._in_flight -= 1
         if isinstance(result, Exception):
             raise result
         return result
@@ -202,16 +219,48 @@ class HandleService:
     async def stats(self) -> ServiceStats:
         return ServiceStats(0, 0, self.capacity)
 
+    async def memory(self) -> dict[str, Any]:
+        """``/sdapi/v1/memory`` of the replica that answers (the engines' process), not of the ingress."""
+        return await self.handle.memory.remote()
 
-def build_app(config: RayConfig) -> Any:
-    """The Ray Serve application (``serve.run(build_app(config))``): ingress + autoscaled replicas."""
+    async def progress(self, skip_current_image: bool) -> dict[str, Any]:
+        """``/progress`` from the ingress: idle (progress 0, job_count 0) when nothing is in flight, else the
+        number of requests in flight as ``job_count`` and A1111's starting value 0.01, with no step counts."""
+        state = {"skipped": False, "interrupted": False, "job": "", "job_count": self._in_flight,
+                 "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}  # fmt: skip
+        if not self._in_flight:
+            return {"progress": 0, "eta_relative": 0, "state": state, "current_image": None, "textinfo": None}
+        state["job"] = "ray"
+        state["job_timestamp"] = time.strftime("%Y%m%d%H%M%S", time.localtime(self._started))
+        textinfo = f"{self._in_flight} request(s) running on the Ray replicas; step progress is not reported"
+        return {"progress": 0.01, "eta_relative": 0, "state": state, "current_image": None, "textinfo": textinfo}
+
+    async def interrupt(self) -> None:
+        raise NotSupported(
+            "/interrupt is not available on the Ray deployment (the request runs on a replica this call cannot "
+            "address); serve without --ray to interrupt requests"
+        )
+
+    async def skip(self) -> None:
+        raise NotSupported(
+            "/skip is not available on the Ray deployment (the request runs on a replica this call cannot "
+            "address); serve without --ray to skip images"
+        )
+
+
+def build_app(config: RayConfig, **listen: Any) -> Any:
+    """The Ray Serve application (``serve.run(build_app(config))``): ingress + autoscaled replicas.
+    ``listen`` (host, port, ray_address) completes what ``/sdapi/v1/cmd-flags`` reports."""
     require("ray.serve", "the Ray Serve deployment", "serve-ray")
     from ray import serve
 
+    from .a1111_info import cmd_flags
     from .app import create_app
 
     config.check_artifact()
-    app = create_app(HandleService(config.app_name, config.max_queued_requests))
+    flags = cmd_flags(config, ray=True, **listen)
+    service = HandleService(config.app_name, config.max_queued_requests, config.clip_skip)
+    app = create_app(service, cmd_flags=flags, limits=config.limits)
     actor: dict[str, float] = {"num_cpus": config.cpus_per_replica}
     if config.gpus_per_replica:
         actor["num_gpus"] = config.gpus_per_replica
@@ -247,6 +296,11 @@ def build_app(config: RayConfig) -> Any:
         async def model(self) -> ModelCard:
             return self.core.card()
 
+        async def memory(self) -> dict[str, Any]:
+            from .a1111_info import memory_body
+
+            return memory_body()
+
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     @serve.ingress(app)
     class Ingress:
@@ -271,7 +325,8 @@ def run(config: RayConfig, host: str, port: int, address: str | None = None, on_
         ray.init(include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(config), route_prefix="/", name=config.app_name)
+        app = build_app(config, host=host, port=port, ray_address=address)
+        serve.run(app, route_prefix="/", name=config.app_name)
         if on_ready:
             on_ready(f"http://{host}:{port}")
         stop = threading.Event()

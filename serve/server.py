@@ -2,7 +2,9 @@
 
 On SIGTERM the listening socket closes at once (new connections are refused); every request already accepted,
 running or queued, is answered; then the pipeline is closed and ``serve`` returns (exit code 0). Queued
-requests still obey the queue timeout, and ``grace`` seconds bound the whole drain.
+requests still obey the queue timeout, and ``grace`` seconds bound the whole drain. The port is bound before the
+model loads, so a port in use is one ``ConfigError`` line at once. Start, drain and stop are logged at INFO, as
+is every request (``limits.RequestMiddleware``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +24,7 @@ from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import ConfigError
 
 from .caching import CacheDefaults
+from .limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,7 @@ class ServeConfig:
     cache_interval: int = 1  # a full UNet step every N (1: no caching)
     cache_schedule: str = "uniform"
     clip_skip: int = 1  # for requests without override_settings.CLIP_stop_at_last_layers
+    limits: Limits = Limits()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -57,38 +63,86 @@ class ServeConfig:
         return CacheDefaults(self.cache_interval, self.cache_schedule)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on ``host:port``; ``ConfigError`` in one line if the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; another server may use that port: stop it, "
+            "or choose another --port (0: any free port)"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run_app(
-    app: Any, host: str, port: int, on_ready: Callable[[str], None] | None = None, grace: float | None = None
+    app: Any,
+    host: str,
+    port: int,
+    on_ready: Callable[[str], None] | None = None,
+    grace: float | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve ``app`` until SIGTERM/SIGINT, then drain gracefully; ``on_ready(url)`` once the socket listens."""
+    """Serve ``app`` until SIGTERM/SIGINT, then drain gracefully; ``on_ready(url)`` once the socket listens.
+
+    ``sock``: a socket from ``bind`` (default: one bound here, before uvicorn starts).
+    """
     uvicorn = require("uvicorn", "the HTTP server (sdtrt serve)", "serve")
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace)
-    server = uvicorn.Server(config)
+    sock = sock or bind(host, port)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace)
+    server = _drain_logged(uvicorn, config, grace)
 
     async def main() -> None:
-        task = asyncio.create_task(server.serve())
+        task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
             if task.done():
                 break
             await asyncio.sleep(0.02)
-        if server.started and on_ready is not None:
-            bound = server.servers[0].sockets[0].getsockname()[1]
-            on_ready(f"http://{host}:{bound}")
+        if server.started:
+            bound = sock.getsockname()[1]
+            log.info("started: listening on %s:%d", host, bound)
+            if on_ready is not None:
+                on_ready(f"http://{host}:{bound}")
         await task
 
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that a clean exit.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         asyncio.run(main())
-    except SystemExit as exc:  # uvicorn exits when it cannot bind or the app fails to start
+    except SystemExit as exc:  # uvicorn exits when the app fails to start
         if exc.code:
             raise ConfigError(
-                f"could not serve on {host}:{port} (see the log above: the port in use, or the model failed to "
-                "load); choose another --port"
+                f"could not serve on {host}:{port}: the app failed to start (see the log above)"
             ) from None
     finally:
+        sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if server.draining_since is not None:
+        log.info("stopped: drained in %.1f s", time.monotonic() - server.draining_since)
+
+
+def _drain_logged(uvicorn: Any, config: Any, grace: float | None) -> Any:
+    """A ``uvicorn.Server`` that logs when the drain begins (and remembers when, for the stop line)."""
+
+    class DrainLogged(uvicorn.Server):  # type: ignore[misc, name-defined]
+        draining_since: float | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.draining_since is None:
+                self.draining_since = time.monotonic()
+                log.info(
+                    "draining: %s received; new connections are refused, the requests already accepted are "
+                    "answered (at most %s s)", signal.Signals(sig).name, "unbounded" if grace is None else f"{grace:g}",
+                )  # fmt: skip
+            super().handle_exit(sig, frame)
+
+    return DrainLogged(config)
 
 
 def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> None:
@@ -97,16 +151,28 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
     from sdtrt.runtime.pipeline import Pipeline
     from sdtrt.runtime.request import check_clip_skip
 
+    from .a1111_info import cmd_flags
     from .app import create_app
     from .worker import LocalWorker
 
     require("fastapi", "the HTTP server (sdtrt serve)", "serve")
     require("uvicorn", "the HTTP server (sdtrt serve)", "serve")
-    manifest = read_manifest(config.artifacts)
-    config.cache.check_artifact(manifest.components, f"the artifact {config.artifacts}")
-    check_clip_skip(manifest.model, config.clip_skip)  # the default must run on this artifact: refuse it now
-    pipe = Pipeline.from_artifacts(config.artifacts, backend=config.backend, device=config.device)
+    sock = bind(config.host, config.port)  # before the model loads: a port in use fails at once
+    try:
+        manifest = read_manifest(config.artifacts)
+        config.cache.check_artifact(manifest.components, f"the artifact {config.artifacts}")
+        check_clip_skip(manifest.model, config.clip_skip)  # the default must run on this artifact: refuse it now
+        pipe = Pipeline.from_artifacts(config.artifacts, backend=config.backend, device=config.device)
+    except BaseException:
+        sock.close()
+        raise
     name = model_display_name(pipe.manifest, fallback=Path(config.artifacts).resolve().name)
     worker = LocalWorker(pipe, name, config.queue_size, config.timeout, config.cache, config.clip_skip)
     grace = config.grace if config.grace is not None else config.timeout + 60.0
-    run_app(create_app(worker), config.host, config.port, on_ready=on_ready, grace=grace)
+    log.info(
+        "model %s (%s on %s), queue %d, limits: body %g MB, prompts %d characters, %d images per request",
+        name, config.backend, pipe.device, config.queue_size, config.limits.max_body_mb,
+        config.limits.max_prompt_chars, config.limits.max_images,
+    )  # fmt: skip
+    app = create_app(worker, cmd_flags=cmd_flags(config), limits=config.limits)
+    run_app(app, config.host, config.port, on_ready=on_ready, grace=grace, sock=sock)

@@ -7,7 +7,7 @@ any object with these async methods (e.g. one that forwards to a deployment hand
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .a1111 import GenerateRequest, Generation
 
@@ -50,3 +50,13 @@ class Service(Protocol):
     async def model(self) -> ModelCard: ...
 
     async def stats(self) -> ServiceStats: ...
+
+    async def progress(self, skip_current_image: bool) -> dict[str, Any]:
+        """A1111's ``/progress`` body (see ``progress.JobState``)."""
+        ...
+
+    async def interrupt(self) -> None:
+        """End the running request between two steps; raise ``progress.NotSupported`` where it cannot."""
+
+    async def skip(self) -> None:
+        """End the running request's current pipeline call (the next ``n_iter`` call runs)."""

@@ -4,7 +4,9 @@ What a request does on the pipeline is ``generate``'s; this module is the queue 
 
 The pipeline is not thread-safe, so every call runs on the same single-thread executor. A full queue raises
 ``Overloaded`` with a Retry-After estimated from recent latency; a request still queued after ``timeout`` seconds
-raises ``TimedOut``; a request that has started always runs to the end.
+raises ``TimedOut``; a request that has started runs to the end unless interrupted (``/interrupt``: it stops
+between two steps and answers with what it has; ``/skip`` ends its current ``n_iter`` call; see ``progress``).
+Requests run one at a time here, never merged, so an interrupt reaches exactly one request.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdtrt.runtime.errors import ConfigError, SdtrtError, ShapeError
+from sdtrt.runtime.images import latent_rgb_map
 from sdtrt.runtime.request import random_seed
 from sdtrt.serve.a1111 import GenerateRequest, Generation
 from sdtrt.serve.caching import CacheDefaults
 from sdtrt.serve.errors import GenerationFailed, Overloaded, RequestError, TimedOut
-from sdtrt.serve.generate import check_request, model_card, run_request
+from sdtrt.serve.generate import check_request, model_card, pipeline_calls, run_request
+from sdtrt.serve.progress import JobState
 from sdtrt.serve.service import ModelCard, ServiceStats
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,7 @@ class LocalWorker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtrt-pipeline")
         self._running = 0
         self._latency: deque[float] = deque(maxlen=16)  # seconds per request that ran
+        self.job = JobState(latent_rgb_map(pipe.manifest))
 
     async def start(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.queue_size)
@@ -86,6 +91,15 @@ class LocalWorker:
 
     async def stats(self) -> ServiceStats:
         return ServiceStats(self._queue.qsize() if self._queue else 0, self._running, self.queue_size)
+
+    async def progress(self, skip_current_image: bool) -> dict[str, Any]:
+        return self.job.progress_body(skip_current_image)
+
+    async def interrupt(self) -> None:
+        self.job.interrupt()
+
+    async def skip(self) -> None:
+        self.job.skip()
 
     def retry_after(self) -> int:
         """Seconds until a queue slot is likely free: recent mean latency times the requests ahead."""
@@ -129,9 +143,11 @@ class LocalWorker:
                 job.started = True
                 self._running = 1
                 begin = time.perf_counter()
+                kind = "scripts_img2img" if job.request.img2img else "scripts_txt2img"
+                self.job.begin(kind, len(pipeline_calls(self.pipe, job.request)), job.request.steps)
                 try:
                     gen = await loop.run_in_executor(
-                        self._executor, run_request, self.pipe, job.request, self.model_name
+                        self._executor, run_request, self.pipe, job.request, self.model_name, self.job
                     )
                 except (ConfigError, ShapeError) as exc:
                     job.future.set_exception(RequestError(str(exc)))
@@ -144,5 +160,6 @@ class LocalWorker:
                     job.future.set_result(gen)
                 self._latency.append(time.perf_counter() - begin)
             finally:
+                self.job.end()
                 self._running = 0
                 self._queue.task_done()

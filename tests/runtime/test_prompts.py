@@ -162,4 +162,41 @@ def test_runtime_module_imports_only_runtime_dependencies():
         elif isinstance(node, ast.ImportFrom):
             module = node.module or ""
             roots.add("sdtrt.runtime" if module.startswith("sdtrt.runtime.") else module.split(".")[0])
-    assert roots <= {"__future__", "logging", "math", "os", "pathlib", "numpy", "torch", "tokenizers", "sdtrt.runtime"}
+    stdlib = {"__future__", "dataclasses", "logging", "math", "os", "pathlib", "re"}
+    assert roots <= stdlib | {"numpy", "torch", "tokenizers", "sdtrt.runtime"}
+
+
+def _random_prompt(rng, words: int) -> str:
+    pieces = ["cat", "a", "Photo", "1girl", "don't", "Café", "☕", "😀", ",", "((masterpiece))", "x's", "Σ", "e\u0301"]
+    seps = [" ", "  ", ",", ", ", "\n", "", "\t", "'", "("]
+    return "".join(str(rng.choice(pieces)) + str(rng.choice(seps)) for _ in range(words))
+
+
+@pytest.mark.parametrize("limit", [1, 75, 150])
+def test_bounded_ids_equal_the_first_ids_of_the_whole_prompt(prompts, limit):
+    import numpy as np
+
+    rng = np.random.default_rng(limit)
+    for words in (3, 40, 200, 2000, 20000):
+        prompt = _random_prompt(rng, words)
+        whole = prompts._tokenizer.encode(prompt, add_special_tokens=False).ids
+        bounded = prompts.bounded_ids(prompt, limit)
+        assert bounded.ids == whole[:limit], words
+        assert bounded.truncated == (len(whole) > limit)
+        if bounded.total is not None:
+            assert bounded.total == len(whole)
+
+
+def test_a_huge_prompt_is_tokenized_only_as_far_as_the_windows_reach(prompts, caplog):
+    import time
+
+    huge = _cats(2_000_000)  # 8 MB of text
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="sdtrt.runtime.prompts"):
+        ids = prompts.encode([huge], max_windows=2)
+    seconds = time.perf_counter() - start
+    assert ids.tolist() == [[BOS] + [CAT] * 75 + [EOS]] * 2
+    bounded = prompts.bounded_ids(huge, 150)
+    assert bounded.total is None and bounded.chars < 20_000
+    assert "has more than 150 tokens" in caplog.text and "dropped every token after the first 150" in caplog.text
+    assert seconds < 1.0, seconds

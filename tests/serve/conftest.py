@@ -1,7 +1,9 @@
-"""Fixtures of the serving tests: an artifact without the shallow UNet (step caching refused)."""
+"""Fixtures of the serving tests: an artifact without the shallow UNet (step caching refused), and webuiapi's
+shared default arguments kept empty between tests."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,3 +18,18 @@ def no_shallow(tmp_path_factory, tiny_bundle, tiny_profile) -> Path:
     components = ("text_encoder", "unet", "vae_decoder")
     export_artifacts(tiny_bundle, out, ExportOptions(profile=tiny_profile, components=components, step_cache=False))
     return out
+
+
+@pytest.fixture(autouse=True)
+def fresh_webuiapi_defaults():
+    """webuiapi's ``txt2img``/``img2img`` take mutable default dicts and lists (``alwayson_scripts``,
+    ``override_settings``, ...) and write into them (ControlNet units go into ``alwayson_scripts``), so one test's
+    request would leak into the next test's: empty them after each test."""
+    yield
+    webuiapi = sys.modules.get("webuiapi")
+    if webuiapi is None:
+        return
+    for name in ("txt2img", "img2img"):
+        for default in getattr(webuiapi.WebUIApi, name).__defaults__ or ():
+            if isinstance(default, dict | list):
+                default.clear()

@@ -125,6 +125,10 @@ def test_server_default_and_refusal_at_start(tiny_fp32, cli_image):
         status, body, _ = srv.post("/sdapi/v1/txt2img", {**BASE, "seed": 42, "override_settings": {KEY: 1}})
         assert status == 200 and json.loads(body["info"])["clip_skip"] == 1
         np.testing.assert_array_equal(pixels(body["images"][0]), cli_image(1, 42))
+        assert json.loads(get(srv.url + "/sdapi/v1/options")[1])[KEY] == 2  # the default, as clients read it
+        assert srv.post("/sdapi/v1/options", {KEY: 2})[0] == 200  # the value it has: a no-op
+        status, body, _ = srv.post("/sdapi/v1/options", {KEY: 1})
+        assert status == 422 and "override_settings.CLIP_stop_at_last_layers" in body["detail"], body
     finally:
         assert srv.stop() == 0
     done = subprocess.run([SDTRT, "serve", str(tiny_fp32), "--port", "0", "--clip-skip", "3"],

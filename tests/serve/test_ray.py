@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -148,3 +149,19 @@ def test_ray_request_override_runs_cached(ray_server, tiny_fp32):
     assert np.array_equal(got, reference_pixels(tiny_fp32, 31, FAST["prompt"], 8, cache_interval=3))
     status, body, _ = post(ray_server + "/sdapi/v1/txt2img", {**payload, "override_settings": {"sdtrt_cache": 3}})
     assert status == 422 and "unknown sdtrt field override_settings.sdtrt_cache" in body["detail"]
+
+
+def test_ray_applies_the_plain_servers_limits_and_error_form(ray_server):
+    from .test_limits import raw_request
+
+    port = int(ray_server.rsplit(":", 1)[1])
+    head = b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (40 * 2**20)
+    status, body, headers, seconds = raw_request(port, head, b"")
+    assert status == 413 and body["error"] == "body_too_large" and body["request_id"] == headers["x-request-id"]
+    status, body, _ = post(ray_server + "/sdapi/v1/txt2img", {**FAST, "prompt": "a" * 20_001})
+    assert status == 422 and "--max-prompt-chars" in body["detail"]
+    status, body, _ = post(ray_server + "/sdapi/v1/txt2img", {**FAST, "seed": 40, "batch_size": 6})  # profile: 1..4
+    assert status == 200 and json.loads(body["info"])["all_seeds"] == list(range(40, 46)), body
+    with pytest.raises(urllib.error.HTTPError) as error:
+        get(ray_server + "/nope")
+    assert error.value.code == 404 and json.loads(error.value.read())["error"] == "not_found"
