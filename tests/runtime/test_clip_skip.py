@@ -280,3 +280,16 @@ def test_tensorrt_double_profiles_and_feeds_clip_skip(use_double, tiny_fp16, tmp
     encoder = [c for c in double.records.contexts if c.engine.input_names == ["input_ids", "clip_skip"]]
     assert len(encoder) == 1 and encoder[0].runs == 1
     assert np.frombuffer(encoder[0].inputs_seen[-1]["clip_skip"], dtype=np.int32).tolist() == [2]
+
+
+def test_hires_fix_runs_both_passes_at_the_clip_skip(tiny_fp32):
+    from sdtrt.runtime.hires import HiresFix, run_hires
+
+    calls = []
+    with Pipeline.from_artifacts(tiny_fp32) as pipe:
+        pipe.wrap_engine("text_encoder", lambda engine: _Counting(engine, calls))
+        result = run_hires(pipe, PROMPT, HiresFix(scale=2.0, steps=2), NEGATIVE, steps=2, seed=1, height=64,
+                           width=64, scheduler="euler", clip_skip=2)  # fmt: skip
+    assert result.images[0].size == (128, 128) and result.settings.clip_skip == 2
+    assert len(calls) == 2 and all(c["clip_skip"].tolist() == [2] for c in calls)  # first pass, second pass
+    assert "Clip skip: 2" in infotext(PROMPT, NEGATIVE, 1, result.settings)
