@@ -24,11 +24,11 @@ import torch
 from sdtrt.benchmarks.harness import round_order
 from sdtrt.benchmarks.report import percentile
 from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+from sdtrt.runtime.clip_skip import text_feeds
 from sdtrt.runtime.engine import BackendOptions, get_backend
 from sdtrt.runtime.manifest import read_manifest
 from sdtrt.runtime.models.bundle import ModelBundle
 from sdtrt.runtime.models.presets import load_preset
-from sdtrt.runtime.prompts import text_feeds
 from sdtrt.runtime.specs import ModelInfo
 
 CONFIG = Path(__file__).parents[1] / "runtime" / "models" / "configs" / "sd15" / "text_encoder" / "config.json"

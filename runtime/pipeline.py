@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
+from sdtrt.runtime.clip_skip import text_feeds
 from sdtrt.runtime.control.inputs import ControlInput, check_controls
 from sdtrt.runtime.control.slots import control_key, control_settings, fill_slots, make_slots
 from sdtrt.runtime.denoise import Denoiser, DenoiserCache, StepBuffers, step_cache, zero_residuals
@@ -33,7 +34,7 @@ from sdtrt.runtime.errors import ArtifactError, BackendError, ConfigError, Numer
 from sdtrt.runtime.images import from_pil, latents_to_rgb, to_pil
 from sdtrt.runtime.manifest import Manifest, read_manifest, resolve_file
 from sdtrt.runtime.progress import Cancel
-from sdtrt.runtime.prompts import PromptTokenizer, text_feeds
+from sdtrt.runtime.prompts import PromptTokenizer
 from sdtrt.runtime.request import LoraSetting, Request, Settings, make_request
 from sdtrt.runtime.schedulers import SchedulerConfig, add_noise, default_sampler, get_scheduler
 from sdtrt.runtime.specs import COMPONENTS, required_components
@@ -219,9 +220,8 @@ class Pipeline:
         windows_allowed = self.manifest.profile.max_prompt_windows
         ids = self.tokenizer.encode(prompts, max_windows=windows_allowed)
         windows = ids.shape[0] // len(prompts)
-        hidden = self.engines["text_encoder"].infer(text_feeds(ids.to(self.device), model, clip_skip))[
-            model.text_output
-        ]
+        feeds = text_feeds(ids.to(self.device), model, clip_skip)
+        hidden = self.engines["text_encoder"].infer(feeds)[model.text_output]
         pooled = None
         if self.tokenizer_2 is not None:
             ids_2 = self.tokenizer_2.encode(prompts, max_windows=windows_allowed, warn=False)
@@ -284,8 +284,8 @@ class Pipeline:
         (``force_zeros_for_empty_prompt``), as diffusers does; an explicit ``""`` is encoded like any prompt.
         ``controls`` run ControlNets of the artifact (one ``ControlInput`` each; see ``runtime.control``).
         ``cache_interval`` > 1 runs the full UNet on one step in N (``cache_schedule``: "uniform" or "quadratic")
-        and the shallow one in between (step caching; see ``runtime.cache_plan``). ``clip_skip`` N conditions on the
-        text encoder's hidden state N layers from the end (A1111's "Clip skip"; 1: the last layer).
+        and the shallow one in between (step caching; see ``runtime.cache_plan``). ``clip_skip`` N: the text
+        encoder's hidden state N layers from the end conditions the images (``runtime.clip_skip``; 1: the last).
         ``cancel`` (e.g. ``threading.Event``) is read before each step: once set, the latents as they are are
         decoded and ``result.interrupted`` is True (as A1111 ends an interrupted job).
         """

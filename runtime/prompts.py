@@ -24,8 +24,6 @@ import torch
 from tokenizers import Tokenizer
 
 from sdtrt.runtime.errors import ArtifactError, SdtrtError
-from sdtrt.runtime.request import check_clip_skip
-from sdtrt.runtime.specs import CLIP_SKIP, ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -149,15 +147,6 @@ class PromptTokenizer:
     def _ids(self, prompts: list[str]) -> list[list[int]]:
         encodings = self._tokenizer.encode_batch(list(prompts), add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
-
-
-def text_feeds(ids: torch.Tensor, model: ModelInfo, clip_skip: int = 1) -> dict[str, torch.Tensor]:
-    """The first text encoder's feeds: token ``ids`` and, when it takes one (``model.clip_skip_ready``), the
-    ``clip_skip`` input on ``ids``' device; ``ConfigError`` for a clip skip the model cannot run."""
-    check_clip_skip(model, clip_skip)
-    if not model.clip_skip_ready:
-        return {"input_ids": ids}
-    return {"input_ids": ids, CLIP_SKIP: torch.tensor([clip_skip], dtype=torch.int32, device=ids.device)}
 
 
 def truncation_message(bounded: BoundedIds, windows: int) -> str:

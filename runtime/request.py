@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdtrt.runtime.cache_plan import check_cache_args, check_cache_supported, full_steps
+from sdtrt.runtime.clip_skip import check_clip_skip
 from sdtrt.runtime.errors import ArtifactError, ConfigError, ShapeError
 from sdtrt.runtime.manifest import Manifest
 from sdtrt.runtime.schedulers import SCHEDULER_NAMES, start_index
@@ -270,29 +271,6 @@ def make_request(
     )
 
 
-def check_clip_skip(model: ModelInfo, clip_skip: int) -> None:
-    """``ConfigError`` unless ``model``'s artifact can run ``clip_skip``: 1 (the last layer) on every artifact,
-    2..``text_layers`` on SD 1.x/2.x text encoders exported with the ``clip_skip`` input."""
-    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
-        raise ConfigError(f"clip skip must be an integer >= 1 (1: the last layer, no skip), got {clip_skip!r}")
-    if clip_skip == 1:
-        return
-    if model.family == "sdxl":
-        raise ConfigError(
-            f"clip skip {clip_skip} is not supported for SDXL models (they are conditioned on the penultimate "
-            "layer of both text encoders by design); use clip skip 1"
-        )
-    if not model.clip_skip_ready:
-        raise ConfigError(
-            f"clip skip {clip_skip} needs a text encoder exported with the clip_skip input, and this artifact's "
-            "predates it (clip skip 1 only); re-export the model with `sdtrt export` (then any clip skip runs)"
-        )
-    if clip_skip > model.text_layers:
-        raise ConfigError(
-            f"clip skip {clip_skip} is past this text encoder's {model.text_layers} layers; give 1..{model.text_layers}"
-        )
-
-
 def check_request(manifest: Manifest, prompt: str | list[str], *args: Any, **call: Any) -> None:
     """Raise what ``Pipeline.__call__`` would for these arguments (its names) on ``manifest``'s artifact, with no
     engine open, so a front end refuses a bad call before loading anything. The components are the artifact's."""
@@ -438,7 +416,6 @@ __all__ = [
     "LoraSetting",
     "Request",
     "Settings",
-    "check_clip_skip",
     "check_request",
     "check_seed",
     "expand_prompts",

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from sdtrt.runtime.clip_skip import check_clip_skip
 from sdtrt.runtime.errors import ConfigError
-from sdtrt.runtime.request import check_clip_skip
 from sdtrt.runtime.specs import ModelInfo
 from sdtrt.serve.errors import RequestError
 

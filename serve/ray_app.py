@@ -91,8 +91,8 @@ class RayConfig:
     def check_artifact(self) -> None:
         """``ArtifactError``/``ConfigError`` before Ray or any engine starts, if the artifact cannot run the caching
         or clip-skip default."""
+        from sdtrt.runtime.clip_skip import check_clip_skip
         from sdtrt.runtime.manifest import read_manifest
-        from sdtrt.runtime.request import check_clip_skip
 
         manifest = read_manifest(self.artifacts)
         self.cache.check_artifact(manifest.components, f"the artifact {self.artifacts}")

@@ -147,9 +147,9 @@ def _drain_logged(uvicorn: Any, config: Any, grace: float | None) -> Any:
 
 def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> None:
     """Open the artifact's pipeline, and serve the A1111 API over it until SIGTERM."""
+    from sdtrt.runtime.clip_skip import check_clip_skip
     from sdtrt.runtime.manifest import model_display_name, read_manifest
     from sdtrt.runtime.pipeline import Pipeline
-    from sdtrt.runtime.request import check_clip_skip
 
     from .a1111_info import cmd_flags
     from .app import create_app

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 
+from sdtrt.runtime.clip_skip import check_clip_skip
 from sdtrt.runtime.compare import psnr
 from sdtrt.runtime.errors import ConfigError
 from sdtrt.runtime.images import infotext
 from sdtrt.runtime.manifest import read_manifest
 from sdtrt.runtime.pipeline import Pipeline
-from sdtrt.runtime.request import check_clip_skip
 from sdtrt.runtime.specs import ModelInfo
 
 pytest.importorskip("diffusers")
