@@ -148,7 +148,8 @@ def test_bad_cache_fields_are_422(server, payload, match):
 
 def test_other_override_settings_are_still_ignored(server, direct):
     """A1111 settings sdtrt does not have (and unknown top-level fields) keep being ignored, as before."""
-    payload = {**BASE, "seed": 42, "override_settings": {"CLIP_stop_at_last_layers": 2}, "unknown_field": 1}
+    # (CLIP_stop_at_last_layers is honoured now: tests/serve/test_clip_skip.py)
+    payload = {**BASE, "seed": 42, "override_settings": {"img2img_color_correction": True}, "unknown_field": 1}
     status, body, _ = server.post("/sdapi/v1/txt2img", payload)
     assert status == 200 and "sdtrt_cache_interval" not in json.loads(body["info"])
     np.testing.assert_array_equal(pixels(body["images"][0]), direct(1))
