@@ -15,6 +15,7 @@ from sdtrt.cli.control import control_options, read_controls
 from sdtrt.cli.options import (
     backend_options,
     cache_options,
+    clip_skip_option,
     hires_options,
     parse_pair,
     parse_size,
@@ -77,6 +78,11 @@ if TYPE_CHECKING:
 )
 @control_options
 @cache_options
+@clip_skip_option(
+    "Condition on the text encoder's hidden state N layers from the end, through its final layer norm (A1111's "
+    "Clip skip; diffusers' clip_skip is N - 1); 1: the last layer. SD 1.x/2.x, any N up to the encoder's layers "
+    "without re-export."
+)
 @hires_options
 def generate_cmd(
     artifacts: Path,
@@ -106,6 +112,7 @@ def generate_cmd(
     guess_mode: bool,
     cache_interval: int,
     cache_schedule: str,
+    clip_skip: int,
     **hires_args: Any,
 ) -> None:
     """Generate images for PROMPT with the engines in ARTIFACTS.
@@ -138,6 +145,7 @@ def generate_cmd(
         "controls": read_controls(controls, preprocess, resize, canny_low, canny_high, guess_mode),
         "cache_interval": cache_interval,
         "cache_schedule": cache_schedule,
+        "clip_skip": clip_skip,
     }
     hires = read_hires(**{k.removeprefix("hires_"): v for k, v in hires_args.items()})
     lora_specs = check_before_work(artifacts, prompt, call, loras, hires)

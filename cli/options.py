@@ -93,6 +93,12 @@ def cache_options(command: F) -> F:
     )(command)
 
 
+def clip_skip_option(help_text: str) -> Callable[[F], F]:
+    """``--clip-skip N``: which text-encoder layer (from the end) conditions the images; ``help_text`` says where
+    it applies."""
+    return click.option("--clip-skip", type=click.IntRange(min=1), default=1, show_default=True, help=help_text)
+
+
 def hires_options(command: F) -> F:
     """The hires fix options of ``sdtrt generate`` (see ``read_hires``)."""
     options = [

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from sdtrt.cli.options import backend_options
+from sdtrt.cli.options import backend_options, clip_skip_option
 from sdtrt.runtime.cache_plan import CACHE_SCHEDULES
 from sdtrt.serve.limits import Limits
 
@@ -33,6 +33,10 @@ from sdtrt.serve.limits import Limits
     show_default=True,
     help="Which steps run in full: every N (uniform) or DeepCache's quadratic spacing. Per request: "
     "sdtrt_cache_schedule.",
+)
+@clip_skip_option(
+    "Clip skip of requests that do not set override_settings.CLIP_stop_at_last_layers: the text encoder's hidden "
+    "state N layers from the end (1: the last layer)."
 )
 @click.option(
     "--max-body-mb",
@@ -72,6 +76,7 @@ def serve_cmd(
     timeout: float,
     cache_interval: int,
     cache_schedule: str,
+    clip_skip: int,
     max_body_mb: float,
     max_prompt_chars: int,
     max_images: int,
@@ -111,6 +116,7 @@ def serve_cmd(
             max_queued_requests=queue_size,
             cache_interval=cache_interval,
             cache_schedule=cache_schedule,
+            clip_skip=clip_skip,
             limits=limits,
         )
         run(config_ray, host, port, address=ray_address, on_ready=ready)
@@ -118,5 +124,5 @@ def serve_cmd(
     from sdtrt.serve.server import ServeConfig, serve
 
     config = ServeConfig(artifacts, host, port, backend, device, queue_size, timeout, cache_interval=cache_interval,
-                         cache_schedule=cache_schedule, limits=limits)  # fmt: skip
+                         cache_schedule=cache_schedule, limits=limits, clip_skip=clip_skip)  # fmt: skip
     serve(config, on_ready=ready)

@@ -18,7 +18,7 @@ from sdtrt.runtime.models.bundle import ModelBundle
 from sdtrt.runtime.models.controlnet import recorded_controlnet
 from sdtrt.runtime.models.wrappers import wrap
 from sdtrt.runtime.progress import Progress
-from sdtrt.runtime.specs import ComponentSpec, ModelInfo, component_spec, is_controlnet, resolve_dim
+from sdtrt.runtime.specs import CLIP_SKIP, ComponentSpec, ModelInfo, component_spec, is_controlnet, resolve_dim
 from sdtrt.runtime.verify import verify_files
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ def make_inputs(
                 ids[row, 0] = 49406
                 ids[row, 1 : n + 1] = torch.randint(1, 49405, (n,), generator=g, dtype=torch.int32)
             feeds[tensor.name] = ids
+        elif tensor.name == CLIP_SKIP:  # batch 1 checks the last layer, batch 2 the one before (if any)
+            feeds[tensor.name] = torch.tensor([min(batch, model.text_layers)], dtype=torch.int32)
         elif tensor.name == "timestep":
             feeds[tensor.name] = torch.randint(0, 1000, shape, generator=g).float()
         elif tensor.name == "image":

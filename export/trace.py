@@ -19,6 +19,7 @@ from sdtrt.runtime.files import sha256_file
 from sdtrt.runtime.manifest import ComponentEntry, TensorEntry
 from sdtrt.runtime.profile import ShapeProfile
 from sdtrt.runtime.specs import (
+    CLIP_SKIP,
     COMPONENTS,
     DEFAULT_CACHE_BRANCH,
     ComponentSpec,
@@ -101,7 +102,9 @@ def sample_inputs(
     for tensor in spec.inputs:
         shape = [resolve_dim(d, sizes) for d in tensor.shape]
         dtype = tensor.concrete_dtype(precision)
-        if dtype == "int32":
+        if tensor.name == CLIP_SKIP:  # a valid layer choice: the graph takes any at run time
+            tensors.append(torch.ones(shape, dtype=torch.int32))
+        elif dtype == "int32":
             tensors.append(torch.randint(0, 49406, shape, generator=generator, dtype=torch.int32))
         elif tensor.name == "timestep":
             tensors.append(torch.full(shape, 500.0))

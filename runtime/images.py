@@ -119,12 +119,14 @@ def infotext(
 ) -> str:
     """A1111's ``parameters`` text for one image of a generation that ran with ``settings``.
 
-    As A1111 writes it: img2img adds the denoising strength; LoRAs are ``<lora:name:scale>`` tags after the
-    prompt and their short hashes a ``Lora hashes`` field; ControlNets are ``ControlNet <k>`` fields; step
-    caching (when on) is ``Cache interval`` and ``Cache schedule``; a hires fix is A1111's ``Hires ...`` fields
-    (``hires_fields``), the size and steps being the first pass's.
+    As A1111 writes it: img2img adds the denoising strength; a clip skip above 1 is ``Clip skip``; LoRAs are
+    ``<lora:name:scale>`` tags after the prompt and their short hashes a ``Lora hashes`` field; ControlNets are
+    ``ControlNet <k>`` fields; step caching (when on) is ``Cache interval`` and ``Cache schedule``; a hires fix is
+    A1111's ``Hires ...`` fields (``hires_fields``), the size and steps being the first pass's.
     """
     extra = [("Denoising strength", f"{settings.strength:g}")] if settings.strength is not None else []
+    if settings.clip_skip > 1:  # A1111 writes it only when it skips, right after the denoising strength
+        extra.append(("Clip skip", str(settings.clip_skip)))
     if settings.hires is not None:
         extra += hires_fields(settings.hires)
     if settings.loras:

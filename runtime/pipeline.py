@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
+from sdtrt.runtime.clip_skip import text_feeds
 from sdtrt.runtime.control.inputs import ControlInput, check_controls
 from sdtrt.runtime.control.slots import control_key, control_settings, fill_slots, make_slots
 from sdtrt.runtime.denoise import Denoiser, DenoiserCache, StepBuffers, step_cache, zero_residuals
@@ -209,7 +210,7 @@ class Pipeline:
         return [LoraSetting(f.name, scale, f.short_hash) for f, scale in self.loras]
 
     # -- stages --------------------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_prompts(self, prompts: list[str], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text vectors [len(prompts), 77 * windows, D], and SDXL's pooled embeddings [len(prompts), P] (else None).
 
         Long prompts are split into 75-token windows, each encoded on its own and concatenated along the sequence
@@ -219,7 +220,8 @@ class Pipeline:
         windows_allowed = self.manifest.profile.max_prompt_windows
         ids = self.tokenizer.encode(prompts, max_windows=windows_allowed)
         windows = ids.shape[0] // len(prompts)
-        hidden = self.engines["text_encoder"].infer({"input_ids": ids.to(self.device)})[model.text_output]
+        feeds = text_feeds(ids.to(self.device), model, clip_skip)
+        hidden = self.engines["text_encoder"].infer(feeds)[model.text_output]
         pooled = None
         if self.tokenizer_2 is not None:
             ids_2 = self.tokenizer_2.encode(prompts, max_windows=windows_allowed, warn=False)
@@ -231,10 +233,10 @@ class Pipeline:
     def encode_text(self, req: Request) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The UNet's text rows for ``req``: uncond rows first when guided (zeros where SDXL asks for them)."""
         if not req.guided:
-            return self.encode_prompts(req.prompts)
-        if not req.zero_negatives:
-            return self.encode_prompts(req.negatives + req.prompts)
-        text, pooled = self.encode_prompts(req.prompts)
+            return self.encode_prompts(req.prompts, req.clip_skip)
+        if not req.zero_negatives:  # clip skip holds for the negatives too, as in A1111
+            return self.encode_prompts(req.negatives + req.prompts, req.clip_skip)
+        text, pooled = self.encode_prompts(req.prompts, req.clip_skip)
         assert pooled is not None
         return torch.cat([torch.zeros_like(text), text]), torch.cat([torch.zeros_like(pooled), pooled])
 
@@ -266,6 +268,7 @@ class Pipeline:
         controls: Sequence[ControlInput] = (),
         cache_interval: int = 1,
         cache_schedule: str = "uniform",
+        clip_skip: int = 1,
         cancel: Cancel | None = None,
     ) -> GenerationResult:
         """Generate ``num_images`` images per prompt, at the artifact's tuned size (profile opt) by default.
@@ -281,7 +284,8 @@ class Pipeline:
         (``force_zeros_for_empty_prompt``), as diffusers does; an explicit ``""`` is encoded like any prompt.
         ``controls`` run ControlNets of the artifact (one ``ControlInput`` each; see ``runtime.control``).
         ``cache_interval`` > 1 runs the full UNet on one step in N (``cache_schedule``: "uniform" or "quadratic")
-        and the shallow one in between (step caching; see ``runtime.cache_plan``).
+        and the shallow one in between (step caching; see ``runtime.cache_plan``). ``clip_skip`` N: the text
+        encoder's hidden state N layers from the end conditions the images (``runtime.clip_skip``; 1: the last).
         ``cancel`` (e.g. ``threading.Event``) is read before each step: once set, the latents as they are are
         decoded and ``result.interrupted`` is True (as A1111 ends an interrupted job).
         """
@@ -306,6 +310,7 @@ class Pipeline:
             target_size=target_size,
             cache_interval=cache_interval,
             cache_schedule=cache_schedule,
+            clip_skip=clip_skip,
             init_latents=init_latents,
         )
         self.check_controls(controls)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdtrt.runtime.cache_plan import check_cache_args, check_cache_supported, full_steps
+from sdtrt.runtime.clip_skip import check_clip_skip
 from sdtrt.runtime.errors import ArtifactError, ConfigError, ShapeError
 from sdtrt.runtime.manifest import Manifest
 from sdtrt.runtime.schedulers import SCHEDULER_NAMES, start_index
@@ -49,6 +50,7 @@ class Request:
     time_ids: tuple[int, ...] = ()  # SDXL: original size, crop top-left, target size (each height, width)
     cache_interval: int = 1  # step caching: a full UNet step every N (1: every step full)
     cache_schedule: str = "uniform"
+    clip_skip: int = 1  # the text encoder's hidden state N layers from the end (1: the last), as A1111 counts
 
     @property
     def guided(self) -> bool:
@@ -134,6 +136,7 @@ class Settings:
     controls: tuple[ControlSetting, ...] = ()
     cache_interval: int = 1
     cache_schedule: str = "uniform"
+    clip_skip: int = 1
     hires: HiresSetting | None = None  # a hires fix's second pass (height and width above: the first pass's)
 
     @classmethod
@@ -155,6 +158,7 @@ class Settings:
             tuple(controls),
             req.cache_interval,
             req.cache_schedule,
+            req.clip_skip,
         )
 
     def __getitem__(self, key: str) -> Any:
@@ -182,6 +186,8 @@ class Settings:
         if self.cache_interval > 1:
             data["cache_interval"] = self.cache_interval
             data["cache_schedule"] = self.cache_schedule
+        if self.clip_skip > 1:
+            data["clip_skip"] = self.clip_skip
         if self.hires is not None:
             data["hires"] = self.hires.to_dict()
         return data
@@ -226,6 +232,7 @@ def make_request(
     target_size: Pair | None = None,
     cache_interval: int = 1,
     cache_schedule: str = "uniform",
+    clip_skip: int = 1,
     init_latents: Any = None,
 ) -> Request:
     """Validate a ``Pipeline.__call__``'s arguments (its names) for ``manifest``'s model and expand them to one
@@ -233,8 +240,9 @@ def make_request(
 
     ``components`` are the engines open (img2img needs a VAE encoder); ``strength`` counts for img2img only (an
     ``image`` given); the micro-conditioning (``original_size``, ``crops_coords_top_left``, ``target_size``) is
-    SDXL's, refused for other families. ``init_latents`` (scaled latents, one row per image or one for all) start
-    img2img instead of an ``image``, at their own size unless one is given.
+    SDXL's, refused for other families; ``clip_skip`` is checked by ``check_clip_skip``. ``init_latents`` (scaled
+    latents, one row per image or one for all) start img2img instead of an ``image``, at their own size unless one
+    is given.
     """
     prompts, negatives = expand_prompts(prompt, negative_prompt, num_images)
     if init_latents is not None:
@@ -243,6 +251,7 @@ def make_request(
     _check_arguments(steps, guidance_scale, name)
     check_cache_args(cache_interval, cache_schedule)
     check_cache_supported(cache_interval, components)
+    check_clip_skip(manifest.model, clip_skip)
     height, width = image_size(manifest, height, width, len(prompts))
     img2img = strength if image is not None or init_latents is not None else None
     first = start_index(steps, strength) if img2img is not None else 0
@@ -257,7 +266,9 @@ def make_request(
     request = Request(
         prompts, negatives, height, width, name, steps, first, seeds, guidance_scale, shape, img2img, zero, time_ids
     )
-    return dataclasses.replace(request, cache_interval=cache_interval, cache_schedule=cache_schedule)
+    return dataclasses.replace(
+        request, cache_interval=cache_interval, cache_schedule=cache_schedule, clip_skip=clip_skip
+    )
 
 
 def check_request(manifest: Manifest, prompt: str | list[str], *args: Any, **call: Any) -> None:

@@ -62,6 +62,9 @@ class ModelInfo:
     cache_branch: int = -1
     cache_feature: tuple[int, ...] = ()
     cache_context: bool = True  # whether the shallow UNet reads the text context (has cross-attention)
+    # SD 1.x/2.x: the text encoder's transformer layers when it was exported with the ``clip_skip`` input (clip
+    # skip 1..text_layers chosen per call); 0: exported without it (older artifacts, SDXL), clip skip 1 only.
+    text_layers: int = 0
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep the frozen dataclass hashable and comparable
@@ -76,6 +79,8 @@ class ModelInfo:
         for name in ("latent_channels", "vae_scale_factor", "text_width"):
             if getattr(self, name) < 1:
                 raise ShapeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.text_layers < 0 or (self.text_layers and self.family == "sdxl"):
+            raise ShapeError(f"text_layers must be >= 0 (0 for SDXL), got {self.text_layers} for {self.family}")
         if self.family == "sdxl":
             for name in ("text_width_2", "add_text_embeds_width", "add_time_ids"):
                 if getattr(self, name) < 1:
@@ -95,6 +100,11 @@ class ModelInfo:
     def text_output(self) -> str:
         """The text encoders' per-token output: SDXL conditions on the penultimate layer, SD 1.x/2.x on the last."""
         return "penultimate_hidden_state" if self.family == "sdxl" else "last_hidden_state"
+
+    @property
+    def clip_skip_ready(self) -> bool:
+        """Whether the text encoder takes ``clip_skip`` (which hidden state, counted from the last, it gives)."""
+        return self.text_layers > 0
 
     @property
     def control_ready(self) -> bool:
@@ -150,6 +160,7 @@ CACHE_FEATURE = "cache_feature"  # the full UNet's extra output and the shallow 
 # ControlNets are components too, one per ControlNet, named ``controlnet_<name>`` in a manifest.
 CONTROLNET_PREFIX = "controlnet_"
 CONTROL_MID = "control_mid"
+CLIP_SKIP = "clip_skip"  # the text encoder's input choosing its hidden state: 1 the last layer's, 2 the one before
 
 
 def control_input_names(model: ModelInfo) -> tuple[str, ...]:
@@ -217,15 +228,16 @@ def component_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
     feature = _feature_tensors(model)
     shallow_inputs = [t for t in unet_inputs if model.cache_context or t.name != "encoder_hidden_states"]
     ids = (TensorSpec("input_ids", "int32", ("text_batch", TEXT_WINDOW)),)
+    skip = (TensorSpec(CLIP_SKIP, "int32", (1,)),) if model.clip_skip_ready else ()
     specs = {
         "text_encoder": ComponentSpec(
             "text_encoder",
-            inputs=ids,
+            inputs=(*ids, *skip),
             outputs=(
                 TensorSpec(model.text_output, FLOAT, ("text_batch", TEXT_WINDOW, model.text_width)),
                 TensorSpec("pooled_output", FLOAT, ("text_batch", model.pooled_width)),
             ),
-            description="CLIP text encoder: token ids -> one vector per token",
+            description="CLIP text encoder: token ids (and clip skip) -> one vector per token",
         ),
         "text_encoder_2": ComponentSpec(
             "text_encoder_2",

@@ -20,6 +20,7 @@ from sdtrt.runtime.request import check_seed
 from sdtrt.runtime.schedulers import A1111_LABELS
 
 from .caching import CacheDefaults, cache_info, parse_cache_fields
+from .clipskip import parse_clip_skip
 from .controlnet import ControlUnit, parse_controlnet
 from .errors import RequestError
 from .fields import check_fields
@@ -112,6 +113,7 @@ class GenerateRequest:
     echo: dict[str, Any] = field(default_factory=dict, compare=False)  # the request as A1111 echoes it
     cache_interval: int | None = None  # step caching; None: the server's default (``with_cache_defaults``)
     cache_schedule: str | None = None
+    clip_skip: int | None = None  # override_settings.CLIP_stop_at_last_layers; None: the server's default
     hires: HiresFix | None = None  # txt2img's enable_hr: a second, larger pass (see ``hires``)
 
     @property
@@ -129,6 +131,10 @@ class GenerateRequest:
         """This request with the step caching it left out set to the server's ``defaults``."""
         interval, schedule = defaults.resolve(self.cache_interval, self.cache_schedule)
         return replace(self, cache_interval=interval, cache_schedule=schedule)
+
+    def with_clip_skip(self, default: int) -> GenerateRequest:
+        """This request with the server's clip skip ``default`` where it set none."""
+        return self if self.clip_skip is not None else replace(self, clip_skip=default)
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,7 @@ class Generation:
     served_by: str = ""  # the Ray replica that ran it ("" on the plain server)
     cache_interval: int = 1  # the step caching it ran with (1: every step full)
     cache_schedule: str = "uniform"
+    clip_skip: int = 1
     warnings: tuple[str, ...] = ()  # e.g. the part of a prompt past the model's prompt windows, dropped
 
 
@@ -252,6 +259,7 @@ def parse_request(payload: Any, img2img: bool = False, limits: Limits | None = N
         echo,
         interval,
         schedule,
+        parse_clip_skip(payload),
         hires,
     )
 
@@ -278,6 +286,7 @@ def response_body(request: GenerateRequest, gen: Generation) -> dict[str, Any]:
         "infotexts": gen.infotexts,
     }
     info.update(cache_info(gen.cache_interval, gen.cache_schedule))
+    info["clip_skip"] = gen.clip_skip  # as A1111's info reports it
     if gen.served_by:
         info["served_by"] = gen.served_by
     if gen.warnings:

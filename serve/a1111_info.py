@@ -1,7 +1,7 @@
 """The A1111 endpoints clients call at start-up: settings, flags, memory, lists, schedulers and ``png-info``.
 
 ``GET /sdapi/v1/options`` reports the settings clients read, with the values that hold for sdtrt (the loaded
-model's title and sha256, PNG output, no clip skip, ...); ``POST`` accepts a key only with a value the server
+model's title and sha256, PNG output, the server's clip skip, ...); ``POST`` accepts a key only with a value the server
 honours (the loaded model by title, name or hash: a no-op) and answers 422 for anything else, naming the key, so
 a client is never told that a change happened when it did not. The settings live in ``ServerOptions``, one per
 app. Lists of things sdtrt does not have (VAEs, hypernetworks, styles, embeddings, ...) are honest empty lists.
@@ -34,7 +34,11 @@ class FixedOption:
 FIXED_OPTIONS: dict[str, FixedOption] = {
     "sd_vae": FixedOption("Automatic", "the VAE is the one exported with the model"),
     "sd_checkpoints_limit": FixedOption(1, "the server keeps its one model loaded"),
-    "CLIP_stop_at_last_layers": FixedOption(1, "the server's default is no clip skip"),
+    "CLIP_stop_at_last_layers": FixedOption(
+        1,
+        "the server's default is `sdtrt serve --clip-skip N`; a request sets its own with "
+        "override_settings.CLIP_stop_at_last_layers",
+    ),
     "samples_format": FixedOption("png", "images are PNGs with the parameters text"),
     "eta_noise_seed_delta": FixedOption(0, "seeds are used as given"),
     "randn_source": FixedOption("CPU", "noise is drawn on the CPU, so a seed gives the same image on any device"),
@@ -63,12 +67,13 @@ def checkpoint_aliases(card: ModelCard) -> set[str]:
 class ServerOptions:
     """The A1111 settings one server reports (``GET /sdapi/v1/options``) and accepts (``POST``)."""
 
-    def __init__(self, card: ModelCard) -> None:
+    def __init__(self, card: ModelCard, clip_skip: int = 1) -> None:
         self.card = card
         self.values: dict[str, Any] = {
             "sd_model_checkpoint": checkpoint_title(card),
             "sd_checkpoint_hash": card.sha256 or None,
             **{key: option.value for key, option in FIXED_OPTIONS.items()},
+            "CLIP_stop_at_last_layers": clip_skip,  # the server's default (``sdtrt serve --clip-skip``)
         }
 
     def current(self) -> dict[str, Any]:
@@ -251,7 +256,8 @@ SCRIPT_INFO = [
 async def server_options(app: Any, service: Service) -> ServerOptions:
     """The options ``app`` keeps for ``service``'s model (made on first use: the model loads with the service)."""
     if getattr(app.state, "a1111_options", None) is None:
-        app.state.a1111_options = ServerOptions(await service.model())
+        # the clip skip of requests that set none: LocalWorker's and HandleService's ``clip_skip``
+        app.state.a1111_options = ServerOptions(await service.model(), getattr(service, "clip_skip", 1))
     return app.state.a1111_options
 
 

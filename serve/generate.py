@@ -5,9 +5,10 @@ request checks (so a refusal reads as the library's message) before they are que
 on everything but prompt, seed and batch size can run as one pipeline call (``merge_key``, ``run_merged``); a
 ``batch_size`` above the profile's batch limit runs as several calls with consecutive seeds, as ``n_iter`` does. A
 call's ControlNet controls hold for all its images, so requests with ControlNet units merge only when their
-units are the same (models, hints and settings), step caching only with the same interval and schedule, and a
-hires fix (``enable_hr``) only with the same hires settings (never with plain requests).
-Requests reach these functions with the server's step-caching default applied (``with_cache_defaults``).
+units are the same (models, hints and settings), step caching only with the same interval and schedule, clip
+skip only with the same value, and a hires fix (``enable_hr``) only with the same hires settings (never with plain
+requests). Requests reach these functions with the server's step-caching and clip-skip defaults applied
+(``with_cache_defaults``, ``with_clip_skip``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sdtrt.runtime.images import infotext, png_bytes
 from sdtrt.runtime.request import Settings, image_size, require_vae_encoder, seeds_per_image
 from sdtrt.serve.a1111 import GenerateRequest, Generation
 from sdtrt.serve.caching import check_cache_request
+from sdtrt.serve.clipskip import check_clip_skip_request
 from sdtrt.serve.controlnet import resolve_units
 from sdtrt.serve.errors import RequestError
 from sdtrt.serve.hires import check_hires_request
@@ -48,6 +50,7 @@ def check_request(pipe: Any, request: GenerateRequest) -> tuple[int, int]:
     except (ShapeError, ArtifactError, ConfigError) as exc:
         raise RequestError(str(exc)) from None
     check_cache_request(request.cache_interval or 1, pipe.engines)
+    check_clip_skip_request(pipe.manifest.model, request.clip_skip or 1)
     if request.hires is not None:  # the second size too, before the first pass is queued
         check_hires_request(pipe.manifest, request.hires, request.height, request.width, call_batch(pipe, request))
     if request.controls:
@@ -133,6 +136,7 @@ def call_pipeline(
         "num_images": num_images,
         "cache_interval": request.cache_interval or 1,
         "cache_schedule": request.cache_schedule or "uniform",
+        "clip_skip": request.clip_skip or 1,
         **extra,
     }
     if request.hires is not None:
@@ -169,7 +173,7 @@ def merge_key(request: GenerateRequest) -> tuple[Any, ...] | None:
         return None
     units = tuple(unit.settings for unit in request.controls)
     return (request.negative_prompt, request.steps, request.cfg_scale, request.width, request.height, request.sampler,
-            units, request.cache_interval, request.cache_schedule, request.hires)  # fmt: skip
+            units, request.cache_interval, request.cache_schedule, request.hires, request.clip_skip)  # fmt: skip
 
 
 def run_merged(pipe: Any, requests: list[GenerateRequest], model_name: str) -> list[Generation]:
@@ -218,6 +222,7 @@ def make_generation(
         seconds,
         cache_interval=settings.cache_interval,
         cache_schedule=settings.cache_schedule,
+        clip_skip=settings.clip_skip,
         warnings=tuple(warnings),
     )
 

@@ -7,13 +7,13 @@ Layout: ``Ingress`` serves ``app.create_app`` (the very routes of the plain serv
 forwards each request to the ``Replica`` deployment through its handle. A replica opens one ``Pipeline`` on its
 device (``num_gpus`` per replica on a GPU cluster, ``num_cpus`` on the CPU) and takes requests through
 ``@serve.batch``: those that arrive within ``batch_wait_s`` and share a ``generate.merge_key`` (txt2img, same size,
-steps, guidance, sampler, negative prompt, ControlNet units and step caching) run as one pipeline call up to the
-artifact's batch limit, each with its own prompt and seeds, so a request's image does not depend on what it was
+steps, guidance, sampler, negative prompt, ControlNet units, step caching and clip skip) run as one pipeline call up
+to the artifact's batch limit, each with its own prompt and seeds, so a request's image does not depend on what it was
 batched with.
 Replicas autoscale between ``min_replicas`` and ``max_replicas`` on ongoing requests per replica; a deployment
 whose queue is full answers 429 (Ray's back-pressure), like the plain server.
-The replicas apply the step-caching default (``cache_interval``, ``cache_schedule``) to requests that do not
-choose their own, as the plain server does.
+The replicas apply the step-caching default (``cache_interval``, ``cache_schedule``) and the clip-skip default
+(``clip_skip``) to requests that do not choose their own, as the plain server does.
 
 Progress, interrupt and skip: ``/progress`` reports the requests in flight through this ingress (``job_count``)
 but no step progress, which lives in whichever replica runs a request; ``/interrupt`` and ``/skip`` answer 501
@@ -67,6 +67,7 @@ class RayConfig:
     app_name: str = "sdtrt"  # the Ray Serve application name (serve.run(..., name=app_name))
     cache_interval: int = 1  # step caching of requests that do not choose: a full UNet step every N
     cache_schedule: str = "uniform"
+    clip_skip: int = 1  # for requests without override_settings.CLIP_stop_at_last_layers
     limits: Limits = Limits()  # the same request bounds as the plain server, applied by the ingress
 
     def __post_init__(self) -> None:
@@ -79,6 +80,8 @@ class RayConfig:
         if self.max_queued_requests < 1:
             raise ConfigError(f"the queue must hold at least 1 request, got {self.max_queued_requests}")
         check_cache_args(self.cache_interval, self.cache_schedule)
+        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 1:
+            raise ConfigError(f"--clip-skip must be an integer >= 1, got {self.clip_skip!r}")
 
     @property
     def cache(self) -> CacheDefaults:
@@ -86,10 +89,14 @@ class RayConfig:
         return CacheDefaults(self.cache_interval, self.cache_schedule)
 
     def check_artifact(self) -> None:
-        """``ArtifactError`` before Ray or any engine starts, if the artifact cannot run the caching default."""
+        """``ArtifactError``/``ConfigError`` before Ray or any engine starts, if the artifact cannot run the caching
+        or clip-skip default."""
+        from sdtrt.runtime.clip_skip import check_clip_skip
         from sdtrt.runtime.manifest import read_manifest
 
-        self.cache.check_artifact(read_manifest(self.artifacts).components, f"the artifact {self.artifacts}")
+        manifest = read_manifest(self.artifacts)
+        self.cache.check_artifact(manifest.components, f"the artifact {self.artifacts}")
+        check_clip_skip(manifest.model, self.clip_skip)
 
 
 class ReplicaCore:
@@ -115,7 +122,7 @@ class ReplicaCore:
 
         results: dict[int, Generation | Exception] = {}
         groups: dict[Any, list[int]] = {}
-        requests = [request.with_cache_defaults(self.config.cache) for request in requests]
+        requests = [r.with_cache_defaults(self.config.cache).with_clip_skip(self.config.clip_skip) for r in requests]
         for index, request in enumerate(requests):
             try:
                 check_request(self.pipe, request)
@@ -164,8 +171,9 @@ class HandleService:
     there by Ray, so a handle set on this object in the driver would not arrive).
     """
 
-    def __init__(self, app_name: str, capacity: int) -> None:
+    def __init__(self, app_name: str, capacity: int, clip_skip: int = 1) -> None:
         self.app_name, self.capacity = app_name, capacity
+        self.clip_skip = clip_skip  # the replicas' default, as GET /options reports it
         self._handle: Any = None
         self._card: ModelCard | None = None
         self._in_flight = 0  # requests forwarded to the replicas and not answered yet
@@ -251,7 +259,7 @@ def build_app(config: RayConfig, **listen: Any) -> Any:
 
     config.check_artifact()
     flags = cmd_flags(config, ray=True, **listen)
-    service = HandleService(config.app_name, config.max_queued_requests)
+    service = HandleService(config.app_name, config.max_queued_requests, config.clip_skip)
     app = create_app(service, cmd_flags=flags, limits=config.limits)
     actor: dict[str, float] = {"num_cpus": config.cpus_per_replica}
     if config.gpus_per_replica:

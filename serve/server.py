@@ -43,6 +43,7 @@ class ServeConfig:
     grace: float | None = None  # seconds the shutdown drain may take; None: queue timeout + 60 s
     cache_interval: int = 1  # a full UNet step every N (1: no caching)
     cache_schedule: str = "uniform"
+    clip_skip: int = 1  # for requests without override_settings.CLIP_stop_at_last_layers
     limits: Limits = Limits()
 
     def __post_init__(self) -> None:
@@ -53,6 +54,8 @@ class ServeConfig:
         if not self.timeout > 0:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout}")
         check_cache_args(self.cache_interval, self.cache_schedule)
+        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 1:
+            raise ConfigError(f"--clip-skip must be an integer >= 1, got {self.clip_skip!r}")
 
     @property
     def cache(self) -> CacheDefaults:
@@ -144,6 +147,7 @@ def _drain_logged(uvicorn: Any, config: Any, grace: float | None) -> Any:
 
 def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> None:
     """Open the artifact's pipeline, and serve the A1111 API over it until SIGTERM."""
+    from sdtrt.runtime.clip_skip import check_clip_skip
     from sdtrt.runtime.manifest import model_display_name, read_manifest
     from sdtrt.runtime.pipeline import Pipeline
 
@@ -155,13 +159,15 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
     require("uvicorn", "the HTTP server (sdtrt serve)", "serve")
     sock = bind(config.host, config.port)  # before the model loads: a port in use fails at once
     try:
-        config.cache.check_artifact(read_manifest(config.artifacts).components, f"the artifact {config.artifacts}")
+        manifest = read_manifest(config.artifacts)
+        config.cache.check_artifact(manifest.components, f"the artifact {config.artifacts}")
+        check_clip_skip(manifest.model, config.clip_skip)  # the default must run on this artifact: refuse it now
         pipe = Pipeline.from_artifacts(config.artifacts, backend=config.backend, device=config.device)
     except BaseException:
         sock.close()
         raise
     name = model_display_name(pipe.manifest, fallback=Path(config.artifacts).resolve().name)
-    worker = LocalWorker(pipe, name, config.queue_size, config.timeout, config.cache)
+    worker = LocalWorker(pipe, name, config.queue_size, config.timeout, config.cache, config.clip_skip)
     grace = config.grace if config.grace is not None else config.timeout + 60.0
     log.info(
         "model %s (%s on %s), queue %d, limits: body %g MB, prompts %d characters, %d images per request",

@@ -45,7 +45,8 @@ class _Job:
 class LocalWorker:
     """A ``Service`` over one in-process ``Pipeline``; call ``start`` inside the event loop that serves.
 
-    ``cache`` is the step caching of requests that do not choose their own (default: none).
+    ``cache`` is the step caching of requests that do not choose their own (default: none), ``clip_skip`` their
+    clip skip (default 1: the last layer).
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class LocalWorker:
         queue_size: int = 16,
         timeout: float = 60.0,
         cache: CacheDefaults | None = None,
+        clip_skip: int = 1,
     ) -> None:
         if queue_size < 1:
             raise ConfigError(f"queue size must be >= 1, got {queue_size}")
@@ -63,6 +65,7 @@ class LocalWorker:
         self.pipe, self.model_name = pipe, model_name
         self.queue_size, self.timeout = queue_size, timeout
         self.cache = cache or CacheDefaults()
+        self.clip_skip = clip_skip  # for requests that set no override_settings.CLIP_stop_at_last_layers
         self._queue: asyncio.Queue[_Job] | None = None
         self._consumer: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtrt-pipeline")
@@ -107,7 +110,7 @@ class LocalWorker:
     async def generate(self, request: GenerateRequest) -> Generation:
         if self._queue is None:
             raise RuntimeError("LocalWorker.start() was not called")
-        request = request.with_cache_defaults(self.cache)
+        request = request.with_cache_defaults(self.cache).with_clip_skip(self.clip_skip)
         check_request(self.pipe, request)
         if request.seed is None:
             request = request.with_seed(random_seed())

@@ -141,7 +141,8 @@ def model_info(
             f"UNet cross-attention width {cross} does not match the text encoder width {tcfg.hidden_size}; "
             "the components come from different models"
         )
-    return ModelInfo(family="sd2" if tcfg.hidden_size == 1024 else "sd1", **common)
+    family = "sd2" if tcfg.hidden_size == 1024 else "sd1"
+    return ModelInfo(family=family, text_layers=int(tcfg.num_hidden_layers), **common)
 
 
 def _sdxl_info(

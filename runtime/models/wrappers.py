@@ -11,15 +11,36 @@ from sdtrt.runtime.specs import ModelInfo
 
 
 class TextEncoder(nn.Module):
-    """input_ids -> (last_hidden_state, pooled_output): SD 1.x/2.x."""
+    """(input_ids[, clip_skip]) -> (last_hidden_state, pooled_output): SD 1.x/2.x.
+
+    With ``clip_skip`` (int32 [1], N >= 1) the per-token output is ``hidden_states[-N]`` through the final layer
+    norm (A1111's "CLIP_stop_at_last_layers" N, diffusers' ``clip_skip`` N - 1): N = 1 is ``last_hidden_state``.
+    Every layer runs anyway, so the choice is a gather over the stacked hidden states at run time. The pooled
+    output stays the last layer's. Without ``clip_skip`` the graph is the one of artifacts that predate it.
+    """
 
     def __init__(self, text_encoder: Any) -> None:
         super().__init__()
         self.text_encoder = text_encoder
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.text_encoder(input_ids.to(torch.int64), return_dict=False)
-        return out[0], out[1]
+    def forward(
+        self, input_ids: torch.Tensor, clip_skip: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = input_ids.to(torch.int64)
+        if clip_skip is None:
+            out = self.text_encoder(ids, return_dict=False)
+            return out[0], out[1]
+        out = self.text_encoder(ids, output_hidden_states=True, return_dict=True)
+        states = torch.stack(out.hidden_states)  # [layers + 1, B, 77, D]: the embeddings, then every layer's
+        # a non-negative index (len - N) rather than -N: negative gather indices are not portable across backends
+        index = states.shape[0] - clip_skip.to(torch.int64).reshape(1)
+        chosen = torch.index_select(states, 0, index).squeeze(0)
+        # transformers 5 moved the layers from ``text_model`` onto the model itself
+        model = getattr(self.text_encoder, "text_model", self.text_encoder)
+        # as in PenultimateTextEncoder: a half-precision graph computes parts of the middle layers in fp32, and
+        # the outputs keep the module's precision
+        dtype = self.text_encoder.get_input_embeddings().weight.dtype
+        return model.final_layer_norm(chosen).to(dtype), out.pooler_output.to(dtype)
 
 
 class PenultimateTextEncoder(nn.Module):

@@ -34,7 +34,8 @@ def make_feeds(component: str, batch: int, height: int, width: int, seed: int = 
     if component == "text_encoder":
         ids = torch.randint(0, 49406, (batch, 77), generator=g, dtype=torch.int32)
         ids[:, 0], ids[:, -1] = 49406, 49407
-        return {"input_ids": ids}
+        # clip skip 1 (the last layer) at batch 1, 2 (the tiny encoder's first layer) at batch 2
+        return {"input_ids": ids, "clip_skip": torch.tensor([min(batch, 2)], dtype=torch.int32)}
     if component == "unet":
         feeds = {
             "sample": torch.randn(latent, generator=g),

@@ -120,7 +120,8 @@ def test_outputs_follow_the_engine_shapes(use_double, engines_dir):
     engines = open_all(engines_dir)
     image = engines["vae_decoder"].infer({"latent": torch.randn(1, 4, 16, 12).half()})["image"]
     assert image.shape == (1, 3, 128, 96) and image.dtype == torch.float16
-    hidden = engines["text_encoder"].infer({"input_ids": torch.zeros(2, 77, dtype=torch.int32)})
+    ids, skip = torch.zeros(2, 77, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    hidden = engines["text_encoder"].infer({"input_ids": ids, "clip_skip": skip})
     assert hidden["last_hidden_state"].shape == (2, 77, 32) and hidden["pooled_output"].shape == (2, 32)
 
 
