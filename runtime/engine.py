@@ -154,3 +154,11 @@ def get_backend(name: str) -> ModuleType:
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; expected one of: {', '.join(BACKENDS)}")
     return importlib.import_module(BACKENDS[name])
+
+
+def input_dtype(engine: Engine, name: str) -> torch.dtype:
+    """The torch dtype of ``engine``'s input ``name`` (float16 or float32)."""
+    for tensor in engine.inputs:
+        if tensor.name == name:
+            return torch.float16 if tensor.dtype == "float16" else torch.float32
+    raise KeyError(name)

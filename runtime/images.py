@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from sdtrt.runtime.errors import NumericsError
 from sdtrt.runtime.files import write_bytes_atomic
 from sdtrt.runtime.schedulers import A1111_LABELS
 
@@ -202,3 +203,13 @@ def save_png(image: Image.Image, path: str | os.PathLike[str], parameters: str |
     target = Path(path)
     write_bytes_atomic(target, png_bytes(image, parameters))
     return target
+
+
+def unit_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """Decoded images in [-1, 1] -> float32 [0, 1] on the CPU; NaN/Inf pixels raise ``NumericsError``."""
+    if not bool(torch.isfinite(pixels).all()):
+        raise NumericsError(
+            "the VAE decoder produced NaN/Inf pixels (fp16 overflow is the usual cause); re-export the "
+            "vae_decoder with --precision fp32, or check the latents for NaN"
+        )
+    return (pixels.float() / 2 + 0.5).clamp(0, 1).cpu()

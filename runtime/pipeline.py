@@ -29,9 +29,9 @@ from sdtrt.runtime.clip_skip import text_feeds
 from sdtrt.runtime.control.inputs import ControlInput, check_controls
 from sdtrt.runtime.control.slots import control_key, control_settings, fill_slots, make_slots
 from sdtrt.runtime.denoise import Denoiser, DenoiserCache, StepBuffers, step_cache, zero_residuals
-from sdtrt.runtime.engine import BackendOptions, Engine, get_backend
-from sdtrt.runtime.errors import ArtifactError, BackendError, ConfigError, NumericsError
-from sdtrt.runtime.images import from_pil, latents_to_rgb, to_pil
+from sdtrt.runtime.engine import BackendOptions, Engine, get_backend, input_dtype
+from sdtrt.runtime.errors import ArtifactError, BackendError, ConfigError
+from sdtrt.runtime.images import from_pil, latents_to_rgb, to_pil, unit_pixels
 from sdtrt.runtime.manifest import Manifest, read_manifest, resolve_file
 from sdtrt.runtime.progress import Cancel
 from sdtrt.runtime.prompts import PromptTokenizer
@@ -243,7 +243,7 @@ class Pipeline:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (scaled, as the UNet sees them) -> images [B, 3, H, W] in [-1, 1]."""
         engine = self.engines["vae_decoder"]
-        dtype = _input_dtype(engine, "latent")
+        dtype = input_dtype(engine, "latent")
         image = engine.infer({"latent": (latents / self.manifest.model.scaling_factor).to(dtype)})["image"]
         return image.clone()
 
@@ -326,7 +326,7 @@ class Pipeline:
         d0 = clock.mark()
         pixels = self.decode_latents(latents)
         times.vae_decode = clock.seconds(d0, clock.mark())
-        unit = _unit_pixels(pixels)
+        unit = unit_pixels(pixels)
         images = to_pil(unit * 2 - 1)
         times.total = time.perf_counter() - start_time
         settings = Settings.of(req, self.backend, self.lora_settings(), control_settings(controls))
@@ -412,7 +412,7 @@ class Pipeline:
         clock = StageClock(self.device)
         pixels = from_pil(image, height, width).repeat(len(generators), 1, 1, 1)
         e0 = clock.mark()
-        out = engine.infer({"image": pixels.to(self.device, _input_dtype(engine, "image"))})
+        out = engine.infer({"image": pixels.to(self.device, input_dtype(engine, "image"))})
         mean, std = out["latent_mean"].float().cpu(), out["latent_std"].float().cpu()
         e1 = clock.mark()
         sample = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in generators])
@@ -437,7 +437,7 @@ class Pipeline:
         # static too, so a captured graph reads this call's values
         extra = {"text_embeds": model.add_text_embeds_width, "time_ids": model.add_time_ids}
         widths = extra if model.family == "sdxl" else None
-        dtype = _input_dtype(unet, "encoder_hidden_states")
+        dtype = input_dtype(unet, "encoder_hidden_states")
         buffers = StepBuffers.allocate(req.shape, tuple(text.shape), dtype, self.device, widths)
         slots = make_slots(controls, self.engines, req, self.device)
         if not slots:
@@ -448,24 +448,6 @@ class Pipeline:
         denoiser = Denoiser(unet, sampler, schedule, buffers, req.guided, use_graph, slots, cache)
         self._denoisers.put(key, denoiser)
         return denoiser
-
-
-def _input_dtype(engine: Engine, name: str) -> torch.dtype:
-    """The torch dtype of ``engine``'s input ``name`` (float16 or float32)."""
-    for tensor in engine.inputs:
-        if tensor.name == name:
-            return torch.float16 if tensor.dtype == "float16" else torch.float32
-    raise KeyError(name)
-
-
-def _unit_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """Decoded images in [-1, 1] -> float32 [0, 1] on the CPU; NaN/Inf pixels raise ``NumericsError``."""
-    if not bool(torch.isfinite(pixels).all()):
-        raise NumericsError(
-            "the VAE decoder produced NaN/Inf pixels (fp16 overflow is the usual cause); re-export the "
-            "vae_decoder with --precision fp32, or check the latents for NaN"
-        )
-    return (pixels.float() / 2 + 0.5).clamp(0, 1).cpu()
 
 
 __all__ = ["GenerationResult", "Pipeline", "StageTimes", "latents_to_rgb"]
