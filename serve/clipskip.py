@@ -45,3 +45,9 @@ def check_clip_skip_request(model: ModelInfo, clip_skip: int) -> None:
 
 
 __all__ = ["CLIP_SKIP_KEY", "check_clip_skip_request", "parse_clip_skip"]
+
+
+def check_clip_skip_default(clip_skip: Any) -> None:
+    """``ConfigError`` unless the server's default (``--clip-skip``) is an integer >= 1."""
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
+        raise ConfigError(f"--clip-skip must be an integer >= 1, got {clip_skip!r}")

@@ -41,6 +41,7 @@ from sdtrt.runtime.request import random_seed
 
 from .a1111 import GenerateRequest, Generation
 from .caching import CacheDefaults
+from .clipskip import check_clip_skip_default
 from .errors import GenerationFailed, Overloaded, RequestError
 from .limits import Limits
 from .progress import NotSupported
@@ -80,8 +81,7 @@ class RayConfig:
         if self.max_queued_requests < 1:
             raise ConfigError(f"the queue must hold at least 1 request, got {self.max_queued_requests}")
         check_cache_args(self.cache_interval, self.cache_schedule)
-        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 1:
-            raise ConfigError(f"--clip-skip must be an integer >= 1, got {self.clip_skip!r}")
+        check_clip_skip_default(self.clip_skip)
 
     @property
     def cache(self) -> CacheDefaults:

@@ -24,6 +24,7 @@ from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import ConfigError
 
 from .caching import CacheDefaults
+from .clipskip import check_clip_skip_default
 from .limits import Limits
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,7 @@ class ServeConfig:
         if not self.timeout > 0:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout}")
         check_cache_args(self.cache_interval, self.cache_schedule)
-        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or self.clip_skip < 1:
-            raise ConfigError(f"--clip-skip must be an integer >= 1, got {self.clip_skip!r}")
+        check_clip_skip_default(self.clip_skip)
 
     @property
     def cache(self) -> CacheDefaults:
