@@ -55,6 +55,12 @@ from sdtrt.serve.limits import Limits
 @click.option(
     "--max-images", type=int, default=16, show_default=True, help="Most images per request (batch_size x n_iter)."
 )
+@click.option(
+    "--lora-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder of LoRA .safetensors files that <lora:NAME:WEIGHT> prompt tags name (NAME: the file stem); "
+    "GET /sdapi/v1/loras lists them, POST /sdapi/v1/refresh-loras rescans. Plain server only.",
+)
 @click.option("--ray", "use_ray", is_flag=True, help="Serve as a Ray Serve application (replicas, autoscaling).")
 @click.option("--ray-address", help="Ray cluster to join (e.g. auto); default: start a local Ray.")
 @click.option("--replicas", type=click.IntRange(min=1), help="Ray: a fixed number of replicas.")
@@ -80,6 +86,7 @@ def serve_cmd(
     max_body_mb: float,
     max_prompt_chars: int,
     max_images: int,
+    lora_dir: Path | None,
     use_ray: bool,
     ray_address: str | None,
     replicas: int | None,
@@ -103,6 +110,8 @@ def serve_cmd(
         click.echo(f"serving {artifacts} on {url} (A1111 API at {url}/sdapi/v1)")
 
     if use_ray:
+        if lora_dir is not None:
+            raise click.UsageError("--lora-dir is not supported with --ray yet; serve LoRAs without --ray")
         from sdtrt.serve.ray_app import RayConfig, run
 
         config_ray = RayConfig(
@@ -124,5 +133,6 @@ def serve_cmd(
     from sdtrt.serve.server import ServeConfig, serve
 
     config = ServeConfig(artifacts, host, port, backend, device, queue_size, timeout, cache_interval=cache_interval,
-                         cache_schedule=cache_schedule, limits=limits, clip_skip=clip_skip)  # fmt: skip
+                         cache_schedule=cache_schedule, limits=limits, clip_skip=clip_skip,
+                         lora_dir=lora_dir)  # fmt: skip
     serve(config, on_ready=ready)

@@ -115,6 +115,7 @@ class GenerateRequest:
     cache_schedule: str | None = None
     clip_skip: int | None = None  # override_settings.CLIP_stop_at_last_layers; None: the server's default
     hires: HiresFix | None = None  # txt2img's enable_hr: a second, larger pass (see ``hires``)
+    loras: tuple[tuple[str, float], ...] = ()  # (file, weight) from the prompt's <lora:...> tags (``loras``)
 
     @property
     def img2img(self) -> bool:

@@ -23,6 +23,7 @@ from .errors import RequestError, ServeError, error_body
 from .fields import OWN_OVERRIDES, check_overrides
 from .hires import latent_modes_body, upscalers_body
 from .limits import Limits, install, note_generation, parse_json_body
+from .loras import LoraLibrary, add_lora_routes, resolve_tags
 from .metrics import Metrics
 from .progress import add_progress_routes
 from .service import ModelCard, Service, ServiceStats
@@ -72,10 +73,12 @@ def create_app(
     metrics: Metrics | None = None,
     cmd_flags: dict[str, Any] | None = None,
     limits: Limits | None = None,
+    loras: LoraLibrary | None = None,
 ) -> Any:
     """A FastAPI app over ``service`` (see ``service.Service``); its lifespan starts and stops the service.
     ``cmd_flags``: the server's settings as ``/sdapi/v1/cmd-flags`` reports them (``a1111_info.cmd_flags``).
     ``limits`` bound each request (``limits.Limits``; default: its defaults), which is also logged in one line.
+    ``loras``: the LoRAs ``<lora:NAME:WEIGHT>`` prompt tags name (``loras.LoraLibrary``; default: none).
     """
     require("fastapi", "the HTTP server (sdtrt serve)", "serve")
     from fastapi import FastAPI
@@ -93,12 +96,14 @@ def create_app(
     app = FastAPI(title="sdtrt", lifespan=lifespan)
     app.state.service, app.state.metrics = service, counters
     app.state.limits = limits or Limits()
+    app.state.loras = loras or LoraLibrary()
     install(app, app.state.limits)
     _add_generation_routes(app, service, counters)
     _add_status_routes(app, service, counters)
     add_controlnet_routes(app, service)
     add_info_routes(app, service, cmd_flags)
     add_progress_routes(app, service)
+    add_lora_routes(app, app.state.loras)
     return app
 
 
@@ -115,6 +120,7 @@ def _add_generation_routes(app: Any, service: Service, counters: Metrics) -> Non
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise RequestError(f"the request body is not valid JSON ({exc})") from None
             req = parse_request(payload, img2img=img2img, limits=request.app.state.limits)
+            req = resolve_tags(req, request.app.state.loras)
             check_overrides(payload, (await server_options(request.app, service)).refusal, OWN_OVERRIDES)
             if req.controls:  # the units' models resolved before queueing, so a wrong name fails fast
                 req = replace(req, controls=resolve_units(req.controls, (await service.model()).controlnets))

@@ -56,6 +56,8 @@ SAMPLER_ETA = {"euler_a": 1.0, "ddim": 0.0}
 # override_settings keys the request parser reads itself (besides sdtrt's own ``sdtrt_*``)
 OWN_OVERRIDES = ("CLIP_stop_at_last_layers",)
 LORA_TAG = re.compile(r"<(lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
+# prompt and hr_prompt may hold <lora:...> tags (applied by name, see ``loras``); no other extra network is applied
+OTHER_NETWORK_TAG = re.compile(r"<(lyco|hypernet):[^>]*>", re.IGNORECASE)
 
 
 def check_fields(payload: dict[str, Any], img2img: bool, sampler: str | None) -> None:
@@ -80,10 +82,16 @@ def check_fields(payload: dict[str, Any], img2img: bool, sampler: str | None) ->
     _check_eta(payload.get("eta"), sampler)
     for key in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
         text = payload.get(key)
-        if isinstance(text, str) and (tag := LORA_TAG.search(text)):
+        rule = OTHER_NETWORK_TAG if key in ("prompt", "hr_prompt") else LORA_TAG
+        if isinstance(text, str) and (tag := rule.search(text)):
+            if tag.group(1).lower() == "lora":
+                raise RequestError(
+                    f"{key} holds {tag.group(0)!r}: LoRA tags go in prompt (and hr_prompt), where they are applied "
+                    "by name; encoding it as text would change the image, so remove it from " + key
+                )
             raise RequestError(
-                f"{key} holds the extra-network tag {tag.group(0)!r}: this server does not apply <lora:...> "
-                "tags, and encoding it as text would change the image; remove the tag"
+                f"{key} holds the extra-network tag {tag.group(0)!r}: this server applies only <lora:...> tags, and "
+                "encoding it as text would change the image; remove the tag"
             )
 
 

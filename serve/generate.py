@@ -6,9 +6,10 @@ on everything but prompt, seed and batch size can run as one pipeline call (``me
 ``batch_size`` above the profile's batch limit runs as several calls with consecutive seeds, as ``n_iter`` does. A
 call's ControlNet controls hold for all its images, so requests with ControlNet units merge only when their
 units are the same (models, hints and settings), step caching only with the same interval and schedule, clip
-skip only with the same value, and a hires fix (``enable_hr``) only with the same hires settings (never with plain
-requests). Requests reach these functions with the server's step-caching and clip-skip defaults applied
-(``with_cache_defaults``, ``with_clip_skip``).
+skip only with the same value, LoRA tags only with the same LoRA set (``loras``: applied per call), and a hires
+fix (``enable_hr``) only with the same hires settings (never with plain requests). Requests reach these
+functions with the server's step-caching and clip-skip defaults applied (``with_cache_defaults``,
+``with_clip_skip``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sdtrt.serve.controlnet import resolve_units
 from sdtrt.serve.errors import RequestError
 from sdtrt.serve.hires import check_hires_request
 from sdtrt.serve.limits import prompt_warnings
+from sdtrt.serve.loras import use_loras
 from sdtrt.serve.progress import JobState
 from sdtrt.serve.service import ModelCard
 
@@ -139,6 +141,7 @@ def call_pipeline(
         "clip_skip": request.clip_skip or 1,
         **extra,
     }
+    use_loras(pipe, request.loras)  # the request's own set: none when it has no <lora:...> tag
     if request.hires is not None:
         return run_hires(pipe, prompt, request.hires, **call)
     return pipe(prompt, **call)
@@ -173,7 +176,8 @@ def merge_key(request: GenerateRequest) -> tuple[Any, ...] | None:
         return None
     units = tuple(unit.settings for unit in request.controls)
     return (request.negative_prompt, request.steps, request.cfg_scale, request.width, request.height, request.sampler,
-            units, request.cache_interval, request.cache_schedule, request.hires, request.clip_skip)  # fmt: skip
+            units, request.cache_interval, request.cache_schedule, request.hires, request.clip_skip,
+            request.loras)  # fmt: skip
 
 
 def run_merged(pipe: Any, requests: list[GenerateRequest], model_name: str) -> list[Generation]:

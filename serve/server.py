@@ -46,6 +46,7 @@ class ServeConfig:
     cache_schedule: str = "uniform"
     clip_skip: int = 1  # for requests without override_settings.CLIP_stop_at_last_layers
     limits: Limits = Limits()
+    lora_dir: Path | None = None  # the LoRAs <lora:NAME:WEIGHT> tags name (file stems of its .safetensors)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -56,6 +57,8 @@ class ServeConfig:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout}")
         check_cache_args(self.cache_interval, self.cache_schedule)
         check_clip_skip_default(self.clip_skip)
+        if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
+            raise ConfigError(f"--lora-dir {self.lora_dir} is not a folder; give a folder of .safetensors LoRAs")
 
     @property
     def cache(self) -> CacheDefaults:
@@ -153,6 +156,7 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
 
     from .a1111_info import cmd_flags
     from .app import create_app
+    from .loras import LoraLibrary
     from .worker import LocalWorker
 
     require("fastapi", "the HTTP server (sdtrt serve)", "serve")
@@ -174,5 +178,8 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
         name, config.backend, pipe.device, config.queue_size, config.limits.max_body_mb,
         config.limits.max_prompt_chars, config.limits.max_images,
     )  # fmt: skip
-    app = create_app(worker, cmd_flags=cmd_flags(config), limits=config.limits)
+    loras = LoraLibrary(config.lora_dir)
+    if config.lora_dir is not None:
+        log.info("LoRAs from %s: %s", config.lora_dir, ", ".join(loras.names) or "none yet")
+    app = create_app(worker, cmd_flags=cmd_flags(config), limits=config.limits, loras=loras)
     run_app(app, config.host, config.port, on_ready=on_ready, grace=grace, sock=sock)
