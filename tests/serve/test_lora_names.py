@@ -125,3 +125,13 @@ def test_tags_are_removed_and_different_sets_never_merge(lora_dir):
     assert merge_key(plain) != merge_key(tagged)
     with pytest.raises(RequestError, match="no LoRAs: start it with --lora-dir"):
         resolve_tags(parse_request({"prompt": "<lora:style:1>"}), LoraLibrary())
+
+
+def test_hr_prompt_tags_are_removed_and_must_name_the_same_set(lora_dir):
+    library = LoraLibrary(lora_dir)
+    hires = {"enable_hr": True, "hr_scale": 2, "denoising_strength": 0.5}
+    same = resolve_tags(parse_request({"prompt": "a <lora:style:0.5>", **hires, "hr_prompt": "b <lora:style:0.5>"}),
+                        library)  # fmt: skip
+    assert same.hires is not None and same.hires.prompt == "b " and len(same.loras) == 1
+    with pytest.raises(RequestError, match="hr_prompt names other LoRAs than prompt"):
+        resolve_tags(parse_request({"prompt": "a", **hires, "hr_prompt": "b <lora:style:0.5>"}), library)
