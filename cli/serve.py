@@ -59,7 +59,7 @@ from sdtrt.serve.limits import Limits
     "--lora-dir",
     type=click.Path(path_type=Path, file_okay=False),
     help="Folder of LoRA .safetensors files that <lora:NAME:WEIGHT> prompt tags name (NAME: the file stem); "
-    "GET /sdapi/v1/loras lists them, POST /sdapi/v1/refresh-loras rescans. Plain server only.",
+    "GET /sdapi/v1/loras lists them, POST /sdapi/v1/refresh-loras rescans. With --ray, every node must see DIR.",
 )
 @click.option("--ray", "use_ray", is_flag=True, help="Serve as a Ray Serve application (replicas, autoscaling).")
 @click.option("--ray-address", help="Ray cluster to join (e.g. auto); default: start a local Ray.")
@@ -110,8 +110,6 @@ def serve_cmd(
         click.echo(f"serving {artifacts} on {url} (A1111 API at {url}/sdapi/v1)")
 
     if use_ray:
-        if lora_dir is not None:
-            raise click.UsageError("--lora-dir is not supported with --ray yet; serve LoRAs without --ray")
         from sdtrt.serve.ray_app import RayConfig, run
 
         config_ray = RayConfig(
@@ -127,6 +125,7 @@ def serve_cmd(
             cache_schedule=cache_schedule,
             clip_skip=clip_skip,
             limits=limits,
+            lora_dir=str(lora_dir.resolve()) if lora_dir else None,
         )
         run(config_ray, host, port, address=ray_address, on_ready=ready)
         return

@@ -18,6 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from sdtrt.runtime.errors import ConfigError
+
 from .a1111 import GenerateRequest
 from .errors import RequestError
 
@@ -39,10 +41,16 @@ def safetensors_metadata(path: Path) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+def check_lora_dir(folder: str | Path | None) -> None:
+    """``ConfigError`` unless ``folder`` is None or a folder (``--lora-dir``)."""
+    if folder is not None and not Path(folder).is_dir():
+        raise ConfigError(f"--lora-dir {folder} is not a folder; give a folder of .safetensors LoRAs")
+
+
 class LoraLibrary:
     """The LoRA files of one folder by name (``None``: no folder, no LoRAs)."""
 
-    def __init__(self, folder: Path | None = None) -> None:
+    def __init__(self, folder: str | Path | None = None) -> None:
         self.folder = Path(folder) if folder is not None else None
         self._lock = threading.Lock()
         self._files: dict[str, Path] = {}
@@ -159,4 +167,12 @@ def add_lora_routes(app: Any, library: LoraLibrary) -> None:
         return None
 
 
-__all__ = ["LoraLibrary", "add_lora_routes", "resolve_tags", "safetensors_metadata", "strip_tags", "use_loras"]
+__all__ = [
+    "LoraLibrary",
+    "add_lora_routes",
+    "check_lora_dir",
+    "resolve_tags",
+    "safetensors_metadata",
+    "strip_tags",
+    "use_loras",
+]

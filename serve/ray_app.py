@@ -44,6 +44,7 @@ from .caching import CacheDefaults
 from .clipskip import check_clip_skip_default
 from .errors import GenerationFailed, Overloaded, RequestError
 from .limits import Limits
+from .loras import check_lora_dir
 from .progress import NotSupported
 from .service import ModelCard, ServiceStats
 
@@ -70,6 +71,7 @@ class RayConfig:
     cache_schedule: str = "uniform"
     clip_skip: int = 1  # for requests without override_settings.CLIP_stop_at_last_layers
     limits: Limits = Limits()  # the same request bounds as the plain server, applied by the ingress
+    lora_dir: str | None = None  # the LoRAs prompt tags name: read by the ingress, files opened by the replicas
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.max_replicas:
@@ -82,6 +84,7 @@ class RayConfig:
             raise ConfigError(f"the queue must hold at least 1 request, got {self.max_queued_requests}")
         check_cache_args(self.cache_interval, self.cache_schedule)
         check_clip_skip_default(self.clip_skip)
+        check_lora_dir(self.lora_dir)
 
     @property
     def cache(self) -> CacheDefaults:
@@ -256,11 +259,13 @@ def build_app(config: RayConfig, **listen: Any) -> Any:
 
     from .a1111_info import cmd_flags
     from .app import create_app
+    from .loras import LoraLibrary
 
     config.check_artifact()
     flags = cmd_flags(config, ray=True, **listen)
     service = HandleService(config.app_name, config.max_queued_requests, config.clip_skip)
-    app = create_app(service, cmd_flags=flags, limits=config.limits)
+    loras = LoraLibrary(config.lora_dir)
+    app = create_app(service, cmd_flags=flags, limits=config.limits, loras=loras)
     actor: dict[str, float] = {"num_cpus": config.cpus_per_replica}
     if config.gpus_per_replica:
         actor["num_gpus"] = config.gpus_per_replica

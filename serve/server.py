@@ -26,6 +26,7 @@ from sdtrt.runtime.errors import ConfigError
 from .caching import CacheDefaults
 from .clipskip import check_clip_skip_default
 from .limits import Limits
+from .loras import check_lora_dir
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,7 @@ class ServeConfig:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout}")
         check_cache_args(self.cache_interval, self.cache_schedule)
         check_clip_skip_default(self.clip_skip)
-        if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
-            raise ConfigError(f"--lora-dir {self.lora_dir} is not a folder; give a folder of .safetensors LoRAs")
+        check_lora_dir(self.lora_dir)
 
     @property
     def cache(self) -> CacheDefaults:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sdtrt.runtime.errors import ConfigError
 from sdtrt.runtime.lora import LoraLayer, read_lora, save_lora
 from sdtrt.serve.a1111 import parse_request
 from sdtrt.serve.errors import RequestError
@@ -135,3 +137,31 @@ def test_hr_prompt_tags_are_removed_and_must_name_the_same_set(lora_dir):
     assert same.hires is not None and same.hires.prompt == "b " and len(same.loras) == 1
     with pytest.raises(RequestError, match="hr_prompt names other LoRAs than prompt"):
         resolve_tags(parse_request({"prompt": "a", **hires, "hr_prompt": "b <lora:style:0.5>"}), library)
+
+
+def test_ray_replica_runs_each_requests_own_lora_set(tiny_fp32, lora_dir):
+    """The Ray replica's batching (without Ray): tagged and plain requests in one batch are never merged, and each
+    gives the image of `Pipeline.set_loras` with its own set."""
+    from sdtrt.runtime.pipeline import Pipeline
+    from sdtrt.serve.ray_app import RayConfig, ReplicaCore
+
+    library = LoraLibrary(lora_dir)
+    body = {**COMMON, "sampler_name": "Euler", "prompt": PROMPT}
+    tagged = resolve_tags(parse_request({**body, "prompt": f"{PROMPT} <lora:style:0.8>"}), library)
+    core = ReplicaCore(RayConfig(str(tiny_fp32), lora_dir=str(lora_dir)), name="r0")
+    try:
+        out = core.run([tagged, parse_request(body), tagged])
+    finally:
+        core.pipe.close()
+    images = [np.asarray(Image.open(io.BytesIO(o.images[0])).convert("RGB")) for o in out]
+    with Pipeline.from_artifacts(tiny_fp32, device="cpu") as pipe:
+        call = dict(steps=4, guidance_scale=7.5, seed=42, height=64, width=64, scheduler="euler")
+        base = np.asarray(pipe(PROMPT, **call).images[0].convert("RGB"))
+        pipe.set_loras([(lora_dir / "style.safetensors", 0.8)])
+        with_lora = np.asarray(pipe(PROMPT, **call).images[0].convert("RGB"))
+    np.testing.assert_array_equal(images[0], with_lora)
+    np.testing.assert_array_equal(images[2], with_lora)
+    np.testing.assert_array_equal(images[1], base)
+    assert not np.array_equal(base, with_lora)
+    with pytest.raises(ConfigError, match="is not a folder"):
+        RayConfig(str(tiny_fp32), lora_dir=str(lora_dir / "missing"))
