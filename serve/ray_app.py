@@ -44,7 +44,7 @@ from .caching import CacheDefaults
 from .clipskip import check_clip_skip_default
 from .errors import GenerationFailed, Overloaded, RequestError
 from .limits import Limits
-from .loras import check_lora_dir
+from .loras import LoraLibrary, check_lora_dir
 from .progress import NotSupported
 from .service import ModelCard, ServiceStats
 
@@ -259,13 +259,11 @@ def build_app(config: RayConfig, **listen: Any) -> Any:
 
     from .a1111_info import cmd_flags
     from .app import create_app
-    from .loras import LoraLibrary
 
     config.check_artifact()
     flags = cmd_flags(config, ray=True, **listen)
     service = HandleService(config.app_name, config.max_queued_requests, config.clip_skip)
-    loras = LoraLibrary(config.lora_dir)
-    app = create_app(service, cmd_flags=flags, limits=config.limits, loras=loras)
+    app = create_app(service, cmd_flags=flags, limits=config.limits, loras=LoraLibrary(config.lora_dir))
     actor: dict[str, float] = {"num_cpus": config.cpus_per_replica}
     if config.gpus_per_replica:
         actor["num_gpus"] = config.gpus_per_replica
