@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 from pathlib import Path
 
@@ -165,3 +166,48 @@ def test_ray_replica_runs_each_requests_own_lora_set(tiny_fp32, lora_dir):
     assert not np.array_equal(base, with_lora)
     with pytest.raises(ConfigError, match="is not a folder"):
         RayConfig(str(tiny_fp32), lora_dir=str(lora_dir / "missing"))
+
+
+@pytest.mark.slow
+def test_ray_deployment_lists_and_applies_loras(tiny_fp32, lora_dir):
+    """`--ray`: the ingress reads the tags and lists the folder; the replica gives the plain server's images."""
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    import socket
+    import time
+
+    from sdtrt.serve.ray_app import RayConfig, build_app
+
+    from .test_server import pixels, post
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = RayConfig(str(tiny_fp32), cpus_per_replica=0.5, lora_dir=str(lora_dir))
+        serve.run(build_app(config), route_prefix="/", name="sdtrt")
+        deadline = time.monotonic() + 60
+        while get(url + "/health")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert [x["name"] for x in json.loads(get(url + "/sdapi/v1/loras")[1])] == ["style"]
+        body = {**COMMON, "prompt": f"{PROMPT} <lora:style:0.8>"}
+        status, tagged, _ = post(url + "/sdapi/v1/txt2img", body)
+        status_plain, plain, _ = post(url + "/sdapi/v1/txt2img", {**COMMON, "prompt": PROMPT})
+        status_unknown, unknown, _ = post(url + "/sdapi/v1/txt2img", {**COMMON, "prompt": "<lora:nope:1>"})
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    assert status == 200 and status_plain == 200 and status_unknown == 422 and "'nope'" in unknown["detail"]
+    from sdtrt.runtime.pipeline import Pipeline
+
+    with Pipeline.from_artifacts(tiny_fp32, device="cpu") as pipe:
+        call = dict(steps=4, guidance_scale=7.5, seed=42, height=64, width=64, scheduler="euler")
+        base = np.asarray(pipe(PROMPT, **call).images[0].convert("RGB"))
+        pipe.set_loras([(lora_dir / "style.safetensors", 0.8)])
+        with_lora = np.asarray(pipe(PROMPT, **call).images[0].convert("RGB"))
+    np.testing.assert_array_equal(pixels(tagged["images"][0]), with_lora)
+    np.testing.assert_array_equal(pixels(plain["images"][0]), base)
+    assert "Lora hashes" in json.loads(tagged["info"])["infotexts"][0]
