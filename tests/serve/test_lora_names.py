@@ -117,6 +117,7 @@ def test_get_and_refresh_loras(server, lora_dir, tiny_bundle):
         (lora_dir / "other.safetensors").unlink()
         server.post("/sdapi/v1/refresh-loras", {})
     assert [x["name"] for x in api.get_loras()] == ["style"]
+    assert json.loads(get(server.url + "/sdapi/v1/cmd-flags")[1])["lora_dir"] == str(lora_dir)  # A1111's key
 
 
 def test_tags_are_removed_and_different_sets_never_merge(lora_dir):
