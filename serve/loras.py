@@ -148,7 +148,10 @@ def _merged(tags: list[tuple[str, float]]) -> list[tuple[str, float]]:
 
 
 def use_loras(pipe: Any, loras: tuple[tuple[str, float], ...]) -> None:
-    """Make ``pipe`` run with exactly ``loras`` (path, weight), changing nothing when it already does."""
+    """Make ``pipe`` run with exactly ``loras`` (path, weight), changing nothing when it already does.
+
+    Sets are compared by path and weight: a file rewritten in place while its set is active is read again at the
+    next change of set."""
     current = tuple((str(Path(f.path).resolve()), float(scale)) for f, scale in pipe.loras)
     if current != tuple((str(Path(p).resolve()), float(w)) for p, w in loras):
         pipe.set_loras(list(loras))
