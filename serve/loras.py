@@ -2,8 +2,9 @@
 
 ``LoraLibrary`` lists the folder (name = file stem; ``GET /sdapi/v1/loras``, rescanned by ``POST
 /sdapi/v1/refresh-loras``). ``resolve_tags`` removes the tags from ``prompt`` and ``hr_prompt`` (A1111 removes the
-tag text and keeps the rest) and gives the request the (path, weight) pairs it runs with; the worker applies them
-with ``Pipeline.set_loras`` before each request (``use_loras``), so a request without tags runs without LoRA.
+tag text and keeps the rest) and gives the request the (path, weight) pairs it runs with; each pipeline call
+(``generate.call_pipeline``, on the plain server and the Ray replicas) first sets them with ``Pipeline.set_loras``
+(``use_loras``), so a request without tags runs without LoRA.
 Unlike A1111, which warns and continues, an unknown name is a 422 naming it and listing the known ones: running
 without the LoRA would return another image than the one asked for.
 """
