@@ -10,6 +10,7 @@ caching's sdtrt-named keys by ``caching``.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -188,14 +189,33 @@ def resolve_sampler(name: str | None) -> str | None:
     )
 
 
-def _init_image(payload: dict[str, Any], strength: float, limits: Limits | None = None) -> bytes:
-    """img2img's init image (the decoded bytes of ``init_images[0]``), with its denoising strength checked."""
+def _init_image(
+    payload: dict[str, Any], strength: float, size: tuple[int | None, int | None], limits: Limits | None = None
+) -> bytes:
+    """img2img's init image (the decoded bytes of ``init_images[0]``), with its denoising strength checked.
+
+    The image is resized to ``size`` (width, height) as A1111's ``resize_mode`` 0 ("Just resize") does; another
+    mode (crop, fill) is refused unless the image already has that aspect ratio, where every mode gives the same.
+    """
     images = payload.get("init_images")
     if not isinstance(images, list) or not images:
         raise RequestError("img2img needs init_images: a list with one base64-encoded image")
     init = decode_image(images[0], "init_images[0]", limits)
     if not 0 < strength <= 1:
         raise RequestError(f"denoising_strength must be in (0, 1], got {strength}")
+    mode = payload.get("resize_mode")
+    if mode not in (None, 0):
+        from PIL import Image
+
+        found = Image.open(io.BytesIO(init)).size  # the header only
+        width, height = size
+        if width is None or height is None or found[0] * height != found[1] * width:
+            wanted = "x".join("?" if side is None else str(side) for side in size)
+            raise RequestError(
+                f"resize_mode {json.dumps(mode)[:20]} (crop or fill) is not implemented for the init image, which is "
+                f"{found[0]}x{found[1]} and would be resized to {wanted}; send it with the aspect ratio of width x "
+                "height (both given), or use resize_mode 0 (Just resize)"
+            )
     return init
 
 
@@ -234,7 +254,7 @@ def parse_request(payload: Any, img2img: bool = False, limits: Limits | None = N
             raise RequestError(f"{name} must be an integer >= 1, got {value}")
     check_image_count(batch, n_iter, limits)
     strength = float(_typed(payload, "denoising_strength", (int, float), 0.75, "a number"))
-    init = _init_image(payload, strength, limits) if img2img else None
+    init = _init_image(payload, strength, (width, height), limits) if img2img else None
     controls = parse_controlnet(payload, init)
     interval, schedule = parse_cache_fields(payload)
     hires = None if img2img else parse_hires(payload, strength, resolve_sampler)

@@ -47,7 +47,7 @@ OFF_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
 # features that are off, other model families' settings)
 NO_EFFECT = frozenset(
     "subseed s_tmin s_tmax do_not_save_samples do_not_save_grid comments infotext force_task_id "
-    "override_settings_restore_afterwards disable_extra_networks distilled_cfg_scale hr_distilled_cfg "
+    "disable_extra_networks distilled_cfg_scale hr_distilled_cfg "
     "hr_additional_modules refiner_switch_at image_cfg_scale mask_blur mask_blur_x mask_blur_y mask_round "
     "inpainting_fill inpaint_full_res inpaint_full_res_padding inpainting_mask_invert".split()
 )
@@ -111,6 +111,13 @@ def check_overrides(payload: dict[str, Any], refusal: Callable[[str, Any], str |
     ]
     if problems:
         raise RequestError("; ".join(problems))
+    kept = [key for key in overrides if key.startswith("sdtrt_") or key in own]
+    if kept and payload.get("override_settings_restore_afterwards") is False:
+        raise RequestError(
+            f"override_settings_restore_afterwards false would keep {', '.join(kept)} for later requests, as A1111 "
+            "does; this server applies override_settings to their request only: leave it out (or true) and send "
+            "the setting with each request, or start the server with it (sdtrt serve --clip-skip, --cache-interval)"
+        )
 
 
 def _check_eta(eta: Any, sampler: str | None) -> None:

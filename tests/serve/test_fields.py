@@ -41,6 +41,7 @@ def test_every_field_has_a_rule():
         "init_images", "resize_mode", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
         "hr_resize_y",
         "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_cfg",
+        "override_settings_restore_afterwards",
     }  # fmt: skip
     assert A1111_FIELDS == parsed | set(OFF_VALUES) | NO_EFFECT
     assert not (parsed & set(OFF_VALUES)) and not (parsed & NO_EFFECT) and not (set(OFF_VALUES) & NO_EFFECT)
@@ -81,6 +82,17 @@ def test_fields_webuiapi_does_not_send_are_refused_too(server):
         assert status == 422 and f"{field} " in body["detail"] and match in body["detail"], body
 
 
+def test_overrides_that_would_persist_in_a1111_are_refused(server):
+    """A1111 keeps override_settings for later requests when told not to restore them; sdtrt never does."""
+    keep = {"override_settings": {"CLIP_stop_at_last_layers": 2}, "override_settings_restore_afterwards": False}
+    status, body, _ = server.post("/sdapi/v1/txt2img", {**BASE, **keep})
+    assert status == 422 and "would keep CLIP_stop_at_last_layers for later requests" in body["detail"], body
+    restored = {**keep, "override_settings_restore_afterwards": True}
+    assert server.post("/sdapi/v1/txt2img", {**BASE, **restored})[0] == 200
+    fixed = {"override_settings": {"eta_ddim": 0.0}, "override_settings_restore_afterwards": False}
+    assert server.post("/sdapi/v1/txt2img", {**BASE, **fixed})[0] == 200  # the server's own value: nothing kept
+
+
 def test_eta_runs_only_with_the_value_its_sampler_runs(server):
     euler_a = server.post("/sdapi/v1/txt2img", {**BASE, "sampler_name": "Euler a", "eta": 1.0})
     euler = server.post("/sdapi/v1/txt2img", {**BASE, "sampler_name": "Euler", "eta": 0.3})  # euler reads no eta
@@ -108,10 +120,13 @@ def test_img2img_refuses_what_it_does_not_run(server):
     Image.new("RGB", (64, 64), (20, 90, 200)).save(buffer, format="PNG")
     init = {**BASE, "init_images": [base64.b64encode(buffer.getvalue()).decode()], "denoising_strength": 0.5}
     assert server.post("/sdapi/v1/img2img", {**init, "resize_mode": 0, "mask_blur": 4})[0] == 200
+    # the same aspect ratio: every resize mode gives what "Just resize" gives
+    assert server.post("/sdapi/v1/img2img", {**init, "resize_mode": 1, "width": 128, "height": 128})[0] == 200
     for extra, match in (
         ({"mask": init["init_images"][0]}, "inpainting is not implemented"),
         ({"enable_hr": True}, "img2img has no hires fix"),
         ({"include_init_images": True}, "generated images only"),
+        ({"resize_mode": 1, "width": 128}, "resize_mode 1 .* not implemented for the init image, which is 64x64"),
     ):
         status, body, _ = server.post("/sdapi/v1/img2img", {**init, **extra})
         assert status == 422 and re.search(match, body["detail"]), (extra, body)
