@@ -1,4 +1,5 @@
-"""``sdtrt serve``: the AUTOMATIC1111 HTTP API over an artifact folder, in one process or on Ray Serve."""
+"""``sdtrt serve``: the AUTOMATIC1111 HTTP API over an artifact folder (or a folder of them), in one process or on
+Ray Serve."""
 
 from __future__ import annotations
 
@@ -61,6 +62,14 @@ from sdtrt.serve.limits import Limits
     help="Folder of LoRA .safetensors files that <lora:NAME:WEIGHT> prompt tags name (NAME: the file stem); "
     "GET /sdapi/v1/loras lists them, POST /sdapi/v1/refresh-loras rescans. With --ray, every node must see DIR.",
 )
+@click.option(
+    "--max-loaded",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="When ARTIFACTS is a folder of artifact folders (one model each): models kept open at once, the least "
+    "recently used closed first. With --ray: per replica.",
+)
 @click.option("--ray", "use_ray", is_flag=True, help="Serve as a Ray Serve application (replicas, autoscaling).")
 @click.option("--ray-address", help="Ray cluster to join (e.g. auto); default: start a local Ray.")
 @click.option("--replicas", type=click.IntRange(min=1), help="Ray: a fixed number of replicas.")
@@ -87,6 +96,7 @@ def serve_cmd(
     max_prompt_chars: int,
     max_images: int,
     lora_dir: Path | None,
+    max_loaded: int,
     use_ray: bool,
     ray_address: str | None,
     replicas: int | None,
@@ -96,6 +106,10 @@ def serve_cmd(
     cpus_per_replica: float,
 ) -> None:
     """Serve the AUTOMATIC1111 HTTP API (/sdapi/v1/txt2img, img2img, ...) over the engines in ARTIFACTS.
+
+    ARTIFACTS is one artifact or engine folder, or a folder whose subfolders are (one model each, listed by
+    /sdapi/v1/sd-models and chosen with sd_model_checkpoint, in POST /sdapi/v1/options or a request's
+    override_settings).
 
     SIGTERM stops accepting connections, answers every request already accepted, then exits 0. With --ray, the
     same API runs as a Ray Serve application: one pipeline per replica, requests batched with @serve.batch.
@@ -126,6 +140,7 @@ def serve_cmd(
             clip_skip=clip_skip,
             limits=limits,
             lora_dir=str(lora_dir.resolve()) if lora_dir else None,
+            max_loaded=max_loaded,
         )
         run(config_ray, host, port, address=ray_address, on_ready=ready)
         return
@@ -133,5 +148,5 @@ def serve_cmd(
 
     config = ServeConfig(artifacts, host, port, backend, device, queue_size, timeout, cache_interval=cache_interval,
                          cache_schedule=cache_schedule, limits=limits, clip_skip=clip_skip,
-                         lora_dir=lora_dir)  # fmt: skip
+                         lora_dir=lora_dir, max_loaded=max_loaded)  # fmt: skip
     serve(config, on_ready=ready)

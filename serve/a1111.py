@@ -28,6 +28,7 @@ from .fields import check_fields
 from .hires import parse_hires
 from .images import decode_image, encode_png
 from .limits import Limits, check_image_count, check_prompts, echoed
+from .models import Checkpoint
 
 SAMPLER_BY_LABEL = {label: name for name, label in A1111_LABELS.items()}
 SAMPLER_ALIASES: dict[str, list[str]] = {
@@ -117,6 +118,7 @@ class GenerateRequest:
     clip_skip: int | None = None  # override_settings.CLIP_stop_at_last_layers; None: the server's default
     hires: HiresFix | None = None  # txt2img's enable_hr: a second, larger pass (see ``hires``)
     loras: tuple[tuple[str, float], ...] = ()  # (file, weight) from the prompt's <lora:...> tags (``loras``)
+    checkpoint: Checkpoint | None = None  # the model it runs on (``models``); None: the server's current one
 
     @property
     def img2img(self) -> bool:
@@ -133,6 +135,9 @@ class GenerateRequest:
         """This request with the step caching it left out set to the server's ``defaults``."""
         interval, schedule = defaults.resolve(self.cache_interval, self.cache_schedule)
         return replace(self, cache_interval=interval, cache_schedule=schedule)
+
+    def with_checkpoint(self, checkpoint: Checkpoint) -> GenerateRequest:
+        return replace(self, checkpoint=checkpoint)
 
     def with_clip_skip(self, default: int) -> GenerateRequest:
         """This request with the server's clip skip ``default`` where it set none."""

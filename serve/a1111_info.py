@@ -1,10 +1,11 @@
 """The A1111 endpoints clients call at start-up: settings, flags, memory, lists, schedulers and ``png-info``.
 
-``GET /sdapi/v1/options`` reports the settings clients read, with the values that hold for sdtrt (the loaded
-model's title and sha256, PNG output, the server's clip skip, ...); ``POST`` accepts a key only with a value the server
-honours (the loaded model by title, name or hash: a no-op) and answers 422 for anything else, naming the key, so
-a client is never told that a change happened when it did not. The settings live in ``ServerOptions``, one per
-app. Lists of things sdtrt does not have (VAEs, hypernetworks, styles, embeddings, ...) are honest empty lists.
+``GET /sdapi/v1/options`` reports the settings clients read, with the values that hold for sdtrt (the current
+model's title and sha256, PNG output, the server's clip skip, ...); ``POST`` accepts a key only with a value the
+server honours (``sd_model_checkpoint``: any of its models by title, name or hash, which it switches to) and
+answers 422 for anything else, naming the key, so a client is never told that a change happened when it did not.
+``POST /sdapi/v1/refresh-checkpoints`` scans the models folder again. The settings live in ``ServerOptions``, one
+per app. Lists of things sdtrt does not have (VAEs, hypernetworks, styles, embeddings, ...) are honest empty lists.
 """
 
 import io
@@ -16,10 +17,13 @@ from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from sdtrt.runtime.errors import ArtifactError
+
 from .a1111 import SCHEDULE_TYPES
-from .errors import RequestError, error_body
+from .errors import RequestError, ServeError, error_body
 from .images import decode_image
-from .service import ModelCard, Service
+from .models import Checkpoint, Checkpoints
+from .service import Service
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class FixedOption:
 # The settings clients read (webuiapi, chat front-ends, bots), each with its true value for sdtrt.
 FIXED_OPTIONS: dict[str, FixedOption] = {
     "sd_vae": FixedOption("Automatic", "the VAE is the one exported with the model"),
-    "sd_checkpoints_limit": FixedOption(1, "the server keeps its one model loaded"),
+    "sd_checkpoints_limit": FixedOption(1, "the server's limit is `sdtrt serve --max-loaded N`"),
     "CLIP_stop_at_last_layers": FixedOption(
         1,
         "the server's default is `sdtrt serve --clip-skip N`; a request sets its own with "
@@ -50,62 +54,71 @@ FIXED_OPTIONS: dict[str, FixedOption] = {
 READ_ONLY = {"sd_checkpoint_hash": "it follows sd_model_checkpoint"}
 
 
-def checkpoint_title(card: ModelCard) -> str:
-    """The model's A1111 title, "name [short hash]", as ``/sdapi/v1/sd-models`` lists it."""
-    short = card.sha256[:10]
-    return f"{card.name} [{short}]" if short else card.name
-
-
-def checkpoint_aliases(card: ModelCard) -> set[str]:
-    """The names that select ``card`` as A1111 matches a checkpoint: title, name, file name, short hash, sha256."""
-    names = {checkpoint_title(card), card.name, card.filename, Path(card.filename).name}
-    if card.sha256:
-        names |= {card.sha256, card.sha256[:10]}
-    return {name for name in names if name}
-
-
 class ServerOptions:
-    """The A1111 settings one server reports (``GET /sdapi/v1/options``) and accepts (``POST``)."""
+    """The A1111 settings one server reports (``GET /sdapi/v1/options``) and accepts (``POST``).
 
-    def __init__(self, card: ModelCard, clip_skip: int = 1) -> None:
-        self.card = card
+    ``sd_model_checkpoint`` and ``sd_checkpoint_hash`` follow ``checkpoints.current``; ``update`` checks a change
+    and returns the model to switch to, which the caller opens and selects (``add_info_routes``).
+    """
+
+    def __init__(self, checkpoints: Checkpoints, clip_skip: int = 1, max_loaded: int = 1) -> None:
+        self.checkpoints = checkpoints
         self.values: dict[str, Any] = {
-            "sd_model_checkpoint": checkpoint_title(card),
-            "sd_checkpoint_hash": card.sha256 or None,
             **{key: option.value for key, option in FIXED_OPTIONS.items()},
             "CLIP_stop_at_last_layers": clip_skip,  # the server's default (``sdtrt serve --clip-skip``)
+            "sd_checkpoints_limit": max_loaded,  # ``sdtrt serve --max-loaded``
         }
 
     def current(self) -> dict[str, Any]:
         """Every setting with its value (a copy)."""
-        return dict(self.values)
+        model = self.checkpoints.current
+        return {"sd_model_checkpoint": model.title, "sd_checkpoint_hash": model.sha256 or None, **self.values}
 
-    def update(self, changes: Any) -> None:
-        """Apply ``changes`` (a JSON object) all or nothing; ``RequestError`` naming every key it cannot honour."""
+    def update(self, changes: Any) -> Checkpoint | None:
+        """Check ``changes`` (a JSON object) all or nothing: ``RequestError`` naming every key it cannot honour;
+        the model ``sd_model_checkpoint`` names (None when not given)."""
         if not isinstance(changes, dict):
             raise RequestError(f"the options body must be a JSON object of settings, got {type(changes).__name__}")
         problems = [problem for key, value in changes.items() if (problem := self.refusal(key, value))]
         if problems:
             raise RequestError("; ".join(problems))
-        if "sd_model_checkpoint" in changes:
-            self.values["sd_model_checkpoint"] = checkpoint_title(self.card)
+        return self.checkpoints.find(changes["sd_model_checkpoint"]) if "sd_model_checkpoint" in changes else None
 
     def refusal(self, key: str, value: Any) -> str | None:
-        """Why ``key`` cannot be set to ``value`` (None: it can, and changes nothing that runs)."""
+        """Why ``key`` cannot be set to ``value`` (None: it can)."""
         if key == "sd_model_checkpoint":
-            if isinstance(value, str) and value in checkpoint_aliases(self.card):
-                return None
-            return (
-                f"sd_model_checkpoint {_show(value)} is not a loaded model; the models this server has: "
-                f"{checkpoint_title(self.card)!r} (select it by title, name or hash)"
-            )
-        if key not in self.values:
-            return f"unknown or unsupported option {key!r}; the options sdtrt has: {', '.join(sorted(self.values))}"
-        if _same(value, self.values[key]):
+            try:
+                self.checkpoints.resolve(value)
+            except RequestError as exc:
+                return str(exc)
+            return None
+        values = self.current()
+        if key not in values:
+            return f"unknown or unsupported option {key!r}; the options sdtrt has: {', '.join(sorted(values))}"
+        if _same(value, values[key]):
             return None
         why = READ_ONLY.get(key) or FIXED_OPTIONS[key].why
-        current = _show(self.values[key])
+        current = _show(values[key])
         return f"option {key!r} is {current} on this server, got {_show(value)}; it cannot be changed ({why})"
+
+
+async def switch_model(service: Service, checkpoints: Checkpoints, target: Checkpoint) -> None:
+    """Make ``target`` the current model: requests from now on run on it; the service opens it after the
+    requests already queued (which keep their model). If it cannot be opened, the previous model stays current
+    and the service's error is raised."""
+    previous = checkpoints.current
+    if target == previous:
+        return
+    checkpoints.select(target)
+    load = getattr(service, "load", None)  # a service that opens models on demand has none (Ray)
+    if load is None:
+        return
+    try:
+        await load(target)
+    except ServeError:
+        if checkpoints.current == target:
+            checkpoints.select(previous)
+        raise
 
 
 def _show(value: Any) -> str:
@@ -254,10 +267,7 @@ SCRIPT_INFO = [
 
 
 async def server_options(app: Any, service: Service) -> ServerOptions:
-    """The options ``app`` keeps for ``service``'s model (made on first use: the model loads with the service)."""
-    if getattr(app.state, "a1111_options", None) is None:
-        # the clip skip of requests that set none: LocalWorker's and HandleService's ``clip_skip``
-        app.state.a1111_options = ServerOptions(await service.model(), getattr(service, "clip_skip", 1))
+    """The options ``app`` keeps (``app.state.a1111_options``, made by ``app.create_app``)."""
     return app.state.a1111_options
 
 
@@ -266,12 +276,9 @@ def add_info_routes(app: Any, service: Service, flags: dict[str, Any] | None = N
     from fastapi import Request
     from fastapi.responses import JSONResponse
 
-    async def options_of() -> ServerOptions:
-        return await server_options(app, service)
-
     @app.get("/sdapi/v1/options")
     async def get_options() -> Any:
-        return (await options_of()).current()
+        return (await server_options(app, service)).current()
 
     @app.post("/sdapi/v1/options")
     async def set_options(request: Request) -> Any:
@@ -280,9 +287,19 @@ def add_info_routes(app: Any, service: Service, flags: dict[str, Any] | None = N
                 changes = await request.json()
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise RequestError(f"the request body is not valid JSON ({exc})") from None
-            (await options_of()).update(changes)
-        except RequestError as exc:
+            target = (await server_options(app, service)).update(changes)
+            if target is not None:
+                await switch_model(service, app.state.checkpoints, target)
+        except ServeError as exc:
             return JSONResponse(error_body(exc.kind, str(exc)), status_code=exc.status)
+        return None  # A1111 answers null
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    async def refresh_checkpoints() -> Any:
+        try:
+            app.state.checkpoints.refresh()
+        except ArtifactError as exc:  # the server's folder, not the request, is wrong: the list stays as it was
+            return JSONResponse(error_body(ServeError.kind, f"{exc}; the model list is unchanged"), status_code=500)
         return None  # A1111 answers null
 
     @app.post("/sdapi/v1/png-info")

@@ -16,7 +16,7 @@ from sdtrt.runtime.deps import require
 from sdtrt.runtime.schedulers import A1111_LABELS
 
 from .a1111 import SAMPLER_ALIASES, parse_request, response_body
-from .a1111_info import add_info_routes, server_options
+from .a1111_info import ServerOptions, add_info_routes, server_options
 from .controlnet import resolve_units
 from .controlnet_api import add_controlnet_routes
 from .errors import RequestError, ServeError, error_body
@@ -25,6 +25,7 @@ from .hires import latent_modes_body, upscalers_body
 from .limits import Limits, install, note_generation, parse_json_body
 from .loras import LoraLibrary, add_lora_routes, resolve_tags
 from .metrics import Metrics
+from .models import Checkpoints, keep_checkpoint, request_checkpoint
 from .progress import add_progress_routes
 from .service import ModelCard, Service, ServiceStats
 
@@ -39,27 +40,17 @@ def samplers() -> list[dict[str, Any]]:
     ]
 
 
-def sd_models_body(card: ModelCard) -> list[dict[str, Any]]:
-    """``/sdapi/v1/sd-models``: the one loaded model, as A1111 lists checkpoints."""
-    short = card.sha256[:10]
-    title = f"{card.name} [{short}]" if short else card.name
-    return [
-        {
-            "title": title,
-            "model_name": card.name,
-            "hash": short or None,
-            "sha256": card.sha256 or None,
-            "filename": card.filename,
-            "config": None,
-        }
-    ]
+def sd_models_body(checkpoints: Checkpoints) -> list[dict[str, Any]]:
+    """``/sdapi/v1/sd-models``: the server's models, as A1111 lists checkpoints."""
+    return [checkpoint.sd_model() for checkpoint in checkpoints.items]
 
 
-def health_body(card: ModelCard, stats: ServiceStats) -> dict[str, Any]:
-    """``/health``: the model, where it runs, and the queue."""
+def health_body(card: ModelCard, stats: ServiceStats, models: int = 1) -> dict[str, Any]:
+    """``/health``: the current model, where it runs, how many the server has, and the queue."""
     return {
         "status": "ok",
         "model": card.name,
+        "models": models,
         "backend": card.backend,
         "device": card.device,
         "queued": stats.queued,
@@ -70,12 +61,14 @@ def health_body(card: ModelCard, stats: ServiceStats) -> dict[str, Any]:
 
 def create_app(
     service: Service,
+    checkpoints: Checkpoints,
     metrics: Metrics | None = None,
     cmd_flags: dict[str, Any] | None = None,
     limits: Limits | None = None,
     loras: LoraLibrary | None = None,
 ) -> Any:
-    """A FastAPI app over ``service`` (see ``service.Service``); its lifespan starts and stops the service.
+    """A FastAPI app over ``service`` (see ``service.Service``), serving the models ``checkpoints`` lists (see
+    ``models``); its lifespan starts and stops the service.
     ``cmd_flags``: the server's settings as ``/sdapi/v1/cmd-flags`` reports them (``a1111_info.cmd_flags``).
     ``limits`` bound each request (``limits.Limits``; default: its defaults), which is also logged in one line.
     ``loras``: the LoRAs ``<lora:NAME:WEIGHT>`` prompt tags name (``loras.LoraLibrary``; default: none).
@@ -97,6 +90,10 @@ def create_app(
     app.state.service, app.state.metrics = service, counters
     app.state.limits = limits or Limits()
     app.state.loras = loras or LoraLibrary()
+    app.state.checkpoints = checkpoints
+    app.state.a1111_options = ServerOptions(
+        checkpoints, getattr(service, "clip_skip", 1), getattr(service, "max_loaded", 1)
+    )  # the clip skip of requests that set none, and the models kept open: LocalWorker's and HandleService's
     install(app, app.state.limits)
     _add_generation_routes(app, service, counters)
     _add_status_routes(app, service, counters)
@@ -122,8 +119,11 @@ def _add_generation_routes(app: Any, service: Service, counters: Metrics) -> Non
             req = parse_request(payload, img2img=img2img, limits=request.app.state.limits)
             req = resolve_tags(req, request.app.state.loras)
             check_overrides(payload, (await server_options(request.app, service)).refusal, OWN_OVERRIDES)
+            checkpoints = request.app.state.checkpoints
+            req = req.with_checkpoint(request_checkpoint(payload, checkpoints))
             if req.controls:  # the units' models resolved before queueing, so a wrong name fails fast
-                req = replace(req, controls=resolve_units(req.controls, (await service.model()).controlnets))
+                req = replace(req, controls=resolve_units(req.controls, req.checkpoint.controlnets))
+            keep_checkpoint(payload, checkpoints, req.checkpoint)
             gen = await service.generate(req)
         except ServeError as exc:
             counters.observe(endpoint, exc.status, time.perf_counter() - begin, error=exc.kind)
@@ -165,12 +165,12 @@ def _add_status_routes(app: Any, service: Service, counters: Metrics) -> None:
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models() -> Any:
-        return sd_models_body(await service.model())
+        return sd_models_body(app.state.checkpoints)
 
     @app.get("/health")
     async def health() -> Any:
         stats = await service.stats()
-        return health_body(await service.model(), stats)
+        return health_body(await service.model(), stats, len(app.state.checkpoints.items))
 
     @app.get("/metrics")
     async def prometheus() -> Any:

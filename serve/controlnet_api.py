@@ -144,7 +144,7 @@ def add_controlnet_routes(app: Any, service: Service) -> None:
 
     @app.get("/controlnet/model_list")
     async def model_list(update: bool = True) -> Any:  # ``update``: the artifact's list never changes
-        return {"model_list": list((await service.model()).controlnets)}
+        return {"model_list": list(app.state.checkpoints.current.controlnets)}
 
     @app.get("/controlnet/module_list")
     async def module_list(alias_names: bool = False) -> Any:  # none and canny are their own labels
@@ -152,11 +152,11 @@ def add_controlnet_routes(app: Any, service: Service) -> None:
 
     @app.get("/controlnet/control_types")
     async def control_types() -> Any:
-        return control_types_body((await service.model()).controlnets)
+        return control_types_body(app.state.checkpoints.current.controlnets)
 
     @app.get("/controlnet/settings")
     async def settings() -> Any:
-        return {"control_net_unit_count": len((await service.model()).controlnets)}
+        return {"control_net_unit_count": len(app.state.checkpoints.current.controlnets)}
 
     @app.post("/controlnet/detect")
     async def detect(request: Request) -> Any:

@@ -5,8 +5,8 @@ most at the value that means "off" (``restore_faces: false``, ``subseed_strength
 implement is accepted at that value (or when it cannot change the result, as ``s_tmin`` without ``s_churn``); any
 other value is a 422 naming the field, since running the request without it would return something other than
 what was asked. A field that is not A1111's at all is a 422 too (a misspelt ``cfg_scal`` would otherwise run
-at the default). ``override_settings`` keys go through the server's options (``a1111_info.ServerOptions``): the
-loaded model by any of its names, a fixed setting at its value; sdtrt's own keys are read elsewhere.
+at the default). ``override_settings`` keys go through the server's options (``a1111_info.ServerOptions``): a fixed
+setting at its value; sdtrt's own keys, clip skip and the model (``models.request_checkpoint``) are read elsewhere.
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ NO_EFFECT = frozenset(
 # eta by sampler: the one value each runs with (the others do not read eta, as in A1111)
 SAMPLER_ETA = {"euler_a": 1.0, "ddim": 0.0}
 # override_settings keys the request parser reads itself (besides sdtrt's own ``sdtrt_*``)
-OWN_OVERRIDES = ("CLIP_stop_at_last_layers",)
+OWN_OVERRIDES = ("CLIP_stop_at_last_layers", "sd_model_checkpoint")
+# own override_settings keys that override_settings_restore_afterwards false keeps for later requests, as A1111
+PERSISTED_OVERRIDES = ("sd_model_checkpoint",)
 LORA_TAG = re.compile(r"<(lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
 # prompt and hr_prompt may hold <lora:...> tags (applied by name, see ``loras``); no other extra network is applied
 OTHER_NETWORK_TAG = re.compile(r"<(lyco|hypernet):[^>]*>", re.IGNORECASE)
@@ -111,7 +113,7 @@ def check_overrides(payload: dict[str, Any], refusal: Callable[[str, Any], str |
     ]
     if problems:
         raise RequestError("; ".join(problems))
-    kept = [key for key in overrides if key.startswith("sdtrt_") or key in own]
+    kept = [key for key in overrides if (key.startswith("sdtrt_") or key in own) and key not in PERSISTED_OVERRIDES]
     if kept and payload.get("override_settings_restore_afterwards") is False:
         raise RequestError(
             f"override_settings_restore_afterwards false would keep {', '.join(kept)} for later requests, as A1111 "

@@ -6,10 +6,10 @@ on everything but prompt, seed and batch size can run as one pipeline call (``me
 ``batch_size`` above the profile's batch limit runs as several calls with consecutive seeds, as ``n_iter`` does. A
 call's ControlNet controls hold for all its images, so requests with ControlNet units merge only when their
 units are the same (models, hints and settings), step caching only with the same interval and schedule, clip
-skip only with the same value, LoRA tags only with the same LoRA set (``loras``: applied per call), and a hires
-fix (``enable_hr``) only with the same hires settings (never with plain requests). Requests reach these
-functions with the server's step-caching and clip-skip defaults applied (``with_cache_defaults``,
-``with_clip_skip``).
+skip only with the same value, LoRA tags only with the same LoRA set (``loras``: applied per call), a hires fix
+(``enable_hr``) only with the same hires settings (never with plain requests), and only requests for the same model
+(``checkpoint``). Requests reach these functions with the server's step-caching and clip-skip defaults applied
+(``with_cache_defaults``, ``with_clip_skip``).
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def merge_key(request: GenerateRequest) -> tuple[Any, ...] | None:
     units = tuple(unit.settings for unit in request.controls)
     return (request.negative_prompt, request.steps, request.cfg_scale, request.width, request.height, request.sampler,
             units, request.cache_interval, request.cache_schedule, request.hires, request.clip_skip,
-            request.loras)  # fmt: skip
+            request.loras, request.checkpoint)  # fmt: skip
 
 
 def run_merged(pipe: Any, requests: list[GenerateRequest], model_name: str) -> list[Generation]:

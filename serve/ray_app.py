@@ -45,6 +45,7 @@ from .clipskip import check_clip_skip_default
 from .errors import GenerationFailed, Overloaded, RequestError
 from .limits import Limits
 from .loras import LoraLibrary, check_lora_dir
+from .models import Checkpoints
 from .progress import NotSupported
 from .service import ModelCard, ServiceStats
 
@@ -72,6 +73,7 @@ class RayConfig:
     clip_skip: int = 1  # for requests without override_settings.CLIP_stop_at_last_layers
     limits: Limits = Limits()  # the same request bounds as the plain server, applied by the ingress
     lora_dir: str | None = None  # the LoRAs prompt tags name: read by the ingress, files opened by the replicas
+    max_loaded: int = 1  # models a replica keeps open (``artifacts`` may be a folder of artifact folders)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.max_replicas:
@@ -263,7 +265,8 @@ def build_app(config: RayConfig, **listen: Any) -> Any:
     config.check_artifact()
     flags = cmd_flags(config, ray=True, **listen)
     service = HandleService(config.app_name, config.max_queued_requests, config.clip_skip)
-    app = create_app(service, cmd_flags=flags, limits=config.limits, loras=LoraLibrary(config.lora_dir))
+    loras = LoraLibrary(config.lora_dir)
+    app = create_app(service, Checkpoints(config.artifacts), cmd_flags=flags, limits=config.limits, loras=loras)
     actor: dict[str, float] = {"num_cpus": config.cpus_per_replica}
     if config.gpus_per_replica:
         actor["num_gpus"] = config.gpus_per_replica

@@ -27,13 +27,15 @@ from .caching import CacheDefaults
 from .clipskip import check_clip_skip_default
 from .limits import Limits
 from .loras import check_lora_dir
+from .models import Checkpoint, Checkpoints, PipelinePool, check_max_loaded
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Where to listen, how the local worker queues, and the step caching of requests that do not choose."""
+    """The models (``artifacts``: one artifact folder or a folder of them, ``models``), where to listen, how the
+    local worker queues, and the defaults of requests that do not choose."""
 
     artifacts: Path
     host: str = "127.0.0.1"
@@ -48,6 +50,7 @@ class ServeConfig:
     clip_skip: int = 1  # for requests without override_settings.CLIP_stop_at_last_layers
     limits: Limits = Limits()
     lora_dir: Path | None = None  # the LoRAs <lora:NAME:WEIGHT> tags name (file stems of its .safetensors)
+    max_loaded: int = 1  # models kept open at once (``artifacts`` may be a folder of artifact folders)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -59,6 +62,7 @@ class ServeConfig:
         check_cache_args(self.cache_interval, self.cache_schedule)
         check_clip_skip_default(self.clip_skip)
         check_lora_dir(self.lora_dir)
+        check_max_loaded(self.max_loaded)
 
     @property
     def cache(self) -> CacheDefaults:
@@ -149,11 +153,7 @@ def _drain_logged(uvicorn: Any, config: Any, grace: float | None) -> Any:
 
 
 def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> None:
-    """Open the artifact's pipeline, and serve the A1111 API over it until SIGTERM."""
-    from sdtrt.runtime.clip_skip import check_clip_skip
-    from sdtrt.runtime.manifest import model_display_name, read_manifest
-    from sdtrt.runtime.pipeline import Pipeline
-
+    """Open the current model's pipeline, and serve the A1111 API over the models until SIGTERM."""
     from .a1111_info import cmd_flags
     from .app import create_app
     from .loras import LoraLibrary
@@ -163,23 +163,41 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
     require("uvicorn", "the HTTP server (sdtrt serve)", "serve")
     sock = bind(config.host, config.port)  # before the model loads: a port in use fails at once
     try:
-        manifest = read_manifest(config.artifacts)
-        config.cache.check_artifact(manifest.components, f"the artifact {config.artifacts}")
-        check_clip_skip(manifest.model, config.clip_skip)  # the default must run on this artifact: refuse it now
-        pipe = Pipeline.from_artifacts(config.artifacts, backend=config.backend, device=config.device)
+        checkpoints, pool = open_models(config)
     except BaseException:
         sock.close()
         raise
-    name = model_display_name(pipe.manifest, fallback=Path(config.artifacts).resolve().name)
-    worker = LocalWorker(pipe, name, config.queue_size, config.timeout, config.cache, config.clip_skip)
+    worker = LocalWorker(checkpoints, pool, config.queue_size, config.timeout, config.cache, config.clip_skip)
     grace = config.grace if config.grace is not None else config.timeout + 60.0
     log.info(
-        "model %s (%s on %s), queue %d, limits: body %g MB, prompts %d characters, %d images per request",
-        name, config.backend, pipe.device, config.queue_size, config.limits.max_body_mb,
-        config.limits.max_prompt_chars, config.limits.max_images,
+        "models: %s (current %s; at most %d open), %s, queue %d, limits: body %g MB, prompts %d characters, "
+        "%d images per request",
+        ", ".join(c.name for c in checkpoints.items), checkpoints.current.name, config.max_loaded, config.backend,
+        config.queue_size, config.limits.max_body_mb, config.limits.max_prompt_chars, config.limits.max_images,
     )  # fmt: skip
     loras = LoraLibrary(config.lora_dir)
     if config.lora_dir is not None:
         log.info("LoRAs from %s: %s", config.lora_dir, ", ".join(loras.names) or "none yet")
-    app = create_app(worker, cmd_flags=cmd_flags(config), limits=config.limits, loras=loras)
+    app = create_app(worker, checkpoints, cmd_flags=cmd_flags(config), limits=config.limits, loras=loras)
     run_app(app, config.host, config.port, on_ready=on_ready, grace=grace, sock=sock)
+
+
+def open_models(config: ServeConfig) -> tuple[Checkpoints, PipelinePool]:
+    """The models under ``config.artifacts``, each checked against the server's defaults (step caching, clip
+    skip) before anything loads, and a pool with the first one open."""
+    from sdtrt.runtime.clip_skip import check_clip_skip
+    from sdtrt.runtime.manifest import read_manifest
+    from sdtrt.runtime.pipeline import Pipeline
+
+    checkpoints = Checkpoints(config.artifacts)
+    for checkpoint in checkpoints.items:  # every model must run the defaults: refuse them now, not per request
+        manifest = read_manifest(checkpoint.folder)
+        config.cache.check_artifact(manifest.components, f"the artifact {checkpoint.folder}")
+        check_clip_skip(manifest.model, config.clip_skip)
+
+    def open_pipeline(checkpoint: Checkpoint) -> Any:
+        return Pipeline.from_artifacts(checkpoint.folder, backend=config.backend, device=config.device)
+
+    pool = PipelinePool(open_pipeline, config.max_loaded)
+    pool.get(checkpoints.current)
+    return checkpoints, pool

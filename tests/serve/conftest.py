@@ -1,5 +1,6 @@
-"""Fixtures of the serving tests: an artifact without the shallow UNet (step caching refused), and webuiapi's
-shared default arguments kept empty between tests."""
+"""Fixtures of the serving tests: an artifact without the shallow UNet (step caching refused), a folder of two
+models (``sdtrt serve`` with several checkpoints), and webuiapi's shared default arguments kept empty between
+tests."""
 
 from __future__ import annotations
 
@@ -18,6 +19,28 @@ def no_shallow(tmp_path_factory, tiny_bundle, tiny_profile) -> Path:
     components = ("text_encoder", "unet", "vae_decoder")
     export_artifacts(tiny_bundle, out, ExportOptions(profile=tiny_profile, components=components, step_cache=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def other_fp32(tmp_path_factory, tiny_profile) -> Path:
+    """A second tiny model (other weights, so other images and another sha256), exported as ``tiny_fp32`` is."""
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+    from sdtrt.runtime.models.presets import load_preset
+
+    out = tmp_path_factory.mktemp("tiny-other") / "artifacts"
+    export_artifacts(load_preset("tiny", seed=11), out, ExportOptions(profile=tiny_profile))
+    return out
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory, tiny_fp32, other_fp32) -> Path:
+    """A folder of two models as ``sdtrt serve`` takes it: ``alpha`` (``tiny_fp32``) and ``beta`` (``other_fp32``),
+    linked in (each subfolder with a manifest is one model)."""
+    root = tmp_path_factory.mktemp("models")
+    (root / "alpha").symlink_to(tiny_fp32, target_is_directory=True)
+    (root / "beta").symlink_to(other_fp32, target_is_directory=True)
+    (root / "notes").mkdir()  # a subfolder without a manifest is not a model
+    return root
 
 
 @pytest.fixture(autouse=True)

@@ -280,6 +280,7 @@ def test_a_failure_inside_the_pipeline_is_500_and_the_worker_keeps_serving(tiny_
     from sdtrt.runtime.pipeline import Pipeline
     from sdtrt.serve.a1111 import parse_request
     from sdtrt.serve.errors import GenerationFailed
+    from sdtrt.serve.models import Checkpoints, PipelinePool
     from sdtrt.serve.worker import LocalWorker
 
     pipe = Pipeline.from_artifacts(tiny_fp32, device="cpu")
@@ -296,7 +297,8 @@ def test_a_failure_inside_the_pipeline_is_500_and_the_worker_keeps_serving(tiny_
     unet.infer = failing_once
 
     async def scenario():
-        worker = LocalWorker(pipe, "tiny", queue_size=2, timeout=60)
+        checkpoints = Checkpoints(tiny_fp32)
+        worker = LocalWorker(checkpoints, PipelinePool(lambda _: pipe), queue_size=2, timeout=60)
         await worker.start()
         try:
             with pytest.raises(GenerationFailed, match="device lost") as failed:
