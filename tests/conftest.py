@@ -201,3 +201,17 @@ def tiny_inpaint_fp32(tmp_path_factory, tiny_inpaint_bundle, tiny_profile) -> Pa
 @pytest.fixture(scope="session")
 def tiny_inpaint_fp16(tmp_path_factory, tiny_inpaint_bundle, tiny_profile) -> Path:
     return _export(tmp_path_factory, tiny_inpaint_bundle, tiny_profile, "fp16")
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_control_fp32(tmp_path_factory, tiny_inpaint_bundle, tiny_profile, tiny_controlnets) -> Path:
+    """An fp32 ONNX artifact of tiny-inpaint with the ControlNet ``edges`` (made from the regular tiny UNet, as
+    ControlNets for inpainting checkpoints are made from their base model: it reads the 4 latent channels)."""
+    from sdtrt.export.controlnet import ControlNetArg, load_controlnets
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+
+    args = [ControlNetArg(str(tiny_controlnets["edges"][0]), "edges")]
+    out = tmp_path_factory.mktemp("tiny-inpaint-control") / "artifacts"
+    controlnets = load_controlnets(args, tiny_inpaint_bundle.model)
+    export_artifacts(tiny_inpaint_bundle, out, ExportOptions(profile=tiny_profile), controlnets=controlnets)
+    return out

@@ -176,3 +176,14 @@ def test_inpainting_engines_match_onnxruntime(tiny_inpaint_fp32, tmp_path):
         for key, want in expected.items():
             rel = float((found[key].float().cpu() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
             assert rel <= 1e-2, (name, key, rel)
+
+
+def test_controlnet_beside_an_inpainting_unet_reads_four_channel_latents(tiny_inpaint_control_fp32):
+    from sdtrt.export.check import check_artifacts
+
+    manifest = read_manifest(tiny_inpaint_control_fp32)
+    control = manifest.components["controlnet_edges"]
+    assert [t.shape[1] for t in control.inputs if t.name == "sample"] == [4]
+    assert [t.shape[1] for t in manifest.components["unet"].inputs if t.name == "sample"] == [9]
+    rows = [r for r in check_artifacts(tiny_inpaint_control_fp32) if r.component in ("controlnet_edges", "unet")]
+    assert {r.component for r in rows} == {"controlnet_edges", "unet"} and all(r.passed for r in rows)
