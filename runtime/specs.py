@@ -243,8 +243,6 @@ def required_components(model: ModelInfo) -> tuple[str, ...]:
 def component_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
     """The components of ``model``, keyed by name, in pipeline order."""
     c = model.latent_channels
-    # an inpainting UNet's sample is the latents with the mask and masked-image latents after them; it still
-    # predicts the latents' noise only
     unet_inputs = [
         TensorSpec("sample", FLOAT, ("unet_batch", model.unet_in_channels, "latent_height", "latent_width")),
         TensorSpec("timestep", "float32", ("unet_batch",)),
