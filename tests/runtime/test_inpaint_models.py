@@ -158,3 +158,143 @@ def test_single_file_with_an_odd_input_conv_names_both_widths(tiny_inpaint_bundl
     checkpoint = save_original_checkpoint(b.text_encoder, odd, b.vae, tmp_path / "odd.safetensors")
     with pytest.raises(SourceError, match=r"UNet takes 6 channels .* latents have 4: expected 4 in .* or 9"):
         load_checkpoint(checkpoint, config_dir=tiny_inpaint_files["config"])
+
+
+# -- parity with diffusers ---------------------------------------------------------------------------------------
+# diffusers' StableDiffusionInpaintPipeline (and the SDXL one) with a 9-channel UNet feed it [latents, mask,
+# masked-image latents] at every step, the mask resized to the latent grid (nearest) and the masked image being
+# image * (mask < 0.5); sdtrt does the same. What reproduces A1111's behaviour: mask_blur 0 and a mask aligned to
+# the 8-pixel latent grid (A1111 blurs and resizes its mask; no resize method can change an aligned block mask),
+# strength < 1 (at 1 diffusers starts from pure noise where A1111 and sdtrt noise the init image), the same sampler
+# and seed, and the composite A1111 applies afterwards (the init image outside the mask) over diffusers' output.
+PROMPT = "a photo of a cat on a red sofa, detailed"
+NEGATIVE = "blurry, low quality"
+HEIGHT, WIDTH = 64, 128
+STEPS = 8
+BOX = (16, 8, 72, 48)  # left, top, right, bottom: multiples of 8
+
+
+def init_image():
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (HEIGHT, WIDTH, 3), dtype=np.uint8))
+
+
+def block_mask():
+    from PIL import Image
+
+    mask = Image.new("L", (WIDTH, HEIGHT), 0)
+    mask.paste(255, BOX)
+    return mask
+
+
+def unit(image) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def diffusers_inpaint(bundle, scheduler: str, seed: int, strength: float, **extra) -> torch.Tensor:
+    """diffusers' inpainting pipeline, then A1111's composite: the init image outside the mask."""
+    from sdtrt.runtime.models.reference import inpaint_pipeline
+
+    pipe = inpaint_pipeline(bundle, scheduler)
+    with torch.no_grad():
+        out = pipe(
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            image=init_image(),
+            mask_image=block_mask(),
+            height=HEIGHT,
+            width=WIDTH,
+            strength=strength,
+            num_inference_steps=STEPS,
+            guidance_scale=7.5,
+            generator=[torch.Generator().manual_seed(seed)],
+            output_type="pt",
+            **extra,
+        ).images.float()
+    alpha = unit(block_mask())[:, :1]
+    return alpha * out + (1 - alpha) * unit(init_image())
+
+
+def sdtrt_inpaint(pipe, scheduler: str, seed: int, strength: float, **inpaint):
+    from sdtrt.runtime.inpaint import Inpaint
+
+    options = {"mask": block_mask(), "blur": 0, **inpaint}
+    return pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=STEPS,
+        seed=seed,
+        height=HEIGHT,
+        width=WIDTH,
+        scheduler=scheduler,
+        image=init_image(),
+        strength=strength,
+        inpaint=Inpaint(**options),
+    )
+
+
+@pytest.fixture(scope="module")
+def inpaint_pipe(tiny_inpaint_fp32):
+    from sdtrt.runtime.pipeline import Pipeline
+
+    with Pipeline.from_artifacts(tiny_inpaint_fp32, backend="onnxruntime", device="cpu") as pipe:
+        yield pipe
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "ddim", "dpmpp_2m"])
+def test_inpainting_model_matches_diffusers_inpaint_pipeline(inpaint_pipe, tiny_inpaint_bundle, scheduler):
+    from sdtrt.runtime.compare import psnr
+
+    result = sdtrt_inpaint(inpaint_pipe, scheduler, seed=11, strength=0.6)
+    expected = diffusers_inpaint(tiny_inpaint_bundle, scheduler, 11, 0.6)
+    left, top, right, bottom = BOX
+    inside = psnr(result.pixels[..., top:bottom, left:right], expected[..., top:bottom, left:right])
+    assert psnr(result.pixels, expected) >= 40 and inside >= 40
+
+
+def test_parity_fails_when_the_masked_image_is_not_fed(inpaint_pipe, tiny_inpaint_bundle):
+    """The check above has teeth: diffusers given blank masked-image latents (Euler draws nothing after them, so
+    only the UNet's extra input differs) is far from sdtrt's image inside the mask."""
+    from sdtrt.runtime.compare import psnr
+
+    result = sdtrt_inpaint(inpaint_pipe, "euler", seed=11, strength=0.6)
+    blank = torch.zeros(1, 4, HEIGHT // 8, WIDTH // 8)
+    wrong = diffusers_inpaint(tiny_inpaint_bundle, "euler", 11, 0.6, masked_image_latents=blank)
+    left, top, right, bottom = BOX
+    assert psnr(result.pixels[..., top:bottom, left:right], wrong[..., top:bottom, left:right]) < 30
+
+
+@pytest.fixture(scope="module")
+def xl_inpaint():
+    return load_preset("tiny-xl-inpaint")
+
+
+@pytest.fixture(scope="module")
+def xl_inpaint_pipe(tmp_path_factory, xl_inpaint):
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+    from sdtrt.export.profiles import default_profile
+    from sdtrt.runtime.pipeline import Pipeline
+
+    out = tmp_path_factory.mktemp("xl-inpaint") / "fp32"
+    options = ExportOptions(profile=default_profile(xl_inpaint), precision="fp32", step_cache=False)
+    export_artifacts(xl_inpaint, out, options)
+    with Pipeline.from_artifacts(out, backend="onnxruntime", device="cpu") as pipe:
+        yield pipe
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a"])
+def test_sdxl_inpainting_model_matches_diffusers_xl_inpaint_pipeline(xl_inpaint_pipe, xl_inpaint, scheduler):
+    """StableDiffusionXLInpaintPipeline with requires_aesthetics_score False (the UNet takes the base model's six
+    time ids: original size, crop, target size, as sdtrt sends them) and the options above."""
+    from sdtrt.runtime.compare import psnr
+
+    result = sdtrt_inpaint(xl_inpaint_pipe, scheduler, seed=3, strength=0.7)
+    expected = diffusers_inpaint(xl_inpaint, scheduler, 3, 0.7)
+    left, top, right, bottom = BOX
+    inside = psnr(result.pixels[..., top:bottom, left:right], expected[..., top:bottom, left:right])
+    assert psnr(result.pixels, expected) >= 40 and inside >= 40
