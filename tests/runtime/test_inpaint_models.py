@@ -77,7 +77,8 @@ def test_inpainting_artifact_without_vae_encoder_is_refused(tiny_inpaint_fp32, t
     data = json.loads((folder / "manifest.json").read_text())
     del data["components"]["vae_encoder"]
     (folder / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(ArtifactError, match="no 'vae_encoder' component.*export it with --components vae_encoder"):
+    why = r"no 'vae_encoder' component \(an inpainting model encodes the masked image on every call\)"
+    with pytest.raises(ArtifactError, match=why + ".*export it with --components vae_encoder"):
         Pipeline.from_artifacts(folder)
 
 
