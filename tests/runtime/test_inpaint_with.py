@@ -97,3 +97,35 @@ def test_inpainting_with_step_caching_stays_close(tiny_fp32):
     assert not torch.equal(full, cached)
     assert psnr(cached[..., inside], full[..., inside]) >= 20  # step caching's usual distance on the tiny model
     assert torch.equal(cached[..., ~inside], unit(image)[..., ~inside])
+
+
+def test_inpainting_with_a_lora_matches_diffusers_fused(tiny_fp32, tiny_bundle, tmp_path):
+    """A LoRA (UNet and text encoder) while inpainting: diffusers' StableDiffusionInpaintPipeline with the same LoRA
+    fused at 0.8, against sdtrt's ``set_loras`` (no rebuild)."""
+    import diffusers
+
+    pytest.importorskip("peft")
+    from sdtrt.runtime.lora.write import save_lora
+    from sdtrt.runtime.models.presets import load_preset
+
+    from .lora.test_apply import make_layers
+
+    path = save_lora(make_layers(tiny_bundle, True, 7), tmp_path / "style.safetensors", "kohya", unet=tiny_bundle.unet)
+    image, mask = scene(64, (16, 16, 48, 48))
+    reference = diffusers.StableDiffusionInpaintPipeline(**diffusers_pipeline(load_preset("tiny"), "euler").components)
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(str(path.parent), weight_name=path.name)
+    reference.fuse_lora(lora_scale=0.8)
+    with torch.no_grad():
+        out = reference(prompt=PROMPT, negative_prompt=NEGATIVE, image=image, mask_image=mask, height=64, width=64,
+                        strength=0.7, num_inference_steps=6, generator=torch.Generator().manual_seed(2),
+                        output_type="pt").images.float()  # fmt: skip
+    alpha = unit(mask)[:, :1]
+    expected = alpha * out + (1 - alpha) * unit(image)
+    args = {"negative_prompt": NEGATIVE, "steps": 6, "seed": 2, "height": 64, "width": 64, "scheduler": "euler"}
+    with Pipeline.from_artifacts(tiny_fp32, device="cpu") as pipe:
+        plain = pipe(PROMPT, image=image, strength=0.7, inpaint=Inpaint(mask, blur=0), **args).pixels
+        pipe.set_loras([(path, 0.8)])
+        styled = pipe(PROMPT, image=image, strength=0.7, inpaint=Inpaint(mask, blur=0), **args).pixels
+    assert psnr(styled, expected) >= 40
+    assert psnr(styled, plain) < 35  # the LoRA changed the repaint
