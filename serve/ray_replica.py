@@ -302,7 +302,7 @@ class ReplicaCore:
         """One pipeline call (or a request alone); its failure is each request's answer."""
         from sdtrt.serve.generate import run_merged, run_request
 
-        name = model.checkpoint.name
+        name = chunk[0].checkpoint.name if chunk[0].checkpoint else model.checkpoint.name  # as the request chose it
         try:
             if len(chunk) == 1:
                 return [run_request(model.pipe, chunk[0], name)]

@@ -5,6 +5,7 @@ each batch on one model, a model closed only once no call runs on it, one model 
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import threading
 import time
@@ -19,7 +20,7 @@ from sdtrt.serve.models import Checkpoints, scan
 from sdtrt.serve.ray_app import RayConfig, ReplicaCore
 
 from .test_models import FAST, expected, txt2img  # noqa: F401 (expected: the fixture, `sdtrt generate` per model)
-from .test_server import get, post
+from .test_server import get, pixels, post
 
 webuiapi = pytest.importorskip("webuiapi")
 
@@ -198,3 +199,38 @@ def test_ray_replica_holds_one_model_at_a_time(ray_models, api):
     events = [tuple(event) for event in record["events"]]
     assert opened_at_most(events, 1) == 1 and record["open"] == ["alpha"]
     assert events[-4:] == [("close", "alpha"), ("open", "beta"), ("close", "beta"), ("open", "alpha")]
+
+
+def test_ray_requests_for_both_models_at_once_each_get_their_models_image(ray_models, expected):  # noqa: F811
+    """Sent together, so that Ray batches them: each batch runs on one model, and an evicted model is closed
+    only after the call on it (``--max-loaded 1``: the replica switches back and forth)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = ["alpha", "beta"] * 3
+
+    def one(name: str):
+        payload = {**FAST, "seed": 21, "override_settings": {"sd_model_checkpoint": name}}
+        return post(ray_models[0] + "/sdapi/v1/txt2img", payload)
+
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        answers = list(pool.map(one, names))
+    assert [status for status, _, _ in answers] == [200] * len(names), answers
+    for name, (_, body, _) in zip(names, answers, strict=True):
+        assert json.loads(body["info"])["sd_model_name"] == name
+        np.testing.assert_array_equal(pixels(body["images"][0]), expected[name])
+    record = ray_models[2].models.remote().result()
+    opened_at_most([tuple(event) for event in record["events"]], 1)
+
+
+def test_ray_refresh_checkpoints_adds_a_model_the_replica_opens(ray_models, api, models_dir, tiny_fp32, expected):  # noqa: F811
+    shutil.copytree(tiny_fp32, models_dir / "gamma")  # a folder of its own: its own model id
+    try:
+        api.refresh_checkpoints()
+        assert [m["model_name"] for m in api.get_sd_models()] == ["alpha", "beta", "gamma"]
+        image, info = txt2img(api, override_settings={"sd_model_checkpoint": "gamma"})
+        np.testing.assert_array_equal(image, expected["alpha"])  # gamma is a copy of alpha
+        assert info["sd_model_name"] == "gamma"
+    finally:
+        shutil.rmtree(models_dir / "gamma")
+    api.refresh_checkpoints()
+    assert [m["model_name"] for m in api.get_sd_models()] == ["alpha", "beta"]
