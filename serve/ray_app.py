@@ -180,11 +180,8 @@ def build_app(config: RayConfig, **listen: Any) -> Any:
     return Ingress.bind(replica_deployment(config).bind())
 
 
-def replica_deployment(config: RayConfig) -> Any:
-    """The ``Replica`` deployment: a ``ReplicaCore`` whose models Ray Serve multiplexes (``max_loaded`` per
-    replica) and whose requests arrive in ``@serve.batch`` batches (one model per batch: Ray splits them by id)."""
-    from ray import serve
-
+def deployment_options(config: RayConfig) -> dict[str, Any]:
+    """The ``serve.deployment`` options of the replicas: resources, queue bounds, a fixed count or autoscaling."""
     actor: dict[str, float] = {"num_cpus": config.cpus_per_replica}
     if config.gpus_per_replica:
         actor["num_gpus"] = config.gpus_per_replica
@@ -192,13 +189,16 @@ def replica_deployment(config: RayConfig) -> Any:
     if config.min_replicas != config.max_replicas:
         replicas = {"autoscaling_config": {"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
                                            "target_ongoing_requests": config.target_ongoing_requests}}  # fmt: skip
+    return {"ray_actor_options": actor, "max_ongoing_requests": max(2, 2 * (config.max_batch or 4)),
+            "max_queued_requests": config.max_queued_requests, **replicas}  # fmt: skip
 
-    @serve.deployment(
-        ray_actor_options=actor,
-        max_ongoing_requests=max(2, 2 * (config.max_batch or 4)),
-        max_queued_requests=config.max_queued_requests,
-        **replicas,
-    )
+
+def replica_deployment(config: RayConfig) -> Any:
+    """The ``Replica`` deployment: a ``ReplicaCore`` whose models Ray Serve multiplexes (``max_loaded`` per
+    replica) and whose requests arrive in ``@serve.batch`` batches (one model per batch: Ray splits them by id)."""
+    from ray import serve
+
+    @serve.deployment(**deployment_options(config))
     class Replica:
         def __init__(self) -> None:
             name = serve.get_replica_context().replica_id.unique_id

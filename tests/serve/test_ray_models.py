@@ -234,3 +234,39 @@ def test_ray_refresh_checkpoints_adds_a_model_the_replica_opens(ray_models, api,
         shutil.rmtree(models_dir / "gamma")
     api.refresh_checkpoints()
     assert [m["model_name"] for m in api.get_sd_models()] == ["alpha", "beta"]
+
+
+def test_ray_a_model_that_cannot_open_is_a_500_and_the_others_still_serve(ray_models, api, models_dir, tiny_fp32):
+    broken = models_dir / "broken"
+    shutil.copytree(tiny_fp32, broken)
+    (broken / "unet.onnx").write_bytes(b"not onnx")
+    try:
+        api.refresh_checkpoints()
+        payload = {**FAST, "seed": 1, "override_settings": {"sd_model_checkpoint": "broken"}}
+        status, body, _ = post(ray_models[0] + "/sdapi/v1/txt2img", payload)
+        assert status == 500 and f"the model in {broken.resolve()} could not be opened" in body["detail"], body
+        assert "unet" in body["detail"]
+    finally:
+        shutil.rmtree(broken)
+    api.refresh_checkpoints()
+    status, body, _ = post(ray_models[0] + "/sdapi/v1/txt2img", {**FAST, "seed": 1})
+    assert status == 200 and json.loads(body["info"])["sd_model_name"] == "alpha"
+
+
+# -- the ingress without Ray ------------------------------------------------------------------------------------
+def test_the_ingress_reports_the_limit_and_a_switch_only_selects(models_dir):
+    """``HandleService`` has no ``load``: a switch selects the model (the next request's replica opens it), so it
+    reaches no replica; ``sd_checkpoints_limit`` is the replicas' ``max_loaded``."""
+    import asyncio
+
+    from sdtrt.serve.a1111_info import switch_model
+    from sdtrt.serve.app import create_app
+    from sdtrt.serve.ray_app import HandleService
+
+    checkpoints = Checkpoints(models_dir)
+    service = HandleService("sdtrt", 4, checkpoints=checkpoints, max_loaded=3)
+    app = create_app(service, checkpoints)
+    assert not hasattr(service, "load") and app.state.a1111_options.current()["sd_checkpoints_limit"] == 3
+    asyncio.run(switch_model(service, checkpoints, checkpoints.items[1]))
+    assert app.state.a1111_options.current()["sd_model_checkpoint"] == checkpoints.items[1].title
+    assert service.checkpoints.current == checkpoints.items[1] and service._handle is None  # no Ray call made
