@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -101,7 +102,10 @@ class ReplicaModel:
 
     def __init__(self, core: ReplicaCore, checkpoint: Checkpoint, pipe: Any, max_batch: int) -> None:
         self.checkpoint, self.max_batch = checkpoint, max_batch
-        self._core, self._pipe = core, pipe
+        # weak: the core holds its models, and a cycle's collection would end the pipeline thread before this
+        # model's close could hand its work to it
+        self._core = weakref.ref(core)
+        self._pipe = pipe
         self._calls = 0
         self._idle = threading.Condition()
 
@@ -139,8 +143,13 @@ class ReplicaModel:
         with self._idle:
             self._idle.wait_for(lambda: self._calls == 0)
             pipe, self._pipe = self._pipe, None
-        if pipe is not None:
-            self._core.release(self, pipe)
+        if pipe is None:
+            return
+        core = self._core()
+        if core is not None:
+            core.release(self, pipe)
+        else:  # the replica is gone, and its pipeline thread with it
+            pipe.close()
 
     def __del__(self) -> None:
         self.close()
@@ -167,13 +176,8 @@ class ReplicaCore:
         self._open: dict[str, ReplicaModel] = {}
         self._lock = threading.Lock()
         self._own: ReplicaModel | None = None
-        self._thread: int | None = None
-        self.executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="sdtrt-replica", initializer=self._note_thread
-        )
-
-    def _note_thread(self) -> None:
-        self._thread = threading.get_ident()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtrt-replica")
+        self._thread = self.executor.submit(threading.get_ident).result()  # the pipeline thread
 
     def checkpoint(self, folder: str) -> Checkpoint:
         """The server's model in ``folder`` (rescanned once if not listed: it may have been added since);
