@@ -195,7 +195,10 @@ class ReplicaCore:
         from sdtrt.runtime.pipeline import Pipeline
 
         checkpoint = self.checkpoint(folder)
-        self.config.check_model(folder)  # a model added since start-up meets the defaults too
+        try:  # a model added since start-up (refresh-checkpoints) must run the defaults too
+            self.config.check_model(folder)
+        except SdtrtError as exc:
+            raise RequestError(str(exc)) from None
         pipe = Pipeline.from_artifacts(folder, backend=self.config.backend, device=self.config.device)
         model = ReplicaModel(self, checkpoint, pipe, self.config.max_batch or pipe.manifest.profile.max_batch)
         with self._lock:
