@@ -15,6 +15,7 @@ import gc
 import logging
 import threading
 import weakref
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -147,7 +148,7 @@ class ReplicaModel:
             return
         core = self._core()
         if core is not None:
-            core.release(self, pipe)
+            core.close_pipeline(self, pipe)
         else:  # the replica is gone, and its pipeline thread with it
             pipe.close()
 
@@ -172,7 +173,7 @@ class ReplicaCore:
         # @serve.batch takes one limit for every model: the largest; each model's own bounds its merged calls
         limits = [read_manifest(c.folder).profile.max_batch for c in self.checkpoints.items]
         self.max_batch = config.max_batch or max(limits)
-        self.events: list[tuple[str, str]] = []  # ("open" | "close", model name), in order
+        self.events: deque[tuple[str, str]] = deque(maxlen=1000)  # ("open" | "close", model name), in order
         self._open: dict[str, ReplicaModel] = {}
         self._lock = threading.Lock()
         self._own: ReplicaModel | None = None
@@ -208,7 +209,7 @@ class ReplicaCore:
         log.info("replica %s: model %s opened (%d open)", self.name, checkpoint.title, count)
         return model
 
-    def release(self, model: ReplicaModel, pipe: Any) -> None:
+    def close_pipeline(self, model: ReplicaModel, pipe: Any) -> None:
         """Close ``model``'s pipeline on the pipeline thread (``ReplicaModel.close`` calls this, once)."""
 
         def close() -> None:
@@ -230,7 +231,7 @@ class ReplicaCore:
             close()
 
     def status(self) -> dict[str, Any]:
-        """This replica's name, its open models and every open and close so far, in order."""
+        """This replica's name, its open models and its last 1000 opens and closes, in order."""
         with self._lock:
             return {"replica": self.name, "open": [m.checkpoint.name for m in self._open.values()],
                     "events": list(self.events)}  # fmt: skip
