@@ -226,6 +226,19 @@ def _init_image(
     return init
 
 
+def _img2img_inputs(
+    payload: dict[str, Any], img2img: bool, strength: float, size: tuple[int | None, int | None], limits: Limits
+) -> tuple[bytes | None, InpaintFields | None]:
+    """img2img's init image and mask (``inpaint``: None without one); (None, None) for txt2img."""
+    inpaint = parse_inpaint(payload, img2img, limits)  # first: a mask without init_images is named as such
+    if not img2img:
+        return None, None
+    init = _init_image(payload, strength, size, limits)
+    if inpaint is not None:
+        check_mask_size(inpaint, init)
+    return init, inpaint
+
+
 def parse_request(payload: Any, img2img: bool = False, limits: Limits | None = None) -> GenerateRequest:
     """Validate an A1111 txt2img (or img2img) JSON payload within ``limits``; raise ``RequestError`` with the
     reason."""
@@ -261,10 +274,7 @@ def parse_request(payload: Any, img2img: bool = False, limits: Limits | None = N
             raise RequestError(f"{name} must be an integer >= 1, got {value}")
     check_image_count(batch, n_iter, limits)
     strength = float(_typed(payload, "denoising_strength", (int, float), 0.75, "a number"))
-    inpaint = parse_inpaint(payload, img2img, limits)
-    init = _init_image(payload, strength, (width, height), limits) if img2img else None
-    if inpaint is not None and init is not None:
-        check_mask_size(inpaint, init)
+    init, inpaint = _img2img_inputs(payload, img2img, strength, (width, height), limits)
     controls = parse_controlnet(payload, init)
     check_with_controls(inpaint, len(controls))
     interval, schedule = parse_cache_fields(payload)
