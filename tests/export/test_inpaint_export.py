@@ -187,3 +187,35 @@ def test_controlnet_beside_an_inpainting_unet_reads_four_channel_latents(tiny_in
     assert [t.shape[1] for t in manifest.components["unet"].inputs if t.name == "sample"] == [9]
     rows = [r for r in check_artifacts(tiny_inpaint_control_fp32) if r.component in ("controlnet_edges", "unet")]
     assert {r.component for r in rows} == {"controlnet_edges", "unet"} and all(r.passed for r in rows)
+
+
+def test_the_tensorrt_pipeline_feeds_the_engine_latents_mask_and_masked_image(use_double, tiny_inpaint_fp32, tmp_path):
+    """On the double (the wiring, not TensorRT's numbers): every UNet run gets 9 channels, the 4 latents, then the
+    mask on the latent grid and the masked image's latents, the same for the uncond and cond rows and every step."""
+    import numpy as np
+    from PIL import Image
+
+    from sdtrt.runtime.inpaint import Inpaint
+    from sdtrt.runtime.pipeline import Pipeline
+
+    double = use_double()
+    out = tmp_path / "engines"
+    build_engines(tiny_inpaint_fp32, out, PROFILE, TensorRTBuildOptions())
+    image = Image.fromarray(np.random.default_rng(4).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))  # latent pixels 2..5 repaint
+    with Pipeline.from_artifacts(out, backend="tensorrt", device="cpu") as pipe:
+        options = {"steps": 6, "seed": 2, "height": 64, "width": 64, "scheduler": "euler", "strength": 0.5}
+        pipe("a cat", image=image, inpaint=Inpaint(mask, blur=0), **options)
+    unet = next(c for c in double.records.contexts if c.engine.plan["name"] == "unet")
+    encoder = next(c for c in double.records.contexts if c.engine.plan["name"] == "vae_encoder")
+    assert unet.shapes["sample"] == (2, 9, 8, 8) and unet.runs == 3
+    assert encoder.runs == 2  # the init image, then the masked image
+    expected_mask = np.zeros((8, 8), dtype=np.float32)
+    expected_mask[2:6, 2:6] = 1
+    samples = [np.frombuffer(seen["sample"], dtype=np.float32).reshape(2, 9, 8, 8) for seen in unet.inputs_seen]
+    for fed in samples:
+        np.testing.assert_array_equal(fed[0], fed[1])  # uncond and cond rows: same latents, same condition
+        np.testing.assert_array_equal(fed[0, 4], expected_mask)
+        np.testing.assert_array_equal(fed[0, 5:], samples[0][0, 5:])  # a static buffer: the same every step
+        assert np.abs(fed[0, 5:]).max() > 0
