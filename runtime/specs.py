@@ -105,7 +105,8 @@ class ModelInfo:
     @property
     def inpainting(self) -> bool:
         """Whether the UNet is an inpainting UNet: its input is the latents, a mask channel and the masked image's
-        latents (``2 * latent_channels + 1`` channels), so every call needs a mask and the VAE encoder."""
+        latents (``2 * latent_channels + 1`` channels), so every call feeds it a mask condition made with the VAE
+        encoder."""
         return self.unet_in_channels == 2 * self.latent_channels + 1
 
     @property
