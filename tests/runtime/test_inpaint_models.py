@@ -18,6 +18,7 @@ from sdtrt.runtime.models.bundle import model_info  # noqa: E402
 from sdtrt.runtime.models.presets import TINY_UNET, TINY_VAE, load_preset  # noqa: E402
 from sdtrt.runtime.models.single_file import read_state_dict, save_original_checkpoint  # noqa: E402
 from sdtrt.runtime.models.sources import load_checkpoint, load_source  # noqa: E402
+from sdtrt.runtime.pipeline import Pipeline  # noqa: E402
 from sdtrt.runtime.specs import ModelInfo, component_spec, component_specs, required_components  # noqa: E402
 
 
@@ -69,8 +70,6 @@ def test_an_inpainting_model_requires_the_vae_encoder():
 
 def test_inpainting_artifact_without_vae_encoder_is_refused(tiny_inpaint_fp32, tmp_path):
     import shutil
-
-    from sdtrt.runtime.pipeline import Pipeline
 
     folder = tmp_path / "no-encoder"
     shutil.copytree(tiny_inpaint_fp32, folder)
@@ -299,3 +298,36 @@ def test_sdxl_inpainting_model_matches_diffusers_xl_inpaint_pipeline(xl_inpaint_
     left, top, right, bottom = BOX
     inside = psnr(result.pixels[..., top:bottom, left:right], expected[..., top:bottom, left:right])
     assert psnr(result.pixels, expected) >= 40 and inside >= 40
+
+
+class _FeedRecorder:
+    """Keeps what the UNet is fed (a copy of ``sample`` per call)."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.samples = engine, []
+        self.inputs, self.outputs, self.graph_capturable = engine.inputs, engine.outputs, False
+
+    def infer(self, feeds):
+        self.samples.append(feeds["sample"].clone())
+        return self.engine.infer(feeds)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+@pytest.mark.parametrize("img2img", [False, True])
+def test_an_inpainting_model_without_a_mask_gets_the_full_mask_and_a_blank_image(tiny_inpaint_fp32, img2img):
+    """As A1111 conditions txt2img and unmasked img2img on an inpainting model: mask channel 1 everywhere, and the
+    latents of a blank (0 in [-1, 1]) image, the VAE's mean."""
+    with Pipeline.from_artifacts(tiny_inpaint_fp32, device="cpu") as pipe:
+        recorder = pipe.wrap_engine("unet", _FeedRecorder)
+        extra = {"image": init_image(), "strength": 0.5} if img2img else {}
+        result = pipe("a cat", steps=4, seed=1, height=64, width=128, scheduler="euler", **extra)
+        encoder = pipe.engines["vae_encoder"]
+        blank = encoder.infer({"image": torch.zeros((1, 3, 64, 128))})["latent_mean"].float()
+        scaling = pipe.manifest.model.scaling_factor
+    assert len(recorder.samples) == (2 if img2img else 4) and result.pixels.shape == (1, 3, 64, 128)
+    for sample in recorder.samples:
+        assert sample.shape == (2, 9, 8, 16)
+        assert torch.equal(sample[:, 4], torch.ones((2, 8, 16)))
+        torch.testing.assert_close(sample[:, 5:], (blank * scaling).expand(2, -1, -1, -1), rtol=1e-5, atol=1e-5)
