@@ -95,7 +95,7 @@ def run(pipe, scheduler="euler", seed=5, strength=0.6, **inpaint):
     )
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras"])
 def test_masked_generation_matches_diffusers_inpaint_pipeline(pipe, reference, scheduler):
     """diffusers' StableDiffusionInpaintPipeline with a 4-channel UNet blends each step with the init latents
     noised to the next step's level, as sdtrt does; mask_blur 0 and a grid-aligned mask, strength < 1 (at 1,

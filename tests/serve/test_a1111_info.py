@@ -264,7 +264,7 @@ def test_ray_serves_the_same_start_up_endpoints(ray_url, tiny_fp32):
     title = api.get_sd_models()[0]["title"]
     assert api.util_get_current_model() == title and api.get_options()["samples_format"] == "png"
     status, body = post(ray_url + "/sdapi/v1/options", {"sd_model_checkpoint": "elsewhere"})[:2]
-    assert status == 422 and "is not a loaded model" in body["detail"]
+    assert status == 422 and "is not a model of this server" in body["detail"]
     flags = api.get_cmd_flags()
     assert flags["ray"] is True and flags["queue"] == 7 and flags["port"] == int(ray_url.rsplit(":", 1)[1])
     assert Path(flags["ckpt"]) == Path(tiny_fp32) and flags["min_replicas"] == 1
