@@ -6,8 +6,6 @@ import base64
 import io
 import json
 import re
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ import torch
 
 from sdtrt.serve.a1111_info import parse_parameters
 
-from .test_server import Server, get, pixels, post
+from .test_server import Server, get, local_ray, pixels, post
 
 webuiapi = pytest.importorskip("webuiapi")
 
@@ -236,26 +234,10 @@ def pixels_b64(array: np.ndarray) -> str:
 
 @pytest.fixture(scope="module")
 def ray_url(tiny_fp32):
-    ray = pytest.importorskip("ray")
-    serve = pytest.importorskip("ray.serve")
-    from sdtrt.serve.ray_app import RayConfig, build_app
+    from sdtrt.serve.ray_app import RayConfig
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = RayConfig(str(tiny_fp32), cpus_per_replica=0.5, max_queued_requests=7)
-        serve.run(build_app(config, host="127.0.0.1", port=port), route_prefix="/", name="sdtrt")
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while get(url + "/health")[0] != 200 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        yield url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_ray(RayConfig(str(tiny_fp32), cpus_per_replica=0.5, max_queued_requests=7), listen_flags=True) as ray:
+        yield ray[0]
 
 
 @pytest.mark.slow  # ~50 s on 2 cores, almost all of it Ray starting

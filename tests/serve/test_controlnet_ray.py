@@ -3,37 +3,20 @@
 from __future__ import annotations
 
 import json
-import socket
-import time
 
 import numpy as np
 import pytest
 
 from .test_controlnet_api import HINT, hint_image, txt2img_with, unit
-from .test_server import get, pixels, post
+from .test_server import get, local_ray, pixels, post
 
 
 @pytest.fixture(scope="module")
 def ray_control_server(tiny_control_fp32):
-    ray = pytest.importorskip("ray")
-    serve = pytest.importorskip("ray.serve")
-    from sdtrt.serve.ray_app import RayConfig, build_app
+    from sdtrt.serve.ray_app import RayConfig
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(RayConfig(str(tiny_control_fp32), cpus_per_replica=0.5)), route_prefix="/", name="sdtrt")
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while get(url + "/health")[0] != 200 and time.monotonic() < deadline:
-            time.sleep(0.5)
+    with local_ray(RayConfig(str(tiny_control_fp32), cpus_per_replica=0.5)) as (url, _):
         yield url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def test_ray_serves_the_controlnet_api(ray_control_server, tiny_control_fp32):

@@ -7,8 +7,6 @@ and step caching: the replicas' default (``RayConfig.cache_interval``) and a req
 from __future__ import annotations
 
 import json
-import socket
-import time
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,7 +17,7 @@ from sdtrt.runtime.pipeline import Pipeline
 from sdtrt.serve.a1111 import parse_request
 from sdtrt.serve.ray_app import RayConfig, ReplicaCore
 
-from .test_server import FAST, get, pixels, post
+from .test_server import FAST, get, local_ray, pixels, post
 
 
 def reference_pixels(artifacts, seed: int, prompt: str, steps: int = FAST["steps"], **cache) -> np.ndarray:
@@ -51,26 +49,8 @@ def test_replica_merges_compatible_requests_without_changing_their_images(tiny_f
 
 @pytest.fixture(scope="module")
 def ray_server(tiny_fp32):
-    ray = pytest.importorskip("ray")
-    serve = pytest.importorskip("ray.serve")
-    from sdtrt.serve.ray_app import build_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = RayConfig(str(tiny_fp32), min_replicas=2, max_replicas=2, cpus_per_replica=0.5)
-        serve.run(build_app(config), route_prefix="/", name="sdtrt")
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while get(url + "/health")[0] != 200 and time.monotonic() < deadline:
-            time.sleep(0.5)
+    with local_ray(RayConfig(str(tiny_fp32), min_replicas=2, max_replicas=2, cpus_per_replica=0.5)) as (url, _):
         yield url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def test_two_replicas_serve_the_same_api_and_images(ray_server, tiny_fp32):

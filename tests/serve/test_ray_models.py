@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 
@@ -20,7 +19,7 @@ from sdtrt.serve.models import Checkpoints, scan
 from sdtrt.serve.ray_app import RayConfig, ReplicaCore
 
 from .test_models import FAST, expected, txt2img  # noqa: F401 (expected: the fixture, `sdtrt generate` per model)
-from .test_server import get, pixels, post
+from .test_server import get, local_ray, pixels, post
 
 webuiapi = pytest.importorskip("webuiapi")
 
@@ -136,26 +135,11 @@ def test_a_model_added_later_is_checked_when_a_replica_opens_it(tmp_path, tiny_f
 @pytest.fixture(scope="module")
 def ray_models(models_dir):
     """One replica that keeps one model open (``--max-loaded 1``), over ``alpha`` and ``beta``."""
-    ray = pytest.importorskip("ray")
-    serve = pytest.importorskip("ray.serve")
-    from sdtrt.serve.ray_app import build_app
+    from ray import serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = RayConfig(str(models_dir), cpus_per_replica=0.5, max_loaded=1, app_name="sdtrt-models")
-        serve.run(build_app(config), route_prefix="/", name=config.app_name)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while get(url + "/health")[0] != 200 and time.monotonic() < deadline:
-            time.sleep(0.5)
+    config = RayConfig(str(models_dir), cpus_per_replica=0.5, max_loaded=1, app_name="sdtrt-models")
+    with local_ray(config) as (url, port):
         yield url, port, serve.get_deployment_handle("Replica", app_name=config.app_name)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,32 @@ class Server:
         code = self.proc.wait(timeout=60)
         self.reader.join(timeout=10)
         return code
+
+
+@contextlib.contextmanager
+def local_ray(config, listen_flags: bool = False) -> Iterator[tuple[str, int]]:
+    """``build_app(config)`` served on a local Ray (2 CPUs) on a free loopback port, healthy; yields (url, port).
+    ``listen_flags``: the host and port go to ``build_app`` too (what ``/cmd-flags`` reports)."""
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    from sdtrt.serve.ray_app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        flags = {"host": "127.0.0.1", "port": port} if listen_flags else {}
+        serve.run(build_app(config, **flags), route_prefix="/", name=config.app_name)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while get(url + "/health")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        yield url, port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def get(url: str) -> tuple[int, str]:
