@@ -216,6 +216,16 @@ def keep_checkpoint(payload: dict[str, Any], checkpoints: Checkpoints, checkpoin
             checkpoints.select(checkpoint)
 
 
+def check_defaults(folder: str | Path, cache: Any, clip_skip: int) -> None:
+    """``ArtifactError``/``ConfigError`` if the model in ``folder`` cannot run the server's step-caching default
+    (``cache``: a ``caching.CacheDefaults``) or its clip-skip default; reads the manifest only."""
+    from sdtrt.runtime.clip_skip import check_clip_skip
+
+    manifest = read_manifest(folder)
+    cache.check_artifact(manifest.components, f"the artifact {folder}")
+    check_clip_skip(manifest.model, clip_skip)
+
+
 def check_max_loaded(max_loaded: int) -> None:
     if isinstance(max_loaded, bool) or not isinstance(max_loaded, int) or max_loaded < 1:
         raise ConfigError(f"--max-loaded must be an integer >= 1 (models kept open at once), got {max_loaded!r}")
@@ -225,6 +235,7 @@ __all__ = [
     "Checkpoint",
     "Checkpoints",
     "PipelinePool",
+    "check_defaults",
     "check_max_loaded",
     "keep_checkpoint",
     "read_checkpoint",

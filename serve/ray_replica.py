@@ -30,7 +30,7 @@ from .clipskip import check_clip_skip_default
 from .errors import GenerationFailed, RequestError
 from .limits import Limits
 from .loras import check_lora_dir
-from .models import Checkpoint, Checkpoints, check_max_loaded, scan
+from .models import Checkpoint, Checkpoints, check_defaults, check_max_loaded, scan
 from .service import ModelCard
 
 log = logging.getLogger(__name__)
@@ -86,12 +86,7 @@ class RayConfig:
 
     def check_model(self, folder: str) -> None:
         """``ArtifactError``/``ConfigError`` if the model in ``folder`` cannot run the caching or clip-skip default."""
-        from sdtrt.runtime.clip_skip import check_clip_skip
-        from sdtrt.runtime.manifest import read_manifest
-
-        manifest = read_manifest(folder)
-        self.cache.check_artifact(manifest.components, f"the artifact {folder}")
-        check_clip_skip(manifest.model, self.clip_skip)
+        check_defaults(folder, self.cache, self.clip_skip)
 
 
 class ReplicaModel:

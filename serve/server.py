@@ -27,7 +27,7 @@ from .caching import CacheDefaults
 from .clipskip import check_clip_skip_default
 from .limits import Limits
 from .loras import check_lora_dir
-from .models import Checkpoint, Checkpoints, PipelinePool, check_max_loaded
+from .models import Checkpoint, Checkpoints, PipelinePool, check_defaults, check_max_loaded
 
 log = logging.getLogger(__name__)
 
@@ -185,15 +185,11 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
 def open_models(config: ServeConfig) -> tuple[Checkpoints, PipelinePool]:
     """The models under ``config.artifacts``, each checked against the server's defaults (step caching, clip
     skip) before anything loads, and a pool with the first one open."""
-    from sdtrt.runtime.clip_skip import check_clip_skip
-    from sdtrt.runtime.manifest import read_manifest
     from sdtrt.runtime.pipeline import Pipeline
 
     checkpoints = Checkpoints(config.artifacts)
     for checkpoint in checkpoints.items:  # every model must run the defaults: refuse them now, not per request
-        manifest = read_manifest(checkpoint.folder)
-        config.cache.check_artifact(manifest.components, f"the artifact {checkpoint.folder}")
-        check_clip_skip(manifest.model, config.clip_skip)
+        check_defaults(checkpoint.folder, config.cache, config.clip_skip)
 
     def open_pipeline(checkpoint: Checkpoint) -> Any:
         return Pipeline.from_artifacts(checkpoint.folder, backend=config.backend, device=config.device)
