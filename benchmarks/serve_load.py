@@ -205,9 +205,10 @@ def two_tiny(root: Path) -> tuple[Path, Path]:
     return models, root / "loras"
 
 
-def format_table(rows: list[LoadRow]) -> str:
-    """One line per row; the target and round columns only when there are several."""
-    many = len({r.target for r in rows}) > 1 or len({r.round for r in rows}) > 1
+def format_table(rows: list[LoadRow], many: bool | None = None) -> str:
+    """One line per row; the target and round columns only when there are several (or ``many``)."""
+    if many is None:
+        many = len({r.target for r in rows}) > 1 or len({r.round for r in rows}) > 1
     head = f"{'target':<8} {'round':>5} " if many else ""
     lines = [head + f"{'clients':>7} {'reqs':>5} {'failed':>6} {'req/s':>7} {'img/s':>7} {'p50 ms':>8} {'p99 ms':>8}"]
     for r in rows:
@@ -332,7 +333,7 @@ def measure(targets: dict[str, str], levels: list[int], args: argparse.Namespace
             payloads = mix_payloads(payload, args.requests, 1000 * level + 100 * round, models, args.lora)
             for name, url in targets.items():
                 rows.append(run_level(url, level, payloads, name, round))
-                print(format_table(rows[-1:]).splitlines()[1], flush=True)
+                print(format_table(rows[-1:], many=True).splitlines()[1], flush=True)
     return rows
 
 
