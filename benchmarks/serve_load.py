@@ -26,22 +26,19 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from sdtrt.benchmarks.serve_setup import Server, sdtrt_command, start_server, stop_server, two_tiny, txt2img
 
 TARGET_KINDS = ("plain", "ray")
 
@@ -64,37 +61,9 @@ class LoadRow:
     round: int = 0
 
 
-@dataclass
-class Server:
-    """A ``sdtrt serve`` process this script started: its URL, and its stderr lines as they come."""
-
-    proc: subprocess.Popen[str]
-    url: str
-    lines: list[str] = field(default_factory=list)
-    reader: threading.Thread | None = None
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def txt2img(url: str, payload: dict[str, Any]) -> tuple[int, float]:
-    """POST ``payload`` to ``url``'s txt2img; (HTTP status, seconds)."""
-    data = json.dumps(payload).encode()
-    req = urllib.request.Request(url + "/sdapi/v1/txt2img", data=data, headers={"Content-Type": "application/json"})
-    start = time.perf_counter()
-    try:
-        with urllib.request.urlopen(req, timeout=600) as r:
-            r.read()
-            status = r.status
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-    return status, time.perf_counter() - start
 
 
 def mix_payloads(
@@ -146,63 +115,6 @@ def run_level(
         target,
         round,
     )
-
-
-def sdtrt_command() -> list[str]:
-    """The ``sdtrt`` CLI of this Python environment."""
-    return [shutil.which("sdtrt", path=os.path.dirname(sys.executable)) or "sdtrt"]
-
-
-def start_server(artifacts: str, queue: int, extra: tuple[str, ...] = (), wait_s: float = 120) -> Server:
-    """``sdtrt serve ARTIFACTS --queue QUEUE EXTRA...`` on a free loopback port, once /health answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    cmd = [*sdtrt_command(), "serve", artifacts, "--port", str(port), "--queue", str(queue), *extra]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    server = Server(proc, url)
-    # Read stderr as it comes (a full pipe would stall the server's per-request log lines).
-    server.reader = threading.Thread(target=lambda: server.lines.extend(iter(proc.stderr.readline, "")), daemon=True)
-    server.reader.start()
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5):
-                return server
-        except OSError:
-            if proc.poll() is not None:
-                server.reader.join(timeout=10)
-                raise SystemExit(f"sdtrt serve exited with {proc.returncode}:\n{server.log[-3000:]}") from None
-            time.sleep(0.5)
-    stop_server(server)
-    raise SystemExit(f"sdtrt serve did not become healthy within {wait_s:.0f} s:\n{server.log[-3000:]}")
-
-
-def stop_server(server: Server) -> int:
-    """SIGTERM, then wait for the drain; the exit code."""
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-    code = server.proc.wait(timeout=180)
-    if server.reader is not None:
-        server.reader.join(timeout=10)
-    return code
-
-
-def two_tiny(root: Path) -> tuple[Path, Path]:
-    """(a folder of two tiny models ``tiny-a``/``tiny-b`` with other weights each, a LoRA folder with
-    ``style.safetensors`` on their attention projections)."""
-    import diffusers
-
-    from sdtrt.benchmarks.lora_switch import attention_lora
-    from sdtrt.benchmarks.serve_models import build_models
-    from sdtrt.runtime.lora.write import save_lora
-    from sdtrt.runtime.models.presets import TINY_UNET
-
-    models = build_models(root, ("tiny-a", "tiny-b"), (1, 2), TINY_UNET, {})
-    unet = diffusers.UNet2DConditionModel(**TINY_UNET)  # the shapes the LoRA must fit; its weights do not matter
-    save_lora(attention_lora(unet, 3), root / "loras" / "style.safetensors", "diffusers")
-    return models, root / "loras"
 
 
 def format_table(rows: list[LoadRow], many: bool | None = None) -> str:

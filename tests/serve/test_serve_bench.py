@@ -9,7 +9,8 @@ import re
 import pytest
 
 from sdtrt.benchmarks import serve_load, serve_models
-from sdtrt.benchmarks.serve_load import LoadRow, mix_payloads, start_server, stop_server
+from sdtrt.benchmarks.serve_load import LoadRow, mix_payloads
+from sdtrt.benchmarks.serve_setup import start_server, stop_server
 
 BASE = {"prompt": "a cat", "steps": 1, "width": 64, "height": 64, "batch_size": 1}
 
@@ -95,4 +96,18 @@ def test_rss_and_switches_across_cycles(models_dir, tmp_path, capsys):
     assert all(r["rss_mb"] > 50 and r["memory_used_mb"] > 50 for r in rows)
     assert [r["loaded"] for r in rows] == [1, 1, 1, 1] and records[1]["settings"]["max_loaded"] == 1
     assert [r["loaded"] for r in records[2]["rows"]] == [1, 2, 2, 2]
-    assert len(records[1]["summary"]["rss_cycle_max_mb"]) == 2
+    assert len(records[1]["summary"]["cycle_max_mb"]) == 2 and records[1]["summary"]["memory"] == "rss_mb"
+
+
+def test_models_summary_reads_the_chosen_memory_figure():
+    def row(cycle: int, model: str, rss: float, used: float, switch: float) -> serve_models.CycleRow:
+        return serve_models.CycleRow(cycle, model, switch, 0.5, rss, rss, used, 1)
+
+    rows = [row(0, "a", 800, 900, 0.0), row(0, "b", 1300, 1200, 3.0), row(1, "a", 1290, 910, 2.0)]
+    rows += [row(1, "b", 850, 905, 4.0), row(2, "a", 860, 1000, 3.0), row(2, "b", 855, 905, 3.0)]
+    rss = serve_models.summarize(rows, 790.0)
+    assert rss["cycle_max_mb"] == [1300, 1290, 860] and rss["max_mb"] == 1300
+    assert rss["first_visit_mb"] == {"a": 800, "b": 1300} and rss["growth_first_to_last_mb"] == 60
+    assert rss["switch_median_s"] == 3.0 and rss["memory"] == "rss_mb" and rss["start_rss_mb"] == 790
+    used = serve_models.summarize(rows, 790.0, "memory_used_mb")
+    assert used["cycle_max_mb"] == [1200, 910, 1000] and used["growth_first_to_last_mb"] == 100
