@@ -17,9 +17,11 @@ from sdtrt.cli.options import (
     cache_options,
     clip_skip_option,
     hires_options,
+    inpaint_options,
     parse_pair,
     parse_size,
     read_hires,
+    read_inpaint,
     writable_folder,
 )
 from sdtrt.cli.output import OutputTarget, output_target
@@ -84,6 +86,7 @@ if TYPE_CHECKING:
     "without re-export."
 )
 @hires_options
+@inpaint_options
 def generate_cmd(
     artifacts: Path,
     prompt: str,
@@ -113,12 +116,13 @@ def generate_cmd(
     cache_interval: int,
     cache_schedule: str,
     clip_skip: int,
-    **hires_args: Any,
+    **grouped: Any,
 ) -> None:
     """Generate images for PROMPT with the engines in ARTIFACTS.
 
     SDXL-Turbo: --steps 1 --cfg 0 (its scheduler, Euler ancestral with trailing spacing, is the default).
     Hires fix (A1111's): --hires-scale or --hires-size adds a second, img2img pass at the larger size.
+    Inpainting: --init-image IMG --mask MASK repaints the white part of MASK and keeps the rest of IMG.
     """
     from sdtrt.runtime.manifest import model_display_name
 
@@ -146,8 +150,9 @@ def generate_cmd(
         "cache_interval": cache_interval,
         "cache_schedule": cache_schedule,
         "clip_skip": clip_skip,
+        "inpaint": read_inpaint(**option_group(grouped, "inpaint_")),
     }
-    hires = read_hires(**{k.removeprefix("hires_"): v for k, v in hires_args.items()})
+    hires = read_hires(**option_group(grouped, "hires_"))
     lora_specs = check_before_work(artifacts, prompt, call, loras, hires)
     with open_pipeline(artifacts, backend, device, lora_specs) as pipe:
         runs = min(int(steps * strength), steps) if init_image else steps
@@ -159,6 +164,11 @@ def generate_cmd(
 
     save_images(result, target, partial(infotext, prompt, negative or "", model_hash=model_hash, model_name=name))
     click.echo(timing_line(result, steps, backend))
+
+
+def option_group(options: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The options named ``prefix...``, without the prefix (the --hires-* and --mask options)."""
+    return {k.removeprefix(prefix): v for k, v in options.items() if k.startswith(prefix)}
 
 
 def run(pipe: Pipeline, prompt: str, hires: Any, **call: Any) -> GenerationResult:
@@ -192,7 +202,9 @@ def check_before_work(
     from sdtrt.runtime.request import check_request
 
     manifest = read_manifest(artifacts)
-    check_request(manifest, prompt, **{k: v for k, v in call.items() if k != "controls"})
+    check_request(manifest, prompt, **{k: v for k, v in call.items() if k not in ("controls", "inpaint")})
+    if call.get("inpaint") is not None:
+        check_inpaint_call(manifest, call)
     if hires is not None:
         from sdtrt.runtime.hires import check_hires
 
@@ -205,6 +217,21 @@ def check_before_work(
     lora_specs = [parse_lora_option(text) for text in loras]
     read_loras(LoraState(), lora_specs)
     return lora_specs
+
+
+def check_inpaint_call(manifest: Any, call: dict[str, Any]) -> None:
+    """Refuse a --mask the runtime would refuse (no init image, another size, nothing to repaint), now."""
+    from sdtrt.runtime.errors import ConfigError
+    from sdtrt.runtime.inpaint import plan_inpaint
+    from sdtrt.runtime.request import image_size
+
+    if call.get("image") is None:
+        raise click.UsageError("--mask needs the image it applies to: add --init-image IMAGE")
+    height, width = image_size(manifest, call["height"], call["width"], call["num_images"])
+    try:
+        plan_inpaint(call["inpaint"], call["image"], width, height, manifest.model.vae_scale_factor)
+    except ConfigError as exc:
+        raise click.UsageError(f"{exc} (--mask)") from None
 
 
 def timing_line(result: GenerationResult, steps: int, backend: str) -> str:

@@ -99,6 +99,9 @@ def clip_skip_option(help_text: str) -> Callable[[F], F]:
     return click.option("--clip-skip", type=click.IntRange(min=1), default=1, show_default=True, help=help_text)
 
 
+INPAINT_FILLS = ("fill", "original", "latent noise", "latent nothing")  # runtime.inpaint.FILLS (checked there)
+
+
 def hires_options(command: F) -> F:
     """The hires fix options of ``sdtrt generate`` (see ``read_hires``)."""
     options = [
@@ -121,6 +124,77 @@ def hires_options(command: F) -> F:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def inpaint_options(command: F) -> F:
+    """The inpainting options of ``sdtrt generate`` (see ``read_inpaint``)."""
+    fills = [fill.replace(" ", "-") for fill in INPAINT_FILLS]
+    options = [
+        click.option(
+            "--mask",
+            "inpaint_mask",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="Inpaint: repaint the white part of this image (the --init-image's size) and keep the rest.",
+        ),
+        click.option(
+            "--mask-blur", "inpaint_blur", type=int, default=4, show_default=True, help="Inpaint: mask edge blur (px)."
+        ),
+        click.option("--mask-invert", "inpaint_invert", is_flag=True, help="Inpaint: repaint the black part instead."),
+        click.option(
+            "--inpainting-fill",
+            "inpaint_fill",
+            type=click.Choice(fills),
+            default="original",
+            show_default=True,
+            help="Inpaint: what the masked region starts from: the image (original), its surroundings' colours "
+            "(fill), random latents (latent-noise) or zero latents (latent-nothing).",
+        ),
+        click.option(
+            "--only-masked",
+            "inpaint_only_masked",
+            is_flag=True,
+            help="Inpaint: generate only the region around the mask, at --size, and paste it back (A1111's "
+            "'inpaint at full resolution'); the output has the init image's size.",
+        ),
+        click.option(
+            "--only-masked-padding",
+            "inpaint_padding",
+            type=int,
+            default=32,
+            show_default=True,
+            help="Inpaint, --only-masked: pixels around the mask that are generated with it.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def read_inpaint(mask: Path | None, **details: Any) -> Any:
+    """The ``runtime.inpaint.Inpaint`` of the --mask options (``details``: blur, invert, fill, only_masked,
+    padding), or None without --mask; a usage error when one is wrong or given without --mask."""
+    from PIL import Image, UnidentifiedImageError
+
+    from sdtrt.runtime.errors import ConfigError
+    from sdtrt.runtime.inpaint import Inpaint
+
+    defaults = {"blur": 4, "invert": False, "fill": "original", "only_masked": False, "padding": 32}
+    flags = {"blur": "--mask-blur", "invert": "--mask-invert", "fill": "--inpainting-fill",
+             "only_masked": "--only-masked", "padding": "--only-masked-padding"}  # fmt: skip
+    if mask is None:
+        given = [flags[name] for name, value in details.items() if value != defaults[name]]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} set how a mask is used; add --mask MASK (and --init-image)")
+        return None
+    try:
+        image = Image.open(mask)
+        image.load()
+    except (OSError, UnidentifiedImageError) as exc:
+        raise click.BadParameter(f"cannot read {mask} as an image ({exc})", param_hint="--mask") from None
+    try:
+        return Inpaint(image, **{**details, "fill": details["fill"].replace("-", " ")})
+    except ConfigError as exc:
+        raise click.UsageError(f"{exc} (--mask options)") from None
 
 
 def read_hires(scale: float | None, size: str | None, **details: Any) -> Any:

@@ -3,10 +3,10 @@
 Per step: scale the latents for the sampler, duplicate them for classifier-free guidance, each active ControlNet
 on the same inputs (its hint and per-step scales are static buffers too) and the sum of their scaled residuals,
 one UNet call at batch 2B (uncond and cond text vectors concatenated once, before the loop), guidance, sampler
-update. Nothing in the
-step syncs, allocates outside the graph pool, logs or branches on tensor values, so ``torch.cuda.graph`` can
-capture it whole. The eager path runs the very same function. ``DenoiserCache`` keeps a denoiser (its buffers and
-captured graph) per shape between calls, so a graph is captured once and replayed.
+update, and when inpainting the blend with the init image's latents (``InpaintBlend``). Nothing in the step syncs,
+allocates outside the graph pool, logs or branches on tensor values, so ``torch.cuda.graph`` can capture it whole.
+The eager path runs the very same function. ``DenoiserCache`` keeps a denoiser (its buffers and captured graph) per
+shape between calls, so a graph is captured once and replayed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sdtrt.runtime.engine import Engine
-from sdtrt.runtime.schedulers import Schedule, Scheduler, at_step
+from sdtrt.runtime.schedulers import Schedule, Scheduler, StepIndex, at_step
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,35 @@ class StepCache:
 
 
 @dataclass
+class InpaintBlend:
+    """A regular UNet's inpainting: after each step, the latents where ``keep`` is 1 become the init image's
+    ``clean`` latents noised with ``noise`` to the level of the next step (``levels[i]``: its signal and noise
+    scales; (1, 0) after the last step), as diffusers' StableDiffusionInpaintPipeline does for 4-channel UNets."""
+
+    keep: torch.Tensor  # [B, 1, h, w] float32: 1 outside the latent mask
+    clean: torch.Tensor  # [B, C, h, w] float32
+    noise: torch.Tensor  # [B, C, h, w] float32: the noise the starting latents were noised with
+    levels: torch.Tensor  # [steps, 2] float32
+
+    @classmethod
+    def allocate(cls, shape: tuple[int, ...], schedule: Schedule) -> InpaintBlend:
+        """Zeroed buffers for latents of ``shape``, with the levels of ``schedule``."""
+        device = schedule.device
+        last = torch.tensor([1.0], device=device), torch.tensor([0.0], device=device)
+        signal = torch.cat([schedule.signal_scale[1:], last[0]])
+        noise = torch.cat([schedule.noise_scale[1:], last[1]])
+        zeros = torch.zeros(shape, device=device)
+        keep = torch.zeros((shape[0], 1, *shape[2:]), device=device)
+        return cls(keep, zeros, zeros.clone(), torch.stack([signal, noise], dim=1).float())
+
+    def apply(self, latents: torch.Tensor, i: StepIndex) -> torch.Tensor:
+        """Step ``i``'s result with the kept region put back (graph-safe: ``i`` may be a device tensor)."""
+        level = at_step(self.levels, i)
+        original = level[0] * self.clean + level[1] * self.noise
+        return self.keep * original + (1.0 - self.keep) * latents
+
+
+@dataclass
 class StepBuffers:
     """Static tensors the step reads and writes; a captured graph holds their addresses."""
 
@@ -71,6 +100,10 @@ class StepBuffers:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     # A control-ready UNet's residual inputs when no ControlNet runs: zeros, allocated once
     residuals: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Inpainting (``runtime.inpaint``): a regular UNet's blend of each step with the init image's latents, or an
+    # inpainting UNet's extra input channels [rows, 1 + C, h, w] (mask, masked-image latents), float32
+    blend: InpaintBlend | None = None
+    condition: torch.Tensor | None = None
 
     @classmethod
     def allocate(
@@ -174,12 +207,15 @@ def denoise_step(
     timestep = at_step(schedule.timesteps, i).expand(model_in.shape[0]).to(torch.float32)
     feeds = {"sample": model_in.to(sample_dtype), "timestep": timestep, "encoder_hidden_states": buffers.text}
     feeds.update(buffers.extra)
+    unet_sample = feeds["sample"]  # an inpainting UNet also sees the mask and the masked image; ControlNets do not
+    if buffers.condition is not None:
+        unet_sample = torch.cat([model_in, buffers.condition], dim=1).to(sample_dtype)
     if cache is not None and shallow:
-        shallow_feeds = {**feeds, **cache.residuals, "cache_feature": cache.feature}
+        shallow_feeds = {**feeds, "sample": unet_sample, **cache.residuals, "cache_feature": cache.feature}
         out = cache.shallow.infer({k: v for k, v in shallow_feeds.items() if k in cache.inputs})["noise_pred"].float()
     else:
         residuals = control_residuals(controls, feeds, i, guided, sample_dtype) if controls else buffers.residuals
-        outputs = unet.infer({**feeds, **residuals})
+        outputs = unet.infer({**feeds, "sample": unet_sample, **residuals})
         if cache is not None:
             cache.feature.copy_(outputs["cache_feature"])
             if controls:
@@ -189,7 +225,10 @@ def denoise_step(
     if guided:
         uncond, cond = out.chunk(2)
         out = uncond + buffers.guidance * (cond - uncond)
-    return scheduler.step(schedule, i, out, latents, buffers.state)
+    new, state = scheduler.step(schedule, i, out, latents, buffers.state)
+    if buffers.blend is not None:
+        new = buffers.blend.apply(new, i)
+    return new, state
 
 
 class Denoiser:

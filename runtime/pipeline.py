@@ -25,20 +25,22 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
-from sdtrt.runtime.clip_skip import text_feeds
 from sdtrt.runtime.control.inputs import ControlInput, check_controls
 from sdtrt.runtime.control.slots import control_key, control_settings, fill_slots, make_slots
-from sdtrt.runtime.denoise import Denoiser, DenoiserCache, StepBuffers, step_cache, zero_residuals
+from sdtrt.runtime.denoise import Denoiser, DenoiserCache, InpaintBlend, StepBuffers, step_cache, zero_residuals
 from sdtrt.runtime.engine import BackendOptions, Engine, get_backend, input_dtype
 from sdtrt.runtime.errors import ArtifactError, BackendError, ConfigError
 from sdtrt.runtime.images import from_pil, latents_to_rgb, to_pil, unit_pixels
+from sdtrt.runtime.inpaint import Inpaint, MaskPlan, composite, plan_inpaint, start_inpaint, unet_inpaint_kind
 from sdtrt.runtime.manifest import Manifest, read_manifest, resolve_file
 from sdtrt.runtime.progress import Cancel
 from sdtrt.runtime.prompts import PromptTokenizer
 from sdtrt.runtime.request import LoraSetting, Request, Settings, make_request
 from sdtrt.runtime.schedulers import SchedulerConfig, add_noise, default_sampler, get_scheduler
 from sdtrt.runtime.specs import COMPONENTS, required_components
+from sdtrt.runtime.text_encode import encode_prompts
 from sdtrt.runtime.timing import StageClock, StageTimes
+from sdtrt.runtime.vae_encode import encode_image, mask_condition
 
 log = logging.getLogger(__name__)
 
@@ -216,19 +218,8 @@ class Pipeline:
         Long prompts are split into 75-token windows, each encoded on its own and concatenated along the sequence
         (A1111's convention); SDXL's pooled embedding is that of a prompt's first window, as A1111 does.
         """
-        model = self.manifest.model
-        windows_allowed = self.manifest.profile.max_prompt_windows
-        ids = self.tokenizer.encode(prompts, max_windows=windows_allowed)
-        windows = ids.shape[0] // len(prompts)
-        feeds = text_feeds(ids.to(self.device), model, clip_skip)
-        hidden = self.engines["text_encoder"].infer(feeds)[model.text_output]
-        pooled = None
-        if self.tokenizer_2 is not None:
-            ids_2 = self.tokenizer_2.encode(prompts, max_windows=windows_allowed, warn=False)
-            out = self.engines["text_encoder_2"].infer({"input_ids": ids_2.to(self.device)})
-            hidden = torch.cat([hidden, out[model.text_output].to(hidden.dtype)], dim=-1)
-            pooled = out["text_embeds"].reshape(len(prompts), windows, -1)[:, 0].clone()
-        return hidden.reshape(len(prompts), windows * hidden.shape[1], hidden.shape[2]).clone(), pooled
+        tokenizers = (self.tokenizer, self.tokenizer_2)
+        return encode_prompts(self.engines, tokenizers, self.manifest, prompts, clip_skip, self.device)
 
     def encode_text(self, req: Request) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The UNet's text rows for ``req``: uncond rows first when guided (zeros where SDXL asks for them)."""
@@ -270,6 +261,7 @@ class Pipeline:
         cache_schedule: str = "uniform",
         clip_skip: int = 1,
         cancel: Cancel | None = None,
+        inpaint: Inpaint | None = None,
     ) -> GenerationResult:
         """Generate ``num_images`` images per prompt, at the artifact's tuned size (profile opt) by default.
 
@@ -287,7 +279,8 @@ class Pipeline:
         and the shallow one in between (step caching; see ``runtime.cache_plan``). ``clip_skip`` N: the text
         encoder's hidden state N layers from the end conditions the images (``runtime.clip_skip``; 1: the last).
         ``cancel`` (e.g. ``threading.Event``) is read before each step: once set, the latents as they are are
-        decoded and ``result.interrupted`` is True (as A1111 ends an interrupted job).
+        decoded and ``result.interrupted`` is True (as A1111 ends an interrupted job). ``inpaint`` (with ``image``
+        and ``strength``) repaints only the white part of its mask (``runtime.inpaint``).
         """
         start_time = time.perf_counter()
         req = make_request(
@@ -315,18 +308,21 @@ class Pipeline:
         )
         self.check_controls(controls)
         hints = [control.hint(req.width, req.height) for control in controls]  # bad images fail before work
+        factor = self.manifest.model.vae_scale_factor
+        plan = plan_inpaint(inpaint, image, req.width, req.height, factor) if inpaint is not None else None
         times, clock = StageTimes(), StageClock(self.device)
         t0 = clock.mark()  # text: uncond rows first, encoded once before the loop
         text, pooled = self.encode_text(req)
         times.text_encode = clock.seconds(t0, clock.mark())
         hinted = list(zip(controls, hints, strict=True))
-        denoiser = self.prepare_latents(req, text, pooled, image, times, hinted, init_latents)
+        work = plan.image if plan is not None else image
+        denoiser = self.prepare_latents(req, text, pooled, work, times, hinted, init_latents, plan)
         latents = self.denoise(denoiser, req, callback, times, cancel)
         interrupted = len(times.steps) < req.steps - req.first
         d0 = clock.mark()
         pixels = self.decode_latents(latents)
         times.vae_decode = clock.seconds(d0, clock.mark())
-        unit = unit_pixels(pixels)
+        unit = unit_pixels(pixels) if plan is None else composite(plan, unit_pixels(pixels))
         images = to_pil(unit * 2 - 1)
         times.total = time.perf_counter() - start_time
         settings = Settings.of(req, self.backend, self.lora_settings(), control_settings(controls))
@@ -341,27 +337,34 @@ class Pipeline:
         times: StageTimes | None = None,
         controls: Sequence[tuple[ControlInput, torch.Tensor]] = (),
         init_latents: torch.Tensor | None = None,
+        plan: MaskPlan | None = None,
     ) -> Denoiser:
         """A denoiser whose static buffers hold this call's text, guidance, starting latents and ControlNet
-        hints and scales (``controls``: each ``ControlInput`` with its hint [1, 3, H, W] at the image size).
+        hints and scales (``controls``: each ``ControlInput`` with its hint [1, 3, H, W] at the image size), and
+        its inpainting (``plan``, over ``image``: the masks and the init image's latents).
 
-        Draw order per image generator matches diffusers: starting noise (or VAE sample, then noise), then the
-        sampler's per-step noise (``init_latents``: given, then noise). The VAE encoder's time goes to ``times``.
+        Draw order per image generator matches diffusers: starting noise (or VAE sample, then noise; inpainting:
+        then the masked image's VAE sample), then the sampler's per-step noise (``init_latents``: given, then
+        noise). The VAE encoder's time goes to ``times``.
         """
         generators = [torch.Generator().manual_seed(s) for s in req.seeds]
         sampler = get_scheduler(req.scheduler)
-        shape = req.shape
+        shape, scaling = req.shape, self.manifest.model.scaling_factor
         if init_latents is not None:
             clean = init_latents.float().cpu().expand(shape[0], -1, -1, -1)
             init: Any = (clean, torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators]))
         elif image is None:
             init = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])
         else:
-            init, seconds = self._encode_image(image, req.height, req.width, generators)
+            pixels = from_pil(image, req.height, req.width)
+            init, seconds = encode_image(self.engines["vae_encoder"], pixels, generators, scaling, self.device)
             if times is not None:
                 times.vae_encode = seconds
+        kind = unet_inpaint_kind(self.engines["unet"], shape[1]) if plan is not None else None
+        if plan is not None:  # drawn before the sampler's noise, as diffusers draws it
+            condition = mask_condition(self.engines["vae_encoder"], plan, kind, req, generators, scaling, self.device)
         noise = sampler.draw_noise(req.steps, shape, generators, start=req.first)
-        denoiser = self._denoiser(sampler, req, text, noise, [c for c, _ in controls])
+        denoiser = self._denoiser(sampler, req, text, noise, [c for c, _ in controls], kind)
         fill_slots(denoiser.controls, [c for c, _ in controls], [h for _, h in controls], req)
         buffers, schedule = denoiser.buffers, denoiser.schedule
         buffers.text.copy_(text.to(buffers.text.dtype))
@@ -374,6 +377,8 @@ class Pipeline:
             buffers.latents.copy_(init.to(self.device) * schedule.init_noise_sigma)
         else:
             clean, noised = init
+            if plan is not None:
+                clean = start_inpaint(buffers, plan, clean, noised, condition, generators)
             buffers.latents.copy_(add_noise(schedule, req.first, clean.to(self.device), noised.to(self.device)))
         buffers.state.zero_()
         return denoiser
@@ -403,31 +408,20 @@ class Pipeline:
             times.denoise = clock.seconds(marks[0], marks[-1])
         return denoiser.buffers.latents
 
-    def _encode_image(
-        self, image: Image.Image, height: int, width: int, generators: list[torch.Generator]
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
-        """Init image -> ((clean scaled latents, noise), encoder seconds), drawing from each image's generator as
-        diffusers does."""
-        engine = self.engines["vae_encoder"]
-        clock = StageClock(self.device)
-        pixels = from_pil(image, height, width).repeat(len(generators), 1, 1, 1)
-        e0 = clock.mark()
-        out = engine.infer({"image": pixels.to(self.device, input_dtype(engine, "image"))})
-        mean, std = out["latent_mean"].float().cpu(), out["latent_std"].float().cpu()
-        e1 = clock.mark()
-        sample = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in generators])
-        clean = (mean + std * sample) * self.manifest.model.scaling_factor
-        noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in generators])
-        return (clean, noise), clock.seconds(e0, e1)
-
     def _denoiser(
-        self, sampler: Any, req: Request, text: torch.Tensor, noise: torch.Tensor | None, controls: list[ControlInput]
+        self,
+        sampler: Any,
+        req: Request,
+        text: torch.Tensor,
+        noise: torch.Tensor | None,
+        controls: list[ControlInput],
+        inpaint: str | None = None,
     ) -> Denoiser:
-        """The denoiser for this shape and set of ControlNets, reused between calls so a captured CUDA graph is
-        replayed."""
+        """The denoiser for this shape, set of ControlNets and kind of inpainting ("blend", "condition" or None),
+        reused between calls so a captured CUDA graph is replayed."""
         plan = req.cache_plan if req.cache_interval > 1 else None
         shape = (req.steps, req.first, req.shape, tuple(text.shape))
-        key = (sampler.name, *shape, req.guided, control_key(controls), plan)
+        key = (sampler.name, *shape, req.guided, control_key(controls), plan, inpaint)
         cached = self._denoisers.get(key, noise)
         if cached is not None:
             return cached
@@ -439,6 +433,11 @@ class Pipeline:
         widths = extra if model.family == "sdxl" else None
         dtype = input_dtype(unet, "encoder_hidden_states")
         buffers = StepBuffers.allocate(req.shape, tuple(text.shape), dtype, self.device, widths)
+        if inpaint == "blend":
+            buffers.blend = InpaintBlend.allocate(req.shape, schedule)
+        elif inpaint == "condition":
+            rows, (_, c, h, w) = text.shape[0], req.shape
+            buffers.condition = torch.zeros((rows, c + 1, h, w), device=self.device)
         slots = make_slots(controls, self.engines, req, self.device)
         if not slots:
             buffers.residuals = zero_residuals(unet, text.shape[0], req.shape[2], req.shape[3], self.device)

@@ -27,6 +27,7 @@ from .errors import RequestError
 from .fields import check_fields
 from .hires import parse_hires
 from .images import decode_image, encode_png
+from .inpaint import InpaintFields, check_mask_size, check_with_controls, parse_inpaint
 from .limits import Limits, check_image_count, check_prompts, echoed
 from .models import Checkpoint
 
@@ -119,6 +120,7 @@ class GenerateRequest:
     hires: HiresFix | None = None  # txt2img's enable_hr: a second, larger pass (see ``hires``)
     loras: tuple[tuple[str, float], ...] = ()  # (file, weight) from the prompt's <lora:...> tags (``loras``)
     checkpoint: Checkpoint | None = None  # the model it runs on (``models``); None: the server's current one
+    inpaint: InpaintFields | None = None  # img2img's mask and its settings (``inpaint``)
 
     @property
     def img2img(self) -> bool:
@@ -224,6 +226,19 @@ def _init_image(
     return init
 
 
+def _img2img_inputs(
+    payload: dict[str, Any], img2img: bool, strength: float, size: tuple[int | None, int | None], limits: Limits
+) -> tuple[bytes | None, InpaintFields | None]:
+    """img2img's init image and mask (``inpaint``: None without one); (None, None) for txt2img."""
+    inpaint = parse_inpaint(payload, img2img, limits)  # first: a mask without init_images is named as such
+    if not img2img:
+        return None, None
+    init = _init_image(payload, strength, size, limits)
+    if inpaint is not None:
+        check_mask_size(inpaint, init)
+    return init, inpaint
+
+
 def parse_request(payload: Any, img2img: bool = False, limits: Limits | None = None) -> GenerateRequest:
     """Validate an A1111 txt2img (or img2img) JSON payload within ``limits``; raise ``RequestError`` with the
     reason."""
@@ -259,15 +274,16 @@ def parse_request(payload: Any, img2img: bool = False, limits: Limits | None = N
             raise RequestError(f"{name} must be an integer >= 1, got {value}")
     check_image_count(batch, n_iter, limits)
     strength = float(_typed(payload, "denoising_strength", (int, float), 0.75, "a number"))
-    init = _init_image(payload, strength, (width, height), limits) if img2img else None
+    init, inpaint = _img2img_inputs(payload, img2img, strength, (width, height), limits)
     controls = parse_controlnet(payload, init)
+    check_with_controls(inpaint, len(controls))
     interval, schedule = parse_cache_fields(payload)
     hires = None if img2img else parse_hires(payload, strength, resolve_sampler)
     echo = echoed(payload)
     echo.update(prompt=prompt, negative_prompt=negative, steps=steps, cfg_scale=cfg, seed=seed, batch_size=batch)
     echo.update(n_iter=n_iter, width=width, height=height, sampler_name=A1111_LABELS.get(sampler or "", None))
     if img2img:
-        echo.update(init_images=None, denoising_strength=strength)
+        echo.update(init_images=None, denoising_strength=strength, **(inpaint.echo() if inpaint else {}))
     return GenerateRequest(
         prompt,
         negative,
@@ -287,6 +303,7 @@ def parse_request(payload: Any, img2img: bool = False, limits: Limits | None = N
         schedule,
         parse_clip_skip(payload),
         hires,
+        inpaint=inpaint,
     )
 
 
@@ -311,6 +328,9 @@ def response_body(request: GenerateRequest, gen: Generation) -> dict[str, Any]:
         "sd_model_hash": gen.model_hash[:10],
         "infotexts": gen.infotexts,
     }
+    if request.inpaint is not None:  # A1111's info carries the img2img settings it wrote in the infotext
+        info["extra_generation_params"] = {"Denoising strength": request.denoising_strength,
+                                           **request.inpaint.generation_params()}  # fmt: skip
     info.update(cache_info(gen.cache_interval, gen.cache_schedule))
     info["clip_skip"] = gen.clip_skip  # as A1111's info reports it
     if gen.served_by:

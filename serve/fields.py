@@ -7,6 +7,8 @@ other value is a 422 naming the field, since running the request without it woul
 what was asked. A field that is not A1111's at all is a 422 too (a misspelt ``cfg_scal`` would otherwise run
 at the default). ``override_settings`` keys go through the server's options (``a1111_info.ServerOptions``): a fixed
 setting at its value; sdtrt's own keys, clip skip and the model (``models.request_checkpoint``) are read elsewhere.
+The inpainting fields (``mask`` and its settings) are read by ``inpaint``; ``image_cfg_scale`` is for instruct-pix2pix
+models only (A1111 ignores it for the others, as sdtrt does).
 """
 
 from __future__ import annotations
@@ -38,8 +40,7 @@ OFF_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
     "send_images": ((True,), "the answer always carries the images"),
     "save_images": ((False,), "the server saves nothing; store the returned images"),
     "firstpass_image": (((),), "hires fix from a given first-pass image is not implemented"),
-    "mask": (((),), "inpainting is not implemented yet"),
-    "latent_mask": (((),), "inpainting is not implemented yet"),
+    "latent_mask": (((),), "a separate latent mask is not implemented; mask sets what repaints"),
     "initial_noise_multiplier": ((1, 1.0), "the initial noise is not scaled"),
     "include_init_images": ((False,), "the answer carries the generated images only"),
 }
@@ -48,8 +49,7 @@ OFF_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
 NO_EFFECT = frozenset(
     "subseed s_tmin s_tmax do_not_save_samples do_not_save_grid comments infotext force_task_id "
     "disable_extra_networks distilled_cfg_scale hr_distilled_cfg "
-    "hr_additional_modules refiner_switch_at image_cfg_scale mask_blur mask_blur_x mask_blur_y mask_round "
-    "inpainting_fill inpaint_full_res inpaint_full_res_padding inpainting_mask_invert".split()
+    "hr_additional_modules refiner_switch_at image_cfg_scale".split()
 )
 # eta by sampler: the one value each runs with (the others do not read eta, as in A1111)
 SAMPLER_ETA = {"euler_a": 1.0, "ddim": 0.0}

@@ -9,7 +9,8 @@ units are the same (models, hints and settings), step caching only with the same
 skip only with the same value, LoRA tags only with the same LoRA set (``loras``: applied per call), a hires fix
 (``enable_hr``) only with the same hires settings (never with plain requests), and only requests for the same model
 (``checkpoint``). Requests reach these functions with the server's step-caching and clip-skip defaults applied
-(``with_cache_defaults``, ``with_clip_skip``).
+(``with_cache_defaults``, ``with_clip_skip``). An img2img request's mask (``inpaint``) is checked against its init
+image at the call's size before it is queued, and runs as the pipeline's ``inpaint``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sdtrt.serve.clipskip import check_clip_skip_request
 from sdtrt.serve.controlnet import resolve_units
 from sdtrt.serve.errors import RequestError
 from sdtrt.serve.hires import check_hires_request
+from sdtrt.serve.inpaint import add_infotext, check_inpaint
 from sdtrt.serve.limits import prompt_warnings
 from sdtrt.serve.loras import use_loras
 from sdtrt.serve.progress import JobState
@@ -57,7 +59,18 @@ def check_request(pipe: Any, request: GenerateRequest) -> tuple[int, int]:
         check_hires_request(pipe.manifest, request.hires, request.height, request.width, call_batch(pipe, request))
     if request.controls:
         control_inputs(pipe, request, size)
+    if request.inpaint is not None and request.init_image is not None:  # nothing to repaint: refused now
+        check_inpaint(
+            request.inpaint, open_image(request.init_image), size[1], size[0], pipe.manifest.model.vae_scale_factor
+        )
     return size
+
+
+def open_image(data: bytes) -> Any:
+    """An init image's bytes as the RGB image the pipeline works on."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 def call_batch(pipe: Any, request: GenerateRequest) -> int:
@@ -127,6 +140,8 @@ def call_pipeline(
         extra.update(callback=job.on_step, cancel=job)
     if image is not None:
         extra.update(image=image, strength=request.denoising_strength)
+    if request.inpaint is not None:
+        extra["inpaint"] = request.inpaint.inpaint()
     call = {
         "negative_prompt": request.negative_prompt or None,  # as `sdtrt generate` without --negative
         "steps": request.steps,
@@ -153,10 +168,8 @@ def run_request(pipe: Any, request: GenerateRequest, model_name: str, job: JobSt
 
     With ``job``: its progress is reported there, and an interrupt or skip ends a call between two steps (see
     ``progress``); an interrupted request returns the images of the calls that ran."""
-    from PIL import Image
-
     assert request.seed is not None
-    image = Image.open(io.BytesIO(request.init_image)).convert("RGB") if request.init_image else None
+    image = open_image(request.init_image) if request.init_image else None
     start = time.perf_counter()
     rows: list[Row] = []
     settings: Settings | None = None
@@ -210,6 +223,8 @@ def make_generation(
     texts = [
         infotext(prompt, request.negative_prompt, seed, settings, model_hash, model_name) for _, seed, prompt, _ in rows
     ]
+    if request.inpaint is not None:
+        texts = [add_infotext(text, request.inpaint) for text in texts]
     return Generation(
         [png_bytes(image, text) for (image, *_), text in zip(rows, texts, strict=True)],
         [seed for _, seed, _, _ in rows],

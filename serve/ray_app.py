@@ -239,7 +239,7 @@ def replica_deployment(config: RayConfig) -> Any:
             return self.core.card(checkpoint)
 
         async def models(self) -> dict[str, Any]:
-            """This replica's open models and every open and close so far (``ReplicaCore.status``)."""
+            """This replica's open models and its recent opens and closes (``ReplicaCore.status``)."""
             return self.core.status()
 
         async def memory(self) -> dict[str, Any]:

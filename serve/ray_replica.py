@@ -14,6 +14,8 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import weakref
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -101,7 +103,10 @@ class ReplicaModel:
 
     def __init__(self, core: ReplicaCore, checkpoint: Checkpoint, pipe: Any, max_batch: int) -> None:
         self.checkpoint, self.max_batch = checkpoint, max_batch
-        self._core, self._pipe = core, pipe
+        # weak: the core holds its models, and a cycle's collection would end the pipeline thread before this
+        # model's close could hand its work to it
+        self._core = weakref.ref(core)
+        self._pipe = pipe
         self._calls = 0
         self._idle = threading.Condition()
 
@@ -139,8 +144,13 @@ class ReplicaModel:
         with self._idle:
             self._idle.wait_for(lambda: self._calls == 0)
             pipe, self._pipe = self._pipe, None
-        if pipe is not None:
-            self._core.release(self, pipe)
+        if pipe is None:
+            return
+        core = self._core()
+        if core is not None:
+            core.close_pipeline(self, pipe)
+        else:  # the replica is gone, and its pipeline thread with it
+            pipe.close()
 
     def __del__(self) -> None:
         self.close()
@@ -163,17 +173,12 @@ class ReplicaCore:
         # @serve.batch takes one limit for every model: the largest; each model's own bounds its merged calls
         limits = [read_manifest(c.folder).profile.max_batch for c in self.checkpoints.items]
         self.max_batch = config.max_batch or max(limits)
-        self.events: list[tuple[str, str]] = []  # ("open" | "close", model name), in order
+        self.events: deque[tuple[str, str]] = deque(maxlen=1000)  # ("open" | "close", model name), in order
         self._open: dict[str, ReplicaModel] = {}
         self._lock = threading.Lock()
         self._own: ReplicaModel | None = None
-        self._thread: int | None = None
-        self.executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="sdtrt-replica", initializer=self._note_thread
-        )
-
-    def _note_thread(self) -> None:
-        self._thread = threading.get_ident()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtrt-replica")
+        self._thread = self.executor.submit(threading.get_ident).result()  # the pipeline thread
 
     def checkpoint(self, folder: str) -> Checkpoint:
         """The server's model in ``folder`` (rescanned once if not listed: it may have been added since);
@@ -191,7 +196,10 @@ class ReplicaCore:
         from sdtrt.runtime.pipeline import Pipeline
 
         checkpoint = self.checkpoint(folder)
-        self.config.check_model(folder)  # a model added since start-up meets the defaults too
+        try:  # a model added since start-up (refresh-checkpoints) must run the defaults too
+            self.config.check_model(folder)
+        except SdtrtError as exc:
+            raise RequestError(str(exc)) from None
         pipe = Pipeline.from_artifacts(folder, backend=self.config.backend, device=self.config.device)
         model = ReplicaModel(self, checkpoint, pipe, self.config.max_batch or pipe.manifest.profile.max_batch)
         with self._lock:
@@ -201,7 +209,7 @@ class ReplicaCore:
         log.info("replica %s: model %s opened (%d open)", self.name, checkpoint.title, count)
         return model
 
-    def release(self, model: ReplicaModel, pipe: Any) -> None:
+    def close_pipeline(self, model: ReplicaModel, pipe: Any) -> None:
         """Close ``model``'s pipeline on the pipeline thread (``ReplicaModel.close`` calls this, once)."""
 
         def close() -> None:
@@ -223,7 +231,7 @@ class ReplicaCore:
             close()
 
     def status(self) -> dict[str, Any]:
-        """This replica's name, its open models and every open and close so far, in order."""
+        """This replica's name, its open models and its last 1000 opens and closes, in order."""
         with self._lock:
             return {"replica": self.name, "open": [m.checkpoint.name for m in self._open.values()],
                     "events": list(self.events)}  # fmt: skip

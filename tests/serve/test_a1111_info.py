@@ -264,7 +264,7 @@ def test_ray_serves_the_same_start_up_endpoints(ray_url, tiny_fp32):
     title = api.get_sd_models()[0]["title"]
     assert api.util_get_current_model() == title and api.get_options()["samples_format"] == "png"
     status, body = post(ray_url + "/sdapi/v1/options", {"sd_model_checkpoint": "elsewhere"})[:2]
-    assert status == 422 and "is not a loaded model" in body["detail"]
+    assert status == 422 and "is not a model of this server" in body["detail"]
     flags = api.get_cmd_flags()
     assert flags["ray"] is True and flags["queue"] == 7 and flags["port"] == int(ray_url.rsplit(":", 1)[1])
     assert Path(flags["ckpt"]) == Path(tiny_fp32) and flags["min_replicas"] == 1
@@ -277,3 +277,14 @@ def test_ray_serves_the_same_start_up_endpoints(ray_url, tiny_fp32):
     assert split.parameters["scheduler"] == "Karras"
     np.testing.assert_array_equal(np.asarray(split.image), np.asarray(combined.image))
     assert api.png_info(split.image).parameters["Seed"] == "3"
+
+
+def test_webuiapi_samplers_and_set_options(api):
+    from sdtrt.runtime.schedulers import A1111_LABELS
+
+    assert api.util_get_sampler_names() == sorted(A1111_LABELS.values())
+    assert {s["name"]: s["aliases"][0] for s in api.get_samplers()} == {v: k for k, v in A1111_LABELS.items()}
+    assert api.set_options({"samples_format": "png"}) is None  # A1111's answer: null
+    refused = api.set_options({"samples_format": "jpg"})
+    assert refused["error"] == "invalid_request" and "samples_format" in refused["detail"]
+    assert api.get_options()["samples_format"] == "png"

@@ -41,7 +41,8 @@ def test_every_field_has_a_rule():
         "init_images", "resize_mode", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
         "hr_resize_y",
         "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_cfg",
-        "override_settings_restore_afterwards",
+        "override_settings_restore_afterwards", "mask", "mask_blur", "mask_blur_x", "mask_blur_y", "mask_round",
+        "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
     }  # fmt: skip
     assert A1111_FIELDS == parsed | set(OFF_VALUES) | NO_EFFECT
     assert not (parsed & set(OFF_VALUES)) and not (parsed & NO_EFFECT) and not (set(OFF_VALUES) & NO_EFFECT)
@@ -123,7 +124,7 @@ def test_img2img_refuses_what_it_does_not_run(server):
     # the same aspect ratio: every resize mode gives what "Just resize" gives
     assert server.post("/sdapi/v1/img2img", {**init, "resize_mode": 1, "width": 128, "height": 128})[0] == 200
     for extra, match in (
-        ({"mask": init["init_images"][0]}, "inpainting is not implemented"),
+        ({"mask": init["init_images"][0], "inpaint_full_res": False}, "mask: the mask repaints nothing"),
         ({"enable_hr": True}, "img2img has no hires fix"),
         ({"include_init_images": True}, "generated images only"),
         ({"resize_mode": 1, "width": 128}, "resize_mode 1 .* not implemented for the init image, which is 64x64"),

@@ -119,6 +119,19 @@ def test_every_model_is_checked_against_the_defaults_before_ray_starts(tmp_path,
         RayConfig(str(tmp_path / "empty")).check_artifact()
 
 
+def test_a_model_added_later_is_checked_when_a_replica_opens_it(tmp_path, tiny_fp32, no_shallow):
+    from sdtrt.serve.errors import RequestError
+
+    (tmp_path / "alpha").symlink_to(tiny_fp32, target_is_directory=True)
+    core = ReplicaCore(RayConfig(str(tmp_path), cache_interval=2), name="r0")
+    with pytest.raises(RequestError, match=f"{no_shallow.resolve()} is not a model of this server"):
+        core.open(str(no_shallow.resolve()))
+    (tmp_path / "plain").symlink_to(no_shallow, target_is_directory=True)  # added: the replica rescans
+    with pytest.raises(RequestError, match="--cache-interval 2 needs the shallow UNet"):
+        core.open(str(no_shallow.resolve()))
+    assert core.status()["events"] == []
+
+
 # -- a local Ray over two models --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_models(models_dir):
