@@ -271,6 +271,12 @@ def export_names(model: ModelInfo, requested: tuple[str, ...]) -> tuple[str, ...
     foreign = [c for c in requested if c not in own]
     if foreign:
         raise ExportError(f"this {model.family} model has no component {', '.join(foreign)}; it has {', '.join(own)}")
+    if model.inpainting and "unet" in requested and "vae_encoder" not in requested:
+        raise ExportError(
+            f"this is an inpainting model (its UNet takes {model.unet_in_channels} channels: latents, mask, "
+            f"masked-image latents), so every call needs the VAE encoder, but --components {','.join(requested)} "
+            "leaves vae_encoder out; add vae_encoder"
+        )
     return tuple(c for c in own if c in requested)
 
 

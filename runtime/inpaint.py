@@ -10,7 +10,9 @@ repaints when at least half of its neighbourhood does). Then, by model:
   init image's latents noised to the next step's level (what diffusers' ``StableDiffusionInpaintPipeline`` does for
   a 4-channel UNet), so only the masked region is generated;
 - an inpainting model (UNet input: latents, mask, masked-image latents): the UNet sees the mask and the image with
-  the masked region blanked (as diffusers feeds it), and the latents are not blended.
+  the masked region blanked (as diffusers feeds it), and the latents are not blended. Without a mask (txt2img, or
+  img2img without ``inpaint``) such a model gets the full mask and a blank image, as A1111 feeds it (diffusers'
+  inpainting pipelines always take a mask).
 
 In both, the decoded images are composited over the init image with the blurred mask as alpha, so pixels outside
 it are the init image's own. ``fill`` is A1111's ``inpainting_fill``: what the masked region starts from ("original":
@@ -32,7 +34,6 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from sdtrt.runtime.denoise import StepBuffers
-from sdtrt.runtime.engine import Engine
 from sdtrt.runtime.errors import ConfigError
 
 FILLS = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0..3
@@ -196,13 +197,6 @@ def composite(plan: MaskPlan, pixels: torch.Tensor) -> torch.Tensor:
     return plan.full_alpha * canvas + (1.0 - plan.full_alpha) * _pixels(plan.original)
 
 
-def unet_inpaint_kind(unet: Engine, latent_channels: int) -> str:
-    """ "condition" for an inpainting UNet (its ``sample`` input has 2C + 1 channels: latents, mask, masked-image
-    latents), "blend" for a regular one."""
-    (sample,) = [t for t in unet.inputs if t.name == "sample"]
-    return "condition" if sample.shape[1] == 2 * latent_channels + 1 else "blend"
-
-
 def fill_latents(plan: MaskPlan, clean: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """The init latents [B, C, h, w] with the masked region as ``plan.fill`` says ("latent noise": a Gaussian
     draw from each image's generator, after the sampler's; "latent nothing": zeros; else unchanged)."""
@@ -227,8 +221,14 @@ def fill_inpaint_buffers(
         blend.noise.copy_(noise.to(device))
     if buffers.condition is not None:
         assert condition is not None
-        rows = buffers.condition.shape[0] // condition.shape[0]
-        buffers.condition.copy_(torch.cat([condition] * rows).to(buffers.condition.device))
+        fill_condition(buffers, condition)
+
+
+def fill_condition(buffers: StepBuffers, condition: torch.Tensor) -> None:
+    """An inpainting UNet's ``condition`` [B, 1 + C, h, w] into its buffer, once per text row (uncond rows too)."""
+    assert buffers.condition is not None
+    rows = buffers.condition.shape[0] // condition.shape[0]
+    buffers.condition.copy_(torch.cat([condition] * rows).to(buffers.condition.device))
 
 
 def start_inpaint(
@@ -256,10 +256,10 @@ __all__ = [
     "MaskPlan",
     "composite",
     "crop_box",
+    "fill_condition",
     "fill_inpaint_buffers",
     "fill_latents",
     "fill_masked",
     "plan_inpaint",
     "start_inpaint",
-    "unet_inpaint_kind",
 ]

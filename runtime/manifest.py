@@ -134,8 +134,11 @@ class Manifest:
 
     def component(self, name: str) -> ComponentEntry:
         if name not in self.components:
+            why = ""
+            if name == "vae_encoder" and self.model.inpainting:
+                why = " (an inpainting model encodes the masked image on every call)"
             raise ArtifactError(
-                f"this artifact has no {name!r} component (it has {sorted(self.components)}); "
+                f"this artifact has no {name!r} component{why} (it has {sorted(self.components)}); "
                 f"export it with --components {name}"
             )
         return self.components[name]

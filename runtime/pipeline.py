@@ -31,7 +31,7 @@ from sdtrt.runtime.denoise import Denoiser, DenoiserCache, InpaintBlend, StepBuf
 from sdtrt.runtime.engine import BackendOptions, Engine, get_backend, input_dtype
 from sdtrt.runtime.errors import ArtifactError, BackendError, ConfigError
 from sdtrt.runtime.images import from_pil, latents_to_rgb, to_pil, unit_pixels
-from sdtrt.runtime.inpaint import Inpaint, MaskPlan, composite, plan_inpaint, start_inpaint, unet_inpaint_kind
+from sdtrt.runtime.inpaint import Inpaint, MaskPlan, composite, fill_condition, plan_inpaint, start_inpaint
 from sdtrt.runtime.manifest import Manifest, read_manifest, resolve_file
 from sdtrt.runtime.progress import Cancel
 from sdtrt.runtime.prompts import PromptTokenizer
@@ -40,7 +40,7 @@ from sdtrt.runtime.schedulers import SchedulerConfig, add_noise, default_sampler
 from sdtrt.runtime.specs import COMPONENTS, required_components
 from sdtrt.runtime.text_encode import encode_prompts
 from sdtrt.runtime.timing import StageClock, StageTimes
-from sdtrt.runtime.vae_encode import encode_image, mask_condition
+from sdtrt.runtime.vae_encode import encode_image, inpaint_condition
 
 log = logging.getLogger(__name__)
 
@@ -360,9 +360,8 @@ class Pipeline:
             init, seconds = encode_image(self.engines["vae_encoder"], pixels, generators, scaling, self.device)
             if times is not None:
                 times.vae_encode = seconds
-        kind = unet_inpaint_kind(self.engines["unet"], shape[1]) if plan is not None else None
-        if plan is not None:  # drawn before the sampler's noise, as diffusers draws it
-            condition = mask_condition(self.engines["vae_encoder"], plan, kind, req, generators, scaling, self.device)
+        inpainting = self.manifest.model.inpainting  # drawn before the sampler's noise, as diffusers draws it
+        kind, condition = inpaint_condition(self.engines, inpainting, plan, req, generators, scaling, self.device)
         noise = sampler.draw_noise(req.steps, shape, generators, start=req.first)
         denoiser = self._denoiser(sampler, req, text, noise, [c for c, _ in controls], kind)
         fill_slots(denoiser.controls, [c for c, _ in controls], [h for _, h in controls], req)
@@ -380,6 +379,8 @@ class Pipeline:
             if plan is not None:
                 clean = start_inpaint(buffers, plan, clean, noised, condition, generators)
             buffers.latents.copy_(add_noise(schedule, req.first, clean.to(self.device), noised.to(self.device)))
+        if plan is None and condition is not None:  # an inpainting model without a mask: the full mask
+            fill_condition(buffers, condition)
         buffers.state.zero_()
         return denoiser
 

@@ -65,6 +65,9 @@ class ModelInfo:
     # SD 1.x/2.x: the text encoder's transformer layers when it was exported with the ``clip_skip`` input (clip
     # skip 1..text_layers chosen per call); 0: exported without it (older artifacts, SDXL), clip skip 1 only.
     text_layers: int = 0
+    # The UNet's input channels: latent_channels for a regular model; 2 x latent_channels + 1 for an inpainting
+    # model (latents, the mask, the masked image's latents). 0 (manifests that predate it) means latent_channels.
+    unet_in_channels: int = 0
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep the frozen dataclass hashable and comparable
@@ -79,12 +82,37 @@ class ModelInfo:
         for name in ("latent_channels", "vae_scale_factor", "text_width"):
             if getattr(self, name) < 1:
                 raise ShapeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._check_unet_in_channels()
         if self.text_layers < 0 or (self.text_layers and self.family == "sdxl"):
             raise ShapeError(f"text_layers must be >= 0 (0 for SDXL), got {self.text_layers} for {self.family}")
         if self.family == "sdxl":
             for name in ("text_width_2", "add_text_embeds_width", "add_time_ids"):
                 if getattr(self, name) < 1:
                     raise ShapeError(f"an SDXL model needs {name} >= 1, got {getattr(self, name)}")
+
+    def _check_unet_in_channels(self) -> None:
+        # 0 stands for "same as the latents", so old manifests and new ones of the same model compare equal
+        if self.unet_in_channels == 0:
+            object.__setattr__(self, "unet_in_channels", self.latent_channels)
+        c = self.latent_channels
+        if self.unet_in_channels not in (c, 2 * c + 1):
+            raise ShapeError(
+                f"the UNet takes {self.unet_in_channels} input channels but the latents have {c}: expected {c} "
+                f"(a regular model) or {2 * c + 1} (an inpainting model: latents, mask, masked-image latents); "
+                "the UNet and the VAE come from different models"
+            )
+
+    @property
+    def inpainting(self) -> bool:
+        """Whether the UNet is an inpainting UNet: its input is the latents, a mask channel and the masked image's
+        latents (``2 * latent_channels + 1`` channels), so every call feeds it a mask condition made with the VAE
+        encoder."""
+        return self.unet_in_channels == 2 * self.latent_channels + 1
+
+    @property
+    def condition_channels(self) -> int:
+        """Channels an inpainting UNet takes after the latents (mask, masked-image latents); 0 for other models."""
+        return self.unet_in_channels - self.latent_channels
 
     @property
     def vae_needs_fp32(self) -> bool:
@@ -207,15 +235,17 @@ def model_components(model: ModelInfo) -> tuple[str, ...]:
 
 
 def required_components(model: ModelInfo) -> tuple[str, ...]:
-    """What text-to-image needs: every text encoder, the UNet and the VAE decoder."""
-    return tuple(c for c in model_components(model) if c not in ("vae_encoder", "unet_shallow"))
+    """What every call needs: the text encoders, the UNet and the VAE decoder; an inpainting model also the VAE
+    encoder (its UNet always takes the masked image's latents)."""
+    optional = ("unet_shallow",) if model.inpainting else ("vae_encoder", "unet_shallow")
+    return tuple(c for c in model_components(model) if c not in optional)
 
 
 def component_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
     """The components of ``model``, keyed by name, in pipeline order."""
     c = model.latent_channels
     unet_inputs = [
-        TensorSpec("sample", FLOAT, ("unet_batch", c, "latent_height", "latent_width")),
+        TensorSpec("sample", FLOAT, ("unet_batch", model.unet_in_channels, "latent_height", "latent_width")),
         TensorSpec("timestep", "float32", ("unet_batch",)),
         TensorSpec("encoder_hidden_states", FLOAT, ("unet_batch", "text_length", model.context_width)),
     ]
@@ -308,7 +338,10 @@ def controlnet_spec(model: ModelInfo, component: str) -> ComponentSpec:
         raise ShapeError("this model's UNet takes no ControlNet residuals, so it can have no ControlNet components")
     unet = component_specs(model)["unet"]
     residual_names = set(control_input_names(model))
-    inputs = [t for t in unet.inputs if t.name not in residual_names]
+    # a ControlNet reads the latents alone, also beside an inpainting UNet (as diffusers' ControlNet inpaint
+    # pipeline feeds it)
+    latents = TensorSpec("sample", FLOAT, ("unet_batch", model.latent_channels, "latent_height", "latent_width"))
+    inputs = [latents if t.name == "sample" else t for t in unet.inputs if t.name not in residual_names]
     inputs.append(TensorSpec("controlnet_cond", FLOAT, ("unet_batch", 3, "height", "width")))
     return ComponentSpec(
         component,

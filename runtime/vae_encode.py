@@ -6,6 +6,8 @@ diffusers' image for img2img and inpainting too.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from sdtrt.runtime.engine import Engine, input_dtype
@@ -63,4 +65,31 @@ def mask_condition(
     return torch.cat([mask, latents], dim=1)
 
 
-__all__ = ["encode_image", "mask_condition"]
+def inpaint_condition(
+    engines: Mapping[str, Engine],
+    inpainting: bool,
+    plan: MaskPlan | None,
+    req: Request,
+    generators: list[torch.Generator],
+    scaling: float,
+    device: torch.device,
+) -> tuple[str | None, torch.Tensor | None]:
+    """(the kind of inpainting a call runs, an inpainting UNet's condition): with a mask ``plan``, "condition" for
+    an inpainting model (``inpainting``) and "blend" for another (``mask_condition``); without one, an inpainting
+    model still needs its extra channels: "condition" with the full mask and the latents of a blank (0) image, as
+    A1111 conditions txt2img and unmasked img2img on such a model (the VAE's mean: no draw, so the generators give
+    the same noise as for any model); None for a plain call."""
+    if plan is not None:
+        kind = "condition" if inpainting else "blend"
+        return kind, mask_condition(engines["vae_encoder"], plan, kind, req, generators, scaling, device)
+    if not inpainting:
+        return None, None
+    batch, _, h, w = req.shape
+    engine = engines["vae_encoder"]
+    blank = torch.zeros((1, 3, req.height, req.width), device=device, dtype=input_dtype(engine, "image"))
+    latents = engine.infer({"image": blank})["latent_mean"].float().cpu() * scaling
+    mask = torch.ones((1, 1, h, w))
+    return "condition", torch.cat([mask, latents], dim=1).expand(batch, -1, -1, -1)
+
+
+__all__ = ["encode_image", "inpaint_condition", "mask_condition"]

@@ -164,3 +164,54 @@ def make_sd2_bundle(layers_per_block: int = 1):
     return ModelBundle(
         text, unet, vae, clip_tokenizer(pad_token="!"), scheduler, model_info(text, unet, vae, scheduler)
     )
+
+
+# -- Inpainting models ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_inpaint_bundle():
+    """The ``tiny-inpaint`` preset: tiny with a 9-channel inpainting UNet (latents, mask, masked-image latents),
+    random non-zero weights on every input channel."""
+    from sdtrt.runtime.models.presets import load_preset
+
+    return load_preset("tiny-inpaint")
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_files(tmp_path_factory, tiny_inpaint_bundle, tiny_bundle) -> dict[str, Path]:
+    """tiny-inpaint as files: ``folder`` (saved by diffusers' StableDiffusionInpaintPipeline), ``checkpoint`` (one
+    .safetensors in the original layout) and ``config`` (the REGULAR tiny's config folder, in_channels 4: loading
+    the checkpoint with it must find the 9 channels in the weights themselves)."""
+    from sdtrt.runtime.models.reference import inpaint_pipeline
+    from sdtrt.runtime.models.single_file import save_original_checkpoint, write_config_dir
+
+    root = tmp_path_factory.mktemp("tiny-inpaint-files")
+    b = tiny_inpaint_bundle
+    inpaint_pipeline(b, "euler").save_pretrained(root / "folder", safe_serialization=True)
+    save_original_checkpoint(b.text_encoder, b.unet, b.vae, root / "tiny-inpaint.safetensors")
+    write_config_dir(tiny_bundle.text_encoder, tiny_bundle.unet, tiny_bundle.vae, root / "config")
+    return {"folder": root / "folder", "checkpoint": root / "tiny-inpaint.safetensors", "config": root / "config"}
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_fp32(tmp_path_factory, tiny_inpaint_bundle, tiny_profile) -> Path:
+    """An fp32 ONNX artifact of tiny-inpaint (with step caching, like tiny_fp32)."""
+    return _export(tmp_path_factory, tiny_inpaint_bundle, tiny_profile, "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_fp16(tmp_path_factory, tiny_inpaint_bundle, tiny_profile) -> Path:
+    return _export(tmp_path_factory, tiny_inpaint_bundle, tiny_profile, "fp16")
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_control_fp32(tmp_path_factory, tiny_inpaint_bundle, tiny_profile, tiny_controlnets) -> Path:
+    """An fp32 ONNX artifact of tiny-inpaint with the ControlNet ``edges`` (made from the regular tiny UNet, as
+    ControlNets for inpainting checkpoints are made from their base model: it reads the 4 latent channels)."""
+    from sdtrt.export.controlnet import ControlNetArg, load_controlnets
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+
+    args = [ControlNetArg(str(tiny_controlnets["edges"][0]), "edges")]
+    out = tmp_path_factory.mktemp("tiny-inpaint-control") / "artifacts"
+    controlnets = load_controlnets(args, tiny_inpaint_bundle.model)
+    export_artifacts(tiny_inpaint_bundle, out, ExportOptions(profile=tiny_profile), controlnets=controlnets)
+    return out

@@ -119,7 +119,7 @@ def model_info(
     sample = ucfg.sample_size
     sample = sample[0] if isinstance(sample, list | tuple) else sample
     common: dict[str, Any] = {
-        "latent_channels": int(ucfg.in_channels),
+        **_channels(ucfg, vcfg),
         "vae_scale_factor": vae_factor,
         "scaling_factor": float(vcfg.scaling_factor),
         "prediction_type": scheduler_config.get("prediction_type", "epsilon"),
@@ -143,6 +143,19 @@ def model_info(
         )
     family = "sd2" if tcfg.hidden_size == 1024 else "sd1"
     return ModelInfo(family=family, text_layers=int(tcfg.num_hidden_layers), **common)
+
+
+def _channels(ucfg: Any, vcfg: Any) -> dict[str, int]:
+    """The latent channels (the VAE's) and the UNet's input channels, refused unless they fit together."""
+    latent = int(getattr(vcfg, "latent_channels", 4))
+    unet_in, unet_out = int(ucfg.in_channels), int(ucfg.out_channels)
+    if unet_in not in (latent, 2 * latent + 1) or unet_out != latent:
+        raise SourceError(
+            f"the UNet takes {unet_in} channels and gives {unet_out}, but the VAE's latents have {latent}: "
+            f"expected {latent} in (a regular model) or {2 * latent + 1} (an inpainting model: latents, mask, "
+            f"masked-image latents) and {latent} out; the UNet and the VAE come from different models"
+        )
+    return {"latent_channels": latent, "unet_in_channels": unet_in}
 
 
 def _sdxl_info(

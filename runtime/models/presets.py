@@ -1,7 +1,8 @@
 """Built-in models, and the model configs shipped with sdtrt.
 
-``shapes`` (trained, for the demo and quality figures) and four with seeded random weights: ``tiny`` and
-``tiny-xl`` for tests, ``sd15-random`` and ``sdxl-random`` for benchmarks.
+``shapes`` (trained, for the demo and quality figures) and six with seeded random weights: ``tiny``, ``tiny-xl``,
+and their inpainting variants ``tiny-inpaint`` and ``tiny-xl-inpaint`` (9-channel UNets) for tests,
+``sd15-random`` and ``sdxl-random`` for benchmarks.
 
 ``shapes`` is a small SD 1.x model trained by sdtrt on drawn images of coloured shapes: it draws what its prompt
 asks for ("a red circle on a blue background"), so quality can be measured on images. It ships as one fp16
@@ -33,7 +34,7 @@ from sdtrt.runtime.errors import SourceError
 from sdtrt.runtime.files import sha256_file
 from sdtrt.runtime.models.bundle import ModelBundle, bundle_from_modules
 
-PRESETS = ("tiny", "tiny-xl", "shapes", "sd15-random", "sdxl-random")
+PRESETS = ("tiny", "tiny-xl", "shapes", "sd15-random", "sdxl-random", "tiny-inpaint", "tiny-xl-inpaint")
 PRESET_SEED = 0
 # sdxl-turbo holds the same tensors as sdxl base; only its config says 512 px and one-step sampling.
 SHIPPED_CONFIG_NAMES = ("sd15", "sdxl", "sdxl-turbo")
@@ -121,6 +122,12 @@ TINY_XL_UNET: dict[str, Any] = {
 }
 TINY_XL_VAE: dict[str, Any] = {**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True}
 SDXL_INDEX = {"force_zeros_for_empty_prompt": True}
+# tiny-inpaint and tiny-xl-inpaint: the same with an inpainting UNet, whose input is the 4 latent channels, the
+# mask and the masked image's 4 latent channels. Its random input convolution weighs all 9 (none is zero), so a
+# mask or masked image fed wrongly changes the prediction.
+INPAINT_IN_CHANNELS = 2 * TINY_VAE["latent_channels"] + 1
+TINY_INPAINT_UNET: dict[str, Any] = {**TINY_UNET, "in_channels": INPAINT_IN_CHANNELS}
+TINY_XL_INPAINT_UNET: dict[str, Any] = {**TINY_XL_UNET, "in_channels": INPAINT_IN_CHANNELS}
 # The guidance scale a preset is meant to run at, where it has one: shapes' 2 was chosen on its training prompts
 # (1.5 to 8 tried) and is the one its recorded quality was measured with. The others are run as SD usually is.
 PRESET_GUIDANCE: dict[str, float] = {"shapes": 2.0}
@@ -163,7 +170,7 @@ def _shipped_scheduler(name: str) -> dict[str, Any]:
 
 def preset_text_encoder_2(name: str) -> dict[str, Any] | None:
     """The second text encoder's config of an SDXL preset; None for the others."""
-    if name == "tiny-xl":
+    if name in ("tiny-xl", "tiny-xl-inpaint"):
         return TINY_XL_TEXT_2
     if name == "sdxl-random":
         return _shipped_json("sdxl", "text_encoder_2/config.json")
@@ -181,6 +188,10 @@ def preset_configs(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str,
         return TINY_TEXT, TINY_XL_UNET, TINY_XL_VAE, _shipped_scheduler("sdxl")
     if name == "tiny":
         return TINY_TEXT, TINY_UNET, TINY_VAE, _shipped_scheduler("sd15")
+    if name == "tiny-inpaint":
+        return TINY_TEXT, TINY_INPAINT_UNET, TINY_VAE, _shipped_scheduler("sd15")
+    if name == "tiny-xl-inpaint":
+        return TINY_TEXT, TINY_XL_INPAINT_UNET, TINY_XL_VAE, _shipped_scheduler("sdxl")
     if name == "shapes":
         record = read_shapes_record()
         return record["text_encoder"], record["unet"], record["vae"], record["scheduler"]

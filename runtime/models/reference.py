@@ -72,3 +72,25 @@ def controlnet_pipeline(bundle: Any, scheduler: str, controlnet: Any, img2img: b
     pipe = getattr(diffusers, f"{name}Pipeline")(**components, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def inpaint_pipeline(bundle: Any, scheduler: str) -> Any:
+    """diffusers' inpainting pipeline over the bundle's modules: ``StableDiffusionXLInpaintPipeline`` for SDXL,
+    else ``StableDiffusionInpaintPipeline``. With a 9-channel UNet it feeds the mask and the masked image's
+    latents; with a 4-channel one it puts the unmasked region back to the original noised to each step's level."""
+    diffusers = require("diffusers", "the diffusers reference pipeline", "export")
+    base = diffusers_pipeline(bundle, scheduler)
+    xl = bundle.model.family == "sdxl"
+    components = {k: v for k, v in base.components.items() if k not in ("image_encoder",)}
+    if xl:
+        components.pop("watermark", None)
+        # no aesthetic score conditioning: the UNet takes the base model's six time ids
+        extra = {
+            "requires_aesthetics_score": False,
+            "force_zeros_for_empty_prompt": bundle.model.force_zeros_for_empty_prompt,
+        }
+        pipe = diffusers.StableDiffusionXLInpaintPipeline(**components, **extra, add_watermarker=False)
+    else:
+        pipe = diffusers.StableDiffusionInpaintPipeline(**components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

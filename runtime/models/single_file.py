@@ -35,6 +35,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
 CONFIG_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json")
+# The UNet's input convolution: [channels, 9, 3, 3] in an inpainting checkpoint, [channels, 4, 3, 3] otherwise.
+INPUT_CONV = UNET_PREFIX + "input_blocks.0.0.weight"
 _FEATURE = "single-file checkpoints"
 
 
@@ -117,7 +119,9 @@ def load_single_file(
     state = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
     diffusers = require("diffusers", _FEATURE, "export")
     with torch.random.fork_rng(devices=[]):  # building modules draws random init; keep the caller's RNG
-        unet = load_diffusers_model(diffusers.UNet2DConditionModel, state, configs, "unet", UNET_PREFIX)
+        unet = load_diffusers_model(
+            diffusers.UNet2DConditionModel, state, configs, "unet", UNET_PREFIX, overrides=unet_overrides(state)
+        )
         vae = load_diffusers_model(diffusers.AutoencoderKL, state, configs, "vae", VAE_PREFIX)
         text_encoder = _load_text_encoder(state, configs)
     for module in (text_encoder, unet, vae):
@@ -137,8 +141,29 @@ def _config_dir(config_dir: str | os.PathLike[str] | None) -> Path:
     return root
 
 
-def load_diffusers_model(cls: Any, state: dict[str, torch.Tensor], configs: Path, sub: str, prefix: str) -> Any:
-    """A diffusers component through ``from_single_file``, offline, checked for missing or extra weights."""
+def unet_overrides(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """UNet config values the checkpoint's own tensors fix, over those of its config folder: the input channels,
+    read off the input convolution, so an inpainting checkpoint (9: latents, mask, masked-image latents) loads
+    with the same shipped config as its base model, as A1111 and ComfyUI load it."""
+    weight = state.get(INPUT_CONV)
+    if weight is None or weight.ndim != 4:
+        return {}  # the load itself then says what is missing
+    if weight.shape[1] != 4:
+        logger.info("%s has %d input channels: an inpainting UNet", INPUT_CONV, weight.shape[1])
+    return {"in_channels": int(weight.shape[1])}
+
+
+def load_diffusers_model(
+    cls: Any,
+    state: dict[str, torch.Tensor],
+    configs: Path,
+    sub: str,
+    prefix: str,
+    overrides: Mapping[str, Any] | None = None,
+) -> Any:
+    """A diffusers component through ``from_single_file``, offline, checked for missing or extra weights.
+
+    ``overrides`` replace values of the component's config (e.g. ``in_channels`` from ``unet_overrides``)."""
     config_file = configs / sub / "config.json"
     fix = (
         f"the checkpoint does not match {config_file}. If its architecture differs from that config, pass "
@@ -151,6 +176,7 @@ def load_diffusers_model(cls: Any, state: dict[str, torch.Tensor], configs: Path
             config=str(configs),
             subfolder=sub,
             local_files_only=True,
+            **dict(overrides or {}),
         )
     except Exception as exc:
         # diffusers reports a mismatch as ValueError, KeyError, RuntimeError or its own error type.

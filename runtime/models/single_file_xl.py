@@ -34,6 +34,7 @@ from sdtrt.runtime.models.single_file import (
     read_state_dict,
     rename_weights,
     text_encoder_to_ldm,
+    unet_overrides,
     vae_to_ldm,
     write_checkpoint,
     write_config_dir,
@@ -113,9 +114,12 @@ def load_sdxl_single_file(
     transformers = require("transformers", _FEATURE, "export")
     with torch.random.fork_rng(devices=[]):  # building modules draws random init; keep the caller's RNG
         # One component at a time, dropping its tensors from `state`, so a 7 GB file is not held twice in fp32.
+        unet_state = _take_fp32(state, UNET_PREFIX)
+        overrides = unet_overrides(unet_state)
         unet = load_diffusers_model(
-            diffusers.UNet2DConditionModel, _take_fp32(state, UNET_PREFIX), configs, "unet", UNET_PREFIX
+            diffusers.UNet2DConditionModel, unet_state, configs, "unet", UNET_PREFIX, overrides=overrides
         )
+        del unet_state
         vae = load_diffusers_model(diffusers.AutoencoderKL, _take_fp32(state, VAE_PREFIX), configs, "vae", VAE_PREFIX)
         text_encoder = _load_clip(
             transformers.CLIPTextModel, *_clip_l_weights(state), configs, "text_encoder", CLIP_L_PREFIX
