@@ -16,7 +16,9 @@ one request at a time per client, distinct seeds) after ``--warmup`` requests pe
 levels run ``--rounds`` times, the targets in alternation (A B A B) on the same requests, so they are compared
 under the same machine load. The mix: request i names model ``i mod M`` of ``--models`` in
 ``override_settings.sd_model_checkpoint``, and every other group of M requests carries the next ``--lora`` tag in
-its prompt (no tag, tag 1, no tag, tag 2, ...), so every model meets every LoRA set. A row reports throughput
+its prompt (no tag, tag 1, no tag, tag 2, ...), so every model meets every LoRA set, and each request changes its
+model's LoRA set (the worst case for LoRA switching). Warm-up sends at least one request per model. A row reports
+throughput
 (requests and images per second), p50/p99 latency, and how many requests were answered other than 200.
 """
 
@@ -188,8 +190,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--url names must differ: give each NAME=URL its own NAME")
     if any(":" not in tag for tag in args.lora):
         parser.error(f"--lora takes NAME:WEIGHT (e.g. style:0.8), got {args.lora}")
-    if args.rounds < 1 or args.requests < 1:
-        parser.error(f"--rounds and --requests must be >= 1, got {args.rounds} and {args.requests}")
+    try:
+        args.levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        parser.error(f"--concurrency takes comma-separated client counts (e.g. 1,2,4), got {args.concurrency!r}")
+    if min(args.levels) < 1 or args.rounds < 1 or args.requests < 1:
+        parser.error(
+            f"--concurrency, --rounds and --requests must be >= 1, got {args.concurrency}, {args.rounds}, "
+            f"{args.requests}"
+        )
     return args
 
 
@@ -251,7 +260,7 @@ def measure(targets: dict[str, str], levels: list[int], args: argparse.Namespace
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels = args.levels
     servers: dict[str, Server] = {}
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         if args.url:

@@ -48,6 +48,8 @@ def test_summary_is_the_median_over_rounds_per_target_and_level():
         (["--url", "a=http://h:1", "--url", "a=http://h:2"], "--url names must differ"),
         (["--url", "http://h:1", "--lora", "style"], "--lora takes NAME:WEIGHT"),
         (["--url", "a=h:1"], "expected NAME=http://HOST:PORT"),
+        (["--url", "http://h:1", "--concurrency", "1,x"], "--concurrency takes comma-separated client counts"),
+        (["--url", "http://h:1", "--rounds", "0"], "must be >= 1"),
     ],
 )
 def test_bad_arguments_are_refused(argv, match, capsys):
