@@ -140,7 +140,7 @@ class LocalWorker:
                 check_request(pipe, request)
         if request.seed is None:
             request = request.with_seed(random_seed())
-        return await self._submit(partial(self._run, request), timeout=self.timeout)
+        return await self._submit(partial(self._run, request, checked=pipe is not None), timeout=self.timeout)
 
     async def _submit(self, work: Callable[[], Any], timeout: float | None) -> Any:
         """Queue ``work`` for the pipeline thread and wait for its result; ``TimedOut`` if it has not started
@@ -165,12 +165,14 @@ class LocalWorker:
             )
         return await job.future
 
-    def _run(self, request: GenerateRequest) -> Generation:
-        """Run ``request`` on its model's pipeline (opened if needed); on the pipeline thread."""
+    def _run(self, request: GenerateRequest, checked: bool) -> Generation:
+        """Run ``request`` on its model's pipeline (opened if needed; ``checked``: the request was checked against
+        it when it arrived, else it is checked now); on the pipeline thread."""
         assert request.checkpoint is not None
         pipe = self.pool.get(request.checkpoint)
         self._last_card = model_card(pipe, request.checkpoint.name)
-        check_request(pipe, request)
+        if not checked:
+            check_request(pipe, request)
         kind = "scripts_img2img" if request.img2img else "scripts_txt2img"
         self.job.rgb_map = latent_rgb_map(pipe.manifest)
         self.job.begin(kind, len(pipeline_calls(pipe, request)), request.steps)
