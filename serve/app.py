@@ -17,6 +17,7 @@ from sdtrt.runtime.schedulers import A1111_LABELS
 
 from .a1111 import SAMPLER_ALIASES, parse_request, response_body
 from .a1111_info import ServerOptions, add_info_routes, server_options
+from .comfy.frontend import add_frontend_routes
 from .controlnet import resolve_units
 from .controlnet_api import add_controlnet_routes
 from .errors import RequestError, ServeError, error_body
@@ -101,6 +102,7 @@ def create_app(
     add_info_routes(app, service, cmd_flags)
     add_progress_routes(app, service)
     add_lora_routes(app, app.state.loras)
+    add_frontend_routes(app, getattr(app.state, "comfy_folders", None))  # last: its static mount at / takes all
     return app
 
 

@@ -1,0 +1,315 @@
+"""ComfyUI's official web frontend on ``sdtrt serve``: its static files at ``/`` and the endpoints it calls while
+it starts.
+
+The frontend is the ``comfyui-frontend-package`` wheel (``pip install "sdtrt[ui]"``); its ``static/`` folder is
+served as it is. Besides the protocol's routes (``routes``: ``/prompt``, ``/object_info``, ``/ws``, ...), the
+frontend asks for its user's settings and files (``/users``, ``/settings``, ``/userdata``: stored under
+``ComfyFolders.root/user/default``, see ``userdata``), server feature flags (``/features``), custom nodes'
+translations and workflow templates (``/i18n``, ``/workflow_templates``, ``/templates/index.json``: sdtrt has none,
+so empty), and the model folders (``/experiment/models``). Each route is also under ``/api/``, as ComfyUI does.
+Register these after every other route: the static mount at ``/`` matches everything.
+
+No annotations future-import here: FastAPI reads the handlers' annotations at runtime (``Request``).
+"""
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from ..errors import error_body
+from .folders import ComfyFolders
+from .userdata import UnsafeName, UserData, file_info
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "comfyui_frontend_package"
+# Browsers refuse module scripts served with another type; Python's mimetypes reads the system's tables, which
+# may lack or misname these, so they are fixed here.
+MEDIA_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".map": "application/json",
+    ".svg": "image/svg+xml",
+    ".woff2": "font/woff2",
+    ".woff": "font/woff",
+    ".wasm": "application/wasm",
+    ".html": "text/html; charset=utf-8",
+}
+# The server's defaults under the user's own settings. ComfyUI's release notes (fetched from api.comfy.org)
+# describe ComfyUI's updates, not this server's.
+SETTING_DEFAULTS = {"Comfy.Notification.ShowVersionUpdates": False}
+NO_CACHE = {"Cache-Control": "no-cache", "Pragma": "no-cache", "Expires": "0"}
+
+
+def frontend_folder() -> Path | None:
+    """The installed frontend's ``static`` folder, or None without the ``ui`` extra."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    static = Path(next(iter(spec.submodule_search_locations))) / "static"
+    return static if (static / "index.html").is_file() else None
+
+
+def frontend_version() -> str | None:
+    """The installed frontend's version, or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(PACKAGE.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def server_features(max_upload_bytes: int) -> dict[str, Any]:
+    """``/features``: what this server supports of ComfyUI's negotiated features. Preview frames carry no
+    metadata (binary event 1, not 4), so ``supports_preview_metadata`` is false."""
+    return {"supports_preview_metadata": False, "max_upload_size": max_upload_bytes}
+
+
+def add_frontend_routes(
+    app: Any, folders: ComfyFolders | None, static: Path | None = None, max_upload_mb: float = 20.0
+) -> None:
+    """The frontend's start-up endpoints (each also under ``/api``) and its static files at ``/`` on ``app``.
+
+    ``folders``: the user's settings and files live in ``folders.root/user/default`` (created here; None:
+    ``./sdtrt-comfy``, ``sdtrt serve``'s default).
+    ``static``: the frontend's files (default: the installed ``comfyui-frontend-package``; without it ``/``
+    answers 404 saying how to install it). ``max_upload_mb``: the upload bound ``/features`` reports.
+    Call it after every other route is added.
+    """
+    users = UserData((folders or ComfyFolders(Path("sdtrt-comfy"))).root).create()
+    static = static or frontend_folder()
+    for prefix in ("", "/api"):
+        _add_user_routes(app, users, prefix)
+        _add_userdata_routes(app, users, prefix)
+        _add_info_routes(app, prefix, int(max_upload_mb * 2**20))
+    _add_static(app, static)
+    if static is None:
+        log.info('web UI: not served (no comfyui-frontend-package; pip install "sdtrt[ui]")')
+    else:
+        log.info("web UI: ComfyUI frontend %s at /", frontend_version() or "(version unknown)")
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _fail(status: int, kind: str, message: str) -> Any:
+    return _json(error_body(kind, message), status)
+
+
+def _add_user_routes(app: Any, users: UserData, prefix: str) -> None:
+    """``/users`` (one user, server storage) and ``/settings`` (a JSON object in the user's folder)."""
+    from fastapi import Request
+
+    @app.get(prefix + "/users")
+    async def get_users() -> Any:  # ComfyUI's single-user answer: settings live on the server, already there
+        return {"storage": "server", "migrated": True}
+
+    @app.post(prefix + "/users")
+    async def post_users() -> Any:
+        return _fail(400, "not_supported", "this server has one user, 'default'; adding users is not supported")
+
+    @app.get(prefix + "/settings")
+    async def get_settings() -> Any:
+        return {**SETTING_DEFAULTS, **users.settings()}
+
+    @app.get(prefix + "/settings/{setting_id}")
+    async def get_setting(setting_id: str) -> Any:
+        return _json({**SETTING_DEFAULTS, **users.settings()}.get(setting_id))
+
+    @app.post(prefix + "/settings")
+    async def post_settings(request: Request) -> Any:
+        value = await _json_body(request)
+        if not isinstance(value, dict):
+            return _fail(400, "bad_request", "POST /settings takes a JSON object of setting id -> value")
+        users.store_settings(value)
+        return _json(None)
+
+    @app.post(prefix + "/settings/{setting_id}")
+    async def post_setting(setting_id: str, request: Request) -> Any:
+        value = await _json_body(request)
+        if value is _INVALID:
+            return _fail(400, "bad_request", f"POST /settings/{setting_id} takes the setting's value as JSON")
+        users.store_settings({setting_id: value})
+        return _json(None)
+
+
+_INVALID = object()
+
+
+async def _json_body(request: Any) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        return _INVALID
+
+
+def _add_userdata_routes(app: Any, users: UserData, prefix: str) -> None:
+    """``/userdata``: list, read, write, delete and move the user's files, as ComfyUI's ``user_manager`` does."""
+    from fastapi import Request
+    from fastapi.responses import FileResponse, Response
+
+    @app.get(prefix + "/userdata")
+    async def list_userdata(request: Request) -> Any:
+        query = request.query_params
+        directory = query.get("dir", "")
+        if not directory:
+            return _fail(400, "bad_request", "GET /userdata needs ?dir=FOLDER (e.g. workflows)")
+        flags = {key: query.get(key, "").lower() == "true" for key in ("recurse", "full_info", "split")}
+        try:
+            found = users.listing(directory, flags["recurse"], flags["full_info"], flags["split"])
+        except UnsafeName as exc:
+            return _fail(403, "forbidden", str(exc))
+        return _fail(404, "not_found", f"no folder {directory!r} in the user's files") if found is None else found
+
+    @app.get(prefix + "/userdata/{name:path}")
+    async def get_userdata(request: Request) -> Any:
+        name = "/".join(_raw_names(request, prefix))
+        try:
+            path = users.path(name)
+        except UnsafeName as exc:
+            return _fail(403, "forbidden", str(exc))
+        css = path == users.folder / "user.css"
+        if not path.is_file():
+            if css:  # index.html links it on every load: no file is an empty style sheet
+                return Response(b"", media_type="text/css")
+            return _fail(404, "not_found", f"no file {name!r} in the user's files")
+        if css:
+            return FileResponse(path, media_type="text/css", headers={"X-Content-Type-Options": "nosniff"})
+        # a user's file never renders in the app's origin (stored markup or scripts): always a download
+        headers = {"X-Content-Type-Options": "nosniff", "Content-Disposition": "attachment"}
+        media = "application/json" if path.suffix == ".json" else "application/octet-stream"
+        return FileResponse(path, media_type=media, headers=headers)
+
+    @app.post(prefix + "/userdata/{name:path}")
+    async def post_userdata(request: Request) -> Any:
+        names = _raw_names(request, prefix)
+        query = request.query_params
+        overwrite = query.get("overwrite", "true") != "false"
+        full_info = query.get("full_info", "false").lower() == "true"
+        try:
+            if len(names) == 3 and names[1] == "move":  # /userdata/{file}/move/{dest}
+                path = users.move(names[0], names[2], overwrite)
+            else:
+                path = users.write("/".join(names), await request.body(), overwrite)
+        except FileNotFoundError:
+            return _fail(404, "not_found", f"no file {names[0]!r} in the user's files")
+        except UnsafeName as exc:
+            return _fail(403, "forbidden", str(exc))
+        if path is None:
+            return _fail(409, "conflict", "the file already exists and overwrite=false")
+        rel = path.relative_to(users.folder).as_posix()
+        return file_info(path, rel) if full_info else rel
+
+    @app.delete(prefix + "/userdata/{name:path}")
+    async def delete_userdata(request: Request) -> Any:
+        name = "/".join(_raw_names(request, prefix))
+        try:
+            path = users.path(name)
+        except UnsafeName as exc:
+            return _fail(403, "forbidden", str(exc))
+        if not path.is_file():
+            return _fail(404, "not_found", f"no file {name!r} in the user's files")
+        path.unlink()
+        return Response(status_code=204)
+
+
+def _raw_names(request: Any, prefix: str) -> list[str]:
+    """The ``/``-separated pieces after ``/userdata/``, each decoded, read from the raw path: a name's own
+    ``/`` arrives as ``%2F`` (the frontend encodes it), so ``a%2Fb.json/move/c.json`` is a move, ``a%2Fb.json``
+    one name."""
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    tail = raw[len(prefix + "/userdata/") :]
+    return [unquote_to_bytes(piece).decode("utf-8", "replace") for piece in tail.split(b"/")]
+
+
+def _add_info_routes(app: Any, prefix: str, max_upload_bytes: int) -> None:
+    """Feature flags, translations, templates and model folders: what sdtrt has of them (mostly nothing)."""
+    from fastapi import Request
+
+    @app.get(prefix + "/features")
+    async def features() -> Any:
+        return server_features(max_upload_bytes)
+
+    @app.get(prefix + "/i18n")
+    async def i18n() -> Any:  # custom nodes' translations: sdtrt's nodes are ComfyUI's, named as the frontend knows
+        return {}
+
+    @app.get(prefix + "/workflow_templates")
+    async def workflow_templates() -> Any:  # custom node packs' templates: none
+        return {}
+
+    @app.get(prefix + "/experiment/models")
+    async def model_folders() -> Any:
+        return [{"name": name, "folders": []} for name in ("checkpoints", "loras")]
+
+    @app.get(prefix + "/experiment/models/{folder}")
+    async def models_in(folder: str, request: Request) -> Any:
+        state = request.app.state
+        if folder == "checkpoints":
+            names = [c.name for c in state.checkpoints.items]
+        elif folder == "loras":
+            names = [f"{name}.safetensors" for name in getattr(state.loras, "names", [])]
+        else:
+            return _fail(404, "not_found", f"no model folder {folder!r}; this server has checkpoints and loras")
+        return [{"name": name, "pathIndex": 0} for name in names]
+
+
+def _add_static(app: Any, static: Path | None) -> None:
+    """``/`` (index.html, never cached), ``/templates/index.json`` (no templates), ``/user.css`` (none), and the
+    frontend's files; without the frontend, ``/`` says how to get it."""
+    from fastapi.responses import FileResponse, Response
+
+    @app.get("/templates/index.json")
+    async def templates_index() -> Any:  # ComfyUI's core templates come from another package sdtrt does not ship
+        return []
+
+    @app.get("/templates/index_logo.json")
+    async def templates_logos() -> Any:  # the templates' logos: no templates, no logos
+        return {}
+
+    @app.get("/user.css")
+    async def user_css() -> Any:
+        return Response(b"", media_type="text/css")
+
+    if static is None:
+
+        @app.get("/")
+        async def no_frontend() -> Any:
+            return _fail(
+                404, "not_found",
+                "the web UI needs ComfyUI's frontend, which is not installed: pip install \"sdtrt[ui]\" and "
+                "restart the server; the APIs (/prompt, /sdapi/v1) work without it",
+            )  # fmt: skip
+
+        return
+
+    @app.get("/")
+    async def index() -> Any:
+        return FileResponse(static / "index.html", media_type=MEDIA_TYPES[".html"], headers=NO_CACHE)
+
+    app.mount("/", _static_files(static), name="frontend")
+
+
+def _static_files(static: Path) -> Any:
+    """A StaticFiles app over ``static`` with the media types browsers need."""
+    from starlette.staticfiles import StaticFiles
+
+    class FrontendFiles(StaticFiles):
+        def file_response(self, full_path: Any, *args: Any, **kwargs: Any) -> Any:
+            response = super().file_response(full_path, *args, **kwargs)
+            media = MEDIA_TYPES.get(Path(str(full_path)).suffix.lower())
+            if media is not None:
+                response.headers["content-type"] = media
+                response.media_type = media
+            return response
+
+    return FrontendFiles(directory=static, html=False)
