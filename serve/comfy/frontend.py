@@ -87,6 +87,7 @@ def add_frontend_routes(
     for prefix in ("", "/api"):
         _add_user_routes(app, users, prefix)
         _add_userdata_routes(app, users, prefix)
+        _add_userdata_write_routes(app, users, prefix)
         _add_info_routes(app, prefix, int(max_upload_mb * 2**20))
     _add_static(app, static)
     if static is None:
@@ -153,7 +154,7 @@ async def _json_body(request: Any) -> Any:
 
 
 def _add_userdata_routes(app: Any, users: UserData, prefix: str) -> None:
-    """``/userdata``: list, read, write, delete and move the user's files, as ComfyUI's ``user_manager`` does."""
+    """``GET /userdata?dir=`` (list) and ``GET /userdata/{file}``, as ComfyUI's ``user_manager`` answers them."""
     from fastapi import Request
     from fastapi.responses import FileResponse, Response
 
@@ -188,6 +189,12 @@ def _add_userdata_routes(app: Any, users: UserData, prefix: str) -> None:
         headers = {"X-Content-Type-Options": "nosniff", "Content-Disposition": "attachment"}
         media = "application/json" if path.suffix == ".json" else "application/octet-stream"
         return FileResponse(path, media_type=media, headers=headers)
+
+
+def _add_userdata_write_routes(app: Any, users: UserData, prefix: str) -> None:
+    """``POST /userdata/{file}`` (store), ``POST /userdata/{file}/move/{dest}`` and ``DELETE /userdata/{file}``."""
+    from fastapi import Request
+    from fastapi.responses import Response
 
     @app.post(prefix + "/userdata/{name:path}")
     async def post_userdata(request: Request) -> Any:
@@ -241,6 +248,10 @@ def _add_info_routes(app: Any, prefix: str, max_upload_bytes: int) -> None:
 
     @app.get(prefix + "/i18n")
     async def i18n() -> Any:  # custom nodes' translations: sdtrt's nodes are ComfyUI's, named as the frontend knows
+        return {}
+
+    @app.get(prefix + "/global_subgraphs")
+    async def global_subgraphs() -> Any:  # subgraph blueprints of node packs: none
         return {}
 
     @app.get(prefix + "/workflow_templates")

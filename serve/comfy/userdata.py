@@ -19,7 +19,7 @@ from typing import Any
 
 USER = "default"
 SETTINGS_FILE = "comfy.settings.json"
-FOLDERS = ("workflows",)  # created at start: the frontend lists it while it loads
+FOLDERS = ("workflows", "subgraphs")  # created at start: the frontend lists them while it loads
 
 
 class UnsafeName(ValueError):

@@ -1,0 +1,294 @@
+"""ComfyUI's web frontend on `sdtrt serve`: its files at / with the types browsers need, and every endpoint it calls
+while it starts (users, settings, userdata, features, i18n, templates, model folders, jobs), on a real server
+subprocess; the user-data store's path safety and ComfyUI's jobs shapes, directly."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sdtrt.serve.comfy.joblist import JobsQueryError, job_detail, jobs_page
+from sdtrt.serve.comfy.userdata import UnsafeName, UserData
+
+from ..test_server import Server
+
+pytest.importorskip("fastapi")
+
+
+def ui_request(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of one request; HTTP errors are answers too."""
+    req = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def ui_json(url: str, method: str = "GET", body: object = None) -> tuple[int, object]:
+    data = None if body is None else json.dumps(body).encode()
+    status, _, raw = ui_request(url, method, data)
+    return status, json.loads(raw) if raw else None
+
+
+@contextlib.contextmanager
+def ui_cwd(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture(scope="module")
+def ui_server(tiny_fp32, tmp_path_factory):
+    """`sdtrt serve` on the tiny model, its ComfyUI folders (and the user's files) in a fresh folder."""
+    root = tmp_path_factory.mktemp("ui-serve")
+    with ui_cwd(root):  # the server's ComfyUI folder defaults to ./sdtrt-comfy
+        server = Server(tiny_fp32)
+    server.comfy_root = root / "sdtrt-comfy"
+    yield server
+    assert server.stop() == 0
+
+
+# -- the frontend's files ----------------------------------------------------------------------------------------
+def test_index_and_assets_are_served_with_their_types(ui_server):
+    pytest.importorskip("comfyui_frontend_package")
+    status, headers, body = ui_request(ui_server.url + "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert headers["cache-control"] == "no-cache"
+    html = body.decode()
+    assert '<div id="vue-app">' in html
+    script = re.search(r'<script type="module" crossorigin src="\./([^"]+)"', html).group(1)
+    status, headers, body = ui_request(f"{ui_server.url}/{script}")
+    assert status == 200 and headers["content-type"].startswith("text/javascript") and len(body) > 1000
+    for path, media in (("materialdesignicons.min.css", "text/css"), ("fonts/inter-latin-normal.woff2", "font/woff2")):
+        status, headers, _ = ui_request(f"{ui_server.url}/{path}")
+        assert (status, headers["content-type"].split(";")[0]) == (200, media), path
+    status, headers, body = ui_request(ui_server.url + "/user.css")  # index.html links it: none is empty
+    assert (status, headers["content-type"].split(";")[0], body) == (200, "text/css", b"")
+
+
+def test_missing_asset_is_404_and_api_routes_win_over_the_static_mount(ui_server):
+    assert ui_request(ui_server.url + "/assets/no-such-file.js")[0] == 404
+    assert ui_request(ui_server.url + "/sdapi/v1/sd-models")[0] == 200
+    assert ui_request(ui_server.url + "/health")[0] == 200
+
+
+# -- the start-up endpoints -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prefix", ["/api", ""])
+def test_startup_endpoints_answer(ui_server, prefix):
+    base = ui_server.url + prefix
+    assert ui_json(base + "/users") == (200, {"storage": "server", "migrated": True})
+    assert ui_json(base + "/i18n") == (200, {})
+    assert ui_json(base + "/workflow_templates") == (200, {})
+    status, features = ui_json(base + "/features")
+    assert status == 200 and features["supports_preview_metadata"] is False and features["max_upload_size"] > 0
+    assert ui_json(base + "/userdata?dir=workflows&recurse=true&split=false&full_info=true") == (200, [])
+    assert ui_json(base + "/userdata?dir=subgraphs&recurse=true&split=false&full_info=true") == (200, [])
+    assert ui_json(base + "/global_subgraphs") == (200, {})
+    assert ui_json(base + "/experiment/models") == (
+        200,
+        [{"name": "checkpoints", "folders": []}, {"name": "loras", "folders": []}],
+    )
+    status, models = ui_json(base + "/experiment/models/checkpoints")
+    assert status == 200 and [m["name"] for m in models] == ["tiny"]  # the manifest's model name
+    assert ui_json(base + "/experiment/models/vae")[0] == 404
+
+
+@pytest.mark.parametrize("prefix", ["/api", ""])
+def test_jobs_endpoint_answers(ui_server, prefix):
+    if ui_request(ui_server.url + "/prompt")[0] == 404:
+        pytest.skip("the ComfyUI protocol (/prompt, its queue and history) is not on this server yet")
+    base = ui_server.url + prefix
+    assert ui_json(base + "/jobs?status=in_progress,pending&limit=200&offset=0") == (
+        200,
+        {"jobs": [], "pagination": {"offset": 0, "limit": 200, "total": 0, "has_more": False}},
+    )
+    assert ui_json(base + "/jobs?status=done")[0] == 400
+    assert ui_json(base + "/jobs/no-such-id")[0] == 404
+
+
+def test_templates_are_json_and_empty(ui_server):
+    status, headers, body = ui_request(ui_server.url + "/templates/index.json")
+    assert (status, headers["content-type"], json.loads(body)) == (200, "application/json", [])
+    assert ui_json(ui_server.url + "/templates/index_logo.json") == (200, {})
+
+
+def test_settings_are_stored_per_server(ui_server):
+    base = ui_server.url + "/api/settings"
+    status, settings = ui_json(base)
+    assert status == 200 and settings["Comfy.Notification.ShowVersionUpdates"] is False  # the server's default
+    assert ui_json(base + "/Comfy.InstalledVersion", "POST", "1.58.1")[0] == 200
+    assert ui_json(base, "POST", {"Comfy.Locale": "en", "Comfy.Notification.ShowVersionUpdates": True})[0] == 200
+    assert ui_json(base + "/Comfy.InstalledVersion") == (200, "1.58.1")
+    assert ui_json(base + "/Comfy.NoSuchSetting") == (200, None)
+    status, settings = ui_json(ui_server.url + "/settings")
+    assert settings["Comfy.Locale"] == "en" and settings["Comfy.Notification.ShowVersionUpdates"] is True
+    stored = json.loads((ui_server.comfy_root / "user/default/comfy.settings.json").read_text())
+    assert stored["Comfy.InstalledVersion"] == "1.58.1"
+    assert ui_request(base, "POST", b"[1, 2]")[0] == 400
+    assert ui_request(base + "/X", "POST", b"{not json")[0] == 400
+
+
+def test_users_cannot_be_added(ui_server):
+    status, body = ui_json(ui_server.url + "/api/users", "POST", {"username": "bob"})
+    assert status == 400 and "one user" in body["detail"]
+
+
+def test_userdata_store_list_read_move_delete(ui_server):
+    base = ui_server.url + "/api/userdata"
+    workflow = json.dumps({"nodes": [], "links": []}).encode()
+    status, _, body = ui_request(base + "/workflows%2Fmine.json?overwrite=true&full_info=false", "POST", workflow)
+    assert (status, json.loads(body)) == (200, "workflows/mine.json")
+    assert (ui_server.comfy_root / "user/default/workflows/mine.json").read_bytes() == workflow
+    status, _, _ = ui_request(base + "/workflows%2Fmine.json?overwrite=false", "POST", b"{}")
+    assert status == 409
+    status, listing = ui_json(base + "?dir=workflows&recurse=true&split=false&full_info=true")
+    assert status == 200 and [(f["path"], f["size"]) for f in listing] == [("mine.json", len(workflow))]
+    assert ui_json(base + "?dir=workflows&split=true") == (200, [["mine.json", "mine.json"]])
+    status, headers, body = ui_request(base + "/workflows%2Fmine.json")
+    assert (status, body, headers["content-disposition"]) == (200, workflow, "attachment")
+    status, _, body = ui_request(
+        base + "/workflows%2Fmine.json/move/workflows%2Fsub%2Frenamed.json?full_info=true", "POST"
+    )
+    assert status == 200 and json.loads(body)["path"] == "workflows/sub/renamed.json"
+    assert ui_request(base + "/workflows%2Fmine.json")[0] == 404
+    assert ui_json(base + "?dir=workflows&recurse=true") == (200, ["sub/renamed.json"])
+    assert ui_json(base + "?dir=workflows") == (200, [])  # not recursive: only files directly in it
+    assert ui_request(base + "/workflows%2Fsub%2Frenamed.json", "DELETE")[0] == 204
+    assert ui_request(base + "/workflows%2Fsub%2Frenamed.json", "DELETE")[0] == 404
+    assert ui_json(base + "?dir=nowhere")[0] == 404
+    assert ui_json(base)[0] == 400
+
+
+def test_user_css_is_a_stylesheet(ui_server):
+    url = ui_server.url + "/api/userdata/user.css"
+    status, headers, body = ui_request(url)
+    assert (status, headers["content-type"].split(";")[0], body) == (200, "text/css", b"")
+    assert ui_request(url, "POST", b"body { color: red }")[0] == 200
+    status, headers, body = ui_request(url)
+    assert (status, headers["content-type"].split(";")[0], body) == (200, "text/css", b"body { color: red }")
+    assert "content-disposition" not in headers
+    assert ui_request(url, "DELETE")[0] == 204
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "..%2F..%2Fsecret.txt",
+        "%2Fetc%2Fpasswd",
+        "workflows%2F..%2F..%2F..%2Fsecret.txt",
+        "C:%5Cx.txt",
+        "a%00b",
+        "%2E%2E",
+    ],
+)
+def test_userdata_refuses_names_out_of_the_user_folder(ui_server, name):
+    secret = ui_server.comfy_root / "user" / "secret.txt"
+    secret.write_text("not yours")
+    base = ui_server.url + "/api/userdata/"
+    assert ui_request(base + name)[0] == 403
+    assert ui_request(base + name, "POST", b"x")[0] == 403
+    assert ui_request(base + name, "DELETE")[0] == 403
+    assert ui_request(base + "ok.json/move/" + name, "POST")[0] == 403
+    assert ui_json(ui_server.url + "/api/userdata?dir=" + name)[0] == 403
+    assert secret.read_text() == "not yours"
+
+
+def test_userdata_refuses_a_symlink_out(ui_server, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.json").write_text("{}")
+    (ui_server.comfy_root / "user/default/linked").symlink_to(outside, target_is_directory=True)
+    base = ui_server.url + "/api/userdata"
+    assert ui_request(base + "/linked%2Fsecret.json")[0] == 403
+    assert ui_request(base + "/linked%2Fnew.json", "POST", b"{}")[0] == 403
+    assert ui_json(base + "?dir=linked")[0] == 403
+    assert not (outside / "new.json").exists()
+
+
+# -- the store and the jobs shapes, directly ------------------------------------------------------------------------
+def test_userdata_names(tmp_path):
+    users = UserData(tmp_path).create()
+    assert users.path("workflows/a.json") == tmp_path / "user/default/workflows/a.json"
+    assert users.path("workflows\\b.json") == tmp_path / "user/default/workflows/b.json"
+    for bad in ["", "/", "../x", "a/../../x", "/abs", "\\abs", "C:x", "x\0y"]:
+        with pytest.raises(UnsafeName):
+            users.path(bad)
+    assert users.write("a.json", b"1") and users.write("a.json", b"2", overwrite=False) is None
+    assert (tmp_path / "user/default/a.json").read_bytes() == b"1"
+    assert not list((tmp_path / "user/default").glob(".tmp-*"))  # the temporary file was renamed
+    users.store_settings({"a": 1})
+    users.store_settings({"b": 2})
+    assert users.settings() == {"a": 1, "b": 2}
+    (tmp_path / "user/default/comfy.settings.json").write_text("{damaged")
+    assert users.settings() == {}
+
+
+PROMPT = {"1": {"class_type": "SaveImage", "inputs": {}}}
+EXTRA = {"create_time": 1000, "extra_pnginfo": {"workflow": {"id": "wf-1"}}}
+IMAGE = {"filename": "sdtrt_00001_.png", "subfolder": "", "type": "output"}
+
+
+def ui_history_entry(number: int, end: str, create_time: int) -> dict:
+    extra = {**EXTRA, "create_time": create_time}
+    messages = [["execution_start", {"prompt_id": "x", "timestamp": create_time + 5}]]
+    messages.append(
+        [
+            end,
+            {
+                "prompt_id": "x",
+                "timestamp": create_time + 50,
+                "node_id": "1",
+                "node_type": "SaveImage",
+                "exception_message": "boom",
+                "exception_type": "RuntimeError",
+                "traceback": [],
+            },
+        ]
+    )
+    ok = end == "execution_success"
+    status = {"status_str": "success" if ok else "error", "completed": ok, "messages": messages}
+    outputs = {"1": {"images": [IMAGE]}} if ok else {}
+    return {"prompt": [number, f"id-{number}", PROMPT, extra, ["1"]], "outputs": outputs, "status": status}
+
+
+def test_jobs_from_comfyui_queue_and_history():
+    running = [[5, "run", PROMPT, {**EXTRA, "create_time": 5000}, ["1"]]]
+    pending = [[6, "wait", PROMPT, {**EXTRA, "create_time": 6000}, ["1"]]]
+    history = {
+        "id-1": ui_history_entry(1, "execution_success", 1000),
+        "id-2": ui_history_entry(2, "execution_error", 2000),
+        "id-3": ui_history_entry(3, "execution_interrupted", 3000),
+    }
+    snapshot = (running, pending, history)
+    page = jobs_page(snapshot, {})
+    assert [(j["id"], j["status"]) for j in page["jobs"]] == [
+        ("wait", "pending"), ("run", "in_progress"), ("id-3", "cancelled"), ("id-2", "failed"), ("id-1", "completed")
+    ]  # fmt: skip
+    assert page["pagination"] == {"offset": 0, "limit": 5, "total": 5, "has_more": False}
+    done = jobs_page(snapshot, {"status": "completed", "limit": "1"})["jobs"][0]
+    assert done == {
+        "id": "id-1", "status": "completed", "priority": 1, "create_time": 1000, "execution_start_time": 1005,
+        "execution_end_time": 1050, "outputs_count": 1, "workflow_id": "wf-1",
+        "preview_output": {**IMAGE, "nodeId": "1", "mediaType": "images"},
+    }  # fmt: skip
+    failed = jobs_page(snapshot, {"status": "failed"})["jobs"][0]
+    assert failed["execution_error"]["exception_message"] == "boom" and "preview_output" not in failed
+    paged = jobs_page(snapshot, {"limit": "2", "offset": "1", "sort_order": "asc"})
+    assert [j["id"] for j in paged["jobs"]] == ["id-2", "id-3"] and paged["pagination"]["has_more"] is True
+    assert job_detail(snapshot, "id-1")["outputs"] == {"1": {"images": [IMAGE]}}
+    assert job_detail(snapshot, "id-1")["workflow"] == {"prompt": PROMPT, "extra_data": EXTRA}
+    assert job_detail(snapshot, "wait")["status"] == "pending" and job_detail(snapshot, "nope") is None
+    for bad in ({"status": "done"}, {"sort_by": "name"}, {"limit": "0"}, {"limit": "x"}, {"sort_order": "up"}):
+        with pytest.raises(JobsQueryError):
+            jobs_page(snapshot, bad)
