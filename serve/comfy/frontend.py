@@ -21,6 +21,7 @@ from urllib.parse import unquote_to_bytes
 
 from ..errors import error_body
 from .folders import ComfyFolders
+from .joblist import Snapshot, add_job_routes
 from .userdata import UnsafeName, UserData, file_info
 
 log = logging.getLogger(__name__)
@@ -66,34 +67,50 @@ def frontend_version() -> str | None:
 
 
 def server_features(max_upload_bytes: int) -> dict[str, Any]:
-    """``/features``: what this server supports of ComfyUI's negotiated features. Preview frames carry no
-    metadata (binary event 1, not 4), so ``supports_preview_metadata`` is false."""
+    """``/features``: what this server supports of ComfyUI's negotiated features (what its websocket also
+    answers to the client's ``feature_flags``). Preview frames carry no metadata (binary event 1, not 4), so
+    ``supports_preview_metadata`` is false; without the protocol there are no uploads (0 bytes)."""
     return {"supports_preview_metadata": False, "max_upload_size": max_upload_bytes}
 
 
 def add_frontend_routes(
-    app: Any, folders: ComfyFolders | None, static: Path | None = None, max_upload_mb: float = 20.0
+    app: Any, folders: ComfyFolders | None, static: Path | None = None, jobs: Any = None, max_upload_bytes: int = 0
 ) -> None:
     """The frontend's start-up endpoints (each also under ``/api``) and its static files at ``/`` on ``app``.
 
     ``folders``: the user's settings and files live in ``folders.root/user/default`` (created here; None:
     ``./sdtrt-comfy``, ``sdtrt serve``'s default).
     ``static``: the frontend's files (default: the installed ``comfyui-frontend-package``; without it ``/``
-    answers 404 saying how to install it). ``max_upload_mb``: the upload bound ``/features`` reports.
+    answers 404 saying how to install it).
+    ``jobs``: the protocol's queue (``routes.add_comfy_routes``' ``ComfyJobs``; default ``app.state.comfy_jobs``),
+    which ``/api/jobs`` lists; without one there is no ``/api/jobs``.
+    ``max_upload_bytes``: the upload bound ``/features`` reports (default: the protocol's, ``comfy_settings``).
     Call it after every other route is added.
     """
     users = UserData((folders or ComfyFolders(Path("sdtrt-comfy"))).root).create()
     static = static or frontend_folder()
+    jobs = jobs if jobs is not None else getattr(app.state, "comfy_jobs", None)
+    if not max_upload_bytes:
+        settings = getattr(app.state, "comfy_settings", None)
+        max_upload_bytes = int(settings.max_upload_mb * 1e6) if settings is not None else 0
     for prefix in ("", "/api"):
         _add_user_routes(app, users, prefix)
         _add_userdata_routes(app, users, prefix)
         _add_userdata_write_routes(app, users, prefix)
-        _add_info_routes(app, prefix, int(max_upload_mb * 2**20))
+        _add_info_routes(app, prefix, max_upload_bytes)
+    if jobs is not None:
+        add_job_routes(app, lambda: queue_snapshot(jobs))
     _add_static(app, static)
     if static is None:
         log.info('web UI: not served (no comfyui-frontend-package; pip install "sdtrt[ui]")')
     else:
         log.info("web UI: ComfyUI frontend %s at /", frontend_version() or "(version unknown)")
+
+
+def queue_snapshot(jobs: Any) -> Snapshot:
+    """(running, pending, history) of the protocol's queue, in the shapes of its ``/queue`` and ``/history``."""
+    queue = jobs.queue_body()
+    return queue["queue_running"], queue["queue_pending"], jobs.history()
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:

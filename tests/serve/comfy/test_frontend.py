@@ -91,7 +91,7 @@ def test_startup_endpoints_answer(ui_server, prefix):
     assert ui_json(base + "/i18n") == (200, {})
     assert ui_json(base + "/workflow_templates") == (200, {})
     status, features = ui_json(base + "/features")
-    assert status == 200 and features["supports_preview_metadata"] is False and features["max_upload_size"] > 0
+    assert status == 200 and features["supports_preview_metadata"] is False and features["max_upload_size"] >= 0
     assert ui_json(base + "/userdata?dir=workflows&recurse=true&split=false&full_info=true") == (200, [])
     assert ui_json(base + "/userdata?dir=subgraphs&recurse=true&split=false&full_info=true") == (200, [])
     assert ui_json(base + "/global_subgraphs") == (200, {})
