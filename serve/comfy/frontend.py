@@ -5,9 +5,10 @@ The frontend is the ``comfyui-frontend-package`` wheel (``pip install "sdtrt[ui]
 served as it is. Besides the protocol's routes (``routes``: ``/prompt``, ``/object_info``, ``/ws``, ...), the
 frontend asks for its user's settings and files (``/users``, ``/settings``, ``/userdata``: stored under
 ``ComfyFolders.root/user/default``, see ``userdata``), server feature flags (``/features``), custom nodes'
-translations and workflow templates (``/i18n``, ``/workflow_templates``, ``/templates/index.json``: sdtrt has none,
-so empty), and the model folders (``/experiment/models``). Each route is also under ``/api/``, as ComfyUI does.
-Register these after every other route: the static mount at ``/`` matches everything.
+translations and node packs' workflow templates (``/i18n``, ``/workflow_templates``: sdtrt has none, so empty),
+the templates browser's workflows (``/templates/``: sdtrt's own, see ``templates``), the model folders
+(``/experiment/models``) and the jobs list (``/api/jobs``, see ``joblist``). Each route is also under ``/api/``,
+as ComfyUI does. Register these after every other route: the static mount at ``/`` matches everything.
 
 No annotations future-import here: FastAPI reads the handlers' annotations at runtime (``Request``).
 """
@@ -22,6 +23,7 @@ from urllib.parse import unquote_to_bytes
 from ..errors import error_body
 from .folders import ComfyFolders
 from .joblist import Snapshot, add_job_routes
+from .templates import model_size, template_thumbnail, template_workflow, templates_index
 from .userdata import UnsafeName, UserData, file_info
 
 log = logging.getLogger(__name__)
@@ -292,17 +294,31 @@ def _add_info_routes(app: Any, prefix: str, max_upload_bytes: int) -> None:
 
 
 def _add_static(app: Any, static: Path | None) -> None:
-    """``/`` (index.html, never cached), ``/templates/index.json`` (no templates), ``/user.css`` (none), and the
-    frontend's files; without the frontend, ``/`` says how to get it."""
+    """``/`` (index.html, never cached), ``/templates/`` (sdtrt's workflows, see ``templates``), ``/user.css``
+    (none), and the frontend's files; without the frontend, ``/`` says how to get it."""
+    from fastapi import Request
     from fastapi.responses import FileResponse, Response
 
     @app.get("/templates/index.json")
-    async def templates_index() -> Any:  # ComfyUI's core templates come from another package sdtrt does not ship
-        return []
+    async def index_of_templates() -> Any:  # ComfyUI's own templates are another package, for other models
+        return templates_index()
 
     @app.get("/templates/index_logo.json")
-    async def templates_logos() -> Any:  # the templates' logos: no templates, no logos
+    async def templates_logos() -> Any:  # the templates' providers' logos: none
         return {}
+
+    @app.get("/templates/{name}.json")
+    async def template(name: str, request: Request) -> Any:
+        current = request.app.state.checkpoints.current
+        workflow = template_workflow(name, current.name, *model_size(current.folder))
+        return workflow if workflow is not None else _fail(404, "not_found", f"no template {name!r}")
+
+    @app.get("/templates/{name}-1.svg")
+    async def thumbnail(name: str) -> Any:
+        svg = template_thumbnail(name)
+        if svg is None:
+            return _fail(404, "not_found", f"no template {name!r}")
+        return Response(svg.encode(), media_type="image/svg+xml")
 
     @app.get("/user.css")
     async def user_css() -> Any:

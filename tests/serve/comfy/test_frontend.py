@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from sdtrt.serve.comfy.joblist import JobsQueryError, job_detail, jobs_page
+from sdtrt.serve.comfy.templates import template_workflow
 from sdtrt.serve.comfy.userdata import UnsafeName, UserData
 
 from ..test_server import Server
@@ -117,10 +118,39 @@ def test_jobs_endpoint_answers(ui_server, prefix):
     assert ui_json(base + "/jobs/no-such-id")[0] == 404
 
 
-def test_templates_are_json_and_empty(ui_server):
+def test_templates_are_sdtrt_workflows_on_the_current_model(ui_server):
     status, headers, body = ui_request(ui_server.url + "/templates/index.json")
-    assert (status, headers["content-type"], json.loads(body)) == (200, "application/json", [])
+    assert (status, headers["content-type"]) == (200, "application/json")
+    (module,) = json.loads(body)
+    assert module["moduleName"] == "default"
+    names = [t["name"] for t in module["templates"]]
+    assert names == ["sdtrt-txt2img", "sdtrt-hires"]
+    for name in names:
+        status, workflow = ui_json(f"{ui_server.url}/templates/{name}.json")
+        assert status == 200
+        nodes = {n["type"]: n for n in workflow["nodes"]}
+        assert nodes["CheckpointLoaderSimple"]["widgets_values"] == ["tiny"]
+        assert nodes["EmptyLatentImage"]["widgets_values"] == [128, 128, 1]  # the tiny profile's optimum
+        status, headers, svg = ui_request(f"{ui_server.url}/templates/{name}-1.svg")
+        assert (status, headers["content-type"]) == (200, "image/svg+xml") and svg.startswith(b"<svg")
     assert ui_json(ui_server.url + "/templates/index_logo.json") == (200, {})
+    assert ui_request(ui_server.url + "/templates/nope.json")[0] == 404
+    assert ui_request(ui_server.url + "/templates/nope-1.svg")[0] == 404
+
+
+@pytest.mark.parametrize("name", ["sdtrt-txt2img", "sdtrt-hires"])
+def test_template_links_match_their_slots(name):
+    workflow = template_workflow(name, "m", 64, 64)
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    seen = set()
+    for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
+        out, inp = nodes[src]["outputs"][src_slot], nodes[dst]["inputs"][dst_slot]
+        assert link_id in out["links"] and inp["link"] == link_id and out["type"] == inp["type"] == kind
+        seen.add(link_id)
+    declared = {i["link"] for n in nodes.values() for i in n["inputs"]}
+    declared |= {link for n in nodes.values() for o in n["outputs"] for link in o["links"]}
+    assert declared == seen and workflow["last_link_id"] == max(seen)
+    assert template_workflow("nope", "m", 64, 64) is None
 
 
 def test_settings_are_stored_per_server(ui_server):
