@@ -2,7 +2,8 @@
 chromium-driver, driven by Selenium): it loads with no failed request to the server and no severe console error,
 its node library holds every node of /object_info, and the classic default workflow (checkpoint -> two prompts ->
 empty latent -> KSampler -> VAE decode -> save) on the served model queues, runs and shows its image, which is the
-PNG the server wrote. SDTRT_SCREENSHOT=PATH saves a screenshot (1280x800) of the UI with that image."""
+PNG the server wrote. The workflow is opened the way a user does: from the templates browser a first visit opens,
+which lists sdtrt's templates. SDTRT_SCREENSHOT=PATH saves a screenshot (1280x800) of the UI with that image."""
 
 from __future__ import annotations
 
@@ -153,83 +154,66 @@ def test_node_library_lists_sdtrt_nodes(ui_page, ui_browser_server):
     assert CKPT in ckpt_names
 
 
-def ui_default_workflow(ckpt: str) -> dict:
-    """ComfyUI's classic default workflow in its UI format (nodes, slots, links), 64x64 and 3 steps."""
-
-    def node(id_, type_, pos, inputs, outputs, widgets):
-        ins = [{"name": n, "type": t, "link": link} for n, t, link in inputs]
-        outs = [{"name": n, "type": t, "links": links, "slot_index": i} for i, (n, t, links) in enumerate(outputs)]
-        return {"id": id_, "type": type_, "pos": pos, "size": [300, 120], "flags": {}, "order": id_, "mode": 0,
-                "inputs": ins, "outputs": outs, "properties": {}, "widgets_values": widgets}  # fmt: skip
-
-    nodes = [
-        node(4, "CheckpointLoaderSimple", [20, 200], [],
-             [("MODEL", "MODEL", [1]), ("CLIP", "CLIP", [3, 5]), ("VAE", "VAE", [8])], [ckpt]),
-        node(6, "CLIPTextEncode", [400, 80], [("clip", "CLIP", 3)], [("CONDITIONING", "CONDITIONING", [4])],
-             ["a red square on a blue background"]),
-        node(7, "CLIPTextEncode", [400, 300], [("clip", "CLIP", 5)], [("CONDITIONING", "CONDITIONING", [6])],
-             ["blurry"]),
-        node(5, "EmptyLatentImage", [400, 500], [], [("LATENT", "LATENT", [2])], [64, 64, 1]),
-        node(3, "KSampler", [800, 150],
-             [("model", "MODEL", 1), ("positive", "CONDITIONING", 4), ("negative", "CONDITIONING", 6),
-              ("latent_image", "LATENT", 2)],
-             [("LATENT", "LATENT", [7])], [42, "fixed", 3, 7.5, "euler", "normal", 1.0]),
-        node(8, "VAEDecode", [1150, 150], [("samples", "LATENT", 7), ("vae", "VAE", 8)], [("IMAGE", "IMAGE", [9])],
-             []),
-        node(9, "SaveImage", [1150, 300], [("images", "IMAGE", 9)], [], ["sdtrt-ui"]),
-    ]  # fmt: skip
-    links = [[1, 4, 0, 3, 0, "MODEL"], [2, 5, 0, 3, 3, "LATENT"], [3, 4, 1, 6, 0, "CLIP"],
-             [4, 6, 0, 3, 1, "CONDITIONING"], [5, 4, 1, 7, 0, "CLIP"], [6, 7, 0, 3, 2, "CONDITIONING"],
-             [7, 3, 0, 8, 0, "LATENT"], [8, 4, 2, 8, 1, "VAE"], [9, 8, 0, 9, 0, "IMAGE"]]  # fmt: skip
-    return {"last_node_id": 9, "last_link_id": 9, "nodes": nodes, "links": links, "groups": [], "config": {},
-            "extra": {}, "version": 0.4}  # fmt: skip
-
-
+# The output image as the page shows it: an <img> (Vue nodes, the queue panel) or the SaveImage node's image that
+# the canvas draws, loaded from /api/view; ["dom" | "node", its URL].
+SHOWN = """
+const dom = [...document.querySelectorAll('img')].find(i => i.src.includes('/api/view?') && i.complete
+                                                        && i.naturalWidth > 0);
+if (dom) return ['dom', dom.src];
+const node = app.graph._nodes.find(n => n.type === 'SaveImage');
+const img = node && node.imgs && node.imgs[0];
+return img && img.complete && img.naturalWidth > 0 && img.src.includes('/api/view?') ? ['node', img.src] : null;
+"""
+SIZE = """
+const [where, src] = arguments;
+const img = where === 'dom' ? [...document.querySelectorAll('img')].find(i => i.src === src)
+                            : app.graph._nodes.find(n => n.type === 'SaveImage').imgs[0];
+return [img.naturalWidth, img.naturalHeight];
+"""
+SET_WIDGETS = (
+    "for (const n of app.graph._nodes) for (const [name, value] of Object.entries(arguments[0][n.type] || {}))"
+    " n.widgets.find(w => w.name === name).value = value"
+)
 WIDGETS = "return Object.fromEntries(app.graph._nodes.map(n => [n.type, Object.fromEntries((n.widgets || []).map(w => [w.name, w.value]))]))"  # noqa: E501
 
 
-def test_default_workflow_queues_and_shows_its_image(ui_page, ui_browser_server):
+def test_default_workflow_from_the_templates_runs_and_shows_its_image(ui_page, ui_browser_server):
     driver = ui_page
-    driver.find_element("tag name", "body").send_keys("\ue00c")  # Escape: close the first-run templates dialog
-    driver.execute_script("return app.loadGraphData(arguments[0])", ui_default_workflow(CKPT))
+    # a first visit opens the templates browser, which lists sdtrt's workflows: open "Text to image" there
+    card = ui_wait(
+        driver,
+        "return [...document.querySelectorAll('[role=dialog] *')].find(e => e.children.length === 0"
+        " && e.textContent.trim() === 'Text to image') || null",
+        20,
+        "sdtrt's templates in the templates browser",
+    )
+    card.click()
+    ui_wait(driver, "return app.graph._nodes.some(n => n.type === 'KSampler')", 20, "the template's workflow")
     widgets = driver.execute_script(WIDGETS)
     assert widgets["CheckpointLoaderSimple"]["ckpt_name"] == CKPT
-    assert {k: widgets["KSampler"][k] for k in ("seed", "steps", "sampler_name", "scheduler")} == {
-        "seed": 42, "steps": 3, "sampler_name": "euler", "scheduler": "normal"
+    assert {k: widgets["KSampler"][k] for k in ("sampler_name", "scheduler", "denoise")} == {
+        "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0
     }  # fmt: skip
-    assert widgets["EmptyLatentImage"] == {"width": 64, "height": 64, "batch_size": 1}
+    driver.execute_script(SET_WIDGETS, {"KSampler": {"seed": 42, "control_after_generate": "fixed", "steps": 3},
+                                        "EmptyLatentImage": {"width": 64, "height": 64}})  # fmt: skip
+    widgets = driver.execute_script(WIDGETS)
+    assert (widgets["KSampler"]["steps"], widgets["EmptyLatentImage"]["width"]) == (3, 64)
     begin = time.monotonic()
     driver.execute_script("app.queuePrompt(0, 1)")
-    src = ui_wait(
-        driver,
-        "const img = [...document.querySelectorAll('img')].find(i => i.src.includes('/api/view?') && i.complete"
-        " && i.naturalWidth > 0); if (img) return img.src;"
-        "const out = app.nodeOutputs && Object.values(app.nodeOutputs).find(o => o.images && o.images.length);"
-        "return out ? 'nodeOutputs:' + JSON.stringify(out.images[0]) : null",
-        45,
-        "the output image",
-    )
+    where, src = ui_wait(driver, SHOWN, 45, "the output image shown")
     seconds = time.monotonic() - begin
-    if src.startswith("nodeOutputs:"):
-        pytest.fail(f"the image is in app.nodeOutputs but no <img> shows it: {src}")
     query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(src).query))
-    assert query["type"] == "output" and query["filename"].startswith("sdtrt-ui")
+    assert query["type"] == "output" and query["filename"].startswith("sdtrt")
     written = ui_browser_server.comfy_root / "output" / query.get("subfolder", "") / query["filename"]
     status, headers, png = ui_request(f"{ui_browser_server.url}/view?" + urllib.parse.urlencode(
         {"filename": query["filename"], "subfolder": query.get("subfolder", ""), "type": "output"}
     ))  # fmt: skip
     assert (status, headers["content-type"]) == (200, "image/png")
     assert png == written.read_bytes()
-    shown = driver.execute_script(
-        "const c = document.createElement('canvas'); const i = [...document.querySelectorAll('img')]"
-        ".find(i => i.src === arguments[0]); c.width = i.naturalWidth; c.height = i.naturalHeight;"
-        "c.getContext('2d').drawImage(i, 0, 0); return [c.width, c.height]",
-        src,
-    )
-    assert shown == [64, 64]
+    assert driver.execute_script(SIZE, where, src) == [64, 64]
     time.sleep(0.5)  # let the canvas draw the image before the screenshot
     target = os.environ.get("SDTRT_SCREENSHOT")
     if target:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         Path(target).write_bytes(base64.b64decode(driver.get_screenshot_as_base64()))
-    print(f"queued -> image shown in {seconds:.1f} s")
+    print(f"queued -> image shown ({where}) in {seconds:.1f} s")
