@@ -41,14 +41,30 @@ def ui_missing() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def ui_browser_server(tiny_fp32, tmp_path_factory):
-    """`sdtrt serve` on the tiny model, its ComfyUI folders in a fresh folder (``comfy_root``)."""
+def ui_run(request) -> dict:
+    """The model served and what the workflow changes of its template: the tiny model, 64x64, 3 steps; or, for the
+    README's screenshot, SDTRT_UI_MODEL (e.g. `sdtrt export shapes`) at its template's size, 20 steps, cfg 2 and
+    SDTRT_UI_PROMPT."""
+    folder = os.environ.get("SDTRT_UI_MODEL")
+    if folder:
+        prompt = os.environ.get("SDTRT_UI_PROMPT", "a red circle on a blue background")
+        return {"folder": Path(folder), "ckpt": None, "size": None, "widgets": {
+            "KSampler": {"seed": 1, "control_after_generate": "fixed", "steps": 20, "cfg": 2.0},
+            "prompt": prompt}}  # fmt: skip
+    return {"folder": request.getfixturevalue("tiny_fp32"), "ckpt": CKPT, "size": 64, "widgets": {
+        "KSampler": {"seed": 42, "control_after_generate": "fixed", "steps": 3},
+        "EmptyLatentImage": {"width": 64, "height": 64}}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ui_browser_server(ui_run, tmp_path_factory):
+    """`sdtrt serve` on ``ui_run``'s model, its ComfyUI folders in a fresh folder (``comfy_root``)."""
     reason = ui_missing()
     if reason:
         pytest.skip(reason)
     root = tmp_path_factory.mktemp("ui-browser")
     with ui_cwd(root):  # the server's ComfyUI folder defaults to ./sdtrt-comfy
-        server = Server(tiny_fp32)
+        server = Server(ui_run["folder"])
     server.comfy_root = root / "sdtrt-comfy"
     if ui_request(server.url + "/object_info")[0] != 200:
         server.stop()
@@ -136,7 +152,7 @@ def test_frontend_loads_without_failed_requests(ui_page, ui_browser_server):
     assert severe == []
 
 
-def test_node_library_lists_sdtrt_nodes(ui_page, ui_browser_server):
+def test_node_library_lists_sdtrt_nodes(ui_page, ui_browser_server, ui_run):
     status, _, body = ui_request(ui_browser_server.url + "/object_info")
     served = json.loads(body)
     assert {"CheckpointLoaderSimple", "KSampler", "VAEDecode", "SaveImage"} <= set(served)
@@ -147,11 +163,9 @@ def test_node_library_lists_sdtrt_nodes(ui_page, ui_browser_server):
     )
     for name, info in served.items():
         assert categories[name] == info["category"], name
-    ckpt_names = ui_page.execute_script(
-        "const n = LiteGraph.createNode('CheckpointLoaderSimple');"
-        "return n.widgets.find(w => w.name === 'ckpt_name').options.values"
-    )
-    assert CKPT in ckpt_names
+    ckpt_names = ui_page.execute_script(CKPT_NAMES)
+    assert ckpt_names == served["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert ckpt_names and (ui_run["ckpt"] is None or ui_run["ckpt"] in ckpt_names)
 
 
 # The output image as the page shows it: an <img> (Vue nodes, the queue panel) or the SaveImage node's image that
@@ -174,10 +188,13 @@ SET_WIDGETS = (
     "for (const n of app.graph._nodes) for (const [name, value] of Object.entries(arguments[0][n.type] || {}))"
     " n.widgets.find(w => w.name === name).value = value"
 )
+CKPT_NAMES = (
+    "return LiteGraph.createNode('CheckpointLoaderSimple').widgets.find(w => w.name === 'ckpt_name').options.values"
+)
 WIDGETS = "return Object.fromEntries(app.graph._nodes.map(n => [n.type, Object.fromEntries((n.widgets || []).map(w => [w.name, w.value]))]))"  # noqa: E501
 
 
-def test_default_workflow_from_the_templates_runs_and_shows_its_image(ui_page, ui_browser_server):
+def test_default_workflow_from_the_templates_runs_and_shows_its_image(ui_page, ui_browser_server, ui_run):
     driver = ui_page
     # a first visit opens the templates browser, which lists sdtrt's workflows: open "Text to image" there
     card = ui_wait(
@@ -190,14 +207,22 @@ def test_default_workflow_from_the_templates_runs_and_shows_its_image(ui_page, u
     card.click()
     ui_wait(driver, "return app.graph._nodes.some(n => n.type === 'KSampler')", 20, "the template's workflow")
     widgets = driver.execute_script(WIDGETS)
-    assert widgets["CheckpointLoaderSimple"]["ckpt_name"] == CKPT
+    ckpt = ui_run["ckpt"] or ui_page.execute_script(CKPT_NAMES)[0]  # the tiny model, or the one served first
+    assert widgets["CheckpointLoaderSimple"]["ckpt_name"] == ckpt
     assert {k: widgets["KSampler"][k] for k in ("sampler_name", "scheduler", "denoise")} == {
         "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0
     }  # fmt: skip
-    driver.execute_script(SET_WIDGETS, {"KSampler": {"seed": 42, "control_after_generate": "fixed", "steps": 3},
-                                        "EmptyLatentImage": {"width": 64, "height": 64}})  # fmt: skip
+    changes = {k: v for k, v in ui_run["widgets"].items() if k != "prompt"}
+    driver.execute_script(SET_WIDGETS, changes)
+    if "prompt" in ui_run["widgets"]:  # the positive prompt: the first CLIPTextEncode
+        driver.execute_script(
+            "app.graph._nodes.find(n => n.type === 'CLIPTextEncode').widgets[0].value = arguments[0]",
+            ui_run["widgets"]["prompt"],
+        )
     widgets = driver.execute_script(WIDGETS)
-    assert (widgets["KSampler"]["steps"], widgets["EmptyLatentImage"]["width"]) == (3, 64)
+    for node, values in changes.items():
+        assert {k: widgets[node][k] for k in values} == values
+    size = ui_run["size"] or widgets["EmptyLatentImage"]["width"]
     begin = time.monotonic()
     driver.execute_script("app.queuePrompt(0, 1)")
     where, src = ui_wait(driver, SHOWN, 45, "the output image shown")
@@ -210,10 +235,17 @@ def test_default_workflow_from_the_templates_runs_and_shows_its_image(ui_page, u
     ))  # fmt: skip
     assert (status, headers["content-type"]) == (200, "image/png")
     assert png == written.read_bytes()
-    assert driver.execute_script(SIZE, where, src) == [64, 64]
-    time.sleep(0.5)  # let the canvas draw the image before the screenshot
+    assert driver.execute_script(SIZE, where, src) == [size, size]
+    status, _, body = ui_request(ui_browser_server.url + "/api/jobs?status=completed")  # the queue panel's source
+    (job,) = json.loads(body)["jobs"]
+    assert job["preview_output"]["filename"] == query["filename"] and job["outputs_count"] == 1
     target = os.environ.get("SDTRT_SCREENSHOT")
-    if target:
+    if target:  # the whole workflow and its image in view at 80 %, the minimap away
+        driver.execute_script(
+            "app.extensionManager.setting.set('Comfy.Minimap.Visible', false);"
+            "app.canvas.ds.scale = 0.8; app.canvas.ds.offset = [70, 100]; app.graph.setDirtyCanvas(true, true)"
+        )
+        time.sleep(1.0)
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         Path(target).write_bytes(base64.b64decode(driver.get_screenshot_as_base64()))
     print(f"queued -> image shown ({where}) in {seconds:.1f} s")
