@@ -65,17 +65,17 @@ def literal_value(kind: Any, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"expected true or false, got {type(value).__name__}")
         return value
+    if kind not in ("INT", "FLOAT"):
+        raise ValueError(f"{kind} inputs take a link [node_id, output_index], not a value")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"expected a number, got {type(value).__name__}")
     if kind == "INT":
         if isinstance(value, float) and not value.is_integer():
             raise ValueError(f"expected an integer, got {value!r}")
         return int(value)
-    if kind == "FLOAT":
-        if not math.isfinite(value):
-            raise ValueError(f"expected a finite number, got {value!r}")
-        return float(value)
-    raise ValueError(f"{kind} inputs take a link [node_id, output_index], not a value")
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return float(value)
 
 
 def check_prompt_shape(prompt: Any, library: Any, max_nodes: int) -> None:
