@@ -33,6 +33,7 @@ from sdtrt.runtime.schedulers.ksampling import (
     denoised_coefficients,
     draw_step_noise,
     make_k_schedule,
+    next_seed,
     sampler_module,
 )
 from sdtrt.runtime.schedulers.sigmas import SIGMA_SCHEDULES, ModelSampling, advanced_sigmas, ksampler_sigmas
@@ -284,7 +285,7 @@ class ComfyStages:
         inpaint = buffers.x0_inpaint
         assert inpaint is not None
         if sampler == "ddim":  # ComfyUI's ddim blends fresh noise of seed + 1 (inpaint_options "random")
-            noise = torch.randn(tuple(noise.shape), generator=torch.Generator().manual_seed(seed + 1))
+            noise = torch.randn(tuple(noise.shape), generator=torch.Generator().manual_seed(next_seed(seed)))
         inpaint.mask.copy_(mask.to(self.device))
         inpaint.clean.copy_(clean.to(self.device))
         inpaint.noise.copy_(noise.to(self.device))

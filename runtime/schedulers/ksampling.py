@@ -113,13 +113,19 @@ def draw_step_noise(sampler: str, sigmas: np.ndarray, shape: tuple[int, ...], se
     ComfyUI's default noise sampler draws it on the CPU; None for a deterministic one."""
     if not stochastic(sampler):
         return None
-    generator = torch.Generator().manual_seed(seed + 1)
+    generator = torch.Generator().manual_seed(next_seed(seed))
     steps = len(sigmas) - 1
     noise = torch.zeros((steps, *shape))
     for i in range(steps):
         if sigmas[i + 1] > 0:
             noise[i] = torch.randn(shape, generator=generator)
     return noise
+
+
+def next_seed(seed: int) -> int:
+    """``seed + 1``, the seed ComfyUI's CPU noise sampler uses; the largest seed wraps to 0 (where ComfyUI's own
+    ``manual_seed(2**64)`` fails)."""
+    return (seed + 1) % 2**64
 
 
 def make_k_schedule(
@@ -165,6 +171,7 @@ __all__ = [
     "denoised_coefficients",
     "draw_step_noise",
     "make_k_schedule",
+    "next_seed",
     "sampler_module",
     "stochastic",
 ]
