@@ -14,11 +14,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-if TYPE_CHECKING:
-    from .folders import ComfyFolders
-    from .nodes import NodeLibrary
+from .folders import ComfyFolders
 
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
@@ -36,7 +34,7 @@ class NodeRun:
     pipeline: Callable[[Any], Any]  # Checkpoint -> open Pipeline
     cancel: threading.Event
     folders: ComfyFolders
-    library: NodeLibrary | None = None
+    library: Any = None  # the NodeLibrary running this node
     progress: Callable[[int, int, Any], None] = lambda value, maximum, preview: None
     previews: bool = False
     prompt: dict[str, Any] = field(default_factory=dict)
@@ -59,18 +57,18 @@ class Node:
     FRONTEND_INPUTS: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     @classmethod
-    def input_types(cls, library: NodeLibrary) -> dict[str, dict[str, tuple]]:
+    def input_types(cls, library: Any) -> dict[str, dict[str, tuple]]:
         """ComfyUI's INPUT_TYPES: {"required": {name: (type, options)}, "optional": ..., "hidden": ...}."""
         raise NotImplementedError
 
     @classmethod
-    def check(cls, library: NodeLibrary, inputs: dict[str, Any]) -> list[tuple[str, str]]:
+    def check(cls, library: Any, inputs: dict[str, Any]) -> list[tuple[str, str]]:
         """(input name, message) for each literal input value this node refuses beyond its declared type/range.
         Only literal inputs are in ``inputs`` (linked ones are not known before running)."""
         return []
 
     @classmethod
-    def changed(cls, library: NodeLibrary, inputs: dict[str, Any]) -> Any:
+    def changed(cls, library: Any, inputs: dict[str, Any]) -> Any:
         """What makes this node's cached output stale besides its inputs (a file's digest); None: nothing."""
         return None
 
@@ -78,7 +76,7 @@ class Node:
         raise NotImplementedError
 
     @classmethod
-    def info(cls, library: NodeLibrary) -> dict[str, Any]:
+    def info(cls, library: Any) -> dict[str, Any]:
         """This node in ComfyUI's ``/object_info`` schema (server.py node_info)."""
         inputs = cls.input_types(library)
         info: dict[str, Any] = {

@@ -23,7 +23,8 @@ from sdtrt.serve.loras import LoraLibrary
 from sdtrt.serve.models import Checkpoints
 
 from ..test_lora_names import make_lora
-from .test_graph import Recorder, default_graph, graph_context, graph_pool  # noqa: F401 (graph_pool: a fixture)
+from .test_graph import Recorder, default_graph, graph_context
+from .test_graph import graph_pool as graph_pool  # a fixture, shared
 
 POSITIVE = "beautiful scenery nature glass bottle landscape"
 NEGATIVE = "text, watermark"
@@ -44,7 +45,9 @@ def graph_nodes(tiny_fp32, graph_lora_dir, tmp_path_factory) -> NodeLibrary:
 
 def run_graph(library: NodeLibrary, pool, prompt: dict, **context) -> dict:
     """Validate and run ``prompt`` with a fresh cache; the ui outputs."""
-    return GraphExecutor(library).execute(prompt, validate_prompt(prompt, library), graph_context(pool, **context), Recorder())
+    return GraphExecutor(library).execute(
+        prompt, validate_prompt(prompt, library), graph_context(pool, **context), Recorder()
+    )
 
 
 def saved(library: NodeLibrary, ui: dict, node: str = "9") -> np.ndarray:
@@ -65,7 +68,9 @@ def reference(pipe, latent, *, seed=5, steps=3, cfg=8.0, denoise=1.0, sampler="e
     positive, negative = (pipe.encode_conditioning(t, clip_skip=clip_skip) for t in (POSITIVE, NEGATIVE))
     pipe.set_loras(list(loras))
     sigmas = pipe.ksampler_sigmas(scheduler, steps, denoise)
-    return pipe.sample_latents(latent, positive, negative, sampler=sampler, sigmas=sigmas, cfg=cfg, seed=seed, noise_mask=mask)
+    return pipe.sample_latents(
+        latent, positive, negative, sampler=sampler, sigmas=sigmas, cfg=cfg, seed=seed, noise_mask=mask
+    )
 
 
 @pytest.fixture
@@ -110,7 +115,10 @@ def test_img2img_and_a_mask_from_the_alpha_channel(graph, graph_nodes, graph_poo
 
 
 def test_a_two_sampler_hires_graph(graph, graph_nodes, graph_pool, pipe):
-    graph["10"] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0], "upscale_method": "nearest-exact", "scale_by": 1.5}}
+    graph["10"] = {
+        "class_type": "LatentUpscaleBy",
+        "inputs": {"samples": ["3", 0], "upscale_method": "nearest-exact", "scale_by": 1.5},
+    }
     graph["11"] = {
         "class_type": "KSampler",
         "inputs": {**graph["3"]["inputs"], "seed": 7, "denoise": 0.5, "latent_image": ["10", 0]},
@@ -140,7 +148,9 @@ def test_ksampler_advanced_split_in_two_equals_one_ksampler(graph, graph_nodes, 
     }  # fmt: skip
     graph["8"]["inputs"]["samples"] = ["12", 0]
     split = saved(graph_nodes, run_graph(graph_nodes, graph_pool, graph))
-    assert np.abs(split.astype(int) - whole.astype(int)).max() <= 1  # the same steps; the latents are rescaled once more
+    assert (
+        np.abs(split.astype(int) - whole.astype(int)).max() <= 1
+    )  # the same steps; the latents are rescaled once more
 
 
 def lora_graph(graph: dict, node: dict) -> dict:
@@ -151,7 +161,9 @@ def lora_graph(graph: dict, node: dict) -> dict:
     return graph
 
 
-def test_loras_change_the_image_as_the_stage_functions_with_that_lora(graph, graph_nodes, graph_pool, pipe, graph_lora_dir):
+def test_loras_change_the_image_as_the_stage_functions_with_that_lora(
+    graph, graph_nodes, graph_pool, pipe, graph_lora_dir
+):
     path = str((graph_lora_dir / "style.safetensors").resolve())
     base = saved(graph_nodes, run_graph(graph_nodes, graph_pool, graph))
     cases = [
@@ -165,13 +177,23 @@ def test_loras_change_the_image_as_the_stage_functions_with_that_lora(graph, gra
         inputs = {"model": ["4", 0], "lora_name": "style.safetensors", **strengths}
         if kind == "LoraLoader":
             inputs["clip"] = ["4", 1]
-        prompt = lora_graph(default_graph(graph_nodes.checkpoints.items[0].name), {"class_type": kind, "inputs": inputs})
+        prompt = lora_graph(
+            default_graph(graph_nodes.checkpoints.items[0].name), {"class_type": kind, "inputs": inputs}
+        )
         got = saved(graph_nodes, run_graph(graph_nodes, graph_pool, prompt))
-        np.testing.assert_array_equal(got, pixels(pipe.decode_images(reference(pipe, torch.zeros(1, 4, 8, 8), **settings))))
+        np.testing.assert_array_equal(
+            got, pixels(pipe.decode_images(reference(pipe, torch.zeros(1, 4, 8, 8), **settings)))
+        )
         assert not np.array_equal(got, base)
         images.append(got)
     assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
-    zero = {"model": ["4", 0], "clip": ["4", 1], "lora_name": "style.safetensors", "strength_model": 0, "strength_clip": 0}
+    zero = {
+        "model": ["4", 0],
+        "clip": ["4", 1],
+        "lora_name": "style.safetensors",
+        "strength_model": 0,
+        "strength_clip": 0,
+    }
     prompt = lora_graph(graph, {"class_type": "LoraLoader", "inputs": zero})
     np.testing.assert_array_equal(saved(graph_nodes, run_graph(graph_nodes, graph_pool, prompt)), base)
 
@@ -184,7 +206,9 @@ def test_clip_set_last_layer(graph, graph_nodes, graph_pool, pipe):
     graph["10"]["inputs"]["stop_at_clip_layer"] = -2
     got = saved(graph_nodes, run_graph(graph_nodes, graph_pool, graph))
     assert not np.array_equal(got, base)
-    np.testing.assert_array_equal(got, pixels(pipe.decode_images(reference(pipe, torch.zeros(1, 4, 8, 8), clip_skip=2))))
+    np.testing.assert_array_equal(
+        got, pixels(pipe.decode_images(reference(pipe, torch.zeros(1, 4, 8, 8), clip_skip=2)))
+    )
 
 
 def test_save_image_names_files_as_comfyui(graph, graph_nodes, graph_pool):
@@ -260,7 +284,12 @@ def test_object_info_describes_every_node_in_comfyuis_schema(graph_nodes):
     for name, node in info.items():
         assert set(node) - {"output_tooltips"} == OBJECT_INFO_KEYS, name
         display, category, outputs = COMFY_NODES[name]
-        assert (node["name"], node["display_name"], node["category"], node["output"]) == (name, display, category, outputs)
+        assert (node["name"], node["display_name"], node["category"], node["output"]) == (
+            name,
+            display,
+            category,
+            outputs,
+        )
         assert node["python_module"] == "nodes" and isinstance(node["description"], str)
         assert node["output_is_list"] == [False] * len(outputs) and len(node["output_name"]) == len(outputs)
         assert node["output_node"] is (name in ("SaveImage", "PreviewImage"))
@@ -276,8 +305,8 @@ def test_object_info_describes_every_node_in_comfyuis_schema(graph_nodes):
     assert required["KSampler"]["sampler_name"][0] == list(SIGMA_SAMPLERS)
     assert required["KSampler"]["scheduler"][0] == list(SIGMA_SCHEDULES)
     assert required["LoraLoader"]["lora_name"][0] == ["style.safetensors"]
-    assert required["KSampler"]["seed"] == ["INT", {"default": 0, "min": 0, "max": 2**64 - 1, "control_after_generate": True,
-                                                    "tooltip": "The random seed used for creating the noise."}]  # fmt: skip
+    seed = {"default": 0, "min": 0, "max": 2**64 - 1, "control_after_generate": True}
+    assert required["KSampler"]["seed"] == ["INT", {**seed, "tooltip": "The random seed used for creating the noise."}]
     assert required["EmptyLatentImage"]["width"][1] | {"tooltip": ""} == {
         "default": 512, "min": 16, "max": 16384, "step": 8, "tooltip": ""}  # fmt: skip
     assert info["SaveImage"]["input"]["hidden"] == {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
