@@ -70,6 +70,23 @@ from sdtrt.serve.limits import Limits
     help="When ARTIFACTS is a folder of artifact folders (one model each): models kept open at once, the least "
     "recently used closed first. With --ray: per replica.",
 )
+@click.option(
+    "--comfy-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="ComfyUI's input/output/temp folders (uploads, SaveImage, PreviewImage), created at start "
+    "[default: ./sdtrt-comfy].",
+)
+@click.option(
+    "--comfy-history",
+    type=click.IntRange(min=1),
+    help="ComfyUI prompts kept in /history, the oldest dropped [default: 200].",
+)
+@click.option(
+    "--comfy-preview-method",
+    type=click.Choice(["none", "auto", "latent2rgb", "taesd"]),
+    help="Latent previews (binary websocket frames) for ComfyUI prompts whose extra_data has no preview_method "
+    "(taesd: latent2rgb, sdtrt has no TAESD) [default: none].",
+)
 @click.option("--ray", "use_ray", is_flag=True, help="Serve as a Ray Serve application (replicas, autoscaling).")
 @click.option("--ray-address", help="Ray cluster to join (e.g. auto); default: start a local Ray.")
 @click.option("--replicas", type=click.IntRange(min=1), help="Ray: a fixed number of replicas.")
@@ -97,6 +114,9 @@ def serve_cmd(
     max_images: int,
     lora_dir: Path | None,
     max_loaded: int,
+    comfy_dir: Path | None,
+    comfy_history: int | None,
+    comfy_preview_method: str | None,
     use_ray: bool,
     ray_address: str | None,
     replicas: int | None,
@@ -111,6 +131,9 @@ def serve_cmd(
     /sdapi/v1/sd-models and chosen with sd_model_checkpoint, in POST /sdapi/v1/options or a request's
     override_settings).
 
+    The same port speaks ComfyUI's API too (/prompt, /ws, /history, /view, /upload/image, /object_info, each also
+    under /api/): API-format workflows run on the same queue and pipeline thread (not with --ray).
+
     SIGTERM stops accepting connections, answers every request already accepted, then exits 0. With --ray, the
     same API runs as a Ray Serve application: one pipeline per replica, requests batched with @serve.batch.
     --cache-interval N > 1 needs an artifact exported with the shallow UNet (--step-cache); a request chooses its
@@ -121,9 +144,14 @@ def serve_cmd(
     limits = Limits(max_body_mb=max_body_mb, max_prompt_chars=max_prompt_chars, max_images=max_images)
 
     def ready(url: str) -> None:
-        click.echo(f"serving {artifacts} on {url} (A1111 API at {url}/sdapi/v1)")
+        comfy_api = "" if use_ray else f", ComfyUI API at {url}/prompt"
+        click.echo(f"serving {artifacts} on {url} (A1111 API at {url}/sdapi/v1{comfy_api})")
 
+    comfy = {"comfy_dir": comfy_dir, "comfy_history": comfy_history, "comfy_preview_method": comfy_preview_method}
     if use_ray:
+        given = [f"--{k.replace('_', '-')}" for k, v in comfy.items() if v is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: ComfyUI's API is served by the plain server only (not --ray)")
         from sdtrt.serve.ray_app import RayConfig, run
 
         config_ray = RayConfig(
@@ -148,5 +176,6 @@ def serve_cmd(
 
     config = ServeConfig(artifacts, host, port, backend, device, queue_size, timeout, cache_interval=cache_interval,
                          cache_schedule=cache_schedule, limits=limits, clip_skip=clip_skip,
-                         lora_dir=lora_dir, max_loaded=max_loaded)  # fmt: skip
+                         lora_dir=lora_dir, max_loaded=max_loaded,
+                         **{k: v for k, v in comfy.items() if v is not None})  # fmt: skip
     serve(config, on_ready=ready)
