@@ -210,7 +210,7 @@ def test_default_workflow_matches_generate(proto_server, tiny_fp32, tmp_path):
     got = _pixels(proto_server, queue_prompt(proto_server.url, graph)["prompt_id"])
     positive, negative = graph["6"]["inputs"]["text"], graph["7"]["inputs"]["text"]
     args = ["generate", str(tiny_fp32), positive, "--scheduler", "euler", "--sigma-schedule", "normal", "--seed", "61",
-            "--steps", "4", "--cfg", "7.0", "-W", "64", "-H", "64", "--negative-prompt", negative,
+            "--steps", "4", "--cfg", "7.0", "--size", "64x64", "--negative", negative,
             "--out", str(tmp_path / "cli.png")]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
