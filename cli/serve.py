@@ -4,6 +4,7 @@ Ray Serve."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -114,9 +115,6 @@ def serve_cmd(
     max_images: int,
     lora_dir: Path | None,
     max_loaded: int,
-    comfy_dir: Path | None,
-    comfy_history: int | None,
-    comfy_preview_method: str | None,
     use_ray: bool,
     ray_address: str | None,
     replicas: int | None,
@@ -124,6 +122,7 @@ def serve_cmd(
     max_replicas: int,
     gpus_per_replica: float,
     cpus_per_replica: float,
+    **comfy: Any,
 ) -> None:
     """Serve the AUTOMATIC1111 HTTP API (/sdapi/v1/txt2img, img2img, ...) over the engines in ARTIFACTS.
 
@@ -131,8 +130,7 @@ def serve_cmd(
     /sdapi/v1/sd-models and chosen with sd_model_checkpoint, in POST /sdapi/v1/options or a request's
     override_settings).
 
-    The same port speaks ComfyUI's API too (/prompt, /ws, /history, /view, /upload/image, /object_info, each also
-    under /api/): API-format workflows run on the same queue and pipeline thread (not with --ray).
+    The same port speaks ComfyUI's API too (/prompt, /ws, /history, ..., also under /api/; not with --ray).
 
     SIGTERM stops accepting connections, answers every request already accepted, then exits 0. With --ray, the
     same API runs as a Ray Serve application: one pipeline per replica, requests batched with @serve.batch.
@@ -147,11 +145,8 @@ def serve_cmd(
         comfy_api = "" if use_ray else f", ComfyUI API at {url}/prompt"
         click.echo(f"serving {artifacts} on {url} (A1111 API at {url}/sdapi/v1{comfy_api})")
 
-    comfy = {"comfy_dir": comfy_dir, "comfy_history": comfy_history, "comfy_preview_method": comfy_preview_method}
+    comfy = comfy_given(comfy, use_ray)
     if use_ray:
-        given = [f"--{k.replace('_', '-')}" for k, v in comfy.items() if v is not None]
-        if given:
-            raise click.UsageError(f"{', '.join(given)}: ComfyUI's API is served by the plain server only (not --ray)")
         from sdtrt.serve.ray_app import RayConfig, run
 
         config_ray = RayConfig(
@@ -176,6 +171,14 @@ def serve_cmd(
 
     config = ServeConfig(artifacts, host, port, backend, device, queue_size, timeout, cache_interval=cache_interval,
                          cache_schedule=cache_schedule, limits=limits, clip_skip=clip_skip,
-                         lora_dir=lora_dir, max_loaded=max_loaded,
-                         **{k: v for k, v in comfy.items() if v is not None})  # fmt: skip
+                         lora_dir=lora_dir, max_loaded=max_loaded, **comfy)  # fmt: skip
     serve(config, on_ready=ready)
+
+
+def comfy_given(comfy: dict[str, Any], use_ray: bool) -> dict[str, Any]:
+    """The ``--comfy-*`` options given (the others keep ``ServeConfig``'s defaults); refused with ``--ray``."""
+    given = {name: value for name, value in comfy.items() if value is not None}
+    if given and use_ray:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise click.UsageError(f"{flags}: ComfyUI's API is served by the plain server only, not with --ray")
+    return given

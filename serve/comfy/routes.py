@@ -10,7 +10,6 @@ No annotations future-import here: FastAPI reads the handlers' annotations at ru
 """
 
 import math
-import mimetypes
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -19,14 +18,14 @@ from sdtrt.runtime.errors import ConfigError
 from sdtrt.serve.errors import Overloaded, RequestError
 from sdtrt.serve.limits import parse_json_body
 
-from .folders import ComfyFolders, UnsafePath
+from .folders import ComfyFolders
 from .info import MODEL_FOLDERS, folder_files, system_stats
 from .jobs import PREVIEW_METHODS, SECRET_KEYS, ComfyJobs, QueueItem
 from .messages import MAX_CLIENT_ID, Clients
 from .uploads import MAX_UPLOAD_MB, UploadError, parse_multipart, save_upload
+from .view import Refused, view_response
 
 PROMPT_FIELDS = ("prompt", "prompt_id", "client_id", "extra_data", "number", "front", "partial_execution_targets")
-VIEW_CHANNELS = ("rgba", "rgb", "a")
 
 
 @dataclass(frozen=True)
@@ -49,14 +48,6 @@ class ComfySettings:
         for name in ("max_nodes", "max_prompt_mb", "max_upload_mb"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-
-
-class Refused(ValueError):
-    """A request ComfyUI's protocol refuses (HTTP 400): ``kind`` is the error object's ``type``."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 def error_object(kind: str, message: str, details: str = "") -> dict[str, Any]:
@@ -172,6 +163,23 @@ def _add_queue_routes(app: Any, jobs: ComfyJobs, library: Any, settings: ComfySe
             jobs.delete(delete)
         return Response(status_code=200)
 
+    _add_history_routes(app, jobs)
+
+    async def websocket(ws: WebSocket) -> None:
+        client_id = ws.query_params.get("clientId") or None
+        if client_id is not None and len(client_id) > MAX_CLIENT_ID:
+            await ws.close(code=1008, reason=f"clientId is longer than {MAX_CLIENT_ID} characters")
+            return
+        await jobs.clients.serve(ws, client_id)
+
+    app.add_api_websocket_route("/ws", websocket)
+    app.add_api_websocket_route("/api/ws", websocket)
+
+
+def _add_history_routes(app: Any, jobs: ComfyJobs) -> None:
+    from fastapi import Request
+    from fastapi.responses import Response
+
     @_route(app, "/interrupt", ["POST"])
     async def post_interrupt(request: Request) -> Any:
         try:
@@ -208,16 +216,6 @@ def _add_queue_routes(app: Any, jobs: ComfyJobs, library: Any, settings: ComfySe
         if delete:
             jobs.delete_history(delete)
         return Response(status_code=200)
-
-    async def websocket(ws: WebSocket) -> None:
-        client_id = ws.query_params.get("clientId") or None
-        if client_id is not None and len(client_id) > MAX_CLIENT_ID:
-            await ws.close(code=1008, reason=f"clientId is longer than {MAX_CLIENT_ID} characters")
-            return
-        await jobs.clients.serve(ws, client_id)
-
-    app.add_api_websocket_route("/ws", websocket)
-    app.add_api_websocket_route("/api/ws", websocket)
 
 
 def check_prompt(payload: Any, jobs: ComfyJobs, library: Any, settings: ComfySettings) -> QueueItem:
@@ -343,61 +341,6 @@ def _add_file_routes(app: Any, settings: ComfySettings) -> None:
         except UploadError as exc:
             return _refusal(exc, "invalid_upload")
         return _json(answer)
-
-
-def view_response(query: dict[str, str], folders: ComfyFolders) -> Any:
-    """``GET /view``: the file (``filename``, ``subfolder``, ``type``: output by default; ComfyUI's ``name.png
-    [input]`` form too), as it is or as ComfyUI's ``channel`` (rgba, rgb, a) and ``preview`` (webp|jpeg;quality)."""
-    from fastapi.responses import FileResponse, Response
-
-    filename, kind = query.get("filename"), query.get("type", "output")
-    if not filename:
-        raise Refused("invalid_request", "filename is missing; /view takes filename, subfolder and type")
-    for annotated in ("output", "input", "temp"):
-        if filename.endswith(f" [{annotated}]"):
-            filename, kind = filename[: -len(annotated) - 3], annotated
-    channel = query.get("channel", "rgba")
-    if channel not in VIEW_CHANNELS:
-        raise Refused("invalid_request", f"channel must be one of {', '.join(VIEW_CHANNELS)}, got {channel!r}")
-    try:
-        path = folders.resolve(kind, filename, query.get("subfolder", ""))
-    except UnsafePath as exc:
-        raise Refused("invalid_path", str(exc)) from None
-    if not path.is_file():
-        raise Refused("not_found", f"no file {filename!r} in {kind}/{query.get('subfolder', '')}")
-    disposition = {"Content-Disposition": f'filename="{path.name}"'}
-    if "preview" not in query and channel == "rgba":
-        media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media, headers=disposition)
-    data, media = _converted(path, query.get("preview"), channel)
-    return Response(data, media_type=media, headers=disposition)
-
-
-def _converted(path: Any, preview: str | None, channel: str) -> tuple[bytes, str]:
-    import io
-
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except Exception as exc:
-        raise Refused("invalid_request", f"{path.name} is not an image ({type(exc).__name__})") from None
-    if channel == "a":
-        alpha = image.getchannel("A") if image.mode == "RGBA" else Image.new("L", image.size, 255)
-        image = Image.new("RGBA", image.size)
-        image.putalpha(alpha)
-    elif channel == "rgb":
-        image = image.convert("RGB")
-    buffer, kind, quality = io.BytesIO(), "png", 90
-    if preview is not None:
-        fmt, _, tail = preview.partition(";")
-        kind = fmt if fmt in ("webp", "jpeg") and channel != "a" else "webp"
-        quality = int(tail) if tail.isdigit() and 1 <= int(tail) <= 100 else 90
-        if kind == "jpeg":
-            image = image.convert("RGB")
-    image.save(buffer, format=kind.upper(), quality=quality)
-    return buffer.getvalue(), f"image/{kind}"
 
 
 def _add_info_routes(app: Any, worker: Any, library: Any) -> None:
