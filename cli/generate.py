@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from sdtrt.cli.comfy_generate import check_comfy_call
 from sdtrt.cli.control import control_options, read_controls
 from sdtrt.cli.options import (
     backend_options,
@@ -22,6 +23,7 @@ from sdtrt.cli.options import (
     parse_size,
     read_hires,
     read_inpaint,
+    sigma_schedule_option,
     writable_folder,
 )
 from sdtrt.cli.output import OutputTarget, output_target
@@ -87,6 +89,7 @@ if TYPE_CHECKING:
 )
 @hires_options
 @inpaint_options
+@sigma_schedule_option
 def generate_cmd(
     artifacts: Path,
     prompt: str,
@@ -116,6 +119,7 @@ def generate_cmd(
     cache_interval: int,
     cache_schedule: str,
     clip_skip: int,
+    sigma_schedule: str | None,
     **grouped: Any,
 ) -> None:
     """Generate images for PROMPT with the engines in ARTIFACTS.
@@ -123,6 +127,7 @@ def generate_cmd(
     SDXL-Turbo: --steps 1 --cfg 0 (its scheduler, Euler ancestral with trailing spacing, is the default).
     Hires fix (A1111's): --hires-scale or --hires-size adds a second, img2img pass at the larger size.
     Inpainting: --init-image IMG --mask MASK repaints the white part of MASK and keeps the rest of IMG.
+    ComfyUI: --sigma-schedule NAME samples as ComfyUI's KSampler (its default workflow's image, pixel for pixel).
     """
     from sdtrt.runtime.manifest import model_display_name
 
@@ -130,6 +135,17 @@ def generate_cmd(
     target = output_target(out)
     if preview_dir:
         writable_folder(preview_dir, "previews")
+    if sigma_schedule is not None:
+        hires = read_hires(**option_group(grouped, "hires_"))
+        unsupported = {"--control": controls, "--original-size": original_size, "--crop": crop, "--hires-*": hires}
+        unsupported |= {"--target-size": target_size, "--mask": grouped.get("inpaint_mask")}
+        given = {option: bool(value) for option, value in unsupported.items()}
+        comfy = {"sampler": scheduler, "schedule": sigma_schedule, "steps": steps, "cfg": guidance, "seed": seed}
+        comfy |= {"size": hw, "batch": num_images, "denoise": strength, "clip_skip": clip_skip}
+        comfy["image"] = read_init_image(init_image) if init_image else None
+        check_comfy_call(comfy, {**given, "--cache-interval": cache_interval != 1})
+        generate_comfy(artifacts, prompt, negative or "", comfy, (backend, device, loras), target, preview_dir)
+        return
     from sdtrt.runtime.request import resolve_seed
 
     call: dict[str, Any] = {
@@ -164,6 +180,44 @@ def generate_cmd(
 
     save_images(result, target, partial(infotext, prompt, negative or "", model_hash=model_hash, model_name=name))
     click.echo(timing_line(result, steps, backend))
+
+
+def generate_comfy(
+    artifacts: Path,
+    prompt: str,
+    negative: str,
+    call: dict[str, Any],
+    engines: tuple[str, str | None, tuple[str, ...]],
+    target: OutputTarget,
+    preview_dir: Path | None,
+) -> None:
+    """``--sigma-schedule``: ComfyUI's default workflow (``cli.comfy_generate``) with the checked ``call``."""
+    import time
+
+    from sdtrt.cli.comfy_generate import parameters_text, run_comfy
+    from sdtrt.cli.comfy_generate import save_images as save_comfy
+    from sdtrt.runtime.lora import LoraState, parse_lora_option, read_loras
+    from sdtrt.runtime.manifest import read_manifest
+    from sdtrt.runtime.request import image_size
+
+    start = time.perf_counter()
+    if call["image"] is None:  # the size against the artifact's profile, before the engines open
+        height, width = call["size"] or (None, None)
+        image_size(read_manifest(artifacts), height, width, call["batch"])
+    backend, device, loras = engines
+    lora_specs = [parse_lora_option(text) for text in loras]
+    read_loras(LoraState(), lora_specs)
+    with open_pipeline(artifacts, backend, device, lora_specs) as pipe:
+        with step_progress(call["steps"], preview_dir, pipe.manifest) as on_step:
+            scale = pipe.manifest.model.scaling_factor
+            images = run_comfy(pipe, prompt, negative, callback=lambda i, n, x: on_step(i, n, x * scale), **call)
+    size = f"{images.shape[2]}x{images.shape[1]}"
+    text = parameters_text(prompt, negative, call, size)
+    save_comfy(images, target, call["seed"], text)
+    seconds = time.perf_counter() - start
+    click.echo(
+        f"{size}, {call['steps']} steps, {call['sampler']} {call['schedule']} (ComfyUI), {backend}: {seconds:.2f} s"
+    )
 
 
 def option_group(options: dict[str, Any], prefix: str) -> dict[str, Any]:

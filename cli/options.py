@@ -93,6 +93,18 @@ def cache_options(command: F) -> F:
     )(command)
 
 
+def sigma_schedule_option(command: F) -> F:
+    """``--sigma-schedule NAME``: sample as ComfyUI's KSampler does, over that sigma schedule."""
+    return click.option(
+        "--sigma-schedule",
+        help="Sample as ComfyUI's KSampler does, with this scheduler: normal, karras, exponential, sgm_uniform, "
+        "simple, ddim_uniform, linear_quadratic or kl_optimal. --scheduler then names the sampler (euler -> euler, "
+        "euler_a -> euler_ancestral, dpmpp_2m, ddim, lcm; default euler), the seed is ComfyUI's (0 to 2**64-1, one "
+        "noise draw for the whole batch) and --strength is KSampler's denoise. Same settings, same image as "
+        "ComfyUI's default workflow.",
+    )(command)
+
+
 def clip_skip_option(help_text: str) -> Callable[[F], F]:
     """``--clip-skip N``: which text-encoder layer (from the end) conditions the images; ``help_text`` says where
     it applies."""

@@ -88,6 +88,29 @@ class InpaintBlend:
 
 
 @dataclass
+class X0Inpaint:
+    """ComfyUI's noise mask (its KSamplerX0Inpaint): where ``mask`` is 0 the model sees the init latents ``clean``
+    noised with ``noise`` to the step's sigma, and its denoised prediction there is replaced by ``clean``. The
+    model output is then rewritten as the output that gives this denoised prediction from the sampler's own
+    latents, so every sampler's step runs unchanged."""
+
+    mask: torch.Tensor  # [B, C, h, w] float32: 1 where the latents are denoised, 0 where they are kept
+    clean: torch.Tensor  # [B, C, h, w] float32: the init latents (scaled, as the UNet sees them)
+    noise: torch.Tensor  # [B, C, h, w] float32
+    levels: torch.Tensor  # [steps, 3] float32: sigma, and (a, b) of denoised = a * x + b * model_output
+
+    def model_input(self, latents: torch.Tensor, i: StepIndex) -> torch.Tensor:
+        sigma = at_step(self.levels, i)[0]
+        return latents * self.mask + (self.clean + self.noise * sigma) * (1.0 - self.mask)
+
+    def model_output(self, out: torch.Tensor, latents: torch.Tensor, x_in: torch.Tensor, i: StepIndex) -> torch.Tensor:
+        level = at_step(self.levels, i)
+        denoised = level[1] * x_in + level[2] * out
+        denoised = denoised * self.mask + self.clean * (1.0 - self.mask)
+        return (denoised - level[1] * latents) / level[2]
+
+
+@dataclass
 class StepBuffers:
     """Static tensors the step reads and writes; a captured graph holds their addresses."""
 
@@ -104,6 +127,7 @@ class StepBuffers:
     # inpainting UNet's extra input channels [rows, 1 + C, h, w] (mask, masked-image latents), float32
     blend: InpaintBlend | None = None
     condition: torch.Tensor | None = None
+    x0_inpaint: X0Inpaint | None = None  # ComfyUI's noise mask (``runtime.sampling``)
 
     @classmethod
     def allocate(
@@ -200,7 +224,8 @@ def denoise_step(
     them instead of the full one.
     """
     latents, i = buffers.latents, buffers.index
-    model_in = latents * at_step(schedule.input_scale, i)
+    x_in = latents if buffers.x0_inpaint is None else buffers.x0_inpaint.model_input(latents, i)
+    model_in = x_in * at_step(schedule.input_scale, i)
     if guided:
         model_in = torch.cat([model_in, model_in])
     sample_dtype = buffers.text.dtype
@@ -225,6 +250,8 @@ def denoise_step(
     if guided:
         uncond, cond = out.chunk(2)
         out = uncond + buffers.guidance * (cond - uncond)
+    if buffers.x0_inpaint is not None:
+        out = buffers.x0_inpaint.model_output(out, latents, x_in, i)
     new, state = scheduler.step(schedule, i, out, latents, buffers.state)
     if buffers.blend is not None:
         new = buffers.blend.apply(new, i)

@@ -36,6 +36,7 @@ from sdtrt.runtime.manifest import Manifest, read_manifest, resolve_file
 from sdtrt.runtime.progress import Cancel
 from sdtrt.runtime.prompts import PromptTokenizer
 from sdtrt.runtime.request import LoraSetting, Request, Settings, make_request
+from sdtrt.runtime.sampling import ComfyStages
 from sdtrt.runtime.schedulers import SchedulerConfig, add_noise, default_sampler, get_scheduler
 from sdtrt.runtime.specs import COMPONENTS, required_components
 from sdtrt.runtime.text_encode import encode_prompts
@@ -64,8 +65,8 @@ def _default_device(backend: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and backend != "onnxruntime" else "cpu")
 
 
-class Pipeline:
-    """Text-to-image and image-to-image over the engines of one artifact folder."""
+class Pipeline(ComfyStages):
+    """Text-to-image and image-to-image over one artifact folder's engines; ComfyUI's stages: ``ComfyStages``."""
 
     def __init__(
         self,

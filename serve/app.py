@@ -17,7 +17,6 @@ from sdtrt.runtime.schedulers import A1111_LABELS
 
 from .a1111 import SAMPLER_ALIASES, parse_request, response_body
 from .a1111_info import ServerOptions, add_info_routes, server_options
-from .comfy.frontend import add_frontend_routes
 from .controlnet import resolve_units
 from .controlnet_api import add_controlnet_routes
 from .errors import RequestError, ServeError, error_body
@@ -67,12 +66,15 @@ def create_app(
     cmd_flags: dict[str, Any] | None = None,
     limits: Limits | None = None,
     loras: LoraLibrary | None = None,
+    comfy: Any = None,
 ) -> Any:
     """A FastAPI app over ``service`` (see ``service.Service``), serving the models ``checkpoints`` lists (see
     ``models``); its lifespan starts and stops the service.
     ``cmd_flags``: the server's settings as ``/sdapi/v1/cmd-flags`` reports them (``a1111_info.cmd_flags``).
     ``limits`` bound each request (``limits.Limits``; default: its defaults), which is also logged in one line.
     ``loras``: the LoRAs ``<lora:NAME:WEIGHT>`` prompt tags name (``loras.LoraLibrary``; default: none).
+    ``comfy``: ComfyUI's protocol too (``comfy.routes.ComfySettings``; ``service`` must then be a ``LocalWorker``,
+    which runs its prompts); default: not served.
     """
     require("fastapi", "the HTTP server (sdtrt serve)", "serve")
     from fastapi import FastAPI
@@ -102,8 +104,23 @@ def create_app(
     add_info_routes(app, service, cmd_flags)
     add_progress_routes(app, service)
     add_lora_routes(app, app.state.loras)
-    add_frontend_routes(app, getattr(app.state, "comfy_folders", None))  # last: its static mount at / takes all
+    if comfy is not None and _has_graph():
+        from .comfy.frontend import add_frontend_routes
+        from .comfy.routes import add_comfy_routes
+
+        add_comfy_routes(app, service, comfy)
+        add_frontend_routes(app, comfy.folders)  # last: its static mount at / takes every path not routed above
     return app
+
+
+def _has_graph() -> bool:
+    """Whether this install has ComfyUI's graph interpreter (``comfy.graph``); without it, no ComfyUI routes."""
+    import importlib.util
+
+    if importlib.util.find_spec("sdtrt.serve.comfy.graph") is None:
+        log.warning("ComfyUI's API is not served: this sdtrt has no graph interpreter (sdtrt.serve.comfy.graph)")
+        return False
+    return True
 
 
 def _add_generation_routes(app: Any, service: Service, counters: Metrics) -> None:

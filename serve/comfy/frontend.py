@@ -76,12 +76,11 @@ def server_features(max_upload_bytes: int) -> dict[str, Any]:
 
 
 def add_frontend_routes(
-    app: Any, folders: ComfyFolders | None, static: Path | None = None, jobs: Any = None, max_upload_bytes: int = 0
+    app: Any, folders: ComfyFolders, static: Path | None = None, jobs: Any = None, max_upload_bytes: int = 0
 ) -> None:
     """The frontend's start-up endpoints (each also under ``/api``) and its static files at ``/`` on ``app``.
 
-    ``folders``: the user's settings and files live in ``folders.root/user/default`` (created here; None:
-    ``./sdtrt-comfy``, ``sdtrt serve``'s default).
+    ``folders``: the user's settings and files live in ``folders.root/user/default`` (created here).
     ``static``: the frontend's files (default: the installed ``comfyui-frontend-package``; without it ``/``
     answers 404 saying how to install it).
     ``jobs``: the protocol's queue (``routes.add_comfy_routes``' ``ComfyJobs``; default ``app.state.comfy_jobs``),
@@ -89,7 +88,7 @@ def add_frontend_routes(
     ``max_upload_bytes``: the upload bound ``/features`` reports (default: the protocol's, ``comfy_settings``).
     Call it after every other route is added.
     """
-    users = UserData((folders or ComfyFolders(Path("sdtrt-comfy"))).root).create()
+    users = UserData(folders.root).create()
     static = static or frontend_folder()
     jobs = jobs if jobs is not None else getattr(app.state, "comfy_jobs", None)
     if not max_upload_bytes:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ..test_server import Server
-from .test_frontend import ui_cwd, ui_request
+from .test_frontend import ui_request
 
 pytestmark = pytest.mark.browser
 
@@ -62,13 +62,9 @@ def ui_browser_server(ui_run, tmp_path_factory):
     reason = ui_missing()
     if reason:
         pytest.skip(reason)
-    root = tmp_path_factory.mktemp("ui-browser")
-    with ui_cwd(root):  # the server's ComfyUI folder defaults to ./sdtrt-comfy
-        server = Server(ui_run["folder"])
-    server.comfy_root = root / "sdtrt-comfy"
-    if ui_request(server.url + "/object_info")[0] != 200:
-        server.stop()
-        pytest.skip("this server has no ComfyUI protocol routes (/object_info) yet")
+    root = tmp_path_factory.mktemp("ui-browser") / "comfy"
+    server = Server(ui_run["folder"], "--comfy-dir", str(root))
+    server.comfy_root = root
     yield server
     assert server.stop() == 0
 

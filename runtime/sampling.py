@@ -1,0 +1,356 @@
+"""The pipeline's stages as ComfyUI's nodes use them: conditioning, KSampler sigmas, sampling given latents, VAE.
+
+Latents here are unscaled (VAE space, ComfyUI's ``LATENT["samples"]``); the UNet sees them times the model's
+scaling factor. Sampling follows ComfyUI's KSampler (comfy/samplers.py, comfy/sample.py): starting noise is one
+``torch.randn`` of the whole latent batch from a CPU generator seeded with the seed (``comfy_noise``), scaled by
+``sqrt(1 + sigma0^2)`` when the first sigma is the model's largest and by ``sigma0`` otherwise, and added to the
+input latents; classifier-free guidance is ``uncond + (cond - uncond) * cfg``, and cfg 1 runs the conditional
+rows only; a noise mask blends each step with the noised input latents as ComfyUI's KSamplerX0Inpaint does. The
+samplers (``runtime.schedulers.ksampling``) run in the runtime's denoising loop, so a CUDA graph replays each step.
+
+``ComfyStages`` holds these stages as methods of ``Pipeline``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdtrt.runtime.denoise import Denoiser, DenoiserCache, StepBuffers, X0Inpaint, zero_residuals
+from sdtrt.runtime.engine import Engine, input_dtype
+from sdtrt.runtime.errors import ConfigError, ShapeError
+from sdtrt.runtime.manifest import Manifest
+from sdtrt.runtime.progress import Cancel
+from sdtrt.runtime.schedulers.config import SchedulerConfig
+from sdtrt.runtime.schedulers.ksampling import (
+    SIGMA_SAMPLERS,
+    check_sigmas,
+    denoised_coefficients,
+    draw_step_noise,
+    make_k_schedule,
+    next_seed,
+    sampler_module,
+)
+from sdtrt.runtime.schedulers.sigmas import SIGMA_SCHEDULES, ModelSampling, advanced_sigmas, ksampler_sigmas
+
+# sdtrt's sampler names (``sdtrt generate --scheduler``) -> the ComfyUI sampler_name that computes the same steps
+# over a sigma schedule. dpmpp_2m_karras has none: ComfyUI spells it dpmpp_2m with the karras schedule.
+COMFY_SAMPLERS: dict[str, str] = {
+    "euler": "euler",
+    "euler_a": "euler_ancestral",
+    "dpmpp_2m": "dpmpp_2m",
+    "ddim": "ddim",
+    "lcm": "lcm",
+}
+MAX_SEED = 2**64 - 1  # ComfyUI's seed widget range is [0, 0xffffffffffffffff]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """ComfyUI's CONDITIONING for one prompt: text vectors [1, 77 * k, D] float32 on the CPU, SDXL's pooled
+    embedding [1, P] (None for other models), and ControlNet applications."""
+
+    text: torch.Tensor
+    pooled: torch.Tensor | None = None
+    controls: tuple = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, torch.Tensor) or self.text.dim() != 3 or self.text.shape[0] != 1:
+            found = tuple(self.text.shape) if isinstance(self.text, torch.Tensor) else type(self.text).__name__
+            raise ShapeError(f"conditioning text must be a tensor [1, 77 * k, D], got {found}")
+        if self.pooled is not None and (self.pooled.dim() != 2 or self.pooled.shape[0] != 1):
+            raise ShapeError(f"a pooled embedding must be [1, P], got {tuple(self.pooled.shape)}")
+
+
+class Interrupted(Exception):
+    """``sample_latents`` was cancelled before its last step; ``steps`` steps of ``total`` had run."""
+
+    def __init__(self, steps: int, total: int) -> None:
+        super().__init__(f"sampling interrupted after {steps} of {total} steps")
+        self.steps, self.total = steps, total
+
+
+def comfy_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
+    """ComfyUI's starting noise (comfy/sample.py prepare_noise): one ``torch.randn`` of the whole ``shape`` from a
+    CPU generator seeded with ``seed``, float32, so the same seed and latent shape give ComfyUI's noise."""
+    check_seed(seed)
+    return torch.randn(tuple(int(n) for n in shape), generator=torch.Generator().manual_seed(seed))
+
+
+def check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+
+
+def prepare_mask(mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A noise mask ([h, w], [B, h, w] or [B, 1, h, w], any size) as ComfyUI reshapes it for latents of
+    ``shape``: bilinearly resized to the latent size, repeated over the channels and the batch."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 3, 4) or (mask.dim() == 4 and mask.shape[1] != 1):
+        found = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ShapeError(f"a noise mask must be [h, w], [B, h, w] or [B, 1, h, w], got {found}")
+    flat = mask.float().cpu().reshape(-1, 1, mask.shape[-2], mask.shape[-1])
+    resized = torch.nn.functional.interpolate(flat, size=tuple(shape[2:]), mode="bilinear")
+    resized = resized.repeat(1, shape[1], 1, 1)
+    if resized.shape[0] < shape[0]:
+        resized = resized.repeat(math.ceil(shape[0] / resized.shape[0]), 1, 1, 1)
+    return resized[: shape[0]]
+
+
+def lcm_length(*texts: torch.Tensor) -> int:
+    """The sequence length conditionings of different lengths are repeated to (their least common multiple)."""
+    return math.lcm(*(int(t.shape[1]) for t in texts))
+
+
+def repeat_text(text: torch.Tensor, length: int) -> torch.Tensor:
+    """``text`` repeated along the sequence to ``length`` (attention over repeated keys gives the same result)."""
+    return text.repeat(1, length // text.shape[1], 1) if text.shape[1] < length else text
+
+
+class ComfyStages:
+    """ComfyUI's stages over this pipeline's engines (a base of ``Pipeline``)."""
+
+    engines: dict[str, Engine]
+    manifest: Manifest
+    scheduler_config: SchedulerConfig
+    device: torch.device
+    cuda_graph: bool
+    _denoisers: DenoiserCache
+    _model_sampling: ModelSampling | None = None
+    encode_prompts: Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor | None]]  # Pipeline's
+
+    @property
+    def model_sampling(self) -> ModelSampling:
+        """The model's sigma table (ComfyUI's ModelSamplingDiscrete), from its scheduler config."""
+        if self._model_sampling is None:
+            self._model_sampling = ModelSampling.from_config(self.scheduler_config)
+        return self._model_sampling
+
+    def encode_conditioning(self, prompt: str, clip_skip: int = 1) -> Conditioning:
+        """ComfyUI's CLIPTextEncode: the prompt's text vectors (75-token windows side by side) and pooled output."""
+        if not isinstance(prompt, str):
+            raise ConfigError(f"a prompt must be a string, got {type(prompt).__name__}")
+        text, pooled = self.encode_prompts([prompt], clip_skip)
+        return Conditioning(text.float().cpu(), None if pooled is None else pooled.float().cpu())
+
+    def ksampler_sigmas(self, scheduler: str, steps: int, denoise: float = 1.0) -> np.ndarray:
+        """The KSampler node's sigmas for ``scheduler`` (one of SIGMA_SCHEDULES), ``steps`` and ``denoise``."""
+        return ksampler_sigmas(self.model_sampling, scheduler, steps, denoise)
+
+    def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """ComfyUI's VAEDecode: unscaled latents [B, C, h, w] -> IMAGE [B, H, W, 3] float32 in [0, 1] (CPU)."""
+        latents = self._check_latents(latents)
+        engine = self.engines["vae_decoder"]
+        image = engine.infer({"latent": latents.to(self.device, input_dtype(engine, "latent"))})["image"]
+        return torch.clamp((image.float().cpu() + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1).contiguous()
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """ComfyUI's VAEEncode: IMAGE [B, H, W, 3+] in [0, 1] -> unscaled latents (the VAE's mean, no sampling),
+        after cropping each side to a multiple of the VAE's factor around the center, as ComfyUI crops."""
+        if "vae_encoder" not in self.engines:
+            raise ConfigError("this artifact has no vae_encoder; re-export it with the VAE encoder to encode images")
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[-1] < 3:
+            found = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ShapeError(f"images must be a tensor [B, H, W, 3] in [0, 1], got {found}")
+        factor = self.manifest.model.vae_scale_factor
+        pixels = images[..., :3].float().cpu()
+        for dim in (1, 2):
+            size = pixels.shape[dim]
+            keep = (size // factor) * factor
+            if keep == 0:
+                raise ShapeError(f"images must be at least {factor} pixels on each side, got {tuple(images.shape)}")
+            pixels = pixels.narrow(dim, (size % factor) // 2, keep)
+        engine = self.engines["vae_encoder"]
+        feed = (pixels.movedim(-1, 1) * 2.0 - 1.0).to(self.device, input_dtype(engine, "image"))
+        return engine.infer({"image": feed})["latent_mean"].float().cpu().clone()
+
+    def sample_latents(
+        self,
+        latents: torch.Tensor,
+        positive: Conditioning,
+        negative: Conditioning,
+        *,
+        sampler: str,
+        sigmas: np.ndarray | torch.Tensor | Sequence[float],
+        cfg: float,
+        seed: int,
+        add_noise: bool = True,
+        noise_mask: torch.Tensor | None = None,
+        callback: Callable[[int, int, torch.Tensor], Any] | None = None,
+        cancel: Cancel | None = None,
+        cache_interval: int = 1,
+    ) -> torch.Tensor:
+        """ComfyUI's KSampler over ``sigmas`` from unscaled ``latents`` [B, C, h, w]; returns unscaled latents.
+
+        ``sampler``: one of SIGMA_SAMPLERS. ``add_noise`` False starts from ``latents`` as they are (zero noise).
+        ``noise_mask`` (SetLatentNoiseMask): 1 where the latents are resampled, 0 where they are kept.
+        ``callback(step, total, latents)`` runs after each step with the current unscaled latents. ``cancel`` is
+        read before each step; once set, ``Interrupted`` is raised. No sigmas: the latents come back unchanged.
+        """
+        if sampler not in SIGMA_SAMPLERS:
+            raise ConfigError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SIGMA_SAMPLERS)}")
+        table = check_sigmas(sigmas)
+        latents = self._check_latents(latents)
+        self._check_options(positive, negative, cfg, seed, cache_interval)
+        if table.size == 0:
+            return latents.clone()
+        scale = self.manifest.model.scaling_factor
+        noise = comfy_noise(latents.shape, seed) if add_noise else torch.zeros_like(latents)
+        clean = latents * scale
+        first = torch.tensor(table[0])
+        top = self.model_sampling.sigma_max
+        max_denoise = math.isclose(top, float(first), rel_tol=1e-5) or float(first) > top
+        start = noise * (torch.sqrt(1.0 + first**2.0) if max_denoise else first) + clean
+        if table.size == 1:
+            return start / scale
+        mask = None if noise_mask is None else prepare_mask(noise_mask, tuple(latents.shape))
+        guided = not math.isclose(cfg, 1.0)
+        text, pooled = self._text_rows(positive, negative, latents.shape[0], guided)
+        denoiser = self._k_denoiser(sampler, table, tuple(latents.shape), text, guided, seed, mask is not None)
+        buffers = denoiser.buffers
+        buffers.text.copy_(text.to(buffers.text.dtype))
+        if pooled is not None:
+            self._fill_sdxl(buffers, pooled, latents.shape)
+        buffers.guidance.fill_(float(cfg))
+        buffers.latents.copy_(start.to(self.device))
+        buffers.state.zero_()
+        if mask is not None:
+            self._fill_mask(buffers, mask, clean, noise, sampler, seed)
+        return self._run(denoiser, table.size - 1, scale, callback, cancel)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _check_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        channels = self.manifest.model.latent_channels
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[1] != channels:
+            found = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ShapeError(f"latents must be a tensor [B, {channels}, h, w] for this model, got {found}")
+        if not bool(torch.isfinite(latents).all()):
+            raise ShapeError("latents hold NaN or Inf values")
+        return latents.float().cpu()
+
+    def _check_options(
+        self, positive: Conditioning, negative: Conditioning, cfg: float, seed: int, cache_interval: int
+    ) -> None:
+        for name, cond in (("positive", positive), ("negative", negative)):
+            if not isinstance(cond, Conditioning):
+                raise ConfigError(f"{name} must be a Conditioning (Pipeline.encode_conditioning), got {cond!r}")
+            if cond.controls:
+                raise ConfigError("ControlNet conditioning is not supported by sample_latents yet; remove it")
+            if (cond.pooled is None) != (self.manifest.model.family != "sdxl"):
+                raise ShapeError(
+                    f"the {name} conditioning's pooled embedding does not fit this {self.manifest.model.family} model"
+                )
+        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
+            raise ConfigError(f"cfg must be a finite number, got {cfg!r}")
+        check_seed(seed)
+        if cache_interval != 1:
+            raise ConfigError(
+                f"cache_interval must be 1 with ComfyUI sampling (no step caching there yet), got {cache_interval!r}"
+            )
+        if self.manifest.model.inpainting:
+            raise ConfigError("an inpainting UNet's concat conditioning is not supported by sample_latents yet")
+
+    def _text_rows(
+        self, positive: Conditioning, negative: Conditioning, batch: int, guided: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The UNet's text rows: the negative's for each latent, then the positive's (positive only at cfg 1)."""
+        conds = [negative, positive] if guided else [positive]
+        length = lcm_length(*(c.text for c in conds))
+        text = torch.cat([repeat_text(c.text, length).expand(batch, -1, -1) for c in conds])
+        if positive.pooled is None:
+            return text, None
+        return text, torch.cat([c.pooled.expand(batch, -1) for c in conds if c.pooled is not None])
+
+    def _fill_sdxl(self, buffers: StepBuffers, pooled: torch.Tensor, shape: torch.Size) -> None:
+        # ComfyUI's SDXL time ids: original and target size = the latent size in pixels, crop (0, 0)
+        factor = self.manifest.model.vae_scale_factor
+        height, width = shape[2] * factor, shape[3] * factor
+        ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32).expand(pooled.shape[0], -1)
+        buffers.extra["text_embeds"].copy_(pooled.to(buffers.text.dtype))
+        buffers.extra["time_ids"].copy_(ids.to(buffers.text.dtype))
+
+    def _fill_mask(
+        self,
+        buffers: StepBuffers,
+        mask: torch.Tensor,
+        clean: torch.Tensor,
+        noise: torch.Tensor,
+        sampler: str,
+        seed: int,
+    ) -> None:
+        inpaint = buffers.x0_inpaint
+        assert inpaint is not None
+        if sampler == "ddim":  # ComfyUI's ddim blends fresh noise of seed + 1 (inpaint_options "random")
+            noise = torch.randn(tuple(noise.shape), generator=torch.Generator().manual_seed(next_seed(seed)))
+        inpaint.mask.copy_(mask.to(self.device))
+        inpaint.clean.copy_(clean.to(self.device))
+        inpaint.noise.copy_(noise.to(self.device))
+
+    def _k_denoiser(
+        self,
+        sampler: str,
+        sigmas: np.ndarray,
+        shape: tuple[int, ...],
+        text: torch.Tensor,
+        guided: bool,
+        seed: int,
+        masked: bool,
+    ) -> Denoiser:
+        """The denoiser for these sigmas and shapes, kept between calls so a captured CUDA graph is replayed."""
+        noise = draw_step_noise(sampler, sigmas, shape, seed)
+        key = ("comfy", sampler, tuple(float(s) for s in sigmas), shape, tuple(text.shape), guided, masked)
+        cached = self._denoisers.get(key, noise)
+        if cached is not None:
+            return cached
+        model = self.model_sampling
+        schedule = make_k_schedule(sampler, model, sigmas, self.device, noise)
+        unet, family = self.engines["unet"], self.manifest.model
+        widths = {"text_embeds": family.add_text_embeds_width, "time_ids": family.add_time_ids}
+        dtype = input_dtype(unet, "encoder_hidden_states")
+        buffers = StepBuffers.allocate(
+            shape, tuple(text.shape), dtype, self.device, widths if family.family == "sdxl" else None
+        )
+        buffers.residuals = zero_residuals(unet, text.shape[0], shape[2], shape[3], self.device)
+        if masked:
+            sigma = sigmas[:-1].astype(np.float64)
+            a, b = denoised_coefficients(model.prediction_type, sigma)
+            levels = torch.from_numpy(np.stack([sigma, a, b], axis=1)).float().to(self.device)
+            zeros = torch.zeros(shape, device=self.device)
+            buffers.x0_inpaint = X0Inpaint(zeros.clone(), zeros.clone(), zeros.clone(), levels)
+        use_graph = self.cuda_graph and unet.graph_capturable
+        denoiser = Denoiser(unet, sampler_module(sampler), schedule, buffers, guided, use_graph)
+        self._denoisers.put(key, denoiser)
+        return denoiser
+
+    def _run(
+        self,
+        denoiser: Denoiser,
+        steps: int,
+        scale: float,
+        callback: Callable[[int, int, torch.Tensor], Any] | None,
+        cancel: Cancel | None,
+    ) -> torch.Tensor:
+        for i in range(steps):
+            if cancel is not None and cancel.is_set():
+                raise Interrupted(i, steps)
+            denoiser.step(i)
+            if callback is not None:
+                callback(i, steps, denoiser.buffers.latents.float().cpu() / scale)
+        return denoiser.buffers.latents.float().cpu() / scale
+
+
+__all__ = [
+    "COMFY_SAMPLERS",
+    "SIGMA_SAMPLERS",
+    "SIGMA_SCHEDULES",
+    "ComfyStages",
+    "Conditioning",
+    "Interrupted",
+    "advanced_sigmas",
+    "comfy_noise",
+    "prepare_mask",
+]

@@ -1,0 +1,272 @@
+"""ComfyUI's KSampler on the runtime (``Pipeline.sample_latents``) against k-diffusion's algorithms written out here
+in plain torch, calling the tiny diffusers UNet on the CPU in float32, over the same sigmas and noise.
+
+The reference follows comfy/k_diffusion/sampling.py and comfy/samplers.py step by step (denoised = x - sigma * eps
+of the UNet at ComfyUI's integer timestep, CFG on the denoised predictions, the samplers' updates, the ancestral
+noise of a CPU generator seeded with seed + 1, KSamplerX0Inpaint's mask blend); the runtime instead runs
+precomputed per-step coefficients through the ONNX Runtime engines. Tolerance: the latents agree within 1e-4
+relative to their largest magnitude (they reach ~100 with the tiny random UNet at sigma 14.6).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from sdtrt.runtime.errors import ConfigError, ShapeError
+from sdtrt.runtime.pipeline import Pipeline
+from sdtrt.runtime.sampling import SIGMA_SAMPLERS, Conditioning, Interrupted, comfy_noise, prepare_mask
+
+SCALE = 0.18215
+REL_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_fp32):
+    with Pipeline.from_artifacts(tiny_fp32, backend="onnxruntime") as pipeline:
+        yield pipeline
+
+
+@pytest.fixture(scope="module")
+def conds(pipe):
+    return pipe.encode_conditioning("a cat on a red sofa"), pipe.encode_conditioning("blurry")
+
+
+def log_sigma_table(config: dict) -> torch.Tensor:
+    """log sigma of each training step, from the betas (scaled_linear) in float64, as ComfyUI keeps them."""
+    betas = torch.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).log().float()
+
+
+class Reference:
+    """k-diffusion's samplers around the diffusers UNet, on the CPU in float32."""
+
+    def __init__(self, bundle, positive: Conditioning, negative: Conditioning, cfg: float) -> None:
+        self.unet, self.cfg = bundle.unet, cfg
+        self.log_sigmas = log_sigma_table(bundle.scheduler_config)
+        self.pos, self.neg = positive.text, negative.text
+        self.mask = self.latent = self.mask_noise = None
+
+    def eps(self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        t = (sigma.log() - self.log_sigmas).abs().argmin()
+        inp = x / (sigma**2 + 1) ** 0.5
+        with torch.no_grad():
+            return self.unet(inp, t, encoder_hidden_states=text.expand(x.shape[0], -1, -1)).sample.float()
+
+    def denoised(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if self.mask is not None:  # KSamplerX0Inpaint
+            x = x * self.mask + (self.latent + self.mask_noise * sigma) * (1 - self.mask)
+        length = math.lcm(self.pos.shape[1], self.neg.shape[1])
+        cond = x - sigma * self.eps(x, sigma, self.pos.repeat(1, length // self.pos.shape[1], 1))
+        if self.cfg != 1.0:
+            uncond = x - sigma * self.eps(x, sigma, self.neg.repeat(1, length // self.neg.shape[1], 1))
+            cond = uncond + (cond - uncond) * self.cfg
+        if self.mask is not None:
+            cond = cond * self.mask + self.latent * (1 - self.mask)
+        return cond
+
+    def sample(self, sampler: str, x: torch.Tensor, sigmas: torch.Tensor, seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed + 1)  # default_noise_sampler on the CPU
+        old = None
+        for i in range(len(sigmas) - 1):
+            s, s_next = sigmas[i], sigmas[i + 1]
+            d = self.denoised(x, s)
+            if sampler in ("euler", "ddim"):
+                x = x + (x - d) / s * (s_next - s)
+            elif sampler == "euler_ancestral":
+                up = min(s_next, (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5)
+                down = (s_next**2 - up**2) ** 0.5
+                if down == 0:
+                    x = d
+                else:
+                    x = x + (x - d) / s * (down - s) + torch.randn(x.shape, generator=generator) * up
+            elif sampler == "dpmpp_2m":
+                t, t_next = -s.log(), -s_next.log()
+                h = t_next - t
+                if old is None or s_next == 0:
+                    x = (s_next / s) * x - torch.expm1(-h) * d
+                else:
+                    r = (t - (-sigmas[i - 1].log())) / h
+                    x = (s_next / s) * x - torch.expm1(-h) * ((1 + 1 / (2 * r)) * d - (1 / (2 * r)) * old)
+                old = d
+            elif sampler == "lcm":
+                x = d
+                if s_next > 0:
+                    x = x + torch.randn(x.shape, generator=generator) * s_next
+        return x
+
+    def run(self, sampler, latents, sigmas, seed, mask=None, add_noise=True):
+        sigmas = torch.from_numpy(np.asarray(sigmas, dtype=np.float32))
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)) if add_noise else latents * 0
+        latent = latents * SCALE
+        top = math.exp(float(self.log_sigmas[-1]))
+        scale = (1 + sigmas[0] ** 2) ** 0.5 if math.isclose(top, float(sigmas[0]), rel_tol=1e-5) else sigmas[0]
+        if mask is not None:
+            self.mask, self.latent = mask, latent
+            ddim = torch.randn(noise.shape, generator=torch.Generator().manual_seed(seed + 1))  # inpaint "random"
+            self.mask_noise = ddim if sampler == "ddim" else noise
+        return self.sample(sampler, noise * scale + latent, sigmas, seed) / SCALE
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    err = float((ours - ref).abs().max()) / float(ref.abs().max())
+    assert err < REL_TOL, f"max abs diff is {err:.2e} of the largest value"
+
+
+@pytest.mark.parametrize("sampler", SIGMA_SAMPLERS)
+def test_txt2img_matches_k_diffusion(pipe, conds, tiny_bundle, sampler):
+    positive, negative = conds
+    sigmas = pipe.ksampler_sigmas("normal", 4)
+    latents = torch.zeros(2, 4, 8, 8)  # EmptyLatentImage, batch 2
+    ours = pipe.sample_latents(latents, positive, negative, sampler=sampler, sigmas=sigmas, cfg=7.0, seed=3)
+    ref = Reference(tiny_bundle, positive, negative, 7.0).run(sampler, latents, sigmas, 3)
+    assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_img2img_denoise_matches_k_diffusion(pipe, conds, tiny_bundle, sampler):
+    positive, negative = conds
+    sigmas = pipe.ksampler_sigmas("karras", 5, denoise=0.6)
+    assert len(sigmas) == 6 and sigmas[0] < pipe.model_sampling.sigma_max  # int(5 / 0.6) = 8 steps, last 6 sigmas
+    latents = torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(5)) * 5
+    ours = pipe.sample_latents(latents, positive, negative, sampler=sampler, sigmas=sigmas, cfg=4.5, seed=11)
+    ref = Reference(tiny_bundle, positive, negative, 4.5).run(sampler, latents, sigmas, 11)
+    assert_close(ours, ref)
+
+
+def test_cfg_one_runs_the_conditional_rows_only(pipe, conds, tiny_bundle):
+    positive, negative = conds
+    rows = []
+    unet = pipe.engines["unet"]
+    original = unet.infer
+    unet.infer = lambda feeds: rows.append(feeds["sample"].shape[0]) or original(feeds)
+    try:
+        sigmas = pipe.ksampler_sigmas("simple", 3)
+        ours = pipe.sample_latents(
+            torch.zeros(1, 4, 8, 8), positive, negative, sampler="euler", sigmas=sigmas, cfg=1.0, seed=7
+        )
+    finally:
+        del unet.infer
+    assert rows == [1, 1, 1]
+    assert_close(ours, Reference(tiny_bundle, positive, negative, 1.0).run("euler", torch.zeros(1, 4, 8, 8), sigmas, 7))
+
+
+def test_noise_mask_keeps_the_unmasked_latents(pipe, conds, tiny_bundle):
+    positive, negative = conds
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 5
+    mask = torch.zeros(64, 64)
+    mask[:, 32:] = 1.0  # pixel-size mask: resample the right half
+    sigmas = pipe.ksampler_sigmas("normal", 4)
+    for sampler in ("euler", "euler_ancestral", "ddim"):
+        ours = pipe.sample_latents(
+            latents, positive, negative, sampler=sampler, sigmas=sigmas, cfg=7.0, seed=1, noise_mask=mask
+        )
+        torch.testing.assert_close(ours[..., :4], latents[..., :4], rtol=0, atol=1e-5)
+        assert float((ours[..., 4:] - latents[..., 4:]).abs().max()) > 1.0
+        ref = Reference(tiny_bundle, positive, negative, 7.0).run(
+            sampler, latents, sigmas, 1, mask=prepare_mask(mask, (1, 4, 8, 8))
+        )
+        assert_close(ours, ref)
+
+
+def test_prompts_of_different_lengths_are_repeated_to_a_common_length(pipe, tiny_bundle):
+    cat, sofa = pipe.encode_conditioning("a cat"), pipe.encode_conditioning("on a red sofa")
+    positive = Conditioning(torch.cat([cat.text, sofa.text], dim=1))  # two 75-token windows side by side: 154
+    negative = pipe.encode_conditioning("dog")
+    assert positive.text.shape[1] == 154 and negative.text.shape[1] == 77
+    sigmas = pipe.ksampler_sigmas("exponential", 3)
+    ours = pipe.sample_latents(
+        torch.zeros(1, 4, 8, 8), positive, negative, sampler="euler", sigmas=sigmas, cfg=5.0, seed=0
+    )
+    assert_close(ours, Reference(tiny_bundle, positive, negative, 5.0).run("euler", torch.zeros(1, 4, 8, 8), sigmas, 0))
+
+
+def test_add_noise_off_and_sliced_sigmas(pipe, conds, tiny_bundle):
+    from sdtrt.runtime.sampling import advanced_sigmas
+
+    positive, negative = conds
+    sigmas = advanced_sigmas(pipe.ksampler_sigmas("normal", 6), 2, 4, force_full_denoise=False)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9)) * 3
+    ours = pipe.sample_latents(
+        latents, positive, negative, sampler="dpmpp_2m", sigmas=sigmas, cfg=3.0, seed=4, add_noise=False
+    )
+    ref = Reference(tiny_bundle, positive, negative, 3.0).run("dpmpp_2m", latents, sigmas, 4, add_noise=False)
+    assert_close(ours, ref)
+
+
+def test_comfy_noise_is_one_draw_of_the_whole_batch():
+    with torch.random.fork_rng(devices=[]):
+        expected = torch.randn((2, 4, 8, 8), generator=torch.manual_seed(42))
+    noise = comfy_noise((2, 4, 8, 8), 42)
+    assert torch.equal(noise, expected) and noise.dtype == torch.float32
+    assert not torch.equal(noise[1:], comfy_noise((1, 4, 8, 8), 43))  # not one generator per image
+    assert torch.equal(comfy_noise((1, 4, 8, 8), 2**64 - 1), comfy_noise((1, 4, 8, 8), 2**64 - 1))
+
+
+def test_callback_cancel_and_empty_sigmas(pipe, conds):
+    positive, negative = conds
+    latents = torch.zeros(1, 4, 8, 8)
+    sigmas = pipe.ksampler_sigmas("normal", 3)
+    seen = []
+    pipe.sample_latents(
+        latents,
+        positive,
+        negative,
+        sampler="euler",
+        sigmas=sigmas,
+        cfg=2.0,
+        seed=1,
+        callback=lambda i, total, x: seen.append((i, total, tuple(x.shape))),
+    )
+    assert seen == [(0, 3, (1, 4, 8, 8)), (1, 3, (1, 4, 8, 8)), (2, 3, (1, 4, 8, 8))]
+    cancel = threading.Event()
+    with pytest.raises(Interrupted) as info:
+        pipe.sample_latents(
+            latents,
+            positive,
+            negative,
+            sampler="euler",
+            sigmas=sigmas,
+            cfg=2.0,
+            seed=1,
+            callback=lambda i, total, x: cancel.set(),
+            cancel=cancel,
+        )
+    assert (info.value.steps, info.value.total) == (1, 3)
+    assert torch.equal(
+        pipe.sample_latents(latents + 1, positive, negative, sampler="euler", sigmas=[], cfg=2.0, seed=1), latents + 1
+    )
+
+
+def test_bad_input_is_refused(pipe, conds):
+    positive, negative = conds
+    good = {"sampler": "euler", "sigmas": [1.0, 0.0], "cfg": 7.0, "seed": 1}
+    with pytest.raises(ConfigError, match="unknown sampler 'heun'"):
+        pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **{**good, "sampler": "heun"})
+    with pytest.raises(ShapeError, match=r"latents must be a tensor \[B, 4, h, w\]"):
+        pipe.sample_latents(torch.zeros(1, 3, 8, 8), positive, negative, **good)
+    with pytest.raises(ShapeError, match="sigmas"):
+        pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **{**good, "sigmas": [1.0, -1.0]})
+    with pytest.raises(ConfigError, match="seed must be an integer"):
+        pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **{**good, "seed": -1})
+    with pytest.raises(ConfigError, match="cache_interval"):
+        pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **good, cache_interval=2)
+
+
+def test_decode_and_encode_images_as_comfy(pipe):
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = pipe.decode_images(latents)
+    assert images.shape == (1, 64, 64, 3) and float(images.min()) >= 0 and float(images.max()) <= 1
+    decoded = pipe.engines["vae_decoder"].infer({"latent": latents})["image"]
+    torch.testing.assert_close(images, ((decoded + 1) / 2).clamp(0, 1).movedim(1, -1), rtol=0, atol=0)
+    # VAEEncode: the mean (deterministic), cropped around the center to multiples of 8
+    padded = torch.nn.functional.pad(images.movedim(-1, 1), (3, 4, 2, 3)).movedim(1, -1)  # 69 x 71
+    first, again = pipe.encode_images(padded), pipe.encode_images(images)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    mean = pipe.engines["vae_encoder"].infer({"image": images.movedim(-1, 1) * 2 - 1})["latent_mean"]
+    torch.testing.assert_close(first, mean, rtol=0, atol=0)

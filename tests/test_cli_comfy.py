@@ -1,0 +1,117 @@
+"""``sdtrt generate --sigma-schedule``: ComfyUI's default workflow as a real subprocess, against the runtime's
+ComfyUI stages called in-process with the same settings (the PNG's pixels are identical), and its refusals."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+SDTRT = shutil.which("sdtrt", path=os.path.dirname(sys.executable)) or "sdtrt"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([SDTRT, *args], capture_output=True, text=True, timeout=600)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def in_process(
+    folder,
+    prompt: str,
+    negative: str,
+    sampler: str,
+    schedule: str,
+    steps: int,
+    cfg: float,
+    seed: int,
+    batch: int = 1,
+    size: int = 64,
+) -> np.ndarray:
+    """The default workflow's nodes called one by one: CLIPTextEncode x2, EmptyLatentImage, KSampler, VAEDecode,
+    then SaveImage's conversion."""
+    from sdtrt.runtime.pipeline import Pipeline
+
+    with Pipeline.from_artifacts(folder, backend="onnxruntime") as pipe:
+        positive, negative_cond = pipe.encode_conditioning(prompt), pipe.encode_conditioning(negative)
+        latents = torch.zeros(batch, 4, size // 8, size // 8)
+        sigmas = pipe.ksampler_sigmas(schedule, steps, 1.0)
+        out = pipe.sample_latents(latents, positive, negative_cond, sampler=sampler, sigmas=sigmas, cfg=cfg, seed=seed)
+        images = pipe.decode_images(out)
+    return np.clip(255.0 * images.numpy(), 0, 255).astype(np.uint8)
+
+
+def test_generate_equals_the_stage_functions_pixel_for_pixel(tmp_path, tiny_fp32):
+    out = tmp_path / "comfy.png"
+    args = ("--scheduler", "euler", "--sigma-schedule", "normal", "--seed", "3", "--steps", "4", "--size", "64")
+    result = run("generate", str(tiny_fp32), "a cat", *args, "--cfg", "7", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out} (seed 3)" in result.stdout
+    png = Image.open(out)
+    assert "Sampler: euler, Schedule type: normal, CFG scale: 7.0, Seed: 3" in png.text["parameters"]
+    expected = in_process(tiny_fp32, "a cat", "", "euler", "normal", 4, 7.0, 3)
+    assert np.array_equal(np.array(png), expected[0])
+
+
+def test_generate_batch_with_ancestral_sampler_and_karras(tmp_path, tiny_fp32):
+    out = tmp_path / "batch.png"
+    args = ("--scheduler", "euler_a", "--sigma-schedule", "karras", "--seed", str(2**64 - 1), "--steps", "3")
+    result = run(
+        "generate",
+        str(tiny_fp32),
+        "a dog",
+        "--negative",
+        "blurry",
+        *args,
+        "--size",
+        "64",
+        "--num-images",
+        "2",
+        "--cfg",
+        "4.5",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    expected = in_process(tiny_fp32, "a dog", "blurry", "euler_ancestral", "karras", 3, 4.5, 2**64 - 1, batch=2)
+    for k in range(2):
+        assert np.array_equal(np.array(Image.open(tmp_path / f"batch-{k}.png")), expected[k])
+    assert not np.array_equal(expected[0], expected[1])  # one noise draw for the batch, not one seed per image
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--scheduler", "dpmpp_2m_karras"), "use --scheduler dpmpp_2m --sigma-schedule karras"),
+        (("--sigma-schedule", "beta"), "unknown sigma schedule 'beta'; expected one of: simple, sgm_uniform"),
+        (("--scheduler", "heun"), "--scheduler must be one of: euler, euler_a, dpmpp_2m, ddim, lcm"),
+        (("--seed", str(2**64)), "(ComfyUI's range)"),
+        (("--crop", "0x0"), "--crop is not available with --sigma-schedule"),
+        (("--cache-interval", "2"), "--cache-interval is not available with --sigma-schedule"),
+        (("--steps", "0"), "steps must be in [1, 10000]"),
+    ],
+)
+def test_refusals_are_one_line_before_work(tmp_path, tiny_fp32, extra, message):
+    args = ["generate", str(tiny_fp32), "a cat", "--sigma-schedule", "normal", "--size", "64", "--out"]
+    line = one_error_line(run(*args, str(tmp_path / "x.png"), *extra))
+    assert message in line
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_mapping_table_is_shared():
+    from sdtrt.runtime.sampling import COMFY_SAMPLERS, SIGMA_SAMPLERS
+    from sdtrt.runtime.schedulers import SCHEDULER_NAMES
+
+    assert set(COMFY_SAMPLERS) == set(SCHEDULER_NAMES) - {"dpmpp_2m_karras"}
+    assert sorted(COMFY_SAMPLERS.values()) == sorted(SIGMA_SAMPLERS)
