@@ -5,6 +5,7 @@ subprocess; the user-data store's path safety and ComfyUI's jobs shapes, directl
 from __future__ import annotations
 
 import json
+import os
 import re
 import urllib.error
 import urllib.request
@@ -306,3 +307,20 @@ def test_jobs_from_comfyui_queue_and_history():
     for bad in ({"status": "done"}, {"sort_by": "name"}, {"limit": "0"}, {"limit": "x"}, {"sort_order": "up"}):
         with pytest.raises(JobsQueryError):
             jobs_page(snapshot, bad)
+
+
+def test_without_the_frontend_package_root_says_how_to_get_it(tiny_fp32, tmp_path, monkeypatch):
+    # a comfyui_frontend_package without its static files, first on the server's path: as if it were not installed
+    shadow = tmp_path / "shadow" / "comfyui_frontend_package"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(shadow.parent), os.environ.get("PYTHONPATH")])))
+    server = Server(tiny_fp32, "--comfy-dir", str(tmp_path / "comfy"))
+    try:
+        status, body = ui_json(server.url + "/")
+        assert status == 404 and 'pip install "sdtrt[ui]"' in body["detail"]
+        assert ui_json(server.url + "/api/settings")[0] == 200  # the frontend's endpoints answer all the same
+        assert ui_request(server.url + "/assets/index.js")[0] == 404
+    finally:
+        assert server.stop() == 0
+    assert "web UI: not served" in server.log
