@@ -324,3 +324,9 @@ def test_without_the_frontend_package_root_says_how_to_get_it(tiny_fp32, tmp_pat
     finally:
         assert server.stop() == 0
     assert "web UI: not served" in server.log
+    assert "web UI at" not in server.proc.stdout.read()
+
+
+def test_the_ready_line_names_the_web_ui(ui_server):
+    pytest.importorskip("comfyui_frontend_package")
+    assert f"; web UI at {ui_server.url}/" in ui_server.proc.stdout.readline()
