@@ -347,6 +347,12 @@ def _static_files(static: Path) -> Any:
     from starlette.staticfiles import StaticFiles
 
     class FrontendFiles(StaticFiles):
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "websocket":  # a websocket to a path no route has: refused, not a server error
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await super().__call__(scope, receive, send)
+
         def file_response(self, full_path: Any, *args: Any, **kwargs: Any) -> Any:
             response = super().file_response(full_path, *args, **kwargs)
             media = MEDIA_TYPES.get(Path(str(full_path)).suffix.lower())

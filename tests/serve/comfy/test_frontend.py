@@ -66,9 +66,18 @@ def test_index_and_assets_are_served_with_their_types(ui_server):
 
 
 def test_missing_asset_is_404_and_api_routes_win_over_the_static_mount(ui_server):
+    websocket = pytest.importorskip("websocket")
     assert ui_request(ui_server.url + "/assets/no-such-file.js")[0] == 404
     assert ui_request(ui_server.url + "/sdapi/v1/sd-models")[0] == 200
     assert ui_request(ui_server.url + "/health")[0] == 200
+    ws_url = ui_server.url.replace("http:", "ws:")
+    with pytest.raises(websocket.WebSocketBadStatusException):  # a websocket off /ws: refused at the handshake
+        websocket.create_connection(ws_url + "/not-ws", timeout=10)
+    ws = websocket.create_connection(ws_url + "/ws?clientId=ui-test", timeout=10)  # /ws is the protocol's
+    assert json.loads(ws.recv())["type"] == "status"
+    ws.close()
+    assert ui_request(ui_server.url + "/health")[0] == 200
+    assert "Traceback" not in ui_server.log
 
 
 # -- the start-up endpoints -----------------------------------------------------------------------------------------
