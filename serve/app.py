@@ -109,7 +109,7 @@ def create_app(
         from .comfy.routes import add_comfy_routes
 
         add_comfy_routes(app, service, comfy)
-        add_frontend_routes(app, comfy.folders)  # last: its static mount at / takes every path not routed above
+        add_frontend_routes(app, comfy.folders)  # last: its static folders must not shadow the routes above
     return app
 
 

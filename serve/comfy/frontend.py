@@ -8,7 +8,7 @@ frontend asks for its user's settings and files (``/users``, ``/settings``, ``/u
 translations and node packs' workflow templates (``/i18n``, ``/workflow_templates``: sdtrt has none, so empty),
 the templates browser's workflows (``/templates/``: sdtrt's own, see ``templates``), the model folders
 (``/experiment/models``) and the jobs list (``/api/jobs``, see ``joblist``). Each route is also under ``/api/``,
-as ComfyUI does. Register these after every other route: the static mount at ``/`` matches everything.
+as ComfyUI does. Register these after every other route (the frontend's folders are mounted at their own paths).
 
 No annotations future-import here: FastAPI reads the handlers' annotations at runtime (``Request``).
 """
@@ -339,11 +339,27 @@ def _add_static(app: Any, static: Path | None) -> None:
     async def index() -> Any:
         return FileResponse(static / "index.html", media_type=MEDIA_TYPES[".html"], headers=NO_CACHE)
 
-    app.mount("/", _static_files(static), name="frontend")
+    # Each of the frontend's top-level folders and files at its own path, not one mount of everything at /: a path
+    # the frontend does not have stays a 404, and one that another route takes with another method a 405.
+    files = _static_files()
+    for entry in sorted(static.iterdir()):
+        if entry.is_dir():
+            app.mount(f"/{entry.name}", files(directory=entry), name=f"frontend-{entry.name}")
+        elif entry.name != "index.html" and entry.is_file():
+            app.add_api_route(f"/{entry.name}", _file_handler(entry), methods=["GET"], include_in_schema=False)
 
 
-def _static_files(static: Path) -> Any:
-    """A StaticFiles app over ``static`` with the media types browsers need."""
+def _file_handler(path: Path) -> Any:
+    from fastapi.responses import FileResponse
+
+    async def frontend_file() -> Any:
+        return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix.lower()))
+
+    return frontend_file
+
+
+def _static_files() -> Any:
+    """A StaticFiles class with the media types browsers need."""
     from starlette.staticfiles import StaticFiles
 
     class FrontendFiles(StaticFiles):
@@ -361,4 +377,4 @@ def _static_files(static: Path) -> Any:
                 response.media_type = media
             return response
 
-    return FrontendFiles(directory=static, html=False)
+    return FrontendFiles
