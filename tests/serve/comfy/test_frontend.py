@@ -68,6 +68,9 @@ def test_index_and_assets_are_served_with_their_types(ui_server):
 def test_missing_asset_is_404_and_api_routes_win_over_the_static_mount(ui_server):
     websocket = pytest.importorskip("websocket")
     assert ui_request(ui_server.url + "/assets/no-such-file.js")[0] == 404
+    assert ui_request(ui_server.url + "/no-such-path")[0] == 404
+    assert ui_request(ui_server.url + "/sdapi/v1/txt2img")[0] == 405  # a POST route: GET is still a 405
+    assert ui_request(ui_server.url + "/assets/x.js", "POST", b"")[0] == 405
     assert ui_request(ui_server.url + "/sdapi/v1/sd-models")[0] == 200
     assert ui_request(ui_server.url + "/health")[0] == 200
     ws_url = ui_server.url.replace("http:", "ws:")
