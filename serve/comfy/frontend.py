@@ -100,12 +100,19 @@ def add_frontend_routes(
         _add_userdata_write_routes(app, users, prefix)
         _add_info_routes(app, prefix, max_upload_bytes)
     if jobs is not None:
-        add_job_routes(app, lambda: queue_snapshot(jobs))
+        add_job_routes(app, lambda: queue_snapshot(jobs), lambda prompt_id: cancel_prompt(jobs, prompt_id))
     _add_static(app, static)
     if static is None:
         log.info('web UI: not served (no comfyui-frontend-package; pip install "sdtrt[ui]")')
     else:
         log.info("web UI: ComfyUI frontend %s at /", frontend_version() or "(version unknown)")
+
+
+def cancel_prompt(jobs: Any, prompt_id: str) -> bool:
+    """Take ``prompt_id`` off the protocol's queue, or stop it between two steps if it runs; True if either."""
+    pending = any(item[1] == prompt_id for item in jobs.queue_body()["queue_pending"])
+    jobs.delete([prompt_id])
+    return jobs.interrupt(prompt_id) or pending  # a prompt that started in the meantime is stopped
 
 
 def queue_snapshot(jobs: Any) -> Snapshot:

@@ -117,7 +117,9 @@ def jobs_page(snapshot: Snapshot, query: dict[str, str]) -> dict[str, Any]:
         raise JobsQueryError("limit and offset must be integers") from None
     if limit is not None and limit <= 0:
         raise JobsQueryError(f"limit must be a positive integer, got {limit}")
-    jobs = [queue_job(item, "in_progress") for item in running] + [queue_job(item, "pending") for item in pending]
+    # the queue and the history are read one after the other: a prompt that finished in between is in both
+    jobs = [queue_job(item, "in_progress") for item in running if item[1] not in history]
+    jobs += [queue_job(item, "pending") for item in pending if item[1] not in history]
     jobs += [history_job(prompt_id, entry) for prompt_id, entry in history.items()]
     jobs = [job for job in jobs if job["status"] in wanted]
     if query.get("workflow_id"):
@@ -141,13 +143,31 @@ def job_detail(snapshot: Snapshot, prompt_id: str) -> dict[str, Any] | None:
     return None
 
 
-def add_job_routes(app: Any, snapshot: Callable[[], Snapshot]) -> None:
-    """``/api/jobs`` and ``/api/jobs/{id}`` (also without ``/api``) over ``snapshot()``: the running and pending
-    queue items and the history, in ComfyUI's shapes."""
+def job_status(snapshot: Snapshot, prompt_id: str) -> str | None:
+    """The status of job ``prompt_id`` (None if unknown)."""
+    job = job_detail(snapshot, prompt_id)
+    return None if job is None else job["status"]
+
+
+def add_job_routes(app: Any, snapshot: Callable[[], Snapshot], cancel: Callable[[str], bool]) -> None:
+    """``GET /api/jobs``, ``GET /api/jobs/{id}`` over ``snapshot()`` (the running and pending queue items and the
+    history, in ComfyUI's shapes), and ``POST /api/jobs/{id}/cancel`` and ``POST /api/jobs/cancel``
+    (``{"job_ids": [...]}``) over ``cancel(id)`` (a pending job leaves the queue, a running one stops between two
+    steps; True if one did); each also without ``/api``."""
     from fastapi import Request
     from fastapi.responses import JSONResponse
 
     from ..errors import error_body
+
+    def cancel_one(prompt_id: str) -> dict[str, Any] | None:
+        status = job_status(snapshot(), prompt_id)
+        if status is None:
+            return None
+        stopped = status in ("pending", "in_progress") and cancel(prompt_id)
+        return {"id": prompt_id, "status": status, "cancelled": bool(stopped)}  # status: before the cancel
+
+    def unknown(prompt_id: str) -> Any:
+        return JSONResponse(error_body("not_found", f"no job {prompt_id!r}"), status_code=404)
 
     for prefix in ("", "/api"):
 
@@ -161,6 +181,21 @@ def add_job_routes(app: Any, snapshot: Callable[[], Snapshot]) -> None:
         @app.get(prefix + "/jobs/{prompt_id}")
         async def get_job(prompt_id: str) -> Any:
             job = job_detail(snapshot(), prompt_id)
-            if job is None:
-                return JSONResponse(error_body("not_found", f"no job {prompt_id!r}"), status_code=404)
-            return job
+            return unknown(prompt_id) if job is None else job
+
+        @app.post(prefix + "/jobs/cancel")
+        async def cancel_jobs(request: Request) -> Any:
+            try:
+                body = await request.json()
+            except ValueError:
+                body = None
+            ids = body.get("job_ids") if isinstance(body, dict) else None
+            if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+                message = 'POST /jobs/cancel takes {"job_ids": [job id, ...]}'
+                return JSONResponse(error_body("bad_request", message), status_code=400)
+            return {"jobs": [cancel_one(i) or {"id": i, "status": None, "cancelled": False} for i in ids]}
+
+        @app.post(prefix + "/jobs/{prompt_id}/cancel")
+        async def cancel_job(prompt_id: str) -> Any:
+            result = cancel_one(prompt_id)
+            return unknown(prompt_id) if result is None else result

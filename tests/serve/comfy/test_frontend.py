@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 
@@ -113,6 +114,62 @@ def test_jobs_endpoint_answers(ui_server, prefix):
     )
     assert ui_json(base + "/jobs?status=done")[0] == 400
     assert ui_json(base + "/jobs/no-such-id")[0] == 404
+    assert ui_json(base + "/jobs/no-such-id/cancel", "POST", {})[0] == 404
+    assert ui_json(base + "/jobs/cancel", "POST", {"ids": []})[0] == 400
+
+
+def ui_prompt(steps: int, size: int, prefix: str) -> dict:
+    """ComfyUI's default workflow in the API format, on the tiny model."""
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red square", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "3": {"class_type": "KSampler", "inputs": {
+            "seed": 1, "steps": steps, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+            "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": prefix}},
+    }  # fmt: skip
+
+
+def ui_wait_job(base: str, prompt_id: str, status: str, seconds: float = 60) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        code, job = ui_json(f"{base}/api/jobs/{prompt_id}")
+        if code == 200 and job["status"] == status:
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {prompt_id} did not become {status}: {job}")
+
+
+def test_jobs_follow_prompts_and_cancel_them(ui_server):
+    base = ui_server.url
+    slow = [ui_json(base + "/prompt", "POST", {"prompt": ui_prompt(60, 256, f"slow{i}")})[1] for i in range(2)]
+    running, waiting = (answer["prompt_id"] for answer in slow)
+    ui_wait_job(base, running, "in_progress")
+    status, page = ui_json(base + "/api/jobs?status=in_progress,pending")
+    assert [(j["id"], j["status"]) for j in page["jobs"]] == [(waiting, "pending"), (running, "in_progress")]
+    assert all(isinstance(j["create_time"], int) for j in page["jobs"])
+    assert ui_json(f"{base}/api/jobs/{waiting}/cancel", "POST", {}) == (
+        200, {"id": waiting, "status": "pending", "cancelled": True}
+    )  # fmt: skip
+    assert ui_json(f"{base}/api/jobs/{waiting}")[0] == 404  # off the queue, never run
+    status, answer = ui_json(base + "/api/jobs/cancel", "POST", {"job_ids": [running, "nope"]})
+    assert answer["jobs"] == [
+        {"id": running, "status": "in_progress", "cancelled": True}, {"id": "nope", "status": None, "cancelled": False}
+    ]  # fmt: skip
+    stopped = ui_wait_job(base, running, "cancelled")
+    assert stopped["execution_end_time"] >= stopped["execution_start_time"] and stopped["outputs_count"] == 0
+    done = ui_json(base + "/prompt", "POST", {"prompt": ui_prompt(2, 64, "fast")})[1]["prompt_id"]
+    job = ui_wait_job(base, done, "completed")
+    assert job["preview_output"]["filename"].startswith("fast") and job["outputs"]["9"]["images"][0]["type"] == "output"
+    assert job["workflow"]["prompt"]["3"]["inputs"]["steps"] == 2
+    assert ui_json(f"{base}/jobs/{done}/cancel", "POST", {}) == (
+        200, {"id": done, "status": "completed", "cancelled": False}
+    )  # fmt: skip
+    status, page = ui_json(base + "/api/jobs?status=completed,cancelled&sort_order=desc")
+    assert [j["id"] for j in page["jobs"]] == [done, running]
 
 
 def test_templates_are_sdtrt_workflows_on_the_current_model(ui_server):
@@ -316,6 +373,8 @@ def test_jobs_from_comfyui_queue_and_history():
     assert job_detail(snapshot, "id-1")["outputs"] == {"1": {"images": [IMAGE]}}
     assert job_detail(snapshot, "id-1")["workflow"] == {"prompt": PROMPT, "extra_data": EXTRA}
     assert job_detail(snapshot, "wait")["status"] == "pending" and job_detail(snapshot, "nope") is None
+    finished = ([[1, "id-1", PROMPT, EXTRA, ["1"]]], [], history)  # read as running, then found in the history
+    assert [j["status"] for j in jobs_page(finished, {})["jobs"] if j["id"] == "id-1"] == ["completed"]
     for bad in ({"status": "done"}, {"sort_by": "name"}, {"limit": "0"}, {"limit": "x"}, {"sort_order": "up"}):
         with pytest.raises(JobsQueryError):
             jobs_page(snapshot, bad)
