@@ -146,15 +146,9 @@ class ComfyJobs:
 
     def put(self, item: QueueItem) -> None:
         """Queue ``item`` and its turn on the pipeline thread (``Overloaded`` if the server's queue is full)."""
-        with self._lock:
-            heapq.heappush(self._pending, item)
-        try:
+        with self._lock:  # held while the turn is queued: no turn can take the item before it is known to fit
             turn = self.worker.submit(self._run_next)
-        except BaseException:
-            with self._lock:
-                self._pending.remove(item)
-                heapq.heapify(self._pending)
-            raise
+            heapq.heappush(self._pending, item)
         turn.add_done_callback(_log_failure)
         self.queue_updated()
 
