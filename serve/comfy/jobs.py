@@ -261,8 +261,7 @@ class ComfyJobs:
 
         events.add_message("execution_start", {"prompt_id": item.prompt_id})
         context = ExecutionContext(pipeline=pool.get, cancel=self._cancel, previews=events.previews,
-                                   prompt_id=item.prompt_id)  # fmt: skip
-        _add_extra(context, item.extra_data)
+                                   prompt_id=item.prompt_id, extra_data=item.extra_data)  # fmt: skip
         try:
             outputs = self.executor.execute(item.prompt, item.outputs, context, events)
         except ExecutionInterrupted as exc:
@@ -281,12 +280,6 @@ class ComfyJobs:
             events.outputs.setdefault(node, output)
         events.add_message("execution_success", {"prompt_id": item.prompt_id})
         return True
-
-
-def _add_extra(context: Any, extra_data: dict[str, Any]) -> None:
-    """Hand ``extra_data`` (e.g. ``extra_pnginfo``, the workflow SaveImage writes) to a context that takes it."""
-    if hasattr(context, "extra_data"):
-        context.extra_data = extra_data
 
 
 def _error_data(item: QueueItem, events: PromptEvents, exc: Any) -> dict[str, Any]:
