@@ -36,7 +36,9 @@ INPUTS = {"3": {"4", "5", "6", "7"}, "6": {"4"}, "7": {"4"}, "8": {"3", "4"}, "9
 @pytest.fixture(scope="module")
 def proto_server(tiny_fp32, tmp_path_factory):
     root = tmp_path_factory.mktemp("comfy-protocol")
-    srv = Server(tiny_fp32, "--comfy-dir", str(root))
+    (root / "loras").mkdir()
+    (root / "loras" / "style.safetensors").write_bytes(b"")  # listed by name; never loaded here
+    srv = Server(tiny_fp32, "--comfy-dir", str(root), "--lora-dir", str(root / "loras"))
     srv.root = root
     info = request(srv.url + "/object_info/CheckpointLoaderSimple")[1]
     spec = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"]
@@ -231,7 +233,8 @@ def test_info_routes(proto_server):
     )
     assert {"checkpoints", "loras", "vae", "controlnet"} <= set(request(url + "/models")[1])
     assert request(url + "/api/models/checkpoints")[1] == [proto_server.ckpt]
-    assert request(url + "/models/loras")[1] == []
+    assert request(url + "/models/loras")[1] == ["style.safetensors"]
+    assert request(url + "/models/vae")[1] == []
     assert request(url + "/models/nope")[0] == 404
     assert request(url + "/embeddings")[1] == [] and request(url + "/api/extensions")[1] == []
     assert request(url + "/api/prompt")[1] == {"exec_info": {"queue_remaining": 0}}
