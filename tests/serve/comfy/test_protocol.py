@@ -255,6 +255,28 @@ def test_disconnect_mid_prompt(proto_server):
     staying.close()
 
 
+def test_shares_the_queue_with_a1111_in_arrival_order(proto_server):
+    """A ComfyUI prompt, an A1111 request, a ComfyUI prompt: they run in that order on the one pipeline thread (when
+    the A1111 answer arrives, the first prompt is done and the second has not finished)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..test_server import FAST, post, wait_for
+
+    ws = Recorder(proto_server.url)
+    first = queue_prompt(proto_server.url, default_workflow(proto_server.ckpt, seed=101, steps=300), ws.client_id)
+    ws.until("progress")
+    with ThreadPoolExecutor(1) as pool:
+        a1111 = pool.submit(post, proto_server.url + "/sdapi/v1/txt2img", {**FAST, "steps": 200, "seed": 5})
+        wait_for(proto_server, "queued", 1)  # the A1111 request waits behind the running prompt
+        second = queue_prompt(proto_server.url, default_workflow(proto_server.ckpt, seed=102, steps=300))
+        status, body, _ = a1111.result(timeout=120)
+        assert status == 200, body
+        assert request(f"{proto_server.url}/history/{first['prompt_id']}")[1]  # done before the A1111 request
+        assert request(f"{proto_server.url}/history/{second['prompt_id']}")[1] == {}  # not done yet
+    assert wait_history(proto_server.url, second["prompt_id"])["status"]["status_str"] == "success"
+    ws.close()
+
+
 def test_sigterm_drains_queued_prompts(tiny_fp32, tmp_path):
     srv = Server(tiny_fp32, "--comfy-dir", str(tmp_path))
     ckpt = request(srv.url + "/models/checkpoints")[1][0]
