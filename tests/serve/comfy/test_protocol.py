@@ -293,3 +293,17 @@ def test_sigterm_drains_queued_prompts(tiny_fp32, tmp_path):
     assert srv.stop() == 0, srv.log
     assert time.monotonic() - begin < 60
     assert [p.name for p in sorted((tmp_path / "output").glob("*.png"))] == ["queued_00001_.png", "running_00001_.png"]
+
+
+def test_comfy_options(tiny_fp32, tmp_path):
+    """``--comfy-*`` are refused with ``--ray`` (ComfyUI's API is the plain server's) and checked for range."""
+    from click.testing import CliRunner
+
+    from sdtrt.cli import main
+
+    result = CliRunner().invoke(main, ["serve", str(tiny_fp32), "--ray", "--comfy-dir", str(tmp_path)])
+    assert result.exit_code != 0 and "--comfy-dir: ComfyUI's API is served by the plain server only" in result.output
+    result = CliRunner().invoke(main, ["serve", str(tiny_fp32), "--comfy-history", "0"])
+    assert result.exit_code != 0 and "--comfy-history" in result.output
+    result = CliRunner().invoke(main, ["serve", str(tiny_fp32), "--comfy-preview-method", "fast"])
+    assert result.exit_code != 0 and "'fast' is not one of" in result.output
