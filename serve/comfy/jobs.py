@@ -168,8 +168,10 @@ class ComfyJobs:
             return [("executing", {"node": events.node})]
 
     def queue_updated(self) -> None:
-        """Broadcast ``status`` (ComfyUI's ``queue_updated``); from any thread."""
-        self.clients.send("status", self.status_for())
+        """Broadcast ``status`` (ComfyUI's ``queue_updated``); from any thread. Under the queue's lock, so the
+        counts reach the clients in the order the queue changed."""
+        with self._lock:
+            self.clients.send("status", self.status_for())
 
     def queue_body(self) -> dict[str, list[list[Any]]]:
         """``GET /queue``."""
@@ -184,7 +186,8 @@ class ComfyJobs:
 
     def delete(self, prompt_ids: list[str]) -> None:
         with self._lock:
-            self._pending = [item for item in self._pending if item.prompt_id not in set(prompt_ids)]
+            gone = set(prompt_ids)
+            self._pending = [item for item in self._pending if item.prompt_id not in gone]
             heapq.heapify(self._pending)
         self.queue_updated()
 
