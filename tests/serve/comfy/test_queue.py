@@ -215,3 +215,18 @@ def test_a_full_client_queue():
         serving.cancel()
 
     asyncio.run(scenario())
+
+
+def test_reconnect_is_told_the_running_node(proto_inproc):
+    """A client that reconnects with its id while its prompt runs gets the status, then the node running."""
+    url, jobs = proto_inproc
+    ws = Recorder(url)
+    running = queue_prompt(url, _wait(jobs, 2000), ws.client_id)
+    ws.until("progress")
+    ws.close()
+    again = Recorder(url, ws.client_id)
+    assert again.next()["data"]["sid"] == ws.client_id
+    assert again.next() == {"type": "executing", "data": {"node": "3"}}
+    assert request(url + "/interrupt", "POST")[0] == 200
+    assert types(again.until_done(running["prompt_id"]))[-3:] == ["execution_interrupted", "status", "executing"]
+    again.close()
