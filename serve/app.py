@@ -66,12 +66,15 @@ def create_app(
     cmd_flags: dict[str, Any] | None = None,
     limits: Limits | None = None,
     loras: LoraLibrary | None = None,
+    comfy: Any = None,
 ) -> Any:
     """A FastAPI app over ``service`` (see ``service.Service``), serving the models ``checkpoints`` lists (see
     ``models``); its lifespan starts and stops the service.
     ``cmd_flags``: the server's settings as ``/sdapi/v1/cmd-flags`` reports them (``a1111_info.cmd_flags``).
     ``limits`` bound each request (``limits.Limits``; default: its defaults), which is also logged in one line.
     ``loras``: the LoRAs ``<lora:NAME:WEIGHT>`` prompt tags name (``loras.LoraLibrary``; default: none).
+    ``comfy``: ComfyUI's protocol too (``comfy.routes.ComfySettings``; ``service`` must then be a ``LocalWorker``,
+    which runs its prompts); default: not served.
     """
     require("fastapi", "the HTTP server (sdtrt serve)", "serve")
     from fastapi import FastAPI
@@ -101,7 +104,21 @@ def create_app(
     add_info_routes(app, service, cmd_flags)
     add_progress_routes(app, service)
     add_lora_routes(app, app.state.loras)
+    if comfy is not None and _has_graph():
+        from .comfy.routes import add_comfy_routes
+
+        add_comfy_routes(app, service, comfy)
     return app
+
+
+def _has_graph() -> bool:
+    """Whether this install has ComfyUI's graph interpreter (``comfy.graph``); without it, no ComfyUI routes."""
+    import importlib.util
+
+    if importlib.util.find_spec("sdtrt.serve.comfy.graph") is None:
+        log.warning("ComfyUI's API is not served: this sdtrt has no graph interpreter (sdtrt.serve.comfy.graph)")
+        return False
+    return True
 
 
 def _add_generation_routes(app: Any, service: Service, counters: Metrics) -> None:
