@@ -389,7 +389,7 @@ def test_a_failing_node_is_named_and_not_cached(graph, graph_library, graph_pool
     data = failed.message_data()
     assert set(data) == {"node_id", "node_type", "executed", "exception_message", "exception_type", "traceback",
                          "current_inputs", "current_outputs"}  # fmt: skip
-    assert data["current_inputs"]["seed"] == [5]
+    assert data["current_inputs"]["seed"] == [5] and data["current_outputs"] == ["4", "5", "6", "7"]
     graph["3"]["inputs"]["denoise"] = 1.0
     events = Recorder()
     executor.execute(graph, ["9"], graph_context(graph_pool), events)
