@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .node import NodeInterrupted, NodeRun, declared_inputs
+from .node import NodeInterrupted, NodeRun, declared_inputs, full_type_name
 from .types import describe
 from .validation import PromptError, is_link, link_target, literal_value, validate_prompt
 
@@ -112,11 +112,6 @@ class ExecutionInterrupted(Exception):
 class CacheEntry:
     outputs: tuple
     ui: dict | None
-
-
-def full_type_name(cls: type) -> str:
-    """ComfyUI's exception_type: "module.QualName", builtins by name only."""
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
 @dataclass

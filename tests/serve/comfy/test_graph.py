@@ -442,3 +442,21 @@ def test_previews_come_with_progress_when_asked(graph, graph_library, graph_pool
 
 def test_folder_fixture_is_the_library_folder(graph_library, graph_folders):
     assert graph_library.folders is graph_folders and Path(graph_folders.output).is_dir()
+
+
+def test_a_node_whose_check_raises_is_exception_during_validation_not_a_crash(graph, tiny_fp32, graph_folders):
+    from sdtrt.serve.comfy.nodes_latent import EmptyLatentImage
+
+    class Fragile(EmptyLatentImage):  # a node whose own check has a bug
+        NAME = "Fragile"
+
+        @classmethod
+        def check(cls, library, inputs):
+            raise KeyError("width_px")
+
+    library = NodeLibrary(Checkpoints(tiny_fp32), LoraLibrary(None), graph_folders)
+    library.nodes["Fragile"] = Fragile
+    graph["5"]["class_type"] = "Fragile"
+    error = node_error(refused(graph, library), "5", "exception_during_validation")
+    assert error["details"] == "'width_px'" and error["extra_info"]["exception_type"] == "KeyError"
+    assert error["extra_info"]["traceback"]
