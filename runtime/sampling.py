@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdtrt.runtime.denoise import Denoiser, DenoiserCache, StepBuffers, X0Inpaint, zero_residuals
+from sdtrt.runtime.cache_plan import check_cache_args, check_cache_supported, full_steps
+from sdtrt.runtime.control.comfy import ControlApply, check_applies, fill_comfy_slots, make_comfy_slots
+from sdtrt.runtime.denoise import Denoiser, DenoiserCache, StepBuffers, X0Inpaint, step_cache, zero_residuals
 from sdtrt.runtime.engine import Engine, input_dtype
 from sdtrt.runtime.errors import ConfigError, ShapeError
 from sdtrt.runtime.manifest import Manifest
@@ -57,7 +59,7 @@ class Conditioning:
 
     text: torch.Tensor
     pooled: torch.Tensor | None = None
-    controls: tuple = ()
+    controls: tuple[ControlApply, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, torch.Tensor) or self.text.dim() != 3 or self.text.shape[0] != 1:
@@ -111,6 +113,18 @@ def repeat_text(text: torch.Tensor, length: int) -> torch.Tensor:
     return text.repeat(1, length // text.shape[1], 1) if text.shape[1] < length else text
 
 
+@dataclass(frozen=True)
+class KLayout:
+    """What a sampling run's denoiser is built for, besides its sigmas and ControlNets."""
+
+    sampler: str
+    shape: tuple[int, ...]  # latents
+    text_shape: tuple[int, ...]  # the UNet's text rows
+    guided: bool
+    masked: bool  # a noise mask
+    plan: tuple[bool, ...] | None  # step caching: which steps run the full UNet
+
+
 class ComfyStages:
     """ComfyUI's stages over this pipeline's engines (a base of ``Pipeline``)."""
 
@@ -119,6 +133,7 @@ class ComfyStages:
     scheduler_config: SchedulerConfig
     device: torch.device
     cuda_graph: bool
+    controlnets: list[str]
     _denoisers: DenoiserCache
     _model_sampling: ModelSampling | None = None
     encode_prompts: Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor | None]]  # Pipeline's
@@ -209,8 +224,13 @@ class ComfyStages:
             return start / scale
         mask = None if noise_mask is None else prepare_mask(noise_mask, tuple(latents.shape))
         guided = not math.isclose(cfg, 1.0)
+        everywhere = check_applies(
+            positive.controls, negative.controls, self.controlnets, self.manifest.model.control_ready
+        )
         text, pooled = self._text_rows(positive, negative, latents.shape[0], guided)
-        denoiser = self._k_denoiser(sampler, table, tuple(latents.shape), text, guided, seed, mask is not None)
+        plan = full_steps(table.size - 1, 0, cache_interval) if cache_interval > 1 else None
+        layout = KLayout(sampler, tuple(latents.shape), tuple(text.shape), guided, mask is not None, plan)
+        denoiser = self._k_denoiser(layout, table, seed, positive.controls, everywhere)
         buffers = denoiser.buffers
         buffers.text.copy_(text.to(buffers.text.dtype))
         if pooled is not None:
@@ -220,6 +240,7 @@ class ComfyStages:
         buffers.state.zero_()
         if mask is not None:
             self._fill_mask(buffers, mask, clean, noise, sampler, seed)
+        fill_comfy_slots(denoiser.controls, positive.controls, self.model_sampling, table, latents.shape[0])
         return self._run(denoiser, table.size - 1, scale, callback, cancel)
 
     # -- helpers -------------------------------------------------------------------------------------------
@@ -238,8 +259,6 @@ class ComfyStages:
         for name, cond in (("positive", positive), ("negative", negative)):
             if not isinstance(cond, Conditioning):
                 raise ConfigError(f"{name} must be a Conditioning (Pipeline.encode_conditioning), got {cond!r}")
-            if cond.controls:
-                raise ConfigError("ControlNet conditioning is not supported by sample_latents yet; remove it")
             if (cond.pooled is None) != (self.manifest.model.family != "sdxl"):
                 raise ShapeError(
                     f"the {name} conditioning's pooled embedding does not fit this {self.manifest.model.family} model"
@@ -247,10 +266,8 @@ class ComfyStages:
         if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
             raise ConfigError(f"cfg must be a finite number, got {cfg!r}")
         check_seed(seed)
-        if cache_interval != 1:
-            raise ConfigError(
-                f"cache_interval must be 1 with ComfyUI sampling (no step caching there yet), got {cache_interval!r}"
-            )
+        check_cache_args(cache_interval, "uniform")
+        check_cache_supported(cache_interval, self.engines, "this pipeline")
         if self.manifest.model.inpainting:
             raise ConfigError("an inpainting UNet's concat conditioning is not supported by sample_latents yet")
 
@@ -291,38 +308,39 @@ class ComfyStages:
         inpaint.noise.copy_(noise.to(self.device))
 
     def _k_denoiser(
-        self,
-        sampler: str,
-        sigmas: np.ndarray,
-        shape: tuple[int, ...],
-        text: torch.Tensor,
-        guided: bool,
-        seed: int,
-        masked: bool,
+        self, layout: KLayout, sigmas: np.ndarray, seed: int, applies: Sequence[ControlApply], everywhere: bool
     ) -> Denoiser:
-        """The denoiser for these sigmas and shapes, kept between calls so a captured CUDA graph is replayed."""
-        noise = draw_step_noise(sampler, sigmas, shape, seed)
-        key = ("comfy", sampler, tuple(float(s) for s in sigmas), shape, tuple(text.shape), guided, masked)
+        """The denoiser for ``layout`` and these sigmas and ControlNets, kept between calls so a captured CUDA graph
+        is replayed (its per-step noise refreshed for ``seed``)."""
+        shape, rows = layout.shape, layout.text_shape[0]
+        noise = draw_step_noise(layout.sampler, sigmas, shape, seed)
+        key = ("comfy", layout, tuple(float(s) for s in sigmas), tuple(a.name for a in applies), everywhere)
         cached = self._denoisers.get(key, noise)
         if cached is not None:
             return cached
-        model = self.model_sampling
-        schedule = make_k_schedule(sampler, model, sigmas, self.device, noise)
-        unet, family = self.engines["unet"], self.manifest.model
+        model, unet, family = self.model_sampling, self.engines["unet"], self.manifest.model
+        schedule = make_k_schedule(layout.sampler, model, sigmas, self.device, noise)
         widths = {"text_embeds": family.add_text_embeds_width, "time_ids": family.add_time_ids}
         dtype = input_dtype(unet, "encoder_hidden_states")
-        buffers = StepBuffers.allocate(
-            shape, tuple(text.shape), dtype, self.device, widths if family.family == "sdxl" else None
-        )
-        buffers.residuals = zero_residuals(unet, text.shape[0], shape[2], shape[3], self.device)
-        if masked:
+        extra = widths if family.family == "sdxl" else None
+        buffers = StepBuffers.allocate(shape, layout.text_shape, dtype, self.device, extra)
+        factor, steps = family.vae_scale_factor, len(sigmas) - 1
+        size = (shape[2] * factor, shape[3] * factor)
+        hint_rows = (rows, False) if everywhere or not layout.guided else (shape[0], True)
+        slots = make_comfy_slots(applies, self.engines, size, steps, hint_rows, self.device)
+        if not slots:
+            buffers.residuals = zero_residuals(unet, rows, shape[2], shape[3], self.device)
+        if layout.masked:
             sigma = sigmas[:-1].astype(np.float64)
             a, b = denoised_coefficients(model.prediction_type, sigma)
             levels = torch.from_numpy(np.stack([sigma, a, b], axis=1)).float().to(self.device)
             zeros = torch.zeros(shape, device=self.device)
             buffers.x0_inpaint = X0Inpaint(zeros.clone(), zeros.clone(), zeros.clone(), levels)
-        use_graph = self.cuda_graph and unet.graph_capturable
-        denoiser = Denoiser(unet, sampler_module(sampler), schedule, buffers, guided, use_graph)
+        cache = step_cache(self.engines, layout.plan, buffers, slots) if layout.plan is not None else None
+        engines = [unet] + [slot.engine for slot in slots] + ([cache.shallow] if cache else [])
+        use_graph = self.cuda_graph and all(engine.graph_capturable for engine in engines)
+        sampler = sampler_module(layout.sampler)
+        denoiser = Denoiser(unet, sampler, schedule, buffers, layout.guided, use_graph, slots, cache)
         self._denoisers.put(key, denoiser)
         return denoiser
 
@@ -345,6 +363,7 @@ class ComfyStages:
 
 __all__ = [
     "COMFY_SAMPLERS",
+    "ControlApply",
     "SIGMA_SAMPLERS",
     "SIGMA_SCHEDULES",
     "ComfyStages",

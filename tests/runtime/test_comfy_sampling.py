@@ -254,8 +254,8 @@ def test_bad_input_is_refused(pipe, conds):
         pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **{**good, "sigmas": [1.0, -1.0]})
     with pytest.raises(ConfigError, match="seed must be an integer"):
         pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **{**good, "seed": -1})
-    with pytest.raises(ConfigError, match="cache_interval"):
-        pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **good, cache_interval=2)
+    with pytest.raises(ConfigError, match="cache interval must be an integer >= 1"):
+        pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **good, cache_interval=0)
 
 
 def test_decode_and_encode_images_as_comfy(pipe):
@@ -270,3 +270,126 @@ def test_decode_and_encode_images_as_comfy(pipe):
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     mean = pipe.engines["vae_encoder"].infer({"image": images.movedim(-1, 1) * 2 - 1})["latent_mean"]
     torch.testing.assert_close(first, mean, rtol=0, atol=0)
+
+
+# -- ControlNet (ControlNetApplyAdvanced), step caching, SDXL ----------------------------------------------------
+class ControlledReference(Reference):
+    """The reference with diffusers ControlNets: residuals x strength on the steps inside the sigma range."""
+
+    def __init__(self, bundle, positive, negative, cfg, controlnet, hint, strength, sigma_range, both: bool):
+        super().__init__(bundle, positive, negative, cfg)
+        self.controlnet, self.hint, self.strength, self.range, self.both = controlnet, hint, strength, sigma_range, both
+
+    def eps(self, x, sigma, text):
+        active = self.range[1] <= float(sigma) <= self.range[0] and (self.both or torch.equal(text, self.pos))
+        if not active:
+            return super().eps(x, sigma, text)
+        t = (sigma.log() - self.log_sigmas).abs().argmin()
+        inp = x / (sigma**2 + 1) ** 0.5
+        context = text.expand(x.shape[0], -1, -1)
+        hint = self.hint.expand(x.shape[0], -1, -1, -1)
+        with torch.no_grad():
+            down, mid = self.controlnet(inp, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
+            down = [d * self.strength for d in down]
+            out = self.unet(
+                inp,
+                t,
+                encoder_hidden_states=context,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid * self.strength,
+            )
+        return out.sample.float()
+
+
+@pytest.fixture(scope="module")
+def control_pipe(tiny_control_fp32):
+    with Pipeline.from_artifacts(tiny_control_fp32, backend="onnxruntime") as pipeline:
+        yield pipeline
+
+
+@pytest.mark.parametrize("both", [True, False])
+def test_controlnet_matches_diffusers_controlnet(control_pipe, tiny_bundle, tiny_controlnets, both):
+    from sdtrt.runtime.control.comfy import ControlApply, comfy_hint, percent_to_sigma
+
+    pipe = control_pipe
+    image = torch.rand(1, 48, 80, 3, generator=torch.Generator().manual_seed(4))  # another aspect: center crop
+    apply = ControlApply("edges", image, strength=0.7, start_percent=0.0, end_percent=0.6)
+    positive = Conditioning(pipe.encode_conditioning("a house").text, controls=(apply,))
+    negative = Conditioning(pipe.encode_conditioning("").text, controls=(apply,) if both else ())
+    sigmas = pipe.ksampler_sigmas("normal", 4)
+    model = pipe.model_sampling
+    sigma_range = (percent_to_sigma(model, 0.0), percent_to_sigma(model, 0.6))
+    assert 0 < sum(sigma_range[1] <= s <= sigma_range[0] for s in sigmas[:-1]) < 4  # some steps only
+    latents = torch.zeros(1, 4, 8, 8)
+    ours = pipe.sample_latents(latents, positive, negative, sampler="euler", sigmas=sigmas, cfg=6.0, seed=8)
+    hint = comfy_hint(image, 64, 64)
+    controlnet = tiny_controlnets["edges"][1]
+    ref = ControlledReference(tiny_bundle, positive, negative, 6.0, controlnet, hint, 0.7, sigma_range, both)
+    assert_close(ours, ref.run("euler", latents, sigmas, 8))
+    plain = pipe.sample_latents(
+        latents,
+        Conditioning(positive.text),
+        Conditioning(negative.text),
+        sampler="euler",
+        sigmas=sigmas,
+        cfg=6.0,
+        seed=8,
+    )
+    assert float((ours - plain).abs().max()) > 1e-2  # the ControlNet changes the result
+
+
+def test_comfy_hint_crops_around_the_center():
+    from sdtrt.runtime.control.comfy import comfy_hint
+
+    image = torch.arange(4 * 8, dtype=torch.float32).reshape(1, 4, 8, 1).expand(-1, -1, -1, 3)
+    hint = comfy_hint(image, 4, 4)  # aspect 2 -> 1: columns 2..5 kept
+    assert torch.equal(hint[0, 0], image[0, :, 2:6, 0])
+
+
+def test_controls_are_checked(control_pipe):
+    from sdtrt.runtime.control.comfy import ControlApply
+    from sdtrt.runtime.errors import ControlError
+
+    pipe = control_pipe
+    image = torch.rand(1, 64, 64, 3)
+    text = pipe.encode_conditioning("x").text
+    with pytest.raises(ControlError, match="unknown ControlNet 'pose': this artifact has depth, edges"):
+        pipe.sample_latents(
+            torch.zeros(1, 4, 8, 8),
+            Conditioning(text, controls=(ControlApply("pose", image),)),
+            Conditioning(text),
+            sampler="euler",
+            sigmas=[1.0, 0.0],
+            cfg=2.0,
+            seed=0,
+        )
+    one, two = ControlApply("edges", image), ControlApply("depth", image)
+    with pytest.raises(ControlError, match="same ControlNet applications"):
+        pipe.sample_latents(
+            torch.zeros(1, 4, 8, 8),
+            Conditioning(text, controls=(one,)),
+            Conditioning(text, controls=(two,)),
+            sampler="euler",
+            sigmas=[1.0, 0.0],
+            cfg=2.0,
+            seed=0,
+        )
+    with pytest.raises(ControlError, match="start_percent <= end_percent"):
+        ControlApply("edges", image, start_percent=0.8, end_percent=0.2)
+
+
+def test_step_caching_runs_the_shallow_unet_between_full_steps(pipe, conds):
+    positive, negative = conds
+    calls = []
+    shallow = pipe.engines["unet_shallow"]
+    original = shallow.infer
+    shallow.infer = lambda feeds: calls.append(1) or original(feeds)
+    try:
+        sigmas = pipe.ksampler_sigmas("normal", 6)
+        args = {"sampler": "euler", "sigmas": sigmas, "cfg": 5.0, "seed": 2}
+        cached = pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **args, cache_interval=2)
+        assert len(calls) == 2  # plan F.F.FF: steps 1 and 3 shallow
+        full = pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **args)
+    finally:
+        del shallow.infer
+    assert len(calls) == 2 and not torch.equal(cached, full)
