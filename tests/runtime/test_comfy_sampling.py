@@ -21,7 +21,6 @@ from sdtrt.runtime.errors import ConfigError, ShapeError
 from sdtrt.runtime.pipeline import Pipeline
 from sdtrt.runtime.sampling import SIGMA_SAMPLERS, Conditioning, Interrupted, comfy_noise, prepare_mask
 
-SCALE = 0.18215
 REL_TOL = 1e-4
 
 
@@ -47,7 +46,7 @@ class Reference:
     """k-diffusion's samplers around the diffusers UNet, on the CPU in float32."""
 
     def __init__(self, bundle, positive: Conditioning, negative: Conditioning, cfg: float) -> None:
-        self.unet, self.cfg = bundle.unet, cfg
+        self.unet, self.cfg, self.scale = bundle.unet, cfg, bundle.vae.config.scaling_factor
         self.log_sigmas = log_sigma_table(bundle.scheduler_config)
         self.pos, self.neg = positive.text, negative.text
         self.mask = self.latent = self.mask_noise = None
@@ -103,14 +102,14 @@ class Reference:
     def run(self, sampler, latents, sigmas, seed, mask=None, add_noise=True):
         sigmas = torch.from_numpy(np.asarray(sigmas, dtype=np.float32))
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)) if add_noise else latents * 0
-        latent = latents * SCALE
+        latent = latents * self.scale
         top = math.exp(float(self.log_sigmas[-1]))
         scale = (1 + sigmas[0] ** 2) ** 0.5 if math.isclose(top, float(sigmas[0]), rel_tol=1e-5) else sigmas[0]
         if mask is not None:
             self.mask, self.latent = mask, latent
             ddim = torch.randn(noise.shape, generator=torch.Generator().manual_seed(seed + 1))  # inpaint "random"
             self.mask_noise = ddim if sampler == "ddim" else noise
-        return self.sample(sampler, noise * scale + latent, sigmas, seed) / SCALE
+        return self.sample(sampler, noise * scale + latent, sigmas, seed) / self.scale
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
@@ -393,3 +392,42 @@ def test_step_caching_runs_the_shallow_unet_between_full_steps(pipe, conds):
     finally:
         del shallow.infer
     assert len(calls) == 2 and not torch.equal(cached, full)
+
+
+def test_sdxl_pooled_output_and_size_conditioning(tmp_path_factory):
+    """tiny-xl: the UNet gets both prompts' pooled outputs and ComfyUI's default time ids (latent size x 8, crop 0)."""
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+    from sdtrt.export.profiles import default_profile
+    from sdtrt.runtime.models.presets import load_preset
+
+    bundle = load_preset("tiny-xl")
+    folder = tmp_path_factory.mktemp("comfy-xl") / "fp32"
+    export_artifacts(bundle, folder, ExportOptions(profile=default_profile(bundle), precision="fp32"))
+    with Pipeline.from_artifacts(folder, backend="onnxruntime") as pipe:
+        positive, negative = pipe.encode_conditioning("a red circle"), pipe.encode_conditioning("")
+        assert positive.pooled is not None and positive.pooled.shape[0] == 1
+        sigmas = pipe.ksampler_sigmas("karras", 3)
+        latents = torch.zeros(1, 4, 16, 12)
+        ours = pipe.sample_latents(latents, positive, negative, sampler="dpmpp_2m", sigmas=sigmas, cfg=5.0, seed=6)
+        with pytest.raises(ShapeError, match="pooled embedding"):
+            pipe.sample_latents(
+                latents, Conditioning(positive.text), negative, sampler="euler", sigmas=sigmas, cfg=5.0, seed=6
+            )
+
+    class XLReference(Reference):
+        def eps(self, x, sigma, text):
+            t = (sigma.log() - self.log_sigmas).abs().argmin()
+            pooled = positive.pooled if torch.equal(text, positive.text) else negative.pooled
+            ids = torch.tensor([[128.0, 96.0, 0.0, 0.0, 128.0, 96.0]])
+            extra = {"text_embeds": pooled.expand(x.shape[0], -1), "time_ids": ids.expand(x.shape[0], -1)}
+            with torch.no_grad():
+                out = self.unet(
+                    x / (sigma**2 + 1) ** 0.5,
+                    t,
+                    encoder_hidden_states=text.expand(x.shape[0], -1, -1),
+                    added_cond_kwargs=extra,
+                )
+            return out.sample.float()
+
+    reference = XLReference(bundle, positive, negative, 5.0)
+    assert_close(ours, reference.run("dpmpp_2m", latents, sigmas, 6))
