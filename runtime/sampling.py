@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from sdtrt.runtime.cache_plan import check_cache_args, check_cache_supported, full_steps
+from sdtrt.runtime.comfy_tensors import common_upscale, repeat_to_batch_size, resize_to_batch_size
 from sdtrt.runtime.control.comfy import ControlApply, check_applies, fill_comfy_slots, make_comfy_slots
 from sdtrt.runtime.denoise import Denoiser, DenoiserCache, StepBuffers, X0Inpaint, step_cache, zero_residuals
 from sdtrt.runtime.engine import Engine, input_dtype
@@ -49,17 +50,21 @@ COMFY_SAMPLERS: dict[str, str] = {
     "ddim": "ddim",
     "lcm": "lcm",
 }
-MAX_SEED = 2**64 - 1  # ComfyUI's seed widget range is [0, 0xffffffffffffffff]
+MAX_SEED = 2**64 - 1
+# ComfyUI's latents of a blank (0) image for an inpainting UNet given no mask (model_base set_inpaint), scaled
+BLANK_LATENTS = (0.8223, -0.6876, 0.6364, 0.1380)  # ComfyUI's seed widget range is [0, 0xffffffffffffffff]
 
 
 @dataclass(frozen=True)
 class Conditioning:
     """ComfyUI's CONDITIONING for one prompt: text vectors [1, 77 * k, D] float32 on the CPU, SDXL's pooled
-    embedding [1, P] (None for other models), and ControlNet applications."""
+    embedding [1, P] (None for other models), ControlNet applications, and an inpainting model's concat inputs."""
 
     text: torch.Tensor
     pooled: torch.Tensor | None = None
     controls: tuple[ControlApply, ...] = ()
+    concat_latent_image: torch.Tensor | None = None  # InpaintModelConditioning: unscaled latents [1 or B, C, h, w]
+    concat_mask: torch.Tensor | None = None  # InpaintModelConditioning: [h, w], [B, h, w] or [B, 1, h, w]
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, torch.Tensor) or self.text.dim() != 3 or self.text.shape[0] != 1:
@@ -67,6 +72,14 @@ class Conditioning:
             raise ShapeError(f"conditioning text must be a tensor [1, 77 * k, D], got {found}")
         if self.pooled is not None and (self.pooled.dim() != 2 or self.pooled.shape[0] != 1):
             raise ShapeError(f"a pooled embedding must be [1, P], got {tuple(self.pooled.shape)}")
+        if self.concat_latent_image is not None and self.concat_latent_image.dim() != 4:
+            raise ShapeError(
+                f"concat_latent_image must be latents [B, C, h, w], got {tuple(self.concat_latent_image.shape)}"
+            )
+        if self.concat_mask is not None and self.concat_mask.dim() not in (2, 3, 4):
+            raise ShapeError(
+                f"concat_mask must be [h, w], [B, h, w] or [B, 1, h, w], got {tuple(self.concat_mask.shape)}"
+            )
 
 
 class Interrupted(Exception):
@@ -97,10 +110,42 @@ def prepare_mask(mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         raise ShapeError(f"a noise mask must be [h, w], [B, h, w] or [B, 1, h, w], got {found}")
     flat = mask.float().cpu().reshape(-1, 1, mask.shape[-2], mask.shape[-1])
     resized = torch.nn.functional.interpolate(flat, size=tuple(shape[2:]), mode="bilinear")
-    resized = resized.repeat(1, shape[1], 1, 1)
-    if resized.shape[0] < shape[0]:
-        resized = resized.repeat(math.ceil(shape[0] / resized.shape[0]), 1, 1, 1)
-    return resized[: shape[0]]
+    return repeat_to_batch_size(resized.repeat(1, shape[1], 1, 1), shape[0])
+
+
+def concat_condition(
+    cond: Conditioning, clean: torch.Tensor, mask: torch.Tensor | None, scale: float, blank: Sequence[float]
+) -> torch.Tensor:
+    """An inpainting UNet's extra channels [B, 1 + C, h, w] for ``cond``, as ComfyUI's concat_cond makes them: its
+    ``concat_mask`` (else the noise ``mask``) rounded, and its ``concat_latent_image`` (else the scaled input
+    latents ``clean``), each resized (bilinear, center crop) and spread over the batch; with no mask at all, the
+    full mask and the latents of a blank image (``blank``: per channel)."""
+    batch, channels, height, width = clean.shape
+    if cond.concat_mask is None and mask is None:
+        ones = torch.ones((batch, 1, height, width))
+        return torch.cat(
+            [ones, torch.tensor(blank, dtype=torch.float32).reshape(1, -1, 1, 1) * torch.ones_like(clean)], 1
+        )
+    image = clean if cond.concat_latent_image is None else cond.concat_latent_image.float().cpu() * scale
+    if tuple(image.shape[1:]) != (channels, height, width):
+        image = common_upscale(image, height, width, "bilinear")
+    chosen = cond.concat_mask if cond.concat_mask is not None else mask
+    assert chosen is not None
+    chosen = chosen.float().cpu()
+    if chosen.dim() == 4:
+        chosen = chosen[:, :1]
+    chosen = chosen.reshape(-1, 1, chosen.shape[-2], chosen.shape[-1])
+    if tuple(chosen.shape[-2:]) != (height, width):
+        chosen = common_upscale(chosen, height, width, "bilinear")
+    return torch.cat([resize_to_batch_size(chosen.round(), batch), resize_to_batch_size(image, batch)], dim=1)
+
+
+def noised_start(noise: torch.Tensor, clean: torch.Tensor, first: float, sigma_max: float) -> torch.Tensor:
+    """ComfyUI's starting latents: ``noise`` scaled by ``sqrt(1 + sigma0^2)`` when the first sigma is the model's
+    largest (rel. 1e-5) or above, else by ``sigma0``, plus the scaled input latents ``clean``."""
+    sigma = torch.tensor(first, dtype=torch.float32)
+    full = math.isclose(sigma_max, float(sigma), rel_tol=1e-5) or float(sigma) > sigma_max
+    return noise * (torch.sqrt(1.0 + sigma**2.0) if full else sigma) + clean
 
 
 def lcm_length(*texts: torch.Tensor) -> int:
@@ -198,6 +243,7 @@ class ComfyStages:
         callback: Callable[[int, int, torch.Tensor], Any] | None = None,
         cancel: Cancel | None = None,
         cache_interval: int = 1,
+        cache_schedule: str = "uniform",
     ) -> torch.Tensor:
         """ComfyUI's KSampler over ``sigmas`` from unscaled ``latents`` [B, C, h, w]; returns unscaled latents.
 
@@ -205,21 +251,20 @@ class ComfyStages:
         ``noise_mask`` (SetLatentNoiseMask): 1 where the latents are resampled, 0 where they are kept.
         ``callback(step, total, latents)`` runs after each step with the current unscaled latents. ``cancel`` is
         read before each step; once set, ``Interrupted`` is raised. No sigmas: the latents come back unchanged.
+        ``cache_interval`` > 1: step caching, the full UNet on one step in N (``cache_schedule`` "uniform" or
+        "quadratic", see ``runtime.cache_plan``) and the shallow one between.
         """
         if sampler not in SIGMA_SAMPLERS:
             raise ConfigError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SIGMA_SAMPLERS)}")
         table = check_sigmas(sigmas)
         latents = self._check_latents(latents)
-        self._check_options(positive, negative, cfg, seed, cache_interval)
+        self._check_options(positive, negative, cfg, seed, (cache_interval, cache_schedule))
         if table.size == 0:
             return latents.clone()
         scale = self.manifest.model.scaling_factor
         noise = comfy_noise(latents.shape, seed) if add_noise else torch.zeros_like(latents)
         clean = latents * scale
-        first = torch.tensor(table[0])
-        top = self.model_sampling.sigma_max
-        max_denoise = math.isclose(top, float(first), rel_tol=1e-5) or float(first) > top
-        start = noise * (torch.sqrt(1.0 + first**2.0) if max_denoise else first) + clean
+        start = noised_start(noise, clean, table[0], self.model_sampling.sigma_max)
         if table.size == 1:
             return start / scale
         mask = None if noise_mask is None else prepare_mask(noise_mask, tuple(latents.shape))
@@ -228,22 +273,42 @@ class ComfyStages:
             positive.controls, negative.controls, self.controlnets, self.manifest.model.control_ready
         )
         text, pooled = self._text_rows(positive, negative, latents.shape[0], guided)
-        plan = full_steps(table.size - 1, 0, cache_interval) if cache_interval > 1 else None
+        plan = full_steps(table.size - 1, 0, cache_interval, cache_schedule) if cache_interval > 1 else None
         layout = KLayout(sampler, tuple(latents.shape), tuple(text.shape), guided, mask is not None, plan)
         denoiser = self._k_denoiser(layout, table, seed, positive.controls, everywhere)
         buffers = denoiser.buffers
-        buffers.text.copy_(text.to(buffers.text.dtype))
-        if pooled is not None:
-            self._fill_sdxl(buffers, pooled, latents.shape)
-        buffers.guidance.fill_(float(cfg))
         buffers.latents.copy_(start.to(self.device))
         buffers.state.zero_()
+        buffers.guidance.fill_(float(cfg))
         if mask is not None:
             self._fill_mask(buffers, mask, clean, noise, sampler, seed)
-        fill_comfy_slots(denoiser.controls, positive.controls, self.model_sampling, table, latents.shape[0])
+        conds = (negative, positive) if guided else (positive,)
+        self._fill_conditioning(denoiser, conds, (text, pooled), table, (clean, mask))
         return self._run(denoiser, table.size - 1, scale, callback, cancel)
 
     # -- helpers -------------------------------------------------------------------------------------------
+    def _fill_conditioning(
+        self,
+        denoiser: Denoiser,
+        conds: tuple[Conditioning, ...],
+        rows: tuple[torch.Tensor, torch.Tensor | None],
+        sigmas: np.ndarray,
+        init: tuple[torch.Tensor, torch.Tensor | None],
+    ) -> None:
+        """Copy the text rows (SDXL: and pooled outputs), ControlNet hints and an inpainting UNet's concat channels
+        of ``conds`` (negative first when guided; ``init``: the scaled input latents and the prepared noise mask)
+        into the denoiser's buffers."""
+        buffers, (text, pooled), positive = denoiser.buffers, rows, conds[-1]
+        shape = tuple(buffers.latents.shape)
+        buffers.text.copy_(text.to(buffers.text.dtype))
+        if pooled is not None:
+            self._fill_sdxl(buffers, pooled, shape)
+        fill_comfy_slots(denoiser.controls, positive.controls, self.model_sampling, sigmas, shape[0])
+        if buffers.condition is not None:
+            scale = self.manifest.model.scaling_factor
+            concat = [concat_condition(c, *init, scale, BLANK_LATENTS) for c in conds]
+            buffers.condition.copy_(torch.cat(concat).to(self.device))
+
     def _check_latents(self, latents: torch.Tensor) -> torch.Tensor:
         channels = self.manifest.model.latent_channels
         if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[1] != channels:
@@ -254,7 +319,7 @@ class ComfyStages:
         return latents.float().cpu()
 
     def _check_options(
-        self, positive: Conditioning, negative: Conditioning, cfg: float, seed: int, cache_interval: int
+        self, positive: Conditioning, negative: Conditioning, cfg: float, seed: int, cache: tuple[int, str]
     ) -> None:
         for name, cond in (("positive", positive), ("negative", negative)):
             if not isinstance(cond, Conditioning):
@@ -266,10 +331,8 @@ class ComfyStages:
         if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
             raise ConfigError(f"cfg must be a finite number, got {cfg!r}")
         check_seed(seed)
-        check_cache_args(cache_interval, "uniform")
-        check_cache_supported(cache_interval, self.engines, "this pipeline")
-        if self.manifest.model.inpainting:
-            raise ConfigError("an inpainting UNet's concat conditioning is not supported by sample_latents yet")
+        check_cache_args(*cache)
+        check_cache_supported(cache[0], self.engines, "this pipeline")
 
     def _text_rows(
         self, positive: Conditioning, negative: Conditioning, batch: int, guided: bool
@@ -330,6 +393,8 @@ class ComfyStages:
         slots = make_comfy_slots(applies, self.engines, size, steps, hint_rows, self.device)
         if not slots:
             buffers.residuals = zero_residuals(unet, rows, shape[2], shape[3], self.device)
+        if family.inpainting:
+            buffers.condition = torch.zeros((rows, family.condition_channels, shape[2], shape[3]), device=self.device)
         if layout.masked:
             sigma = sigmas[:-1].astype(np.float64)
             a, b = denoised_coefficients(model.prediction_type, sigma)

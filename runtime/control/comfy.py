@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sdtrt.runtime.comfy_tensors import common_upscale
 from sdtrt.runtime.denoise import ControlSlot
 from sdtrt.runtime.engine import Engine
 from sdtrt.runtime.errors import ControlError
@@ -71,16 +72,7 @@ def step_scales(control: ControlApply, model: ModelSampling, sigmas: np.ndarray,
 
 def comfy_hint(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """ComfyUI's ``common_upscale(image, width, height, "nearest-exact", "center")`` of an IMAGE: [B, 3, H, W]."""
-    pixels = image.float().cpu().movedim(-1, 1)
-    old_height, old_width = pixels.shape[-2:]
-    old_aspect, new_aspect = old_width / old_height, width / height
-    x = y = 0
-    if old_aspect > new_aspect:
-        x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
-    cropped = pixels.narrow(-2, y, old_height - 2 * y).narrow(-1, x, old_width - 2 * x)
-    return torch.nn.functional.interpolate(cropped, size=(height, width), mode="nearest-exact")
+    return common_upscale(image.float().cpu().movedim(-1, 1), height, width, "nearest-exact")
 
 
 def check_applies(

@@ -431,3 +431,48 @@ def test_sdxl_pooled_output_and_size_conditioning(tmp_path_factory):
 
     reference = XLReference(bundle, positive, negative, 5.0)
     assert_close(ours, reference.run("dpmpp_2m", latents, sigmas, 6))
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_inpainting_unet_gets_comfys_concat_channels(tiny_inpaint_fp32, tiny_inpaint_bundle, with_mask):
+    """InpaintModelConditioning's concat_latent_image + concat_mask (and the latent's noise_mask) on the 9-channel
+    UNet; without any mask, ComfyUI's full mask and blank-image latents."""
+    from sdtrt.runtime.sampling import BLANK_LATENTS
+
+    bundle = tiny_inpaint_bundle
+    scale = bundle.vae.config.scaling_factor
+    with Pipeline.from_artifacts(tiny_inpaint_fp32, backend="onnxruntime") as pipe:
+        text_pos, text_neg = pipe.encode_conditioning("a cat").text, pipe.encode_conditioning("").text
+        image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
+        mask = torch.zeros(1, 64, 64)
+        mask[:, 16:48, 8:40] = 1.0
+        masked = image.clone()
+        masked[mask > 0.5] = 0.5  # InpaintModelConditioning greys the masked pixels before VAEEncode
+        concat = pipe.encode_images(masked)
+        latents = pipe.encode_images(image)
+        extra = {"concat_latent_image": concat, "concat_mask": mask} if with_mask else {}
+        positive, negative = Conditioning(text_pos, **extra), Conditioning(text_neg, **extra)
+        sigmas = pipe.ksampler_sigmas("normal", 3, denoise=0.8)
+        noise_mask = mask if with_mask else None
+        ours = pipe.sample_latents(
+            latents, positive, negative, sampler="euler", sigmas=sigmas, cfg=4.0, seed=5, noise_mask=noise_mask
+        )
+
+    small = torch.nn.functional.interpolate(mask[:, None], size=(8, 8), mode="bilinear").round()
+    if with_mask:
+        condition = torch.cat([small, concat * scale], dim=1)
+    else:
+        condition = torch.cat(
+            [torch.ones(1, 1, 8, 8), torch.tensor(BLANK_LATENTS).reshape(1, 4, 1, 1).expand(1, 4, 8, 8)], 1
+        )
+
+    class InpaintReference(Reference):
+        def eps(self, x, sigma, text):
+            t = (sigma.log() - self.log_sigmas).abs().argmin()
+            inp = torch.cat([x / (sigma**2 + 1) ** 0.5, condition.expand(x.shape[0], -1, -1, -1)], dim=1)
+            with torch.no_grad():
+                return self.unet(inp, t, encoder_hidden_states=text.expand(x.shape[0], -1, -1)).sample.float()
+
+    reference = InpaintReference(bundle, positive, negative, 4.0)
+    blend = prepare_mask(mask, (1, 4, 8, 8)) if with_mask else None
+    assert_close(ours, reference.run("euler", latents, sigmas, 5, mask=blend))
