@@ -22,7 +22,13 @@ import numpy as np
 import torch
 
 from sdtrt.runtime.cache_plan import check_cache_args, check_cache_supported, full_steps
-from sdtrt.runtime.comfy_tensors import common_upscale, repeat_to_batch_size, resize_to_batch_size
+from sdtrt.runtime.comfy_tensors import (
+    concat_condition,
+    lcm_length,
+    noised_start,
+    prepare_mask,
+    repeat_text,
+)
 from sdtrt.runtime.control.comfy import ControlApply, check_applies, fill_comfy_slots, make_comfy_slots
 from sdtrt.runtime.denoise import Denoiser, DenoiserCache, StepBuffers, X0Inpaint, step_cache, zero_residuals
 from sdtrt.runtime.engine import Engine, input_dtype
@@ -50,9 +56,7 @@ COMFY_SAMPLERS: dict[str, str] = {
     "ddim": "ddim",
     "lcm": "lcm",
 }
-MAX_SEED = 2**64 - 1
-# ComfyUI's latents of a blank (0) image for an inpainting UNet given no mask (model_base set_inpaint), scaled
-BLANK_LATENTS = (0.8223, -0.6876, 0.6364, 0.1380)  # ComfyUI's seed widget range is [0, 0xffffffffffffffff]
+MAX_SEED = 2**64 - 1  # ComfyUI's seed widget range is [0, 0xffffffffffffffff]
 
 
 @dataclass(frozen=True)
@@ -100,62 +104,6 @@ def comfy_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
 def check_seed(seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
-
-
-def prepare_mask(mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """A noise mask ([h, w], [B, h, w] or [B, 1, h, w], any size) as ComfyUI reshapes it for latents of
-    ``shape``: bilinearly resized to the latent size, repeated over the channels and the batch."""
-    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 3, 4) or (mask.dim() == 4 and mask.shape[1] != 1):
-        found = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ShapeError(f"a noise mask must be [h, w], [B, h, w] or [B, 1, h, w], got {found}")
-    flat = mask.float().cpu().reshape(-1, 1, mask.shape[-2], mask.shape[-1])
-    resized = torch.nn.functional.interpolate(flat, size=tuple(shape[2:]), mode="bilinear")
-    return repeat_to_batch_size(resized.repeat(1, shape[1], 1, 1), shape[0])
-
-
-def concat_condition(
-    cond: Conditioning, clean: torch.Tensor, mask: torch.Tensor | None, scale: float, blank: Sequence[float]
-) -> torch.Tensor:
-    """An inpainting UNet's extra channels [B, 1 + C, h, w] for ``cond``, as ComfyUI's concat_cond makes them: its
-    ``concat_mask`` (else the noise ``mask``) rounded, and its ``concat_latent_image`` (else the scaled input
-    latents ``clean``), each resized (bilinear, center crop) and spread over the batch; with no mask at all, the
-    full mask and the latents of a blank image (``blank``: per channel)."""
-    batch, channels, height, width = clean.shape
-    if cond.concat_mask is None and mask is None:
-        ones = torch.ones((batch, 1, height, width))
-        return torch.cat(
-            [ones, torch.tensor(blank, dtype=torch.float32).reshape(1, -1, 1, 1) * torch.ones_like(clean)], 1
-        )
-    image = clean if cond.concat_latent_image is None else cond.concat_latent_image.float().cpu() * scale
-    if tuple(image.shape[1:]) != (channels, height, width):
-        image = common_upscale(image, height, width, "bilinear")
-    chosen = cond.concat_mask if cond.concat_mask is not None else mask
-    assert chosen is not None
-    chosen = chosen.float().cpu()
-    if chosen.dim() == 4:
-        chosen = chosen[:, :1]
-    chosen = chosen.reshape(-1, 1, chosen.shape[-2], chosen.shape[-1])
-    if tuple(chosen.shape[-2:]) != (height, width):
-        chosen = common_upscale(chosen, height, width, "bilinear")
-    return torch.cat([resize_to_batch_size(chosen.round(), batch), resize_to_batch_size(image, batch)], dim=1)
-
-
-def noised_start(noise: torch.Tensor, clean: torch.Tensor, first: float, sigma_max: float) -> torch.Tensor:
-    """ComfyUI's starting latents: ``noise`` scaled by ``sqrt(1 + sigma0^2)`` when the first sigma is the model's
-    largest (rel. 1e-5) or above, else by ``sigma0``, plus the scaled input latents ``clean``."""
-    sigma = torch.tensor(first, dtype=torch.float32)
-    full = math.isclose(sigma_max, float(sigma), rel_tol=1e-5) or float(sigma) > sigma_max
-    return noise * (torch.sqrt(1.0 + sigma**2.0) if full else sigma) + clean
-
-
-def lcm_length(*texts: torch.Tensor) -> int:
-    """The sequence length conditionings of different lengths are repeated to (their least common multiple)."""
-    return math.lcm(*(int(t.shape[1]) for t in texts))
-
-
-def repeat_text(text: torch.Tensor, length: int) -> torch.Tensor:
-    """``text`` repeated along the sequence to ``length`` (attention over repeated keys gives the same result)."""
-    return text.repeat(1, length // text.shape[1], 1) if text.shape[1] < length else text
 
 
 @dataclass(frozen=True)
@@ -306,7 +254,7 @@ class ComfyStages:
         fill_comfy_slots(denoiser.controls, positive.controls, self.model_sampling, sigmas, shape[0])
         if buffers.condition is not None:
             scale = self.manifest.model.scaling_factor
-            concat = [concat_condition(c, *init, scale, BLANK_LATENTS) for c in conds]
+            concat = [concat_condition((c.concat_latent_image, c.concat_mask), *init, scale) for c in conds]
             buffers.condition.copy_(torch.cat(concat).to(self.device))
 
     def _check_latents(self, latents: torch.Tensor) -> torch.Tensor:

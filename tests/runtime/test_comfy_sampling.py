@@ -437,7 +437,7 @@ def test_sdxl_pooled_output_and_size_conditioning(tmp_path_factory):
 def test_inpainting_unet_gets_comfys_concat_channels(tiny_inpaint_fp32, tiny_inpaint_bundle, with_mask):
     """InpaintModelConditioning's concat_latent_image + concat_mask (and the latent's noise_mask) on the 9-channel
     UNet; without any mask, ComfyUI's full mask and blank-image latents."""
-    from sdtrt.runtime.sampling import BLANK_LATENTS
+    from sdtrt.runtime.comfy_tensors import BLANK_LATENTS
 
     bundle = tiny_inpaint_bundle
     scale = bundle.vae.config.scaling_factor
