@@ -476,3 +476,30 @@ def test_inpainting_unet_gets_comfys_concat_channels(tiny_inpaint_fp32, tiny_inp
     reference = InpaintReference(bundle, positive, negative, 4.0)
     blend = prepare_mask(mask, (1, 4, 8, 8)) if with_mask else None
     assert_close(ours, reference.run("euler", latents, sigmas, 5, mask=blend))
+
+
+def test_v_prediction_model(tmp_path):
+    """An SD 2.x v-prediction model: denoised = x / (sigma^2 + 1) - v * sigma / sqrt(sigma^2 + 1) (ComfyUI's
+    V_PREDICTION), for a deterministic and an ancestral sampler."""
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+    from sdtrt.export.profiles import default_profile
+    from tests.conftest import make_sd2_bundle
+
+    bundle = make_sd2_bundle()
+    export_artifacts(bundle, tmp_path / "sd2", ExportOptions(profile=default_profile(bundle)))
+
+    class VReference(Reference):
+        def denoised(self, x, sigma):
+            v = lambda text: self.eps(x, sigma, text)  # noqa: E731 (the UNet's output, here v)
+            to_x0 = lambda out: x / (sigma**2 + 1) - out * sigma / (sigma**2 + 1) ** 0.5  # noqa: E731
+            cond, uncond = to_x0(v(self.pos)), to_x0(v(self.neg))
+            return uncond + (cond - uncond) * self.cfg
+
+    with Pipeline.from_artifacts(tmp_path / "sd2", backend="onnxruntime") as pipe:
+        assert pipe.model_sampling.prediction_type == "v_prediction"
+        positive, negative = pipe.encode_conditioning("a cat"), pipe.encode_conditioning("blurry")
+        for sampler in ("euler", "euler_ancestral"):
+            sigmas = pipe.ksampler_sigmas("sgm_uniform", 3)
+            latents = torch.zeros(1, 4, 8, 8)
+            ours = pipe.sample_latents(latents, positive, negative, sampler=sampler, sigmas=sigmas, cfg=6.0, seed=12)
+            assert_close(ours, VReference(bundle, positive, negative, 6.0).run(sampler, latents, sigmas, 12))
