@@ -105,9 +105,11 @@ def create_app(
     add_progress_routes(app, service)
     add_lora_routes(app, app.state.loras)
     if comfy is not None:
+        from .comfy.frontend import add_frontend_routes
         from .comfy.routes import add_comfy_routes
 
         add_comfy_routes(app, service, comfy)
+        add_frontend_routes(app, comfy.folders)  # last: its static folders must not shadow the routes above
     return app
 
 
