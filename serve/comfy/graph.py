@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .node import NodeInterrupted, NodeRun, declared_inputs
+from .node import NodeInterrupted, NodeRun, declared_inputs, full_type_name
 from .types import describe
 from .validation import PromptError, is_link, link_target, literal_value, validate_prompt
 
@@ -65,7 +65,9 @@ class ExecutionContext:
 
 
 class NodeFailed(Exception):
-    """A node raised while running: ComfyUI's execution_error fields (``message_data()``)."""
+    """A node raised while running: ComfyUI's execution_error fields (``message_data()``); ``current_inputs`` maps
+    each input to its value as text, ``current_outputs`` lists the nodes whose outputs were at hand (cached or run),
+    as ComfyUI's execution_error does."""
 
     def __init__(
         self,
@@ -76,13 +78,13 @@ class NodeFailed(Exception):
         traceback: list[str],
         executed: list[str] | None = None,
         current_inputs: dict[str, Any] | None = None,
-        current_outputs: dict[str, Any] | None = None,
+        current_outputs: list[str] | None = None,
     ) -> None:
         super().__init__(f"node {node_id} ({node_type}) failed: {exception_type}: {exception_message}")
         self.node_id, self.node_type = node_id, node_type
         self.exception_type, self.exception_message, self.traceback = exception_type, exception_message, traceback
         self.executed = list(executed or [])
-        self.current_inputs, self.current_outputs = current_inputs or {}, current_outputs or {}
+        self.current_inputs, self.current_outputs = current_inputs or {}, list(current_outputs or [])
 
     def message_data(self) -> dict[str, Any]:
         """The execution_error message's fields besides prompt_id."""
@@ -112,9 +114,21 @@ class CacheEntry:
     ui: dict | None
 
 
-def full_type_name(cls: type) -> str:
-    """ComfyUI's exception_type: "module.QualName", builtins by name only."""
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+@dataclass
+class PromptRun:
+    """One prompt while it runs: what it is, the outputs at hand, what ran."""
+
+    prompt: dict
+    signatures: Signatures
+    context: ExecutionContext
+    events: ExecutionEvents
+    cached: set[str]
+    values: dict[str, tuple] = field(default_factory=dict)  # outputs of the nodes run or reported in this prompt
+    executed: list[str] = field(default_factory=list)
+
+    def at_hand(self) -> list[str]:
+        """The nodes whose outputs are available now (cached or run), in prompt order."""
+        return [n for n in self.prompt if n in self.values or n in self.cached]
 
 
 class GraphExecutor:
@@ -135,61 +149,36 @@ class GraphExecutor:
         self.cache = {key: entry for key, entry in self.cache.items() if key in current}
         cached = {n for n in prompt if signatures.get(n) in self.cache}
         events.execution_cached([n for n in prompt if n in cached])
-        values: dict[str, tuple] = {}
+        state = PromptRun(prompt, signatures, context, events, cached)
         ui_outputs: dict[str, dict] = {}
-        executed: list[str] = []
         for node_id in execution_order(prompt, outputs, cached):
             signature = signatures.get(node_id)
             entry = self.cache.get(signature) if signature is not None else None
-            if entry is not None:  # a cached output node: its ui again, nothing runs
-                values[node_id] = entry.outputs
-                if entry.ui is not None:
-                    ui_outputs[node_id] = entry.ui
-                    events.executed(node_id, entry.ui)
-                continue
-            entry = self.run_node(node_id, prompt, values, signatures, context, events, executed)
-            values[node_id] = entry.outputs
-            if signature is not None:
-                self.cache[signature] = entry
-            executed.append(node_id)
+            if entry is None:
+                entry = self.run_node(state, node_id)
+                if signature is not None:
+                    self.cache[signature] = entry
+                state.executed.append(node_id)
+            # else: a cached output node; its ui is sent again, nothing runs
+            state.values[node_id] = entry.outputs
             if entry.ui is not None:
                 ui_outputs[node_id] = entry.ui
                 events.executed(node_id, entry.ui)
         return ui_outputs
 
-    def run_node(
-        self,
-        node_id: str,
-        prompt: dict,
-        values: dict[str, tuple],
-        signatures: Signatures,
-        context: ExecutionContext,
-        events: ExecutionEvents,
-        executed: list[str],
-    ) -> CacheEntry:
+    def run_node(self, state: PromptRun, node_id: str) -> CacheEntry:
         """Run one node on its gathered inputs (``executing`` first); its outputs and ui."""
-        class_type = prompt[node_id]["class_type"]
-        if context.cancel.is_set():
-            raise ExecutionInterrupted(node_id, class_type, executed)
+        class_type = state.prompt[node_id]["class_type"]
+        if state.context.cancel.is_set():
+            raise ExecutionInterrupted(node_id, class_type, state.executed)
         cls = self.library.get(class_type)
         inputs: dict[str, Any] = {}
         try:
-            inputs = self.gather(prompt[node_id], cls, values, signatures, prompt)
-            events.executing(node_id)
-            run = NodeRun(
-                node_id=node_id,
-                pipeline=context.pipeline,
-                cancel=context.cancel,
-                folders=self.library.folders,
-                library=self.library,
-                progress=lambda value, maximum, preview: events.progress(node_id, value, maximum, preview),
-                previews=context.previews,
-                prompt=prompt,
-                extra_pnginfo=context.extra_data.get("extra_pnginfo"),
-            )
-            result = cls().run(run, **inputs)
+            inputs = self.gather(state, node_id, cls)
+            state.events.executing(node_id)
+            result = cls().run(self.node_run(state, node_id), **inputs)
         except NodeInterrupted:
-            raise ExecutionInterrupted(node_id, class_type, executed) from None
+            raise ExecutionInterrupted(node_id, class_type, state.executed) from None
         except Exception as exc:
             raise NodeFailed(
                 node_id,
@@ -197,24 +186,39 @@ class GraphExecutor:
                 full_type_name(type(exc)),
                 str(exc),
                 traceback.format_tb(exc.__traceback__),
-                executed,
+                state.executed,
                 {name: [describe(v)] for name, v in inputs.items()},
-                {n: [[describe(v)] for v in out] for n, out in values.items()},
+                state.at_hand(),
             ) from exc
         if isinstance(result, dict):
             return CacheEntry(tuple(result.get("result", ())), result.get("ui"))
         return CacheEntry(tuple(result), None)
 
-    def gather(self, node: dict, cls: Any, values: dict[str, tuple], signatures: Signatures, prompt: dict) -> dict:
+    def node_run(self, state: PromptRun, node_id: str) -> NodeRun:
+        """What node ``node_id`` may use while it runs."""
+        events, context = state.events, state.context
+        return NodeRun(
+            node_id=node_id,
+            pipeline=context.pipeline,
+            cancel=context.cancel,
+            folders=self.library.folders,
+            library=self.library,
+            progress=lambda value, maximum, preview: events.progress(node_id, value, maximum, preview),
+            previews=context.previews,
+            prompt=state.prompt,
+            extra_pnginfo=context.extra_data.get("extra_pnginfo"),
+        )
+
+    def gather(self, state: PromptRun, node_id: str, cls: Any) -> dict:
         """A node's inputs: linked outputs (run now or cached) and literals as their declared type."""
         declared = declared_inputs(cls.input_types(self.library))
         inputs = {}
-        for name, value in node.get("inputs", {}).items():
+        for name, value in state.prompt[node_id].get("inputs", {}).items():
             if is_link(value):
                 source, index = value
-                outputs = values.get(source)
+                outputs = state.values.get(source)
                 if outputs is None:  # cached, so not run in this prompt
-                    outputs = self.cache[signatures.get(source)].outputs
+                    outputs = self.cache[state.signatures.get(source)].outputs
                 inputs[name] = outputs[index]
             elif name in declared:
                 inputs[name] = literal_value(declared[name][1][0], value)

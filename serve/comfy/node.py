@@ -108,3 +108,8 @@ def declared_inputs(spec: dict[str, dict[str, tuple]]) -> dict[str, tuple[str, t
         for name, entry in spec.get(kind, {}).items():
             out[name] = (kind, entry)
     return out
+
+
+def full_type_name(cls: type) -> str:
+    """ComfyUI's exception_type: "module.QualName", builtins by name only."""
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"

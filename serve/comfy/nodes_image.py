@@ -151,9 +151,12 @@ def next_counter(folder: Any, filename: str) -> int:
 
 def png_metadata(run: NodeRun) -> PngInfo:
     """ComfyUI's PNG text chunks: "prompt" and each key of the prompt's extra_pnginfo, as JSON."""
+    extra = run.extra_pnginfo or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"extra_data.extra_pnginfo must be an object of PNG text chunks, got {type(extra).__name__}")
     info = PngInfo()
     info.add_text("prompt", json.dumps(run.prompt))
-    for key, value in (run.extra_pnginfo or {}).items():
+    for key, value in extra.items():
         info.add_text(key, json.dumps(value))
     return info
 

@@ -15,10 +15,14 @@ output fails (ComfyUI runs the outputs that pass; here the whole prompt is refus
 
 from __future__ import annotations
 
+import logging
 import math
+import traceback
 from typing import Any
 
-from .node import declared_inputs
+from .node import declared_inputs, full_type_name
+
+log = logging.getLogger(__name__)
 
 NODE_KEYS = ("class_type", "inputs", "_meta")
 
@@ -134,7 +138,7 @@ def validate_prompt(prompt: Any, library: Any, max_nodes: int = 500) -> list[str
         )
     closures = {o: upstream(prompt, o) for o in outputs}
     needed = [n for n in prompt if any(n in c for c in closures.values())]
-    errors = {n: node_errors(n, prompt, library) for n in needed}
+    errors = {n: checked_node_errors(n, prompt, library) for n in needed}
     for node_id, members in cycles(prompt, needed).items():
         details = f"nodes {', '.join(members)} depend on each other through their links"
         errors[node_id].append(error("dependency_cycle", "Dependency cycle detected", details, nodes=members))
@@ -216,6 +220,25 @@ def cycles(prompt: dict[str, Any], nodes: list[str]) -> dict[str, list[str]]:
             members = [n for n in nodes if n in component]
             found.update({n: members for n in members})
     return found
+
+
+def checked_node_errors(node_id: str, prompt: dict[str, Any], library: Any) -> list[dict[str, Any]]:
+    """``node_errors``, or ComfyUI's "exception_during_validation" when checking the node raised (never a 500)."""
+    try:
+        return node_errors(node_id, prompt, library)
+    except Exception as exc:
+        log.exception("validating node %s raised", node_id)
+        kind = full_type_name(type(exc))
+        trace = traceback.format_tb(exc.__traceback__)
+        return [
+            error(
+                "exception_during_validation",
+                "Exception when validating node",
+                str(exc),
+                exception_type=kind,
+                traceback=trace,
+            )
+        ]
 
 
 def node_errors(node_id: str, prompt: dict[str, Any], library: Any) -> list[dict[str, Any]]:

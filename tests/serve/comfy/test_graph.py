@@ -389,7 +389,7 @@ def test_a_failing_node_is_named_and_not_cached(graph, graph_library, graph_pool
     data = failed.message_data()
     assert set(data) == {"node_id", "node_type", "executed", "exception_message", "exception_type", "traceback",
                          "current_inputs", "current_outputs"}  # fmt: skip
-    assert data["current_inputs"]["seed"] == [5]
+    assert data["current_inputs"]["seed"] == [5] and data["current_outputs"] == ["4", "5", "6", "7"]
     graph["3"]["inputs"]["denoise"] = 1.0
     events = Recorder()
     executor.execute(graph, ["9"], graph_context(graph_pool), events)
@@ -442,3 +442,21 @@ def test_previews_come_with_progress_when_asked(graph, graph_library, graph_pool
 
 def test_folder_fixture_is_the_library_folder(graph_library, graph_folders):
     assert graph_library.folders is graph_folders and Path(graph_folders.output).is_dir()
+
+
+def test_a_node_whose_check_raises_is_exception_during_validation_not_a_crash(graph, tiny_fp32, graph_folders):
+    from sdtrt.serve.comfy.nodes_latent import EmptyLatentImage
+
+    class Fragile(EmptyLatentImage):  # a node whose own check has a bug
+        NAME = "Fragile"
+
+        @classmethod
+        def check(cls, library, inputs):
+            raise KeyError("width_px")
+
+    library = NodeLibrary(Checkpoints(tiny_fp32), LoraLibrary(None), graph_folders)
+    library.nodes["Fragile"] = Fragile
+    graph["5"]["class_type"] = "Fragile"
+    error = node_error(refused(graph, library), "5", "exception_during_validation")
+    assert error["details"] == "'width_px'" and error["extra_info"]["exception_type"] == "KeyError"
+    assert error["extra_info"]["traceback"]

@@ -275,6 +275,7 @@ COMFY_NODES = {  # class_type: (display_name, category, outputs), as ComfyUI's n
     "LoraLoader": ("Load LoRA (Model and CLIP)", "loaders", ["MODEL", "CLIP"]),
     "LoraLoaderModelOnly": ("Load LoRA", "loaders", ["MODEL"]),
     "SetLatentNoiseMask": ("Set Latent Noise Mask", "latent/inpaint", ["LATENT"]),
+    "VAEEncodeForInpaint": ("VAE Encode (for Inpainting)", "latent/inpaint", ["LATENT"]),
 }
 
 
@@ -318,3 +319,27 @@ def test_load_image_lists_the_input_folder_as_it_changes(graph_nodes):
     Image.new("RGB", (8, 8)).save(graph_nodes.folders.input / "new-upload.png")
     listed = graph_nodes.object_info()["LoadImage"]["input"]["required"]["image"]
     assert "new-upload.png" in listed[0] and listed[1] == {"image_upload": True}
+
+
+def test_vae_encode_for_inpaint_grays_the_masked_pixels_and_grows_the_mask(graph, graph_nodes, graph_pool, pipe):
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 256, (64, 64, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[20:40, 24:30, 3] = 0  # the hole: mask 1 there
+    Image.fromarray(rgba, "RGBA").save(graph_nodes.folders.input / "hole.png")
+    graph["1"] = {"class_type": "LoadImage", "inputs": {"image": "hole.png"}}
+    graph["10"] = {
+        "class_type": "VAEEncodeForInpaint",
+        "inputs": {"pixels": ["1", 0], "vae": ["4", 2], "mask": ["1", 1], "grow_mask_by": 6},
+    }
+    graph["3"]["inputs"]["latent_image"] = ["10", 0]
+    del graph["5"]
+    got = saved(graph_nodes, run_graph(graph_nodes, graph_pool, graph))
+    hole = torch.zeros(1, 1, 64, 64)
+    hole[..., 20:40, 24:30] = 1.0
+    gray = torch.from_numpy(rgba[..., :3].astype(np.float32) / 255.0)[None]
+    gray = torch.where(hole[:, 0, :, :, None] > 0, torch.full_like(gray, 0.5), gray)
+    grown = torch.nn.functional.max_pool2d(hole, 6, stride=1, padding=3)[..., :64, :64]  # a 6x6 box dilation
+    assert grown.sum() == (20 + 5) * (6 + 5)
+    latent = reference(pipe, pipe.encode_images(gray), mask=grown)
+    np.testing.assert_array_equal(got, pixels(pipe.decode_images(latent)))
