@@ -3,7 +3,8 @@ chromium-driver, driven by Selenium): it loads with no failed request to the ser
 its node library holds every node of /object_info, and the classic default workflow (checkpoint -> two prompts ->
 empty latent -> KSampler -> VAE decode -> save) on the served model queues, runs and shows its image, which is the
 PNG the server wrote. The workflow is opened and run the way a user does: from the templates browser a first visit
-opens, which lists sdtrt's templates, and with the Run button. SDTRT_SCREENSHOT=PATH saves a screenshot (1280x800) of the UI with that image."""
+opens, which lists sdtrt's templates, and with the Run button. SDTRT_SCREENSHOT=PATH saves a screenshot (1280x800)
+of the UI with that image."""
 
 from __future__ import annotations
 
