@@ -172,6 +172,7 @@ class ComfyStages:
             if keep == 0:
                 raise ShapeError(f"images must be at least {factor} pixels on each side, got {tuple(images.shape)}")
             pixels = pixels.narrow(dim, (size % factor) // 2, keep)
+        self.manifest.profile.check(pixels.shape[1], pixels.shape[2], pixels.shape[0])
         engine = self.engines["vae_encoder"]
         feed = (pixels.movedim(-1, 1) * 2.0 - 1.0).to(self.device, input_dtype(engine, "image"))
         return engine.infer({"image": feed})["latent_mean"].float().cpu().clone()
@@ -264,6 +265,8 @@ class ComfyStages:
             raise ShapeError(f"latents must be a tensor [B, {channels}, h, w] for this model, got {found}")
         if not bool(torch.isfinite(latents).all()):
             raise ShapeError("latents hold NaN or Inf values")
+        factor = self.manifest.model.vae_scale_factor  # engines are built for the profile's sizes only
+        self.manifest.profile.check(latents.shape[2] * factor, latents.shape[3] * factor, latents.shape[0])
         return latents.float().cpu()
 
     def _check_options(

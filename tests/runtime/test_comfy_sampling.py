@@ -255,6 +255,13 @@ def test_bad_input_is_refused(pipe, conds):
         pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **{**good, "seed": -1})
     with pytest.raises(ConfigError, match="cache interval must be an integer >= 1"):
         pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **good, cache_interval=0)
+    # the tiny artifact's profile is 64..256 pixels: engines are built for those sizes only, as the A1111 route checks
+    with pytest.raises(ShapeError, match="outside this artifact's profile"):
+        pipe.sample_latents(torch.zeros(1, 4, 4, 4), positive, negative, **good)
+    with pytest.raises(ShapeError, match="outside this artifact's profile"):
+        pipe.decode_images(torch.zeros(1, 4, 40, 40))
+    with pytest.raises(ShapeError, match="outside this artifact's profile"):
+        pipe.encode_images(torch.zeros(1, 32, 32, 3))
 
 
 def test_decode_and_encode_images_as_comfy(pipe):
