@@ -73,7 +73,6 @@ def sample(
         # ComfyUI's progress counts against the node's steps (KSamplerAdvanced's slice starts part way)
         run.progress(step + 1, steps, latent_preview(latents, scale) if run.previews else None)
 
-    extra = {"cache_interval": model.cache_interval} if model.cache_interval != 1 else {}
     try:
         samples = pipe.sample_latents(
             latent["samples"],
@@ -87,7 +86,7 @@ def sample(
             noise_mask=latent.get("noise_mask"),
             callback=callback,
             cancel=run.cancel,
-            **extra,
+            cache_interval=model.cache_interval,
         )
     except Interrupted as exc:
         raise NodeInterrupted(str(exc)) from exc
