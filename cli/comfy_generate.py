@@ -20,6 +20,7 @@ def check_comfy_call(call: dict[str, Any], options: dict[str, Any]) -> None:
     """Check (and complete, in place) the run ``call`` before any engine opens: the sigma schedule, ``--scheduler``
     as a ComfyUI sampler_name, the seed, steps and denoise, and ``options`` this mode has no node for (option ->
     whether it was given: those given are refused). Raises ``click.UsageError`` / ``click.BadParameter``."""
+    from sdtrt.runtime.cache_plan import check_cache_args
     from sdtrt.runtime.sampling import COMFY_SAMPLERS, SIGMA_SCHEDULES
 
     if call["schedule"] not in SIGMA_SCHEDULES:
@@ -42,6 +43,7 @@ def check_comfy_call(call: dict[str, Any], options: dict[str, Any]) -> None:
     for option, used in options.items():
         if used:
             raise click.UsageError(f"{option} is not available with --sigma-schedule (ComfyUI sampling); leave it out")
+    check_cache_args(call["cache_interval"], call["cache_schedule"])
     call["seed"] = comfy_seed(call["seed"])
     if not 1 <= call["steps"] <= 10000:
         raise click.BadParameter(f"steps must be in [1, 10000], got {call['steps']}", param_hint="--steps")
@@ -94,6 +96,8 @@ def run_comfy(
     image: Any = None,
     denoise: float = 1.0,
     clip_skip: int = 1,
+    cache_interval: int = 1,
+    cache_schedule: str = "uniform",
     callback: Any = None,
 ) -> Any:
     """The default workflow's nodes, in-process: IMAGE [B, H, W, 3] in [0, 1]."""
@@ -110,8 +114,9 @@ def run_comfy(
     else:
         latents = pipe.encode_images(image).repeat(batch, 1, 1, 1)
     sigmas = pipe.ksampler_sigmas(schedule, steps, denoise)
+    cache = {"cache_interval": cache_interval, "cache_schedule": cache_schedule}
     out = pipe.sample_latents(
-        latents, positive, negative_cond, sampler=sampler, sigmas=sigmas, cfg=cfg, seed=seed, callback=callback
+        latents, positive, negative_cond, sampler=sampler, sigmas=sigmas, cfg=cfg, seed=seed, callback=callback, **cache
     )
     return pipe.decode_images(out)
 

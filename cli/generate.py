@@ -142,8 +142,9 @@ def generate_cmd(
         given = {option: bool(value) for option, value in unsupported.items()}
         comfy = {"sampler": scheduler, "schedule": sigma_schedule, "steps": steps, "cfg": guidance, "seed": seed}
         comfy |= {"size": hw, "batch": num_images, "denoise": strength, "clip_skip": clip_skip}
+        comfy |= {"cache_interval": cache_interval, "cache_schedule": cache_schedule}
         comfy["image"] = read_init_image(init_image) if init_image else None
-        check_comfy_call(comfy, {**given, "--cache-interval": cache_interval != 1})
+        check_comfy_call(comfy, given)
         generate_comfy(artifacts, prompt, negative or "", comfy, (backend, device, loras), target, preview_dir)
         return
     from sdtrt.runtime.request import resolve_seed
@@ -196,14 +197,17 @@ def generate_comfy(
 
     from sdtrt.cli.comfy_generate import parameters_text, run_comfy
     from sdtrt.cli.comfy_generate import save_images as save_comfy
+    from sdtrt.runtime.cache_plan import check_cache_supported
     from sdtrt.runtime.lora import LoraState, parse_lora_option, read_loras
     from sdtrt.runtime.manifest import read_manifest
     from sdtrt.runtime.request import image_size
 
     start = time.perf_counter()
-    if call["image"] is None:  # the size against the artifact's profile, before the engines open
+    manifest = read_manifest(artifacts)  # the size and step caching against the artifact, before engines open
+    check_cache_supported(call["cache_interval"], manifest.components)
+    if call["image"] is None:
         height, width = call["size"] or (None, None)
-        image_size(read_manifest(artifacts), height, width, call["batch"])
+        image_size(manifest, height, width, call["batch"])
     backend, device, loras = engines
     lora_specs = [parse_lora_option(text) for text in loras]
     read_loras(LoraState(), lora_specs)

@@ -142,8 +142,11 @@ def serve_cmd(
     limits = Limits(max_body_mb=max_body_mb, max_prompt_chars=max_prompt_chars, max_images=max_images)
 
     def ready(url: str) -> None:
+        from sdtrt.serve.comfy.frontend import frontend_folder
+
         comfy_api = "" if use_ray else f", ComfyUI API at {url}/prompt"
-        click.echo(f"serving {artifacts} on {url} (A1111 API at {url}/sdapi/v1{comfy_api})")
+        web_ui = "" if use_ray or frontend_folder() is None else f"; web UI at {url}/"
+        click.echo(f"serving {artifacts} on {url} (A1111 API at {url}/sdapi/v1{comfy_api}){web_ui}")
 
     comfy = comfy_given(comfy, use_ray)
     if use_ray:

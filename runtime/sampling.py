@@ -21,7 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdtrt.runtime.denoise import Denoiser, DenoiserCache, StepBuffers, X0Inpaint, zero_residuals
+from sdtrt.runtime.cache_plan import check_cache_args, check_cache_supported, full_steps
+from sdtrt.runtime.comfy_tensors import (
+    concat_condition,
+    lcm_length,
+    noised_start,
+    prepare_mask,
+    repeat_text,
+)
+from sdtrt.runtime.control.comfy import ControlApply, check_applies, fill_comfy_slots, make_comfy_slots
+from sdtrt.runtime.denoise import Denoiser, DenoiserCache, StepBuffers, X0Inpaint, step_cache, zero_residuals
 from sdtrt.runtime.engine import Engine, input_dtype
 from sdtrt.runtime.errors import ConfigError, ShapeError
 from sdtrt.runtime.manifest import Manifest
@@ -53,11 +62,13 @@ MAX_SEED = 2**64 - 1  # ComfyUI's seed widget range is [0, 0xffffffffffffffff]
 @dataclass(frozen=True)
 class Conditioning:
     """ComfyUI's CONDITIONING for one prompt: text vectors [1, 77 * k, D] float32 on the CPU, SDXL's pooled
-    embedding [1, P] (None for other models), and ControlNet applications."""
+    embedding [1, P] (None for other models), ControlNet applications, and an inpainting model's concat inputs."""
 
     text: torch.Tensor
     pooled: torch.Tensor | None = None
-    controls: tuple = ()
+    controls: tuple[ControlApply, ...] = ()
+    concat_latent_image: torch.Tensor | None = None  # InpaintModelConditioning: unscaled latents [1 or B, C, h, w]
+    concat_mask: torch.Tensor | None = None  # InpaintModelConditioning: [h, w], [B, h, w] or [B, 1, h, w]
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, torch.Tensor) or self.text.dim() != 3 or self.text.shape[0] != 1:
@@ -65,6 +76,14 @@ class Conditioning:
             raise ShapeError(f"conditioning text must be a tensor [1, 77 * k, D], got {found}")
         if self.pooled is not None and (self.pooled.dim() != 2 or self.pooled.shape[0] != 1):
             raise ShapeError(f"a pooled embedding must be [1, P], got {tuple(self.pooled.shape)}")
+        if self.concat_latent_image is not None and self.concat_latent_image.dim() != 4:
+            raise ShapeError(
+                f"concat_latent_image must be latents [B, C, h, w], got {tuple(self.concat_latent_image.shape)}"
+            )
+        if self.concat_mask is not None and self.concat_mask.dim() not in (2, 3, 4):
+            raise ShapeError(
+                f"concat_mask must be [h, w], [B, h, w] or [B, 1, h, w], got {tuple(self.concat_mask.shape)}"
+            )
 
 
 class Interrupted(Exception):
@@ -87,28 +106,16 @@ def check_seed(seed: int) -> None:
         raise ConfigError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
 
 
-def prepare_mask(mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """A noise mask ([h, w], [B, h, w] or [B, 1, h, w], any size) as ComfyUI reshapes it for latents of
-    ``shape``: bilinearly resized to the latent size, repeated over the channels and the batch."""
-    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 3, 4) or (mask.dim() == 4 and mask.shape[1] != 1):
-        found = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ShapeError(f"a noise mask must be [h, w], [B, h, w] or [B, 1, h, w], got {found}")
-    flat = mask.float().cpu().reshape(-1, 1, mask.shape[-2], mask.shape[-1])
-    resized = torch.nn.functional.interpolate(flat, size=tuple(shape[2:]), mode="bilinear")
-    resized = resized.repeat(1, shape[1], 1, 1)
-    if resized.shape[0] < shape[0]:
-        resized = resized.repeat(math.ceil(shape[0] / resized.shape[0]), 1, 1, 1)
-    return resized[: shape[0]]
+@dataclass(frozen=True)
+class KLayout:
+    """What a sampling run's denoiser is built for, besides its sigmas and ControlNets."""
 
-
-def lcm_length(*texts: torch.Tensor) -> int:
-    """The sequence length conditionings of different lengths are repeated to (their least common multiple)."""
-    return math.lcm(*(int(t.shape[1]) for t in texts))
-
-
-def repeat_text(text: torch.Tensor, length: int) -> torch.Tensor:
-    """``text`` repeated along the sequence to ``length`` (attention over repeated keys gives the same result)."""
-    return text.repeat(1, length // text.shape[1], 1) if text.shape[1] < length else text
+    sampler: str
+    shape: tuple[int, ...]  # latents
+    text_shape: tuple[int, ...]  # the UNet's text rows
+    guided: bool
+    masked: bool  # a noise mask
+    plan: tuple[bool, ...] | None  # step caching: which steps run the full UNet
 
 
 class ComfyStages:
@@ -119,6 +126,7 @@ class ComfyStages:
     scheduler_config: SchedulerConfig
     device: torch.device
     cuda_graph: bool
+    controlnets: list[str]
     _denoisers: DenoiserCache
     _model_sampling: ModelSampling | None = None
     encode_prompts: Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor | None]]  # Pipeline's
@@ -183,6 +191,7 @@ class ComfyStages:
         callback: Callable[[int, int, torch.Tensor], Any] | None = None,
         cancel: Cancel | None = None,
         cache_interval: int = 1,
+        cache_schedule: str = "uniform",
     ) -> torch.Tensor:
         """ComfyUI's KSampler over ``sigmas`` from unscaled ``latents`` [B, C, h, w]; returns unscaled latents.
 
@@ -190,39 +199,64 @@ class ComfyStages:
         ``noise_mask`` (SetLatentNoiseMask): 1 where the latents are resampled, 0 where they are kept.
         ``callback(step, total, latents)`` runs after each step with the current unscaled latents. ``cancel`` is
         read before each step; once set, ``Interrupted`` is raised. No sigmas: the latents come back unchanged.
+        ``cache_interval`` > 1: step caching, the full UNet on one step in N (``cache_schedule`` "uniform" or
+        "quadratic", see ``runtime.cache_plan``) and the shallow one between.
         """
         if sampler not in SIGMA_SAMPLERS:
             raise ConfigError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SIGMA_SAMPLERS)}")
         table = check_sigmas(sigmas)
         latents = self._check_latents(latents)
-        self._check_options(positive, negative, cfg, seed, cache_interval)
+        self._check_options(positive, negative, cfg, seed, (cache_interval, cache_schedule))
         if table.size == 0:
             return latents.clone()
         scale = self.manifest.model.scaling_factor
         noise = comfy_noise(latents.shape, seed) if add_noise else torch.zeros_like(latents)
         clean = latents * scale
-        first = torch.tensor(table[0])
-        top = self.model_sampling.sigma_max
-        max_denoise = math.isclose(top, float(first), rel_tol=1e-5) or float(first) > top
-        start = noise * (torch.sqrt(1.0 + first**2.0) if max_denoise else first) + clean
+        start = noised_start(noise, clean, table[0], self.model_sampling.sigma_max)
         if table.size == 1:
             return start / scale
         mask = None if noise_mask is None else prepare_mask(noise_mask, tuple(latents.shape))
         guided = not math.isclose(cfg, 1.0)
+        everywhere = check_applies(
+            positive.controls, negative.controls, self.controlnets, self.manifest.model.control_ready
+        )
         text, pooled = self._text_rows(positive, negative, latents.shape[0], guided)
-        denoiser = self._k_denoiser(sampler, table, tuple(latents.shape), text, guided, seed, mask is not None)
+        plan = full_steps(table.size - 1, 0, cache_interval, cache_schedule) if cache_interval > 1 else None
+        layout = KLayout(sampler, tuple(latents.shape), tuple(text.shape), guided, mask is not None, plan)
+        denoiser = self._k_denoiser(layout, table, seed, positive.controls, everywhere)
         buffers = denoiser.buffers
-        buffers.text.copy_(text.to(buffers.text.dtype))
-        if pooled is not None:
-            self._fill_sdxl(buffers, pooled, latents.shape)
-        buffers.guidance.fill_(float(cfg))
         buffers.latents.copy_(start.to(self.device))
         buffers.state.zero_()
+        buffers.guidance.fill_(float(cfg))
         if mask is not None:
             self._fill_mask(buffers, mask, clean, noise, sampler, seed)
+        conds = (negative, positive) if guided else (positive,)
+        self._fill_conditioning(denoiser, conds, (text, pooled), table, (clean, mask))
         return self._run(denoiser, table.size - 1, scale, callback, cancel)
 
     # -- helpers -------------------------------------------------------------------------------------------
+    def _fill_conditioning(
+        self,
+        denoiser: Denoiser,
+        conds: tuple[Conditioning, ...],
+        rows: tuple[torch.Tensor, torch.Tensor | None],
+        sigmas: np.ndarray,
+        init: tuple[torch.Tensor, torch.Tensor | None],
+    ) -> None:
+        """Copy the text rows (SDXL: and pooled outputs), ControlNet hints and an inpainting UNet's concat channels
+        of ``conds`` (negative first when guided; ``init``: the scaled input latents and the prepared noise mask)
+        into the denoiser's buffers."""
+        buffers, (text, pooled), positive = denoiser.buffers, rows, conds[-1]
+        shape = tuple(buffers.latents.shape)
+        buffers.text.copy_(text.to(buffers.text.dtype))
+        if pooled is not None:
+            self._fill_sdxl(buffers, pooled, shape)
+        fill_comfy_slots(denoiser.controls, positive.controls, self.model_sampling, sigmas, shape[0])
+        if buffers.condition is not None:
+            scale = self.manifest.model.scaling_factor
+            concat = [concat_condition((c.concat_latent_image, c.concat_mask), *init, scale) for c in conds]
+            buffers.condition.copy_(torch.cat(concat).to(self.device))
+
     def _check_latents(self, latents: torch.Tensor) -> torch.Tensor:
         channels = self.manifest.model.latent_channels
         if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[1] != channels:
@@ -233,13 +267,11 @@ class ComfyStages:
         return latents.float().cpu()
 
     def _check_options(
-        self, positive: Conditioning, negative: Conditioning, cfg: float, seed: int, cache_interval: int
+        self, positive: Conditioning, negative: Conditioning, cfg: float, seed: int, cache: tuple[int, str]
     ) -> None:
         for name, cond in (("positive", positive), ("negative", negative)):
             if not isinstance(cond, Conditioning):
                 raise ConfigError(f"{name} must be a Conditioning (Pipeline.encode_conditioning), got {cond!r}")
-            if cond.controls:
-                raise ConfigError("ControlNet conditioning is not supported by sample_latents yet; remove it")
             if (cond.pooled is None) != (self.manifest.model.family != "sdxl"):
                 raise ShapeError(
                     f"the {name} conditioning's pooled embedding does not fit this {self.manifest.model.family} model"
@@ -247,12 +279,8 @@ class ComfyStages:
         if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
             raise ConfigError(f"cfg must be a finite number, got {cfg!r}")
         check_seed(seed)
-        if cache_interval != 1:
-            raise ConfigError(
-                f"cache_interval must be 1 with ComfyUI sampling (no step caching there yet), got {cache_interval!r}"
-            )
-        if self.manifest.model.inpainting:
-            raise ConfigError("an inpainting UNet's concat conditioning is not supported by sample_latents yet")
+        check_cache_args(*cache)
+        check_cache_supported(cache[0], self.engines, "this pipeline")
 
     def _text_rows(
         self, positive: Conditioning, negative: Conditioning, batch: int, guided: bool
@@ -291,38 +319,41 @@ class ComfyStages:
         inpaint.noise.copy_(noise.to(self.device))
 
     def _k_denoiser(
-        self,
-        sampler: str,
-        sigmas: np.ndarray,
-        shape: tuple[int, ...],
-        text: torch.Tensor,
-        guided: bool,
-        seed: int,
-        masked: bool,
+        self, layout: KLayout, sigmas: np.ndarray, seed: int, applies: Sequence[ControlApply], everywhere: bool
     ) -> Denoiser:
-        """The denoiser for these sigmas and shapes, kept between calls so a captured CUDA graph is replayed."""
-        noise = draw_step_noise(sampler, sigmas, shape, seed)
-        key = ("comfy", sampler, tuple(float(s) for s in sigmas), shape, tuple(text.shape), guided, masked)
+        """The denoiser for ``layout`` and these sigmas and ControlNets, kept between calls so a captured CUDA graph
+        is replayed (its per-step noise refreshed for ``seed``)."""
+        shape, rows = layout.shape, layout.text_shape[0]
+        noise = draw_step_noise(layout.sampler, sigmas, shape, seed)
+        key = ("comfy", layout, tuple(float(s) for s in sigmas), tuple(a.name for a in applies), everywhere)
         cached = self._denoisers.get(key, noise)
         if cached is not None:
             return cached
-        model = self.model_sampling
-        schedule = make_k_schedule(sampler, model, sigmas, self.device, noise)
-        unet, family = self.engines["unet"], self.manifest.model
+        model, unet, family = self.model_sampling, self.engines["unet"], self.manifest.model
+        schedule = make_k_schedule(layout.sampler, model, sigmas, self.device, noise)
         widths = {"text_embeds": family.add_text_embeds_width, "time_ids": family.add_time_ids}
         dtype = input_dtype(unet, "encoder_hidden_states")
-        buffers = StepBuffers.allocate(
-            shape, tuple(text.shape), dtype, self.device, widths if family.family == "sdxl" else None
-        )
-        buffers.residuals = zero_residuals(unet, text.shape[0], shape[2], shape[3], self.device)
-        if masked:
+        extra = widths if family.family == "sdxl" else None
+        buffers = StepBuffers.allocate(shape, layout.text_shape, dtype, self.device, extra)
+        factor, steps = family.vae_scale_factor, len(sigmas) - 1
+        size = (shape[2] * factor, shape[3] * factor)
+        hint_rows = (rows, False) if everywhere or not layout.guided else (shape[0], True)
+        slots = make_comfy_slots(applies, self.engines, size, steps, hint_rows, self.device)
+        if not slots:
+            buffers.residuals = zero_residuals(unet, rows, shape[2], shape[3], self.device)
+        if family.inpainting:
+            buffers.condition = torch.zeros((rows, family.condition_channels, shape[2], shape[3]), device=self.device)
+        if layout.masked:
             sigma = sigmas[:-1].astype(np.float64)
             a, b = denoised_coefficients(model.prediction_type, sigma)
             levels = torch.from_numpy(np.stack([sigma, a, b], axis=1)).float().to(self.device)
             zeros = torch.zeros(shape, device=self.device)
             buffers.x0_inpaint = X0Inpaint(zeros.clone(), zeros.clone(), zeros.clone(), levels)
-        use_graph = self.cuda_graph and unet.graph_capturable
-        denoiser = Denoiser(unet, sampler_module(sampler), schedule, buffers, guided, use_graph)
+        cache = step_cache(self.engines, layout.plan, buffers, slots) if layout.plan is not None else None
+        engines = [unet] + [slot.engine for slot in slots] + ([cache.shallow] if cache else [])
+        use_graph = self.cuda_graph and all(engine.graph_capturable for engine in engines)
+        sampler = sampler_module(layout.sampler)
+        denoiser = Denoiser(unet, sampler, schedule, buffers, layout.guided, use_graph, slots, cache)
         self._denoisers.put(key, denoiser)
         return denoiser
 
@@ -345,6 +376,7 @@ class ComfyStages:
 
 __all__ = [
     "COMFY_SAMPLERS",
+    "ControlApply",
     "SIGMA_SAMPLERS",
     "SIGMA_SCHEDULES",
     "ComfyStages",

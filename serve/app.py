@@ -104,21 +104,13 @@ def create_app(
     add_info_routes(app, service, cmd_flags)
     add_progress_routes(app, service)
     add_lora_routes(app, app.state.loras)
-    if comfy is not None and _has_graph():
+    if comfy is not None:
+        from .comfy.frontend import add_frontend_routes
         from .comfy.routes import add_comfy_routes
 
         add_comfy_routes(app, service, comfy)
+        add_frontend_routes(app, comfy.folders)  # last: its static folders must not shadow the routes above
     return app
-
-
-def _has_graph() -> bool:
-    """Whether this install has ComfyUI's graph interpreter (``comfy.graph``); without it, no ComfyUI routes."""
-    import importlib.util
-
-    if importlib.util.find_spec("sdtrt.serve.comfy.graph") is None:
-        log.warning("ComfyUI's API is not served: this sdtrt has no graph interpreter (sdtrt.serve.comfy.graph)")
-        return False
-    return True
 
 
 def _add_generation_routes(app: Any, service: Service, counters: Metrics) -> None:

@@ -98,7 +98,7 @@ def test_generate_batch_with_ancestral_sampler_and_karras(tmp_path, tiny_fp32):
         (("--scheduler", "heun"), "--scheduler must be one of: euler, euler_a, dpmpp_2m, ddim, lcm"),
         (("--seed", str(2**64)), "(ComfyUI's range)"),
         (("--crop", "0x0"), "--crop is not available with --sigma-schedule"),
-        (("--cache-interval", "2"), "--cache-interval is not available with --sigma-schedule"),
+        (("--cache-interval", "0"), "cache interval must be an integer >= 1"),
         (("--steps", "0"), "steps must be in [1, 10000]"),
     ],
 )

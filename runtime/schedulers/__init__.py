@@ -1,7 +1,9 @@
 """Samplers for the lean runtime: one file each, a precomputed ``Schedule`` and a pure, capturable ``step``.
 
 Use ``get_scheduler(name)`` to pick one; each module is imported only when asked for. ``SAMPLERS`` is the one
-table of what each sampler is called by AUTOMATIC1111 and by diffusers.
+table of what each sampler is called by AUTOMATIC1111 and by diffusers. ComfyUI's sigma schedules are in
+``sigmas`` (``ModelSampling``, ``ksampler_sigmas``, ``SIGMA_SCHEDULES``) and its samplers over them in
+``ksampling``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ import torch
 from sdtrt.runtime.errors import ConfigError
 from sdtrt.runtime.schedulers.base import Generator, Schedule, StepIndex, add_noise, at_step, initial_state, start_index
 from sdtrt.runtime.schedulers.config import SchedulerConfig
+from sdtrt.runtime.schedulers.sigmas import (
+    SIGMA_SCHEDULES,
+    ModelSampling,
+    advanced_sigmas,
+    calculate_sigmas,
+    ksampler_sigmas,
+)
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,11 @@ def get_scheduler(name: str) -> Scheduler:
 
 __all__ = [
     "A1111_LABELS",
+    "SIGMA_SCHEDULES",
+    "ModelSampling",
+    "advanced_sigmas",
+    "calculate_sigmas",
+    "ksampler_sigmas",
     "DIFFUSERS_SCHEDULERS",
     "SAMPLERS",
     "SCHEDULER_NAMES",

@@ -146,15 +146,9 @@ class ComfyJobs:
 
     def put(self, item: QueueItem) -> None:
         """Queue ``item`` and its turn on the pipeline thread (``Overloaded`` if the server's queue is full)."""
-        with self._lock:
-            heapq.heappush(self._pending, item)
-        try:
+        with self._lock:  # held while the turn is queued: no turn can take the item before it is known to fit
             turn = self.worker.submit(self._run_next)
-        except BaseException:
-            with self._lock:
-                self._pending.remove(item)
-                heapq.heapify(self._pending)
-            raise
+            heapq.heappush(self._pending, item)
         turn.add_done_callback(_log_failure)
         self.queue_updated()
 
@@ -174,8 +168,10 @@ class ComfyJobs:
             return [("executing", {"node": events.node})]
 
     def queue_updated(self) -> None:
-        """Broadcast ``status`` (ComfyUI's ``queue_updated``); from any thread."""
-        self.clients.send("status", self.status_for())
+        """Broadcast ``status`` (ComfyUI's ``queue_updated``); from any thread. Under the queue's lock, so the
+        counts reach the clients in the order the queue changed."""
+        with self._lock:
+            self.clients.send("status", self.status_for())
 
     def queue_body(self) -> dict[str, list[list[Any]]]:
         """``GET /queue``."""
@@ -190,7 +186,8 @@ class ComfyJobs:
 
     def delete(self, prompt_ids: list[str]) -> None:
         with self._lock:
-            self._pending = [item for item in self._pending if item.prompt_id not in set(prompt_ids)]
+            gone = set(prompt_ids)
+            self._pending = [item for item in self._pending if item.prompt_id not in gone]
             heapq.heapify(self._pending)
         self.queue_updated()
 
@@ -267,8 +264,7 @@ class ComfyJobs:
 
         events.add_message("execution_start", {"prompt_id": item.prompt_id})
         context = ExecutionContext(pipeline=pool.get, cancel=self._cancel, previews=events.previews,
-                                   prompt_id=item.prompt_id)  # fmt: skip
-        _add_extra(context, item.extra_data)
+                                   prompt_id=item.prompt_id, extra_data=item.extra_data)  # fmt: skip
         try:
             outputs = self.executor.execute(item.prompt, item.outputs, context, events)
         except ExecutionInterrupted as exc:
@@ -287,12 +283,6 @@ class ComfyJobs:
             events.outputs.setdefault(node, output)
         events.add_message("execution_success", {"prompt_id": item.prompt_id})
         return True
-
-
-def _add_extra(context: Any, extra_data: dict[str, Any]) -> None:
-    """Hand ``extra_data`` (e.g. ``extra_pnginfo``, the workflow SaveImage writes) to a context that takes it."""
-    if hasattr(context, "extra_data"):
-        context.extra_data = extra_data
 
 
 def _error_data(item: QueueItem, events: PromptEvents, exc: Any) -> dict[str, Any]:

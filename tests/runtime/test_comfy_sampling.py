@@ -21,7 +21,6 @@ from sdtrt.runtime.errors import ConfigError, ShapeError
 from sdtrt.runtime.pipeline import Pipeline
 from sdtrt.runtime.sampling import SIGMA_SAMPLERS, Conditioning, Interrupted, comfy_noise, prepare_mask
 
-SCALE = 0.18215
 REL_TOL = 1e-4
 
 
@@ -47,7 +46,7 @@ class Reference:
     """k-diffusion's samplers around the diffusers UNet, on the CPU in float32."""
 
     def __init__(self, bundle, positive: Conditioning, negative: Conditioning, cfg: float) -> None:
-        self.unet, self.cfg = bundle.unet, cfg
+        self.unet, self.cfg, self.scale = bundle.unet, cfg, bundle.vae.config.scaling_factor
         self.log_sigmas = log_sigma_table(bundle.scheduler_config)
         self.pos, self.neg = positive.text, negative.text
         self.mask = self.latent = self.mask_noise = None
@@ -103,14 +102,14 @@ class Reference:
     def run(self, sampler, latents, sigmas, seed, mask=None, add_noise=True):
         sigmas = torch.from_numpy(np.asarray(sigmas, dtype=np.float32))
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)) if add_noise else latents * 0
-        latent = latents * SCALE
+        latent = latents * self.scale
         top = math.exp(float(self.log_sigmas[-1]))
         scale = (1 + sigmas[0] ** 2) ** 0.5 if math.isclose(top, float(sigmas[0]), rel_tol=1e-5) else sigmas[0]
         if mask is not None:
             self.mask, self.latent = mask, latent
             ddim = torch.randn(noise.shape, generator=torch.Generator().manual_seed(seed + 1))  # inpaint "random"
             self.mask_noise = ddim if sampler == "ddim" else noise
-        return self.sample(sampler, noise * scale + latent, sigmas, seed) / SCALE
+        return self.sample(sampler, noise * scale + latent, sigmas, seed) / self.scale
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
@@ -254,8 +253,8 @@ def test_bad_input_is_refused(pipe, conds):
         pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **{**good, "sigmas": [1.0, -1.0]})
     with pytest.raises(ConfigError, match="seed must be an integer"):
         pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **{**good, "seed": -1})
-    with pytest.raises(ConfigError, match="cache_interval"):
-        pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **good, cache_interval=2)
+    with pytest.raises(ConfigError, match="cache interval must be an integer >= 1"):
+        pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **good, cache_interval=0)
 
 
 def test_decode_and_encode_images_as_comfy(pipe):
@@ -270,3 +269,237 @@ def test_decode_and_encode_images_as_comfy(pipe):
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     mean = pipe.engines["vae_encoder"].infer({"image": images.movedim(-1, 1) * 2 - 1})["latent_mean"]
     torch.testing.assert_close(first, mean, rtol=0, atol=0)
+
+
+# -- ControlNet (ControlNetApplyAdvanced), step caching, SDXL ----------------------------------------------------
+class ControlledReference(Reference):
+    """The reference with diffusers ControlNets: residuals x strength on the steps inside the sigma range."""
+
+    def __init__(self, bundle, positive, negative, cfg, controlnet, hint, strength, sigma_range, both: bool):
+        super().__init__(bundle, positive, negative, cfg)
+        self.controlnet, self.hint, self.strength, self.range, self.both = controlnet, hint, strength, sigma_range, both
+
+    def eps(self, x, sigma, text):
+        active = self.range[1] <= float(sigma) <= self.range[0] and (self.both or torch.equal(text, self.pos))
+        if not active:
+            return super().eps(x, sigma, text)
+        t = (sigma.log() - self.log_sigmas).abs().argmin()
+        inp = x / (sigma**2 + 1) ** 0.5
+        context = text.expand(x.shape[0], -1, -1)
+        hint = self.hint.expand(x.shape[0], -1, -1, -1)
+        with torch.no_grad():
+            down, mid = self.controlnet(inp, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
+            down = [d * self.strength for d in down]
+            out = self.unet(
+                inp,
+                t,
+                encoder_hidden_states=context,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid * self.strength,
+            )
+        return out.sample.float()
+
+
+@pytest.fixture(scope="module")
+def control_pipe(tiny_control_fp32):
+    with Pipeline.from_artifacts(tiny_control_fp32, backend="onnxruntime") as pipeline:
+        yield pipeline
+
+
+@pytest.mark.parametrize("both", [True, False])
+def test_controlnet_matches_diffusers_controlnet(control_pipe, tiny_bundle, tiny_controlnets, both):
+    from sdtrt.runtime.control.comfy import ControlApply, comfy_hint, percent_to_sigma
+
+    pipe = control_pipe
+    image = torch.rand(1, 48, 80, 3, generator=torch.Generator().manual_seed(4))  # another aspect: center crop
+    apply = ControlApply("edges", image, strength=0.7, start_percent=0.0, end_percent=0.6)
+    positive = Conditioning(pipe.encode_conditioning("a house").text, controls=(apply,))
+    negative = Conditioning(pipe.encode_conditioning("").text, controls=(apply,) if both else ())
+    sigmas = pipe.ksampler_sigmas("normal", 4)
+    model = pipe.model_sampling
+    sigma_range = (percent_to_sigma(model, 0.0), percent_to_sigma(model, 0.6))
+    assert 0 < sum(sigma_range[1] <= s <= sigma_range[0] for s in sigmas[:-1]) < 4  # some steps only
+    latents = torch.zeros(1, 4, 8, 8)
+    ours = pipe.sample_latents(latents, positive, negative, sampler="euler", sigmas=sigmas, cfg=6.0, seed=8)
+    hint = comfy_hint(image, 64, 64)
+    controlnet = tiny_controlnets["edges"][1]
+    ref = ControlledReference(tiny_bundle, positive, negative, 6.0, controlnet, hint, 0.7, sigma_range, both)
+    assert_close(ours, ref.run("euler", latents, sigmas, 8))
+    plain = pipe.sample_latents(
+        latents,
+        Conditioning(positive.text),
+        Conditioning(negative.text),
+        sampler="euler",
+        sigmas=sigmas,
+        cfg=6.0,
+        seed=8,
+    )
+    assert float((ours - plain).abs().max()) > 1e-2  # the ControlNet changes the result
+
+
+def test_comfy_hint_crops_around_the_center():
+    from sdtrt.runtime.control.comfy import comfy_hint
+
+    image = torch.arange(4 * 8, dtype=torch.float32).reshape(1, 4, 8, 1).expand(-1, -1, -1, 3)
+    hint = comfy_hint(image, 4, 4)  # aspect 2 -> 1: columns 2..5 kept
+    assert torch.equal(hint[0, 0], image[0, :, 2:6, 0])
+
+
+def test_controls_are_checked(control_pipe):
+    from sdtrt.runtime.control.comfy import ControlApply
+    from sdtrt.runtime.errors import ControlError
+
+    pipe = control_pipe
+    image = torch.rand(1, 64, 64, 3)
+    text = pipe.encode_conditioning("x").text
+    with pytest.raises(ControlError, match="unknown ControlNet 'pose': this artifact has depth, edges"):
+        pipe.sample_latents(
+            torch.zeros(1, 4, 8, 8),
+            Conditioning(text, controls=(ControlApply("pose", image),)),
+            Conditioning(text),
+            sampler="euler",
+            sigmas=[1.0, 0.0],
+            cfg=2.0,
+            seed=0,
+        )
+    one, two = ControlApply("edges", image), ControlApply("depth", image)
+    with pytest.raises(ControlError, match="same ControlNet applications"):
+        pipe.sample_latents(
+            torch.zeros(1, 4, 8, 8),
+            Conditioning(text, controls=(one,)),
+            Conditioning(text, controls=(two,)),
+            sampler="euler",
+            sigmas=[1.0, 0.0],
+            cfg=2.0,
+            seed=0,
+        )
+    with pytest.raises(ControlError, match="start_percent <= end_percent"):
+        ControlApply("edges", image, start_percent=0.8, end_percent=0.2)
+
+
+def test_step_caching_runs_the_shallow_unet_between_full_steps(pipe, conds):
+    positive, negative = conds
+    calls = []
+    shallow = pipe.engines["unet_shallow"]
+    original = shallow.infer
+    shallow.infer = lambda feeds: calls.append(1) or original(feeds)
+    try:
+        sigmas = pipe.ksampler_sigmas("normal", 6)
+        args = {"sampler": "euler", "sigmas": sigmas, "cfg": 5.0, "seed": 2}
+        cached = pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **args, cache_interval=2)
+        assert len(calls) == 2  # plan F.F.FF: steps 1 and 3 shallow
+        full = pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **args)
+    finally:
+        del shallow.infer
+    assert len(calls) == 2 and not torch.equal(cached, full)
+
+
+def test_sdxl_pooled_output_and_size_conditioning(tmp_path_factory):
+    """tiny-xl: the UNet gets both prompts' pooled outputs and ComfyUI's default time ids (latent size x 8, crop 0)."""
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+    from sdtrt.export.profiles import default_profile
+    from sdtrt.runtime.models.presets import load_preset
+
+    bundle = load_preset("tiny-xl")
+    folder = tmp_path_factory.mktemp("comfy-xl") / "fp32"
+    export_artifacts(bundle, folder, ExportOptions(profile=default_profile(bundle), precision="fp32"))
+    with Pipeline.from_artifacts(folder, backend="onnxruntime") as pipe:
+        positive, negative = pipe.encode_conditioning("a red circle"), pipe.encode_conditioning("")
+        assert positive.pooled is not None and positive.pooled.shape[0] == 1
+        sigmas = pipe.ksampler_sigmas("karras", 3)
+        latents = torch.zeros(1, 4, 16, 12)
+        ours = pipe.sample_latents(latents, positive, negative, sampler="dpmpp_2m", sigmas=sigmas, cfg=5.0, seed=6)
+        with pytest.raises(ShapeError, match="pooled embedding"):
+            pipe.sample_latents(
+                latents, Conditioning(positive.text), negative, sampler="euler", sigmas=sigmas, cfg=5.0, seed=6
+            )
+
+    class XLReference(Reference):
+        def eps(self, x, sigma, text):
+            t = (sigma.log() - self.log_sigmas).abs().argmin()
+            pooled = positive.pooled if torch.equal(text, positive.text) else negative.pooled
+            ids = torch.tensor([[128.0, 96.0, 0.0, 0.0, 128.0, 96.0]])
+            extra = {"text_embeds": pooled.expand(x.shape[0], -1), "time_ids": ids.expand(x.shape[0], -1)}
+            with torch.no_grad():
+                out = self.unet(
+                    x / (sigma**2 + 1) ** 0.5,
+                    t,
+                    encoder_hidden_states=text.expand(x.shape[0], -1, -1),
+                    added_cond_kwargs=extra,
+                )
+            return out.sample.float()
+
+    reference = XLReference(bundle, positive, negative, 5.0)
+    assert_close(ours, reference.run("dpmpp_2m", latents, sigmas, 6))
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_inpainting_unet_gets_comfys_concat_channels(tiny_inpaint_fp32, tiny_inpaint_bundle, with_mask):
+    """InpaintModelConditioning's concat_latent_image + concat_mask (and the latent's noise_mask) on the 9-channel
+    UNet; without any mask, ComfyUI's full mask and blank-image latents."""
+    from sdtrt.runtime.comfy_tensors import BLANK_LATENTS
+
+    bundle = tiny_inpaint_bundle
+    scale = bundle.vae.config.scaling_factor
+    with Pipeline.from_artifacts(tiny_inpaint_fp32, backend="onnxruntime") as pipe:
+        text_pos, text_neg = pipe.encode_conditioning("a cat").text, pipe.encode_conditioning("").text
+        image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
+        mask = torch.zeros(1, 64, 64)
+        mask[:, 16:48, 8:40] = 1.0
+        masked = image.clone()
+        masked[mask > 0.5] = 0.5  # InpaintModelConditioning greys the masked pixels before VAEEncode
+        concat = pipe.encode_images(masked)
+        latents = pipe.encode_images(image)
+        extra = {"concat_latent_image": concat, "concat_mask": mask} if with_mask else {}
+        positive, negative = Conditioning(text_pos, **extra), Conditioning(text_neg, **extra)
+        sigmas = pipe.ksampler_sigmas("normal", 3, denoise=0.8)
+        noise_mask = mask if with_mask else None
+        ours = pipe.sample_latents(
+            latents, positive, negative, sampler="euler", sigmas=sigmas, cfg=4.0, seed=5, noise_mask=noise_mask
+        )
+
+    small = torch.nn.functional.interpolate(mask[:, None], size=(8, 8), mode="bilinear").round()
+    if with_mask:
+        condition = torch.cat([small, concat * scale], dim=1)
+    else:
+        condition = torch.cat(
+            [torch.ones(1, 1, 8, 8), torch.tensor(BLANK_LATENTS).reshape(1, 4, 1, 1).expand(1, 4, 8, 8)], 1
+        )
+
+    class InpaintReference(Reference):
+        def eps(self, x, sigma, text):
+            t = (sigma.log() - self.log_sigmas).abs().argmin()
+            inp = torch.cat([x / (sigma**2 + 1) ** 0.5, condition.expand(x.shape[0], -1, -1, -1)], dim=1)
+            with torch.no_grad():
+                return self.unet(inp, t, encoder_hidden_states=text.expand(x.shape[0], -1, -1)).sample.float()
+
+    reference = InpaintReference(bundle, positive, negative, 4.0)
+    blend = prepare_mask(mask, (1, 4, 8, 8)) if with_mask else None
+    assert_close(ours, reference.run("euler", latents, sigmas, 5, mask=blend))
+
+
+def test_v_prediction_model(tmp_path):
+    """An SD 2.x v-prediction model: denoised = x / (sigma^2 + 1) - v * sigma / sqrt(sigma^2 + 1) (ComfyUI's
+    V_PREDICTION), for a deterministic and an ancestral sampler."""
+    from sdtrt.export.onnx_export import ExportOptions, export_artifacts
+    from sdtrt.export.profiles import default_profile
+    from tests.conftest import make_sd2_bundle
+
+    bundle = make_sd2_bundle()
+    export_artifacts(bundle, tmp_path / "sd2", ExportOptions(profile=default_profile(bundle)))
+
+    class VReference(Reference):
+        def denoised(self, x, sigma):
+            v = lambda text: self.eps(x, sigma, text)  # noqa: E731 (the UNet's output, here v)
+            to_x0 = lambda out: x / (sigma**2 + 1) - out * sigma / (sigma**2 + 1) ** 0.5  # noqa: E731
+            cond, uncond = to_x0(v(self.pos)), to_x0(v(self.neg))
+            return uncond + (cond - uncond) * self.cfg
+
+    with Pipeline.from_artifacts(tmp_path / "sd2", backend="onnxruntime") as pipe:
+        assert pipe.model_sampling.prediction_type == "v_prediction"
+        positive, negative = pipe.encode_conditioning("a cat"), pipe.encode_conditioning("blurry")
+        for sampler in ("euler", "euler_ancestral"):
+            sigmas = pipe.ksampler_sigmas("sgm_uniform", 3)
+            latents = torch.zeros(1, 4, 8, 8)
+            ours = pipe.sample_latents(latents, positive, negative, sampler=sampler, sigmas=sigmas, cfg=6.0, seed=12)
+            assert_close(ours, VReference(bundle, positive, negative, 6.0).run(sampler, latents, sigmas, 12))

@@ -15,7 +15,6 @@ from .proto_util import default_workflow, hires_workflow, img2img_workflow
 
 pytest.importorskip("fastapi")
 simplified = pytest.importorskip("comfy_api_simplified")
-pytest.importorskip("sdtrt.serve.comfy.graph", reason="ComfyUI's graph interpreter is not in this tree yet")
 
 
 @pytest.fixture(scope="module")

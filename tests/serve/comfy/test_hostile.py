@@ -18,7 +18,6 @@ from ..test_server import Server
 from .proto_util import default_workflow, request
 
 pytest.importorskip("fastapi")
-pytest.importorskip("sdtrt.serve.comfy.graph", reason="ComfyUI's graph interpreter is not in this tree yet")
 
 
 @pytest.fixture(scope="module")

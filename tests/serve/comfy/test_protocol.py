@@ -28,7 +28,6 @@ from .proto_util import (
 
 pytest.importorskip("fastapi")
 pytest.importorskip("websocket")
-pytest.importorskip("sdtrt.serve.comfy.graph", reason="ComfyUI's graph interpreter is not in this tree yet")
 
 ORDER = ("4", "5", "6", "7", "3", "8", "9")  # a dependency order of the default workflow (ComfyUI's own differs)
 INPUTS = {"3": {"4", "5", "6", "7"}, "6": {"4"}, "7": {"4"}, "8": {"3", "4"}, "9": {"8"}}
@@ -37,7 +36,9 @@ INPUTS = {"3": {"4", "5", "6", "7"}, "6": {"4"}, "7": {"4"}, "8": {"3", "4"}, "9
 @pytest.fixture(scope="module")
 def proto_server(tiny_fp32, tmp_path_factory):
     root = tmp_path_factory.mktemp("comfy-protocol")
-    srv = Server(tiny_fp32, "--comfy-dir", str(root))
+    (root / "loras").mkdir()
+    (root / "loras" / "style.safetensors").write_bytes(b"")  # listed by name; never loaded here
+    srv = Server(tiny_fp32, "--comfy-dir", str(root), "--lora-dir", str(root / "loras"))
     srv.root = root
     info = request(srv.url + "/object_info/CheckpointLoaderSimple")[1]
     spec = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"]
@@ -232,7 +233,8 @@ def test_info_routes(proto_server):
     )
     assert {"checkpoints", "loras", "vae", "controlnet"} <= set(request(url + "/models")[1])
     assert request(url + "/api/models/checkpoints")[1] == [proto_server.ckpt]
-    assert request(url + "/models/loras")[1] == []
+    assert request(url + "/models/loras")[1] == ["style.safetensors"]
+    assert request(url + "/models/vae")[1] == []
     assert request(url + "/models/nope")[0] == 404
     assert request(url + "/embeddings")[1] == [] and request(url + "/api/extensions")[1] == []
     assert request(url + "/api/prompt")[1] == {"exec_info": {"queue_remaining": 0}}
@@ -253,6 +255,28 @@ def test_disconnect_mid_prompt(proto_server):
     staying.close()
 
 
+def test_shares_the_queue_with_a1111_in_arrival_order(proto_server):
+    """A ComfyUI prompt, an A1111 request, a ComfyUI prompt: they run in that order on the one pipeline thread (when
+    the A1111 answer arrives, the first prompt is done and the second has not finished)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..test_server import FAST, post, wait_for
+
+    ws = Recorder(proto_server.url)
+    first = queue_prompt(proto_server.url, default_workflow(proto_server.ckpt, seed=101, steps=300), ws.client_id)
+    ws.until("progress")
+    with ThreadPoolExecutor(1) as pool:
+        a1111 = pool.submit(post, proto_server.url + "/sdapi/v1/txt2img", {**FAST, "steps": 200, "seed": 5})
+        wait_for(proto_server, "queued", 1)  # the A1111 request waits behind the running prompt
+        second = queue_prompt(proto_server.url, default_workflow(proto_server.ckpt, seed=102, steps=300))
+        status, body, _ = a1111.result(timeout=120)
+        assert status == 200, body
+        assert request(f"{proto_server.url}/history/{first['prompt_id']}")[1]  # done before the A1111 request
+        assert request(f"{proto_server.url}/history/{second['prompt_id']}")[1] == {}  # not done yet
+    assert wait_history(proto_server.url, second["prompt_id"])["status"]["status_str"] == "success"
+    ws.close()
+
+
 def test_sigterm_drains_queued_prompts(tiny_fp32, tmp_path):
     srv = Server(tiny_fp32, "--comfy-dir", str(tmp_path))
     ckpt = request(srv.url + "/models/checkpoints")[1][0]
@@ -269,3 +293,17 @@ def test_sigterm_drains_queued_prompts(tiny_fp32, tmp_path):
     assert srv.stop() == 0, srv.log
     assert time.monotonic() - begin < 60
     assert [p.name for p in sorted((tmp_path / "output").glob("*.png"))] == ["queued_00001_.png", "running_00001_.png"]
+
+
+def test_comfy_options(tiny_fp32, tmp_path):
+    """``--comfy-*`` are refused with ``--ray`` (ComfyUI's API is the plain server's) and checked for range."""
+    from click.testing import CliRunner
+
+    from sdtrt.cli import main
+
+    result = CliRunner().invoke(main, ["serve", str(tiny_fp32), "--ray", "--comfy-dir", str(tmp_path)])
+    assert result.exit_code != 0 and "--comfy-dir: ComfyUI's API is served by the plain server only" in result.output
+    result = CliRunner().invoke(main, ["serve", str(tiny_fp32), "--comfy-history", "0"])
+    assert result.exit_code != 0 and "--comfy-history" in result.output
+    result = CliRunner().invoke(main, ["serve", str(tiny_fp32), "--comfy-preview-method", "fast"])
+    assert result.exit_code != 0 and "'fast' is not one of" in result.output
