@@ -460,3 +460,13 @@ def test_a_node_whose_check_raises_is_exception_during_validation_not_a_crash(gr
     error = node_error(refused(graph, library), "5", "exception_during_validation")
     assert error["details"] == "'width_px'" and error["extra_info"]["exception_type"] == "KeyError"
     assert error["extra_info"]["traceback"]
+
+
+def test_the_cache_never_holds_a_pipeline(graph, graph_library, graph_pool):
+    from sdtrt.runtime.pipeline import Pipeline
+
+    executor = GraphExecutor(graph_library)
+    executor.execute(graph, ["9"], graph_context(graph_pool), Recorder())
+    held = [v for entry in executor.cache.values() for v in entry.outputs]
+    assert len(executor.cache) == len(graph) and held
+    assert not any(isinstance(v, Pipeline) for v in held)  # handles open the model through the pool when used

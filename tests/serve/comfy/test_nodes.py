@@ -436,3 +436,9 @@ def test_inpaint_model_conditioning_on_an_inpainting_model(tiny_inpaint_fp32, gr
     latent = pipe.sample_latents(pipe.encode_images(image), positive, negative, sampler="euler", cfg=8.0, seed=5,
                                  sigmas=pipe.ksampler_sigmas("normal", 3), noise_mask=mask)  # fmt: skip
     np.testing.assert_array_equal(got, pixels(pipe.decode_images(latent)))
+
+
+def test_ckpt_name_lists_every_served_model(models_dir, tmp_path):
+    library = NodeLibrary(Checkpoints(models_dir), LoraLibrary(None), ComfyFolders(tmp_path).create())
+    names = library.object_info()["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert names == ["alpha", "beta"]
