@@ -470,3 +470,18 @@ def test_the_cache_never_holds_a_pipeline(graph, graph_library, graph_pool):
     held = [v for entry in executor.cache.values() for v in entry.outputs]
     assert len(executor.cache) == len(graph) and held
     assert not any(isinstance(v, Pipeline) for v in held)  # handles open the model through the pool when used
+
+
+def test_the_cache_is_keyed_by_signature_not_by_node_id(graph, graph_library, graph_pool):
+    executor = GraphExecutor(graph_library)
+    executor.execute(graph, ["9"], graph_context(graph_pool), Recorder())
+    renamed = {f"1{k}": copy.deepcopy(v) for k, v in graph.items()}  # the same graph, other ids
+    for node in renamed.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):
+                node["inputs"][name] = [f"1{value[0]}", value[1]]
+    renamed["20"] = copy.deepcopy(renamed["17"])  # a dangling copy of the negative prompt: cached, never run
+    events = Recorder()
+    ui = executor.execute(renamed, validate_prompt(renamed, graph_library), graph_context(graph_pool), events)
+    assert events.events[0] == ("execution_cached", list(renamed)) and events.ran() == []
+    assert events.of("executed") == [("executed", "19", ui["19"])]
