@@ -110,6 +110,8 @@ class ExecutionInterrupted(Exception):
 
 @dataclass
 class CacheEntry:
+    """A node's outputs (by output index) and its ui dict (output nodes), as cached under its signature."""
+
     outputs: tuple
     ui: dict | None
 

@@ -46,6 +46,7 @@ class NodeLibrary:
 
     @property
     def names(self) -> list[str]:
+        """The class_types this server runs, sorted."""
         return sorted(self.nodes)
 
     def object_info(self) -> dict[str, dict]:

@@ -32,6 +32,7 @@ class ControlNetHandle:
 
 
 def controlnet_names(library: Any) -> list[str]:
+    """The ControlNets of the served models (each artifact's own), sorted."""
     return sorted({name for checkpoint in library.checkpoints.items for name in checkpoint.controlnets})
 
 

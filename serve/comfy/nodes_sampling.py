@@ -43,6 +43,7 @@ def latent_preview(latents: torch.Tensor, scale: float) -> Image.Image:
 
 
 def one_conditioning(conditioning: list, name: str) -> Any:
+    """The one Conditioning of a CONDITIONING list; ValueError for several (ComfyUI's ConditioningCombine)."""
     if len(conditioning) != 1:
         raise ValueError(f"{name} holds {len(conditioning)} conditionings; sdtrt samples with exactly one")
     return conditioning[0]
