@@ -8,9 +8,9 @@ them unchanged, as ComfyUI does. Its optional ``vae`` is accepted and, as in Com
 (whose hints are pixels), not used.
 
 ``SdtrtStepCache`` (category "sdtrt") makes a MODEL sample with step caching: the full UNet on one step in
-``cache_interval`` and the shallow UNet in between (``sdtrt generate --cache-interval``); 1 runs every step in
-full. A graph without it samples every step in full whatever the server's ``--cache-interval``, so its image is
-ComfyUI's.
+``cache_interval`` (spread by ``cache_schedule``, uniform or quadratic) and the shallow UNet in between
+(``sdtrt generate --cache-interval --cache-schedule``); 1 runs every step in full. A graph without it samples
+every step in full whatever the server's ``--cache-interval``, so its image is ComfyUI's.
 """
 
 from __future__ import annotations
@@ -98,16 +98,20 @@ class SdtrtStepCache(Node):
 
     @classmethod
     def input_types(cls, library: Any) -> dict[str, dict[str, tuple]]:
+        from sdtrt.runtime.cache_plan import CACHE_SCHEDULES
+
         tip = "Run the full UNet on one step in this many (1: every step)."
+        schedule_tip = "Which steps run the full UNet: uniform (every N) or quadratic (denser early, DeepCache's)."
         return {
             "required": {
                 "model": ("MODEL",),
                 "cache_interval": ("INT", {"default": 2, "min": 1, "max": 100, "tooltip": tip}),
+                "cache_schedule": (list(CACHE_SCHEDULES), {"tooltip": schedule_tip}),
             }
         }
 
-    def run(self, run: NodeRun, model: ModelHandle, cache_interval: int) -> tuple:
-        return (replace(model, cache_interval=cache_interval),)
+    def run(self, run: NodeRun, model: ModelHandle, cache_interval: int, cache_schedule: str = "uniform") -> tuple:
+        return (replace(model, cache_interval=cache_interval, cache_schedule=cache_schedule),)
 
 
 CONTROL_NODES = (ControlNetLoader, ControlNetApplyAdvanced, SdtrtStepCache)

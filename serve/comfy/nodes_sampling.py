@@ -88,6 +88,7 @@ def sample(
             callback=callback,
             cancel=run.cancel,
             cache_interval=model.cache_interval,
+            cache_schedule=model.cache_schedule,
         )
     except Interrupted as exc:
         raise NodeInterrupted(str(exc)) from exc

@@ -24,6 +24,7 @@ class ModelHandle:
     checkpoint: Any  # serve.models.Checkpoint
     loras: tuple[LoraUse, ...] = ()
     cache_interval: int = 1
+    cache_schedule: str = "uniform"
 
     def with_lora(self, path: str, strength: float) -> ModelHandle:
         """This model with one more LoRA (LoraLoader chains add up in order)."""

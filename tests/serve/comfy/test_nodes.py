@@ -395,7 +395,10 @@ def test_controlnet_nodes_equal_the_stage_functions_with_that_control(tiny_contr
 
 
 def test_step_cache_node_samples_with_the_shallow_unet(graph, graph_nodes, graph_pool, pipe):
-    graph["10"] = {"class_type": "SdtrtStepCache", "inputs": {"model": ["4", 0], "cache_interval": 2}}
+    graph["10"] = {
+        "class_type": "SdtrtStepCache",
+        "inputs": {"model": ["4", 0], "cache_interval": 2, "cache_schedule": "uniform"},
+    }
     graph["3"]["inputs"].update(model=["10", 0], steps=4)
     got = saved(graph_nodes, run_graph(graph_nodes, graph_pool, graph))
     pipe.set_loras([])
@@ -406,6 +409,12 @@ def test_step_cache_node_samples_with_the_shallow_unet(graph, graph_nodes, graph
     np.testing.assert_array_equal(got, pixels(pipe.decode_images(cached)))
     full = pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **common)
     assert not torch.equal(cached, full)  # the shallow UNet ran on steps 2 and 4
+    graph["10"]["inputs"].update(cache_interval=3, cache_schedule="quadratic")
+    got = saved(graph_nodes, run_graph(graph_nodes, graph_pool, graph))
+    quadratic = pipe.sample_latents(
+        torch.zeros(1, 4, 8, 8), positive, negative, cache_interval=3, cache_schedule="quadratic", **common
+    )
+    np.testing.assert_array_equal(got, pixels(pipe.decode_images(quadratic)))
 
 
 def test_inpaint_model_conditioning_on_an_inpainting_model(tiny_inpaint_fp32, graph_pool, tmp_path):
