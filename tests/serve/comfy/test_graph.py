@@ -485,3 +485,20 @@ def test_the_cache_is_keyed_by_signature_not_by_node_id(graph, graph_library, gr
     ui = executor.execute(renamed, validate_prompt(renamed, graph_library), graph_context(graph_pool), events)
     assert events.events[0] == ("execution_cached", list(renamed)) and events.ran() == []
     assert events.of("executed") == [("executed", "19", ui["19"])]
+
+
+def test_a_chain_of_hundreds_of_nodes_validates_and_runs(graph, graph_library, graph_pool):
+    previous = "5"
+    for i in range(100, 594):  # 494 upscales in a row: 498 nodes, under max_nodes
+        graph[str(i)] = {
+            "class_type": "LatentUpscaleBy",
+            "inputs": {"samples": [previous, 0], "upscale_method": "nearest-exact", "scale_by": 1.0},
+        }
+        previous = str(i)
+    graph["8"]["inputs"]["samples"] = [previous, 0]
+    del graph["3"], graph["6"], graph["7"]
+    assert len(graph) == 498 and validate_prompt(graph, graph_library) == ["9"]
+    events = Recorder()
+    GraphExecutor(graph_library).execute(graph, ["9"], graph_context(graph_pool), events)
+    assert len(events.ran()) == 498
+    assert_dependency_order(graph, events.ran())
