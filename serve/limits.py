@@ -4,9 +4,9 @@
 is read and counted while a chunked body arrives), prompt lengths in characters, images per request, and images
 sent as base64 (their text length, and their pixels read from the header before decoding: decompression bombs).
 ``install(app, limits)`` puts the body limit, one log line per request (INFO; successful /health and /metrics
-probes at DEBUG) with a request id (also sent back as ``X-Request-ID`` and in error bodies), and the
-``{"error", "detail"}`` form of every error (404 and 405 included) on a FastAPI app. ``parse_json_body`` bounds
-what parsing a body may cost.
+probes, and static files under ``app.state.quiet_prefixes`` (the web UI's), at DEBUG) with a request id (also sent
+back as ``X-Request-ID`` and in error bodies), and the ``{"error", "detail"}`` form of every error (404 and 405
+included) on a FastAPI app. ``parse_json_body`` bounds what parsing a body may cost.
 """
 
 from __future__ import annotations
@@ -235,8 +235,10 @@ def _log_request(scope: dict[str, Any], status: int, seconds: float, record: Req
     if record.error:
         line, args = line + " error=%s", (*args, record.error)
     level = logging.ERROR if status >= 500 else logging.INFO
-    if scope.get("path") in PROBES and status < 400:
-        level = logging.DEBUG  # load balancers poll these every few seconds: their lines would bury the rest
+    path = scope.get("path") or ""
+    quiet = getattr(getattr(scope.get("app"), "state", None), "quiet_prefixes", ())
+    if status < 400 and (path in PROBES or path.startswith(tuple(quiet))):
+        level = logging.DEBUG  # probes come every few seconds, a page of the web UI loads ~270 files: noise
     log.log(level, line, *args)
 
 

@@ -348,12 +348,16 @@ def _add_static(app: Any, static: Path | None) -> None:
 
     # Each of the frontend's top-level folders and files at its own path, not one mount of everything at /: a path
     # the frontend does not have stays a 404, and one that another route takes with another method a 405.
-    files = _static_files()
+    files, quiet = _static_files(), ["/templates/", "/user.css"]
     for entry in sorted(static.iterdir()):
         if entry.is_dir():
             app.mount(f"/{entry.name}", files(directory=entry), name=f"frontend-{entry.name}")
+            quiet.append(f"/{entry.name}/")
         elif entry.name != "index.html" and entry.is_file():
             app.add_api_route(f"/{entry.name}", _file_handler(entry), methods=["GET"], include_in_schema=False)
+            quiet.append(f"/{entry.name}")
+    # a page load fetches ~270 of these: their request lines go to DEBUG (``limits``), the API's stay at INFO
+    app.state.quiet_prefixes = (*getattr(app.state, "quiet_prefixes", ()), *quiet)
 
 
 def _file_handler(path: Path) -> Any:

@@ -64,6 +64,12 @@ def test_index_and_assets_are_served_with_their_types(ui_server):
         assert (status, headers["content-type"].split(";")[0]) == (200, media), path
     status, headers, body = ui_request(ui_server.url + "/user.css")  # index.html links it: none is empty
     assert (status, headers["content-type"].split(";")[0], body) == (200, "text/css", b"")
+    assert ui_request(ui_server.url + "/api/settings")[0] == 200
+    assert ui_request(ui_server.url + "/assets/no-such-file.js")[0] == 404
+    time.sleep(0.5)  # the log lines are written after the answers
+    log = ui_server.log  # a page's hundreds of file requests are not logged at INFO; API calls and errors are
+    assert f"GET /{script} 200" not in log and "GET /materialdesignicons.min.css 200" not in log
+    assert "INFO sdtrt.serve: GET /api/settings 200" in log and "GET /assets/no-such-file.js 404" in log
 
 
 def test_missing_asset_is_404_and_api_routes_win_over_the_static_mount(ui_server):
