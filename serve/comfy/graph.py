@@ -110,6 +110,8 @@ class ExecutionInterrupted(Exception):
 
 @dataclass
 class CacheEntry:
+    """A node's outputs (by output index) and its ui dict (output nodes), as cached under its signature."""
+
     outputs: tuple
     ui: dict | None
 
@@ -279,12 +281,26 @@ class Signatures:
         self.memo: dict[str, str | None] = {}
 
     def get(self, node_id: str) -> str | None:
-        if node_id not in self.memo:
-            self.memo[node_id] = None  # a cycle reaches this node again: no signature
-            self.memo[node_id] = self.compute(node_id)
+        """The signature of ``node_id``, its upstream nodes' first (iteratively: a chain of hundreds of nodes is
+        no deeper for Python than one node)."""
+        stack, entered = [node_id], set()
+        while stack:
+            node = stack[-1]
+            if node in self.memo:
+                stack.pop()
+                continue
+            if node not in entered:  # first visit: its inputs first (one on a cycle is entered already: skipped)
+                entered.add(node)
+                todo = [t for t in linked_inputs(self.prompt, node) if t not in self.memo and t not in entered]
+                if todo:
+                    stack.extend(todo)
+                    continue
+            stack.pop()
+            self.memo[node] = self.compute(node)
         return self.memo[node_id]
 
     def compute(self, node_id: str) -> str | None:
+        """The signature of a node whose linked nodes' signatures are known (in ``memo``)."""
         node = self.prompt[node_id]
         cls = self.library.get(node.get("class_type"))
         if cls is None or not isinstance(node.get("inputs", {}), dict):
@@ -293,8 +309,8 @@ class Signatures:
         for name, value in node.get("inputs", {}).items():
             if is_link(value):
                 target = link_target(value, self.prompt)
-                upstream = self.get(target) if target is not None else None
-                if upstream is None:
+                upstream = self.memo.get(target) if target is not None else None
+                if upstream is None:  # a bad link, or a node on a cycle: never cached
                     return None
                 parts[name] = ["link", upstream, value[1]]
             else:

@@ -4,7 +4,8 @@
 their COMBO lists come from: ``ckpt_name`` lists the served models, ``lora_name`` the LoRA folder's files,
 ``image`` the input folder's images, ``sampler_name``/``scheduler`` what the runtime's ComfyUI sampling runs.
 Every node is declared as ComfyUI's nodes.py declares it (inputs, defaults, ranges, outputs, category, display
-name); values sdtrt does not run are left out of the lists, so a graph naming one fails validation.
+name); values sdtrt does not run are left out of the lists, so a graph naming one fails validation. sdtrt's own
+node (SdtrtStepCache) is in category "sdtrt".
 """
 
 from __future__ import annotations
@@ -13,12 +14,21 @@ from typing import Any
 
 from .folders import ComfyFolders
 from .node import Node
+from .nodes_control import CONTROL_NODES
 from .nodes_image import IMAGE_NODES
+from .nodes_inpaint import INPAINT_NODES
 from .nodes_latent import LATENT_NODES
 from .nodes_model import MODEL_NODES
 from .nodes_sampling import SAMPLING_NODES
 
-NODE_CLASSES: tuple[type[Node], ...] = (*MODEL_NODES, *SAMPLING_NODES, *LATENT_NODES, *IMAGE_NODES)
+NODE_CLASSES: tuple[type[Node], ...] = (
+    *MODEL_NODES,
+    *SAMPLING_NODES,
+    *LATENT_NODES,
+    *IMAGE_NODES,
+    *INPAINT_NODES,
+    *CONTROL_NODES,
+)
 
 
 class NodeLibrary:
@@ -36,6 +46,7 @@ class NodeLibrary:
 
     @property
     def names(self) -> list[str]:
+        """The class_types this server runs, sorted."""
         return sorted(self.nodes)
 
     def object_info(self) -> dict[str, dict]:

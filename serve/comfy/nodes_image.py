@@ -197,6 +197,7 @@ class SaveImage(Node):
         return []
 
     def prefix(self, filename_prefix: str) -> str:
+        """The file name prefix written (PreviewImage appends ComfyUI's random part)."""
         return filename_prefix
 
     def run(self, run: NodeRun, images: torch.Tensor, filename_prefix: str = "ComfyUI") -> dict:

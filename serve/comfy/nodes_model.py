@@ -10,7 +10,6 @@ encoding runs with the CLIP's set, sampling with the MODEL's, and the two streng
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -227,47 +226,6 @@ class VAEEncode(Node):
         return ({"samples": run.pipeline(vae.checkpoint).encode_images(pixels)},)
 
 
-def inpaint_pixels(pixels: torch.Tensor, mask: torch.Tensor, grow_mask_by: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ComfyUI's VAEEncodeForInpaint before encoding: the pixels cropped to multiples of 8 around the center with
-    the masked ones set to 0.5 (gray), and the noise mask grown by ``grow_mask_by`` pixels (a box filter)."""
-    height, width = (pixels.shape[1] // 8) * 8, (pixels.shape[2] // 8) * 8
-    flat = mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1])).float()
-    mask = torch.nn.functional.interpolate(flat, size=(pixels.shape[1], pixels.shape[2]), mode="bilinear")
-    pixels = pixels.clone()
-    if pixels.shape[1] != height or pixels.shape[2] != width:
-        top, left = (pixels.shape[1] % 8) // 2, (pixels.shape[2] % 8) // 2
-        pixels = pixels[:, top : height + top, left : width + left, :]
-        mask = mask[:, :, top : height + top, left : width + left]
-    if grow_mask_by == 0:
-        grown = mask
-    else:
-        kernel = torch.ones((1, 1, grow_mask_by, grow_mask_by))
-        padding = math.ceil((grow_mask_by - 1) / 2)
-        grown = torch.clamp(torch.nn.functional.conv2d(mask.round(), kernel, padding=padding), 0, 1)
-    keep = (1.0 - mask.round()).squeeze(1)
-    for channel in range(3):
-        pixels[:, :, :, channel] = (pixels[:, :, :, channel] - 0.5) * keep + 0.5
-    return pixels, grown[:, :, :height, :width].round()
-
-
-class VAEEncodeForInpaint(Node):
-    NAME = "VAEEncodeForInpaint"
-    DISPLAY_NAME = "VAE Encode (for Inpainting)"
-    CATEGORY = "latent/inpaint"
-    RETURN_TYPES = ("LATENT",)
-
-    @classmethod
-    def input_types(cls, library: Any) -> dict[str, dict[str, tuple]]:
-        grow = {"default": 6, "min": 0, "max": 64, "step": 1}
-        return {"required": {"pixels": ("IMAGE",), "vae": ("VAE",), "mask": ("MASK",), "grow_mask_by": ("INT", grow)}}
-
-    def run(
-        self, run: NodeRun, pixels: torch.Tensor, vae: VaeHandle, mask: torch.Tensor, grow_mask_by: int = 6
-    ) -> tuple:
-        gray, noise_mask = inpaint_pixels(pixels[..., :3].float(), mask, grow_mask_by)
-        return ({"samples": run.pipeline(vae.checkpoint).encode_images(gray), "noise_mask": noise_mask},)
-
-
 MODEL_NODES = (
     CheckpointLoaderSimple,
     CLIPTextEncode,
@@ -276,5 +234,4 @@ MODEL_NODES = (
     LoraLoaderModelOnly,
     VAEDecode,
     VAEEncode,
-    VAEEncodeForInpaint,
 )

@@ -43,6 +43,7 @@ def latent_preview(latents: torch.Tensor, scale: float) -> Image.Image:
 
 
 def one_conditioning(conditioning: list, name: str) -> Any:
+    """The one Conditioning of a CONDITIONING list; ValueError for several (ComfyUI's ConditioningCombine)."""
     if len(conditioning) != 1:
         raise ValueError(f"{name} holds {len(conditioning)} conditionings; sdtrt samples with exactly one")
     return conditioning[0]
@@ -73,7 +74,6 @@ def sample(
         # ComfyUI's progress counts against the node's steps (KSamplerAdvanced's slice starts part way)
         run.progress(step + 1, steps, latent_preview(latents, scale) if run.previews else None)
 
-    extra = {"cache_interval": model.cache_interval} if model.cache_interval != 1 else {}
     try:
         samples = pipe.sample_latents(
             latent["samples"],
@@ -87,7 +87,8 @@ def sample(
             noise_mask=latent.get("noise_mask"),
             callback=callback,
             cancel=run.cancel,
-            **extra,
+            cache_interval=model.cache_interval,
+            cache_schedule=model.cache_schedule,
         )
     except Interrupted as exc:
         raise NodeInterrupted(str(exc)) from exc

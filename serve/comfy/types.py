@@ -24,8 +24,10 @@ class ModelHandle:
     checkpoint: Any  # serve.models.Checkpoint
     loras: tuple[LoraUse, ...] = ()
     cache_interval: int = 1
+    cache_schedule: str = "uniform"
 
     def with_lora(self, path: str, strength: float) -> ModelHandle:
+        """This model with one more LoRA (LoraLoader chains add up in order)."""
         return replace(self, loras=(*self.loras, (path, strength)))
 
 
@@ -39,6 +41,7 @@ class ClipHandle:
     clip_skip: int = 1
 
     def with_lora(self, path: str, strength: float) -> ClipHandle:
+        """This text encoder with one more LoRA."""
         return replace(self, loras=(*self.loras, (path, strength)))
 
 

@@ -35,6 +35,7 @@ class PromptError(Exception):
         super().__init__(f"{error['message']}: {error['details']}" if error.get("details") else error["message"])
 
     def body(self) -> dict[str, Any]:
+        """``{"error": {...}, "node_errors": {...}}``."""
         return {"error": self.error, "node_errors": self.node_errors}
 
 
@@ -44,6 +45,7 @@ def error(kind: str, message: str, details: str = "", **extra_info: Any) -> dict
 
 
 def is_link(value: Any) -> bool:
+    """Whether an input value is a link (ComfyUI: any list; a literal is never one)."""
     return isinstance(value, list)
 
 

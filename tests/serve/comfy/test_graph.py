@@ -460,3 +460,45 @@ def test_a_node_whose_check_raises_is_exception_during_validation_not_a_crash(gr
     error = node_error(refused(graph, library), "5", "exception_during_validation")
     assert error["details"] == "'width_px'" and error["extra_info"]["exception_type"] == "KeyError"
     assert error["extra_info"]["traceback"]
+
+
+def test_the_cache_never_holds_a_pipeline(graph, graph_library, graph_pool):
+    from sdtrt.runtime.pipeline import Pipeline
+
+    executor = GraphExecutor(graph_library)
+    executor.execute(graph, ["9"], graph_context(graph_pool), Recorder())
+    held = [v for entry in executor.cache.values() for v in entry.outputs]
+    assert len(executor.cache) == len(graph) and held
+    assert not any(isinstance(v, Pipeline) for v in held)  # handles open the model through the pool when used
+
+
+def test_the_cache_is_keyed_by_signature_not_by_node_id(graph, graph_library, graph_pool):
+    executor = GraphExecutor(graph_library)
+    executor.execute(graph, ["9"], graph_context(graph_pool), Recorder())
+    renamed = {f"1{k}": copy.deepcopy(v) for k, v in graph.items()}  # the same graph, other ids
+    for node in renamed.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):
+                node["inputs"][name] = [f"1{value[0]}", value[1]]
+    renamed["20"] = copy.deepcopy(renamed["17"])  # a dangling copy of the negative prompt: cached, never run
+    events = Recorder()
+    ui = executor.execute(renamed, validate_prompt(renamed, graph_library), graph_context(graph_pool), events)
+    assert events.events[0] == ("execution_cached", list(renamed)) and events.ran() == []
+    assert events.of("executed") == [("executed", "19", ui["19"])]
+
+
+def test_a_chain_of_hundreds_of_nodes_validates_and_runs(graph, graph_library, graph_pool):
+    previous = "5"
+    for i in range(100, 594):  # 494 upscales in a row: 498 nodes, under max_nodes
+        graph[str(i)] = {
+            "class_type": "LatentUpscaleBy",
+            "inputs": {"samples": [previous, 0], "upscale_method": "nearest-exact", "scale_by": 1.0},
+        }
+        previous = str(i)
+    graph["8"]["inputs"]["samples"] = [previous, 0]
+    del graph["3"], graph["6"], graph["7"]
+    assert len(graph) == 498 and validate_prompt(graph, graph_library) == ["9"]
+    events = Recorder()
+    GraphExecutor(graph_library).execute(graph, ["9"], graph_context(graph_pool), events)
+    assert len(events.ran()) == 498
+    assert_dependency_order(graph, events.ran())

@@ -6,6 +6,7 @@ settings; SaveImage's file naming and PNG chunks; ``/object_info``'s schema for 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,14 @@ COMFY_NODES = {  # class_type: (display_name, category, outputs), as ComfyUI's n
     "LoraLoaderModelOnly": ("Load LoRA", "loaders", ["MODEL"]),
     "SetLatentNoiseMask": ("Set Latent Noise Mask", "latent/inpaint", ["LATENT"]),
     "VAEEncodeForInpaint": ("VAE Encode (for Inpainting)", "latent/inpaint", ["LATENT"]),
+    "InpaintModelConditioning": (
+        "InpaintModelConditioning",
+        "conditioning/inpaint",
+        ["CONDITIONING", "CONDITIONING", "LATENT"],
+    ),
+    "ControlNetLoader": ("Load ControlNet Model", "loaders", ["CONTROL_NET"]),
+    "ControlNetApplyAdvanced": ("Apply ControlNet", "conditioning/controlnet", ["CONDITIONING", "CONDITIONING"]),
+    "SdtrtStepCache": ("Step Cache (sdtrt)", "sdtrt", ["MODEL"]),
 }
 
 
@@ -291,7 +300,8 @@ def test_object_info_describes_every_node_in_comfyuis_schema(graph_nodes):
             category,
             outputs,
         )
-        assert node["python_module"] == "nodes" and isinstance(node["description"], str)
+        assert node["python_module"] == ("custom_nodes.sdtrt" if category == "sdtrt" else "nodes")
+        assert isinstance(node["description"], str)
         assert node["output_is_list"] == [False] * len(outputs) and len(node["output_name"]) == len(outputs)
         assert node["output_node"] is (name in ("SaveImage", "PreviewImage"))
         assert not (node["deprecated"] or node["experimental"] or node["api_node"] or node["is_input_list"])
@@ -311,6 +321,9 @@ def test_object_info_describes_every_node_in_comfyuis_schema(graph_nodes):
     assert required["EmptyLatentImage"]["width"][1] | {"tooltip": ""} == {
         "default": 512, "min": 16, "max": 16384, "step": 8, "tooltip": ""}  # fmt: skip
     assert info["SaveImage"]["input"]["hidden"] == {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
+    assert info["ControlNetApplyAdvanced"]["input"]["optional"] == {"vae": ["VAE"]}
+    assert info["ControlNetApplyAdvanced"]["output_name"] == ["positive", "negative"]
+    assert required["ControlNetLoader"]["control_net_name"] == [[]]  # this model has no ControlNets
     assert graph_nodes.node_info("KSampler") == {"KSampler": graph_nodes.object_info()["KSampler"]}
     assert graph_nodes.node_info("Nope") == {}
 
@@ -343,3 +356,98 @@ def test_vae_encode_for_inpaint_grays_the_masked_pixels_and_grows_the_mask(graph
     assert grown.sum() == (20 + 5) * (6 + 5)
     latent = reference(pipe, pipe.encode_images(gray), mask=grown)
     np.testing.assert_array_equal(got, pixels(pipe.decode_images(latent)))
+
+
+def control_graph(ckpt_name: str, strength: float = 1.0) -> dict:
+    """The default workflow with a LoadImage hint through ControlNetLoader "edges" and ControlNetApplyAdvanced."""
+    graph = default_graph(ckpt_name)
+    graph["20"] = {"class_type": "LoadImage", "inputs": {"image": "hint.png"}}
+    graph["21"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "edges"}}
+    graph["22"] = {
+        "class_type": "ControlNetApplyAdvanced",
+        "inputs": {"positive": ["6", 0], "negative": ["7", 0], "control_net": ["21", 0], "image": ["20", 0],
+                   "vae": ["4", 2], "strength": strength, "start_percent": 0.0, "end_percent": 0.5},
+    }  # fmt: skip
+    graph["3"]["inputs"].update(positive=["22", 0], negative=["22", 1])
+    return graph
+
+
+def test_controlnet_nodes_equal_the_stage_functions_with_that_control(tiny_control_fp32, graph_pool, tmp_path):
+    from sdtrt.runtime.control.comfy import ControlApply
+
+    library = NodeLibrary(Checkpoints(tiny_control_fp32), LoraLibrary(None), ComfyFolders(tmp_path).create())
+    assert library.object_info()["ControlNetLoader"]["input"]["required"]["control_net_name"][0] == ["depth", "edges"]
+    hint = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(hint).save(library.folders.input / "hint.png")
+    name = library.checkpoints.items[0].name
+    base = saved(library, run_graph(library, graph_pool, default_graph(name)))
+    got = saved(library, run_graph(library, graph_pool, control_graph(name)))
+    pipe = graph_pool.get(library.checkpoints.items[0])
+    pipe.set_loras([])
+    positive, negative = (pipe.encode_conditioning(t) for t in (POSITIVE, NEGATIVE))
+    apply = ControlApply("edges", torch.from_numpy(hint.astype(np.float32) / 255.0)[None], 1.0, 0.0, 0.5)
+    positive, negative = (replace(c, controls=(apply,)) for c in (positive, negative))
+    latent = pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, sampler="euler", cfg=8.0, seed=5,
+                                 sigmas=pipe.ksampler_sigmas("normal", 3))  # fmt: skip
+    np.testing.assert_array_equal(got, pixels(pipe.decode_images(latent)))
+    assert not np.array_equal(got, base)
+    np.testing.assert_array_equal(saved(library, run_graph(library, graph_pool, control_graph(name, 0.0))), base)
+
+
+def test_step_cache_node_samples_with_the_shallow_unet(graph, graph_nodes, graph_pool, pipe):
+    graph["10"] = {
+        "class_type": "SdtrtStepCache",
+        "inputs": {"model": ["4", 0], "cache_interval": 2, "cache_schedule": "uniform"},
+    }
+    graph["3"]["inputs"].update(model=["10", 0], steps=4)
+    got = saved(graph_nodes, run_graph(graph_nodes, graph_pool, graph))
+    pipe.set_loras([])
+    positive, negative = (pipe.encode_conditioning(t) for t in (POSITIVE, NEGATIVE))
+    sigmas = pipe.ksampler_sigmas("normal", 4)
+    common = dict(sampler="euler", sigmas=sigmas, cfg=8.0, seed=5)
+    cached = pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, cache_interval=2, **common)
+    np.testing.assert_array_equal(got, pixels(pipe.decode_images(cached)))
+    full = pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **common)
+    assert not torch.equal(cached, full)  # the shallow UNet ran on steps 2 and 4
+    graph["10"]["inputs"].update(cache_interval=3, cache_schedule="quadratic")
+    got = saved(graph_nodes, run_graph(graph_nodes, graph_pool, graph))
+    quadratic = pipe.sample_latents(
+        torch.zeros(1, 4, 8, 8), positive, negative, cache_interval=3, cache_schedule="quadratic", **common
+    )
+    np.testing.assert_array_equal(got, pixels(pipe.decode_images(quadratic)))
+
+
+def test_inpaint_model_conditioning_on_an_inpainting_model(tiny_inpaint_fp32, graph_pool, tmp_path):
+    library = NodeLibrary(Checkpoints(tiny_inpaint_fp32), LoraLibrary(None), ComfyFolders(tmp_path).create())
+    rgba = np.random.default_rng(4).integers(0, 256, (64, 64, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[8:40, 16:48, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(library.folders.input / "photo.png")
+    graph = default_graph(library.checkpoints.items[0].name)
+    graph["1"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
+    graph["20"] = {
+        "class_type": "InpaintModelConditioning",
+        "inputs": {"positive": ["6", 0], "negative": ["7", 0], "vae": ["4", 2], "pixels": ["1", 0], "mask": ["1", 1],
+                   "noise_mask": True},
+    }  # fmt: skip
+    graph["3"]["inputs"].update(positive=["20", 0], negative=["20", 1], latent_image=["20", 2])
+    del graph["5"]
+    got = saved(library, run_graph(library, graph_pool, graph))
+    pipe = graph_pool.get(library.checkpoints.items[0])
+    image = torch.from_numpy(rgba[..., :3].astype(np.float32) / 255.0)[None]
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 8:40, 16:48] = 1.0
+    gray = torch.where(mask[:, 0, :, :, None] > 0, torch.full_like(image, 0.5), image)
+    concat = pipe.encode_images(gray)
+    positive, negative = (
+        replace(pipe.encode_conditioning(t), concat_latent_image=concat, concat_mask=mask) for t in (POSITIVE, NEGATIVE)
+    )
+    latent = pipe.sample_latents(pipe.encode_images(image), positive, negative, sampler="euler", cfg=8.0, seed=5,
+                                 sigmas=pipe.ksampler_sigmas("normal", 3), noise_mask=mask)  # fmt: skip
+    np.testing.assert_array_equal(got, pixels(pipe.decode_images(latent)))
+
+
+def test_ckpt_name_lists_every_served_model(models_dir, tmp_path):
+    library = NodeLibrary(Checkpoints(models_dir), LoraLibrary(None), ComfyFolders(tmp_path).create())
+    names = library.object_info()["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert names == ["alpha", "beta"]
