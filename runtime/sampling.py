@@ -46,6 +46,7 @@ from sdtrt.runtime.schedulers.ksampling import (
     sampler_module,
 )
 from sdtrt.runtime.schedulers.sigmas import SIGMA_SCHEDULES, ModelSampling, advanced_sigmas, ksampler_sigmas
+from sdtrt.runtime.specs import check_size
 
 # sdtrt's sampler names (``sdtrt generate --scheduler``) -> the ComfyUI sampler_name that computes the same steps
 # over a sigma schedule. dpmpp_2m_karras has none: ComfyUI spells it dpmpp_2m with the karras schedule.
@@ -206,6 +207,10 @@ class ComfyStages:
             raise ConfigError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SIGMA_SAMPLERS)}")
         table = check_sigmas(sigmas)
         latents = self._check_latents(latents)
+        factor = self.manifest.model.vae_scale_factor
+        height, width = latents.shape[2] * factor, latents.shape[3] * factor
+        check_size(height, width, self.manifest.model)  # the UNet's downsampling, the artifact's profile
+        self.manifest.profile.check(height, width, latents.shape[0])
         self._check_options(positive, negative, cfg, seed, (cache_interval, cache_schedule))
         if table.size == 0:
             return latents.clone()
