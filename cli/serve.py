@@ -4,6 +4,7 @@ Ray Serve."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -70,6 +71,23 @@ from sdtrt.serve.limits import Limits
     help="When ARTIFACTS is a folder of artifact folders (one model each): models kept open at once, the least "
     "recently used closed first. With --ray: per replica.",
 )
+@click.option(
+    "--comfy-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="ComfyUI's input/output/temp folders (uploads, SaveImage, PreviewImage), created at start "
+    "[default: ./sdtrt-comfy].",
+)
+@click.option(
+    "--comfy-history",
+    type=click.IntRange(min=1),
+    help="ComfyUI prompts kept in /history, the oldest dropped [default: 200].",
+)
+@click.option(
+    "--comfy-preview-method",
+    type=click.Choice(["none", "auto", "latent2rgb", "taesd"]),
+    help="Latent previews (binary websocket frames) for ComfyUI prompts whose extra_data has no preview_method "
+    "(taesd: latent2rgb, sdtrt has no TAESD) [default: none].",
+)
 @click.option("--ray", "use_ray", is_flag=True, help="Serve as a Ray Serve application (replicas, autoscaling).")
 @click.option("--ray-address", help="Ray cluster to join (e.g. auto); default: start a local Ray.")
 @click.option("--replicas", type=click.IntRange(min=1), help="Ray: a fixed number of replicas.")
@@ -104,12 +122,15 @@ def serve_cmd(
     max_replicas: int,
     gpus_per_replica: float,
     cpus_per_replica: float,
+    **comfy: Any,
 ) -> None:
     """Serve the AUTOMATIC1111 HTTP API (/sdapi/v1/txt2img, img2img, ...) over the engines in ARTIFACTS.
 
     ARTIFACTS is one artifact or engine folder, or a folder whose subfolders are (one model each, listed by
     /sdapi/v1/sd-models and chosen with sd_model_checkpoint, in POST /sdapi/v1/options or a request's
     override_settings).
+
+    The same port speaks ComfyUI's API too (/prompt, /ws, /history, ..., also under /api/; not with --ray).
 
     SIGTERM stops accepting connections, answers every request already accepted, then exits 0. With --ray, the
     same API runs as a Ray Serve application: one pipeline per replica, requests batched with @serve.batch.
@@ -121,8 +142,13 @@ def serve_cmd(
     limits = Limits(max_body_mb=max_body_mb, max_prompt_chars=max_prompt_chars, max_images=max_images)
 
     def ready(url: str) -> None:
-        click.echo(f"serving {artifacts} on {url} (A1111 API at {url}/sdapi/v1)")
+        from sdtrt.serve.comfy.frontend import frontend_folder
 
+        comfy_api = "" if use_ray else f", ComfyUI API at {url}/prompt"
+        web_ui = "" if use_ray or frontend_folder() is None else f"; web UI at {url}/"
+        click.echo(f"serving {artifacts} on {url} (A1111 API at {url}/sdapi/v1{comfy_api}){web_ui}")
+
+    comfy = comfy_given(comfy, use_ray)
     if use_ray:
         from sdtrt.serve.ray_app import RayConfig, run
 
@@ -148,5 +174,14 @@ def serve_cmd(
 
     config = ServeConfig(artifacts, host, port, backend, device, queue_size, timeout, cache_interval=cache_interval,
                          cache_schedule=cache_schedule, limits=limits, clip_skip=clip_skip,
-                         lora_dir=lora_dir, max_loaded=max_loaded)  # fmt: skip
+                         lora_dir=lora_dir, max_loaded=max_loaded, **comfy)  # fmt: skip
     serve(config, on_ready=ready)
+
+
+def comfy_given(comfy: dict[str, Any], use_ray: bool) -> dict[str, Any]:
+    """The ``--comfy-*`` options given (the others keep ``ServeConfig``'s defaults); refused with ``--ray``."""
+    given = {name: value for name, value in comfy.items() if value is not None}
+    if given and use_ray:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise click.UsageError(f"{flags}: ComfyUI's API is served by the plain server only, not with --ray")
+    return given

@@ -66,12 +66,15 @@ def create_app(
     cmd_flags: dict[str, Any] | None = None,
     limits: Limits | None = None,
     loras: LoraLibrary | None = None,
+    comfy: Any = None,
 ) -> Any:
     """A FastAPI app over ``service`` (see ``service.Service``), serving the models ``checkpoints`` lists (see
     ``models``); its lifespan starts and stops the service.
     ``cmd_flags``: the server's settings as ``/sdapi/v1/cmd-flags`` reports them (``a1111_info.cmd_flags``).
     ``limits`` bound each request (``limits.Limits``; default: its defaults), which is also logged in one line.
     ``loras``: the LoRAs ``<lora:NAME:WEIGHT>`` prompt tags name (``loras.LoraLibrary``; default: none).
+    ``comfy``: ComfyUI's protocol too (``comfy.routes.ComfySettings``; ``service`` must then be a ``LocalWorker``,
+    which runs its prompts); default: not served.
     """
     require("fastapi", "the HTTP server (sdtrt serve)", "serve")
     from fastapi import FastAPI
@@ -101,6 +104,12 @@ def create_app(
     add_info_routes(app, service, cmd_flags)
     add_progress_routes(app, service)
     add_lora_routes(app, app.state.loras)
+    if comfy is not None:
+        from .comfy.frontend import add_frontend_routes
+        from .comfy.routes import add_comfy_routes
+
+        add_comfy_routes(app, service, comfy)
+        add_frontend_routes(app, comfy.folders)  # last: its static folders must not shadow the routes above
     return app
 
 

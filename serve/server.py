@@ -51,6 +51,9 @@ class ServeConfig:
     limits: Limits = Limits()
     lora_dir: Path | None = None  # the LoRAs <lora:NAME:WEIGHT> tags name (file stems of its .safetensors)
     max_loaded: int = 1  # models kept open at once (``artifacts`` may be a folder of artifact folders)
+    comfy_dir: Path = Path("sdtrt-comfy")  # ComfyUI's input/output/temp folders (created at start)
+    comfy_history: int = 200  # ComfyUI prompts kept in /history
+    comfy_preview_method: str = "none"  # latent previews of prompts that do not choose (extra_data.preview_method)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -63,6 +66,15 @@ class ServeConfig:
         check_clip_skip_default(self.clip_skip)
         check_lora_dir(self.lora_dir)
         check_max_loaded(self.max_loaded)
+        self.comfy  # noqa: B018  (checks the --comfy-* values now)
+
+    @property
+    def comfy(self) -> Any:
+        """ComfyUI's settings (``comfy.routes.ComfySettings``; ``ConfigError`` if a value is bad)."""
+        from .comfy.folders import ComfyFolders
+        from .comfy.routes import ComfySettings
+
+        return ComfySettings(ComfyFolders(Path(self.comfy_dir)), self.comfy_history, self.comfy_preview_method)
 
     @property
     def cache(self) -> CacheDefaults:
@@ -153,7 +165,7 @@ def _drain_logged(uvicorn: Any, config: Any, grace: float | None) -> Any:
 
 
 def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> None:
-    """Open the current model's pipeline, and serve the A1111 API over the models until SIGTERM."""
+    """Open the current model's pipeline, and serve the A1111 API and ComfyUI's over the models until SIGTERM."""
     from .a1111_info import cmd_flags
     from .app import create_app
     from .loras import LoraLibrary
@@ -178,7 +190,15 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
     loras = LoraLibrary(config.lora_dir)
     if config.lora_dir is not None:
         log.info("LoRAs from %s: %s", config.lora_dir, ", ".join(loras.names) or "none yet")
-    app = create_app(worker, checkpoints, cmd_flags=cmd_flags(config), limits=config.limits, loras=loras)
+    comfy = config.comfy
+    try:
+        comfy.folders.create()
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot create ComfyUI's folders under {comfy.folders.root}: {exc}; choose another "
+                          "--comfy-dir") from None  # fmt: skip
+    log.info("ComfyUI API at /prompt and /ws, files in %s", comfy.folders.root)
+    app = create_app(worker, checkpoints, cmd_flags=cmd_flags(config), limits=config.limits, loras=loras, comfy=comfy)
     run_app(app, config.host, config.port, on_ready=on_ready, grace=grace, sock=sock)
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from sdtrt.runtime.errors import ConfigError, SdtrtError, ShapeError
 from sdtrt.runtime.images import latent_rgb_map
@@ -39,6 +39,7 @@ from sdtrt.serve.progress import JobState
 from sdtrt.serve.service import ModelCard, ServiceStats
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -142,9 +143,17 @@ class LocalWorker:
             request = request.with_seed(random_seed())
         return await self._submit(partial(self._run, request, checked=pipe is not None), timeout=self.timeout)
 
-    async def _submit(self, work: Callable[[], Any], timeout: float | None) -> Any:
-        """Queue ``work`` for the pipeline thread and wait for its result; ``TimedOut`` if it has not started
-        after ``timeout`` seconds (None: wait)."""
+    def submit(self, work: Callable[[PipelinePool], T]) -> asyncio.Future[T]:
+        """Queue ``work(pool)`` for the pipeline thread, behind every request queued before it, and return its
+        future at once (call inside the serving loop). ``Overloaded`` now if the queue is full. The work is not
+        bounded by ``timeout``; it runs even if nobody awaits the future, and ``stop`` waits for it."""
+        return self._enqueue(partial(work, self.pool)).future
+
+    async def run(self, work: Callable[[PipelinePool], T]) -> T:
+        """``submit(work)`` and wait for its result (what ``work`` raised is raised here)."""
+        return await self.submit(work)
+
+    def _enqueue(self, work: Callable[[], Any]) -> _Job:
         if self._queue is None:
             raise RuntimeError("LocalWorker.start() was not called")
         job = _Job(work, asyncio.get_running_loop().create_future())
@@ -156,6 +165,12 @@ class LocalWorker:
                 "with a larger --queue",
                 self.retry_after(),
             ) from None
+        return job
+
+    async def _submit(self, work: Callable[[], Any], timeout: float | None) -> Any:
+        """Queue ``work`` for the pipeline thread and wait for its result; ``TimedOut`` if it has not started
+        after ``timeout`` seconds (None: wait)."""
+        job = self._enqueue(work)
         done, _ = await asyncio.wait({job.future}, timeout=timeout)
         if not done and not job.started:
             job.abandoned = True
