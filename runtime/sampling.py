@@ -206,11 +206,7 @@ class ComfyStages:
         if sampler not in SIGMA_SAMPLERS:
             raise ConfigError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SIGMA_SAMPLERS)}")
         table = check_sigmas(sigmas)
-        latents = self._check_latents(latents)
-        factor = self.manifest.model.vae_scale_factor
-        height, width = latents.shape[2] * factor, latents.shape[3] * factor
-        check_size(height, width, self.manifest.model)  # the UNet's downsampling, the artifact's profile
-        self.manifest.profile.check(height, width, latents.shape[0])
+        latents = self._check_latents(latents, unet=True)
         self._check_options(positive, negative, cfg, seed, (cache_interval, cache_schedule))
         if table.size == 0:
             return latents.clone()
@@ -262,13 +258,18 @@ class ComfyStages:
             concat = [concat_condition((c.concat_latent_image, c.concat_mask), *init, scale) for c in conds]
             buffers.condition.copy_(torch.cat(concat).to(self.device))
 
-    def _check_latents(self, latents: torch.Tensor) -> torch.Tensor:
+    def _check_latents(self, latents: torch.Tensor, unet: bool = False) -> torch.Tensor:
         channels = self.manifest.model.latent_channels
         if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[1] != channels:
             found = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ShapeError(f"latents must be a tensor [B, {channels}, h, w] for this model, got {found}")
         if not bool(torch.isfinite(latents).all()):
             raise ShapeError("latents hold NaN or Inf values")
+        if unet:  # the UNet's downsampling and the artifact's profile
+            factor = self.manifest.model.vae_scale_factor
+            height, width = latents.shape[2] * factor, latents.shape[3] * factor
+            check_size(height, width, self.manifest.model)
+            self.manifest.profile.check(height, width, latents.shape[0])
         return latents.float().cpu()
 
     def _check_options(

@@ -116,6 +116,11 @@ def test_mapping_table_is_shared():
 
     assert set(COMFY_SAMPLERS) == set(SCHEDULER_NAMES) - {"dpmpp_2m_karras"}
     assert sorted(COMFY_SAMPLERS.values()) == sorted(SIGMA_SAMPLERS)
+    from sdtrt.cli.generate import generate_cmd
+    from sdtrt.runtime.sampling import SIGMA_SCHEDULES
+
+    (option,) = [p for p in generate_cmd.params if p.name == "sigma_schedule"]
+    assert all(name in option.help for name in SIGMA_SCHEDULES)  # the help lists every schedule
 
 
 def test_img2img_equals_loadimage_vaeencode_ksampler(tmp_path, tiny_fp32):
