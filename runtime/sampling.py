@@ -5,8 +5,10 @@ scaling factor. Sampling follows ComfyUI's KSampler (comfy/samplers.py, comfy/sa
 ``torch.randn`` of the whole latent batch from a CPU generator seeded with the seed (``comfy_noise``), scaled by
 ``sqrt(1 + sigma0^2)`` when the first sigma is the model's largest and by ``sigma0`` otherwise, and added to the
 input latents; classifier-free guidance is ``uncond + (cond - uncond) * cfg``, and cfg 1 runs the conditional
-rows only; a noise mask blends each step with the noised input latents as ComfyUI's KSamplerX0Inpaint does. The
-samplers (``runtime.schedulers.ksampling``) run in the runtime's denoising loop, so a CUDA graph replays each step.
+rows only; a noise mask blends each step with the noised input latents as ComfyUI's KSamplerX0Inpaint does;
+ControlNets come with the conditioning (``runtime.control.comfy``), and so do an inpainting UNet's concat inputs
+(``runtime.comfy_tensors``). The samplers (``runtime.schedulers.ksampling``) run in the runtime's denoising loop,
+so a CUDA graph replays each step, with step caching when asked.
 
 ``ComfyStages`` holds these stages as methods of ``Pipeline``.
 """
