@@ -207,7 +207,10 @@ def generate_comfy(
     check_cache_supported(call["cache_interval"], manifest.components)
     if call["image"] is None:
         height, width = call["size"] or (None, None)
-        image_size(manifest, height, width, call["batch"])
+    else:  # VAEEncode's crop to whole latents
+        factor = manifest.model.vae_scale_factor
+        height, width = (n // factor * factor for n in call["image"].shape[1:3])
+    image_size(manifest, height, width, call["batch"])
     backend, device, loras = engines
     lora_specs = [parse_lora_option(text) for text in loras]
     read_loras(LoraState(), lora_specs)

@@ -5,8 +5,10 @@ scaling factor. Sampling follows ComfyUI's KSampler (comfy/samplers.py, comfy/sa
 ``torch.randn`` of the whole latent batch from a CPU generator seeded with the seed (``comfy_noise``), scaled by
 ``sqrt(1 + sigma0^2)`` when the first sigma is the model's largest and by ``sigma0`` otherwise, and added to the
 input latents; classifier-free guidance is ``uncond + (cond - uncond) * cfg``, and cfg 1 runs the conditional
-rows only; a noise mask blends each step with the noised input latents as ComfyUI's KSamplerX0Inpaint does. The
-samplers (``runtime.schedulers.ksampling``) run in the runtime's denoising loop, so a CUDA graph replays each step.
+rows only; a noise mask blends each step with the noised input latents as ComfyUI's KSamplerX0Inpaint does;
+ControlNets come with the conditioning (``runtime.control.comfy``), and so do an inpainting UNet's concat inputs
+(``runtime.comfy_tensors``). The samplers (``runtime.schedulers.ksampling``) run in the runtime's denoising loop,
+so a CUDA graph replays each step, with step caching when asked.
 
 ``ComfyStages`` holds these stages as methods of ``Pipeline``.
 """
@@ -46,6 +48,7 @@ from sdtrt.runtime.schedulers.ksampling import (
     sampler_module,
 )
 from sdtrt.runtime.schedulers.sigmas import SIGMA_SCHEDULES, ModelSampling, advanced_sigmas, ksampler_sigmas
+from sdtrt.runtime.specs import check_size
 
 # sdtrt's sampler names (``sdtrt generate --scheduler``) -> the ComfyUI sampler_name that computes the same steps
 # over a sigma schedule. dpmpp_2m_karras has none: ComfyUI spells it dpmpp_2m with the karras schedule.
@@ -206,7 +209,7 @@ class ComfyStages:
         if sampler not in SIGMA_SAMPLERS:
             raise ConfigError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SIGMA_SAMPLERS)}")
         table = check_sigmas(sigmas)
-        latents = self._check_latents(latents)
+        latents = self._check_latents(latents, unet=True)
         self._check_options(positive, negative, cfg, seed, (cache_interval, cache_schedule))
         if table.size == 0:
             return latents.clone()
@@ -258,7 +261,7 @@ class ComfyStages:
             concat = [concat_condition((c.concat_latent_image, c.concat_mask), *init, scale) for c in conds]
             buffers.condition.copy_(torch.cat(concat).to(self.device))
 
-    def _check_latents(self, latents: torch.Tensor) -> torch.Tensor:
+    def _check_latents(self, latents: torch.Tensor, unet: bool = False) -> torch.Tensor:
         channels = self.manifest.model.latent_channels
         if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[1] != channels:
             found = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
@@ -266,7 +269,10 @@ class ComfyStages:
         if not bool(torch.isfinite(latents).all()):
             raise ShapeError("latents hold NaN or Inf values")
         factor = self.manifest.model.vae_scale_factor  # engines are built for the profile's sizes only
-        self.manifest.profile.check(latents.shape[2] * factor, latents.shape[3] * factor, latents.shape[0])
+        height, width = latents.shape[2] * factor, latents.shape[3] * factor
+        if unet:  # the UNet's downsampling
+            check_size(height, width, self.manifest.model)
+        self.manifest.profile.check(height, width, latents.shape[0])
         return latents.float().cpu()
 
     def _check_options(

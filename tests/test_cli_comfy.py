@@ -100,6 +100,7 @@ def test_generate_batch_with_ancestral_sampler_and_karras(tmp_path, tiny_fp32):
         (("--crop", "0x0"), "--crop is not available with --sigma-schedule"),
         (("--cache-interval", "0"), "cache interval must be an integer >= 1"),
         (("--steps", "0"), "steps must be in [1, 10000]"),
+        (("--size", "72"), "image sides must be multiples of 16 pixels"),
     ],
 )
 def test_refusals_are_one_line_before_work(tmp_path, tiny_fp32, extra, message):
@@ -115,3 +116,47 @@ def test_mapping_table_is_shared():
 
     assert set(COMFY_SAMPLERS) == set(SCHEDULER_NAMES) - {"dpmpp_2m_karras"}
     assert sorted(COMFY_SAMPLERS.values()) == sorted(SIGMA_SAMPLERS)
+    from sdtrt.cli.generate import generate_cmd
+    from sdtrt.runtime.sampling import SIGMA_SCHEDULES
+
+    (option,) = [p for p in generate_cmd.params if p.name == "sigma_schedule"]
+    assert all(name in option.help for name in SIGMA_SCHEDULES)  # the help lists every schedule
+
+
+def test_img2img_equals_loadimage_vaeencode_ksampler(tmp_path, tiny_fp32):
+    """--init-image + --strength: LoadImage -> VAEEncode -> KSampler(denoise) -> VAEDecode -> SaveImage."""
+    from sdtrt.runtime.pipeline import Pipeline
+
+    rng = np.random.default_rng(0)
+    source = tmp_path / "in.png"
+    Image.fromarray(rng.integers(0, 256, (70, 64, 3), dtype=np.uint8)).save(source)  # 70: VAEEncode crops to 64
+    out, previews = tmp_path / "out.png", tmp_path / "previews"
+    args = ("--sigma-schedule", "simple", "--scheduler", "dpmpp_2m", "--seed", "9", "--steps", "3", "--cfg", "5")
+    result = run(
+        "generate",
+        str(tiny_fp32),
+        "a cat",
+        *args,
+        "--init-image",
+        str(source),
+        "--strength",
+        "0.6",
+        "--out",
+        str(out),
+        "--preview-dir",
+        str(previews),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Denoising strength: 0.6" in Image.open(out).text["parameters"]
+    assert len(list(previews.iterdir())) == 3
+    pixels = torch.from_numpy(np.array(Image.open(source).convert("RGB")).astype(np.float32) / 255.0)[None]
+    with Pipeline.from_artifacts(tiny_fp32, backend="onnxruntime") as pipe:
+        latents = pipe.encode_images(pixels)
+        assert latents.shape == (1, 4, 8, 8)
+        sigmas = pipe.ksampler_sigmas("simple", 3, 0.6)
+        positive, negative = pipe.encode_conditioning("a cat"), pipe.encode_conditioning("")
+        out_latents = pipe.sample_latents(
+            latents, positive, negative, sampler="dpmpp_2m", sigmas=sigmas, cfg=5.0, seed=9
+        )
+        expected = np.clip(255.0 * pipe.decode_images(out_latents)[0].numpy(), 0, 255).astype(np.uint8)
+    assert np.array_equal(np.array(Image.open(out)), expected)

@@ -249,6 +249,10 @@ def test_bad_input_is_refused(pipe, conds):
         pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **{**good, "sampler": "heun"})
     with pytest.raises(ShapeError, match=r"latents must be a tensor \[B, 4, h, w\]"):
         pipe.sample_latents(torch.zeros(1, 3, 8, 8), positive, negative, **good)
+    with pytest.raises(ShapeError, match="multiples of 16 pixels; got 64x72"):
+        pipe.sample_latents(torch.zeros(1, 4, 9, 8), positive, negative, **good)
+    with pytest.raises(ShapeError, match="outside this artifact's profile"):
+        pipe.sample_latents(torch.zeros(1, 4, 64, 64), positive, negative, **good)
     with pytest.raises(ShapeError, match="sigmas"):
         pipe.sample_latents(torch.zeros(1, 4, 8, 8), positive, negative, **{**good, "sigmas": [1.0, -1.0]})
     with pytest.raises(ConfigError, match="seed must be an integer"):
@@ -510,3 +514,16 @@ def test_v_prediction_model(tmp_path):
             latents = torch.zeros(1, 4, 8, 8)
             ours = pipe.sample_latents(latents, positive, negative, sampler=sampler, sigmas=sigmas, cfg=6.0, seed=12)
             assert_close(ours, VReference(bundle, positive, negative, 6.0).run(sampler, latents, sigmas, 12))
+
+
+def test_prepare_mask_as_comfys_reshape_mask():
+    half = torch.zeros(64, 64)
+    half[:, 32:] = 1.0
+    mask = prepare_mask(half, (2, 4, 8, 8))  # pixel size, [h, w]: bilinear to 8 x 8, over channels and batch
+    assert mask.shape == (2, 4, 8, 8) and torch.equal(mask[1, 3], mask[0, 0])
+    assert mask[0, 0, 0].tolist() == [0.0] * 4 + [1.0] * 4
+    per_image = torch.stack([torch.zeros(8, 8), torch.ones(8, 8)])  # [B, h, w] at latent size: kept as it is
+    spread = prepare_mask(per_image, (3, 4, 8, 8))
+    assert [float(m.mean()) for m in spread] == [0.0, 1.0, 0.0]  # repeated over the batch, then cut
+    with pytest.raises(ShapeError, match="noise mask"):
+        prepare_mask(torch.zeros(1, 2, 8, 8), (1, 4, 8, 8))
