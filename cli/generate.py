@@ -136,39 +136,9 @@ def generate_cmd(
     if preview_dir:
         writable_folder(preview_dir, "previews")
     if sigma_schedule is not None:
-        hires = read_hires(**option_group(grouped, "hires_"))
-        unsupported = {"--control": controls, "--original-size": original_size, "--crop": crop, "--hires-*": hires}
-        unsupported |= {"--target-size": target_size, "--mask": grouped.get("inpaint_mask")}
-        given = {option: bool(value) for option, value in unsupported.items()}
-        comfy = {"sampler": scheduler, "schedule": sigma_schedule, "steps": steps, "cfg": guidance, "seed": seed}
-        comfy |= {"size": hw, "batch": num_images, "denoise": strength, "clip_skip": clip_skip}
-        comfy |= {"cache_interval": cache_interval, "cache_schedule": cache_schedule}
-        comfy["image"] = read_init_image(init_image) if init_image else None
-        check_comfy_call(comfy, given)
-        generate_comfy(artifacts, prompt, negative or "", comfy, (backend, device, loras), target, preview_dir)
+        generate_with_sigmas(click.get_current_context().params, hw, target)
         return
-    from sdtrt.runtime.request import resolve_seed
-
-    call: dict[str, Any] = {
-        "negative_prompt": negative,
-        "steps": steps,
-        "guidance_scale": guidance,
-        "seed": resolve_seed(seed),  # -1 or none: random, drawn now so the check and the run agree
-        "height": hw[0] if hw else None,
-        "width": hw[1] if hw else None,
-        "scheduler": scheduler,
-        "num_images": num_images,
-        "image": read_init_image(init_image) if init_image else None,
-        "strength": strength,
-        "original_size": parse_pair(original_size, "--original-size"),
-        "crops_coords_top_left": parse_pair(crop, "--crop") or (0, 0),
-        "target_size": parse_pair(target_size, "--target-size"),
-        "controls": read_controls(controls, preprocess, resize, canny_low, canny_high, guess_mode),
-        "cache_interval": cache_interval,
-        "cache_schedule": cache_schedule,
-        "clip_skip": clip_skip,
-        "inpaint": read_inpaint(**option_group(grouped, "inpaint_")),
-    }
+    call = pipeline_call(click.get_current_context().params, hw)
     hires = read_hires(**option_group(grouped, "hires_"))
     lora_specs = check_before_work(artifacts, prompt, call, loras, hires)
     with open_pipeline(artifacts, backend, device, lora_specs) as pipe:
@@ -181,6 +151,52 @@ def generate_cmd(
 
     save_images(result, target, partial(infotext, prompt, negative or "", model_hash=model_hash, model_name=name))
     click.echo(timing_line(result, steps, backend))
+
+
+def pipeline_call(options: dict[str, Any], hw: tuple[int, int] | None) -> dict[str, Any]:
+    """The ``Pipeline.__call__`` arguments of the command's ``options`` (click's parameters), parsed and read."""
+    from sdtrt.runtime.request import resolve_seed
+
+    o = options
+    return {
+        "negative_prompt": o["negative"],
+        "steps": o["steps"],
+        "guidance_scale": o["guidance"],
+        "seed": resolve_seed(o["seed"]),  # -1 or none: random, drawn now so the check and the run agree
+        "height": hw[0] if hw else None,
+        "width": hw[1] if hw else None,
+        "scheduler": o["scheduler"],
+        "num_images": o["num_images"],
+        "image": read_init_image(o["init_image"]) if o["init_image"] else None,
+        "strength": o["strength"],
+        "original_size": parse_pair(o["original_size"], "--original-size"),
+        "crops_coords_top_left": parse_pair(o["crop"], "--crop") or (0, 0),
+        "target_size": parse_pair(o["target_size"], "--target-size"),
+        "controls": read_controls(
+            *(o[k] for k in ("controls", "preprocess", "resize", "canny_low", "canny_high", "guess_mode"))
+        ),
+        "cache_interval": o["cache_interval"],
+        "cache_schedule": o["cache_schedule"],
+        "clip_skip": o["clip_skip"],
+        "inpaint": read_inpaint(**option_group(o, "inpaint_")),
+    }
+
+
+def generate_with_sigmas(options: dict[str, Any], hw: tuple[int, int] | None, target: OutputTarget) -> None:
+    """``--sigma-schedule``: ComfyUI's default workflow with the command's ``options`` (click's parameters), the
+    options that have no node in it refused."""
+    o = options
+    hires = read_hires(**option_group(o, "hires_"))
+    unsupported = {"--control": o["controls"], "--original-size": o["original_size"], "--crop": o["crop"]}
+    unsupported |= {"--hires-*": hires, "--target-size": o["target_size"], "--mask": o.get("inpaint_mask")}
+    given = {option: bool(value) for option, value in unsupported.items()}
+    comfy = {"sampler": o["scheduler"], "schedule": o["sigma_schedule"], "steps": o["steps"], "cfg": o["guidance"]}
+    comfy |= {"seed": o["seed"], "size": hw, "batch": o["num_images"], "denoise": o["strength"]}
+    comfy |= {"clip_skip": o["clip_skip"], "cache_interval": o["cache_interval"], "cache_schedule": o["cache_schedule"]}
+    comfy["image"] = read_init_image(o["init_image"]) if o["init_image"] else None
+    check_comfy_call(comfy, given)
+    engines = (o["backend"], o["device"], o["loras"])
+    generate_comfy(o["artifacts"], o["prompt"], o["negative"] or "", comfy, engines, target, o["preview_dir"])
 
 
 def generate_comfy(
