@@ -117,6 +117,9 @@ class BackendOptions:
 
     precision: str = "auto"
     threads: int = 0  # CPU threads for ONNX Runtime; 0 = its default
+    # ONNX Runtime: the intra-op threads spin between runs, ready for the next (False: they sleep at once; faster
+    # where other threads share the cores, e.g. a server's HTTP threads; measured in RESULTS.md)
+    spin: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "fp16"):

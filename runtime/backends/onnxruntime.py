@@ -192,7 +192,7 @@ def open_engines(
             quantized = entry.precision in ("int8", "fp8")
             # The shallow UNet runs between full UNet steps: its pool's threads spinning after each run took the CPU
             # from the next full step (on 2 cores, shapes N=3: full step 18.3 ms instead of 12.2 ms).
-            spin = name != "unet_shallow"
+            spin = options.spin and name != "unet_shallow"
             make = partial(create_session, ort, path, providers, options, quantized=quantized, spin=spin)
             session = make()
             check_interface(name, entry, session, device)

@@ -224,6 +224,35 @@ def test_cuda_without_onnxruntime_gpu_says_what_to_install(tiny_fp32):
         module.open_engines(tiny_fp32, read_manifest(tiny_fp32), ["unet"], torch.device("cuda"), BackendOptions())
 
 
+def spinning(engine: Engine) -> bool:
+    """Whether the ONNX Runtime session behind ``engine`` lets its intra-op threads spin between runs."""
+    options = engine._session.get_session_options()
+    try:
+        return options.get_session_config_entry("session.intra_op.allow_spinning") != "0"
+    except RuntimeError:  # not set: ONNX Runtime's default, spinning
+        return True
+
+
+def test_spin_false_puts_every_session_to_sleep_between_runs(tiny_fp32):
+    every = [*COMPONENTS, "unet_shallow"]
+    default = open_cpu("onnxruntime", tiny_fp32, every)
+    sleeping = open_cpu("onnxruntime", tiny_fp32, every, spin=False)
+    try:
+        # by default every session spins but the step-caching shallow UNet's (it runs between full steps)
+        assert {name: spinning(engine) for name, engine in default.items()} == {
+            name: name != "unet_shallow" for name in default
+        }
+        assert not any(spinning(engine) for engine in sleeping.values())
+        unet = sleeping["unet"]
+        feeds = cast_feeds(make_feeds("unet", 1, 64, 64), unet)
+        asleep = {name: out.clone() for name, out in unet.infer(feeds).items()}
+        awake = default["unet"].infer(feeds)
+        assert all(torch.equal(asleep[name], awake[name]) for name in awake)  # the same numbers either way
+    finally:
+        for engine in [*default.values(), *sleeping.values()]:
+            engine.close()
+
+
 @pytest.fixture
 def artifact_copy(tiny_fp32, tmp_path) -> Path:
     folder = tmp_path / "artifact"

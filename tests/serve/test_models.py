@@ -247,6 +247,20 @@ def test_a_model_that_cannot_open_is_a_500_and_the_switch_is_undone(tmp_path, ti
         assert srv.stop() == 0
 
 
+def test_the_server_opens_models_whose_threads_sleep_between_runs(tiny_fp32):
+    # ONNX Runtime's spinning threads took the cores from the server's own threads (RESULTS.md, "spinning")
+    from sdtrt.serve.server import ServeConfig, open_models
+
+    from ..runtime.test_backends import spinning
+
+    checkpoints, pool = open_models(ServeConfig(tiny_fp32))
+    try:
+        engines = pool.peek(checkpoints.current).engines
+        assert "unet" in engines and not any(spinning(engine) for engine in engines.values())
+    finally:
+        pool.close_all()
+
+
 def wait_until(condition, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
