@@ -188,6 +188,7 @@ class ReplicaCore:
 
     def open(self, folder: str) -> ReplicaModel:
         """Open the model in ``folder`` (its absolute path: the multiplexed model id); run on the pipeline thread."""
+        from sdtrt.runtime.engine import BackendOptions
         from sdtrt.runtime.pipeline import Pipeline
 
         checkpoint = self.checkpoint(folder)
@@ -195,7 +196,8 @@ class ReplicaCore:
             self.config.check_model(folder)
         except SdtrtError as exc:
             raise RequestError(str(exc)) from None
-        pipe = Pipeline.from_artifacts(folder, backend=self.config.backend, device=self.config.device)
+        options = BackendOptions(spin=False)  # as the plain server: spinning threads took its event loop's cores
+        pipe = Pipeline.from_artifacts(folder, backend=self.config.backend, device=self.config.device, options=options)
         model = ReplicaModel(self, checkpoint, pipe, self.config.max_batch or pipe.manifest.profile.max_batch)
         with self._lock:
             self._open[folder] = model

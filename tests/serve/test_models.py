@@ -261,6 +261,19 @@ def test_the_server_opens_models_whose_threads_sleep_between_runs(tiny_fp32):
         pool.close_all()
 
 
+def test_a_ray_replica_opens_models_whose_threads_sleep_between_runs(tiny_fp32):
+    from sdtrt.serve.ray_replica import RayConfig, ReplicaCore
+
+    from ..runtime.test_backends import spinning
+
+    core = ReplicaCore(RayConfig(str(tiny_fp32)), name="r0")
+    try:
+        engines = core.pipe.engines
+        assert "unet" in engines and not any(spinning(engine) for engine in engines.values())
+    finally:
+        core.close()
+
+
 def wait_until(condition, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
