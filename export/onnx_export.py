@@ -192,20 +192,9 @@ def export_artifacts(
 
     if consume:
         _halve_up_front(bundle, names, options)
-    components: dict[str, ComponentEntry] = {}
     total = len(names) + len(controlnets)
     with staging_dir(out) as stage:
-        for index, name in enumerate(names):
-            if progress:
-                progress(name, index, total, -1.0)
-            start = time.perf_counter()
-            components[name] = export_component(
-                bundle, name, stage, options, consume=consume, still_needed=names[index + 1 :]
-            )
-            seconds = time.perf_counter() - start
-            log.debug("exported %s (%s) in %.1f s", name, options.precision, seconds)
-            if progress:
-                progress(name, index, total, seconds)
+        components = _export_components(bundle, names, stage, options, consume, progress, total)
         components.update(export_controlnets(controlnets, bundle.model, stage, options, progress, len(names), total))
         if preview is not None:
             decoder = components["vae_decoder"]
@@ -223,6 +212,30 @@ def export_artifacts(
         )
         manifest.write(stage)
     return manifest
+
+
+def _export_components(
+    bundle: ModelBundle,
+    names: tuple[str, ...],
+    stage: Path,
+    options: ExportOptions,
+    consume: bool,
+    progress: Progress | None,
+    total: int,
+) -> dict[str, ComponentEntry]:
+    """Export ``names`` into ``stage`` in order, reporting each to ``progress`` (as item ``index`` of ``total``)."""
+    components: dict[str, ComponentEntry] = {}
+    for index, name in enumerate(names):
+        if progress:
+            progress(name, index, total, -1.0)
+        start = time.perf_counter()
+        still_needed = names[index + 1 :]
+        components[name] = export_component(bundle, name, stage, options, consume=consume, still_needed=still_needed)
+        seconds = time.perf_counter() - start
+        log.debug("exported %s (%s) in %.1f s", name, options.precision, seconds)
+        if progress:
+            progress(name, index, total, seconds)
+    return components
 
 
 def plain_unet_unless_control_ready(bundle: ModelBundle, options: ExportOptions, controlnets: Sequence[Any]) -> None:

@@ -243,23 +243,14 @@ def required_components(model: ModelInfo) -> tuple[str, ...]:
 
 def component_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
     """The components of ``model``, keyed by name, in pipeline order."""
-    c = model.latent_channels
-    unet_inputs = [
-        TensorSpec("sample", FLOAT, ("unet_batch", model.unet_in_channels, "latent_height", "latent_width")),
-        TensorSpec("timestep", "float32", ("unet_batch",)),
-        TensorSpec("encoder_hidden_states", FLOAT, ("unet_batch", "text_length", model.context_width)),
-    ]
-    if model.add_text_embeds_width:
-        unet_inputs.append(TensorSpec("text_embeds", FLOAT, ("unet_batch", model.add_text_embeds_width)))
-    if model.add_time_ids:
-        unet_inputs.append(TensorSpec("time_ids", FLOAT, ("unet_batch", model.add_time_ids)))
-    residuals = _residual_tensors(model)
-    noise_pred = TensorSpec("noise_pred", FLOAT, ("unet_batch", c, "latent_height", "latent_width"))
-    feature = _feature_tensors(model)
-    shallow_inputs = [t for t in unet_inputs if model.cache_context or t.name != "encoder_hidden_states"]
+    specs = {**_text_encoder_specs(model), **_unet_specs(model), **_vae_specs(model)}
+    return {name: specs[name] for name in model_components(model)}
+
+
+def _text_encoder_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
     ids = (TensorSpec("input_ids", "int32", ("text_batch", TEXT_WINDOW)),)
     skip = (TensorSpec(CLIP_SKIP, "int32", (1,)),) if model.clip_skip_ready else ()
-    specs = {
+    return {
         "text_encoder": ComponentSpec(
             "text_encoder",
             inputs=(*ids, *skip),
@@ -278,6 +269,26 @@ def component_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
             ),
             description="SDXL's second text encoder: token ids -> one vector per token, and the projected pooled one",
         ),
+    }
+
+
+def _unet_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
+    """The UNet and the step-caching shallow UNet (inputs: latents, timestep, text, SDXL's added conditioning,
+    ControlNet residuals; the shallow one also the full UNet's cached feature)."""
+    unet_inputs = [
+        TensorSpec("sample", FLOAT, ("unet_batch", model.unet_in_channels, "latent_height", "latent_width")),
+        TensorSpec("timestep", "float32", ("unet_batch",)),
+        TensorSpec("encoder_hidden_states", FLOAT, ("unet_batch", "text_length", model.context_width)),
+    ]
+    if model.add_text_embeds_width:
+        unet_inputs.append(TensorSpec("text_embeds", FLOAT, ("unet_batch", model.add_text_embeds_width)))
+    if model.add_time_ids:
+        unet_inputs.append(TensorSpec("time_ids", FLOAT, ("unet_batch", model.add_time_ids)))
+    residuals = _residual_tensors(model)
+    noise_pred = TensorSpec("noise_pred", FLOAT, ("unet_batch", model.latent_channels, "latent_height", "latent_width"))
+    feature = _feature_tensors(model)
+    shallow_inputs = [t for t in unet_inputs if model.cache_context or t.name != "encoder_hidden_states"]
+    return {
         "unet": ComponentSpec(
             "unet",
             inputs=(*unet_inputs, *residuals),
@@ -292,23 +303,26 @@ def component_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
             description="shallow UNet (step caching): the UNet's outer layers, from the full UNet's cached feature",
             fp32_inputs=("timestep",),
         ),
+    }
+
+
+def _vae_specs(model: ModelInfo) -> dict[str, ComponentSpec]:
+    latent = ("batch", model.latent_channels, "latent_height", "latent_width")
+    image = TensorSpec("image", FLOAT, ("batch", 3, "height", "width"))
+    return {
         "vae_decoder": ComponentSpec(
             "vae_decoder",
-            inputs=(TensorSpec("latent", FLOAT, ("batch", c, "latent_height", "latent_width")),),
-            outputs=(TensorSpec("image", FLOAT, ("batch", 3, "height", "width")),),
+            inputs=(TensorSpec("latent", FLOAT, latent),),
+            outputs=(image,),
             description="VAE decoder: unscaled latents -> image in [-1, 1]",
         ),
         "vae_encoder": ComponentSpec(
             "vae_encoder",
-            inputs=(TensorSpec("image", FLOAT, ("batch", 3, "height", "width")),),
-            outputs=(
-                TensorSpec("latent_mean", FLOAT, ("batch", c, "latent_height", "latent_width")),
-                TensorSpec("latent_std", FLOAT, ("batch", c, "latent_height", "latent_width")),
-            ),
+            inputs=(image,),
+            outputs=(TensorSpec("latent_mean", FLOAT, latent), TensorSpec("latent_std", FLOAT, latent)),
             description="VAE encoder: image in [-1, 1] -> mean and std of the (unscaled) latent",
         ),
     }
-    return {name: specs[name] for name in model_components(model)}
 
 
 def _residual_tensors(model: ModelInfo) -> tuple[TensorSpec, ...]:

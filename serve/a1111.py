@@ -239,6 +239,46 @@ def _img2img_inputs(
     return init, inpaint
 
 
+def _steps_and_cfg(payload: dict[str, Any]) -> tuple[int, float]:
+    steps = _typed(payload, "steps", (int,), 50, "an integer")
+    if steps < 1:
+        raise RequestError(f"steps must be an integer >= 1, got {steps!r}")
+    cfg = float(_typed(payload, "cfg_scale", (int, float), 7.0, "a number"))
+    if not cfg >= 0:
+        raise RequestError(f"cfg_scale must be >= 0 (1 or less turns guidance off), got {cfg}")
+    return steps, cfg
+
+
+def _seed(payload: dict[str, Any]) -> int:
+    """The request's seed; -1: draw one."""
+    seed = _typed(payload, "seed", (int,), -1, "an integer")
+    if seed != -1:
+        try:
+            check_seed(seed)  # the runtime's rule, so the server and the CLI accept the same seeds
+        except ConfigError as exc:
+            raise RequestError(str(exc)) from None
+    return seed
+
+
+def _sampler(payload: dict[str, Any]) -> str | None:
+    """The sdtrt sampler ``sampler_name`` (else ``sampler_index``) and ``scheduler`` name; None: the model's."""
+    sampler = resolve_sampler(_typed(payload, "sampler_name", (str,), None, "a string"))
+    if sampler is None:
+        sampler = resolve_sampler(_typed(payload, "sampler_index", (str,), None, "a string"))
+    return apply_scheduler(sampler, _typed(payload, "scheduler", (str,), None, "a string"))
+
+
+def _counts(payload: dict[str, Any], limits: Limits) -> tuple[int, int]:
+    """(batch_size, n_iter), each >= 1, their product within ``limits``."""
+    batch = _typed(payload, "batch_size", (int,), 1, "an integer")
+    n_iter = _typed(payload, "n_iter", (int,), 1, "an integer")
+    for name, value in (("batch_size", batch), ("n_iter", n_iter)):
+        if value < 1:
+            raise RequestError(f"{name} must be an integer >= 1, got {value}")
+    check_image_count(batch, n_iter, limits)
+    return batch, n_iter
+
+
 def parse_request(payload: Any, img2img: bool = False, limits: Limits | None = None) -> GenerateRequest:
     """Validate an A1111 txt2img (or img2img) JSON payload within ``limits``; raise ``RequestError`` with the
     reason."""
@@ -248,31 +288,13 @@ def parse_request(payload: Any, img2img: bool = False, limits: Limits | None = N
     check_prompts(payload, limits)
     prompt = _typed(payload, "prompt", (str,), "", "a string")
     negative = _typed(payload, "negative_prompt", (str,), "", "a string")
-    steps = _typed(payload, "steps", (int,), 50, "an integer")
-    if steps < 1:
-        raise RequestError(f"steps must be an integer >= 1, got {steps!r}")
-    cfg = float(_typed(payload, "cfg_scale", (int, float), 7.0, "a number"))
-    if not cfg >= 0:
-        raise RequestError(f"cfg_scale must be >= 0 (1 or less turns guidance off), got {cfg}")
+    steps, cfg = _steps_and_cfg(payload)
     width = _typed(payload, "width", (int,), None, "an integer")
     height = _typed(payload, "height", (int,), None, "an integer")
-    seed = _typed(payload, "seed", (int,), -1, "an integer")
-    if seed != -1:
-        try:
-            check_seed(seed)  # the runtime's rule, so the server and the CLI accept the same seeds
-        except ConfigError as exc:
-            raise RequestError(str(exc)) from None
-    sampler = resolve_sampler(_typed(payload, "sampler_name", (str,), None, "a string"))
-    if sampler is None:
-        sampler = resolve_sampler(_typed(payload, "sampler_index", (str,), None, "a string"))
-    sampler = apply_scheduler(sampler, _typed(payload, "scheduler", (str,), None, "a string"))
+    seed = _seed(payload)
+    sampler = _sampler(payload)
     check_fields(payload, img2img, sampler)
-    batch = _typed(payload, "batch_size", (int,), 1, "an integer")
-    n_iter = _typed(payload, "n_iter", (int,), 1, "an integer")
-    for name, value in (("batch_size", batch), ("n_iter", n_iter)):
-        if value < 1:
-            raise RequestError(f"{name} must be an integer >= 1, got {value}")
-    check_image_count(batch, n_iter, limits)
+    batch, n_iter = _counts(payload, limits)
     strength = float(_typed(payload, "denoising_strength", (int, float), 0.75, "a number"))
     init, inpaint = _img2img_inputs(payload, img2img, strength, (width, height), limits)
     controls = parse_controlnet(payload, init)
