@@ -98,10 +98,10 @@ def sigma_schedule_option(command: F) -> F:
     return click.option(
         "--sigma-schedule",
         help="Sample as ComfyUI's KSampler does, with this scheduler: normal, karras, exponential, sgm_uniform, "
-        "simple, ddim_uniform, linear_quadratic or kl_optimal. --scheduler then names the sampler (euler -> euler, "
-        "euler_a -> euler_ancestral, dpmpp_2m, ddim, lcm; default euler), the seed is ComfyUI's (0 to 2**64-1, one "
-        "noise draw for the whole batch) and --strength is KSampler's denoise. Same settings, same image as "
-        "ComfyUI's default workflow.",
+        "simple, ddim_uniform, beta, linear_quadratic or kl_optimal. --scheduler then names the sampler (euler -> "
+        "euler, euler_a -> euler_ancestral, dpmpp_2m, ddim, lcm; default euler), the seed is ComfyUI's (0 to "
+        "2**64-1, one noise draw for the whole batch) and --strength is KSampler's denoise. Same settings, same "
+        "image as ComfyUI's default workflow.",
     )(command)
 
 

@@ -94,7 +94,7 @@ def test_generate_batch_with_ancestral_sampler_and_karras(tmp_path, tiny_fp32):
     "extra, message",
     [
         (("--scheduler", "dpmpp_2m_karras"), "use --scheduler dpmpp_2m --sigma-schedule karras"),
-        (("--sigma-schedule", "beta"), "unknown sigma schedule 'beta'; expected one of: simple, sgm_uniform"),
+        (("--sigma-schedule", "polyexp"), "unknown sigma schedule 'polyexp'; expected one of: simple, sgm_uniform"),
         (("--scheduler", "heun"), "--scheduler must be one of: euler, euler_a, dpmpp_2m, ddim, lcm"),
         (("--seed", str(2**64)), "(ComfyUI's range)"),
         (("--crop", "0x0"), "--crop is not available with --sigma-schedule"),

@@ -137,14 +137,72 @@ def _kl_optimal(model: ModelSampling, steps: int) -> torch.Tensor:
     return sigmas
 
 
-# ComfyUI's scheduler names, in its own order. "beta" needs scipy's beta quantiles, which the runtime does not
-# depend on, so it is not offered.
+def _beta(model: ModelSampling, steps: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+    """Lee et al. (2024, arXiv 2407.12173): training timesteps at the Beta(0.6, 0.6) quantiles of 1, 1 - 1/steps,
+    ..., 1/steps, rounded (half to even), repeats dropped; their sigmas, then 0. May hold fewer than steps + 1."""
+    last = model.sigmas.shape[0] - 1
+    levels = 1.0 - np.linspace(0.0, 1.0, steps, endpoint=False)
+    timesteps = np.rint(beta_quantile(levels, alpha, beta) * last).astype(np.int64)
+    keep = np.concatenate([[True], timesteps[1:] != timesteps[:-1]])
+    values = [float(model.sigmas[int(t)]) for t in timesteps[keep]]
+    return torch.tensor(values + [0.0], dtype=torch.float32)
+
+
+def beta_quantile(q: np.ndarray, a: float, b: float) -> np.ndarray:
+    """The quantiles of the Beta(a, b) distribution at probabilities ``q`` in [0, 1], in float64, by bisection on
+    its CDF to the last bit (what ``scipy.stats.beta.ppf`` gives, without scipy)."""
+    q = np.asarray(q, dtype=np.float64)
+    low, high = np.zeros_like(q), np.ones_like(q)
+    for _ in range(64):  # halves [0, 1] down to float64's resolution
+        mid = 0.5 * (low + high)
+        below = beta_cdf(mid, a, b) < q
+        low, high = np.where(below, mid, low), np.where(below, high, mid)
+    return np.where(q >= 1.0, 1.0, np.where(q <= 0.0, 0.0, 0.5 * (low + high)))
+
+
+def beta_cdf(x: np.ndarray, a: float, b: float) -> np.ndarray:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz), taken on the
+    side where it converges fast: I_x(a, b) = 1 - I_(1-x)(b, a)."""
+    x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
+    flip = x > (a + 1.0) / (a + b + 2.0)
+    xs, aa, bb = np.where(flip, 1.0 - x, x), np.where(flip, b, a), np.where(flip, a, b)
+    inner = (0.0 < xs) & (xs < 1.0)
+    xs = np.where(inner, xs, 0.5)  # the ends are set below; keep the logs finite
+    log_beta = np.vectorize(lambda p, r: math.lgamma(p) + math.lgamma(r) - math.lgamma(p + r))(aa, bb)
+    front = np.exp(aa * np.log(xs) + bb * np.log1p(-xs) - log_beta) / aa
+    value = front * _beta_fraction(xs, aa, bb)
+    return np.where(inner, np.where(flip, 1.0 - value, value), np.where(x >= 1.0, 1.0, 0.0))
+
+
+def _beta_fraction(x: np.ndarray, a: np.ndarray, b: np.ndarray, terms: int = 300) -> np.ndarray:
+    tiny = 1e-300
+    c = np.ones_like(x)
+    d = 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / np.where(np.abs(d) < tiny, tiny, d)
+    h = d.copy()
+    for m in range(1, terms + 1):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1.0) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1.0)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / np.where(np.abs(d) < tiny, tiny, d)
+            c = 1.0 + numerator / c
+            c = np.where(np.abs(c) < tiny, tiny, c)
+            h = h * d * c
+        if np.all(np.abs(d * c - 1.0) < 3e-16):
+            break
+    return h
+
+
+# ComfyUI's scheduler names, in its own order.
 SCHEDULES: dict[str, Callable[[ModelSampling, int], torch.Tensor]] = {
     "simple": _simple,
     "sgm_uniform": lambda model, steps: _normal(model, steps, sgm=True),
     "karras": _karras,
     "exponential": _exponential,
     "ddim_uniform": _ddim_uniform,
+    "beta": _beta,
     "normal": _normal,
     "linear_quadratic": _linear_quadratic,
     "kl_optimal": _kl_optimal,

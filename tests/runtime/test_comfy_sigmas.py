@@ -16,6 +16,8 @@ from sdtrt.runtime.schedulers.sigmas import (
     SIGMA_SCHEDULES,
     ModelSampling,
     advanced_sigmas,
+    beta_cdf,
+    beta_quantile,
     calculate_sigmas,
     ksampler_sigmas,
 )
@@ -106,6 +108,41 @@ def test_linear_quadratic_and_kl_optimal(model):
         calculate_sigmas(model, "kl_optimal", 1)
 
 
+def comfy_beta(model: ModelSampling, steps: int) -> np.ndarray:
+    """ComfyUI's beta scheduler as its samplers.py defines it, with scipy's Beta quantiles."""
+    stats = pytest.importorskip("scipy.stats")
+    levels = 1 - np.linspace(0, 1, steps, endpoint=False)
+    timesteps = np.rint(stats.beta.ppf(levels, 0.6, 0.6) * (len(model.sigmas) - 1))
+    sigmas, last = [], -1.0
+    for t in timesteps:
+        if t != last:
+            sigmas.append(float(model.sigmas[int(t)]))
+        last = t
+    return torch.tensor([*sigmas, 0.0], dtype=torch.float32).numpy()
+
+
+def test_beta_equals_comfyuis_definition_with_scipy(model):
+    for steps in [*range(1, 121), 150, 333, 500, 999, 1000, 1001, 2500, 10000]:
+        expected = comfy_beta(model, steps)
+        assert np.array_equal(calculate_sigmas(model, "beta", steps), expected), steps
+    # repeated timesteps are dropped: 300 steps hold 293 distinct ones
+    assert len(calculate_sigmas(model, "beta", 300)) == 294
+    assert np.array_equal(ksampler_sigmas(model, "beta", 20, 0.5), comfy_beta(model, 40)[-21:])
+
+
+def test_beta_quantiles_without_scipy():
+    q = np.linspace(0, 1, 2001)
+    for a, b in ((0.6, 0.6), (0.5, 0.7), (2.0, 3.0)):
+        x = beta_quantile(q, a, b)
+        assert x[0] == 0 and x[-1] == 1 and np.all(np.diff(x) > 0)
+        np.testing.assert_allclose(beta_cdf(x, a, b), q, rtol=0, atol=1e-13)
+    assert beta_quantile(np.array([0.5]), 0.6, 0.6)[0] == pytest.approx(0.5, abs=1e-15)  # symmetric
+    # I_x(1, 1) = x and I_x(2, 1) = x^2: closed forms
+    x = np.linspace(0, 1, 101)
+    np.testing.assert_allclose(beta_cdf(x, 1.0, 1.0), x, atol=1e-14)
+    np.testing.assert_allclose(beta_cdf(x, 2.0, 1.0), x**2, atol=1e-14)
+
+
 @pytest.mark.parametrize("schedule", SIGMA_SCHEDULES)
 def test_every_schedule_descends_to_zero(model, schedule):
     sigmas = calculate_sigmas(model, schedule, 10)
@@ -120,8 +157,8 @@ def test_denoise_rule(model):
     partial = ksampler_sigmas(model, "normal", 4, 0.6)  # int(4 / 0.6) = 6 steps, the last 5 sigmas
     assert np.array_equal(partial, calculate_sigmas(model, "normal", 6)[-5:])
     assert np.array_equal(ksampler_sigmas(model, "karras", 3, 0.5), calculate_sigmas(model, "karras", 6)[-4:])
-    with pytest.raises(ConfigError, match="unknown sigma schedule 'beta'"):
-        ksampler_sigmas(model, "beta", 4)
+    with pytest.raises(ConfigError, match="unknown sigma schedule 'polyexponential'"):
+        ksampler_sigmas(model, "polyexponential", 4)
     with pytest.raises(ConfigError, match="steps"):
         ksampler_sigmas(model, "normal", 0)
 
