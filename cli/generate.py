@@ -55,7 +55,8 @@ if TYPE_CHECKING:
 @click.option("--size", help="WIDTHxHEIGHT in pixels (default: the artifact's tuned size).")
 @click.option(
     "--scheduler",
-    help="euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras or lcm (default: the sampler of the model's scheduler).",
+    help="euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras or lcm (default: the sampler of the model's scheduler); "
+    "with --sigma-schedule also dpmpp_2m_sde.",
 )
 @backend_options
 @click.option("--num-images", type=int, default=1, show_default=True)

@@ -99,9 +99,9 @@ def sigma_schedule_option(command: F) -> F:
         "--sigma-schedule",
         help="Sample as ComfyUI's KSampler does, with this scheduler: normal, karras, exponential, sgm_uniform, "
         "simple, ddim_uniform, beta, linear_quadratic or kl_optimal. --scheduler then names the sampler (euler -> "
-        "euler, euler_a -> euler_ancestral, dpmpp_2m, ddim, lcm; default euler), the seed is ComfyUI's (0 to "
-        "2**64-1, one noise draw for the whole batch) and --strength is KSampler's denoise. Same settings, same "
-        "image as ComfyUI's default workflow.",
+        "euler, euler_a -> euler_ancestral, dpmpp_2m, dpmpp_2m_sde, ddim, lcm; default euler), the seed is "
+        "ComfyUI's (0 to 2**64-1, one noise draw for the whole batch) and --strength is KSampler's denoise. Same "
+        "settings, same image as ComfyUI's default workflow.",
     )(command)
 
 

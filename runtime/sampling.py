@@ -58,6 +58,7 @@ COMFY_SAMPLERS: dict[str, str] = {
     "dpmpp_2m": "dpmpp_2m",
     "ddim": "ddim",
     "lcm": "lcm",
+    "dpmpp_2m_sde": "dpmpp_2m_sde",
 }
 MAX_SEED = 2**64 - 1  # ComfyUI's seed widget range is [0, 0xffffffffffffffff]
 

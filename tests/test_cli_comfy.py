@@ -52,15 +52,16 @@ def in_process(
     return np.clip(255.0 * images.numpy(), 0, 255).astype(np.uint8)
 
 
-def test_generate_equals_the_stage_functions_pixel_for_pixel(tmp_path, tiny_fp32):
+@pytest.mark.parametrize(("sampler", "schedule"), [("euler", "normal"), ("dpmpp_2m_sde", "beta")])
+def test_generate_equals_the_stage_functions_pixel_for_pixel(tmp_path, tiny_fp32, sampler, schedule):
     out = tmp_path / "comfy.png"
-    args = ("--scheduler", "euler", "--sigma-schedule", "normal", "--seed", "3", "--steps", "4", "--size", "64")
+    args = ("--scheduler", sampler, "--sigma-schedule", schedule, "--seed", "3", "--steps", "4", "--size", "64")
     result = run("generate", str(tiny_fp32), "a cat", *args, "--cfg", "7", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert f"wrote {out} (seed 3)" in result.stdout
     png = Image.open(out)
-    assert "Sampler: euler, Schedule type: normal, CFG scale: 7.0, Seed: 3" in png.text["parameters"]
-    expected = in_process(tiny_fp32, "a cat", "", "euler", "normal", 4, 7.0, 3)
+    assert f"Sampler: {sampler}, Schedule type: {schedule}, CFG scale: 7.0, Seed: 3" in png.text["parameters"]
+    expected = in_process(tiny_fp32, "a cat", "", sampler, schedule, 4, 7.0, 3)
     assert np.array_equal(np.array(png), expected[0])
 
 

@@ -23,6 +23,7 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
+from sdtrt.runtime.deps import require
 from sdtrt.runtime.errors import ConfigError, ShapeError
 from sdtrt.runtime.schedulers import Schedule, Scheduler
 from sdtrt.runtime.schedulers.base import build_schedule
@@ -67,6 +68,25 @@ def _dpmpp_2m(sigma: np.ndarray, sigma_next: np.ndarray, a: np.ndarray, b: np.nd
     return {"x0_sample": a, "x0_model": b, "sample": ratio, "x0": on_x0, "x0_prev": on_prev}
 
 
+def _dpmpp_2m_sde(sigma: np.ndarray, sigma_next: np.ndarray, a: np.ndarray, b: np.ndarray) -> Coefficients:
+    # eta 1, midpoint: with h = log(sigma / sigma_next) and g = 1 - exp(-2h), x_next = (sigma_next / sigma) exp(-h) x
+    # + g D (+ g / (2 r) (D - D_prev) from the second step on, r = h_prev / h) + sigma_next sqrt(g) noise;
+    # the step onto sigma 0 returns D
+    last = sigma_next == 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = np.log(sigma / sigma_next)
+        g = -np.expm1(-2.0 * h)
+        half_inverse_r = h / (2.0 * np.concatenate([[np.nan], h[:-1]]))
+    second = (np.arange(len(sigma)) > 0) & ~last
+    on_x0 = np.where(last, 1.0, g)
+    on_prev = np.zeros_like(sigma)
+    on_x0[second] = g[second] * (1.0 + half_inverse_r[second])
+    on_prev[second] = -g[second] * half_inverse_r[second]
+    on_sample = np.where(last, 0.0, sigma_next / sigma * np.exp(-np.where(last, 0.0, h)))
+    noise = np.where(last, 0.0, sigma_next * np.sqrt(np.where(last, 0.0, g)))
+    return {"x0_sample": a, "x0_model": b, "sample": on_sample, "x0": on_x0, "x0_prev": on_prev, "noise": noise}
+
+
 def _lcm(sigma: np.ndarray, sigma_next: np.ndarray, a: np.ndarray, b: np.ndarray) -> Coefficients:
     # x_next = denoised + sigma_next * fresh noise
     ones = np.ones_like(sigma)
@@ -82,6 +102,7 @@ _SAMPLERS: Mapping[str, tuple[str, Callable[..., Coefficients], bool]] = Mapping
         "dpmpp_2m": ("dpmpp_2m", _dpmpp_2m, False),
         "ddim": ("euler", _euler, False),
         "lcm": ("lcm", _lcm, True),
+        "dpmpp_2m_sde": ("dpmpp_2m_sde", _dpmpp_2m_sde, True),
     }
 )
 SIGMA_SAMPLERS: tuple[str, ...] = tuple(_SAMPLERS)
@@ -110,15 +131,36 @@ def sampler_module(sampler: str) -> Scheduler:
 
 def draw_step_noise(sampler: str, sigmas: np.ndarray, shape: tuple[int, ...], seed: int) -> torch.Tensor | None:
     """The per-step noise of a stochastic ``sampler`` ([steps, *shape], zeros on steps onto sigma 0), drawn as
-    ComfyUI's default noise sampler draws it on the CPU; None for a deterministic one."""
+    ComfyUI draws it on the CPU (a Brownian tree for dpmpp_2m_sde); None for a deterministic one."""
     if not stochastic(sampler):
         return None
+    if sampler == "dpmpp_2m_sde":
+        return brownian_step_noise(sigmas, shape, seed)
     generator = torch.Generator().manual_seed(next_seed(seed))
     steps = len(sigmas) - 1
     noise = torch.zeros((steps, *shape))
     for i in range(steps):
         if sigmas[i + 1] > 0:
             noise[i] = torch.randn(shape, generator=generator)
+    return noise
+
+
+def brownian_step_noise(sigmas: np.ndarray, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Per-step noise from a Brownian motion over [smallest sigma > 0, largest sigma], as ComfyUI's
+    BrownianTreeNoiseSampler on the CPU: a torchsde ``BrownianTree`` with entropy ``seed`` (the KSampler seed as is)
+    and zeros of the latents' shape at its start; step i's noise is the increment from sigma[i] down to sigma[i+1]
+    over sqrt(sigma[i] - sigma[i+1]). The tree's values depend on the entropy only, not on the order of queries."""
+    steps = len(sigmas) - 1
+    noise = torch.zeros((steps, *shape))
+    table = torch.from_numpy(np.asarray(sigmas, dtype=np.float32).copy())
+    live = [i for i in range(steps) if table[i + 1] > 0]
+    if not live:
+        return noise
+    torchsde = require("torchsde", "the dpmpp_2m_sde sampler (ComfyUI's Brownian-tree noise)", "sde")
+    tree = torchsde.BrownianTree(table[table > 0].min(), torch.zeros(shape), table.max(), entropy=seed)
+    for i in live:
+        high, low = table[i], table[i + 1]
+        noise[i] = -tree(low, high) / (low - high).abs().sqrt()  # time runs from high sigma to low: the sign flips
     return noise
 
 
@@ -167,6 +209,7 @@ def _entry(sampler: str) -> tuple[str, Callable[..., Coefficients], bool]:
 
 __all__ = [
     "SIGMA_SAMPLERS",
+    "brownian_step_noise",
     "check_sigmas",
     "denoised_coefficients",
     "draw_step_noise",

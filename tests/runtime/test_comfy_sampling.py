@@ -20,6 +20,7 @@ import torch
 from sdtrt.runtime.errors import ConfigError, ShapeError
 from sdtrt.runtime.pipeline import Pipeline
 from sdtrt.runtime.sampling import SIGMA_SAMPLERS, Conditioning, Interrupted, comfy_noise, prepare_mask
+from sdtrt.runtime.schedulers.ksampling import draw_step_noise
 
 REL_TOL = 1e-4
 
@@ -71,7 +72,8 @@ class Reference:
 
     def sample(self, sampler: str, x: torch.Tensor, sigmas: torch.Tensor, seed: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed + 1)  # default_noise_sampler on the CPU
-        old = None
+        brownian = comfy_brownian(x, sigmas, seed) if sampler == "dpmpp_2m_sde" else None
+        old = h_last = None
         for i in range(len(sigmas) - 1):
             s, s_next = sigmas[i], sigmas[i + 1]
             d = self.denoised(x, s)
@@ -97,6 +99,17 @@ class Reference:
                 x = d
                 if s_next > 0:
                     x = x + torch.randn(x.shape, generator=generator) * s_next
+            elif sampler == "dpmpp_2m_sde":  # eta 1, s_noise 1, midpoint
+                if s_next == 0:
+                    x = d
+                else:
+                    h = s.log() - s_next.log()
+                    g = -torch.expm1(-2 * h)
+                    x = s_next / s * torch.exp(-h) * x + g * d
+                    if old is not None:
+                        x = x + 0.5 * g * (h / h_last) * (d - old)
+                    x = x + brownian(s, s_next) * s_next * g.sqrt()
+                old, h_last = d, (h if s_next > 0 else h_last)
         return x
 
     def run(self, sampler, latents, sigmas, seed, mask=None, add_noise=True):
@@ -110,6 +123,35 @@ class Reference:
             ddim = torch.randn(noise.shape, generator=torch.Generator().manual_seed(seed + 1))  # inpaint "random"
             self.mask_noise = ddim if sampler == "ddim" else noise
         return self.sample(sampler, noise * scale + latent, sigmas, seed) / self.scale
+
+
+def comfy_brownian(x: torch.Tensor, sigmas: torch.Tensor, seed: int):
+    """ComfyUI's BrownianTreeNoiseSampler on the CPU (BatchedBrownianTree around one torchsde BrownianTree), called
+    as its samplers call it: ``noise(sigma, sigma_next)``."""
+    torchsde = pytest.importorskip("torchsde")
+    low, high = sigmas[sigmas > 0].min(), sigmas.max()
+    tree = torchsde.BrownianTree(low, torch.zeros_like(x), high, entropy=seed)
+
+    def noise(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        t0, t1, sign = (sigma, sigma_next, 1) if sigma < sigma_next else (sigma_next, sigma, -1)
+        return tree(t0.float(), t1.float()) * sign / (sigma_next - sigma).abs().sqrt()
+
+    return noise
+
+
+def test_brownian_noise_is_comfys_tree_in_step_order():
+    sigmas = np.array([14.6, 7.1, 3.0, 0.9, 0.2, 0.0], dtype=np.float32)
+    shape = (2, 4, 8, 8)
+    ours = draw_step_noise("dpmpp_2m_sde", sigmas, shape, 2**63 + 7)
+    table = torch.from_numpy(sigmas)
+    comfy = comfy_brownian(torch.zeros(shape), table, 2**63 + 7)
+    steps = [comfy(table[i], table[i + 1]) for i in range(4)]
+    assert ours.shape == (5, *shape) and not ours[4].any()  # no noise onto sigma 0
+    for i in (3, 0, 2, 1):  # the tree's values do not depend on the order it is asked in
+        assert torch.equal(ours[i], steps[i])
+    other = draw_step_noise("dpmpp_2m_sde", sigmas, shape, 2**63 + 8)
+    assert not torch.equal(other[:4], ours[:4])  # the seed is the tree's entropy
+    assert abs(float(ours[:4].mean())) < 0.1 and abs(float(ours[:4].std()) - 1) < 0.1  # unit normal increments
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
@@ -127,7 +169,7 @@ def test_txt2img_matches_k_diffusion(pipe, conds, tiny_bundle, sampler):
     assert_close(ours, ref)
 
 
-@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "dpmpp_2m_sde"])
 def test_img2img_denoise_matches_k_diffusion(pipe, conds, tiny_bundle, sampler):
     positive, negative = conds
     sigmas = pipe.ksampler_sigmas("karras", 5, denoise=0.6)

@@ -94,6 +94,16 @@ def test_the_default_workflow_equals_the_stage_functions(graph, graph_nodes, gra
     assert json.loads(png.text["prompt"]) == graph and json.loads(png.text["workflow"]) == workflow
 
 
+def test_ksampler_runs_the_sde_sampler_on_the_beta_schedule(graph, graph_nodes, graph_pool, pipe):
+    graph["3"]["inputs"].update(sampler_name="dpmpp_2m_sde", scheduler="beta", steps=4)
+    expected = pixels(pipe.decode_images(reference(pipe, torch.zeros(1, 4, 8, 8), steps=4, sampler="dpmpp_2m_sde",
+                                                   scheduler="beta")))  # fmt: skip
+    out = saved(graph_nodes, run_graph(graph_nodes, graph_pool, graph))
+    np.testing.assert_array_equal(out, expected)
+    plain = pixels(pipe.decode_images(reference(pipe, torch.zeros(1, 4, 8, 8), steps=4, scheduler="beta")))
+    assert not np.array_equal(out, plain)  # the sampler changed the image
+
+
 def test_img2img_and_a_mask_from_the_alpha_channel(graph, graph_nodes, graph_pool, pipe):
     rng = np.random.default_rng(0)
     rgba = rng.integers(0, 256, (64, 64, 4), dtype=np.uint8)
