@@ -115,7 +115,10 @@ def test_mapping_table_is_shared():
     from sdtrt.runtime.sampling import COMFY_SAMPLERS, SIGMA_SAMPLERS
     from sdtrt.runtime.schedulers import SCHEDULER_NAMES
 
-    assert set(COMFY_SAMPLERS) == set(SCHEDULER_NAMES) - {"dpmpp_2m_karras"}
+    # every sdtrt sampler name but the Karras variant maps; ComfyUI-only samplers go by their ComfyUI name
+    assert set(SCHEDULER_NAMES) - {"dpmpp_2m_karras"} <= set(COMFY_SAMPLERS)
+    assert {COMFY_SAMPLERS[name] for name in set(COMFY_SAMPLERS) - set(SCHEDULER_NAMES)} == {"dpmpp_2m_sde"}
+    assert all(COMFY_SAMPLERS[name] == name for name in set(COMFY_SAMPLERS) - set(SCHEDULER_NAMES))
     assert sorted(COMFY_SAMPLERS.values()) == sorted(SIGMA_SAMPLERS)
     from sdtrt.cli.generate import generate_cmd
     from sdtrt.runtime.sampling import SIGMA_SCHEDULES
