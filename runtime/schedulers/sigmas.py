@@ -168,7 +168,7 @@ def beta_cdf(x: np.ndarray, a: float, b: float) -> np.ndarray:
     xs, aa, bb = np.where(flip, 1.0 - x, x), np.where(flip, b, a), np.where(flip, a, b)
     inner = (0.0 < xs) & (xs < 1.0)
     xs = np.where(inner, xs, 0.5)  # the ends are set below; keep the logs finite
-    log_beta = np.vectorize(lambda p, r: math.lgamma(p) + math.lgamma(r) - math.lgamma(p + r))(aa, bb)
+    log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)  # B(a, b) = B(b, a): one value for both sides
     front = np.exp(aa * np.log(xs) + bb * np.log1p(-xs) - log_beta) / aa
     value = front * _beta_fraction(xs, aa, bb)
     return np.where(inner, np.where(flip, 1.0 - value, value), np.where(x >= 1.0, 1.0, 0.0))

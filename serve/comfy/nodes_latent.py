@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from sdtrt.runtime.comfy_tensors import common_upscale as center_upscale
+
 from .node import MAX_RESOLUTION, Node, NodeRun
 
 # ComfyUI's LatentUpscale.upscale_methods without "bislerp"
@@ -23,17 +25,9 @@ def common_upscale(samples: torch.Tensor, width: int, height: int, method: str, 
     the new aspect ratio, then ``interpolate`` to (height, width)."""
     if method not in UPSCALE_METHODS:
         raise ValueError(f"upscale method {method!r} is not one of {', '.join(UPSCALE_METHODS)}")
-    s = samples
     if crop == "center":
-        old_w, old_h = samples.shape[-1], samples.shape[-2]
-        old_aspect, new_aspect = old_w / old_h, width / height
-        x = y = 0
-        if old_aspect > new_aspect:
-            x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-        elif old_aspect < new_aspect:
-            y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-        s = samples.narrow(-2, y, old_h - y * 2).narrow(-1, x, old_w - x * 2)
-    return torch.nn.functional.interpolate(s, size=(height, width), mode=method)
+        return center_upscale(samples, height, width, method)
+    return torch.nn.functional.interpolate(samples, size=(height, width), mode=method)
 
 
 class EmptyLatentImage(Node):
