@@ -22,6 +22,7 @@ def check_comfy_call(call: dict[str, Any], options: dict[str, Any]) -> None:
     whether it was given: those given are refused). Raises ``click.UsageError`` / ``click.BadParameter``."""
     from sdtrt.runtime.cache_plan import check_cache_args
     from sdtrt.runtime.sampling import COMFY_SAMPLERS, SIGMA_SCHEDULES
+    from sdtrt.runtime.schedulers.ksampling import require_sampler
 
     if call["schedule"] not in SIGMA_SCHEDULES:
         raise click.BadParameter(
@@ -40,6 +41,7 @@ def check_comfy_call(call: dict[str, Any], options: dict[str, Any]) -> None:
             param_hint="--scheduler",
         )
     call["sampler"] = COMFY_SAMPLERS[name]
+    require_sampler(call["sampler"])  # its optional module, before any engine opens
     for option, used in options.items():
         if used:
             raise click.UsageError(f"{option} is not available with --sigma-schedule (ComfyUI sampling); leave it out")

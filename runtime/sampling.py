@@ -45,6 +45,7 @@ from sdtrt.runtime.schedulers.ksampling import (
     draw_step_noise,
     make_k_schedule,
     next_seed,
+    require_sampler,
     sampler_module,
 )
 from sdtrt.runtime.schedulers.sigmas import SIGMA_SCHEDULES, ModelSampling, advanced_sigmas, ksampler_sigmas
@@ -207,8 +208,7 @@ class ComfyStages:
         ``cache_interval`` > 1: step caching, the full UNet on one step in N (``cache_schedule`` "uniform" or
         "quadratic", see ``runtime.cache_plan``) and the shallow one between.
         """
-        if sampler not in SIGMA_SAMPLERS:
-            raise ConfigError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SIGMA_SAMPLERS)}")
+        require_sampler(sampler)
         table = check_sigmas(sigmas)
         latents = self._check_latents(latents, unet=True)
         self._check_options(positive, negative, cfg, seed, (cache_interval, cache_schedule))

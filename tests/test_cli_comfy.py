@@ -111,6 +111,29 @@ def test_refusals_are_one_line_before_work(tmp_path, tiny_fp32, extra, message):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_the_sde_sampler_without_torchsde_is_refused_before_work(tmp_path, tiny_fp32):
+    fake = tmp_path / "fake" / "torchsde"  # a torchsde that does not import, found before the installed one
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("torchsde is broken here")\n')
+    out = tmp_path / "x.png"
+    args = ["generate", str(tiny_fp32), "a cat", "--scheduler", "dpmpp_2m_sde", "--sigma-schedule", "karras"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([SDTRT, *args, "--size", "64", "--out", str(out)], capture_output=True, text=True,
+                            timeout=600, env=env)  # fmt: skip
+    line = one_error_line(result)
+    assert "dpmpp_2m_sde" in line and 'pip install "sdtrt[sde]"' in line and "torchsde is broken here" in line
+    assert not out.exists()
+
+
+def test_the_server_lists_the_sde_sampler_only_where_torchsde_imports(monkeypatch):
+    from sdtrt.serve.comfy.nodes_sampling import sampler_lists
+
+    assert "dpmpp_2m_sde" in sampler_lists()[0]
+    monkeypatch.setitem(sys.modules, "torchsde", None)  # import torchsde now raises ImportError
+    samplers, schedules = sampler_lists()
+    assert "dpmpp_2m_sde" not in samplers and "euler" in samplers and "beta" in schedules
+
+
 def test_mapping_table_is_shared():
     from sdtrt.runtime.sampling import COMFY_SAMPLERS, SIGMA_SAMPLERS
     from sdtrt.runtime.schedulers import SCHEDULER_NAMES

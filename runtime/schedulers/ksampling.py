@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from sdtrt.runtime.deps import require
-from sdtrt.runtime.errors import ConfigError, ShapeError
+from sdtrt.runtime.errors import ConfigError, MissingDependencyError, ShapeError
 from sdtrt.runtime.schedulers import Schedule, Scheduler
 from sdtrt.runtime.schedulers.base import build_schedule
 from sdtrt.runtime.schedulers.sigmas import ModelSampling
@@ -106,6 +106,30 @@ _SAMPLERS: Mapping[str, tuple[str, Callable[..., Coefficients], bool]] = Mapping
     }
 )
 SIGMA_SAMPLERS: tuple[str, ...] = tuple(_SAMPLERS)
+# Samplers that need an optional module: (module, what needs it, the extra that installs it)
+_NEEDS: Mapping[str, tuple[str, str, str]] = MappingProxyType(
+    {"dpmpp_2m_sde": ("torchsde", "the dpmpp_2m_sde sampler (ComfyUI's Brownian-tree noise)", "sde")}
+)
+
+
+def require_sampler(sampler: str) -> None:
+    """``ConfigError`` for a sampler that is not one of SIGMA_SAMPLERS, ``MissingDependencyError`` (naming the
+    install) when the module it needs does not import."""
+    _entry(sampler)
+    if sampler in _NEEDS:
+        require(*_NEEDS[sampler])
+
+
+def available_samplers() -> tuple[str, ...]:
+    """SIGMA_SAMPLERS whose optional modules import here."""
+    available = []
+    for sampler in SIGMA_SAMPLERS:
+        try:
+            require_sampler(sampler)
+        except MissingDependencyError:
+            continue
+        available.append(sampler)
+    return tuple(available)
 
 
 def check_sigmas(sigmas: np.ndarray | torch.Tensor | list[float]) -> np.ndarray:
@@ -156,7 +180,7 @@ def brownian_step_noise(sigmas: np.ndarray, shape: tuple[int, ...], seed: int) -
     live = [i for i in range(steps) if table[i + 1] > 0]
     if not live:
         return noise
-    torchsde = require("torchsde", "the dpmpp_2m_sde sampler (ComfyUI's Brownian-tree noise)", "sde")
+    torchsde = require(*_NEEDS["dpmpp_2m_sde"])
     tree = torchsde.BrownianTree(table[table > 0].min(), torch.zeros(shape), table.max(), entropy=seed)
     for i in live:
         high, low = table[i], table[i + 1]
@@ -209,12 +233,14 @@ def _entry(sampler: str) -> tuple[str, Callable[..., Coefficients], bool]:
 
 __all__ = [
     "SIGMA_SAMPLERS",
+    "available_samplers",
     "brownian_step_noise",
     "check_sigmas",
     "denoised_coefficients",
     "draw_step_noise",
     "make_k_schedule",
     "next_seed",
+    "require_sampler",
     "sampler_module",
     "stochastic",
 ]

@@ -28,10 +28,12 @@ LATENT_RGB = torch.tensor(
 
 
 def sampler_lists() -> tuple[list[str], list[str]]:
-    """The sampler_name and scheduler values the runtime runs."""
-    from sdtrt.runtime.sampling import SIGMA_SAMPLERS, SIGMA_SCHEDULES
+    """The sampler_name and scheduler values the runtime runs here (a sampler whose optional module is not
+    installed is left out, so a graph naming it is refused as value_not_in_list)."""
+    from sdtrt.runtime.sampling import SIGMA_SCHEDULES
+    from sdtrt.runtime.schedulers.ksampling import available_samplers
 
-    return list(SIGMA_SAMPLERS), list(SIGMA_SCHEDULES)
+    return list(available_samplers()), list(SIGMA_SCHEDULES)
 
 
 def latent_preview(latents: torch.Tensor, scale: float) -> Image.Image:
