@@ -126,6 +126,8 @@ class BackendOptions:
             raise ConfigError(f"backend precision must be auto, fp32 or fp16, got {self.precision!r}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        if not isinstance(self.spin, bool):
+            raise ConfigError(f"spin must be True or False (ONNX Runtime threads spin or sleep), got {self.spin!r}")
 
 
 class Backend(Protocol):

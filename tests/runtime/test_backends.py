@@ -251,6 +251,8 @@ def test_spin_false_puts_every_session_to_sleep_between_runs(tiny_fp32):
     finally:
         for engine in [*default.values(), *sleeping.values()]:
             engine.close()
+    with pytest.raises(ConfigError, match="spin must be True or False"):
+        BackendOptions(spin="no")
 
 
 @pytest.fixture
